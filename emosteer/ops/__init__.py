@@ -10,6 +10,17 @@ as opaque calls. ``impl=None`` picks the best available: CUDA > Triton (GPU) > C
 
 from __future__ import annotations
 
+# The Triton modules share their names with public ops (``residual_add``,
+# ``neuron_gain``). Importing ``emosteer.ops.residual_add`` binds the *module* to the
+# package attribute ``residual_add`` the first time it is loaded, so load them before
+# the public functions are bound below; later imports hit sys.modules and bind nothing.
+try:
+    from emosteer.ops import head_affine as _head_affine  # noqa: F401
+    from emosteer.ops import neuron_gain as _neuron_gain  # noqa: F401
+    from emosteer.ops import residual_add as _residual_add  # noqa: F401
+except ImportError:  # no Triton: the modules can never be imported, nothing to shadow
+    pass
+
 from emosteer.ops._dispatch import (
     IMPLS,
     available_impls,

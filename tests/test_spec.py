@@ -1,0 +1,329 @@
+"""SteerSpec parsing, validation against a bank, fingerprints and the published schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from emosteer.bank import ModelInfo, VectorBank
+from emosteer.spec import (
+    MAX_CAPTURE_ROWS,
+    CaptureItem,
+    HeadItem,
+    SpecError,
+    SteerItem,
+    SteerSpec,
+    act_name,
+    json_schema,
+)
+
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "steer.schema.json"
+INFO = ModelInfo("LlamaForCausalLM", num_layers=4, hidden_size=64, num_heads=4, head_dim=16,
+                 intermediate_size=96, num_kv_heads=2)  # fmt: skip
+
+FULL = {
+    "steer": [{"vector": "joy", "layers": [2, 1], "scale": 4.0, "positions": "all"}],
+    "heads": [
+        {"layer": 2, "head": 3, "mode": "patch", "vector": "joy.h"},
+        {"layer": 1, "head": [0, 1], "mode": "add", "vector": "joy.h", "scale": -2},
+        {"layer": 0, "head": 2, "mode": "ablate", "positions": "generated"},
+        {"layer": 3, "head": 0, "mode": "scale", "scale": 0.5},
+    ],
+    "neurons": {"set": "joy.ena", "gamma": 1.5},
+    "boost": {"heads": "joy.vee", "beta": 1.4},
+    "capture": {"heads": "all", "residual": [0, 3], "positions": "last"},
+}
+
+
+@pytest.fixture(scope="module")
+def bank() -> VectorBank:
+    g = torch.Generator().manual_seed(0)
+    b = VectorBank(INFO)
+    b.add("joy", "residual", torch.randn(4, 64, generator=g))
+    b.add("joy.h", "head", torch.randn(4, 4, 16, generator=g))
+    b.add("joy.ena", "neurons", (torch.rand(4, 96, generator=g) > 0.8).float())
+    b.add("joy.vee", "heads", torch.eye(4))
+    return b
+
+
+def _with(path: str, value) -> dict:
+    """FULL with one dotted path (``steer.0.scale``) set to value, or removed if ...."""
+    obj = json.loads(json.dumps(FULL))
+    *parents, last = path.split(".")
+    node = obj
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    key = int(last) if isinstance(node, list) else last
+    if value is ...:
+        del node[key]
+    else:
+        node[key] = value
+    return obj
+
+
+# (description, config, expected SpecError.field)
+MALFORMED = [
+    ("top-level list", [], "spec"),
+    ("unknown top key", {**FULL, "steering": []}, "steering"),
+    ("steer not a list", {"steer": {"vector": "joy"}}, "steer"),
+    ("steer null", {"steer": None}, "steer"),
+    ("steer item not object", {"steer": ["joy"]}, "steer[0]"),
+    ("unknown steer key", _with("steer.0.alpha", 1.0), "steer[0].alpha"),
+    ("missing vector", _with("steer.0.vector", ...), "steer[0].vector"),
+    ("missing layers", _with("steer.0.layers", ...), "steer[0].layers"),
+    ("missing scale", _with("steer.0.scale", ...), "steer[0].scale"),
+    ("empty vector name", _with("steer.0.vector", ""), "steer[0].vector"),
+    ("vector name int", _with("steer.0.vector", 3), "steer[0].vector"),
+    ("scale string", _with("steer.0.scale", "4"), "steer[0].scale"),
+    ("scale bool", _with("steer.0.scale", True), "steer[0].scale"),
+    ("scale nan", _with("steer.0.scale", float("nan")), "steer[0].scale"),
+    ("scale inf", _with("steer.0.scale", float("inf")), "steer[0].scale"),
+    ("scale absurd", _with("steer.0.scale", 1e5), "steer[0].scale"),
+    ("scale absurd negative", _with("steer.0.scale", -2e4), "steer[0].scale"),
+    ("layers empty", _with("steer.0.layers", []), "steer[0].layers"),
+    ("layers duplicate", _with("steer.0.layers", [1, 1]), "steer[0].layers"),
+    ("layers negative", _with("steer.0.layers", [1, -1]), "steer[0].layers[1]"),
+    ("layers fraction", _with("steer.0.layers", 1.5), "steer[0].layers"),
+    ("layers item fraction", _with("steer.0.layers", [1.5]), "steer[0].layers[0]"),
+    ("layers word", _with("steer.0.layers", "every"), "steer[0].layers"),
+    ("positions bad", _with("steer.0.positions", "last"), "steer[0].positions"),
+    ("heads not list", {"heads": {"layer": 0}}, "heads"),
+    ("head missing mode", _with("heads.0.mode", ...), "heads[0].mode"),
+    ("head mode bad", _with("heads.0.mode", "zero"), "heads[0].mode"),
+    ("head layer negative", _with("heads.0.layer", -1), "heads[0].layer"),
+    ("head list empty", _with("heads.1.head", []), "heads[1].head"),
+    ("head all not allowed", _with("heads.1.head", "all"), "heads[1].head"),
+    ("patch without vector", _with("heads.0.vector", ...), "heads[0].vector"),
+    ("patch with scale", _with("heads.0.scale", 2.0), "heads[0].scale"),
+    ("add without vector", _with("heads.1.vector", ...), "heads[1].vector"),
+    ("ablate with vector", _with("heads.2.vector", "joy.h"), "heads[2].vector"),
+    ("scale without scale", _with("heads.3.scale", ...), "heads[3].scale"),
+    ("scale with vector", _with("heads.3.vector", "joy.h"), "heads[3].vector"),
+    ("head duplicate", _with("heads.3", {"layer": 2, "head": 3, "mode": "ablate"}), "heads[3].head"),
+    ("head unknown key", _with("heads.2.alpha", 1), "heads[2].alpha"),
+    ("neurons not object", {"neurons": "joy.ena"}, "neurons"),
+    ("neurons missing gamma", _with("neurons.gamma", ...), "neurons.gamma"),
+    ("gamma zero", _with("neurons.gamma", 0), "neurons.gamma"),
+    ("gamma negative", _with("neurons.gamma", -1.5), "neurons.gamma"),
+    ("gamma absurd", _with("neurons.gamma", 101), "neurons.gamma"),
+    ("neurons unknown key", _with("neurons.k", 10), "neurons.k"),
+    ("boost beta zero", _with("boost.beta", 0.0), "boost.beta"),
+    ("boost missing heads", _with("boost.heads", ...), "boost.heads"),
+    ("boost positions", _with("boost.positions", "all"), "boost.positions"),
+    ("capture empty", {"capture": {}}, "capture"),
+    ("capture only positions", {"capture": {"positions": "all"}}, "capture"),
+    ("capture positions bad", _with("capture.positions", "prompt"), "capture.positions"),
+    ("capture heads bool", _with("capture.heads", True), "capture.heads"),
+    ("capture residual null", _with("capture.residual", None), "capture.residual"),
+    ("capture unknown key", _with("capture.mlp", "all"), "capture.mlp"),
+]
+
+
+@pytest.mark.parametrize("desc,config,field", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_names_field(desc, config, field):
+    with pytest.raises(SpecError) as exc:
+        SteerSpec.parse(config)
+    assert exc.value.field == field, str(exc.value)
+    if field != "spec":
+        assert field in str(exc.value)
+
+
+def test_json_string_nan_names_field():
+    with pytest.raises(SpecError) as exc:
+        SteerSpec.parse('{"steer": [{"vector": "joy", "layers": 1, "scale": NaN}]}')
+    assert exc.value.field == "steer[0].scale"
+    with pytest.raises(SpecError) as exc:
+        SteerSpec.parse('{"steer": [')
+    assert exc.value.field == "spec"
+
+
+def test_parse_full_and_round_trip():
+    spec = SteerSpec.parse(FULL)
+    assert spec.steer == (SteerItem("joy", (1, 2), 4.0, "all"),)
+    assert len(spec.heads) == 5  # head [0, 1] expands to two items
+    assert spec.heads[1] == HeadItem(1, 0, "add", "joy.h", -2.0, "all")
+    assert spec.heads[0].affine() == (0.0, 1.0)
+    assert spec.heads[1].affine() == (1.0, -2.0)
+    assert spec.heads[3].affine() == (0.0, 0.0)
+    assert spec.heads[4].affine() == (0.5, 0.0)
+    assert spec.capture == CaptureItem("all", (0, 3), "last")
+    assert SteerSpec.parse(spec.to_dict()) == spec
+    assert SteerSpec.parse(json.dumps(spec.to_dict())) == spec
+    assert SteerSpec.parse(spec) is spec
+    assert hash(spec) == hash(SteerSpec.parse(FULL))
+
+
+def test_empty_and_predicates():
+    for empty in (None, {}, "{}"):
+        spec = SteerSpec.parse(empty)
+        assert spec.is_empty() and not spec.intervenes() and not spec.changes_prompt()
+        assert spec.to_dict() == {}
+    cap = SteerSpec.parse({"capture": {"residual": 1}})
+    assert not cap.is_empty() and not cap.intervenes() and not cap.changes_prompt()
+    gen = SteerSpec.parse({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "generated"}]})
+    assert gen.intervenes() and not gen.changes_prompt()
+    for pos in ("all", "prompt"):
+        s = SteerSpec.parse({"heads": [{"layer": 0, "head": 0, "mode": "ablate", "positions": pos}]})
+        assert s.changes_prompt()
+    assert SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2}}).changes_prompt()
+    assert SteerSpec.parse({"neurons": {"set": "x", "gamma": 2, "positions": "prompt"}}).changes_prompt()
+
+
+def test_fingerprint_stability_and_sensitivity(bank):
+    spec = SteerSpec.parse(FULL)
+    fp = spec.fingerprint()
+    assert len(fp) == 64 and fp == SteerSpec.parse(json.dumps(FULL)).fingerprint()
+    # capture is not part of the intervention; item order and int/float spelling neither
+    assert SteerSpec.parse({**FULL, "capture": {"residual": "all"}}).fingerprint() == fp
+    assert SteerSpec.parse({k: v for k, v in FULL.items() if k != "capture"}).fingerprint() == fp
+    assert SteerSpec.parse({**FULL, "heads": FULL["heads"][::-1]}).fingerprint() == fp
+    assert SteerSpec.parse(_with("steer.0.scale", 4)).fingerprint() == fp
+    assert SteerSpec.parse(_with("steer.0.layers", [1, 2])).fingerprint() == fp
+    changed = [
+        _with("steer.0.scale", 4.0001),
+        _with("steer.0.layers", [1]),
+        _with("steer.0.positions", "prompt"),
+        _with("steer.0.vector", "sad"),
+        _with("heads.0.head", 2),
+        _with("heads.3.scale", 0.6),
+        _with("neurons.gamma", 1.6),
+        _with("boost.beta", 1.5),
+        {k: v for k, v in FULL.items() if k != "boost"},
+    ]
+    fps = {SteerSpec.parse(c).fingerprint() for c in changed}
+    assert fp not in fps and len(fps) == len(changed)
+    # "all" equals the explicit list once resolved
+    a = SteerSpec.parse({"steer": [{"vector": "joy", "layers": "all", "scale": 1}]})
+    b = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [0, 1, 2, 3], "scale": 1}]})
+    assert a.fingerprint() != b.fingerprint()
+    assert a.resolve(INFO).fingerprint() == b.resolve(INFO).fingerprint()
+
+
+def test_fingerprint_mixes_bank_content(bank):
+    spec = SteerSpec.parse(FULL)
+    fp = spec.fingerprint(bank)
+    assert fp != spec.fingerprint() and fp == spec.fingerprint(bank)
+    other = VectorBank(INFO)
+    other.update(bank)
+    assert spec.fingerprint(other) == fp
+    # re-registering a vector under the same name must give a new fingerprint
+    other.add("joy", "residual", bank.get("joy") * 2)
+    assert spec.fingerprint(other) != fp
+    assert spec.fingerprint() == SteerSpec.parse(FULL).fingerprint()
+
+
+def test_validate_ok(bank):
+    spec = SteerSpec.parse(FULL)
+    spec.validate(bank, INFO)
+    spec.resolve(INFO).validate(bank, INFO)
+    SteerSpec().validate(None, INFO)
+
+
+@pytest.mark.parametrize(
+    "config,field",
+    [
+        (_with("steer.0.vector", "nope"), "steer[0].vector"),
+        (_with("steer.0.vector", "joy.h"), "steer[0].vector"),  # wrong kind
+        (_with("steer.0.layers", [1, 4]), "steer[0].layers"),
+        (_with("heads.0.layer", 4), "heads[0].layer"),
+        (_with("heads.0.head", 4), "heads[0].head"),
+        (_with("heads.0.vector", "joy"), "heads[0].vector"),
+        (_with("neurons.set", "joy.vee"), "neurons.set"),
+        (_with("boost.heads", "joy.ena"), "boost.heads"),
+        (_with("capture.heads", [0, 9]), "capture.heads"),
+        (_with("capture.residual", 4), "capture.residual"),
+    ],
+)
+def test_validate_names_field(bank, config, field):
+    spec = SteerSpec.parse(config)
+    with pytest.raises(SpecError) as exc:
+        spec.validate(bank, INFO)
+    assert exc.value.field == field, str(exc.value)
+
+
+def test_validate_without_bank_and_wrong_shape(bank):
+    with pytest.raises(SpecError, match="no vector"):
+        SteerSpec.parse(FULL).validate(None, INFO)
+    loose = VectorBank()  # no model info: shapes are checked by validate
+    loose.add("joy", "residual", torch.ones(3, 64))
+    spec = SteerSpec.parse({"steer": [{"vector": "joy", "layers": 0, "scale": 1}]})
+    with pytest.raises(SpecError) as exc:
+        spec.validate(loose, INFO)
+    assert exc.value.field == "steer[0].vector" and "shape" in str(exc.value)
+
+
+def test_capture_row_limit(bank):
+    spec = SteerSpec.parse({"capture": {"heads": "all", "residual": "all", "positions": "all"}})
+    spec.validate(bank, INFO)  # token counts unknown: nothing to count yet
+    spec.validate(bank, INFO, num_prompt_tokens=100, max_new_tokens=400)  # 8 x 500
+    rows = MAX_CAPTURE_ROWS // 8 + 1
+    with pytest.raises(SpecError) as exc:
+        spec.validate(bank, INFO, num_prompt_tokens=rows, max_new_tokens=0)
+    assert exc.value.field == "capture.positions" and str(MAX_CAPTURE_ROWS) in str(exc.value)
+    gen = SteerSpec.parse({"capture": {"residual": [0], "positions": "generated"}})
+    with pytest.raises(SpecError):
+        gen.validate(bank, INFO, max_new_tokens=MAX_CAPTURE_ROWS + 1)
+    huge = ModelInfo("X", 5000, 64, 4, 16, 96, 4)  # positions "last" is always counted
+    with pytest.raises(SpecError):
+        SteerSpec.parse({"capture": {"residual": "all"}}).validate(None, huge)
+
+
+def test_resolve():
+    spec = SteerSpec.parse({**FULL, "steer": [{"vector": "joy", "layers": "all", "scale": 1}]})
+    r = spec.resolve(INFO)
+    assert r.steer[0].layers == (0, 1, 2, 3)
+    assert r.capture == CaptureItem((0, 1, 2, 3), (0, 3), "last")
+    assert r.heads == spec.heads and r.resolve(INFO) == r
+
+
+def test_act_name():
+    assert act_name(12, "head_out") == "layers.12.attn.head_out"
+    assert act_name(0, "residual") == "layers.0.residual"
+    assert act_name(3, "mlp_act") == "layers.3.mlp.act"
+    assert act_name(3, "mlp.act") == "layers.3.mlp.act"
+    with pytest.raises(ValueError):
+        act_name(-1, "residual")
+    with pytest.raises(ValueError):
+        act_name(1, "attn")
+
+
+def test_schema_file_matches():
+    on_disk = json.loads(SCHEMA_FILE.read_text())
+    assert on_disk == json_schema(), (
+        "docs/steer.schema.json is stale; regenerate with: python -c \"import json; "
+        "from emosteer.spec import json_schema; print(json.dumps(json_schema(), indent=2))\" "
+        "> docs/steer.schema.json"
+    )
+
+
+GOOD = [
+    FULL,
+    {},
+    {"steer": [{"vector": "joy", "layers": "all", "scale": -3}]},
+    {"heads": [{"layer": 1, "head": [1, 2], "mode": "add", "vector": "v"}]},
+    {"capture": {"residual": 3, "positions": "generated"}},
+]
+
+
+@pytest.mark.parametrize("config", GOOD)
+def test_schema_accepts_good(config):
+    jsonschema.Draft202012Validator.check_schema(json_schema())
+    jsonschema.validate(config, json_schema())
+    jsonschema.validate(SteerSpec.parse(config).to_dict(), json_schema())
+
+
+# every malformed config the schema can see (not NaN: JSON has none; not duplicates of
+# one head across items, which need the expansion)
+SCHEMA_BLIND = {"scale nan", "scale inf", "head duplicate"}
+
+
+@pytest.mark.parametrize(
+    "desc,config", [(d, c) for d, c, _ in MALFORMED if d not in SCHEMA_BLIND], ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_schema_rejects_bad(desc, config):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(config, json_schema())
