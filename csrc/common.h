@@ -42,6 +42,13 @@ EMOSTEER_HD float round_to(float x) {
   return static_cast<float>(static_cast<T>(x));
 }
 
+// Tokens per at::parallel_for chunk for rows of `row` elements: about 32k elements a
+// chunk, ATen's own grain size, so small batches stay on one thread.
+inline int64_t grain_for(int64_t row) {
+  constexpr int64_t kGrainElems = 32768;
+  return row >= kGrainElems ? 1 : kGrainElems / (row > 0 ? row : 1);
+}
+
 }  // namespace emosteer
 
 // ------------------------------------------------------------------ argument checks

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -60,7 +61,12 @@ class ModelInfo:
         """Build from a transformers config (or its dict). For vision-language configs
         (Qwen2-VL, Qwen3-VL, LLaVA, ...) the decoder facts come from ``text_config``;
         the architecture name stays the outer model's."""
-        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if hasattr(config, "to_dict"):
+            cfg = config.to_dict()
+        elif isinstance(config, Mapping):
+            cfg = dict(config)
+        else:  # a plain namespace holding config attributes
+            cfg = dict(vars(config))
         archs = cfg.get("architectures") or []
         architecture = archs[0] if archs else str(cfg.get("model_type") or "")
         text = cfg.get("text_config") or cfg.get("llm_config") or cfg
@@ -68,11 +74,11 @@ class ModelInfo:
             text = text.to_dict()
 
         def pick(*keys: str, default: Any = None) -> Any:
-            for k in keys:
-                if text.get(k) is not None:
-                    return text[k]
-                if text is not cfg and cfg.get(k) is not None:
-                    return cfg[k]
+            # the text config wins; the outer one only fills what it lacks
+            for source in (text, cfg):
+                for k in keys:
+                    if source.get(k) is not None:
+                        return source[k]
             if default is None:
                 raise BankError(f"config has none of {keys}; cannot build ModelInfo")
             return default
@@ -80,7 +86,9 @@ class ModelInfo:
         num_layers = pick("num_hidden_layers", "n_layer", "num_layers")
         hidden = pick("hidden_size", "n_embd", "d_model")
         heads = pick("num_attention_heads", "n_head")
-        if hidden % heads != 0 and text.get("head_dim") is None:
+        if not isinstance(heads, int) or heads <= 0:
+            raise BankError(f"config num_attention_heads must be a positive int, got {heads!r}")
+        if pick("head_dim", default=0) == 0 and hidden % heads != 0:
             raise BankError(f"hidden_size {hidden} not divisible by num_attention_heads {heads}")
         head_dim = pick("head_dim", default=hidden // heads)
         inter = pick("intermediate_size", "n_inner", default=4 * hidden)
@@ -151,8 +159,6 @@ class VectorBank:
             raise BankError(f"{name}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
         if not isinstance(tensor, torch.Tensor):
             raise BankError(f"{name}: tensor must be a torch.Tensor, got {type(tensor).__name__}")
-        if "kind" in meta:
-            raise BankError(f"{name}: 'kind' is reserved metadata; pass it as the kind argument")
         _json_safe(meta, f"{name}: metadata")
         t = self._check_tensor(name, kind, tensor)
         self._tensors[name] = t

@@ -23,14 +23,17 @@ Lexicon. Two sources, merged (see emosteer/data/lexicon/README.md):
 
 Scoring. Every emotion-word occurrence carries a mass of 1, split evenly over its labels
 (an NRC word tied to joy and sadness gives 1/2 to each), and a coarse ``joy`` share is
-split evenly over amusement/awe/contentment/excitement. A word inside a negation window
-("not happy", "no sign of fear", "without a smile") is not counted: the negated
-statement asserts no emotion, and flipping it to an opposite category is unreliable.
+split evenly over amusement/awe/contentment/excitement. A word with a negator up to three
+tokens before it in the same clause ("not happy", "no sign of fear", "without a smile",
+"not angry or afraid") is not counted: the negated statement asserts no emotion, and
+flipping it to an opposite category is unreliable. Clauses end at punctuation and at
+"and", "but", "although" ...
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +87,14 @@ _NEUTRAL = "neutral"
 LEXICON_DIR = Path(__file__).resolve().parent / "data" / "lexicon"
 
 _TOKEN = re.compile(r"[a-z]+(?:['\u2019][a-z]+)*|[.,;:!?()\"]")
-_CLAUSE_BREAK = frozenset({".", ",", ";", ":", "!", "?", "(", ")", '"',
+_CLAUSE_BREAK = frozenset({".", ",", ";", ":", "!", "?", "(", ")", '"', "and",
                            "but", "although", "though", "yet", "however", "whereas"})
+_LIST_JOINERS = frozenset({"or", "nor"})
 _NEGATORS = frozenset({"not", "no", "never", "nor", "neither", "without", "hardly",
                        "barely", "scarcely", "cannot", "nothing", "none", "nobody",
                        "lack", "lacks", "lacking", "devoid", "absent"})
-NEGATION_WINDOW = 3  # tokens looked back from an emotion word, within its clause
+# Tokens looked back from an emotion word for a negator; the clause ends the search.
+NEGATION_WINDOW = 3
 
 
 def normalize_category(name: str) -> str:
@@ -260,11 +265,17 @@ def _read_stoplist(path: Path) -> set[str]:
     return words
 
 
+def load_lexicon(sources: Sequence[str] = ("core", "nrc"),
+                 nrc_path: str | os.PathLike | None = None) -> Lexicon:
+    """The lexicon of the named sources, built once per argument set and cached; the core
+    list has priority over NRC. NRC words in data/lexicon/nrc_stoplist.txt (scene nouns
+    that NRC ties to an emotion, e.g. "child" -> joy) are left out. Without the nrclex
+    package and without ``nrc_path``, the "nrc" source raises ModuleNotFoundError."""
+    return _load_lexicon(tuple(sources), str(nrc_path) if nrc_path is not None else None)
+
+
 @functools.lru_cache(maxsize=8)
-def load_lexicon(sources: tuple[str, ...] = ("core", "nrc"),
-                 nrc_path: str | None = None) -> Lexicon:
-    """Build (once per argument set) the lexicon; the core list has priority over NRC. NRC words in data/lexicon/nrc_stoplist.txt (scene nouns that NRC ties
-    to an emotion, e.g. "child" -> joy) are left out."""
+def _load_lexicon(sources: tuple[str, ...], nrc_path: str | None) -> Lexicon:
     unknown = set(sources) - {"core", "nrc"}
     if unknown:
         raise ValueError(f"unknown lexicon sources {sorted(unknown)}; use 'core', 'nrc'")
@@ -305,16 +316,26 @@ def _scan(text: str, lexicon: Lexicon | None) -> list[_Hit]:
         labels = lex.lookup(tok)
         if not labels:
             continue
-        negated = False
-        for prev in reversed(tokens[max(0, i - NEGATION_WINDOW): i]):
-            if prev in _CLAUSE_BREAK:
-                break
-            if _is_negator(prev):
-                negated = True
-                break
-        if not negated:
+        if not _negated(tokens, i, lex):
             hits.append(_Hit(tok, labels))
     return hits
+
+
+def _negated(tokens: list[str], i: int, lex: Lexicon) -> bool:
+    """A negator among the NEGATION_WINDOW tokens before tokens[i], in the same clause;
+    "or"/"nor" and other emotion words do not use up the window, so a negation covers a
+    list ("does not look angry or afraid")."""
+    steps, j = 0, i - 1
+    while j >= 0 and steps < NEGATION_WINDOW:
+        prev = tokens[j]
+        if prev in _CLAUSE_BREAK:
+            return False
+        if _is_negator(prev):
+            return True
+        if prev not in _LIST_JOINERS and not lex.lookup(prev):
+            steps += 1
+        j -= 1
+    return False
 
 
 def _mikels_mass(hits: Iterable[_Hit]) -> dict[str, float]:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 MAX_ABS_SCALE = 1e4
 MAX_GAIN = 100.0  # gamma (neurons) and beta (boost) lie in (0, MAX_GAIN]
 MAX_CAPTURE_ROWS = 4096
+MAX_STEER_ITEMS = 1024  # steer items per request
+MAX_HEAD_ITEMS = 65536  # head items per request after expanding "head" lists
 FINGERPRINT_VERSION = 1
 
 POSITIONS = ("all", "prompt", "generated")
@@ -309,30 +311,37 @@ class SteerSpec:
         if isinstance(obj, (str, bytes)):
             try:
                 obj = json.loads(obj)  # NaN/Infinity parse to floats; _num names their field
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
                 raise SpecError("spec", f"is not valid JSON: {e}") from None
         _obj(obj, "", ("steer", "heads", "neurons", "boost", "capture"))
         steer: list[SteerItem] = []
         if "steer" in obj:
             if not isinstance(obj["steer"], list):
                 raise SpecError("steer", f"must be a list of objects, got {_tname(obj['steer'])}")
+            if len(obj["steer"]) > MAX_STEER_ITEMS:
+                raise SpecError("steer", f"has {len(obj['steer'])} items; the limit is {MAX_STEER_ITEMS}")
             steer = [_parse_steer(v, f"steer[{i}]") for i, v in enumerate(obj["steer"])]
         heads: list[HeadItem] = []
         if "heads" in obj:
             if not isinstance(obj["heads"], list):
                 raise SpecError("heads", f"must be a list of objects, got {_tname(obj['heads'])}")
-            seen: dict[tuple[int, int], int] = {}
+            # one (a, b, v) per head and token: a head may be set twice only for disjoint
+            # positions ("prompt" and "generated")
+            seen: dict[tuple[int, int], list[tuple[str, int]]] = {}
             for i, v in enumerate(obj["heads"]):
                 for item in _parse_heads(v, f"heads[{i}]"):
                     key = (item.layer, item.head)
-                    if key in seen:
-                        raise SpecError(
-                            f"heads[{i}].head",
-                            f"layer {key[0]} head {key[1]} is already set by heads[{seen[key]}]; "
-                            "one intervention per head",
-                        )
-                    seen[key] = i
+                    for pos, j in seen.get(key, ()):
+                        if "all" in (pos, item.positions) or pos == item.positions:
+                            raise SpecError(
+                                f"heads[{i}].head",
+                                f"layer {key[0]} head {key[1]} is already set by heads[{j}] for "
+                                f"positions {pos!r}; one intervention per head and position",
+                            )
+                    seen.setdefault(key, []).append((item.positions, i))
                     heads.append(item)
+                if len(heads) > MAX_HEAD_ITEMS:
+                    raise SpecError("heads", f"expands to more than {MAX_HEAD_ITEMS} (layer, head) items")
         neurons = boost = capture = None
         if "neurons" in obj:
             v = _obj(obj["neurons"], "neurons", ("set", "gamma", "positions"), ("set", "gamma"))
@@ -435,6 +444,13 @@ class SteerSpec:
         items = (*self.steer, *self.heads, *([self.neurons] if self.neurons else []))
         return self.boost is not None or any(it.positions in ("all", "prompt") for it in items)
 
+    def cache_salt(self, bank: "VectorBank | None" = None) -> str | None:
+        """The prefix-cache salt for this request: None when it does not intervene,
+        else the fingerprint. Generated-only interventions are salted too: vLLM caches
+        full blocks of generated tokens as well, and a follow-up request whose prompt
+        holds those tokens must not reuse their steered KV."""
+        return self.fingerprint(bank) if self.intervenes() else None
+
     def vector_names(self) -> list[str]:
         """Every bank entry the interventions use (sorted, unique)."""
         names = {s.vector for s in self.steer}
@@ -483,118 +499,69 @@ class SteerSpec:
 # -- the published schema ---------------------------------------------------------------
 def json_schema() -> dict:
     """JSON Schema (draft 2020-12) of the request object. It mirrors ``parse`` except
-    for checks that need a model or a bank, and the uniqueness of (layer, head)."""
+    for checks that need a model or a bank, and (layer, head) set twice."""
     layer = {"type": "integer", "minimum": 0}
-    layer_sel = {
-        "oneOf": [
-            layer,
-            {"type": "array", "items": layer, "minItems": 1, "uniqueItems": True},
-            {"const": "all"},
-        ]
-    }
+    layer_list = {"type": "array", "items": layer, "minItems": 1, "uniqueItems": True}
     name = {"type": "string", "minLength": 1}
     scale = {"type": "number", "minimum": -MAX_ABS_SCALE, "maximum": MAX_ABS_SCALE}
     gain = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_GAIN}
     positions = {"enum": list(POSITIONS), "default": "all"}
+    selection = {"$ref": "#/$defs/layer_selection"}
 
-    def mode_rule(modes: list[str], require: list[str], forbid: list[str]) -> dict:
+    def entry(kind: str) -> dict:
+        return {**name, "description": f"name of a bank entry of kind {kind}"}
+
+    def obj(required: list[str], properties: dict, **extra: Any) -> dict:
+        out = {"type": "object", "additionalProperties": False, "properties": properties}
+        return {**out, "required": required, **extra} if required else {**out, **extra}
+
+    def mode_rule(mode: str, require: list[str], forbid: list[str]) -> dict:
         then: dict[str, Any] = {"required": require} if require else {}
         if forbid:
             then["not"] = {"anyOf": [{"required": [k]} for k in forbid]}
-        return {"if": {"properties": {"mode": {"enum": modes}}}, "then": then}
+        return {"if": {"properties": {"mode": {"const": mode}}}, "then": then}
 
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://github.com/emosteer/emosteer/docs/steer.schema.json",
         "title": "emosteer request config",
         "description": "The object under extra_args['emosteer'] (offline) or vllm_xargs.emosteer (server).",
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "steer": {"type": "array", "items": {"$ref": "#/$defs/steer_item"}},
-            "heads": {"type": "array", "items": {"$ref": "#/$defs/head_item"}},
+        **obj([], {
+            "steer": {"type": "array", "items": {"$ref": "#/$defs/steer_item"}, "maxItems": MAX_STEER_ITEMS},
+            "heads": {"type": "array", "items": {"$ref": "#/$defs/head_item"}, "maxItems": MAX_HEAD_ITEMS},
             "neurons": {"$ref": "#/$defs/neurons"},
             "boost": {"$ref": "#/$defs/boost"},
             "capture": {"$ref": "#/$defs/capture"},
-        },
+        }),
         "$defs": {
-            "layer_selection": layer_sel,
-            "steer_item": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["vector", "layers", "scale"],
-                "properties": {
-                    "vector": {**name, "description": "bank entry of kind residual [L, d]"},
-                    "layers": {"$ref": "#/$defs/layer_selection"},
-                    "scale": scale,
-                    "positions": positions,
-                },
-            },
-            "head_item": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["layer", "head", "mode"],
-                "properties": {
-                    "layer": layer,
-                    "head": {
-                        "oneOf": [layer, {"type": "array", "items": layer, "minItems": 1, "uniqueItems": True}]
-                    },
-                    "mode": {"enum": list(HEAD_MODES)},
-                    "vector": {**name, "description": "bank entry of kind head [L, H, D]"},
-                    "scale": scale,
-                    "positions": positions,
-                },
-                "allOf": [
-                    mode_rule(["add"], ["vector"], []),
-                    mode_rule(["patch"], ["vector"], ["scale"]),
-                    mode_rule(["ablate"], [], ["vector", "scale"]),
-                    mode_rule(["scale"], ["scale"], ["vector"]),
-                ],
-            },
-            "neurons": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["set", "gamma"],
-                "properties": {
-                    "set": {**name, "description": "bank entry of kind neurons [L, I] (0/1)"},
-                    "gamma": gain,
-                    "positions": positions,
-                },
-            },
-            "boost": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["heads", "beta"],
-                "properties": {
-                    "heads": {**name, "description": "bank entry of kind heads [L, H] (0/1)"},
-                    "beta": gain,
-                },
-            },
-            "capture": {
-                "type": "object",
-                "additionalProperties": False,
-                "anyOf": [{"required": ["heads"]}, {"required": ["residual"]}],
-                "properties": {
-                    "heads": {"$ref": "#/$defs/layer_selection"},
-                    "residual": {"$ref": "#/$defs/layer_selection"},
-                    "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},
-                },
-            },
+            "layer_selection": {"oneOf": [layer, layer_list, {"const": "all"}]},
+            "steer_item": obj(["vector", "layers", "scale"], {
+                "vector": entry("residual [L, d]"), "layers": selection, "scale": scale,
+                "positions": positions,
+            }),
+            "head_item": obj(["layer", "head", "mode"], {
+                "layer": layer, "head": {"oneOf": [layer, layer_list]},
+                "mode": {"enum": list(HEAD_MODES)}, "vector": entry("head [L, H, D]"),
+                "scale": scale, "positions": positions,
+            }, allOf=[
+                mode_rule("add", ["vector"], []),
+                mode_rule("patch", ["vector"], ["scale"]),
+                mode_rule("ablate", [], ["vector", "scale"]),
+                mode_rule("scale", ["scale"], ["vector"]),
+            ]),
+            "neurons": obj(["set", "gamma"], {
+                "set": entry("neurons [L, I] (0/1 mask)"), "gamma": gain, "positions": positions,
+            }),
+            "boost": obj(["heads", "beta"], {"heads": entry("heads [L, H] (0/1 mask)"), "beta": gain}),
+            "capture": obj([], {
+                "heads": selection, "residual": selection,
+                "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},
+            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}]),
         },
-    }
+    }  # fmt: skip
 
 
 __all__ = [
-    "MAX_ABS_SCALE",
-    "MAX_CAPTURE_ROWS",
-    "MAX_GAIN",
-    "BoostItem",
-    "CaptureItem",
-    "HeadItem",
-    "NeuronItem",
-    "SpecError",
-    "SteerItem",
-    "SteerSpec",
-    "act_name",
-    "json_schema",
-]
+    "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN", "MAX_HEAD_ITEMS", "MAX_STEER_ITEMS",
+    "BoostItem", "CaptureItem", "HeadItem", "NeuronItem", "SpecError", "SteerItem",
+    "SteerSpec", "act_name", "json_schema",
+]  # fmt: skip

@@ -12,6 +12,8 @@ import torch
 from emosteer.bank import ModelInfo, VectorBank
 from emosteer.spec import (
     MAX_CAPTURE_ROWS,
+    MAX_HEAD_ITEMS,
+    MAX_STEER_ITEMS,
     CaptureItem,
     HeadItem,
     SpecError,
@@ -132,6 +134,39 @@ def test_malformed_names_field(desc, config, field):
         assert field in str(exc.value)
 
 
+def test_head_twice_for_disjoint_positions():
+    both = [
+        {"layer": 1, "head": 2, "mode": "patch", "vector": "joy.h", "positions": "prompt"},
+        {"layer": 1, "head": 2, "mode": "ablate", "positions": "generated"},
+    ]
+    assert len(SteerSpec.parse({"heads": both}).heads) == 2
+    for pos in ("prompt", "all"):
+        clash = [both[0], {**both[1], "positions": pos}]
+        with pytest.raises(SpecError) as exc:
+            SteerSpec.parse({"heads": clash})
+        assert exc.value.field == "heads[1].head"
+
+
+def test_item_limits():
+    many = {"steer": [{"vector": "joy", "layers": 0, "scale": 1}] * (MAX_STEER_ITEMS + 1)}
+    with pytest.raises(SpecError) as exc:
+        SteerSpec.parse(many)
+    assert exc.value.field == "steer"
+    heads = [{"layer": layer, "head": list(range(256)), "mode": "ablate"} for layer in range(257)]
+    with pytest.raises(SpecError) as exc:
+        SteerSpec.parse({"heads": heads})
+    assert exc.value.field == "heads" and str(MAX_HEAD_ITEMS) in str(exc.value)
+
+
+def test_integral_float_is_int():
+    spec = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [1.0, 2], "scale": 1}]})
+    assert spec.steer[0].layers == (1, 2)
+    assert SteerSpec.parse(b'{"capture": {"residual": 3.0}}').capture.residual == (3,)
+    with pytest.raises(SpecError) as exc:
+        SteerSpec.parse(b"\xff\xfe")
+    assert exc.value.field == "spec"
+
+
 def test_json_string_nan_names_field():
     with pytest.raises(SpecError) as exc:
         SteerSpec.parse('{"steer": [{"vector": "joy", "layers": 1, "scale": NaN}]}')
@@ -201,6 +236,16 @@ def test_fingerprint_stability_and_sensitivity(bank):
     b = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [0, 1, 2, 3], "scale": 1}]})
     assert a.fingerprint() != b.fingerprint()
     assert a.resolve(INFO).fingerprint() == b.resolve(INFO).fingerprint()
+
+
+def test_cache_salt(bank):
+    assert SteerSpec().cache_salt() is None
+    assert SteerSpec.parse({"capture": {"residual": "all"}}).cache_salt() is None
+    spec = SteerSpec.parse(FULL)
+    assert spec.cache_salt() == spec.fingerprint()
+    assert spec.cache_salt(bank) == spec.fingerprint(bank)
+    gen = SteerSpec.parse({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "generated"}]})
+    assert gen.cache_salt() is not None  # generated blocks are cached too
 
 
 def test_fingerprint_mixes_bank_content(bank):
@@ -321,9 +366,10 @@ def test_schema_accepts_good(config):
 SCHEMA_BLIND = {"scale nan", "scale inf", "head duplicate"}
 
 
-@pytest.mark.parametrize(
-    "desc,config", [(d, c) for d, c, _ in MALFORMED if d not in SCHEMA_BLIND], ids=lambda x: x if isinstance(x, str) else ""
-)
+SCHEMA_SEES = [(d, c) for d, c, _ in MALFORMED if d not in SCHEMA_BLIND]
+
+
+@pytest.mark.parametrize("desc,config", SCHEMA_SEES, ids=[d for d, _ in SCHEMA_SEES])
 def test_schema_rejects_bad(desc, config):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, json_schema())

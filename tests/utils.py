@@ -92,20 +92,32 @@ def assert_error_bound(
     precise: torch.Tensor,
     dtype: torch.dtype,
     name: str,
+    factor: float = 2.0,
 ) -> None:
-    """The kernel's error against a precise result is at most twice that of the torch
-    computation in the same dtype (plus ``TOL[dtype]['atol']`` of slack for tiny
-    errors), and the kernel is within the table of the same-dtype result."""
+    """The kernel's error against a precise result is at most ``factor`` (2) times that
+    of the torch computation in the same dtype (plus ``TOL[dtype]['atol']`` of slack for
+    tiny errors), and the kernel is within the table of the same-dtype result."""
     _check_meta(actual, same_dtype, name)
+    if actual.numel() == 0:
+        return
     p = precise.detach().cpu().double()
     err_kernel = (actual.detach().cpu().double() - p).abs().max().item()
     err_torch = (same_dtype.detach().cpu().double() - p).abs().max().item()
-    bound = 2 * err_torch + TOL[dtype]["atol"]
+    bound = factor * err_torch + TOL[dtype]["atol"]
     assert err_kernel <= bound, (
-        f"{name}: max error {err_kernel:.3g} vs precise result exceeds 2x the same-dtype "
+        f"{name}: max error {err_kernel:.3g} vs precise result exceeds {factor}x the same-dtype "
         f"torch error {err_torch:.3g} (+ atol {TOL[dtype]['atol']})"
     )
     assert_close(actual, same_dtype, dtype, name)
+
+
+def error_factor(impl: str, dtype: torch.dtype, device) -> float:
+    """Allowed error ratio kernel / same-dtype torch for ``assert_error_bound``: 2, but 4
+    for Triton's CPU interpreter in bf16, whose fp32->bf16 casts truncate instead of
+    rounding to nearest (a known interpreter quirk; compiled kernels round), so each
+    rounding step can be off by a whole ulp instead of half of one."""
+    interpreted = impl == "triton" and torch.device(device).type != "cuda"
+    return 4.0 if interpreted and dtype == torch.bfloat16 else 2.0
 
 
 # ------------------------------------------------------------------------- inputs

@@ -20,8 +20,7 @@ void head_affine_capture_kernel(scalar_t* z,              // [T, H, D]
                                 scalar_t* cap_buf,         // [C, H, D]
                                 int64_t T, int64_t H, int64_t D, int64_t S, int64_t C) {
   const int64_t row = H * D;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row, 1));
-  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, grain_for(row), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       scalar_t* zt = z + t * row;
       const int64_t c = cap_index[t];

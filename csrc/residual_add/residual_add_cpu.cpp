@@ -9,10 +9,6 @@
 namespace emosteer {
 namespace {
 
-inline int64_t grain_for(int64_t row) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row, 1));
-}
-
 template <typename scalar_t>
 void residual_add_kernel(scalar_t* r,                // [T, d]
                          const int32_t* token_slot,  // [T]

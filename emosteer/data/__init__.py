@@ -6,10 +6,15 @@ from emosteer.data.format import (Pair, PairFormatError, Prompt, Stimulus, iter_
 from emosteer.data.builtin import (BUILTIN_EMOTIONS, DEFAULT_QUERY, generate_heldout,
                                    generate_pairs, load_builtin, load_heldout,
                                    write_builtin)
+from emosteer.data.images import (IMAGE_QUERY, build_synthetic_pairs, load_image_folder,
+                                  random_scene, render_scene)
+from emosteer.data.split import sample_pairs, split_pairs
 
 __all__ = [
     "Pair", "PairFormatError", "Prompt", "Stimulus", "iter_pairs", "parse_pair",
     "parse_prompt", "read_pairs", "read_prompts", "write_pairs", "write_prompts",
     "BUILTIN_EMOTIONS", "DEFAULT_QUERY", "generate_heldout", "generate_pairs",
-    "load_builtin", "load_heldout", "write_builtin",
+    "load_builtin", "load_heldout", "write_builtin", "IMAGE_QUERY",
+    "build_synthetic_pairs", "load_image_folder", "random_scene", "render_scene",
+    "sample_pairs", "split_pairs",
 ]

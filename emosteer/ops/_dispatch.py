@@ -86,6 +86,9 @@ def available_impls(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
+# Evaluated once at trace time under torch.compile (it reads the environment and
+# imports modules, which Dynamo cannot trace): the choice becomes a graph constant.
+@torch.compiler.assume_constant_result
 def resolve_impl(impl: Optional[str], device: torch.device | str) -> str:
     """Concrete implementation name for ``impl`` (None = best) on ``device``."""
     if impl is None:

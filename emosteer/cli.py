@@ -1,0 +1,408 @@
+"""The ``emosteer`` command.
+
+    emosteer model default                 convert / locate SmolLM2-135M-Instruct
+    emosteer model info PATH               shape facts of a model folder
+    emosteer extract  --model M --emotion joy --out bank.safetensors
+    emosteer attribute --model M --bank B --emotion joy --out DIR
+    emosteer generate IN.jsonl OUT.jsonl --model M --bank B
+    emosteer demo [--quick]                the whole method end to end, with a report
+    emosteer schema                        the request JSON schema
+    emosteer bank show FILE                what a vector bank holds
+
+Bad input (a missing file, an unknown emotion, a malformed config) ends with a one-line
+message naming the field and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="emosteer",
+    help="Per-request emotion steering, head patching and activation capture for vLLM "
+    "(VEENA: interpreting and enhancing emotional circuits).",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Locate, convert and inspect models.", no_args_is_help=True)
+bank_app = typer.Typer(help="Inspect vector banks (safetensors).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(bank_app, name="bank")
+
+out = Console()
+err = Console(stderr=True)
+
+USER_ERROR = 2
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    vllm = "vllm"
+    hf = "hf"
+
+
+def fail(message: str, code: int = USER_ERROR) -> "typer.Exit":
+    """Print ``Error: message`` to stderr and exit with ``code`` (2: bad input)."""
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _user_errors():
+    """Exception types that are the user's input, not a bug (message, exit 2)."""
+    from emosteer.bank import BankError
+    from emosteer.spec import SpecError
+
+    types = [SpecError, BankError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    try:
+        from emosteer.data.format import PairFormatError
+
+        types.append(PairFormatError)
+    except ImportError:  # pragma: no cover - data package missing
+        pass
+    return tuple(types)
+
+
+def _engine_env() -> None:
+    """vLLM-on-CPU defaults (PLATFORM notes); the user's own settings win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------------ validation
+def _model_path(model: str, param: str = "--model") -> Path:
+    from emosteer.models import resolve_model
+
+    try:
+        return resolve_model(model)
+    except ValueError as e:
+        fail(f"{param}: {e}")
+    except RuntimeError as e:  # conversion of the default model failed (download ...)
+        fail(f"{param}: could not prepare the default model: {e}", code=1)
+
+
+def _existing_file(path: Path, param: str) -> Path:
+    if not path.exists():
+        fail(f"{param}: file {str(path)!r} does not exist")
+    if path.is_dir():
+        fail(f"{param}: {str(path)!r} is a folder, expected a file")
+    return path
+
+
+def _out_file(path: Path, param: str) -> Path:
+    if path.exists() and path.is_dir():
+        fail(f"{param}: {str(path)!r} is a folder, expected a file path")
+    if not path.parent.exists():
+        fail(f"{param}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _emotions(emotion: str, param: str = "--emotion") -> list[str]:
+    from emosteer.emotion import normalize_category
+
+    names = [e.strip() for e in emotion.split(",") if e.strip()]
+    if not names:
+        fail(f"{param}: name at least one emotion (e.g. joy)")
+    try:
+        return [normalize_category(n) for n in names]
+    except ValueError as e:
+        fail(f"{param}: {e}")
+
+
+def _positive(value: float | int, param: str, upper: float | None = None) -> None:
+    if value <= 0 or (upper is not None and value > upper):
+        rng = f"in (0, {upper}]" if upper is not None else "> 0"
+        fail(f"{param}: must be {rng}, got {value}")
+
+
+def _load_bank(path: Path, param: str = "--bank"):
+    from emosteer.bank import BankError, VectorBank
+
+    _existing_file(path, param)
+    try:
+        return VectorBank.load(path)
+    except BankError as e:
+        fail(f"{param}: {e}")
+
+
+def _model_info(path: Path):
+    from emosteer.bank import BankError, ModelInfo
+
+    cfg_path = path / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{cfg_path}: not valid JSON ({e})")
+    try:
+        return ModelInfo.from_hf_config(cfg), cfg
+    except BankError as e:
+        fail(f"{cfg_path}: {e}")
+
+
+# ------------------------------------------------------------------------------ model
+@model_app.command("default")
+def model_default(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the path."),
+):
+    """Convert (first time, ~1 min) or locate the default model, SmolLM2-135M-Instruct,
+    and print its folder."""
+    from emosteer.models import ensure_default_model
+
+    try:
+        path = ensure_default_model(progress=not quiet)
+    except RuntimeError as e:
+        fail(f"could not prepare the default model: {e}", code=1)
+    print(path)
+
+
+@model_app.command("info")
+def model_info(path: str = typer.Argument(..., help="Model folder, or 'default'.")):
+    """Shape facts of a model (layers, heads, dims) as emosteer sees them."""
+    folder = _model_path(path, "PATH")
+    info, cfg = _model_info(folder)
+    t = Table(title=str(folder), show_header=False)
+    for k, v in info.to_dict().items():
+        t.add_row(k, str(v))
+    t.add_row("dtype", str(cfg.get("torch_dtype") or cfg.get("dtype")))
+    src = folder / "emosteer_source.json"
+    if src.is_file():
+        t.add_row("source", json.loads(src.read_text()).get("source", "?"))
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------- bank
+@bank_app.command("show")
+def bank_show(file: Path = typer.Argument(..., help="A bank .safetensors file.")):
+    """List the entries of a vector bank: name, kind, shape, norm, metadata."""
+    bank = _load_bank(file, "FILE")
+    info = bank.info
+    title = f"{file} — {len(bank)} entries"
+    if info is not None:
+        title += (f" — model {info.architecture} L={info.num_layers} d={info.hidden_size} "
+                  f"H={info.num_heads}×{info.head_dim} I={info.intermediate_size}")
+    t = Table(title=title)
+    for col in ("name", "kind", "shape", "norm / count", "metadata"):
+        t.add_column(col, overflow="fold")
+    for name in bank.names():
+        x, kind = bank.get(name), bank.kind(name)
+        size = (f"{int(x.sum().item())} set" if kind in ("neurons", "heads")
+                else f"{float(x.float().norm()):.4g}")
+        meta = json.dumps(bank.meta(name), sort_keys=True)
+        t.add_row(name, kind, "×".join(map(str, x.shape)), size,
+                  meta if len(meta) < 160 else meta[:157] + "...")
+    out.print(t)
+
+
+# ----------------------------------------------------------------------------- schema
+@app.command()
+def schema(
+    indent: int = typer.Option(2, help="JSON indent."),
+):
+    """Print the JSON schema of a request's emosteer config (extra_args['emosteer'])."""
+    from emosteer.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=indent))
+
+
+# ---------------------------------------------------------------------------- extract
+@app.command()
+def extract(
+    model: str = typer.Option("default", "--model", "-m", help="Model folder or 'default'."),
+    emotion: str = typer.Option(..., "--emotion", "-e", help="Emotion(s), comma-separated: joy,sadness."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Bank file to write (.safetensors)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs JSONL (default: the built-in set)."),
+    tau: float = typer.Option(0.5, "--tau", help="Keep pairs whose emotional narrative hit rate is > tau."),
+    max_pairs: int = typer.Option(0, "--max-pairs", help="Use at most this many pairs per emotion (0: all)."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
+    max_tokens: int = typer.Option(48, "--max-tokens", help="Narrative length for the hit-rate filter."),
+):
+    """Extract steering vectors S_l (difference of means over counterfactual pairs that
+    pass the hit-rate filter) into a vector bank."""
+    emotions = _emotions(emotion)
+    if not 0.0 <= tau < 1.0:
+        fail(f"--tau: must be in [0, 1), got {tau}")
+    if max_pairs < 0:
+        fail(f"--max-pairs: must be >= 0, got {max_pairs}")
+    _positive(max_tokens, "--max-tokens", 4096)
+    if pairs is not None:
+        _existing_file(pairs, "--pairs")
+    _out_file(out_path, "--out")
+    folder = _model_path(model)
+    _engine_env()
+    from emosteer import demo
+
+    try:
+        res = demo.extract_to_bank(folder, emotions, out_path, pairs=pairs, tau=tau,
+                                   max_pairs=max_pairs or None, backend=backend.value,
+                                   max_tokens=max_tokens)
+    except _user_errors() as e:
+        fail(str(e))
+    for emo, r in res.items():
+        out.print(f"[green]{emo}[/]: {r['n_kept']}/{r['n_pairs']} pairs kept (tau={tau}), "
+                  f"vector '{r['name']}'")
+    out.print(f"wrote {out_path}")
+
+
+# -------------------------------------------------------------------------- attribute
+@app.command()
+def attribute(
+    model: str = typer.Option("default", "--model", "-m", help="Model folder or 'default'."),
+    bank: Path = typer.Option(..., "--bank", "-b", help="Bank holding the emotion's steering vector."),
+    emotion: str = typer.Option(..., "--emotion", "-e", help="Emotion whose vector is attributed."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for attribution.json and plots."),
+    what: str = typer.Option("layers,heads,neurons", "--what", help="Any of layers,heads,neurons."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs JSONL (default: built-in)."),
+    n_prompts: int = typer.Option(16, "--n-prompts", help="Neutral prompts per measurement."),
+    alpha: float = typer.Option(0.1, "--alpha", help="Injection strength relative to the residual norm."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
+):
+    """Layer / head / neuron attribution of an emotion's circuit: JSON + PNG plots."""
+    if "," in emotion:
+        fail("--emotion: name one emotion")
+    emo = _emotions(emotion)[0]
+    parts = [w.strip() for w in what.split(",") if w.strip()]
+    bad = sorted(set(parts) - {"layers", "heads", "neurons"})
+    if bad or not parts:
+        fail(f"--what: unknown part(s) {bad or what!r}; use layers, heads, neurons")
+    _positive(n_prompts, "--n-prompts", 4096)
+    _positive(alpha, "--alpha", 100)
+    b = _load_bank(bank)
+    if pairs is not None:
+        _existing_file(pairs, "--pairs")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out: {str(out_dir)!r} exists and is not a folder")
+    folder = _model_path(model)
+    info, _ = _model_info(folder)
+    from emosteer.bank import BankError
+
+    try:
+        b.validate_against(info, check_architecture=False)
+    except BankError as e:
+        fail(f"--bank: {e}")
+    _engine_env()
+    from emosteer import demo
+
+    try:
+        path = demo.attribute_to_dir(folder, b, emo, out_dir, what=tuple(parts), pairs=pairs,
+                                     n_prompts=n_prompts, alpha=alpha, backend=backend.value)
+    except _user_errors() as e:
+        fail(str(e))
+    out.print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    in_path: Path = typer.Argument(..., help="Input JSONL: {id, prompt|messages, steer?, emotion?}."),
+    out_path: Path = typer.Argument(..., help="Output JSONL (appended; a rerun resumes)."),
+    model: str = typer.Option("default", "--model", "-m", help="Model folder or 'default'."),
+    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help="Bank the steer configs name."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="New tokens per narrative."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Rows per engine call (and per flush)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+):
+    """Generate (steered) narratives for every row of IN not yet in OUT, on vLLM."""
+    from emosteer.generate import GenerateConfig, generate_jsonl, read_rows
+    from emosteer.spec import SpecError, SteerSpec
+
+    _existing_file(in_path, "IN")
+    _out_file(out_path, "OUT")
+    _positive(max_tokens, "--max-tokens", 32768)
+    _positive(batch_size, "--batch-size", 65536)
+    if not 0.0 <= temperature <= 10.0:
+        fail(f"--temperature: must be in [0, 10], got {temperature}")
+    try:
+        rows = read_rows(in_path)
+    except ValueError as e:
+        fail(f"IN: {e}")
+    if not rows:
+        fail(f"IN: {in_path} holds no rows")
+    needs_bank = False
+    for r in rows:
+        try:
+            spec = SteerSpec.parse(r.get("steer"))
+        except SpecError as e:
+            fail(f"IN: row {r['id']!r}: steer.{e.field}: {str(e).split(': ', 1)[-1]}")
+        needs_bank |= bool(spec.vector_names())
+        if r.get("emotion") is not None:
+            _emotions(str(r["emotion"]), f"IN: row {r['id']!r}: emotion")
+    b = _load_bank(bank) if bank is not None else None
+    if needs_bank and b is None:
+        fail("--bank: rows name steering vectors; pass the bank that holds them")
+    folder = _model_path(model)
+    if b is not None:
+        info, _ = _model_info(folder)
+        from emosteer.bank import BankError
+
+        try:
+            b.validate_against(info, check_architecture=False)
+            for r in rows:
+                SteerSpec.parse(r.get("steer")).validate(b, info)
+        except BankError as e:
+            fail(f"--bank: {e}")
+        except SpecError as e:
+            fail(f"IN: row {r['id']!r}: steer.{e}")
+    _engine_env()
+    cfg = GenerateConfig(model=str(folder), bank=str(bank) if bank else None,
+                         max_tokens=max_tokens, batch_size=batch_size,
+                         temperature=temperature, seed=seed, chat=not no_chat)
+    try:
+        n = generate_jsonl(in_path, out_path, cfg)
+    except _user_errors() as e:
+        fail(str(e))
+    out.print(f"{n} rows written to {out_path} ({len(rows) - n} were already there)")
+
+
+# ------------------------------------------------------------------------------- demo
+@app.command("demo")
+def demo_cmd(
+    model: str = typer.Option("default", "--model", "-m", help="Model folder or 'default'."),
+    out_dir: Path = typer.Option(Path("emosteer-report"), "--out", "-o", help="Report folder."),
+    emotion: str = typer.Option("joy", "--emotion", "-e", help="Emotion(s), comma-separated."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
+    quick: bool = typer.Option(False, "--quick", help="A much smaller run (smoke test)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Run the whole method end to end and write a report folder (report.md, plots,
+    results.json, narratives.jsonl, bank.safetensors). ~15 min on 2 CPU cores."""
+    emotions = _emotions(emotion)
+    from emosteer.data.builtin import BUILTIN_EMOTIONS
+
+    unknown = [e for e in emotions if e not in BUILTIN_EMOTIONS]
+    if unknown:
+        fail(f"--emotion: no built-in pairs for {unknown}; have {list(BUILTIN_EMOTIONS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out: {str(out_dir)!r} exists and is not a folder")
+    if model.strip().lower() not in ("default", "smollm2"):
+        _model_path(model)
+    _engine_env()
+    from emosteer.demo import run_demo
+
+    try:
+        report = run_demo(model=model, out=out_dir, emotions=tuple(emotions),
+                          backend=backend.value, quick=quick, progress=not quiet)
+    except _user_errors() as e:
+        fail(str(e))
+    out.print(f"[bold green]report:[/] {report}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point (``emosteer``)."""
+    app(args=argv, prog_name="emosteer")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,499 @@
+"""HFSteerer: the emosteer interventions and captures on a plain transformers model.
+
+The reference backend. It runs the same operators as the vLLM plugin (``emosteer.ops``
+with ``impl="torch"``, one slot per batch row and phase, a per-token ``token_slot``) at
+the same places:
+
+- head affine + capture on the input of each layer's ``o_proj`` (forward pre-hook),
+- residual add on the output of decoder layer l (forward hook; "residual at layer l"),
+- neuron gain on the input of ``down_proj`` (forward pre-hook).
+
+Captures come back per row in the vLLM path's layout: ``{"heads": {l: [P, H, D]},
+"residual": {l: [P, d]}, "positions": [p0, p1, ...]}``. Head outputs are captured
+before the head intervention (the op's contract); the residual after the steering add
+(the stream the next layer reads). Positions count the row's real tokens from 0 (padding
+excluded): "last" is the last prompt token, "generated" the tokens fed back during
+decoding (the final sampled token is never fed, as in vLLM), "all" both.
+
+``run_grad`` keeps the autograd graph and returns the post-intervention activations
+(with ``retain_grad``) for attribution patching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from emosteer import ops
+from emosteer.bank import VectorBank
+from emosteer.hf.layers import DecoderHandles, find_decoder
+from emosteer.hf.plan import NUM_PHASES, PHASE_GENERATED, PHASE_PROMPT, Plan
+from emosteer.ops import reference
+from emosteer.spec import SteerSpec
+
+SpecLike = SteerSpec | dict | str | None
+
+__all__ = ["HFSteerer", "GenerateOutput"]
+
+
+@dataclass
+class GenerateOutput:
+    token_ids: list[list[int]]  # generated ids per row (EOS included when produced)
+    texts: list[str] | None  # decoded (special tokens skipped) when a tokenizer is known
+    captures: list[dict | None]  # per row, vLLM layout; None where the row captures nothing
+    prompt_lens: list[int]
+
+
+class _Step:
+    """Per-forward state the hooks read: which slot and which capture each token has."""
+
+    def __init__(self, plan: Plan, mask: torch.Tensor, phase: int, cap_tok: torch.Tensor,
+                 grad: bool, keep: dict[str, set[int]] | None):
+        B, T = mask.shape
+        self.plan, self.B, self.T, self.grad = plan, B, T, grad
+        self.keep = keep or {}
+        rows = torch.arange(B, device=mask.device).repeat_interleave(T)  # [N]
+        real = mask.reshape(-1).bool()
+        on = plan.row_on[rows] & real
+        self.tok_row = rows
+        self.base_slot = torch.where(on, NUM_PHASES * rows + phase, torch.full_like(rows, -1))
+        self.cap_tok = cap_tok.reshape(-1)  # [N] bool: the token's position is captured
+        self.acts: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "mlp": {}, "residual": {}}
+        self.caps: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "residual": {}}
+        self.cap_rows: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "residual": {}}
+
+    def slot(self, on: torch.Tensor | None) -> torch.Tensor | None:
+        """int32 token_slot for a layer whose acting slots are ``on`` (None: no op)."""
+        if on is None:
+            return None
+        s = self.base_slot
+        act = (s >= 0) & on[s.clamp(min=0)]
+        if not bool(act.any()):
+            return None
+        return torch.where(act, s, torch.full_like(s, -1)).to(torch.int32)
+
+    def cap_mask(self, rows_on: torch.Tensor | None) -> torch.Tensor | None:
+        if rows_on is None:
+            return None
+        m = self.cap_tok & rows_on[self.tok_row]
+        return m if bool(m.any()) else None
+
+
+class HFSteerer:
+    """Apply one SteerSpec per batch row to a transformers model.
+
+    ``bank``: a VectorBank, a path to one, or None (captures only). ``tokenizer`` is
+    optional (``encode`` and decoded texts need it). Usable as a context manager, which
+    keeps the hooks installed across calls; otherwise each call installs and removes them.
+    """
+
+    def __init__(self, model, bank: VectorBank | str | os.PathLike | None = None, tokenizer=None):
+        self.model = model
+        self.dec: DecoderHandles = find_decoder(model)
+        self.info = self.dec.info
+        if bank is not None and not isinstance(bank, VectorBank):
+            bank = VectorBank.load(bank)
+        if bank is not None:
+            bank.validate_against(self.info, check_architecture=False)
+        self.bank = bank
+        self.tokenizer = tokenizer
+        self._handles: list[Any] = []
+        self._step: _Step | None = None
+        self._depth = 0
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        cfg = model.config
+        self._multimodal = getattr(cfg, "vision_config", None) is not None
+
+    # -------------------------------------------------------------- hook management
+    def __enter__(self) -> "HFSteerer":
+        self._install()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._remove()
+
+    def close(self) -> None:
+        self._depth = 0
+        self._remove()
+
+    def _install(self) -> None:
+        if self._handles:
+            return
+        for l in range(self.dec.num_layers):
+            self._handles.append(self.dec.o_proj[l].register_forward_pre_hook(self._hook_heads(l)))
+            self._handles.append(self.dec.down_proj[l].register_forward_pre_hook(self._hook_mlp(l)))
+            self._handles.append(self.dec.layers[l].register_forward_hook(self._hook_residual(l)))
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def _hooks(self):
+        self._install()
+        try:
+            yield
+        finally:
+            if self._depth == 0:
+                self._remove()
+
+    # ------------------------------------------------------------------------ hooks
+    def _hook_heads(self, l: int):
+        H, D = self.info.num_heads, self.info.head_dim
+
+        def hook(module, args):
+            st = self._step
+            if st is None:
+                return None
+            lp = st.plan.layers[l]
+            slot, capm = st.slot(lp.head_on), st.cap_mask(lp.cap_heads)
+            keep = l in st.keep.get("heads", ())
+            if slot is None and capm is None and not keep:
+                return None
+            x = args[0]
+            z = x.reshape(-1, H, D)
+            if st.grad or not z.is_contiguous() or z.data_ptr() != x.data_ptr():
+                z = z.clone()
+            n = int(capm.sum()) if capm is not None else 0
+            cap_index = torch.full((z.shape[0],), -1, dtype=torch.int32, device=z.device)
+            if capm is not None:
+                cap_index[capm] = torch.arange(n, dtype=torch.int32, device=z.device)
+            cap_buf = torch.empty(max(n, 1), H, D, dtype=z.dtype, device=z.device)
+            if slot is None:  # capture only: no slot acts on this layer
+                slot = torch.full_like(cap_index, -1)
+                a = torch.ones(1, H, dtype=torch.float32, device=z.device)
+                b, v = torch.zeros_like(a), torch.zeros(1, H, D, dtype=z.dtype, device=z.device)
+            else:
+                a, b, v = lp.head_a, lp.head_b, lp.head_v
+            if st.grad:
+                reference.head_affine_capture(z, slot, a, b, v, cap_index, cap_buf)
+            else:
+                ops.head_affine_capture(z, slot, a, b, v, cap_index, cap_buf, impl="torch")
+            if capm is not None:
+                st.caps["heads"][l] = cap_buf[:n].detach().clone()
+                st.cap_rows["heads"][l] = st.tok_row[capm]
+            if keep:
+                z4 = z.view(st.B, st.T, H, D)
+                z4.retain_grad()
+                st.acts["heads"][l] = z4
+                return (z4.reshape(x.shape),) + tuple(args[1:])
+            if z.data_ptr() != x.data_ptr():
+                return (z.view(x.shape),) + tuple(args[1:])
+            return None  # mutated in place
+
+        return hook
+
+    def _hook_mlp(self, l: int):
+        def hook(module, args):
+            st = self._step
+            if st is None:
+                return None
+            lp = st.plan.layers[l]
+            slot = st.slot(lp.gain_on)
+            keep = l in st.keep.get("mlp", ())
+            if slot is None and not keep:
+                return None
+            x = args[0]
+            m = x.reshape(-1, x.shape[-1])
+            if st.grad or m.data_ptr() != x.data_ptr() or not m.is_contiguous():
+                m = m.clone()
+            if slot is not None:
+                if st.grad:
+                    reference.neuron_gain(m, slot, lp.gain_g)
+                else:
+                    ops.neuron_gain(m, slot, lp.gain_g, impl="torch")
+            if keep:
+                m3 = m.view(st.B, st.T, -1)
+                m3.retain_grad()
+                st.acts["mlp"][l] = m3
+                return (m3,) + tuple(args[1:])
+            if m.data_ptr() != x.data_ptr():
+                return (m.view(x.shape),) + tuple(args[1:])
+            return None
+
+        return hook
+
+    def _hook_residual(self, l: int):
+        def hook(module, args, output):
+            st = self._step
+            if st is None:
+                return None
+            lp = st.plan.layers[l]
+            slot, capm = st.slot(lp.res_on), st.cap_mask(lp.cap_res)
+            keep = l in st.keep.get("residual", ())
+            if slot is None and capm is None and not keep:
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            r = h.reshape(-1, h.shape[-1])
+            if st.grad or r.data_ptr() != h.data_ptr() or not r.is_contiguous():
+                r = r.clone()
+            if slot is not None:
+                if st.grad:
+                    reference.residual_add(r, slot, lp.res_alpha, lp.res_u)
+                else:
+                    ops.residual_add(r, slot, lp.res_alpha, lp.res_u, impl="torch")
+            if capm is not None:
+                st.caps["residual"][l] = r[capm].detach().clone()
+                st.cap_rows["residual"][l] = st.tok_row[capm]
+            new = r.view(h.shape)
+            if keep:
+                new.retain_grad()
+                st.acts["residual"][l] = new
+            if new.data_ptr() == h.data_ptr() and not keep:
+                return None
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    # -------------------------------------------------------------------- helpers
+    def _specs(self, specs: SpecLike | Sequence[SpecLike], batch: int) -> list[SteerSpec]:
+        if specs is None or isinstance(specs, (SteerSpec, dict, str)):
+            specs = [specs] * batch
+        specs = [SteerSpec.parse(s) for s in specs]
+        if len(specs) != batch:
+            raise ValueError(f"got {len(specs)} specs for a batch of {batch} rows (one per row)")
+        return specs
+
+    def plan(self, specs: Sequence[SpecLike], batch: int) -> Plan:
+        return Plan.build(self._specs(specs, batch), self.bank, self.info, self.dtype, self.device)
+
+    def encode(self, prompts: Sequence[str], chat: bool = True, system: str | None = None):
+        """Left-padded ``(input_ids, attention_mask)``; ``chat`` applies the chat template."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("HFSteerer.encode needs a tokenizer (HFSteerer(model, bank, tokenizer))")
+        texts = list(prompts)
+        if chat and getattr(tok, "chat_template", None):
+            msgs = lambda p: ([{"role": "system", "content": system}] if system else []) + [  # noqa: E731
+                {"role": "user", "content": p}]
+            texts = [tok.apply_chat_template(msgs(p), tokenize=False, add_generation_prompt=True)
+                     for p in texts]
+        old = tok.padding_side
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+        finally:
+            tok.padding_side = old
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor | None:
+        if self._multimodal:
+            return None  # mRoPE models compute their own (3-d) positions
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @staticmethod
+    def _last_index(mask: torch.Tensor) -> torch.Tensor:
+        """Column of each row's last real token (left or right padding)."""
+        T = mask.shape[1]
+        cols = torch.arange(T, device=mask.device).expand_as(mask)
+        return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(dim=1).values
+
+    def _prefill_cap(self, plan: Plan, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: prompt tokens captured by each row's capture positions."""
+        cap = torch.zeros_like(mask, dtype=torch.bool)
+        last = self._last_index(mask)
+        for row, c in enumerate(plan.captures):
+            if c is None:
+                continue
+            if c.positions == "all":
+                cap[row] = mask[row].bool()
+            elif c.positions == "last":
+                cap[row, last[row]] = True
+        return cap
+
+    @staticmethod
+    def _collect(st: _Step, store: list[dict | None], positions: list[list[int]],
+                 new_pos: list[list[int]]) -> None:
+        """Split the step's captured rows by batch row and append them to ``store``."""
+        for kind in ("heads", "residual"):
+            for l, buf in st.caps[kind].items():
+                rows = st.cap_rows[kind][l]
+                for row in rows.unique().tolist():
+                    entry = store[row]
+                    entry[kind].setdefault(l, []).append(buf[rows == row])
+        for row, pos in enumerate(new_pos):
+            positions[row].extend(pos)
+
+    @staticmethod
+    def _finish(plan: Plan, store: list[dict | None], positions: list[list[int]]) -> list[dict | None]:
+        out: list[dict | None] = []
+        for row, c in enumerate(plan.captures):
+            if c is None:
+                out.append(None)
+                continue
+            e = store[row]
+            res = {"heads": {}, "residual": {}, "positions": positions[row]}
+            for kind, sel in (("heads", c.heads), ("residual", c.residual)):
+                for l in sel or ():
+                    parts = e[kind].get(l, [])
+                    if parts:
+                        res[kind][l] = torch.cat(parts, dim=0)
+                    else:
+                        shape = ((0, plan.info.num_heads, plan.info.head_dim) if kind == "heads"
+                                 else (0, plan.info.hidden_size))
+                        res[kind][l] = torch.empty(shape)
+            out.append(res)
+        return out
+
+    # ------------------------------------------------------------------------ API
+    def _forward(self, input_ids, attention_mask, plan, grad, keep, logits, model_kwargs):
+        B = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.to(input_ids.device)
+        st = _Step(plan, mask, PHASE_PROMPT, self._prefill_cap(plan, mask), grad, keep)
+        store = [{"heads": {}, "residual": {}} if c is not None else None for c in plan.captures]
+        positions: list[list[int]] = [[] for _ in range(B)]
+        lens = mask.sum(1).tolist()
+        new_pos = []
+        for row, c in enumerate(plan.captures):
+            n = int(lens[row])
+            new_pos.append([] if c is None or c.positions == "generated"
+                           else ([n - 1] if c.positions == "last" else list(range(n))))
+        self._step = st
+        try:
+            with self._hooks():
+                out = self.model(input_ids=input_ids, attention_mask=mask,
+                                 position_ids=self._positions(mask), use_cache=False, **model_kwargs)
+        finally:
+            self._step = None
+        self._collect(st, store, positions, new_pos)
+        lg = out.logits
+        if logits == "last":
+            lg = lg[torch.arange(B, device=lg.device), self._last_index(mask)]
+        elif logits != "all":
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        return lg, self._finish(plan, store, positions), st
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            specs: SpecLike | Sequence[SpecLike] = None, logits: str = "all", **model_kwargs):
+        """One forward pass, spec ``specs[i]`` on row i. Returns ``(logits, captures)``:
+        logits ``[B, T, V]`` (``logits="last"``: ``[B, V]`` at each row's last real token),
+        captures a list (per row) of capture dicts, None where a row captures nothing."""
+        plan = self.plan(specs, input_ids.shape[0])
+        with torch.no_grad():
+            lg, caps, _ = self._forward(input_ids, attention_mask, plan, False, None, logits,
+                                        model_kwargs)
+        return lg, caps
+
+    def run_grad(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 specs: SpecLike | Sequence[SpecLike] = None,
+                 keep: dict[str, Sequence[int]] | None = None, logits: str = "all",
+                 **model_kwargs):
+        """Like ``run`` but differentiable. ``keep = {"heads": layers, "mlp": layers,
+        "residual": layers}`` names activations returned (post-intervention, as the next
+        module reads them, ``retain_grad`` set): heads ``[B, T, H, D]``, mlp ``[B, T, I]``,
+        residual ``[B, T, d]``. Returns ``(logits, captures, acts)``; call ``backward`` on a
+        function of the logits, then read ``acts[kind][l].grad``."""
+        plan = self.plan(specs, input_ids.shape[0])
+        keep_sets = {k: set(v) for k, v in (keep or {}).items()}
+        with torch.enable_grad():
+            lg, caps, st = self._forward(input_ids, attention_mask, plan, True, keep_sets, logits,
+                                         model_kwargs)
+        return lg, caps, st.acts
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 specs: SpecLike | Sequence[SpecLike] = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None) -> GenerateOutput:
+        """Greedy (``temperature=0``) or sampled generation with a KV cache, left-padded
+        batch, one spec per row; interventions act on prompt and generated tokens by
+        their ``positions``."""
+        from transformers import DynamicCache
+
+        B = input_ids.shape[0]
+        plan = self.plan(specs, B)
+        mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).clone()
+        if eos_token_id is None:
+            eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
+            if eos_token_id is None and self.tokenizer is not None:
+                eos_token_id = self.tokenizer.eos_token_id
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        pad = pad if pad is not None else (next(iter(eos)) if eos else 0)
+
+        store = [{"heads": {}, "residual": {}} if c is not None else None for c in plan.captures]
+        positions: list[list[int]] = [[] for _ in range(B)]
+        prompt_lens = [int(n) for n in mask.sum(1).tolist()]
+        out_ids: list[list[int]] = [[] for _ in range(B)]
+        alive = [True] * B
+        cache = DynamicCache(config=self.model.config)
+        pos = self._positions(mask)
+        cur_ids, cur_mask = input_ids, mask
+        step_cap = self._prefill_cap(plan, mask)
+        new_pos = [[] if c is None or c.positions == "generated"
+                   else ([n - 1] if c.positions == "last" else list(range(n)))
+                   for c, n in zip(plan.captures, prompt_lens)]
+        phase, full_mask = PHASE_PROMPT, mask
+        with self._hooks():
+            for t in range(max_new_tokens):
+                st = _Step(plan, cur_mask, phase, step_cap, False, None)
+                self._step = st
+                try:
+                    out = self.model(input_ids=cur_ids, attention_mask=full_mask,
+                                     position_ids=pos, past_key_values=cache, use_cache=True)
+                finally:
+                    self._step = None
+                self._collect(st, store, positions, new_pos)
+                logits = out.logits[:, -1].float()
+                nxt = self._pick(logits, temperature, top_p, gen)
+                for row in range(B):
+                    if not alive[row]:
+                        continue
+                    tok = int(nxt[row])
+                    out_ids[row].append(tok)
+                    if tok in eos:
+                        alive[row] = False
+                if not any(alive) or t == max_new_tokens - 1:
+                    break
+                # decode step: feed each live row's token; finished rows feed padding
+                alive_t = torch.tensor(alive, device=self.device)
+                cur_ids = torch.where(alive_t, nxt.to(self.device), torch.full_like(nxt, pad)).view(B, 1)
+                cur_mask = alive_t.long().view(B, 1)
+                full_mask = torch.cat([full_mask, torch.ones_like(cur_mask)], dim=1)
+                if pos is not None:
+                    pos = pos[:, -1:] + 1
+                phase = PHASE_GENERATED
+                step_cap = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
+                new_pos = [[] for _ in range(B)]
+                for row, c in enumerate(plan.captures):
+                    if c is not None and alive[row] and c.positions in ("all", "generated"):
+                        step_cap[row, 0] = True
+                        new_pos[row] = [prompt_lens[row] + len(out_ids[row]) - 1]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
+        return GenerateOutput(out_ids, texts, self._finish(plan, store, positions), prompt_lens)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
+        if temperature <= 0:
+            return logits.argmax(-1).cpu()
+        probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+        if top_p < 1.0:
+            sp, si = probs.sort(dim=-1, descending=True)
+            drop = sp.cumsum(-1) - sp > top_p
+            sp = sp.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, si, sp)
+        return torch.multinomial(probs, 1, generator=gen).view(-1)
+
+    def generate_text(self, prompts: Sequence[str], specs: SpecLike | Sequence[SpecLike] = None,
+                      chat: bool = True, **kw) -> GenerateOutput:
+        """``encode`` + ``generate``: narratives for a list of prompts."""
+        ids, mask = self.encode(prompts, chat=chat)
+        return self.generate(ids, mask, specs, **kw)

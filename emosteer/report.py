@@ -1,0 +1,348 @@
+"""The demo report: report.md and its plots, written from a results dict.
+
+``write_report(results, out_dir)`` renders what :mod:`emosteer.demo` measured; it never
+computes a result itself, so every number in report.md is one the pipeline stored in
+``results`` (and in results.json beside it). Plots use matplotlib's Agg backend.
+
+The results dict (keys the writer reads; missing optional parts are skipped)::
+
+    {"model": {"name", "path", "info": {...ModelInfo}},
+     "machine": {"platform", "cpus", "python", "torch", "vllm", "transformers"},
+     "backend": "vllm" | "hf", "backend_note": str, "quick": bool,
+     "settings": {...}, "timings": {stage: seconds}, "total_seconds": float,
+     "emotions": {emo: {
+        "extraction": {"n_pairs", "n_kept", "tau", "hit_rate_mean", "mean_norm_ratio"},
+        "layer_profile": {"layers", "hit_rate", "change", "baseline", "alpha", "n_prompts"},
+        "heads": {"intention": [[...] * H] * L, "top": [{"layer","head","score"}],
+                  "patching": [{"layer","head","hit_rate","recovery"}], ...},
+        "neurons": {"k", "per_layer": {...}, "top": [...], "gain_check": {...}},
+        "steering": {"layers", "n_prompts", "baseline": {...}, "strengths": [{...}]},
+        "samples": [{"id", "prompt", "unsteered", "steered", "scale"}]}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["bootstrap_ci", "summarize", "write_report", "plot_layer_profile", "plot_head_map"]
+
+
+# ------------------------------------------------------------------------------ stats
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (nan, nan for < 2 values)."""
+    vals = [float(v) for v in values]
+    if len(vals) < 2:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    n = len(vals)
+    means = sorted(sum(vals[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    lo_i = int(math.floor((1 - level) / 2 * n_boot))
+    hi_i = min(n_boot - 1, int(math.ceil((1 + level) / 2 * n_boot)) - 1)
+    return (means[lo_i], means[hi_i])
+
+
+def summarize(values: Sequence[float], seed: int = 0) -> dict[str, Any]:
+    """mean, sd, min/median/max, n and a 95 % bootstrap CI of the mean."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95": [None, None],
+                "min": None, "median": None, "max": None}
+    mean = sum(vals) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    s = sorted(vals)
+    med = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    lo, hi = bootstrap_ci(vals, seed=seed)
+    ci = [None if math.isnan(lo) else lo, None if math.isnan(hi) else hi]
+    return {"n": n, "mean": mean, "sd": sd, "ci95": ci, "min": s[0], "median": med, "max": s[-1]}
+
+
+# ------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layer_profile(emotions: dict, path: str | Path) -> Path:
+    """Hit-rate change per steered layer (one line per emotion)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    drawn = False
+    for emo, res in emotions.items():
+        prof = res.get("layer_profile") or {}
+        layers, change = prof.get("layers"), prof.get("change")
+        if not layers or change is None:
+            continue
+        ys = [math.nan if c is None else c for c in change]
+        ax.plot(layers, ys, marker="o", ms=3, label=f"{emo} (α={prof.get('alpha')})")
+        for lay in res.get("steering", {}).get("layers", []):
+            ax.axvline(lay, color="grey", ls=":", lw=0.8)
+        drawn = True
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("steered layer l (0-based)")
+    ax.set_ylabel("Δ target hit rate vs unsteered")
+    ax.set_title("Layer attribution: inject α·S_l at one layer (neutral prompts)")
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no layer profile measured", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_head_map(emotions: dict, path: str | Path) -> Path:
+    """Heatmap of head emotional intention (cosine with S_l), one panel per emotion;
+    heads confirmed by patching are outlined."""
+    plt = _plt()
+    items = [(e, r["heads"]) for e, r in emotions.items() if (r.get("heads") or {}).get("intention")]
+    n = max(1, len(items))
+    fig, axes = plt.subplots(1, n, figsize=(min(6 * n, 18), 5), squeeze=False)
+    if not items:
+        axes[0][0].text(0.5, 0.5, "no head map measured", ha="center")
+        axes[0][0].axis("off")
+    for ax, (emo, heads) in zip(axes[0], items):
+        m = heads["intention"]
+        vmax = max((abs(v) for row in m for v in row), default=1.0) or 1.0
+        im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                       interpolation="nearest", origin="lower")
+        for p in heads.get("patching", []):
+            ax.add_patch(plt.Rectangle((p["head"] - 0.5, p["layer"] - 0.5), 1, 1, fill=False,
+                                       ec="black", lw=1.2))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{emo}: cos(head output via o_proj, S_l)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------ text
+def _f(v: Any, digits: int = 3, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if pct:
+        return f"{100 * v:.1f} %"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ci(s: dict | None, pct: bool = False) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    lo, hi = (s.get("ci95") or [None, None])[:2]
+    if pct:
+        body = f"{100 * s['mean']:+.1f} pp"
+        ci = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo is not None else "n/a"
+    else:
+        body = f"{s['mean']:+.3f}"
+        ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None else "n/a"
+    return f"{body} (95 % CI {ci}, n={s['n']})"
+
+
+def _quote(text: str, limit: int = 400) -> str:
+    t = " ".join((text or "").split())
+    if len(t) > limit:
+        t = t[:limit].rstrip() + " …"
+    return t.replace("|", "\\|") or "(empty)"
+
+
+def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
+    base = st.get("baseline", {})
+    lines += [
+        f"Held-out neutral prompts: n = {st.get('n_prompts')} (their settings never occur in "
+        f"the extraction pairs). Steering adds scale·S_l at layer(s) {st.get('layers')} "
+        f"on every position; greedy decoding, {st.get('max_tokens')} new tokens.",
+        "",
+        "Hit rate = share of emotion words in the narrative that map to the target "
+        "category; a narrative with no emotion word counts as 0 (*scored* = narratives "
+        "holding at least one emotion word, where the hit rate is defined). "
+        "Hallucination = share of narratives on neutral inputs that assert any emotion.",
+        "",
+        "| condition | scale | hit rate (0 if none) | hit rate over scored (n scored) | "
+        "Δ hit rate vs unsteered, paired | hallucination rate | valence |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| unsteered | 0 | {_f(base.get('hit_rate_mean'))} | "
+        f"{_f(base.get('hit_rate_scored_mean'))} ({base.get('n_scored')}) | — | "
+        f"{_f(base.get('hallucination_rate'), pct=True)} | {_f(base.get('valence_mean'))} |",
+    ]
+    for s in st.get("strengths", []):
+        lines.append(
+            f"| steered | {_f(s.get('scale'), 2)} | {_f(s.get('hit_rate_mean'))} | "
+            f"{_f(s.get('hit_rate_scored_mean'))} ({s.get('n_scored')}) | "
+            f"{_ci(s.get('delta'), pct=True)} | {_f(s.get('hallucination_rate'), pct=True)} | "
+            f"{_f(s.get('valence_mean'))} |")
+    lines.append("")
+    best = st.get("best")
+    if best:
+        d = best.get("delta") or {}
+        lines.append(
+            f"**Measured:** at scale {_f(best.get('scale'), 2)} the {emo} hit rate on held-out "
+            f"neutral prompts changes by {_ci(d, pct=True)}; per-prompt change spread "
+            f"min {_f(d.get('min'))}, median {_f(d.get('median'))}, max {_f(d.get('max'))}. "
+            f"Hallucination rate {_f(base.get('hallucination_rate'), pct=True)} unsteered → "
+            f"{_f(best.get('hallucination_rate'), pct=True)} steered (steering toward an "
+            "emotion on neutral inputs is expected to raise it: this is the price of the "
+            "intervention, measured, not a defect of the measurement).")
+        lines.append("")
+
+
+def render_markdown(results: dict) -> str:
+    """report.md as a string."""
+    r = results
+    model, machine, settings = r.get("model", {}), r.get("machine", {}), r.get("settings", {})
+    lines = [
+        "# emosteer demo report",
+        "",
+        f"Generated {r.get('finished_at', '')} by `emosteer demo`"
+        f"{' --quick (smoke-test size: numbers are not meaningful)' if r.get('quick') else ''}. "
+        "Every number below was measured in this run (see results.json); nothing is "
+        "copied from the paper.",
+        "",
+        "## Setup",
+        "",
+        f"- **Model:** {model.get('name')} (`{model.get('path')}`)",
+    ]
+    info = model.get("info") or {}
+    if info:
+        lines.append(f"  - {info.get('architecture')}: {info.get('num_layers')} layers, "
+                     f"{info.get('num_heads')} heads × {info.get('head_dim')} dims, hidden "
+                     f"{info.get('hidden_size')}, MLP {info.get('intermediate_size')}")
+    lines += [
+        f"- **Backend:** {r.get('backend')} — {r.get('backend_note', '')}",
+        f"- **Machine:** {machine.get('platform')}, {machine.get('cpus')} CPU cores; "
+        f"python {machine.get('python')}, torch {machine.get('torch')}, "
+        f"transformers {machine.get('transformers')}, vllm {machine.get('vllm')}",
+        f"- **Settings:** `{json.dumps(settings, sort_keys=True)}`",
+        "",
+        "Method (VEENA, text version): counterfactual pairs (emotional vs neutral scene, "
+        "same query) → per-layer steering vector S_l = mean(h⁺ − h⁻) at the last prompt "
+        "token over pairs whose emotional narrative has hit rate > τ → layer attribution "
+        "(inject α·S_l at one layer on neutral prompts) → head intention (cosine of each "
+        "head's o_proj contribution with S_l) confirmed by activation patching → neurons "
+        "(down_proj columns aligned with S_l) → steered narratives on held-out prompts.",
+        "",
+    ]
+    for emo, res in (r.get("emotions") or {}).items():
+        lines += [f"## Emotion: {emo}", ""]
+        ex = res.get("extraction") or {}
+        if ex:
+            lines += [
+                "### Steering vectors",
+                "",
+                f"{ex.get('n_pairs')} built-in pairs used; {ex.get('n_kept')} kept by the "
+                f"hit-rate filter (τ = {ex.get('tau')}; mean hit rate of the emotional "
+                f"narratives {_f(ex.get('hit_rate_mean'))}). ‖S_l‖ / ‖h_l‖ averages "
+                f"{_f(ex.get('mean_norm_ratio'))}.",
+                "",
+            ]
+            if ex.get("note"):
+                lines += [ex["note"], ""]
+        prof = res.get("layer_profile") or {}
+        if prof.get("layers"):
+            ch = prof.get("change") or []
+            ranked = sorted((c, l) for l, c in zip(prof["layers"], ch) if c is not None)[::-1]
+            top = ", ".join(f"L{l} ({c:+.3f})" for c, l in ranked[:5])
+            lines += [
+                "### Layer profile",
+                "",
+                f"α = {prof.get('alpha')} × ‖h_l‖ per layer, {prof.get('n_prompts')} neutral "
+                f"prompts per layer, baseline hit rate {_f(prof.get('baseline'))}. "
+                f"Largest increases: {top or 'none'}.",
+                "",
+                "![layer profile](layer_profile.png)",
+                "",
+            ]
+        heads = res.get("heads") or {}
+        if heads.get("top"):
+            lines += ["### Heads", "",
+                      "Top heads by emotional intention (cosine with S_l) and the hit rate "
+                      "when the head's output on the neutral prompt is patched with its "
+                      "mean output on the emotional prompts (recovery = share of the "
+                      "emotional−neutral hit-rate gap closed):", "",
+                      "| layer | head | intention | patched hit rate | recovery |",
+                      "| --- | --- | --- | --- | --- |"]
+            patch = {(p["layer"], p["head"]): p for p in heads.get("patching", [])}
+            for t in heads["top"]:
+                p = patch.get((t["layer"], t["head"]), {})
+                lines.append(f"| {t['layer']} | {t['head']} | {_f(t['score'])} | "
+                             f"{_f(p.get('hit_rate'))} | {_f(p.get('recovery'))} |")
+            if heads.get("patch_reference"):
+                pr = heads["patch_reference"]
+                lines.append("")
+                lines.append(f"Reference hit rates on these prompts: neutral "
+                             f"{_f(pr.get('neutral'))}, emotional {_f(pr.get('emotional'))}, "
+                             f"all top heads patched together {_f(pr.get('all_top'))}.")
+            lines += ["", "![head map](head_map.png)", ""]
+        neu = res.get("neurons") or {}
+        if neu.get("top"):
+            top = ", ".join(f"L{n['layer']}:{n['index']} ({n['score']:+.2f})" for n in neu["top"][:8])
+            lines += ["### Neurons", "",
+                      f"{neu.get('k')} neurons kept (bank entry `{neu.get('bank_name')}`); "
+                      f"strongest: {top}."]
+            gc = neu.get("gain_check")
+            if gc:
+                lines.append(f"ENA check (γ = {gc.get('gamma')} on the set, held-out "
+                             f"prompts): hit rate {_f(gc.get('base'))} → {_f(gc.get('gain'))} "
+                             f"(paired Δ {_ci(gc.get('delta'), pct=True)}).")
+            lines.append("")
+        st = res.get("steering") or {}
+        if st:
+            lines += ["### Steered vs unsteered narratives (held-out neutral prompts)", ""]
+            _steering_section(emo, st, lines)
+        samples = res.get("samples") or []
+        if samples:
+            lines += ["### Sample narratives", "", "| prompt | unsteered | steered |",
+                      "| --- | --- | --- |"]
+            for s in samples:
+                lines.append(f"| {_quote(s.get('prompt'), 160)} | {_quote(s.get('unsteered'))} "
+                             f"| {_quote(s.get('steered'))} (scale {_f(s.get('scale'), 2)}) |")
+            lines.append("")
+    t = r.get("timings") or {}
+    if t:
+        lines += ["## Timings", "", "| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+        lines += [f"| **total** | {r.get('total_seconds', sum(t.values())):.1f} |", ""]
+    lines += ["## Files", "",
+              "- `results.json`: every measured number, per-prompt values included",
+              "- `narratives.jsonl`: every held-out narrative (condition, scale, hit rate)",
+              "- `bank.safetensors`: the vectors, head patches and neuron sets "
+              "(`emosteer bank show bank.safetensors`)",
+              "- `layer_profile.png`, `head_map.png`", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    """Write report.md, layer_profile.png, head_map.png and results.json; return report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    emotions = results.get("emotions") or {}
+    plot_layer_profile(emotions, out / "layer_profile.png")
+    plot_head_map(emotions, out / "head_map.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    path = out / "report.md"
+    path.write_text(render_markdown(results), encoding="utf-8")
+    return path
+
+
+def _json_default(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

@@ -1,0 +1,79 @@
+"""The emosteer vLLM plugin: per-request steering, head patching and capture inside vLLM.
+
+vLLM calls ``register()`` in every process it starts (entry point
+``vllm.general_plugins: emosteer = emosteer.vllm:register``). It checks the vLLM version
+and applies the patches in ``emosteer/vllm/patches/`` (each one file named after what it
+patches, with ``apply()``/``revert()``); the patched code calls emosteer's in-place
+custom ops on buffers that ``emosteer.vllm.worker.WorkerSteering`` allocates once per
+model. Nothing is imported from vLLM until ``register()`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+logger = logging.getLogger("emosteer.vllm")
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lower, upper): 0.32.x only
+_lock = threading.Lock()
+_registered = False
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    """The installed vLLM is outside the range whose internals the patches target."""
+
+
+def check_vllm_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of vLLM; raises UnsupportedVLLMVersion outside SUPPORTED_VLLM."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    parts = version.split("+")[0].split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise UnsupportedVLLMVersion(f"cannot parse the vLLM version {version!r}") from None
+    lo, hi = SUPPORTED_VLLM
+    if not lo <= (major, minor) < hi:
+        raise UnsupportedVLLMVersion(
+            f"emosteer's vLLM plugin supports vLLM {lo[0]}.{lo[1]}.x only; found {version}. "
+            "Its patches target vLLM internals (Attention.forward, RMSNorm.forward, "
+            "GPUModelRunner._model_forward ...) that change between minor versions. "
+            "Install vllm>=0.32,<0.33 or set VLLM_PLUGINS to exclude 'emosteer'."
+        )
+    return major, minor
+
+
+def register() -> None:
+    """Apply every patch once per process (idempotent, thread-safe)."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        check_vllm_version()
+        from emosteer.vllm import patches
+
+        patches.apply_all()
+        _registered = True
+        logger.debug("emosteer vLLM plugin registered (%d patches)", len(patches.PATCHES))
+
+
+def unregister() -> None:
+    """Revert every patch (tests; a process normally keeps the plugin for its lifetime)."""
+    global _registered
+    with _lock:
+        if not _registered:
+            return
+        from emosteer.vllm import patches
+
+        patches.revert_all()
+        _registered = False
+
+
+def is_registered() -> bool:
+    return _registered
+
+
+__all__ = ["register", "unregister", "is_registered", "check_vllm_version", "UnsupportedVLLMVersion"]

@@ -1,0 +1,65 @@
+"""The front-end side: check request configs and set the prefix-cache salt.
+
+Runs in the process that accepts requests (``vllm.LLM`` or the OpenAI server), through
+the ``input_processor`` patch, before a request reaches the engine: a malformed config
+raises ``SpecError`` (a ``ValueError``, so the server answers 400) naming the field.
+Prefix caching: a config that changes the prompt's activations gets
+``cache_salt = "emosteer:" + fingerprint`` (bank contents included), so it never reuses
+KV computed under another config, and unsteered requests never reuse its KV. Captures at
+every position (``positions: "all"``) get a per-request salt: cached prompt tokens are
+never recomputed, so they could not be captured.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from emosteer.bank import ModelInfo, VectorBank
+from emosteer.spec import SpecError, SteerSpec
+from emosteer.vllm.config import settings_from_vllm_config
+
+EXTRA_KEY = "emosteer"
+RESULT_KEY = "emosteer_key"
+
+
+class FrontendSteering:
+    def __init__(self, vllm_config: Any):
+        self.settings = settings_from_vllm_config(vllm_config)
+        self.info = ModelInfo.from_hf_config(vllm_config.model_config.hf_config)
+        self.bank = VectorBank(self.info)
+        if self.settings.bank:
+            bank = VectorBank.load(self.settings.bank)
+            bank.validate_against(self.info)
+            self.bank.update(bank)
+
+    def check(self, raw: Any, num_prompt_tokens: int | None = None, max_tokens: int | None = None) -> SteerSpec:
+        """Parse + validate against the bank and the model; SpecError names the field."""
+        spec = SteerSpec.parse(raw)
+        spec.validate(self.bank, self.info, num_prompt_tokens, max_tokens)
+        if spec.boost is not None:
+            raise SpecError("boost", "attention boost (VEE) is not executed by the vLLM plugin yet")
+        return spec.resolve(self.info)
+
+    def salt(self, spec: SteerSpec, request_id: str) -> str | None:
+        parts = []
+        if spec.changes_prompt():
+            parts.append("emosteer:" + spec.fingerprint(self.bank))
+        if spec.capture is not None and spec.capture.positions == "all":
+            parts.append("emosteer-capture:" + request_id)
+        return "|".join(parts) or None
+
+
+_lock = threading.Lock()
+
+
+def frontend_for(owner: Any, vllm_config: Any) -> FrontendSteering:
+    """The FrontendSteering cached on ``owner`` (an InputProcessor), built on first use."""
+    fe = getattr(owner, "_emosteer_frontend", None)
+    if fe is None:
+        with _lock:
+            fe = getattr(owner, "_emosteer_frontend", None)
+            if fe is None:
+                fe = FrontendSteering(vllm_config)
+                owner._emosteer_frontend = fe
+    return fe

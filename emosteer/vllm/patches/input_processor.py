@@ -1,0 +1,59 @@
+"""Patch ``vllm.v1.engine.input_processor.InputProcessor.process_inputs``.
+
+Replaces: ``process_inputs`` (turns a prompt + params into the ``EngineCoreRequest``
+sent to the engine). After the original, a request whose ``extra_args`` hold an
+``"emosteer"`` config is checked (``SpecError`` naming the field, raised before the
+request reaches the engine; the server turns it into a 400) and, when the config changes
+the prompt's activations, gets its ``cache_salt`` (see ``emosteer/vllm/frontend.py``).
+Why: it is the one function both ``vllm.LLM`` and the OpenAI server call for every
+request, in the front-end process, with the tokenized prompt at hand.
+When it can go: when vLLM offers a request-validation plugin hook.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from emosteer.vllm.patches import Swap
+
+_swap: Swap | None = None
+
+
+def _make(original):
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        req = original(self, request_id, prompt, params, *args, **kwargs)
+        sp = getattr(req, "sampling_params", None)
+        extra = getattr(sp, "extra_args", None) if sp is not None else None
+        if not extra or "emosteer" not in extra:
+            return req
+        from emosteer.vllm.frontend import frontend_for
+
+        fe = frontend_for(self, self.vllm_config)
+        if req.prompt_token_ids is not None:
+            n_prompt = len(req.prompt_token_ids)
+        elif getattr(req, "prompt_embeds", None) is not None:
+            n_prompt = int(req.prompt_embeds.shape[0])
+        else:
+            n_prompt = None
+        spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
+        salt = fe.salt(spec, str(request_id))
+        if salt:
+            req.cache_salt = salt if not req.cache_salt else f"{req.cache_salt}|{salt}"
+        return req
+
+    return process_inputs
+
+
+def apply() -> None:
+    global _swap
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if _swap is None:
+        _swap = Swap(InputProcessor, "process_inputs", _make)
+    _swap.apply()
+
+
+def revert() -> None:
+    if _swap is not None:
+        _swap.revert()

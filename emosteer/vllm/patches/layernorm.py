@@ -1,0 +1,62 @@
+"""Patch ``vllm.model_executor.layers.layernorm.RMSNorm.forward``.
+
+Replaces: ``RMSNorm.forward(x, residual)``, vLLM's fused residual add + RMSNorm that
+decoders (Llama, Qwen2/3, Mistral, Qwen2-VL's text model ...) run at the start of each
+layer and as the final norm: ``residual = x + residual; x = norm(residual)``. Its input
+``x + residual`` is the output of the previous decoder layer. On norms where emosteer
+installed a site, the patched forward first adds ``alpha[s] * u[s]`` to ``residual``
+(``torch.ops.emosteer.residual_add``, in place; slot -1 tokens untouched, so unsteered
+tokens get vLLM's own fused op bit for bit), runs the original, then copies the rows
+asked for capture out of the summed residual (``head_affine_capture`` in capture-only
+form, slot -1 everywhere).
+Why: steering "at layer l" adds to layer l's output; that sum is formed only here.
+When it can go: when vLLM exposes a per-request residual hook in decoder layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from emosteer.vllm.patches import Swap
+
+_swap: Swap | None = None
+
+
+def _make(original):
+    @functools.wraps(original)
+    def forward(self, x, residual=None):
+        site = getattr(self, "_emosteer_site", None)
+        if site is None or residual is None:
+            return original(self, x, residual)
+        T = x.shape[0]
+        torch.ops.emosteer.residual_add(residual, site.token_slot[:T], site.alpha, site.u, site.impl)
+        x_out, res_out = original(self, x, residual)
+        torch.ops.emosteer.head_affine_capture(
+            res_out.view(T, 1, -1),
+            site.no_slot[:T],
+            site.one_a,
+            site.zero_b,
+            site.zero_v,
+            site.cap_index[:T],
+            site.cap_buf,
+            site.impl,
+        )
+        return x_out, res_out
+
+    return forward
+
+
+def apply() -> None:
+    global _swap
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    if _swap is None:
+        _swap = Swap(RMSNorm, "forward", _make)
+    _swap.apply()
+
+
+def revert() -> None:
+    if _swap is not None:
+        _swap.revert()

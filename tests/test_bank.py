@@ -1,0 +1,269 @@
+"""VectorBank: entries, safetensors round trip, bad files, model matching, TP shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emosteer.bank import (
+    FORMAT_VERSION,
+    BankError,
+    ModelInfo,
+    VectorBank,
+    head_shard,
+    neuron_shard,
+    shard_entry,
+)
+
+INFO = ModelInfo("LlamaForCausalLM", num_layers=3, hidden_size=48, num_heads=6, head_dim=8,
+                 intermediate_size=40, num_kv_heads=2)  # fmt: skip
+
+
+def make_bank(info: ModelInfo = INFO) -> VectorBank:
+    g = torch.Generator().manual_seed(1)
+    L, d, H, D = info.num_layers, info.hidden_size, info.num_heads, info.head_dim
+    inter = info.intermediate_size
+    bank = VectorBank(info)
+    bank.add("joy", "residual", torch.randn(L, d, generator=g), emotion="joy", method="diffmean",
+             layers=[0, 2], created="2026-11-25T18:00:00Z")  # fmt: skip
+    bank.add("joy.h", "head", torch.randn(L, H, D, generator=g, dtype=torch.float64), emotion="joy")
+    bank.add("joy.ena", "neurons", torch.rand(L, inter, generator=g) > 0.7)
+    bank.add("joy.vee", "heads", torch.randint(0, 2, (L, H), generator=g))
+    return bank
+
+
+def test_add_get_kind_meta():
+    bank = make_bank()
+    assert bank.names() == ["joy", "joy.ena", "joy.h", "joy.vee"]
+    assert bank.names("head") == ["joy.h"]
+    assert bank.kind("joy.ena") == "neurons"
+    assert bank.meta("joy") == {"emotion": "joy", "method": "diffmean", "layers": [0, 2],
+                                "created": "2026-11-25T18:00:00Z"}  # fmt: skip
+    assert bank.get("joy.ena").dtype == torch.float32  # masks are stored as float 0/1
+    assert bank.get("joy.h", "head").dtype == torch.float64
+    assert "joy" in bank and len(bank) == 4
+    with pytest.raises(BankError, match="'sad'"):
+        bank.get("sad")
+    with pytest.raises(BankError, match="kind 'residual', expected 'head'"):
+        bank.get("joy", "head")
+
+
+ADD_BAD = [
+    ("", "residual", torch.zeros(3, 48), {}, "name"),
+    ("x", "vector", torch.zeros(3, 48), {}, "unknown kind"),
+    ("x", "residual", [[0.0]], {}, "torch.Tensor"),
+    ("x", "residual", torch.zeros(48), {}, "2-d"),
+    ("x", "residual", torch.zeros(3, 47), {}, r"axis 1 \(hidden_size\) is 47"),
+    ("x", "head", torch.zeros(3, 5, 8), {}, r"axis 1 \(num_heads\) is 5"),
+    ("x", "neurons", torch.zeros(4, 40), {}, r"axis 0 \(num_layers\) is 4"),
+    ("x", "residual", torch.zeros(3, 48, dtype=torch.int64), {}, "floating"),
+    ("x", "residual", torch.full((3, 48), float("nan")), {}, "NaN"),
+    ("x", "neurons", torch.full((3, 40), 0.5), {}, "0/1 mask"),
+    ("x", "residual", torch.zeros(3, 48), {"when": object()}, "JSON"),
+]
+
+
+@pytest.mark.parametrize("name,kind,tensor,meta,match", ADD_BAD, ids=[c[-1] for c in ADD_BAD])
+def test_add_rejects(name, kind, tensor, meta, match):
+    with pytest.raises(BankError, match=match):
+        VectorBank(INFO).add(name, kind, tensor, **meta)
+
+
+def test_replace_changes_content_hash():
+    bank = make_bank()
+    h = bank.content_hash("joy")
+    assert len(h) == 64 and h == make_bank().content_hash("joy")
+    assert h != bank.content_hash("joy.h")
+    bank.add("joy", "residual", bank.get("joy") + 1)
+    assert bank.content_hash("joy") != h
+    bank.remove("joy")
+    assert "joy" not in bank
+    with pytest.raises(BankError):
+        bank.content_hash("joy")
+
+
+def test_save_load_round_trip(tmp_path):
+    bank = make_bank()
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = VectorBank.load(path)
+    assert loaded.info == INFO
+    assert loaded.names() == bank.names()
+    for n in bank.names():
+        assert loaded.kind(n) == bank.kind(n)
+        assert loaded.meta(n) == bank.meta(n)
+        assert torch.equal(loaded.get(n), bank.get(n)) and loaded.get(n).dtype == bank.get(n).dtype
+        assert loaded.content_hash(n) == bank.content_hash(n)
+    # the header is what the docs say it is
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["emosteer"])
+    assert header["format_version"] == FORMAT_VERSION
+    assert header["model"] == dataclasses.asdict(INFO)
+    assert header["entries"]["joy"]["kind"] == "residual"
+
+
+def test_bfloat16_round_trip(tmp_path):
+    bank = VectorBank(INFO)
+    bank.add("v", "residual", torch.randn(3, 48).to(torch.bfloat16))
+    bank.save(tmp_path / "bf16.safetensors")
+    loaded = VectorBank.load(tmp_path / "bf16.safetensors")
+    assert loaded.get("v").dtype == torch.bfloat16 and torch.equal(loaded.get("v"), bank.get("v"))
+    assert loaded.content_hash("v") == bank.content_hash("v")
+
+
+def test_bank_without_model_info(tmp_path):
+    bank = VectorBank()
+    bank.add("v", "residual", torch.ones(2, 5))
+    bank.save(tmp_path / "b.safetensors")
+    loaded = VectorBank.load(tmp_path / "b.safetensors")
+    assert loaded.info is None and torch.equal(loaded.get("v"), torch.ones(2, 5))
+    with pytest.raises(BankError, match=r"v: shape \(2, 5\)"):
+        loaded.validate_against(INFO)
+
+
+@pytest.mark.parametrize("field", ["num_layers", "hidden_size", "num_heads", "head_dim",
+                                   "intermediate_size", "num_kv_heads", "architecture"])  # fmt: skip
+def test_validate_against_names_field(field):
+    bank = make_bank()
+    bank.validate_against(INFO)
+    other = dataclasses.replace(INFO, **{field: "Other" if field == "architecture" else 7})
+    with pytest.raises(BankError, match=field):
+        bank.validate_against(other)
+    if field == "architecture":
+        bank.validate_against(other, check_architecture=False)
+
+
+def _write(path, tensors, meta):
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _header(**override) -> dict:
+    h = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(INFO),
+         "entries": {"v": {"kind": "residual"}}}  # fmt: skip
+    h.update(override)
+    return {"emosteer": json.dumps(h)}
+
+
+LOAD_BAD = [
+    ({"v": torch.zeros(3, 48)}, None, "lacks the 'emosteer'"),
+    ({"v": torch.zeros(3, 48)}, {"emosteer": "{not json"}, "not valid JSON"),
+    ({"v": torch.zeros(3, 48)}, {"emosteer": "[1]"}, "JSON object"),
+    ({"v": torch.zeros(3, 48)}, _header(format_version=99), "format_version 99"),
+    ({"v": torch.zeros(3, 48)}, _header(model={"num_layers": 3}), "model: model info lacks"),
+    ({"v": torch.zeros(3, 48)}, _header(entries=[]), "entries must be"),
+    ({"v": torch.zeros(3, 48)}, _header(entries={"v": {"kind": "bad"}}), "unknown kind"),
+    ({"v": torch.zeros(3, 48)}, _header(entries={"v": {}}), "entries.v"),
+    ({"v": torch.zeros(3, 48), "w": torch.zeros(1)}, _header(), r"tensors without an entry: \['w'\]"),
+    ({}, _header(), r"entries without a tensor: \['v'\]"),
+    ({"v": torch.zeros(3, 49)}, _header(), "hidden_size"),
+]
+
+
+@pytest.mark.parametrize("tensors,meta,match", LOAD_BAD, ids=[c[-1][:24] for c in LOAD_BAD])
+def test_load_bad_file(tmp_path, tensors, meta, match):
+    path = _write(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(BankError, match=match):
+        VectorBank.load(path)
+
+
+def test_load_corrupted_and_missing(tmp_path):
+    path = tmp_path / "bank.safetensors"
+    make_bank().save(path)
+    raw = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    for name in ("trunc", "garbage"):
+        with pytest.raises(BankError, match="not a readable safetensors file"):
+            VectorBank.load(tmp_path / f"{name}.safetensors")
+    with pytest.raises(BankError, match="does not exist"):
+        VectorBank.load(tmp_path / "absent.safetensors")
+
+
+def test_update_checks_model():
+    bank = make_bank()
+    other = VectorBank(dataclasses.replace(INFO, hidden_size=64))
+    with pytest.raises(BankError, match="hidden_size"):
+        bank.update(other)
+    fresh = VectorBank(INFO)
+    fresh.update(bank)
+    assert fresh.names() == bank.names()
+
+
+def test_model_info_from_llama_config():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=256,
+                      architectures=["LlamaForCausalLM"])  # fmt: skip
+    info = ModelInfo.from_hf_config(cfg)
+    assert info == ModelInfo("LlamaForCausalLM", 2, 128, 4, 32, 256, 2)
+    assert ModelInfo.from_hf_config(cfg.to_dict()) == info
+    assert ModelInfo.from_hf_config(LlamaConfig(hidden_size=128, num_attention_heads=4,
+                                                head_dim=48)).head_dim == 48  # fmt: skip
+
+
+def test_model_info_from_lvlm_configs():
+    from transformers import LlamaConfig, LlavaConfig, Qwen2VLConfig
+
+    qwen = Qwen2VLConfig(
+        text_config=dict(hidden_size=256, num_hidden_layers=3, num_attention_heads=8,
+                         num_key_value_heads=2, intermediate_size=512),  # fmt: skip
+        architectures=["Qwen2VLForConditionalGeneration"],
+    )
+    info = ModelInfo.from_hf_config(qwen)
+    assert info == ModelInfo("Qwen2VLForConditionalGeneration", 3, 256, 8, 32, 512, 2)
+    text = LlamaConfig(hidden_size=96, num_hidden_layers=5, num_attention_heads=3, intermediate_size=200)
+    llava = LlavaConfig(text_config=text.to_dict(), architectures=["LlavaForConditionalGeneration"])
+    assert ModelInfo.from_hf_config(llava) == ModelInfo("LlavaForConditionalGeneration", 5, 96, 3, 32, 200, 3)
+
+
+def test_model_info_from_namespace():
+    import types
+
+    ns = types.SimpleNamespace(num_hidden_layers=2, hidden_size=8, num_attention_heads=2,
+                               intermediate_size=16, architectures=None, model_type="m")  # fmt: skip
+    assert ModelInfo.from_hf_config(ns) == ModelInfo("m", 2, 8, 2, 4, 16, 2)
+
+
+def test_model_info_checks():
+    with pytest.raises(BankError, match="num_heads"):
+        ModelInfo("x", 2, 128, 0, 32, 256, 2)
+    with pytest.raises(BankError, match="config has none of"):
+        ModelInfo.from_hf_config({"hidden_size": 8})
+    with pytest.raises(BankError, match="unknown field"):
+        ModelInfo.from_dict({**dataclasses.asdict(INFO), "vocab": 3})
+
+
+def test_head_shard():
+    assert head_shard(8, 1, 0) == range(0, 8)
+    assert head_shard(8, 2, 0) == range(0, 4) and head_shard(8, 2, 1) == range(4, 8)
+    assert [list(head_shard(6, 3, r)) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(BankError, match="not divisible"):
+        head_shard(6, 4, 0)
+    with pytest.raises(BankError, match="tp_rank"):
+        head_shard(8, 2, 2)
+    with pytest.raises(BankError, match="tp_size"):
+        head_shard(8, 0, 0)
+    assert neuron_shard(40, 2, 1) == range(20, 40)
+
+
+def test_shard_entry():
+    bank = make_bank()
+    head, heads, neurons, resid = (bank.get(n) for n in ("joy.h", "joy.vee", "joy.ena", "joy"))
+    parts = [shard_entry(head, "head", 3, r) for r in range(3)]
+    assert all(p.shape == (3, 2, 8) for p in parts)
+    assert torch.equal(torch.cat(parts, dim=1), head)
+    assert torch.equal(shard_entry(heads, "heads", 2, 1), heads[:, 3:6])
+    assert torch.equal(shard_entry(neurons, "neurons", 2, 0), neurons[:, :20])
+    assert shard_entry(resid, "residual", 2, 1) is resid  # the residual stream is replicated
+    with pytest.raises(BankError, match="not divisible"):
+        shard_entry(head, "head", 4, 0)
+    with pytest.raises(BankError, match="3-d"):
+        shard_entry(resid, "head", 1, 0)
