@@ -96,7 +96,7 @@ def time_ms(
     device: torch.device,
     *,
     warmup: int = 5,
-    min_reps: int = 10,
+    min_reps: int = 20,
     max_reps: int = 200,
     budget_s: float = 0.25,
 ) -> list[float]:
@@ -132,19 +132,14 @@ def quantiles(times: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]
 
 
-_COPY_CACHE: dict = {}
-
-
-def copy_ms(n_bytes: int, device: torch.device) -> float:
+def copy_ms(n_bytes: int, device: torch.device, **timing) -> float:
     """Median time of a device-to-device copy whose traffic is ``n_bytes`` (it reads and
-    writes ``n_bytes / 2``): the bandwidth roofline an elementwise op can hope for."""
-    key = (n_bytes, str(device))
-    if key not in _COPY_CACHE:
-        half = max(1, n_bytes // 2)
-        src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255)
-        dst = torch.empty_like(src)
-        _COPY_CACHE[key] = quantiles(time_ms(lambda: dst.copy_(src), device))[0]
-    return _COPY_CACHE[key]
+    writes ``n_bytes / 2``): the bandwidth roofline an elementwise op can hope for.
+    Measured right after each op (not cached), so both see the same machine load."""
+    half = max(1, n_bytes // 2)
+    src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return quantiles(time_ms(lambda: dst.copy_(src), device, **timing))[0]
 
 
 # ------------------------------------------------------------------ checking
@@ -185,7 +180,7 @@ def run_cases(
         times = time_ms(lambda: case.fn(*args), device, **(timing or {}))
         med, p20, p80 = quantiles(times)
         gbps = case.bytes_moved / (med * 1e-3) / 1e9
-        frac = copy_ms(case.bytes_moved, device) / med if with_copy else float("nan")
+        frac = copy_ms(case.bytes_moved, device, **(timing or {})) / med if with_copy else float("nan")
         row = dict(
             op=case.op, impl=case.impl, device=dev_name, dtype=str(case.dtype).replace("torch.", ""),
             shape=case.shape, tokens=case.tokens, median_ms=f"{med:.6g}", p20_ms=f"{p20:.6g}",
@@ -244,7 +239,7 @@ def plot(rows: Sequence[dict], path: str, title: str, y: str = "gbps") -> None:
                 ax.set_xlabel("tokens")
             if sel:
                 ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

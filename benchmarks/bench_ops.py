@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     print(f"appended {len(rows)} rows to {args.csv}")
     if not args.no_plot:
         path = args.plot or os.path.join(RESULTS_DIR, f"ops_{device.type}.png")
-        plot(rows, path, f"emosteer ops on {rows[0]['device']} ({rows[0]['version']})")
+        plot(rows, path, f"emosteer ops on {rows[0]['device']}\n{rows[0]['version']}")
         print(f"plot: {path}")
     return 0
 

@@ -30,6 +30,12 @@ def for_device(kernel, device: torch.device):
     return _twin(kernel.fn, device.type != "cuda")
 
 
+# Launch options for every kernel: no FMA contraction, so ``a*z + b*v`` rounds like the
+# torch reference and the C++ twins (two products and a sum); the ops are memory bound,
+# FMA would buy nothing but 1-ulp disagreements between implementations.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+
+
 def _add(a, b):
     return a + b
 
@@ -42,4 +48,4 @@ def _add(a, b):
 _triton_sum = getattr(tl.standard, "_sum_combine", None)
 add_combine = _triton_sum if isinstance(_triton_sum, JITFunction) else JITFunction(_add)
 
-__all__ = ["for_device", "add_combine"]
+__all__ = ["for_device", "add_combine", "LAUNCH_OPTIONS"]

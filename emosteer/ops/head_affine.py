@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from emosteer.ops._triton_launch import for_device
+from emosteer.ops._triton_launch import LAUNCH_OPTIONS, for_device
 
 
 @triton.jit
@@ -95,5 +95,5 @@ def head_affine_capture(
     grid = (T, triton.cdiv(H, block_h))
     for_device(_head_affine_capture_kernel, z.device)[grid](
         z, token_slot, a, b, v, cap_index, cap_buf, H, D,
-        BLOCK_H=block_h, BLOCK_D=block_d,
+        BLOCK_H=block_h, BLOCK_D=block_d, **LAUNCH_OPTIONS,
     )

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from emosteer.ops._triton_launch import for_device
+from emosteer.ops._triton_launch import LAUNCH_OPTIONS, for_device
 
 
 @triton.jit
@@ -83,7 +83,8 @@ def neuron_gain(
         return
     block = min(triton.next_power_of_2(I), 2048)
     grid = (T, triton.cdiv(I, block))
-    for_device(_neuron_gain_kernel, m.device)[grid](m, token_slot, g, I, BLOCK=block)
+    kernel = for_device(_neuron_gain_kernel, m.device)
+    kernel[grid](m, token_slot, g, I, BLOCK=block, **LAUNCH_OPTIONS)
 
 
 def silu_and_mul_gain(
@@ -103,4 +104,5 @@ def silu_and_mul_gain(
         return
     block = min(triton.next_power_of_2(I), 2048)
     grid = (T, triton.cdiv(I, block))
-    for_device(_silu_and_mul_gain_kernel, x.device)[grid](out, x, token_slot, g, I, BLOCK=block)
+    kernel = for_device(_silu_and_mul_gain_kernel, x.device)
+    kernel[grid](out, x, token_slot, g, I, BLOCK=block, **LAUNCH_OPTIONS)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from emosteer.ops._triton_launch import add_combine, for_device
+from emosteer.ops._triton_launch import LAUNCH_OPTIONS, add_combine, for_device
 
 
 @triton.jit
@@ -81,7 +81,9 @@ def _fused_add_rms_norm_steer_kernel(
         tl.store(res_row + cols, h, mask=mask)
         hf = h.to(tl.float32)
         acc += hf * hf
-    rstd = 1.0 / tl.sqrt(tl.reduce(acc, 0, add_combine) / d + eps)
+    # IEEE-rounded sqrt and divisions (tl.sqrt / `/` compile to approximations).
+    mean_sq = tl.div_rn(tl.reduce(acc, 0, add_combine), d * 1.0)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
     for start in range(0, d, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < d
@@ -110,7 +112,8 @@ def residual_add(
         return
     block = min(triton.next_power_of_2(d), 4096)
     grid = (T, triton.cdiv(d, block))
-    for_device(_residual_add_kernel, r.device)[grid](r, token_slot, alpha, u, d, BLOCK=block)
+    kernel = for_device(_residual_add_kernel, r.device)
+    kernel[grid](r, token_slot, alpha, u, d, BLOCK=block, **LAUNCH_OPTIONS)
 
 
 def fused_add_rms_norm_steer(
@@ -137,6 +140,8 @@ def fused_add_rms_norm_steer(
         return
     block = min(triton.next_power_of_2(d), 4096)
     num_warps = min(max(block // 256, 1), 16)
-    for_device(_fused_add_rms_norm_steer_kernel, x.device)[(T,)](
-        x, residual, weight, token_slot, alpha, u, d, eps, BLOCK=block, num_warps=num_warps,
+    kernel = for_device(_fused_add_rms_norm_steer_kernel, x.device)
+    kernel[(T,)](
+        x, residual, weight, token_slot, alpha, u, d, eps,
+        BLOCK=block, num_warps=num_warps, **LAUNCH_OPTIONS,
     )

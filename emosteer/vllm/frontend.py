@@ -19,8 +19,8 @@ from emosteer.bank import ModelInfo, VectorBank
 from emosteer.spec import SpecError, SteerSpec
 from emosteer.vllm.config import settings_from_vllm_config
 
-EXTRA_KEY = "emosteer"
-RESULT_KEY = "emosteer_key"
+EXTRA_KEY = "emosteer"  # SamplingParams.extra_args key of the request config
+RESULT_KEY = "emosteer_key"  # extra_args key under which the worker parks captures and errors
 
 
 class FrontendSteering:

@@ -27,12 +27,11 @@ from emosteer.slots import SlotTable
 from emosteer.spec import SteerSpec
 from emosteer.vllm.buffers import ActSite, AttnSite, NormSite, Shape, SteerBuffers
 from emosteer.vllm.config import settings_from_vllm_config
+from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY
 from emosteer.vllm.tables import PHASES, phase_fingerprints, phase_spec, slot_tables
 
 logger = logging.getLogger("emosteer.vllm")
 
-EXTRA_KEY = "emosteer"  # SamplingParams.extra_args key of the request config
-RESULT_KEY = "emosteer_key"  # extra_args key under which captures/errors are kept
 
 
 class RequestState:

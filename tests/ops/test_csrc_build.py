@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from emosteer.ops import reference
-from tests.utils import DTYPES, assert_close, assert_equal, dtype_id
+from tests.utils import DTYPES, assert_close, assert_equal, dtype_id, gpu_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
@@ -92,7 +92,8 @@ def compiled(tmp_path_factory):
     if nvcc is None:
         pytest.skip("nvcc not found (not on PATH, CUDA_HOME or /usr/local/cuda*): cannot compile csrc/*.cu")
     out = tmp_path_factory.mktemp("csrc_build")
-    common = [_cxx_std(), "-O3", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *_includes()]
+    # No host -O: the host side only has to compile; ptxas still optimizes device code.
+    common = [_cxx_std(), "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *_includes()]
     jobs = {}
     for rel in CU_FILES:
         obj = str(out / (os.path.basename(rel) + ".o"))
@@ -164,8 +165,6 @@ def test_bindings_cuda_resolve_to_kernels(compiled):
 
 # ------------------------------------------------------------------ on a GPU
 def _cuda_ops():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     try:
         import emosteer._C  # noqa: F401  (defines the library)
         import emosteer._C_cuda  # noqa: F401
@@ -214,7 +213,7 @@ _MUTATED = {
 _INEXACT = {("fused_add_rms_norm_steer", 0), ("silu_and_mul_gain", 0)}
 
 
-@pytest.mark.gpu
+@gpu_test
 @pytest.mark.parametrize("shape", [(97, 13, 80), (64, 32, 128), (1, 9, 64)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op", OPS)

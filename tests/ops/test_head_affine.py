@@ -29,8 +29,9 @@ from tests.utils import (
 
 CPU_IMPLS = kernel_impls("cpu")
 NORMAL, ODD = (16, 8, 64), (97, 13, 80)  # (T, H, D)
+WIDE = (3, 40, 128)  # H*D > 4096: several head blocks per token
 # (shape, slot pattern, capture pattern): every pattern of each kind on the normal
-# shape; the odd shape (interpreter time grows with tokens) with the two mixed ones.
+# shape; the odd and wide shapes (interpreter time grows with programs) with mixed ones.
 CASES = [
     (NORMAL, "none", "none"),
     (NORMAL, "none", "random"),
@@ -40,6 +41,7 @@ CASES = [
     (NORMAL, "own", "none"),
     (ODD, "random", "random"),
     (ODD, "sorted", "all"),
+    (WIDE, "random", "random"),
 ]
 
 

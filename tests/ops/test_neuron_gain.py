@@ -29,6 +29,7 @@ from tests.utils import (
 
 CPU_IMPLS = kernel_impls("cpu")
 NORMAL, ODD = (16, 64), (97, 97)  # (T, I)
+WIDE = (3, 2100)  # I > 2048: several column blocks per token
 CASES = [
     (NORMAL, "none"),
     (NORMAL, "one"),
@@ -37,6 +38,7 @@ CASES = [
     (NORMAL, "own"),
     (ODD, "random"),
     (ODD, "sorted"),
+    (WIDE, "random"),
 ]
 
 

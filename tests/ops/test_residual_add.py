@@ -28,6 +28,7 @@ from tests.utils import (
 
 CPU_IMPLS = kernel_impls("cpu")
 NORMAL, ODD = (16, 64), (97, 97)  # (T, d)
+WIDE = (3, 4100)  # hidden > 4096: several column blocks / norm chunks
 CASES = [
     (NORMAL, "none"),
     (NORMAL, "one"),
@@ -36,6 +37,7 @@ CASES = [
     (NORMAL, "own"),
     (ODD, "random"),
     (ODD, "sorted"),
+    (WIDE, "random"),
 ]
 EPS = 1e-6
 

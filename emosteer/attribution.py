@@ -1,0 +1,471 @@
+"""Layer, head and neuron attribution for one emotion (DESIGN §1.4–1.6), batched as requests.
+
+**Metrics.** The method's metric is the hit rate of generated narratives
+(``emosteer.emotion.hit_rate``). Tiny or random models name no emotion at all, and
+the hit rate of short narratives is coarse, so every step ALSO reports a continuous
+proxy: the log-probability mass the model puts on the target emotion's words,
+
+    M = log Σ_{t ∈ T} p(t | context),   T = single-token spellings (" joyful", "Happy", ...)
+                                            of lexicon words whose labels all lie in the
+                                            target's Mikels categories,
+
+at the next token after the prompt (``proxy="next"``) or averaged over the positions of
+the model's own unsteered neutral narrative, teacher-forced (``proxy="narrative"``).
+Changes of M are log ratios of that mass.
+
+**Layers.** For each layer l, every neutral prompt runs with ``α·(n̄_l/‖S_l‖)·S_l`` added
+at layer l (n̄_l = mean residual norm there, so the injected norm is α·n̄_l): one row per
+(layer, prompt), all layers in one batch. C_l = relative hit-rate change (absolute when
+the baseline hit rate is 0) and ΔM_l. Stage rule (documented, deterministic): smooth the
+profile (moving average, 3 layers), take the band of consecutive layers around its peak
+whose value is at least half-way between the profile's minimum and its peak ("full width
+at half maximum"): **aggregate** = that band, **adapt** = the layers before it,
+**execute** = the layers after it; ``l_emo`` = the band's last layer.
+
+**Heads.** Emotional intention ``I[l,h] = cos(W_O[l][:, h] · z̄⁺_{l,h}, S_l)`` (mean head
+output on the emotional inputs through its o_proj slice; ``head_source="diff"`` uses the
+mean X⁺−X⁻ difference instead). The top candidates are confirmed by activation patching:
+each (head, pair) is one row running X⁻ with that head's output replaced by its X⁺ value
+(all positions); recovery = mean ΔM / mean (M⁺ − M⁻).
+
+**Neurons.** ``A[l,i] = cos(W_down[l][:, i], S_l)`` preselects candidates per layer; attribution
+patching (HF backend: ``(m⁺ − m⁻)·∂M/∂m`` at the last prompt token, averaged over pairs)
+ranks them. The top heads become the ``"<emotion>.vee"`` head mask and the top-K neurons
+the ``"<emotion>.ena"`` neuron mask in the bank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from emosteer.bank import VectorBank
+from emosteer.extract import CAPTURE_LAST, pair_text, stack_captures
+from emosteer.runners import make_runner
+
+__all__ = ["AttributionResult", "LayerProfile", "HeadScores", "NeuronScores", "attribute",
+           "layer_attribution", "head_attribution", "neuron_attribution", "target_token_ids",
+           "stage_bands", "target_logmass"]
+
+
+# ------------------------------------------------------------------------- metrics
+def target_token_ids(tokenizer, emotion: str, lexicon=None, max_words: int | None = None) -> list[int]:
+    """Token ids of single-token spellings of the target's lexicon words (bare, with a
+    leading space, capitalised); first tokens of multi-token words when none is single."""
+    from emosteer.emotion import MIKELS, POSITIVE, load_lexicon, target_set
+
+    lex = lexicon if lexicon is not None else load_lexicon()
+    cats = target_set(emotion)
+    to_cats = {**{c: {c} for c in MIKELS}, "joy": set(POSITIVE)}
+    words = sorted({w for tier in lex.tiers for w, labels in tier.items()
+                    if labels and all(lab in to_cats and to_cats[lab] <= cats for lab in labels)})
+    words = words[:max_words] if max_words else words
+    single, first = set(), set()
+    for w in words:
+        for form in (w, " " + w, w.capitalize(), " " + w.capitalize()):
+            ids = tokenizer(form, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                single.add(ids[0])
+            elif ids and form.startswith(" "):
+                first.add(ids[0])
+    out = sorted(single or first)
+    if not out:
+        raise ValueError(f"no token of the tokenizer spells a {emotion!r} lexicon word")
+    return out
+
+
+def target_logmass(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{t∈ids} softmax(logits)[t]`` over the last dimension."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.logsumexp(lp[..., ids], dim=-1)
+
+
+def _hit_rates(texts: Sequence[str], emotion: str, lexicon=None) -> list[float]:
+    from emosteer.emotion import hit_rate
+
+    return [hit_rate(t, emotion, lexicon) or 0.0 for t in texts]
+
+
+def stage_bands(profile: Sequence[float], window: int = 3) -> dict[str, Any]:
+    """The three stages by the half-maximum rule (see the module docstring)."""
+    p = torch.tensor([float(x) for x in profile], dtype=torch.float64)
+    L = len(p)
+    if L == 0 or not torch.isfinite(p).all():
+        raise ValueError("stage_bands needs a non-empty, finite profile")
+    k = max(1, min(window, L))
+    pad = torch.cat([p[:1].repeat(k // 2), p, p[-1:].repeat(k - 1 - k // 2)])
+    smooth = pad.unfold(0, k, 1).mean(-1)
+    peak = int(smooth.argmax())
+    lo, hi = float(smooth.min()), float(smooth[peak])
+    thr = lo + 0.5 * (hi - lo)
+    a = b = peak
+    while a > 0 and smooth[a - 1] >= thr:
+        a -= 1
+    while b < L - 1 and smooth[b + 1] >= thr:
+        b += 1
+    return {"adapt": list(range(0, a)), "aggregate": list(range(a, b + 1)),
+            "execute": list(range(b + 1, L)), "l_emo": b, "peak": peak,
+            "smoothed": [float(x) for x in smooth], "threshold": thr}
+
+
+# ------------------------------------------------------------------------- results
+@dataclass
+class LayerProfile:
+    alpha: float
+    scales: list[float]  # steering scale per layer (alpha * mean norm / |S_l|)
+    proxy: str
+    proxy_base: float
+    proxy_change: list[float]  # ΔM per layer
+    hit_rate_base: float
+    hit_rate: list[float] | None  # per layer, None without narratives
+    hit_rate_change: list[float] | None  # C_l
+    hit_rate_relative: bool
+    profile: list[float]  # the one the stages use
+    profile_source: str  # "hit_rate" | "proxy"
+    stages: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadScores:
+    intention: torch.Tensor  # [L, H]
+    source: str
+    candidates: list[tuple[int, int]]
+    recovery: dict[tuple[int, int], float]
+    top: list[tuple[int, int]]
+    confirmed: bool  # every top head has positive recovery
+
+
+@dataclass
+class NeuronScores:
+    align: torch.Tensor  # [L, I]
+    atp: torch.Tensor | None  # [L, I], None without gradients
+    top: list[tuple[int, int]]
+    method: str
+
+
+@dataclass
+class AttributionResult:
+    emotion: str
+    model: str
+    backend: str
+    layers: LayerProfile | None = None
+    heads: HeadScores | None = None
+    neurons: NeuronScores | None = None
+    bank: VectorBank | None = None
+
+    def to_json(self, indent: int | None = 2) -> str:
+        d: dict[str, Any] = {"emotion": self.emotion, "model": self.model, "backend": self.backend}
+        if self.layers is not None:
+            d["layers"] = self.layers.__dict__
+        if self.heads is not None:
+            h = self.heads
+            d["heads"] = {"source": h.source, "intention": h.intention.tolist(),
+                          "candidates": [list(c) for c in h.candidates],
+                          "recovery": [[l, hh, r] for (l, hh), r in h.recovery.items()],
+                          "top": [list(c) for c in h.top], "confirmed": h.confirmed}
+        if self.neurons is not None:
+            n = self.neurons
+            d["neurons"] = {"method": n.method, "top": [list(c) for c in n.top],
+                            "top_align": [float(n.align[l, i]) for l, i in n.top],
+                            "top_atp": None if n.atp is None else [float(n.atp[l, i]) for l, i in n.top]}
+        return json.dumps(d, indent=indent, default=float)
+
+    def plot_layers(self, path: str | os.PathLike) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        lp = self.layers
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        xs = list(range(len(lp.profile)))
+        colors = {"adapt": "#dbe9f6", "aggregate": "#fde2c4", "execute": "#dff0d8"}
+        for name, col in colors.items():
+            ls = lp.stages.get(name) or []
+            if ls:
+                ax.axvspan(ls[0] - 0.5, ls[-1] + 0.5, color=col, label=name, zorder=0)
+        ax.plot(xs, lp.profile, "o-", color="#333", label=f"profile ({lp.profile_source})")
+        ax.plot(xs, lp.stages["smoothed"], "--", color="#c44", lw=1, label="smoothed")
+        ax.axhline(lp.stages["threshold"], color="#c44", lw=0.6, ls=":")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("Δ log target mass" if lp.profile_source == "proxy" else "C (hit rate)")
+        ax.set_title(f"{self.emotion}: layer attribution (α={lp.alpha})")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def plot_heads(self, path: str | os.PathLike) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        m = self.heads.intention
+        fig, ax = plt.subplots(figsize=(max(4, 0.35 * m.shape[1] + 2), max(3, 0.18 * m.shape[0] + 1)))
+        lim = float(m.abs().max()) or 1.0
+        im = ax.imshow(m.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+        for l, h in self.heads.top:
+            ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.5))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{self.emotion}: emotional intention (boxes: top heads)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------- helpers
+def _weights(runner, name: str) -> list[torch.Tensor]:
+    """Per-layer o_proj or down_proj weight [d, H*D] / [d, I] (float32, CPU)."""
+    if getattr(runner, "steerer", None) is not None:
+        dec = runner.steerer.dec
+        mods = dec.o_proj if name == "o_proj" else dec.down_proj
+        return [m.weight.detach().float().cpu() for m in mods]
+    from safetensors import safe_open
+
+    suffix = "self_attn.o_proj.weight" if name == "o_proj" else "mlp.down_proj.weight"
+    found: dict[int, torch.Tensor] = {}
+    for f in sorted(runner.path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                if k.endswith(suffix) and "vision" not in k:
+                    layer = int(k.split("layers.")[1].split(".")[0])
+                    found[layer] = st.get_tensor(k).float()
+    return [found[l] for l in range(runner.info.num_layers)]
+
+
+def _proxy_rows(runner, ids, tids, specs, narratives=None, desc="proxy"):
+    """M per row: at the next token, or averaged over the teacher-forced narrative."""
+    if narratives is None:
+        logits, _ = runner.forward(ids, specs, positions="last", desc=desc)
+        return torch.stack([target_logmass(lg, tids) for lg in logits])
+    full = [list(i) + list(n[:-1]) for i, n in zip(ids, narratives)]
+    pos = [list(range(len(i) - 1, len(i) - 1 + max(1, len(n)))) for i, n in zip(ids, narratives)]
+    logits, _ = runner.forward(full, specs, positions=pos, desc=desc)
+    return torch.stack([target_logmass(lg, tids).mean() for lg in logits])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b.expand_as(a), dim=-1, eps=1e-12)
+
+
+# ------------------------------------------------------------------------- layers
+def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str | None = None,
+                      alpha: float = 0.1, max_new_tokens: int = 32, narratives: bool = True,
+                      proxy: str = "narrative", lexicon=None, tids=None) -> LayerProfile:
+    """Inject α-scaled S_l at each layer into neutral runs (one row per layer × prompt)."""
+    vector = vector or emotion
+    S = runner.bank.get(vector, "residual").float()
+    L = runner.info.num_layers
+    tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
+    ids = runner.encode(list(prompts))
+    n = len(ids)
+    base_spec = {"capture": {"residual": "all", "positions": "last"}}
+    toks0, texts0, caps0 = runner.generate(ids, [base_spec] * n, max_new_tokens=max_new_tokens,
+                                           desc="layers: baseline")
+    h0 = torch.stack([torch.stack([c["residual"][l][-1].float().cpu() for l in range(L)]) for c in caps0])
+    norms = h0.norm(dim=-1).mean(0)  # [L]
+    scales = [float(alpha * norms[l] / S[l].norm().clamp_min(1e-12)) for l in range(L)]
+    specs = [{"steer": [{"vector": vector, "layers": [l], "scale": scales[l]}]}
+             for l in range(L) for _ in range(n)]
+    rows = [r for _ in range(L) for r in ids]
+    narr = None if proxy == "next" else toks0
+    m0 = _proxy_rows(runner, ids, tids, [None] * n, narr, desc="layers: proxy base").mean()
+    m = _proxy_rows(runner, rows, tids, specs, None if narr is None else narr * L,
+                    desc="layers: proxy sweep").view(L, n).mean(1)
+    dm = [float(x - m0) for x in m]
+    hr0, hr, C, relative = float(sum(_hit_rates(texts0, emotion, lexicon)) / n), None, None, True
+    if narratives:
+        _, texts, _ = runner.generate(rows, specs, max_new_tokens=max_new_tokens, desc="layers: sweep")
+        rates = torch.tensor(_hit_rates(texts, emotion, lexicon)).view(L, n).mean(1)
+        hr = [float(x) for x in rates]
+        relative = hr0 > 0
+        C = [(x - hr0) / hr0 if relative else x - hr0 for x in hr]
+    use_hr = C is not None and max(C) - min(C) > 1e-9
+    profile = C if use_hr else dm
+    return LayerProfile(alpha=alpha, scales=scales, proxy=proxy, proxy_base=float(m0), proxy_change=dm,
+                        hit_rate_base=hr0, hit_rate=hr, hit_rate_change=C, hit_rate_relative=relative,
+                        profile=profile, profile_source="hit_rate" if use_hr else "proxy",
+                        stages=stage_bands(profile))
+
+
+# ------------------------------------------------------------------------- heads
+def _pair_captures(runner, pairs):
+    ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
+    ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
+    _, caps_pos = runner.forward(ids_pos, [CAPTURE_LAST] * len(pairs), desc="pairs: X+")
+    _, caps_neg = runner.forward(ids_neg, [CAPTURE_LAST] * len(pairs), desc="pairs: X-")
+    L = runner.info.num_layers
+    return ids_pos, ids_neg, stack_captures(caps_pos, L), stack_captures(caps_neg, L)
+
+
+def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top_k: int = 5,
+                     n_candidates: int | None = None, source: str = "emotional", lexicon=None,
+                     tids=None, _captures=None) -> HeadScores:
+    """Emotional intention [L, H], confirmed by per-pair activation patching."""
+    vector = vector or emotion
+    S = runner.bank.get(vector, "residual").float()
+    info = runner.info
+    L, H, D = info.num_layers, info.num_heads, info.head_dim
+    tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
+    ids_pos, ids_neg, (h_pos, z_pos), (h_neg, z_neg) = _captures or _pair_captures(runner, pairs)
+    zbar = z_pos.mean(0) if source == "emotional" else (z_pos - z_neg).mean(0)  # [L, H, D]
+    W = _weights(runner, "o_proj")
+    intention = torch.zeros(L, H)
+    for l in range(L):
+        contrib = torch.einsum("dhk,hk->hd", W[l].view(-1, H, D), zbar[l])  # [H, d]
+        intention[l] = _cos(contrib, S[l])
+    n_cand = n_candidates or min(L * H, 2 * top_k)
+    order = intention.flatten().argsort(descending=True)[:n_cand].tolist()
+    cands = [(i // H, i % H) for i in order]
+
+    # activation patching: rows = candidates x pairs, per-pair X+ head outputs as vectors
+    N = len(ids_neg)
+    patch = VectorBank(info)
+    for i in range(N):
+        patch.add(f"_attr.{emotion}.zpos.{i}", "head", z_pos[i])
+    runner.register(patch)
+    m_pos = _proxy_rows(runner, ids_pos, tids, [None] * N, desc="heads: M+")
+    m_neg = _proxy_rows(runner, ids_neg, tids, [None] * N, desc="heads: M-")
+    specs = [{"heads": [{"layer": l, "head": h, "mode": "patch",
+                         "vector": f"_attr.{emotion}.zpos.{i}", "positions": "all"}]}
+             for (l, h) in cands for i in range(N)]
+    m = _proxy_rows(runner, ids_neg * len(cands), tids, specs, desc="heads: patching").view(len(cands), N)
+    denom = float((m_pos - m_neg).mean())
+    rec = ((m - m_neg).mean(1) / (denom if abs(denom) > 1e-12 else math.copysign(1e-12, denom or 1.0)))
+    recovery = {c: float(r) for c, r in zip(cands, rec)}
+    ranked = sorted(cands, key=lambda c: (recovery[c] > 0, intention[c].item() * (recovery[c] > 0),
+                                          recovery[c]), reverse=True)
+    top = ranked[:top_k]
+    return HeadScores(intention=intention, source=source, candidates=cands, recovery=recovery,
+                      top=top, confirmed=all(recovery[c] > 0 for c in top))
+
+
+# ------------------------------------------------------------------------- neurons
+def neuron_attribution(runner, emotion: str, pairs, vector: str | None = None, top_k: int = 32,
+                       n_candidates: int | None = None, lexicon=None, tids=None,
+                       _captures=None) -> NeuronScores:
+    """Alignment of down_proj columns with S_l (``n_candidates`` best per layer, default
+    ⌈10·top_k/L⌉), refined by attribution patching (HF backend; without gradients the
+    candidates are ranked by alignment)."""
+    vector = vector or emotion
+    S = runner.bank.get(vector, "residual").float()
+    L = runner.info.num_layers
+    W = _weights(runner, "down_proj")
+    align = torch.stack([_cos(W[l].T, S[l]) for l in range(L)])  # [L, I]
+    I = align.shape[1]
+    # candidates per layer: cosines are not comparable across layers (S_l of a shallow
+    # layer can be small and noisy), the attribution-patching scores are
+    per_layer = min(I, n_candidates or max(1, math.ceil(10 * top_k / L)))
+    top_l = align.topk(per_layer, dim=1).indices  # [L, per_layer]
+    cand = (top_l + I * torch.arange(L).unsqueeze(1)).flatten()
+    cand = cand[align.flatten()[cand].argsort(descending=True)]
+    atp = None
+    if hasattr(runner, "forward_grad"):
+        tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
+        ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
+        ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
+        keep = {"mlp": list(range(L))}
+        atp = torch.zeros(L, I)
+        bs = getattr(runner, "batch_size", 8)
+        for s in range(0, len(pairs), bs):
+            pos, neg = ids_pos[s:s + bs], ids_neg[s:s + bs]
+            with torch.no_grad():
+                _, acts_p, offs_p = runner.forward_grad(pos, [None] * len(pos), keep)
+                m_pos = torch.stack([torch.stack([acts_p["mlp"][l][i, -1].detach() for l in range(L)])
+                                     for i in range(len(pos))])  # [B, L, I]
+            lg, acts_n, _ = runner.forward_grad(neg, [None] * len(neg), keep)
+            target_logmass(lg[:, -1], tids).sum().backward()
+            m_neg = torch.stack([torch.stack([acts_n["mlp"][l][i, -1].detach() for l in range(L)])
+                                 for i in range(len(neg))])
+            g = torch.stack([torch.stack([acts_n["mlp"][l].grad[i, -1] for l in range(L)])
+                             for i in range(len(neg))])
+            atp += ((m_pos - m_neg) * g).sum(0).float().cpu()
+            runner.model.zero_grad(set_to_none=True)
+        atp /= len(pairs)
+        order = cand[atp.flatten()[cand].argsort(descending=True)]
+        method = "align+atp"
+    else:
+        order, method = cand, "align"
+    top = [(int(i) // I, int(i) % I) for i in order[:top_k]]
+    return NeuronScores(align=align, atp=atp, top=top, method=method)
+
+
+# ------------------------------------------------------------------------- all of it
+def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=None, *,
+              bank: VectorBank | str | os.PathLike | None = None, backend: str = "hf",
+              tokenizer=None, alpha: float = 0.1, top_heads: int = 5, top_neurons: int = 32,
+              n_pairs: int = 8, n_prompts: int = 8, max_new_tokens: int = 32,
+              narratives: bool = True, proxy: str = "narrative", batch_size: int = 16,
+              progress: bool = True, lexicon=None, parts: Sequence[str] = ("layers", "heads", "neurons"),
+              out_dir: str | os.PathLike | None = None) -> AttributionResult:
+    """Run layer, head and neuron attribution for ``emotion``; adds ``"<emotion>.vee"``
+    (heads mask) and ``"<emotion>.ena"`` (neurons mask) to the bank. ``bank`` must hold
+    the residual vector ``"<emotion>"`` (``extract_vectors``); it is extracted here when
+    missing. ``prompts``: neutral texts for the layer sweep (default: the neutral sides of
+    the pairs). With ``out_dir``: attribution.json, layers.png, heads.png, bank.safetensors."""
+    from emosteer.data import load_builtin
+    from emosteer.extract import extract_vectors
+
+    if isinstance(bank, (str, os.PathLike)):
+        bank = VectorBank.load(bank)
+    runner = make_runner(model, backend, tokenizer=tokenizer, bank=bank, batch_size=batch_size,
+                         progress=progress)
+    pairs = load_builtin(emotion) if pairs is None else list(pairs)
+    pairs = [p for p in pairs if p.emotion == emotion][:n_pairs] or pairs[:n_pairs]
+    if emotion not in runner.bank:
+        extract_vectors(runner, pairs, emotion, progress=progress, lexicon=lexicon)
+    if prompts is None:
+        prompts = [pair_text(p.neutral, p.query) for p in pairs[:n_prompts]]
+    tids = target_token_ids(runner.tokenizer, emotion, lexicon)
+    res = AttributionResult(emotion=emotion, model=runner.name, backend=runner.backend, bank=runner.bank)
+    from tqdm.auto import tqdm
+
+    steps = tqdm(list(parts), desc=f"attribution ({emotion})", disable=not progress)
+    caps = None
+    info = runner.info
+    for part in steps:
+        if part == "layers":
+            res.layers = layer_attribution(runner, emotion, prompts, alpha=alpha,
+                                           max_new_tokens=max_new_tokens, narratives=narratives,
+                                           proxy=proxy, lexicon=lexicon, tids=tids)
+        elif part == "heads":
+            caps = caps or _pair_captures(runner, pairs)
+            res.heads = head_attribution(runner, emotion, pairs, top_k=top_heads, lexicon=lexicon,
+                                         tids=tids, _captures=caps)
+            mask = torch.zeros(info.num_layers, info.num_heads)
+            for l, h in res.heads.top:
+                mask[l, h] = 1
+            runner.bank.add(f"{emotion}.vee", "heads", mask, emotion=emotion, method="intention+patching",
+                            confirmed=res.heads.confirmed, top=[list(c) for c in res.heads.top])
+        elif part == "neurons":
+            res.neurons = neuron_attribution(runner, emotion, pairs, top_k=top_neurons, lexicon=lexicon,
+                                             tids=tids)
+            mask = torch.zeros(info.num_layers, info.intermediate_size)
+            for l, i in res.neurons.top:
+                mask[l, i] = 1
+            runner.bank.add(f"{emotion}.ena", "neurons", mask, emotion=emotion, method=res.neurons.method,
+                            top_k=top_neurons)
+        else:
+            raise ValueError(f"unknown attribution part {part!r}; use layers, heads, neurons")
+    for name in [n for n in runner.bank.names() if n.startswith("_attr.")]:
+        runner.bank.remove(name)
+    if out_dir is not None:
+        from pathlib import Path
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "attribution.json").write_text(res.to_json())
+        if res.layers is not None:
+            res.plot_layers(out / "layers.png")
+        if res.heads is not None:
+            res.plot_heads(out / "heads.png")
+        runner.bank.save(out / "bank.safetensors")
+    return res

@@ -1,0 +1,359 @@
+"""``emosteer demo``: the VEENA method end to end on one model, with a measured report.
+
+Stages (one engine, started once and reused by every stage):
+
+1. model      ensure the default model (SmolLM2-135M-Instruct) or resolve a folder
+2. extract    steering vectors S_l on a subset of the built-in counterfactual pairs,
+              hit-rate filtered (emosteer.extract.extract_vectors)
+3. layers     layer attribution: α·S_l injected at one layer at a time on neutral
+              prompts, every layer in one batched sweep (attribution.layer_attribution)
+4. heads      head map (emotional intention = cosine of the head's o_proj contribution
+              with S_l), top candidates confirmed by activation patching
+              (attribution.head_attribution)
+5. neurons    MLP neurons whose down_proj column aligns with S_l, refined by attribution
+              patching on the HF backend (attribution.neuron_attribution); γ check
+6. steering   steered vs unsteered narratives on HELD-OUT neutral prompts (never used
+              above) at the best layer, a few strengths; paired bootstrap CIs
+7. report     report.md, layer_profile.png, head_map.png, results.json,
+              narratives.jsonl, bank.safetensors
+
+Every number in the report is measured in the run; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage"]
+
+FULL = dict(n_pairs=48, tau=0.5, extract_tokens=40, n_layer_prompts=16, layer_tokens=40,
+            alpha=0.5, top_heads=6, n_patch_prompts=12, neurons_k=64, ena_gamma=2.0,
+            n_heldout=48, heldout_tokens=64, strengths=(0.25, 0.5, 1.0), n_samples=4,
+            batch_size=16)
+QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
+             alpha=0.5, top_heads=2, n_patch_prompts=2, neurons_k=8, ena_gamma=2.0,
+             n_heldout=4, heldout_tokens=16, strengths=(0.5, 1.0), n_samples=2,
+             batch_size=8)
+
+
+def demo_settings(quick: bool = False, **overrides) -> dict:
+    """The stage sizes (FULL or QUICK) with ``overrides`` applied."""
+    s = dict(QUICK if quick else FULL)
+    unknown = sorted(set(overrides) - set(s))
+    if unknown:
+        raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(s)}")
+    s.update(overrides)
+    s["strengths"] = tuple(s["strengths"])
+    return s
+
+
+# ------------------------------------------------------------------------------ engine
+def open_runner(model_path: str | Path, backend: str = "auto", batch_size: int = 16,
+                progress: bool = True, max_slots: int = 32):
+    """``(runner, note)``: a vLLM runner when ``backend`` is vllm/auto and the plugin
+    starts, else the transformers reference runner ("auto" falls back, saying why)."""
+    from emosteer.runners import make_runner
+
+    if backend not in ("auto", "vllm", "hf"):
+        raise ValueError(f"backend must be auto, vllm or hf, got {backend!r}")
+    if backend in ("auto", "vllm"):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        try:
+            r = make_runner(str(model_path), "vllm", progress=False, max_slots=max_slots,
+                            max_model_len=1024, seed=0)
+            return r, (f"vLLM {_version('vllm')} with the emosteer plugin (emosteer.LLM, "
+                       f"float32, max_slots={max_slots}; per-request specs in one batch)")
+        except Exception as e:  # noqa: BLE001 - any start-up failure falls back
+            if backend == "vllm":
+                raise
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            warnings.warn(f"emosteer demo: vLLM backend unavailable ({reason}); using HF")
+            note = (f"transformers reference backend (HFSteerer, float32, batch {batch_size}); "
+                    f"vLLM was not used because: {reason}")
+    else:
+        note = f"transformers reference backend (HFSteerer, float32, batch {batch_size}), as asked"
+    r = make_runner(str(model_path), "hf", batch_size=batch_size, progress=progress)
+    return r, note
+
+
+def close_runner(runner) -> None:
+    """Stop a vLLM engine (its engine-core process) if the runner holds one."""
+    llm = getattr(getattr(runner, "llm", None), "llm", None)  # emosteer.LLM -> vllm.LLM
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as e:  # noqa: BLE001 - best effort at exit
+        warnings.warn(f"emosteer demo: engine shutdown failed: {e}")
+
+
+def _version(pkg: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:  # noqa: BLE001
+        try:
+            from importlib.metadata import version
+
+            return version(pkg + "-cpu")
+        except Exception:  # noqa: BLE001
+            return "not installed"
+
+
+# ------------------------------------------------------------------------------ helpers
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _rel_scale(bank, emotion: str, layer: int, rel: float) -> float:
+    """Scale so that ‖scale·S_l‖ = rel·‖h_l‖ (mean residual norm at the last token)."""
+    S = bank.get(emotion, "residual")[layer]
+    norms = bank.meta(emotion).get("residual_norm")
+    h = float(norms[layer]) if norms else 1.0
+    n = float(S.norm())
+    return 0.0 if n == 0 else rel * h / n
+
+
+def _generate(runner, texts, specs, tokens, desc):
+    ids = runner.encode(list(texts))
+    _, out, _ = runner.generate(ids, list(specs), max_new_tokens=tokens, desc=desc)
+    return out
+
+
+def _layer_dict(lp) -> dict:
+    """A LayerProfile (emosteer.attribution) as the report's layer_profile entry."""
+    L = len(lp.profile)
+    d = {k: v for k, v in lp.__dict__.items()}
+    d.update(layers=list(range(L)), change=lp.profile, baseline=(
+        lp.hit_rate_base if lp.profile_source == "hit_rate" else lp.proxy_base))
+    return d
+
+
+def _best_layer(lp) -> int:
+    """Peak of the layer profile (ties: the earliest layer)."""
+    return max(range(len(lp.profile)), key=lambda l: (lp.profile[l], -l))
+
+
+def _head_dict(hs, info) -> dict:
+    H = info.num_heads
+    flat = hs.intention.flatten()
+    return {"intention": hs.intention.tolist(), "source": hs.source, "confirmed": hs.confirmed,
+            "top": [{"layer": l, "head": h, "score": float(hs.intention[l, h]),
+                     "recovery": hs.recovery.get((l, h))} for l, h in hs.top],
+            "patching": [{"layer": l, "head": h, "score": float(hs.intention[l, h]),
+                          "recovery": r} for (l, h), r in hs.recovery.items()],
+            "intention_top10": [{"layer": int(i) // H, "head": int(i) % H, "score": float(flat[i])}
+                                for i in flat.argsort(descending=True)[:10]]}
+
+
+def _neuron_dict(ns) -> dict:
+    return {"k": len(ns.top), "bank_name": None, "method": ns.method,
+            "top": [{"layer": l, "index": i, "score": float(ns.align[l, i]),
+                     "atp": None if ns.atp is None else float(ns.atp[l, i])} for l, i in ns.top],
+            "per_layer": {int(l): sum(1 for x, _ in ns.top if x == l) for l in {x for x, _ in ns.top}}}
+
+
+def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengths,
+                   max_tokens: int, ena_gamma: float | None, narr_path: Path,
+                   n_samples: int) -> tuple[dict, list[dict]]:
+    """Unsteered vs steered (and ENA) narratives on held-out neutral prompts."""
+    from emosteer.emotion import asserts_emotion, hallucination_rate, hit_rate, valence
+    from emosteer.extract import pair_text
+    from emosteer.report import summarize
+
+    texts = [pair_text(p.neutral, p.query) for p in prompts]
+    conds: list[tuple[str, float, Any]] = [("unsteered", 0.0, None)]
+    for r in strengths:
+        sc = _rel_scale(bank, emotion, best_layer, r)
+        conds.append(("steer", r, {"steer": [{"vector": emotion, "layers": [best_layer],
+                                              "scale": sc}]}))
+    if ena_gamma:
+        conds.append(("ena", ena_gamma, {"neurons": {"set": f"{emotion}.ena", "gamma": ena_gamma}}))
+    all_texts = [t for _ in conds for t in texts]
+    all_specs = [c[2] for c in conds for _ in texts]
+    outs = _generate(runner, all_texts, all_specs, max_tokens, f"{emotion}: held-out")
+    n = len(texts)
+    table: list[dict] = []
+    with open(narr_path, "a", encoding="utf-8") as f:
+        for ci, (cond, strength, spec) in enumerate(conds):
+            narr = outs[ci * n:(ci + 1) * n]
+            hits = [hit_rate(t, emotion) for t in narr]
+            for p, t, h, nt in zip(prompts, texts, hits, narr):
+                f.write(json.dumps({"emotion": emotion, "id": p.id, "condition": cond,
+                                    "strength": strength, "layer": best_layer if spec else None,
+                                    "steer": spec, "prompt": t, "narrative": nt, "hit_rate": h,
+                                    "asserts_emotion": asserts_emotion(nt),
+                                    "valence": valence(nt)}, ensure_ascii=False) + "\n")
+            table.append({"condition": cond, "strength": strength, "spec": spec,
+                          "scores": [0.0 if h is None else h for h in hits],
+                          "hit_rate_mean": sum(0.0 if h is None else h for h in hits) / n,
+                          "hit_rate_scored_mean": _mean(hits),
+                          "n_scored": sum(h is not None for h in hits),
+                          "hallucination_rate": hallucination_rate(narr),
+                          "valence_mean": sum(valence(t) for t in narr) / n, "texts": narr})
+    base = table[0]
+    for row in table[1:]:
+        row["delta"] = summarize([a - b for a, b in zip(row["scores"], base["scores"])])
+    steered = [r for r in table if r["condition"] == "steer"]
+    best = max(steered, key=lambda r: r["hit_rate_mean"]) if steered else None
+    samples = []
+    if best is not None:
+        order = sorted(range(n), key=lambda i: best["scores"][i] - base["scores"][i], reverse=True)
+        pick = order[:max(1, n_samples - 1)] + order[-1:] if n > 1 else order
+        for i in dict.fromkeys(pick):
+            samples.append({"id": prompts[i].id, "prompt": texts[i],
+                            "unsteered": base["texts"][i], "steered": best["texts"][i],
+                            "scale": best["strength"]})
+    strip = lambda r: {k: v for k, v in r.items() if k != "texts"}  # noqa: E731
+    res = {"layers": [best_layer], "n_prompts": n, "max_tokens": max_tokens,
+           "baseline": strip(base),
+           "strengths": [{**strip(r), "scale": r["strength"]} for r in steered],
+           "best": ({**strip(best), "scale": best["strength"]} if best else None),
+           "strength_unit": "‖scale·S_l‖ / ‖h_l‖ (relative to the residual norm)"}
+    ena = [r for r in table if r["condition"] == "ena"]
+    if ena:
+        res["ena"] = strip(ena[0])
+    return res, samples
+
+
+# ------------------------------------------------------------------------------ demo
+@contextmanager
+def _stage(name: str, timings: dict, console):
+    console.print(f"[bold cyan]▶ {name}[/]")
+    t = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t
+    console.print(f"  [dim]{name}: {timings[name]:.1f} s[/]")
+
+
+def _machine() -> dict:
+    import transformers
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "vllm": _version("vllm"),
+            "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE",
+                                                    "VLLM_CPU_NUM_OF_RESERVED_CPU")}}
+
+
+def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
+             emotions: Sequence[str] = ("joy",), backend: str = "auto", quick: bool = False,
+             progress: bool = True, **overrides) -> Path:
+    """Run every stage and write the report folder; returns the path of report.md.
+
+    ``overrides`` change stage sizes (see ``demo_settings``), e.g. ``n_heldout=8``."""
+    from rich.console import Console
+
+    from emosteer import attribution as attr
+    from emosteer.data import load_builtin, load_heldout
+    from emosteer.extract import extract_vectors, pair_text
+    from emosteer.models import resolve_model
+    from emosteer.report import write_report
+
+    console = Console(stderr=True, quiet=not progress)
+    cfg = demo_settings(quick, **overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(emotions, str):
+        emotions = (emotions,)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _stage("model", timings, console):
+        path = resolve_model(model)
+    with _stage("engine start", timings, console):
+        runner, note = open_runner(path, backend, batch_size=cfg["batch_size"], progress=progress)
+    console.print(f"  backend: {runner.backend} — {note}")
+    info = runner.info
+    results: dict[str, Any] = {
+        "model": {"name": model, "path": str(path), "info": info.to_dict()},
+        "machine": _machine(), "backend": runner.backend, "backend_note": note,
+        "quick": quick, "settings": {**cfg, "emotions": list(emotions)}, "emotions": {}}
+    narr_path = out / "narratives.jsonl"
+    narr_path.write_text("")
+    heldout = load_heldout()[:cfg["n_heldout"]]
+    try:
+        for emo in emotions:
+            res: dict[str, Any] = {}
+            pairs = load_builtin(emo)[:cfg["n_pairs"]]
+            with _stage(f"{emo}: extract", timings, console):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    ex = extract_vectors(runner, pairs, [emo], backend=runner.backend,
+                                         tau=cfg["tau"], max_new_tokens=cfg["extract_tokens"],
+                                         progress=progress)
+                meta, bank = ex.meta[emo], runner.bank
+                ratio = bank.get(emo).norm(dim=-1) / torch.tensor(meta["residual_norm"]).clamp_min(1e-6)
+                res["extraction"] = {
+                    "n_pairs": meta["n_pairs"], "n_kept": meta["n_kept"], "tau": cfg["tau"],
+                    "filter": meta["filter"], "hit_rate_mean": _mean(ex.hit_rates[emo]),
+                    "hit_rates": ex.hit_rates[emo], "norm_ratio": ratio.tolist(),
+                    "mean_norm_ratio": float(ratio.mean()),
+                    "note": "; ".join(str(w.message) for w in caught
+                                      if "extract" in str(w.message)) or None}
+            kept = [p for p, k in zip(pairs, ex.kept[emo]) if k] or pairs
+            tids = attr.target_token_ids(runner.tokenizer, emo)
+            prompts = [pair_text(p.neutral, p.query) for p in pairs[:cfg["n_layer_prompts"]]]
+            with _stage(f"{emo}: layer attribution", timings, console):
+                lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
+                                            max_new_tokens=cfg["layer_tokens"], tids=tids)
+                res["layer_profile"] = _layer_dict(lp)
+            best = _best_layer(lp)
+            patch_pairs = kept[:cfg["n_patch_prompts"]]
+            with _stage(f"{emo}: heads", timings, console):
+                hs = attr.head_attribution(runner, emo, patch_pairs, top_k=cfg["top_heads"],
+                                           tids=tids)
+                res["heads"] = _head_dict(hs, info)
+                mask = torch.zeros(info.num_layers, info.num_heads)
+                for l, h in hs.top:
+                    mask[l, h] = 1
+                bank.add(f"{emo}.vee", "heads", mask, emotion=emo, method="intention+patching",
+                         confirmed=hs.confirmed, top=[list(c) for c in hs.top])
+            with _stage(f"{emo}: neurons", timings, console):
+                ns = attr.neuron_attribution(runner, emo, patch_pairs, top_k=cfg["neurons_k"],
+                                             tids=tids)
+                res["neurons"] = _neuron_dict(ns)
+                mask = torch.zeros(info.num_layers, info.intermediate_size)
+                for l, i in ns.top:
+                    mask[l, i] = 1
+                bank.add(f"{emo}.ena", "neurons", mask, emotion=emo, method=ns.method,
+                         top_k=cfg["neurons_k"])
+                res["neurons"]["bank_name"] = f"{emo}.ena"
+            for name in [n for n in bank.names() if n.startswith("_attr.")]:
+                bank.remove(name)
+            runner.register(bank)
+            with _stage(f"{emo}: steered narratives", timings, console):
+                st, samples = steering_stage(runner, bank, emo, heldout, best, cfg["strengths"],
+                                             cfg["heldout_tokens"], cfg["ena_gamma"], narr_path,
+                                             cfg["n_samples"])
+                res["steering"], res["samples"] = st, samples
+                if "ena" in st:
+                    e = st["ena"]
+                    res["neurons"]["gain_check"] = {
+                        "gamma": cfg["ena_gamma"], "base": st["baseline"]["hit_rate_mean"],
+                        "gain": e["hit_rate_mean"], "delta": e["delta"],
+                        "hallucination_rate": e["hallucination_rate"]}
+            results["emotions"][emo] = res
+        runner.bank.save(out / "bank.safetensors")
+    finally:
+        close_runner(runner)
+    t = time.perf_counter()
+    results["timings"] = timings
+    results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    write_report(results, out)
+    timings["report"] = time.perf_counter() - t
+    results["total_seconds"] = time.perf_counter() - t0
+    report = write_report(results, out)  # again, with the report stage's own time
+    console.print(f"[bold green]done[/] in {results['total_seconds']:.0f} s: {report}")
+    return report

@@ -1,0 +1,179 @@
+"""Steering-vector extraction: difference of means over counterfactual pairs (DESIGN §1.2).
+
+For each emotion and each pair i, the emotional input X⁺ and the neutral input X⁻ (same
+query) run through the model; at the last prompt token, per layer l,
+
+    s_{i,l} = h⁺_{i,l} − h⁻_{i,l}          (residual = output of decoder layer l)
+    t_{i,l,h} = z⁺_{i,l,h} − z⁻_{i,l,h}    (head output before o_proj)
+
+Pairs are kept when the model's own narrative for X⁺ (greedy) has a hit rate of at least
+τ for the emotion (``emosteer.emotion.hit_rate``); ``S_l = mean_kept s_{i,l}`` is stored
+as the residual vector ``"<emotion>"`` [L, d] and ``mean_kept t_{i,l,h}`` as the head
+vector ``"<emotion>.h"`` [L, H, D]. When no pair passes (small or untrained models often
+name no emotion at all), every pair is used and the metadata says so
+(``filter: "fallback_all_pairs"``) with a warning. The same function runs on the "hf"
+backend (HFSteerer) or the "vllm" backend (emosteer.LLM): only the captures differ in
+where they come from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from emosteer.bank import VectorBank
+from emosteer.runners import make_runner
+
+__all__ = ["ExtractResult", "extract_vectors", "pair_text", "CAPTURE_LAST", "stack_captures"]
+
+CAPTURE_LAST = {"capture": {"heads": "all", "residual": "all", "positions": "last"}}
+METHOD = "diff_of_means"
+
+
+def pair_text(stimulus, query: str) -> str:
+    """The user turn for one side of a text pair: the scene, then the query."""
+    if getattr(stimulus, "kind", "text") != "text":
+        raise NotImplementedError(
+            "image pairs need a vision-language processor; extraction on images is not "
+            "wired into the text runners yet (use text pairs)"
+        )
+    return f"{stimulus.text} {query}".strip()
+
+
+def stack_captures(caps: Sequence[dict], num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last captured position of every row: residual ``[N, L, d]``, heads ``[N, L, H, D]``."""
+    res = torch.stack([torch.stack([c["residual"][l][-1].float().cpu() for l in range(num_layers)])
+                       for c in caps])
+    heads = torch.stack([torch.stack([c["heads"][l][-1].float().cpu() for l in range(num_layers)])
+                         for c in caps])
+    return res, heads
+
+
+@dataclass
+class ExtractResult:
+    """The bank plus everything needed to audit the filter."""
+
+    bank: VectorBank
+    emotions: list[str]
+    hit_rates: dict[str, list[float | None]] = field(default_factory=dict)
+    kept: dict[str, list[bool]] = field(default_factory=dict)
+    narratives: dict[str, list[str]] = field(default_factory=dict)
+    pair_ids: dict[str, list[str]] = field(default_factory=dict)
+    meta: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps({
+            "emotions": self.emotions, "meta": self.meta, "hit_rates": self.hit_rates,
+            "kept": self.kept, "pair_ids": self.pair_ids, "narratives": self.narratives,
+        }, indent=indent)
+
+    def save(self, bank_path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> None:
+        self.bank.save(bank_path)
+        if report_path is not None:
+            with open(report_path, "w") as f:
+                f.write(self.to_json())
+
+
+def _load_pairs(pairs, emotions):
+    from emosteer.data import load_builtin, read_pairs
+
+    if pairs is None:
+        return load_builtin(emotions)
+    if isinstance(pairs, (str, os.PathLike)):
+        return read_pairs(pairs)
+    return list(pairs)
+
+
+def extract_vectors(
+    model: Any = "default",
+    pairs=None,
+    emotions: str | Sequence[str] | None = None,
+    *,
+    backend: str = "hf",
+    tau: float = 0.5,
+    max_new_tokens: int = 48,
+    limit: int | None = None,
+    tokenizer=None,
+    bank: VectorBank | None = None,
+    chat: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+    lexicon=None,
+    hit_rate_fn: Callable[[str, str], float | None] | None = None,
+) -> ExtractResult:
+    """Extract ``"<emotion>"`` (residual) and ``"<emotion>.h"`` (head) vectors.
+
+    ``model``: "default", a model folder, a transformers model (+ ``tokenizer``), an
+    HFSteerer, an ``emosteer.LLM`` (backend "vllm") or a runner. ``pairs``: Pair objects,
+    a JSONL path, or None for the built-in text pairs. ``emotions`` restricts the pairs
+    (default: every emotion present); ``limit`` takes the first pairs per emotion.
+    ``hit_rate_fn(text, emotion)`` replaces ``emosteer.emotion.hit_rate`` (called once per
+    pair, in pair order). Returns the bank (new, or ``bank`` extended) and the audit.
+    """
+    from emosteer.emotion import hit_rate
+
+    runner = make_runner(model, backend, tokenizer=tokenizer, batch_size=batch_size,
+                         progress=progress)
+    info = runner.info
+    if isinstance(emotions, str):
+        emotions = [emotions]
+    all_pairs = _load_pairs(pairs, emotions)
+    groups: dict[str, list] = {}
+    for p in all_pairs:
+        if emotions is None or p.emotion in emotions:
+            groups.setdefault(p.emotion, []).append(p)
+    if not groups:
+        raise ValueError(f"no pairs for emotions {emotions}")
+    score = hit_rate_fn or (lambda text, emo: hit_rate(text, emo, lexicon))
+    out = bank if bank is not None else VectorBank(info)
+    result = ExtractResult(bank=out, emotions=sorted(groups))
+    L = info.num_layers
+
+    from tqdm.auto import tqdm
+
+    for emotion in tqdm(result.emotions, desc="extract", disable=not progress):
+        group = groups[emotion][:limit] if limit else groups[emotion]
+        ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in group], chat=chat)
+        ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in group], chat=chat)
+        specs = [CAPTURE_LAST] * len(group)
+        _, texts, caps_pos = runner.generate(ids_pos, specs, max_new_tokens=max_new_tokens,
+                                             desc=f"{emotion}: X+ narratives")
+        _, caps_neg = runner.forward(ids_neg, specs, desc=f"{emotion}: X- captures")
+        h_pos, z_pos = stack_captures(caps_pos, L)
+        h_neg, z_neg = stack_captures(caps_neg, L)
+
+        rates = [score(t, emotion) for t in texts]
+        keep = [r is not None and r >= tau for r in rates]
+        status = "hit_rate"
+        if not any(keep):
+            warnings.warn(
+                f"extract: no {emotion!r} pair reaches hit rate >= {tau} on the model's own "
+                f"narratives ({sum(r is not None for r in rates)}/{len(rates)} narratives "
+                "name any emotion); using every pair (metadata filter='fallback_all_pairs')",
+                stacklevel=2,
+            )
+            keep, status = [True] * len(group), "fallback_all_pairs"
+        k = torch.tensor(keep)
+        S = (h_pos - h_neg)[k].mean(0)  # [L, d]
+        Sh = (z_pos - z_neg)[k].mean(0)  # [L, H, D]
+        meta = {
+            "model": runner.name, "emotion": emotion, "method": METHOD, "backend": runner.backend,
+            "n_pairs": len(group), "n_kept": sum(keep) if status == "hit_rate" else 0,
+            "tau": tau, "filter": status, "max_new_tokens": max_new_tokens,
+            "position": "last_prompt_token",
+            "residual_norm": [round(float(x), 6) for x in h_neg.norm(dim=-1).mean(0)],
+        }
+        out.add(emotion, "residual", S.to(torch.float32), **meta)
+        out.add(f"{emotion}.h", "head", Sh.to(torch.float32), **{**meta, "component": "head_out"})
+        result.hit_rates[emotion] = rates
+        result.kept[emotion] = keep
+        result.narratives[emotion] = texts
+        result.pair_ids[emotion] = [p.id for p in group]
+        result.meta[emotion] = meta
+    runner.register(out)
+    return result

@@ -1,0 +1,223 @@
+"""``emosteer.LLM``: vLLM's offline ``LLM`` with per-request steering and captures.
+
+A thin wrapper: it starts a ``vllm.LLM`` with emosteer's settings in
+``additional_config``, checks every request config before anything reaches the engine,
+puts each config into its request's ``SamplingParams.extra_args``, runs the prompts in
+waves of at most ``max_slots`` distinct configs (so a request waits for a slot instead of
+failing), and attaches captures fetched from the workers to each ``RequestOutput`` as
+``.emosteer_captures``. Everything else is plain vLLM; ``.llm`` is the wrapped engine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from typing import Any, Sequence
+
+import torch
+
+from emosteer.bank import VectorBank
+from emosteer.spec import SteerSpec
+from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, FrontendSteering, frontend_for
+from emosteer.vllm.tables import phase_fingerprints
+
+
+class EmosteerRequestError(RuntimeError):
+    """A request's interventions could not be applied in the engine (it ran without
+    them); ``.errors`` maps prompt index -> message."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        lines = "; ".join(f"prompt {i}: {m}" for i, m in sorted(errors.items())[:5])
+        super().__init__(f"{len(errors)} request(s) failed in the engine: {lines}")
+
+
+class LLM:
+    """``emosteer.LLM(model, bank=None, max_slots=32, **vllm_kwargs)``.
+
+    ``bank``: a bank file path (loaded by every worker at start-up) or a ``VectorBank``
+    (registered after start-up). ``capture_rows``: rows of the per-step capture buffer
+    (default 4096). Other keyword arguments go to ``vllm.LLM``.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        bank: "str | os.PathLike | VectorBank | None" = None,
+        max_slots: int = 32,
+        capture_rows: int | None = None,
+        **vllm_kwargs: Any,
+    ):
+        import vllm
+
+        from emosteer.vllm import register
+
+        register()  # vLLM loads the plugin itself; this makes it explicit and early
+        additional = dict(vllm_kwargs.pop("additional_config", None) or {})
+        settings = dict(additional.get(EXTRA_KEY) or {})
+        settings["max_slots"] = int(max_slots)
+        if capture_rows is not None:
+            settings["capture_rows"] = int(capture_rows)
+        if isinstance(bank, (str, os.PathLike)):
+            settings["bank"] = os.path.abspath(os.fspath(bank))
+        additional[EXTRA_KEY] = settings
+        self.max_slots = int(max_slots)
+        self.llm = vllm.LLM(model, additional_config=additional, **vllm_kwargs)
+        if isinstance(bank, VectorBank):
+            self.register_vectors(bank)
+
+    # -- bank ------------------------------------------------------------------------
+    @property
+    def frontend(self) -> FrontendSteering:
+        ip = self.llm.llm_engine.input_processor
+        return frontend_for(ip, self.llm.llm_engine.vllm_config)
+
+    @property
+    def bank(self) -> VectorBank:
+        """The bank as the front end sees it (the workers hold the same entries)."""
+        return self.frontend.bank
+
+    def register_vectors(self, bank: "VectorBank | str | os.PathLike") -> list[str]:
+        """Add (or replace) bank entries in every worker and in the front end."""
+        if not isinstance(bank, VectorBank):
+            bank = VectorBank.load(bank)
+        bank.validate_against(self.frontend.info)
+        fd, path = tempfile.mkstemp(suffix=".safetensors")
+        os.close(fd)
+        try:
+            bank.save(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        finally:
+            os.unlink(path)
+        results = self.llm.collective_rpc("emosteer_rpc", args=("register", data))
+        self.frontend.bank.update(bank)
+        return list(results[0])
+
+    def status(self) -> list[dict]:
+        """Per-worker state: slots in use, pending requests, bank names, impl."""
+        return self.llm.collective_rpc("emosteer_rpc", args=("status",))
+
+    # -- generation ------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: Any = None,
+        steer: Any = None,
+        use_tqdm: bool = True,
+        **kwargs: Any,
+    ) -> list:
+        """Like ``vllm.LLM.generate``; ``steer`` is None, one spec (dict, JSON string or
+        SteerSpec) for every prompt, or a list with one per prompt (None = plain).
+        Raises SpecError (naming the field) before anything runs on a bad config."""
+        from vllm import SamplingParams
+
+        single = isinstance(prompts, (str, dict))
+        plist = [prompts] if single else list(prompts)
+        n = len(plist)
+        if isinstance(steer, (list, tuple)):
+            if len(steer) != n:
+                raise ValueError(f"steer has {len(steer)} entries for {n} prompts")
+            raw = list(steer)
+        else:
+            raw = [steer] * n
+        if sampling_params is None:
+            sampling_params = self.llm.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            sps = [sampling_params] * n
+        else:
+            sps = list(sampling_params)
+            if len(sps) != n:
+                raise ValueError(f"sampling_params has {len(sps)} entries for {n} prompts")
+        fe = self.frontend
+        specs: list[SteerSpec | None] = []
+        for i, r in enumerate(raw):
+            spec = None if r is None else fe.check(r, None, sps[i].max_tokens)
+            specs.append(None if spec is None or spec.is_empty() else spec)
+        params, keys = [], []
+        for sp, spec in zip(sps, specs):
+            if spec is None:
+                params.append(sp)
+                keys.append(None)
+                continue
+            sp = sp.clone()
+            key = uuid.uuid4().hex
+            sp.extra_args = {**(sp.extra_args or {}), EXTRA_KEY: spec.to_dict(), RESULT_KEY: key}
+            params.append(sp)
+            keys.append(key)
+        outputs: list = [None] * n
+        errors: dict[int, str] = {}
+        for wave in self._waves(specs):
+            outs = self.llm.generate(
+                [plist[i] for i in wave], [params[i] for i in wave], use_tqdm=use_tqdm, **kwargs
+            )
+            wave_keys = [keys[i] for i in wave if keys[i] is not None]
+            fetched = self._fetch(wave_keys) if wave_keys else {}
+            for i, out in zip(wave, outs):
+                got = fetched.get(keys[i]) if keys[i] is not None else None
+                out.emosteer_captures = got["captures"] if got else None
+                if got and got["error"]:
+                    errors[i] = got["error"]
+                outputs[i] = out
+        if errors:
+            raise EmosteerRequestError(errors)
+        return outputs
+
+    def _waves(self, specs: Sequence[SteerSpec | None]) -> list[list[int]]:
+        """Prompt indices in order, cut so that each wave needs <= max_slots slots."""
+        bank = self.frontend.bank
+        waves: list[list[int]] = [[]]
+        held: set[str] = set()
+        for i, spec in enumerate(specs):
+            fps = set()
+            if spec is not None:
+                fps = {fp for fp in phase_fingerprints(spec, bank).values() if fp is not None}
+            if len(fps) > self.max_slots:
+                raise ValueError(f"prompt {i} needs {len(fps)} slots; max_slots is {self.max_slots}")
+            if len(held | fps) > self.max_slots:
+                waves.append([])
+                held = set()
+            waves[-1].append(i)
+            held |= fps
+        return [w for w in waves if w]
+
+    def _fetch(self, keys: list[str]) -> dict[str, dict]:
+        """key -> {"error", "captures"}: worker results merged over TP ranks (heads are
+        concatenated in rank order, i.e. global head order; the residual is replicated)."""
+        from safetensors.torch import load
+
+        per_rank = self.llm.collective_rpc("emosteer_rpc", args=("fetch", keys))
+        out: dict[str, dict] = {}
+        for key in keys:
+            parts = [r.get(key) for r in per_rank]
+            if parts[0] is None:
+                continue
+            error = next((p["error"] for p in parts if p and p.get("error")), None)
+            loaded = [load(p["tensors"]) if p and p.get("tensors") else {} for p in parts]
+            heads: dict[int, torch.Tensor] = {}
+            residual: dict[int, torch.Tensor] = {}
+            for name in loaded[0]:
+                kind, layer = name.split(".")
+                if kind == "heads":
+                    heads[int(layer)] = torch.cat([ld[name] for ld in loaded], dim=1)
+                else:
+                    residual[int(layer)] = loaded[0][name]
+            captures = None
+            if heads or residual:
+                captures = {
+                    "heads": dict(sorted(heads.items())),
+                    "residual": dict(sorted(residual.items())),
+                    "positions": list(parts[0]["positions"]),
+                }
+            out[key] = {"error": error, "captures": captures}
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else (get_tokenizer, collective_rpc, chat ...) is vLLM's.
+        if name == "llm":
+            raise AttributeError(name)
+        return getattr(self.llm, name)
+
+
+__all__ = ["LLM", "EmosteerRequestError"]

@@ -1,0 +1,99 @@
+"""Smoke runs of the demo pipeline (``emosteer demo --quick``) on a tiny random model.
+
+The HF backend test is fast (seconds) and checks that every report file is written
+and that the numbers in results.json are consistent with narratives.jsonl. The vLLM
+variant starts an engine and is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from emosteer.testing import build_tiny_llama
+
+REPORT_FILES = ("report.md", "layer_profile.png", "head_map.png", "results.json",
+                "narratives.jsonl", "bank.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _check_report(out, backend):
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), f"{name} missing"
+        assert (out / name).stat().st_size > 0, f"{name} is empty"
+    res = json.loads((out / "results.json").read_text())
+    assert res["backend"] == backend
+    joy = res["emotions"]["joy"]
+    L = res["model"]["info"]["num_layers"]
+    H = res["model"]["info"]["num_heads"]
+    assert joy["layer_profile"]["layers"] == list(range(L))
+    assert len(joy["heads"]["intention"]) == L and len(joy["heads"]["intention"][0]) == H
+    st = joy["steering"]
+    rows = [json.loads(x) for x in (out / "narratives.jsonl").read_text().splitlines()]
+    n = st["n_prompts"]
+    base = [r for r in rows if r["condition"] == "unsteered"]
+    assert len(base) == n
+    # the report's unsteered mean is the mean of the written per-prompt hit rates
+    mean = sum(r["hit_rate"] or 0.0 for r in base) / n
+    assert math.isclose(st["baseline"]["hit_rate_mean"], mean, abs_tol=1e-9)
+    assert {r["id"] for r in base}.isdisjoint({f"joy-{i:04d}" for i in range(200)})
+    for s in st["strengths"]:
+        assert s["delta"]["n"] == n
+    md = (out / "report.md").read_text()
+    assert "Backend:** " + backend in md
+    assert "held-out" in md.lower()
+
+    from emosteer.bank import VectorBank
+
+    bank = VectorBank.load(out / "bank.safetensors")
+    assert {"joy", "joy.h", "joy.heads", "joy.ena"} <= set(bank.names())
+    return res
+
+
+def test_demo_quick_hf(tiny, tmp_path):
+    from emosteer.demo import run_demo
+
+    out = tmp_path / "report"
+    report = run_demo(model=str(tiny), out=out, emotions=("joy",), backend="hf", quick=True,
+                      progress=False)
+    assert report == out / "report.md"
+    res = _check_report(out, "hf")
+    assert res["quick"] is True
+    assert set(res["timings"]) >= {"model", "engine start", "joy: extract", "report"}
+
+
+def test_demo_settings_reject_unknown():
+    from emosteer.demo import demo_settings
+
+    with pytest.raises(ValueError, match="n_pears"):
+        demo_settings(True, n_pears=3)
+    assert demo_settings(True, n_heldout=3)["n_heldout"] == 3
+
+
+def test_bootstrap_ci_brackets_mean():
+    from emosteer.report import bootstrap_ci, summarize
+
+    s = summarize([0.0, 1.0, 0.5, 0.25, 0.75])
+    assert s["n"] == 5 and math.isclose(s["mean"], 0.5)
+    lo, hi = s["ci95"]
+    assert lo <= 0.5 <= hi
+    assert summarize([])["mean"] is None
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_demo_quick_vllm(tiny, tmp_path):
+    pytest.importorskip("vllm")
+    from emosteer.demo import run_demo
+
+    out = tmp_path / "report"
+    run_demo(model=str(tiny), out=out, emotions=("joy",), backend="vllm", quick=True,
+             progress=False)
+    _check_report(out, "vllm")

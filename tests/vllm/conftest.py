@@ -1,0 +1,56 @@
+"""Fixtures for the vLLM plugin tests: the tiny Llama, a bank, one engine at a time
+(see vllm_support.Engines), and the plain-vLLM reference outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_support import LONG_PROMPT, MAX_TOKENS, PROMPTS, Engines, make_bank, summarize
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from emosteer.testing import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("vllm_models") / "tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def info(tiny_model):
+    from transformers import AutoConfig
+
+    from emosteer.bank import ModelInfo
+
+    return ModelInfo.from_hf_config(AutoConfig.from_pretrained(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def bank(info):
+    return make_bank(info)
+
+
+@pytest.fixture(scope="session")
+def bank_path(bank, tmp_path_factory):
+    path = tmp_path_factory.mktemp("vllm_bank") / "bank.safetensors"
+    bank.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_model, bank_path):
+    e = Engines(tiny_model, bank_path)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def plain_reference(engines):
+    """Token ids and first-token logprobs of plain vLLM (plugin not loaded) per prompt."""
+    from vllm import SamplingParams
+
+    llm = engines.get("plain")
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5)
+    outs = llm.generate(PROMPTS + [LONG_PROMPT], sp, use_tqdm=False)
+    ref = {o.prompt: summarize(o) for o in outs}
+    engines.close()
+    return ref

@@ -1,0 +1,239 @@
+"""The correctness contracts, written once and run on the eager and the compiled engine.
+
+Each ``check_*`` takes an ``emosteer.LLM`` (and fixtures) and asserts one contract of
+DESIGN.md §5: scale 0 / empty == plain vLLM, isolation in a mixed batch, vLLM == the HF
+reference (tokens, steered logprobs, captures), prefix cache warm == cold and no reuse
+across configs, malformed configs rejected by field, slot exhaustion contained.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+import torch
+
+from vllm_support import LONG_PROMPT, MAX_SLOTS, MAX_TOKENS, PROMPTS, greedy, summarize
+
+# One config per kind of intervention, plus mixes and phase splits (all on the bank of
+# conftest.make_bank). Index 0 is plain.
+CONFIGS = [
+    None,
+    {"steer": [{"vector": "joy", "layers": [0], "scale": 4.0}]},
+    {"steer": [{"vector": "sad", "layers": "all", "scale": 3.0, "positions": "generated"}]},
+    {"heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": "joy.h", "scale": 3.0}]},
+    {"heads": [{"layer": 0, "head": 1, "mode": "patch", "vector": "joy.h"},
+               {"layer": 1, "head": 3, "mode": "ablate"}]},
+    {"neurons": {"set": "joy.ena", "gamma": 4.0}},
+    {"heads": [{"layer": 0, "head": [0, 1, 2, 3], "mode": "scale", "scale": 0.25, "positions": "prompt"}],
+     "steer": [{"vector": "joy", "layers": [1], "scale": 2.0}, {"vector": "sad", "layers": [1], "scale": -1.5}]},
+    {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 2.5}],
+     "neurons": {"set": "joy.ena", "gamma": 0.5, "positions": "prompt"},
+     "capture": {"heads": [1], "residual": "all", "positions": "all"}},
+]
+ZERO_CONFIGS = [
+    {},
+    {"steer": [{"vector": "joy", "layers": "all", "scale": 0.0}]},
+    {"heads": [{"layer": 1, "head": [0, 1], "mode": "add", "vector": "joy.h", "scale": 0.0}],
+     "neurons": {"set": "joy.ena", "gamma": 1.0}},
+    {"heads": [{"layer": 0, "head": 2, "mode": "scale", "scale": 1.0}]},
+    {"capture": {"heads": "all", "residual": "all", "positions": "all"}},
+]
+
+
+def token_prompts(llm, texts):
+    tok = llm.get_tokenizer()
+    return [{"prompt_token_ids": tok(t)["input_ids"]} for t in texts]
+
+
+def assert_logprobs_close(got: dict, want: dict, atol: float) -> None:
+    assert got["ids"] == want["ids"]
+    for step, (g, w) in enumerate(zip(got["logprobs"], want["logprobs"])):
+        for t in set(g) & set(w):
+            assert math.isclose(g[t], w[t], abs_tol=atol), (step, t, g[t], w[t])
+
+
+def check_plain_equivalence(llm, plain_reference, atol: float) -> None:
+    """Empty and scale-0 configs give plain vLLM's tokens and logprobs."""
+    prompts = PROMPTS[:3]
+    for cfg in [None, *ZERO_CONFIGS]:
+        outs = llm.generate(prompts, greedy(), steer=cfg, use_tqdm=False)
+        for p, o in zip(prompts, outs):
+            assert_logprobs_close(summarize(o), plain_reference[p], atol)
+
+
+def check_isolation(llm) -> None:
+    """Each request of a batch of 8 different configs == the same request alone."""
+    batch = llm.generate(PROMPTS, greedy(), steer=CONFIGS, use_tqdm=False)
+    plain = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    changed = 0
+    for i, (p, cfg) in enumerate(zip(PROMPTS, CONFIGS)):
+        solo = llm.generate([p], greedy(), steer=[cfg], use_tqdm=False)[0]
+        assert_logprobs_close(summarize(batch[i]), summarize(solo), 1e-4)
+        changed += summarize(batch[i])["ids"] != summarize(plain[i])["ids"]
+        if cfg and "capture" in cfg:
+            for kind in ("heads", "residual"):
+                for layer, t in batch[i].emosteer_captures[kind].items():
+                    torch.testing.assert_close(t, solo.emosteer_captures[kind][layer], atol=1e-5, rtol=0)
+    assert changed >= 5, "the interventions should change most outputs"
+
+
+def check_matches_hf(llm, tiny_model, bank, atol: float = 1e-4) -> None:
+    """Same tokens, first-step logprobs and captures as the HF reference backend."""
+    from transformers import AutoModelForCausalLM
+
+    from emosteer.hf import HFSteerer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = token_prompts(llm, PROMPTS[:4])
+    capture = {"heads": "all", "residual": "all", "positions": "all"}
+    for cfg in CONFIGS[1:]:
+        spec = {**cfg, "capture": capture}
+        outs = llm.generate(prompts, greedy(ignore_eos=True), steer=spec, use_tqdm=False)
+        with HFSteerer(model, bank) as hf:
+            for prompt, out in zip(prompts, outs):
+                ids = torch.tensor([prompt["prompt_token_ids"]])
+                ref = hf.generate(ids, specs=[spec], max_new_tokens=MAX_TOKENS, eos_token_id=-1)
+                assert list(out.outputs[0].token_ids) == ref.token_ids[0], cfg
+                logits, _ = hf.run(ids, specs=[spec], logits="last")
+                lp = torch.log_softmax(logits[0].float(), -1)
+                for t, v in out.outputs[0].logprobs[0].items():
+                    assert math.isclose(v.logprob, float(lp[t]), abs_tol=atol), (cfg, t)
+                got, want = out.emosteer_captures, ref.captures[0]
+                assert got["positions"] == want["positions"]
+                for kind in ("heads", "residual"):
+                    assert sorted(got[kind]) == sorted(want[kind])
+                    for layer in got[kind]:
+                        torch.testing.assert_close(got[kind][layer], want[kind][layer].float(), atol=atol, rtol=1e-4)
+
+
+def check_capture_positions(llm, info) -> None:
+    """"last" is the last prompt row of "all"; "generated" the rows after the prompt."""
+    prompt = token_prompts(llm, PROMPTS[:1])[0]
+    P = len(prompt["prompt_token_ids"])
+    steer = {"steer": [{"vector": "joy", "layers": [0], "scale": 2.0}]}
+    res = {}
+    for pos in ("last", "all", "generated"):
+        spec = {**steer, "capture": {"heads": [0, 1], "residual": [1], "positions": pos}}
+        res[pos] = llm.generate([prompt], greedy(ignore_eos=True), steer=spec, use_tqdm=False)[0].emosteer_captures
+    assert res["last"]["positions"] == [P - 1]
+    assert res["all"]["positions"] == list(range(P + MAX_TOKENS - 1))
+    assert res["generated"]["positions"] == list(range(P, P + MAX_TOKENS - 1))
+    H, D, d = info.num_heads, info.head_dim, info.hidden_size
+    assert res["all"]["heads"][0].shape == (P + MAX_TOKENS - 1, H, D)
+    assert res["all"]["residual"][1].shape == (P + MAX_TOKENS - 1, d)
+    for kind, layer in (("heads", 0), ("heads", 1), ("residual", 1)):
+        full = res["all"][kind][layer]
+        assert torch.equal(res["last"][kind][layer], full[P - 1 : P])
+        assert torch.equal(res["generated"][kind][layer], full[P:])
+        assert torch.isfinite(full).all() and full.abs().sum() > 0
+
+
+def check_prefix_cache(llm) -> None:
+    """Warm == cold; a steered prompt never reuses unsteered KV (nor the reverse)."""
+    prompt = token_prompts(llm, [LONG_PROMPT])[0]
+    assert len(prompt["prompt_token_ids"]) > 32
+    steer = {"steer": [{"vector": "joy", "layers": [0], "scale": 4.0}]}
+
+    def run(cfg):
+        o = llm.generate([prompt], greedy(), steer=cfg, use_tqdm=False)[0]
+        return summarize(o), o.num_cached_tokens or 0
+
+    llm.reset_prefix_cache()
+    cold, n = run(steer)
+    assert n == 0
+    warm, n = run(steer)
+    assert n > 0, "the second identical steered request should hit the prefix cache"
+    assert_logprobs_close(warm, cold, 1e-5)
+    llm.reset_prefix_cache()
+    plain_cold, _ = run(None)
+    after, n = run(steer)
+    assert n == 0, "a steered request must not reuse KV computed without steering"
+    assert_logprobs_close(after, cold, 1e-5)
+    plain_after, n = run(None)
+    assert n > 0  # it reuses its own earlier KV ...
+    assert_logprobs_close(plain_after, plain_cold, 1e-5)  # ... not the steered one
+    assert plain_cold["ids"] != cold["ids"]
+    gen_only = {"steer": [{"vector": "joy", "layers": [0], "scale": 4.0, "positions": "generated"}]}
+    _, n = run(gen_only)
+    assert n > 0, "a generated-only config shares the unsteered prompt KV"
+
+
+MALFORMED = [
+    ({"steer": [{"vector": "joy", "layers": [0], "scale": float("nan")}]}, "steer[0].scale"),
+    ({"steer": [{"vector": "nope", "layers": [0], "scale": 1.0}]}, "steer[0].vector"),
+    ({"steer": [{"vector": "joy.h", "layers": [0], "scale": 1.0}]}, "steer[0].vector"),
+    ({"steer": [{"vector": "joy", "layers": [7], "scale": 1.0}]}, "steer[0].layers"),
+    ({"steer": [{"vector": "joy", "layers": [0], "scale": 1e9}]}, "steer[0].scale"),
+    ({"steer": [{"vector": "joy", "scale": 1.0}]}, "steer[0].layers"),
+    ({"heads": [{"layer": 0, "head": 9, "mode": "ablate"}]}, "heads[0].head"),
+    ({"heads": [{"layer": 0, "head": 1, "mode": "fly"}]}, "heads[0].mode"),
+    ({"heads": [{"layer": 0, "head": 1, "mode": "patch"}]}, "heads[0].vector"),
+    ({"neurons": {"set": "joy.ena", "gamma": -1}}, "neurons.gamma"),
+    ({"neurons": {"set": "joy", "gamma": 2}}, "neurons.set"),
+    ({"capture": {"positions": "all"}}, "capture"),
+    ({"capture": {"heads": "all", "positions": "sometimes"}}, "capture.positions"),
+    ({"boost": {"heads": "nope", "beta": 1.5}}, "boost.heads"),
+    ({"colour": "red"}, "colour"),
+    ("{not json", "spec"),
+]
+
+
+def check_malformed(llm) -> None:
+    """Each bad config is refused naming its field, through emosteer.LLM and through
+    plain vLLM's generate with extra_args (the input-processor patch); the engine goes on."""
+    from emosteer.spec import SpecError
+
+    for cfg, field in MALFORMED:
+        with pytest.raises(SpecError) as e:
+            llm.generate(PROMPTS[:2], greedy(), steer=[None, cfg], use_tqdm=False)
+        assert e.value.field == field, (cfg, e.value)
+        sp = greedy()
+        sp.extra_args = {"emosteer": cfg}
+        with pytest.raises(ValueError) as e2:
+            llm.llm.generate(PROMPTS[:1], sp, use_tqdm=False)
+        assert field in str(e2.value)
+    out = llm.generate(PROMPTS[:2], greedy(), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) > 0 for o in out)
+
+
+def check_slots_contained(llm, plain_reference) -> None:
+    """Bypassing the waves of emosteer.LLM with more distinct configs than slots: the
+    extra requests are reported failed (not silently unsteered), the others and the
+    engine are fine. Through emosteer.LLM the same load runs in waves without error."""
+    n = MAX_SLOTS + 3
+    cfgs = [{"steer": [{"vector": "joy", "layers": [0], "scale": 0.5 + 0.25 * i}]} for i in range(n)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    sps, keys = [], []
+    for cfg in cfgs:
+        sp = greedy()
+        keys.append(uuid.uuid4().hex)
+        sp.extra_args = {"emosteer": cfg, "emosteer_key": keys[-1]}
+        sps.append(sp)
+    llm.llm.generate(prompts, sps, use_tqdm=False)
+    fetched = llm._fetch(keys)
+    failed = [k for k in keys if k in fetched and fetched[k]["error"]]
+    assert len(failed) == n - MAX_SLOTS
+    assert all("slots" in fetched[k]["error"] for k in failed)
+    outs = llm.generate(prompts, greedy(), steer=cfgs, use_tqdm=False)
+    assert len(outs) == n
+    plain = llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0]
+    assert summarize(plain)["ids"] == plain_reference[PROMPTS[0]]["ids"]
+
+
+def check_register_vectors(llm, info) -> None:
+    """Vectors registered at run time work; re-registering a name with new values
+    changes the output (the slot of the old values is not reused)."""
+    from emosteer.bank import VectorBank
+
+    cfg = {"steer": [{"vector": "calm", "layers": [0, 1], "scale": 3.0}]}
+    outs = []
+    for seed in (1, 2):
+        b = VectorBank(info)
+        b.add("calm", "residual", torch.randn(info.num_layers, info.hidden_size, generator=torch.Generator().manual_seed(seed)))
+        assert llm.register_vectors(b) == ["calm"]
+        outs.append(summarize(llm.generate(PROMPTS[:1], greedy(), steer=cfg, use_tqdm=False)[0]))
+    plain = summarize(llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0])
+    assert outs[0]["ids"] != plain["ids"] and outs[1]["ids"] != outs[0]["ids"]
+    assert "calm" in llm.status()[0]["bank"]

@@ -1,0 +1,122 @@
+"""Constants and helpers shared by the vLLM plugin tests (imported by conftest and the
+check functions; a plain module, since tests/vllm must not be a package named vllm).
+
+Engines are expensive (tens of seconds to start on a CPU) and the test machine is small,
+so ``Engines.get(kind)`` keeps at most one alive: asking for another kind shuts the
+current one down first. Kinds: ``plain`` (vLLM with the plugin excluded through
+``VLLM_PLUGINS``), ``eager`` and ``compiled`` (``emosteer.LLM``).
+"""
+
+
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+MAX_SLOTS = 16
+MAX_TOKENS = 8
+PROMPTS = [
+    "The child laughs with joy at the bright sunny beach.",
+    "A man sits alone in the rain, quiet and sad.",
+    "She shouts in anger and slams the door.",
+    "The dark forest at night makes him afraid.",
+    "Describe the scene in the picture.",
+    "A person stands in a room.",
+    "happy joyful delighted cheerful glad",
+    "sad gloomy grief tears lonely hurt",
+]
+# Long enough to fill two 16-token KV blocks (prefix-cache tests).
+LONG_PROMPT = " ".join(PROMPTS[:4])
+
+
+def engine_env() -> None:
+    """Environment every engine of these tests needs (set in the test process, so the
+    engine processes it spawns inherit it)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    # tests/ops sets TRITON_INTERPRET per test; an engine must never inherit it (it
+    # would make interpreted Triton kernels available) nor a forced implementation.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.pop("EMOSTEER_IMPL", None)
+
+
+def make_bank(info, seed: int = 0):
+    """Random non-zero vectors of every kind the plugin executes."""
+    from emosteer.bank import VectorBank
+
+    g = torch.Generator().manual_seed(seed)
+    bank = VectorBank(info)
+    L, d, H, D, I = info.num_layers, info.hidden_size, info.num_heads, info.head_dim, info.intermediate_size
+    bank.add("joy", "residual", torch.randn(L, d, generator=g) * 0.5)
+    bank.add("sad", "residual", torch.randn(L, d, generator=g) * 0.5)
+    bank.add("joy.h", "head", torch.randn(L, H, D, generator=g) * 0.5)
+    bank.add("joy.ena", "neurons", (torch.rand(L, I, generator=g) < 0.25).float())
+    return bank
+
+
+class Engines:
+    def __init__(self, model: str, bank_path: str):
+        self.model, self.bank_path = model, bank_path
+        self.kind: str | None = None
+        self.llm = None
+
+    def get(self, kind: str):
+        if self.kind == kind:
+            return self.llm
+        self.close()
+        engine_env()
+        common = dict(dtype="float32", max_model_len=256, block_size=16, seed=0, enable_prefix_caching=True)
+        if kind == "plain":
+            saved = os.environ.get("VLLM_PLUGINS")
+            os.environ["VLLM_PLUGINS"] = "none-but-not-emosteer"
+            try:
+                import vllm
+
+                self.llm = vllm.LLM(self.model, enforce_eager=True, **common)
+            finally:
+                if saved is None:
+                    os.environ.pop("VLLM_PLUGINS", None)
+                else:
+                    os.environ["VLLM_PLUGINS"] = saved
+        else:
+            import emosteer
+
+            self.llm = emosteer.LLM(
+                self.model, bank=self.bank_path, max_slots=MAX_SLOTS, enforce_eager=(kind == "eager"), **common
+            )
+        self.kind = kind
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        llm = getattr(self.llm, "llm", self.llm)
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        self.llm = None
+        self.kind = None
+        del llm
+        gc.collect()
+
+
+def summarize(out) -> dict:
+    """Token ids and every step's top-k logprobs of one RequestOutput."""
+    c = out.outputs[0]
+    lps = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in (c.logprobs or [])]
+    return {"ids": list(c.token_ids), "logprobs": lps}
+
+
+def greedy(max_tokens: int = MAX_TOKENS, logprobs: int | None = 5, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, **kw)
+
+
+def assert_no_slots_held(llm) -> None:
+    for st in llm.status():
+        assert st["slots_in_use"] == 0, st
+        assert st["requests"] == 0, st
