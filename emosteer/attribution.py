@@ -16,14 +16,16 @@ Changes of M are log ratios of that mass.
 **Layers.** For each layer l, every neutral prompt runs with ``α·(n̄_l/‖S_l‖)·S_l`` added
 at layer l (n̄_l = mean residual norm there, so the injected norm is α·n̄_l): one row per
 (layer, prompt), all layers in one batch. C_l = relative hit-rate change (absolute when
-the baseline hit rate is 0) and ΔM_l. Stage rule (documented, deterministic): smooth the
-profile (moving average, 3 layers), take the band of consecutive layers around its peak
-whose value is at least half-way between the profile's minimum and its peak ("full width
-at half maximum"): **aggregate** = that band, **adapt** = the layers before it,
-**execute** = the layers after it; ``l_emo`` = the band's last layer.
+the baseline hit rate is 0) and ΔM_l. The stages use C when at least a quarter of the
+sweep's narratives name an emotion (else ΔM; ``profile=`` forces one). Stage rule
+(documented, deterministic): smooth the profile (moving average, 3 layers), take the band
+of consecutive layers around its peak whose value is at least half-way between the
+profile's minimum and its peak ("full width at half maximum"): **aggregate** = that band,
+**adapt** = the layers before it, **execute** = the layers after it; ``l_emo`` = the
+band's last layer.
 
 **Heads.** Emotional intention ``I[l,h] = cos(W_O[l][:, h] · z̄⁺_{l,h}, S_l)`` (mean head
-output on the emotional inputs through its o_proj slice; ``head_source="diff"`` uses the
+output on the emotional inputs through its o_proj slice; ``source="diff"`` uses the
 mean X⁺−X⁻ difference instead). The top candidates are confirmed by activation patching:
 each (head, pair) is one row running X⁻ with that head's output replaced by its X⁺ value
 (all positions); recovery = mean ΔM / mean (M⁺ − M⁻).
@@ -125,6 +127,7 @@ class LayerProfile:
     hit_rate: list[float] | None  # per layer, None without narratives
     hit_rate_change: list[float] | None  # C_l
     hit_rate_relative: bool
+    emotional_frac: float  # share of sweep narratives naming any emotion
     profile: list[float]  # the one the stages use
     profile_source: str  # "hit_rate" | "proxy"
     stages: dict[str, Any] = field(default_factory=dict)
@@ -259,8 +262,12 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------- layers
 def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str | None = None,
                       alpha: float = 0.1, max_new_tokens: int = 32, narratives: bool = True,
-                      proxy: str = "narrative", lexicon=None, tids=None) -> LayerProfile:
-    """Inject α-scaled S_l at each layer into neutral runs (one row per layer × prompt)."""
+                      proxy: str = "narrative", lexicon=None, tids=None, profile: str = "auto",
+                      min_emotional_frac: float = 0.25) -> LayerProfile:
+    """Inject α-scaled S_l at each layer into neutral runs (one row per layer × prompt).
+
+    ``profile="auto"`` stages by the hit-rate change when at least ``min_emotional_frac``
+    of the sweep's narratives name an emotion, else by the proxy ΔM."""
     vector = vector or emotion
     S = runner.bank.get(vector, "residual").float()
     L = runner.info.num_layers
@@ -282,18 +289,29 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
                     desc="layers: proxy sweep").view(L, n).mean(1)
     dm = [float(x - m0) for x in m]
     hr0, hr, C, relative = float(sum(_hit_rates(texts0, emotion, lexicon)) / n), None, None, True
+    emotional_frac = 0.0
     if narratives:
+        from emosteer.emotion import asserts_emotion
+
         _, texts, _ = runner.generate(rows, specs, max_new_tokens=max_new_tokens, desc="layers: sweep")
         rates = torch.tensor(_hit_rates(texts, emotion, lexicon)).view(L, n).mean(1)
         hr = [float(x) for x in rates]
         relative = hr0 > 0
         C = [(x - hr0) / hr0 if relative else x - hr0 for x in hr]
-    use_hr = C is not None and max(C) - min(C) > 1e-9
-    profile = C if use_hr else dm
+        emotional_frac = sum(asserts_emotion(t, lexicon) for t in texts) / len(texts)
+    if profile not in ("auto", "hit_rate", "proxy"):
+        raise ValueError(f"profile must be 'auto', 'hit_rate' or 'proxy', got {profile!r}")
+    if profile == "hit_rate" and C is None:
+        raise ValueError("profile='hit_rate' needs narratives=True")
+    # auto: the hit rate only when the narratives name emotions often enough to resolve it
+    use_hr = profile == "hit_rate" or (
+        profile == "auto" and C is not None and emotional_frac >= min_emotional_frac
+        and max(C) - min(C) > 1e-9)
+    chosen = C if use_hr else dm
     return LayerProfile(alpha=alpha, scales=scales, proxy=proxy, proxy_base=float(m0), proxy_change=dm,
                         hit_rate_base=hr0, hit_rate=hr, hit_rate_change=C, hit_rate_relative=relative,
-                        profile=profile, profile_source="hit_rate" if use_hr else "proxy",
-                        stages=stage_bands(profile))
+                        emotional_frac=emotional_frac, profile=chosen,
+                        profile_source="hit_rate" if use_hr else "proxy", stages=stage_bands(chosen))
 
 
 # ------------------------------------------------------------------------- heads
@@ -403,7 +421,8 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
               bank: VectorBank | str | os.PathLike | None = None, backend: str = "hf",
               tokenizer=None, alpha: float = 0.1, top_heads: int = 5, top_neurons: int = 32,
               n_pairs: int = 8, n_prompts: int = 8, max_new_tokens: int = 32,
-              narratives: bool = True, proxy: str = "narrative", batch_size: int = 16,
+              narratives: bool = True, proxy: str = "narrative", profile: str = "auto",
+              batch_size: int = 16,
               progress: bool = True, lexicon=None, parts: Sequence[str] = ("layers", "heads", "neurons"),
               out_dir: str | os.PathLike | None = None) -> AttributionResult:
     """Run layer, head and neuron attribution for ``emotion``; adds ``"<emotion>.vee"``
@@ -435,7 +454,7 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
         if part == "layers":
             res.layers = layer_attribution(runner, emotion, prompts, alpha=alpha,
                                            max_new_tokens=max_new_tokens, narratives=narratives,
-                                           proxy=proxy, lexicon=lexicon, tids=tids)
+                                           proxy=proxy, lexicon=lexicon, tids=tids, profile=profile)
         elif part == "heads":
             caps = caps or _pair_captures(runner, pairs)
             res.heads = head_attribution(runner, emotion, pairs, top_k=top_heads, lexicon=lexicon,

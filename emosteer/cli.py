@@ -30,13 +30,15 @@ app = typer.Typer(
     name="emosteer",
     help="Per-request emotion steering, head patching and activation capture for vLLM "
     "(VEENA: interpreting and enhancing emotional circuits).",
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Locate, convert and inspect models.", no_args_is_help=True)
-bank_app = typer.Typer(help="Inspect vector banks (safetensors).", no_args_is_help=True)
+model_app = typer.Typer(help="Locate, convert and inspect models.", no_args_is_help=True,
+                        rich_markup_mode="markdown")
+bank_app = typer.Typer(help="Inspect vector banks (safetensors).", no_args_is_help=True,
+                       rich_markup_mode="markdown")
 app.add_typer(model_app, name="model")
 app.add_typer(bank_app, name="bank")
 
@@ -155,8 +157,9 @@ def _model_info(path: Path):
 def model_default(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the path."),
 ):
-    """Convert (first time, ~1 min) or locate the default model, SmolLM2-135M-Instruct,
-    and print its folder."""
+    """Convert or locate the default model (SmolLM2-135M-Instruct); print its folder.
+
+    The first call downloads and converts it (~1 min); later calls only print the path."""
     from emosteer.models import ensure_default_model
 
     try:
@@ -209,7 +212,9 @@ def bank_show(file: Path = typer.Argument(..., help="A bank .safetensors file.")
 def schema(
     indent: int = typer.Option(2, help="JSON indent."),
 ):
-    """Print the JSON schema of a request's emosteer config (extra_args['emosteer'])."""
+    """Print the JSON schema of a request's emosteer config.
+
+    The object goes under extra_args['emosteer'] (offline) or vllm_xargs.emosteer."""
     from emosteer.spec import json_schema
 
     print(json.dumps(json_schema(), indent=indent))
@@ -222,13 +227,16 @@ def extract(
     emotion: str = typer.Option(..., "--emotion", "-e", help="Emotion(s), comma-separated: joy,sadness."),
     out_path: Path = typer.Option(..., "--out", "-o", help="Bank file to write (.safetensors)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs JSONL (default: the built-in set)."),
-    tau: float = typer.Option(0.5, "--tau", help="Keep pairs whose emotional narrative hit rate is > tau."),
+    tau: float = typer.Option(0.5, "--tau", help="Keep pairs whose emotional narrative hit rate is >= tau."),
     max_pairs: int = typer.Option(0, "--max-pairs", help="Use at most this many pairs per emotion (0: all)."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
     max_tokens: int = typer.Option(48, "--max-tokens", help="Narrative length for the hit-rate filter."),
 ):
-    """Extract steering vectors S_l (difference of means over counterfactual pairs that
-    pass the hit-rate filter) into a vector bank."""
+    """Extract steering vectors into a vector bank (safetensors).
+
+    S_l = mean over kept pairs of h⁺ − h⁻ at the last prompt token, every layer; a pair
+    is kept when the model's narrative for its emotional side has hit rate ≥ tau. Also
+    writes the head-space vector `EMOTION.h` and an audit JSON beside the bank."""
     emotions = _emotions(emotion)
     if not 0.0 <= tau < 1.0:
         fail(f"--tau: must be in [0, 1), got {tau}")
@@ -240,18 +248,29 @@ def extract(
     _out_file(out_path, "--out")
     folder = _model_path(model)
     _engine_env()
-    from emosteer import demo
+    from emosteer.demo import close_runner, open_runner
+    from emosteer.extract import extract_vectors
 
+    runner, note = open_runner(folder, backend.value)
+    err.print(f"backend: {note}", highlight=False)
     try:
-        res = demo.extract_to_bank(folder, emotions, out_path, pairs=pairs, tau=tau,
-                                   max_pairs=max_pairs or None, backend=backend.value,
-                                   max_tokens=max_tokens)
+        ex = extract_vectors(runner, str(pairs) if pairs else None, emotions,
+                             backend=runner.backend, tau=tau, max_new_tokens=max_tokens,
+                             limit=max_pairs or None)
     except _user_errors() as e:
         fail(str(e))
-    for emo, r in res.items():
-        out.print(f"[green]{emo}[/]: {r['n_kept']}/{r['n_pairs']} pairs kept (tau={tau}), "
-                  f"vector '{r['name']}'")
-    out.print(f"wrote {out_path}")
+    except ValueError as e:  # e.g. no pairs for the emotion in --pairs
+        fail(f"--pairs: {e}")
+    finally:
+        close_runner(runner)
+    audit = out_path.with_name(out_path.name + ".extract.json")
+    ex.save(out_path, audit)
+    for emo, m in ex.meta.items():
+        kept = f"{m['n_kept']}/{m['n_pairs']} pairs kept (tau={tau})"
+        if m["filter"] != "hit_rate":
+            kept = f"no pair passed tau={tau}: all {m['n_pairs']} pairs used"
+        out.print(f"[green]{emo}[/]: {kept}; vectors '{emo}' [L, d] and '{emo}.h' [L, H, D]")
+    out.print(f"wrote {out_path} and {audit}")
 
 
 # -------------------------------------------------------------------------- attribute
@@ -263,11 +282,17 @@ def attribute(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for attribution.json and plots."),
     what: str = typer.Option("layers,heads,neurons", "--what", help="Any of layers,heads,neurons."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs JSONL (default: built-in)."),
-    n_prompts: int = typer.Option(16, "--n-prompts", help="Neutral prompts per measurement."),
+    n_prompts: int = typer.Option(8, "--n-prompts", help="Pairs / neutral prompts per measurement."),
     alpha: float = typer.Option(0.1, "--alpha", help="Injection strength relative to the residual norm."),
+    top_heads: int = typer.Option(5, "--top-heads", help="Heads kept (the `EMOTION.vee` mask)."),
+    top_neurons: int = typer.Option(32, "--top-neurons", help="Neurons kept (the `EMOTION.ena` mask)."),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="Narrative length for hit rates."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
 ):
-    """Layer / head / neuron attribution of an emotion's circuit: JSON + PNG plots."""
+    """Layer, head and neuron attribution of an emotion's circuit (JSON + PNG plots).
+
+    Writes attribution.json, layers.png, heads.png and the bank extended with the
+    `EMOTION.vee` head mask and `EMOTION.ena` neuron mask into --out."""
     if "," in emotion:
         fail("--emotion: name one emotion")
     emo = _emotions(emotion)[0]
@@ -277,7 +302,13 @@ def attribute(
         fail(f"--what: unknown part(s) {bad or what!r}; use layers, heads, neurons")
     _positive(n_prompts, "--n-prompts", 4096)
     _positive(alpha, "--alpha", 100)
+    _positive(top_heads, "--top-heads", 100000)
+    _positive(top_neurons, "--top-neurons", 10**7)
+    _positive(max_tokens, "--max-tokens", 4096)
     b = _load_bank(bank)
+    if emo not in b or b.kind(emo) != "residual":
+        fail(f"--bank: no residual vector named {emo!r} in {bank} (run emosteer extract); "
+             f"it holds {b.names()}")
     if pairs is not None:
         _existing_file(pairs, "--pairs")
     if out_dir.exists() and not out_dir.is_dir():
@@ -291,14 +322,38 @@ def attribute(
     except BankError as e:
         fail(f"--bank: {e}")
     _engine_env()
-    from emosteer import demo
+    from emosteer.attribution import attribute as run_attribution
+    from emosteer.data import read_pairs
+    from emosteer.demo import close_runner, open_runner
 
+    ps = None
+    if pairs is not None:
+        try:
+            ps = [p for p in read_pairs(pairs) if p.emotion == emo]
+        except _user_errors() as e:
+            fail(f"--pairs: {e}")
+        if not ps:
+            fail(f"--pairs: {pairs} holds no pair for emotion {emo!r}")
+    runner, note = open_runner(folder, backend.value)
+    err.print(f"backend: {note}", highlight=False)
     try:
-        path = demo.attribute_to_dir(folder, b, emo, out_dir, what=tuple(parts), pairs=pairs,
-                                     n_prompts=n_prompts, alpha=alpha, backend=backend.value)
+        res = run_attribution(runner, emo, ps, bank=b, backend=runner.backend, alpha=alpha,
+                              top_heads=top_heads, top_neurons=top_neurons, n_pairs=n_prompts,
+                              n_prompts=n_prompts, max_new_tokens=max_tokens, parts=parts,
+                              out_dir=out_dir)
     except _user_errors() as e:
         fail(str(e))
-    out.print(f"wrote {path}")
+    finally:
+        close_runner(runner)
+    if res.layers is not None:
+        st = res.layers.stages
+        out.print(f"layers: profile from {res.layers.profile_source}; aggregate band "
+                  f"{st['aggregate']}, l_emo={st['l_emo']}")
+    if res.heads is not None:
+        out.print(f"heads: top {res.heads.top} (confirmed by patching: {res.heads.confirmed})")
+    if res.neurons is not None:
+        out.print(f"neurons: {len(res.neurons.top)} kept ({res.neurons.method})")
+    out.print(f"wrote {out_dir}/attribution.json, layers.png, heads.png, bank.safetensors")
 
 
 # --------------------------------------------------------------------------- generate
@@ -314,7 +369,9 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
 ):
-    """Generate (steered) narratives for every row of IN not yet in OUT, on vLLM."""
+    """Generate steered narratives for a JSONL file on vLLM (resumable).
+
+    Rows already in OUT (by id) are skipped, so an interrupted run resumes."""
     from emosteer.generate import GenerateConfig, generate_jsonl, read_rows
     from emosteer.spec import SpecError, SteerSpec
 
@@ -376,8 +433,11 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="A much smaller run (smoke test)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Run the whole method end to end and write a report folder (report.md, plots,
-    results.json, narratives.jsonl, bank.safetensors). ~15 min on 2 CPU cores."""
+    """Run the whole method end to end and write a report folder.
+
+    extract → layer attribution → head map + patching → neurons → steered vs unsteered
+    narratives on held-out prompts → report.md, plots, results.json, narratives.jsonl,
+    bank.safetensors. About 15 min for SmolLM2-135M on 2 CPU cores; --quick: ~1 min."""
     emotions = _emotions(emotion)
     from emosteer.data.builtin import BUILTIN_EMOTIONS
 

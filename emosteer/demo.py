@@ -68,9 +68,12 @@ def open_runner(model_path: str | Path, backend: str = "auto", batch_size: int =
     if backend in ("auto", "vllm"):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        max_len = min(1024, int(cfg.get("max_position_embeddings") or 1024))
         try:
             r = make_runner(str(model_path), "vllm", progress=False, max_slots=max_slots,
-                            max_model_len=1024, seed=0)
+                            max_model_len=max_len, seed=0)
             return r, (f"vLLM {_version('vllm')} with the emosteer plugin (emosteer.LLM, "
                        f"float32, max_slots={max_slots}; per-request specs in one batch)")
         except Exception as e:  # noqa: BLE001 - any start-up failure falls back
@@ -132,12 +135,11 @@ def _generate(runner, texts, specs, tokens, desc):
     return out
 
 
-def _layer_dict(lp) -> dict:
+def _layer_dict(lp, n_prompts: int, max_tokens: int) -> dict:
     """A LayerProfile (emosteer.attribution) as the report's layer_profile entry."""
-    L = len(lp.profile)
-    d = {k: v for k, v in lp.__dict__.items()}
-    d.update(layers=list(range(L)), change=lp.profile, baseline=(
-        lp.hit_rate_base if lp.profile_source == "hit_rate" else lp.proxy_base))
+    d = dict(lp.__dict__)
+    d.update(layers=list(range(len(lp.profile))), change=lp.profile, n_prompts=n_prompts,
+             max_tokens=max_tokens)
     return d
 
 
@@ -308,7 +310,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
             with _stage(f"{emo}: layer attribution", timings, console):
                 lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
                                             max_new_tokens=cfg["layer_tokens"], tids=tids)
-                res["layer_profile"] = _layer_dict(lp)
+                res["layer_profile"] = _layer_dict(lp, len(prompts), cfg["layer_tokens"])
             best = _best_layer(lp)
             patch_pairs = kept[:cfg["n_patch_prompts"]]
             with _stage(f"{emo}: heads", timings, console):

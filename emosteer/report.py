@@ -12,9 +12,10 @@ The results dict (keys the writer reads; missing optional parts are skipped)::
      "settings": {...}, "timings": {stage: seconds}, "total_seconds": float,
      "emotions": {emo: {
         "extraction": {"n_pairs", "n_kept", "tau", "hit_rate_mean", "mean_norm_ratio"},
-        "layer_profile": {"layers", "hit_rate", "change", "baseline", "alpha", "n_prompts"},
-        "heads": {"intention": [[...] * H] * L, "top": [{"layer","head","score"}],
-                  "patching": [{"layer","head","hit_rate","recovery"}], ...},
+        "layer_profile": {"layers", "change" (the profile), "profile_source", "stages",
+                          "hit_rate_base", "alpha", "n_prompts", "max_tokens", ...},
+        "heads": {"intention": [[...] * H] * L, "source", "confirmed",
+                  "top": [{"layer","head","score","recovery"}], "patching": [...]},
         "neurons": {"k", "per_layer": {...}, "top": [...], "gain_check": {...}},
         "steering": {"layers", "n_prompts", "baseline": {...}, "strengths": [{...}]},
         "samples": [{"id", "prompt", "unsteered", "steered", "scale"}]}}}
@@ -73,28 +74,39 @@ def _plt():
 
 
 def plot_layer_profile(emotions: dict, path: str | Path) -> Path:
-    """Hit-rate change per steered layer (one line per emotion)."""
+    """Layer profile per emotion (one panel each), with the adapt / aggregate / execute
+    bands that emosteer.attribution.stage_bands derived from it."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    drawn = False
-    for emo, res in emotions.items():
-        prof = res.get("layer_profile") or {}
-        layers, change = prof.get("layers"), prof.get("change")
-        if not layers or change is None:
-            continue
-        ys = [math.nan if c is None else c for c in change]
-        ax.plot(layers, ys, marker="o", ms=3, label=f"{emo} (α={prof.get('alpha')})")
-        for lay in res.get("steering", {}).get("layers", []):
-            ax.axvline(lay, color="grey", ls=":", lw=0.8)
-        drawn = True
-    ax.axhline(0, color="black", lw=0.6)
-    ax.set_xlabel("steered layer l (0-based)")
-    ax.set_ylabel("Δ target hit rate vs unsteered")
-    ax.set_title("Layer attribution: inject α·S_l at one layer (neutral prompts)")
-    if drawn:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no layer profile measured", ha="center", transform=ax.transAxes)
+    items = [(e, r["layer_profile"]) for e, r in emotions.items()
+             if (r.get("layer_profile") or {}).get("layers")]
+    n = max(1, len(items))
+    fig, axes = plt.subplots(n, 1, figsize=(8, 3.4 * n), squeeze=False)
+    if not items:
+        axes[0][0].text(0.5, 0.5, "no layer profile measured", ha="center")
+        axes[0][0].axis("off")
+    colors = {"adapt": "#dbe9f6", "aggregate": "#fde2c4", "execute": "#dff0d8"}
+    for ax, (emo, prof) in zip((a[0] for a in axes), items):
+        layers, ys = prof["layers"], [math.nan if c is None else c for c in prof["change"]]
+        stages = prof.get("stages") or {}
+        for name, col in colors.items():
+            ls = stages.get(name) or []
+            if ls:
+                ax.axvspan(ls[0] - 0.5, ls[-1] + 0.5, color=col, label=name, zorder=0)
+        src = prof.get("profile_source", "hit_rate")
+        ax.plot(layers, ys, "o-", ms=3, color="#333", label=f"profile ({src})")
+        if stages.get("smoothed"):
+            ax.plot(layers, stages["smoothed"], "--", color="#c44", lw=1, label="smoothed")
+        for lay in emotions[emo].get("steering", {}).get("layers", []):
+            ax.axvline(lay, color="#1a6", ls=":", lw=1.2, label=f"steered layer {lay}")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("layer l where α·S_l is injected (0-based)")
+        if src == "proxy":
+            ax.set_ylabel("Δ log target-word mass")
+        else:
+            ax.set_ylabel("C: relative Δ hit rate" if prof.get("hit_rate_relative") else "C: Δ hit rate")
+        ax.set_title(f"{emo}: layer attribution (α={prof.get('alpha')}, "
+                     f"{prof.get('n_prompts', '?')} neutral prompts per layer)", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -116,12 +128,12 @@ def plot_head_map(emotions: dict, path: str | Path) -> Path:
         vmax = max((abs(v) for row in m for v in row), default=1.0) or 1.0
         im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
                        interpolation="nearest", origin="lower")
-        for p in heads.get("patching", []):
+        for p in heads.get("top", []):
             ax.add_patch(plt.Rectangle((p["head"] - 0.5, p["layer"] - 0.5), 1, 1, fill=False,
                                        ec="black", lw=1.2))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title(f"{emo}: cos(head output via o_proj, S_l)", fontsize=9)
+        ax.set_title(f"{emo}: emotional intention cos(W_O·z, S_l); boxes: top heads", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -151,6 +163,12 @@ def _ci(s: dict | None, pct: bool = False) -> str:
         body = f"{s['mean']:+.3f}"
         ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None else "n/a"
     return f"{body} (95 % CI {ci}, n={s['n']})"
+
+
+def _span(ls) -> str:
+    if not ls:
+        return "none"
+    return f"L{ls[0]}" if len(ls) == 1 else f"L{ls[0]}–L{ls[-1]}"
 
 
 def _quote(text: str, limit: int = 400) -> str:
@@ -194,9 +212,10 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
             f"neutral prompts changes by {_ci(d, pct=True)}; per-prompt change spread "
             f"min {_f(d.get('min'))}, median {_f(d.get('median'))}, max {_f(d.get('max'))}. "
             f"Hallucination rate {_f(base.get('hallucination_rate'), pct=True)} unsteered → "
-            f"{_f(best.get('hallucination_rate'), pct=True)} steered (steering toward an "
-            "emotion on neutral inputs is expected to raise it: this is the price of the "
-            "intervention, measured, not a defect of the measurement).")
+            f"{_f(best.get('hallucination_rate'), pct=True)} steered. This strength is the one "
+            "with the highest mean hit rate on these same prompts (the table lists every "
+            "strength). Adding an emotion direction to neutral inputs is expected to make "
+            "narratives name emotions more often; the hallucination column measures that cost.")
         lines.append("")
 
 
@@ -256,12 +275,24 @@ def render_markdown(results: dict) -> str:
             ch = prof.get("change") or []
             ranked = sorted((c, l) for l, c in zip(prof["layers"], ch) if c is not None)[::-1]
             top = ", ".join(f"L{l} ({c:+.3f})" for c, l in ranked[:5])
+            stg = prof.get("stages") or {}
+            src = prof.get("profile_source")
+            what = ("Δ log-probability mass of the target's emotion words (the hit rate did "
+                    "not vary across layers)" if src == "proxy" else
+                    ("relative" if prof.get("hit_rate_relative") else "absolute")
+                    + " change C of the hit rate")
             lines += [
                 "### Layer profile",
                 "",
-                f"α = {prof.get('alpha')} × ‖h_l‖ per layer, {prof.get('n_prompts')} neutral "
-                f"prompts per layer, baseline hit rate {_f(prof.get('baseline'))}. "
-                f"Largest increases: {top or 'none'}.",
+                f"α = {prof.get('alpha')} (injected norm = α × mean residual norm at that "
+                f"layer), {prof.get('n_prompts')} "
+                f"neutral prompts per layer, {prof.get('max_tokens', '?')} new tokens. "
+                f"Profile = {what}. Unsteered hit rate {_f(prof.get('hit_rate_base'))}; "
+                f"largest increases: {top or 'none'}.",
+                "",
+                f"Stages (half-maximum rule): adapt {_span(stg.get('adapt'))}, aggregate "
+                f"{_span(stg.get('aggregate'))}, execute {_span(stg.get('execute'))}; "
+                f"l_emo = {stg.get('l_emo')}.",
                 "",
                 "![layer profile](layer_profile.png)",
                 "",
@@ -269,30 +300,26 @@ def render_markdown(results: dict) -> str:
         heads = res.get("heads") or {}
         if heads.get("top"):
             lines += ["### Heads", "",
-                      "Top heads by emotional intention (cosine with S_l) and the hit rate "
-                      "when the head's output on the neutral prompt is patched with its "
-                      "mean output on the emotional prompts (recovery = share of the "
-                      "emotional−neutral hit-rate gap closed):", "",
-                      "| layer | head | intention | patched hit rate | recovery |",
-                      "| --- | --- | --- | --- | --- |"]
-            patch = {(p["layer"], p["head"]): p for p in heads.get("patching", [])}
+                      f"Emotional intention = cosine of W_O^(h)·z̄ ({heads.get('source')} runs) "
+                      "with S_l. The top candidates were patched one at a time: on each "
+                      "neutral prompt the head's output was replaced by its output on the "
+                      "paired emotional prompt (all positions); recovery = share of the "
+                      "emotional − neutral gap in target-word log-mass that the patch "
+                      "closes (1 = the whole gap).", "",
+                      "| layer | head | intention | recovery |", "| --- | --- | --- | --- |"]
             for t in heads["top"]:
-                p = patch.get((t["layer"], t["head"]), {})
                 lines.append(f"| {t['layer']} | {t['head']} | {_f(t['score'])} | "
-                             f"{_f(p.get('hit_rate'))} | {_f(p.get('recovery'))} |")
-            if heads.get("patch_reference"):
-                pr = heads["patch_reference"]
-                lines.append("")
-                lines.append(f"Reference hit rates on these prompts: neutral "
-                             f"{_f(pr.get('neutral'))}, emotional {_f(pr.get('emotional'))}, "
-                             f"all top heads patched together {_f(pr.get('all_top'))}.")
-            lines += ["", "![head map](head_map.png)", ""]
+                             f"{_f(t.get('recovery'))} |")
+            lines += ["", f"All top heads have positive recovery: {heads.get('confirmed')}. "
+                      f"Candidates tested: {len(heads.get('patching', []))}.",
+                      "", "![head map](head_map.png)", ""]
         neu = res.get("neurons") or {}
         if neu.get("top"):
-            top = ", ".join(f"L{n['layer']}:{n['index']} ({n['score']:+.2f})" for n in neu["top"][:8])
+            top = ", ".join(f"L{n['layer']}:{n['index']} (cos {n['score']:+.2f})"
+                            for n in neu["top"][:8])
             lines += ["### Neurons", "",
-                      f"{neu.get('k')} neurons kept (bank entry `{neu.get('bank_name')}`); "
-                      f"strongest: {top}."]
+                      f"{neu.get('k')} neurons kept (bank entry `{neu.get('bank_name')}`, "
+                      f"ranking: {neu.get('method')}); first: {top}."]
             gc = neu.get("gain_check")
             if gc:
                 lines.append(f"ENA check (γ = {gc.get('gamma')} on the set, held-out "

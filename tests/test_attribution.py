@@ -4,7 +4,7 @@ The weights are edited so that one head and one neuron carry the emotional signa
 
 - residual dims 0, 1, 2 are reserved: nothing writes them except the plant, and every
   other o_proj / down_proj weight is scaled by 0.1 (a quiet background);
-- tokens that occur only in the emotional sides of the pairs get a marker in dim 0;
+- tokens that occur only in the emotional prompts of the pairs get a marker in dim 0;
 - head (1, 2) attends uniformly (zero query), reads dim 0 and writes dim 1;
 - neuron (2, 7) reads dim 1 (gate and up) and writes dim 2;
 - the LM head maps dims 1 and 2 onto the target tokens ("joy").
@@ -20,6 +20,7 @@ import torch
 
 from emosteer.attribution import attribute, stage_bands, target_logmass, target_token_ids
 from emosteer.data import load_builtin
+from emosteer.extract import pair_text
 
 HEAD = (1, 2)
 NEURON = (2, 7)
@@ -31,8 +32,12 @@ def plant(path, pairs):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
-        pos = {t for p in pairs for t in tok(p.emotional.text)["input_ids"]}
-        neg = {t for p in pairs for t in tok(p.neutral.text)["input_ids"]}
+        def prompt(stim, p):
+            msgs = [{"role": "user", "content": pair_text(stim, p.query)}]
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+        pos = {t for p in pairs for t in tok(prompt(p.emotional, p))["input_ids"]}
+        neg = {t for p in pairs for t in tok(prompt(p.neutral, p))["input_ids"]}
         marker = sorted(pos - neg)
         tids = target_token_ids(tok, "joy")
         D = model.config.head_dim

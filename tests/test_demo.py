@@ -52,7 +52,8 @@ def _check_report(out, backend):
     from emosteer.bank import VectorBank
 
     bank = VectorBank.load(out / "bank.safetensors")
-    assert {"joy", "joy.h", "joy.heads", "joy.ena"} <= set(bank.names())
+    assert {"joy", "joy.h", "joy.vee", "joy.ena"} <= set(bank.names())
+    assert not [n for n in bank.names() if n.startswith("_attr.")]
     return res
 
 

@@ -21,10 +21,10 @@ void neuron_gain_kernel(scalar_t* m,                // [T, I]
       TORCH_CHECK(s < S, "token_slot[", t, "] = ", s, " but there are ", S, " slots");
       scalar_t* mt = m + t * I;
       const float* gs = g + s * I;
+      // A select, not a branch, so the loop vectorizes; gain 1 stores m back unchanged.
       for (int64_t i = 0; i < I; ++i) {
-        if (!neuron::is_identity(gs[i])) {
-          mt[i] = static_cast<scalar_t>(mul_rn(static_cast<float>(mt[i]), gs[i]));
-        }
+        const scalar_t scaled = static_cast<scalar_t>(mul_rn(static_cast<float>(mt[i]), gs[i]));
+        mt[i] = neuron::is_identity(gs[i]) ? mt[i] : scaled;
       }
     }
   });

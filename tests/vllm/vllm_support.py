@@ -27,8 +27,8 @@ PROMPTS = [
     "happy joyful delighted cheerful glad",
     "sad gloomy grief tears lonely hurt",
 ]
-# Long enough to fill two 16-token KV blocks (prefix-cache tests).
-LONG_PROMPT = " ".join(PROMPTS[:4])
+# Long enough to fill two 32-token KV blocks (prefix-cache tests).
+LONG_PROMPT = " ".join(PROMPTS)
 
 
 def engine_env() -> None:
@@ -67,7 +67,7 @@ class Engines:
             return self.llm
         self.close()
         engine_env()
-        common = dict(dtype="float32", max_model_len=256, block_size=16, seed=0, enable_prefix_caching=True)
+        common = dict(dtype="float32", max_model_len=256, block_size=32, seed=0, enable_prefix_caching=True)
         if kind == "plain":
             saved = os.environ.get("VLLM_PLUGINS")
             os.environ["VLLM_PLUGINS"] = "none-but-not-emosteer"
