@@ -91,36 +91,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(
-    fn: Callable[[], None],
+    fns: Sequence[Callable[[], None]],
     device: torch.device,
     *,
     warmup: int = 5,
     min_reps: int = 20,
     max_reps: int = 200,
     budget_s: float = 0.25,
-) -> list[float]:
-    """Per-call times in ms: ``warmup`` untimed calls, then calls until ``budget_s`` is
-    spent (between ``min_reps`` and ``max_reps``). CUDA calls are timed with events."""
+) -> list[list[float]]:
+    """Per-call times in ms of each of ``fns``, called in turn in every round so that
+    all of them see the same machine load: ``warmup`` untimed rounds, then rounds until
+    ``budget_s`` is spent (between ``min_reps`` and ``max_reps``). CUDA calls are timed
+    with events."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     _sync(device)
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     start_all = time.perf_counter()
-    while len(times) < max_reps and (
-        len(times) < min_reps or time.perf_counter() - start_all < budget_s
+    while len(times[0]) < max_reps and (
+        len(times[0]) < min_reps or time.perf_counter() - start_all < budget_s
     ):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        for fn, out in zip(fns, times):
+            out.append(_time_once(fn, device))
     return times
 
 
@@ -132,14 +139,13 @@ def quantiles(times: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]
 
 
-def copy_ms(n_bytes: int, device: torch.device, **timing) -> float:
-    """Median time of a device-to-device copy whose traffic is ``n_bytes`` (it reads and
-    writes ``n_bytes / 2``): the bandwidth roofline an elementwise op can hope for.
-    Measured right after each op (not cached), so both see the same machine load."""
+def copy_fn(n_bytes: int, device: torch.device) -> Callable[[], None]:
+    """A device-to-device copy whose traffic is ``n_bytes`` (it reads and writes
+    ``n_bytes / 2``): the bandwidth roofline an elementwise op can hope for."""
     half = max(1, n_bytes // 2)
     src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    return quantiles(time_ms(lambda: dst.copy_(src), device, **timing))[0]
+    return lambda: dst.copy_(src)
 
 
 # ------------------------------------------------------------------ checking
@@ -177,10 +183,13 @@ def run_cases(
     for case in cases:
         check(case, device)
         args = case.make_args()
-        times = time_ms(lambda: case.fn(*args), device, **(timing or {}))
-        med, p20, p80 = quantiles(times)
+        fns = [lambda: case.fn(*args)]
+        if with_copy:
+            fns.append(copy_fn(case.bytes_moved, device))
+        times = time_ms(fns, device, **(timing or {}))
+        med, p20, p80 = quantiles(times[0])
         gbps = case.bytes_moved / (med * 1e-3) / 1e9
-        frac = copy_ms(case.bytes_moved, device, **(timing or {})) / med if with_copy else float("nan")
+        frac = quantiles(times[1])[0] / med if with_copy else float("nan")
         row = dict(
             op=case.op, impl=case.impl, device=dev_name, dtype=str(case.dtype).replace("torch.", ""),
             shape=case.shape, tokens=case.tokens, median_ms=f"{med:.6g}", p20_ms=f"{p20:.6g}",

@@ -149,7 +149,12 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "ops.csv"))
     p.add_argument("--plot", default=None, help="plot path (default results/ops_<device>.png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and the C++ kernels (default: torch's). On a "
+                   "shared, oversubscribed CPU, 1 avoids stalls of waiting thread pools")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     full = args.full or (device.type == "cuda" and not args.quick)

@@ -48,6 +48,16 @@ class GenerateOutput:
     prompt_lens: list[int]
 
 
+def _uses_mrope(config) -> bool:
+    """Multimodal rotary positions (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): 3-d position ids."""
+    text = getattr(config, "text_config", None) or config
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = getattr(text, key, None) or getattr(config, key, None)
+        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope"):
+            return True
+    return False
+
+
 class _Step:
     """Per-forward state the hooks read: which slot and which capture each token has."""
 
@@ -106,8 +116,7 @@ class HFSteerer:
         self._depth = 0
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        cfg = model.config
-        self._multimodal = getattr(cfg, "vision_config", None) is not None
+        self._mrope = _uses_mrope(model.config)
 
     # -------------------------------------------------------------- hook management
     def __enter__(self) -> "HFSteerer":
@@ -288,8 +297,8 @@ class HFSteerer:
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def _positions(self, mask: torch.Tensor) -> torch.Tensor | None:
-        if self._multimodal:
-            return None  # mRoPE models compute their own (3-d) positions
+        if self._mrope:
+            return None  # mRoPE models (Qwen2/3-VL) compute their own (3-d) positions
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     @staticmethod
@@ -398,10 +407,27 @@ class HFSteerer:
         function of the logits, then read ``acts[kind][l].grad``."""
         plan = self.plan(specs, input_ids.shape[0])
         keep_sets = {k: set(v) for k, v in (keep or {}).items()}
-        with torch.enable_grad():
+        with torch.enable_grad(), self._activation_grads():
             lg, caps, st = self._forward(input_ids, attention_mask, plan, True, keep_sets, logits,
                                          model_kwargs)
         return lg, caps, st.acts
+
+    @contextlib.contextmanager
+    def _activation_grads(self):
+        """Gradients for activations only: parameters frozen for the call (no weight
+        gradients to compute or store), the input embeddings made to require grad."""
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        emb = self.model.get_input_embeddings()
+        h = emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        try:
+            yield
+        finally:
+            h.remove()
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

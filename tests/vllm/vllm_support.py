@@ -69,6 +69,11 @@ class Engines:
         engine_env()
         common = dict(dtype="float32", max_model_len=256, block_size=32, seed=0, enable_prefix_caching=True)
         if kind == "plain":
+            import emosteer.vllm as plugin
+
+            # Not loaded in the engine processes (VLLM_PLUGINS), and no patch of this
+            # process carried into them if they are forked.
+            plugin.unregister()
             saved = os.environ.get("VLLM_PLUGINS")
             os.environ["VLLM_PLUGINS"] = "none-but-not-emosteer"
             try:

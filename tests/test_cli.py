@@ -1,0 +1,216 @@
+"""The ``emosteer`` command: help, schema, bank show, model info, and bad input.
+
+Bad input must end with exit code 2 and a one-line message naming the field, never a
+traceback. None of these tests starts an engine or converts a model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emosteer.cli import app
+
+runner = CliRunner()
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 384, "torch_dtype": "float32",
+}
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(res, *needles):
+    out = res.output
+    assert res.exit_code == 2, f"exit {res.exit_code}: {out}"
+    assert "Traceback" not in out, out
+    for n in needles:
+        assert n in out, f"{n!r} not in: {out}"
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return d
+
+
+@pytest.fixture()
+def bank_file(tmp_path):
+    from emosteer.bank import ModelInfo, VectorBank
+
+    info = ModelInfo.from_hf_config(TINY_CONFIG)
+    bank = VectorBank(info)
+    bank.add("joy", "residual", torch.randn(2, 128), n_pairs=4, tau=0.5)
+    bank.add("joy.h", "head", torch.randn(2, 4, 32))
+    mask = torch.zeros(2, 256)
+    mask[1, :5] = 1
+    bank.add("joy.ena", "neurons", mask)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    return path
+
+
+# ---------------------------------------------------------------- help and output
+def test_help_lists_every_command():
+    res = run("--help")
+    assert res.exit_code == 0, res.output
+    for cmd in ("model", "extract", "attribute", "generate", "demo", "schema", "bank"):
+        assert cmd in res.output
+    for sub in (("model", "--help"), ("bank", "--help"), ("demo", "--help"),
+                ("extract", "--help"), ("attribute", "--help"), ("generate", "--help")):
+        r = run(*sub)
+        assert r.exit_code == 0, r.output
+
+
+def test_no_args_shows_help():
+    res = run()
+    assert "Usage" in res.output
+
+
+def test_schema_is_the_published_schema():
+    from emosteer.spec import json_schema
+
+    res = run("schema")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout) == json_schema()
+
+
+def test_bank_show(bank_file):
+    res = run("bank", "show", bank_file)
+    assert res.exit_code == 0, res.output
+    for needle in ("joy.h", "joy.ena", "residual", "neurons", "5 set", "2×4×32", "n_pairs"):
+        assert needle in res.output, needle
+
+
+def test_model_info(model_dir):
+    res = run("model", "info", model_dir)
+    assert res.exit_code == 0, res.output
+    assert "num_layers" in res.output and "LlamaForCausalLM" in res.output
+
+
+# ---------------------------------------------------------------- bad input: exit 2
+def test_bank_show_missing_file(tmp_path):
+    assert_user_error(run("bank", "show", tmp_path / "nope.safetensors"), "FILE", "does not exist")
+
+
+def test_bank_show_not_a_bank(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_text("not a bank")
+    assert_user_error(run("bank", "show", p), "FILE")
+
+
+def test_model_info_bad_path(tmp_path):
+    assert_user_error(run("model", "info", tmp_path / "missing"), "PATH")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("model", "info", tmp_path / "empty"), "PATH", "config.json")
+
+
+@pytest.mark.parametrize("args, field", [
+    (("--emotion", "blah"), "--emotion"),
+    (("--emotion", "joy", "--tau", "1.5"), "--tau"),
+    (("--emotion", "joy", "--max-tokens", "0"), "--max-tokens"),
+    (("--emotion", "joy", "--max-pairs", "-1"), "--max-pairs"),
+    (("--emotion", "joy", "--pairs", "/nonexistent/pairs.jsonl"), "--pairs"),
+    (("--emotion", "joy", "--backend", "tpu"), "--backend"),
+])
+def test_extract_bad_input(tmp_path, model_dir, args, field):
+    res = run("extract", "--model", model_dir, "--out", tmp_path / "b.safetensors", *args)
+    assert_user_error(res, field)
+
+
+def test_extract_out_folder_missing(tmp_path, model_dir):
+    res = run("extract", "--model", model_dir, "--emotion", "joy",
+              "--out", tmp_path / "no" / "b.safetensors")
+    assert_user_error(res, "--out")
+
+
+def test_extract_bad_model(tmp_path):
+    res = run("extract", "--model", tmp_path / "nomodel", "--emotion", "joy",
+              "--out", tmp_path / "b.safetensors")
+    assert_user_error(res, "--model")
+
+
+@pytest.mark.parametrize("args, field", [
+    (("--what", "layers,tails"), "--what"),
+    (("--alpha", "0"), "--alpha"),
+    (("--emotion", "joy,fear"), "--emotion"),
+    (("--n-prompts", "0"), "--n-prompts"),
+])
+def test_attribute_bad_input(tmp_path, model_dir, bank_file, args, field):
+    base = {"--emotion": "joy"}
+    extra = list(args)
+    if "--emotion" not in extra:
+        extra += ["--emotion", base["--emotion"]]
+    res = run("attribute", "--model", model_dir, "--bank", bank_file, "--out", tmp_path / "o",
+              *extra)
+    assert_user_error(res, field)
+
+
+def test_attribute_bank_problems(tmp_path, model_dir, bank_file):
+    res = run("attribute", "--model", model_dir, "--bank", tmp_path / "missing.safetensors",
+              "--emotion", "joy", "--out", tmp_path / "o")
+    assert_user_error(res, "--bank", "does not exist")
+    res = run("attribute", "--model", model_dir, "--bank", bank_file, "--emotion", "fear",
+              "--out", tmp_path / "o")
+    assert_user_error(res, "--bank", "fear")
+    other = dict(TINY_CONFIG, hidden_size=256)
+    d = tmp_path / "other"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(other))
+    res = run("attribute", "--model", d, "--bank", bank_file, "--emotion", "joy",
+              "--out", tmp_path / "o")
+    assert_user_error(res, "--bank", "hidden_size")
+
+
+def _rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_generate_bad_input(tmp_path, model_dir, bank_file):
+    out = tmp_path / "out.jsonl"
+    assert_user_error(run("generate", tmp_path / "missing.jsonl", out), "IN", "does not exist")
+    bad = _rows(tmp_path / "bad.jsonl", [
+        {"id": "a", "prompt": "hi"},
+        {"id": "b", "prompt": "hi", "steer": {"steer": [{"vector": "joy", "layers": [0],
+                                                         "scale": "big"}]}}])
+    assert_user_error(run("generate", bad, out, "--model", model_dir), "'b'", "steer[0].scale")
+    nobank = _rows(tmp_path / "nobank.jsonl", [
+        {"id": "a", "prompt": "hi", "steer": {"steer": [{"vector": "joy", "layers": [0],
+                                                         "scale": 2.0}]}}])
+    assert_user_error(run("generate", nobank, out, "--model", model_dir), "--bank")
+    unknown = _rows(tmp_path / "unknown.jsonl", [
+        {"id": "a", "prompt": "hi", "steer": {"steer": [{"vector": "anger", "layers": [0],
+                                                         "scale": 2.0}]}}])
+    assert_user_error(run("generate", unknown, out, "--model", model_dir, "--bank", bank_file),
+                      "anger")
+    layer = _rows(tmp_path / "layer.jsonl", [
+        {"id": "a", "prompt": "hi", "steer": {"steer": [{"vector": "joy", "layers": [7],
+                                                         "scale": 2.0}]}}])
+    assert_user_error(run("generate", layer, out, "--model", model_dir, "--bank", bank_file),
+                      "steer[0].layers")
+    noprompt = _rows(tmp_path / "noprompt.jsonl", [{"id": "a"}])
+    assert_user_error(run("generate", noprompt, out), "prompt")
+    emo = _rows(tmp_path / "emo.jsonl", [{"id": "a", "prompt": "hi", "emotion": "glee"}])
+    assert_user_error(run("generate", emo, out, "--model", model_dir), "emotion")
+    ok = _rows(tmp_path / "ok.jsonl", [{"id": "a", "prompt": "hi"}])
+    assert_user_error(run("generate", ok, out, "--batch-size", "0"), "--batch-size")
+    assert_user_error(run("generate", ok, out, "--temperature", "-1"), "--temperature")
+
+
+def test_demo_bad_input(tmp_path):
+    assert_user_error(run("demo", "--emotion", "surprise"), "--emotion", "built-in")
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_user_error(run("demo", "--out", f), "--out")
+    assert_user_error(run("demo", "--model", tmp_path / "nomodel"), "--model")
+    assert_user_error(run("demo", "--backend", "gpu"), "--backend")
