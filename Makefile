@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test install build clean
 
-$(STAMP): pyproject.toml setup.py scripts/install.sh $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*.cpp csrc/*.h)
+$(STAMP): pyproject.toml setup.py scripts/install.sh $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*.cpp csrc/*.h csrc/*.cuh)
 	PY=$(PY) VENV=$(VENV) EXTRA=$(EXTRA) bash scripts/install.sh
 	touch $(STAMP)
 

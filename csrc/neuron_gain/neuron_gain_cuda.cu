@@ -2,6 +2,8 @@
 // y = chunks of the I neurons), 16-byte packs where I and alignment allow. neuron_gain
 // exits at once on slot -1; silu_and_mul_gain computes vLLM's SiluAndMul for every token
 // and applies the gains only where a slot is set.
+#include <type_traits>
+
 #include "cuda_utils.cuh"
 #include "neuron_gain/neuron_gain.h"
 
