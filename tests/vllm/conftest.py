@@ -9,10 +9,20 @@ from vllm_support import LONG_PROMPT, MAX_TOKENS, PROMPTS, Engines, make_bank, s
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    from emosteer.testing import build_tiny_llama
+def tiny_model():
+    """The tiny Llama at a stable path keyed by the builder's source: vLLM's compile
+    cache is keyed by the model path, so a fixed path lets the compiled engine reload
+    its graph instead of compiling again in every session (minutes on a small CPU)."""
+    import hashlib
+    import inspect
+    import tempfile
+    from pathlib import Path
 
-    return str(build_tiny_llama(tmp_path_factory.mktemp("vllm_models") / "tiny_llama"))
+    from emosteer import testing
+
+    tag = hashlib.sha256(inspect.getsource(testing).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / "emosteer-test-models" / f"tiny_llama-{tag}"
+    return str(testing.build_tiny_llama(path))
 
 
 @pytest.fixture(scope="session")

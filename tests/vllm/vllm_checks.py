@@ -86,7 +86,7 @@ def check_matches_hf(llm, tiny_model, bank, atol: float = 1e-4) -> None:
     from emosteer.hf import HFSteerer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    prompts = token_prompts(llm, PROMPTS[:4])
+    prompts = token_prompts(llm, PROMPTS[:2])
     capture = {"heads": "all", "residual": "all", "positions": "all"}
     for cfg in CONFIGS[1:]:
         spec = {**cfg, "capture": capture}
