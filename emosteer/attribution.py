@@ -57,11 +57,15 @@ __all__ = ["AttributionResult", "LayerProfile", "HeadScores", "NeuronScores", "a
 
 # ------------------------------------------------------------------------- metrics
 def target_token_ids(tokenizer, emotion: str, lexicon=None, max_words: int | None = None) -> list[int]:
-    """Token ids of single-token spellings of the target's lexicon words (bare, with a
-    leading space, capitalised); first tokens of multi-token words when none is single."""
+    """Token ids of single-token spellings of the target's explicit emotion words: the
+    word with a leading space (" joyful", " Joyful") or capitalised at the start of a text
+    ("Joyful"); bare lower-case forms are skipped (they are mostly word pieces). First
+    tokens of multi-token words only when no word is a single token. Default lexicon: the
+    curated ``core`` list (NRC's associations such as "government" -> fear would swamp a
+    next-token measure)."""
     from emosteer.emotion import MIKELS, POSITIVE, load_lexicon, target_set
 
-    lex = lexicon if lexicon is not None else load_lexicon()
+    lex = lexicon if lexicon is not None else load_lexicon(("core",))
     cats = target_set(emotion)
     to_cats = {**{c: {c} for c in MIKELS}, "joy": set(POSITIVE)}
     words = sorted({w for tier in lex.tiers for w, labels in tier.items()
@@ -69,7 +73,7 @@ def target_token_ids(tokenizer, emotion: str, lexicon=None, max_words: int | Non
     words = words[:max_words] if max_words else words
     single, first = set(), set()
     for w in words:
-        for form in (w, " " + w, w.capitalize(), " " + w.capitalize()):
+        for form in (" " + w, w.capitalize(), " " + w.capitalize()):
             ids = tokenizer(form, add_special_tokens=False)["input_ids"]
             if len(ids) == 1:
                 single.add(ids[0])

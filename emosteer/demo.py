@@ -35,13 +35,14 @@ import torch
 
 __all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage"]
 
-FULL = dict(n_pairs=48, tau=0.5, extract_tokens=40, n_layer_prompts=16, layer_tokens=40,
-            alpha=0.5, top_heads=6, n_patch_prompts=12, neurons_k=64, ena_gamma=2.0,
-            n_heldout=48, heldout_tokens=64, strengths=(0.25, 0.5, 1.0), n_samples=4,
-            batch_size=16)
+# Sized for SmolLM2-135M on 2 busy CPU cores (~20k generated tokens in all, < 20 min).
+FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=8, layer_tokens=32,
+            alpha=0.5, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
+            ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.25, 0.5, 1.0),
+            n_samples=4, batch_size=16)
 QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
-             alpha=0.5, top_heads=2, n_patch_prompts=2, neurons_k=8, ena_gamma=2.0,
-             n_heldout=4, heldout_tokens=16, strengths=(0.5, 1.0), n_samples=2,
+             alpha=0.5, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
+             ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.5, 1.0), n_samples=2,
              batch_size=8)
 
 
@@ -309,7 +310,8 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
             prompts = [pair_text(p.neutral, p.query) for p in pairs[:cfg["n_layer_prompts"]]]
             with _stage(f"{emo}: layer attribution", timings, console):
                 lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
-                                            max_new_tokens=cfg["layer_tokens"], tids=tids)
+                                            max_new_tokens=cfg["layer_tokens"],
+                                            proxy=cfg["proxy"], tids=tids)
                 res["layer_profile"] = _layer_dict(lp, len(prompts), cfg["layer_tokens"])
             best = _best_layer(lp)
             patch_pairs = kept[:cfg["n_patch_prompts"]]

@@ -277,8 +277,10 @@ def render_markdown(results: dict) -> str:
             top = ", ".join(f"L{l} ({c:+.3f})" for c, l in ranked[:5])
             stg = prof.get("stages") or {}
             src = prof.get("profile_source")
-            what = ("Δ log-probability mass of the target's emotion words (the hit rate did "
-                    "not vary across layers)" if src == "proxy" else
+            where = ("at the first generated token" if prof.get("proxy") == "next" else
+                     "averaged over the unsteered narrative, teacher-forced")
+            what = (f"Δ log-probability mass of the target's emotion words {where} (the hit "
+                    "rate did not vary across layers)" if src == "proxy" else
                     ("relative" if prof.get("hit_rate_relative") else "absolute")
                     + " change C of the hit rate")
             lines += [

@@ -88,13 +88,29 @@ def test_bootstrap_ci_brackets_mean():
     assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
 
 
+def _stable_tiny():
+    """The tiny Llama at a path keyed by the builder's source (as tests/vllm does), so
+    vLLM's compile cache, keyed by the model path, is reused across sessions."""
+    import hashlib
+    import inspect
+    import tempfile
+    from pathlib import Path
+
+    from emosteer import testing
+
+    tag = hashlib.sha256(inspect.getsource(testing).encode()).hexdigest()[:12]
+    return build_tiny_llama(Path(tempfile.gettempdir()) / "emosteer-test-models" / f"tiny_llama-{tag}")
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_demo_quick_vllm(tiny, tmp_path):
+def test_demo_quick_vllm(tmp_path, monkeypatch):
     pytest.importorskip("vllm")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from emosteer.demo import run_demo
 
     out = tmp_path / "report"
-    run_demo(model=str(tiny), out=out, emotions=("joy",), backend="vllm", quick=True,
-             progress=False)
+    run_demo(model=str(_stable_tiny()), out=out, emotions=("joy",), backend="vllm",
+             quick=True, progress=False)
     _check_report(out, "vllm")

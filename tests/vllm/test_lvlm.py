@@ -1,0 +1,55 @@
+"""Steering, isolation and captures on a tiny Qwen2-VL with an image (vLLM vs HF).
+
+Needs torchvision (vLLM's Qwen2-VL imports it): installed in the environment, or a
+``pip install --no-deps --target DIR torchvision==0.28.0`` named by
+``EMOSTEER_TEST_TORCHVISION=DIR``. The case runs in a child process whose PYTHONPATH
+holds the torchvision shim (see vllm_lvlm.py); skipped without torchvision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vllm_lvlm import torchvision_shim
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+
+
+def _torchvision_dir() -> str | None:
+    extra = os.environ.get("EMOSTEER_TEST_TORCHVISION")
+    if extra and (Path(extra) / "torchvision").is_dir():
+        return extra
+    spec = importlib.util.find_spec("torchvision")
+    return str(Path(spec.origin).parent.parent) if spec and spec.origin else None
+
+
+def test_qwen2_vl_with_image(engines, tmp_path_factory):
+    tv = _torchvision_dir()
+    if tv is None:
+        pytest.skip("torchvision not installed (pip install --no-deps torchvision==0.28.0)")
+    engines.close()  # one engine at a time
+    shim = torchvision_shim(tmp_path_factory.mktemp("tv_shim"))
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), tv, str(HERE.parents[1]), env.get("PYTHONPATH", "")])
+    model_dir = tmp_path_factory.mktemp("lvlm") / "qwen2_vl"
+    proc = subprocess.run([sys.executable, str(HERE / "lvlm_case.py"), str(model_dir)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LVLM_RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    res = json.loads(lines[-1][len("LVLM_RESULT "):])
+    assert res["same_prompt_ids"], res
+    assert res["empty_equals_plain"] and res["isolation"], res
+    assert res["changed"] >= 2, res
+    P = res["prompt_tokens"]
+    assert res["capture_shape"] == [P + 5, 4, 32] and res["residual_shape"] == [P + 5, 128], res
+    assert res["slots_in_use"] == 0, res
+    assert res["hf_max_logprob_diff"] < 1e-4 and res["hf_max_capture_diff"] < 1e-4, res
