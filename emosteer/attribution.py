@@ -16,8 +16,9 @@ Changes of M are log ratios of that mass.
 **Layers.** For each layer l, every neutral prompt runs with ``α·(n̄_l/‖S_l‖)·S_l`` added
 at layer l (n̄_l = mean residual norm there, so the injected norm is α·n̄_l): one row per
 (layer, prompt), all layers in one batch. C_l = relative hit-rate change (absolute when
-the baseline hit rate is 0) and ΔM_l. The stages use C when at least a quarter of the
-sweep's narratives name an emotion (else ΔM; ``profile=`` forces one). Stage rule
+the baseline hit rate is 0) and ΔM_l. The stages use C when there are ≥ 16 prompts and
+at least a quarter of the sweep's narratives name an emotion (else ΔM; ``profile=``
+forces one). Stage rule
 (documented, deterministic): smooth the profile (moving average, 3 layers), take the band
 of consecutive layers around its peak whose value is at least half-way between the
 profile's minimum and its peak ("full width at half maximum"): **aggregate** = that band,
@@ -267,11 +268,14 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str | None = None,
                       alpha: float = 0.1, max_new_tokens: int = 32, narratives: bool = True,
                       proxy: str = "narrative", lexicon=None, tids=None, profile: str = "auto",
-                      min_emotional_frac: float = 0.25) -> LayerProfile:
+                      min_emotional_frac: float = 0.25,
+                      min_hit_rate_prompts: int = 16) -> LayerProfile:
     """Inject α-scaled S_l at each layer into neutral runs (one row per layer × prompt).
 
-    ``profile="auto"`` stages by the hit-rate change when at least ``min_emotional_frac``
-    of the sweep's narratives name an emotion, else by the proxy ΔM."""
+    ``profile="auto"`` stages by the hit-rate change when there are at least
+    ``min_hit_rate_prompts`` prompts and at least ``min_emotional_frac`` of the sweep's
+    narratives name an emotion (a hit rate over fewer narratives is too coarse to place
+    stage boundaries), else by the proxy ΔM."""
     vector = vector or emotion
     S = runner.bank.get(vector, "residual").float()
     L = runner.info.num_layers
@@ -310,7 +314,7 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
     # auto: the hit rate only when the narratives name emotions often enough to resolve it
     use_hr = profile == "hit_rate" or (
         profile == "auto" and C is not None and emotional_frac >= min_emotional_frac
-        and max(C) - min(C) > 1e-9)
+        and n >= min_hit_rate_prompts and max(C) - min(C) > 1e-9)
     chosen = C if use_hr else dm
     return LayerProfile(alpha=alpha, scales=scales, proxy=proxy, proxy_base=float(m0), proxy_change=dm,
                         hit_rate_base=hr0, hit_rate=hr, hit_rate_change=C, hit_rate_relative=relative,

@@ -123,6 +123,15 @@ def _emotions(emotion: str, param: str = "--emotion") -> list[str]:
         fail(f"{param}: {e}")
 
 
+def _builtin_only(emotions: list[str], param: str = "--emotion") -> None:
+    from emosteer.data.builtin import BUILTIN_EMOTIONS
+
+    unknown = [e for e in emotions if e not in BUILTIN_EMOTIONS]
+    if unknown:
+        fail(f"{param}: no built-in pairs for {unknown}; built-in: {list(BUILTIN_EMOTIONS)} "
+             "(or pass your own with --pairs)")
+
+
 def _positive(value: float | int, param: str, upper: float | None = None) -> None:
     if value <= 0 or (upper is not None and value > upper):
         rng = f"in (0, {upper}]" if upper is not None else "> 0"
@@ -246,6 +255,8 @@ def extract(
     _positive(max_tokens, "--max-tokens", 4096)
     if pairs is not None:
         _existing_file(pairs, "--pairs")
+    else:
+        _builtin_only(emotions)
     _out_file(out_path, "--out")
     folder = _model_path(model)
     _engine_env()
@@ -312,6 +323,8 @@ def attribute(
              f"it holds {b.names()}")
     if pairs is not None:
         _existing_file(pairs, "--pairs")
+    else:
+        _builtin_only([emo])
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out: {str(out_dir)!r} exists and is not a folder")
     folder = _model_path(model)
@@ -440,11 +453,7 @@ def demo_cmd(
     narratives on held-out prompts → report.md, plots, results.json, narratives.jsonl,
     bank.safetensors. About 15 min for SmolLM2-135M on 2 CPU cores; --quick: ~1 min."""
     emotions = _emotions(emotion)
-    from emosteer.data.builtin import BUILTIN_EMOTIONS
-
-    unknown = [e for e in emotions if e not in BUILTIN_EMOTIONS]
-    if unknown:
-        fail(f"--emotion: no built-in pairs for {unknown}; have {list(BUILTIN_EMOTIONS)}")
+    _builtin_only(emotions)
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out: {str(out_dir)!r} exists and is not a folder")
     if model.strip().lower() not in ("default", "smollm2"):

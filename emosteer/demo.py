@@ -36,13 +36,15 @@ import torch
 __all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage"]
 
 # Sized for SmolLM2-135M on 2 busy CPU cores (~20k generated tokens in all, < 20 min).
-FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=8, layer_tokens=32,
-            alpha=0.5, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
-            ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.25, 0.5, 1.0),
+# alpha and strengths are ‖added vector‖ / ‖residual‖ at the layer (DESIGN: α ≈ 0.1);
+# SmolLM2's own emotional shift ‖S_l‖/‖h_l‖ is ≈ 0.06, and 0.25+ degrades the text.
+FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=10, layer_tokens=32,
+            alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
+            ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
             n_samples=4, batch_size=16)
 QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
-             alpha=0.5, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
-             ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.5, 1.0), n_samples=2,
+             alpha=0.1, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
+             ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.1, 0.2), n_samples=2,
              batch_size=8)
 
 

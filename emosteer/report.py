@@ -182,15 +182,17 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     base = st.get("baseline", {})
     lines += [
         f"Held-out neutral prompts: n = {st.get('n_prompts')} (their settings never occur in "
-        f"the extraction pairs). Steering adds scale·S_l at layer(s) {st.get('layers')} "
-        f"on every position; greedy decoding, {st.get('max_tokens')} new tokens.",
+        f"the extraction pairs). Steering adds a multiple of S_l at layer(s) "
+        f"{st.get('layers')} (the peak of the layer profile) on every position; strength = "
+        f"‖added vector‖ / mean ‖h_l‖ at the last prompt token; greedy decoding, "
+        f"{st.get('max_tokens')} new tokens, same prompts in every condition.",
         "",
         "Hit rate = share of emotion words in the narrative that map to the target "
         "category; a narrative with no emotion word counts as 0 (*scored* = narratives "
         "holding at least one emotion word, where the hit rate is defined). "
         "Hallucination = share of narratives on neutral inputs that assert any emotion.",
         "",
-        "| condition | scale | hit rate (0 if none) | hit rate over scored (n scored) | "
+        "| condition | strength | hit rate (0 if none) | hit rate over scored (n scored) | "
         "Δ hit rate vs unsteered, paired | hallucination rate | valence |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| unsteered | 0 | {_f(base.get('hit_rate_mean'))} | "
@@ -208,14 +210,16 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     if best:
         d = best.get("delta") or {}
         lines.append(
-            f"**Measured:** at scale {_f(best.get('scale'), 2)} the {emo} hit rate on held-out "
+            f"**Measured:** at strength {_f(best.get('scale'), 2)} the {emo} hit rate on held-out "
             f"neutral prompts changes by {_ci(d, pct=True)}; per-prompt change spread "
             f"min {_f(d.get('min'))}, median {_f(d.get('median'))}, max {_f(d.get('max'))}. "
             f"Hallucination rate {_f(base.get('hallucination_rate'), pct=True)} unsteered → "
             f"{_f(best.get('hallucination_rate'), pct=True)} steered. This strength is the one "
             "with the highest mean hit rate on these same prompts (the table lists every "
             "strength). Adding an emotion direction to neutral inputs is expected to make "
-            "narratives name emotions more often; the hallucination column measures that cost.")
+            "narratives name emotions more often; the hallucination column measures that cost. "
+            "The built-in query asks how the person feels, so even unsteered narratives of "
+            "neutral scenes often name an emotion.")
         lines.append("")
 
 
@@ -249,7 +253,7 @@ def render_markdown(results: dict) -> str:
         "",
         "Method (VEENA, text version): counterfactual pairs (emotional vs neutral scene, "
         "same query) → per-layer steering vector S_l = mean(h⁺ − h⁻) at the last prompt "
-        "token over pairs whose emotional narrative has hit rate > τ → layer attribution "
+        "token over pairs whose emotional narrative has hit rate ≥ τ → layer attribution "
         "(inject α·S_l at one layer on neutral prompts) → head intention (cosine of each "
         "head's o_proj contribution with S_l) confirmed by activation patching → neurons "
         "(down_proj columns aligned with S_l) → steered narratives on held-out prompts.",
@@ -338,7 +342,7 @@ def render_markdown(results: dict) -> str:
                       "| --- | --- | --- |"]
             for s in samples:
                 lines.append(f"| {_quote(s.get('prompt'), 160)} | {_quote(s.get('unsteered'))} "
-                             f"| {_quote(s.get('steered'))} (scale {_f(s.get('scale'), 2)}) |")
+                             f"| {_quote(s.get('steered'))} (strength {_f(s.get('scale'), 2)}) |")
             lines.append("")
     t = r.get("timings") or {}
     if t:

@@ -214,3 +214,27 @@ def test_demo_bad_input(tmp_path):
     assert_user_error(run("demo", "--out", f), "--out")
     assert_user_error(run("demo", "--model", tmp_path / "nomodel"), "--model")
     assert_user_error(run("demo", "--backend", "gpu"), "--backend")
+
+
+# ---------------------------------------------------------------- a real run (HF, tiny)
+def test_extract_then_attribute_on_tiny_model(tmp_path):
+    """extract → bank show → attribute on a tiny random Llama, HF backend (seconds)."""
+    from emosteer.bank import VectorBank
+    from emosteer.testing import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    bank = tmp_path / "bank.safetensors"
+    res = run("extract", "--model", model, "--emotion", "joy", "--backend", "hf",
+              "--max-pairs", "4", "--max-tokens", "4", "--out", bank)
+    assert res.exit_code == 0, res.output
+    assert {"joy", "joy.h"} <= set(VectorBank.load(bank).names())
+    assert (tmp_path / "bank.safetensors.extract.json").is_file()
+    assert run("bank", "show", bank).exit_code == 0
+    out = tmp_path / "attr"
+    res = run("attribute", "--model", model, "--bank", bank, "--emotion", "joy", "--backend",
+              "hf", "--n-prompts", "2", "--max-tokens", "4", "--top-heads", "2",
+              "--top-neurons", "4", "--out", out)
+    assert res.exit_code == 0, res.output
+    for name in ("attribution.json", "layers.png", "heads.png", "bank.safetensors"):
+        assert (out / name).is_file(), name
+    assert {"joy.vee", "joy.ena"} <= set(VectorBank.load(out / "bank.safetensors").names())

@@ -170,3 +170,19 @@ def test_frontend_check_and_salt():
     cap_all = fe.check({"capture": {"heads": [0], "positions": "all"}})
     assert fe.salt(cap_all, "r1") != fe.salt(cap_all, "r2")  # never served from cache
     assert fe.salt(fe.check({"capture": {"heads": [0]}}), "r1") is None
+
+
+def test_server_maps_spec_errors_to_400():
+    """A bad config raised while the server adds a request is a VLLMValidationError
+    (vLLM answers 400 naming the parameter; a plain ValueError there becomes a 500)."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.exceptions import VLLMValidationError
+
+    from emosteer.vllm.patches.input_processor import validation_error_class
+
+    err = validation_error_class()("heads[0].mode", "must be one of 'add', ...")
+    assert isinstance(err, SpecError) and isinstance(err, VLLMValidationError)
+    assert err.field == "heads[0].mode"
+    resp = create_error_response(err)
+    assert resp.error.code == 400 and resp.error.param == "emosteer.heads[0].mode"
+    assert "heads[0].mode" in resp.error.message

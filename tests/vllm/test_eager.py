@@ -20,6 +20,12 @@ def _no_slot_left(llm):
     assert_no_slots_held(llm)
 
 
+def test_engine_uses_a_compiled_kernel(llm):
+    # Never the interpreted Triton path (tests/ops sets TRITON_INTERPRET per test).
+    st = llm.status()[0]
+    assert st["impl"] in ("cpp", "torch") and st["features"] == ["heads", "residual", "neurons"]
+
+
 def test_empty_and_scale0_equal_plain_vllm(llm, plain_reference):
     checks.check_plain_equivalence(llm, plain_reference, atol=0.0)
 

@@ -3,7 +3,8 @@
 Replaces: ``process_inputs`` (turns a prompt + params into the ``EngineCoreRequest``
 sent to the engine). After the original, a request whose ``extra_args`` hold an
 ``"emosteer"`` config is checked (``SpecError`` naming the field, raised before the
-request reaches the engine; the server turns it into a 400) and, when the config changes
+request reaches the engine, as a ``VLLMValidationError`` too so that the server answers
+400) and, when the config changes
 the prompt's activations, gets its ``cache_salt`` (see ``emosteer/vllm/frontend.py``).
 Why: it is the one function both ``vllm.LLM`` and the OpenAI server call for every
 request, in the front-end process, with the tokenized prompt at hand.
@@ -17,6 +18,27 @@ import functools
 from emosteer.vllm.patches import Swap
 
 _swap: Swap | None = None
+_error_class = None
+
+
+def validation_error_class():
+    """``EmosteerValidationError``: a ``SpecError`` that is also vLLM's
+    ``VLLMValidationError``, so the OpenAI server answers 400 naming the field (a plain
+    ValueError raised while adding a request becomes a 500 there)."""
+    global _error_class
+    if _error_class is None:
+        from vllm.exceptions import VLLMValidationError
+
+        from emosteer.spec import SpecError
+
+        class EmosteerValidationError(SpecError, VLLMValidationError):
+            def __init__(self, field: str, message: str):
+                SpecError.__init__(self, field, message)
+                self.parameter = f"emosteer.{field}" if field else "emosteer"
+                self.value = None
+
+        _error_class = EmosteerValidationError
+    return _error_class
 
 
 def _make(original):
@@ -36,7 +58,13 @@ def _make(original):
             n_prompt = int(req.prompt_embeds.shape[0])
         else:
             n_prompt = None
-        spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
+        from emosteer.spec import SpecError
+
+        try:
+            spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
+        except SpecError as e:
+            msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
+            raise validation_error_class()(e.field, msg) from None
         salt = fe.salt(spec, str(request_id))
         if salt:
             req.cache_salt = salt if not req.cache_salt else f"{req.cache_salt}|{salt}"
