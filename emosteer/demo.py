@@ -38,7 +38,7 @@ __all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering
 # Sized for SmolLM2-135M on 2 busy CPU cores (~20k generated tokens in all, < 20 min).
 # alpha and strengths are ‖added vector‖ / ‖residual‖ at the layer (DESIGN: α ≈ 0.1);
 # SmolLM2's own emotional shift ‖S_l‖/‖h_l‖ is ≈ 0.06, and 0.25+ degrades the text.
-FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=10, layer_tokens=32,
+FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=16, layer_tokens=32,
             alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
             ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
             n_samples=4, batch_size=16)
@@ -147,7 +147,11 @@ def _layer_dict(lp, n_prompts: int, max_tokens: int) -> dict:
 
 
 def _best_layer(lp) -> int:
-    """Peak of the layer profile (ties: the earliest layer)."""
+    """Peak of the smoothed layer profile (3-layer moving average, as the stage rule uses:
+    one noisy layer does not decide); ties: the earliest layer."""
+    peak = (lp.stages or {}).get("peak")
+    if peak is not None:
+        return int(peak)
     return max(range(len(lp.profile)), key=lambda l: (lp.profile[l], -l))
 
 
@@ -352,6 +356,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                         "hallucination_rate": e["hallucination_rate"]}
             results["emotions"][emo] = res
         runner.bank.save(out / "bank.safetensors")
+        (out / "bank.safetensors").chmod(0o644)
     finally:
         close_runner(runner)
     t = time.perf_counter()

@@ -36,8 +36,8 @@ class EmosteerRequestError(RuntimeError):
 class LLM:
     """``emosteer.LLM(model, bank=None, max_slots=32, **vllm_kwargs)``.
 
-    ``bank``: a bank file path (loaded by every worker at start-up) or a ``VectorBank``
-    (registered after start-up). ``capture_rows``: rows of the per-step capture buffer
+    ``bank``: a bank file path or a ``VectorBank``, registered in every worker right
+    after start-up (``EMOSTEER_BANK`` also works: workers load it at start-up). ``capture_rows``: rows of the per-step capture buffer
     (default 4096). Other keyword arguments go to ``vllm.LLM``.
     """
 
@@ -59,12 +59,16 @@ class LLM:
         settings["max_slots"] = int(max_slots)
         if capture_rows is not None:
             settings["capture_rows"] = int(capture_rows)
-        if isinstance(bank, (str, os.PathLike)):
-            settings["bank"] = os.path.abspath(os.fspath(bank))
         additional[EXTRA_KEY] = settings
         self.max_slots = int(max_slots)
+        # The bank is registered after start-up rather than named in additional_config:
+        # that config is part of vLLM's compile-cache key, and a new bank file must not
+        # cost a recompile. (Servers may name one there, or set EMOSTEER_BANK.)
+        if isinstance(bank, (str, os.PathLike)):
+            bank = VectorBank.load(bank)
         self.llm = vllm.LLM(model, additional_config=additional, **vllm_kwargs)
-        if isinstance(bank, VectorBank):
+        self.frontend  # built now, with the settings and EMOSTEER_BANK the workers saw
+        if bank is not None:
             self.register_vectors(bank)
 
     # -- bank ------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     lines += [
         f"Held-out neutral prompts: n = {st.get('n_prompts')} (their settings never occur in "
         f"the extraction pairs). Steering adds a multiple of S_l at layer(s) "
-        f"{st.get('layers')} (the peak of the layer profile) on every position; strength = "
+        f"{st.get('layers')} (the peak of the smoothed layer profile) on every position; strength = "
         f"‖added vector‖ / mean ‖h_l‖ at the last prompt token; greedy decoding, "
         f"{st.get('max_tokens')} new tokens, same prompts in every condition.",
         "",

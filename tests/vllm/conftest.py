@@ -40,8 +40,8 @@ def bank(info):
 
 
 @pytest.fixture(scope="session")
-def bank_path(bank, tmp_path_factory):
-    path = tmp_path_factory.mktemp("vllm_bank") / "bank.safetensors"
+def bank_path(bank, tiny_model):
+    path = f"{tiny_model}.bank.safetensors"
     bank.save(path)
     return str(path)
 

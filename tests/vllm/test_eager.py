@@ -24,6 +24,7 @@ def test_engine_uses_a_compiled_kernel(llm):
     # Never the interpreted Triton path (tests/ops sets TRITON_INTERPRET per test).
     st = llm.status()[0]
     assert st["impl"] in ("cpp", "torch") and st["features"] == ["heads", "residual", "neurons"]
+    assert {"joy", "sad", "joy.h", "joy.ena"} <= set(st["bank"])  # loaded at start-up (EMOSTEER_BANK)
 
 
 def test_empty_and_scale0_equal_plain_vllm(llm, plain_reference):

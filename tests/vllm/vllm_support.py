@@ -88,9 +88,21 @@ class Engines:
         else:
             import emosteer
 
-            self.llm = emosteer.LLM(
-                self.model, bank=self.bank_path, max_slots=MAX_SLOTS, enforce_eager=(kind == "eager"), **common
-            )
+            # Both ways of giving the bank: the eager engine's workers load it at
+            # start-up from EMOSTEER_BANK, the compiled one gets it registered by RPC.
+            by_env = kind == "eager"
+            if by_env:
+                os.environ["EMOSTEER_BANK"] = self.bank_path
+            try:
+                self.llm = emosteer.LLM(
+                    self.model,
+                    bank=None if by_env else self.bank_path,
+                    max_slots=MAX_SLOTS,
+                    enforce_eager=(kind == "eager"),
+                    **common,
+                )
+            finally:
+                os.environ.pop("EMOSTEER_BANK", None)
         self.kind = kind
         return self.llm
 
