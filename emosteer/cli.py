@@ -451,7 +451,8 @@ def demo_cmd(
 
     extract → layer attribution → head map + patching → neurons → steered vs unsteered
     narratives on held-out prompts → report.md, plots, results.json, narratives.jsonl,
-    bank.safetensors. About 15 min for SmolLM2-135M on 2 CPU cores; --quick: ~1 min."""
+    bank.safetensors. About 8–10 min for SmolLM2-135M on 2 CPU cores (vLLM start-up and
+    compile, 3–5 min, included); --quick: a few minutes, mostly engine start-up."""
     emotions = _emotions(emotion)
     _builtin_only(emotions)
     if out_dir.exists() and not out_dir.is_dir():

@@ -44,6 +44,7 @@ class RequestState:
         self.heads: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, D]
         self.residual: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [d]
         self.error: str | None = None
+        self.fetched = False  # results already handed out (see WorkerSteering.fetch)
 
     @property
     def active(self) -> bool:
@@ -137,6 +138,7 @@ class WorkerSteering:
                 m._emosteer_site = ActSite(self.bufs, i, self.impl)
         self.slots = SlotTable(self.settings.max_slots)
         self.reqs: dict[str, RequestState] = {}
+        self.by_key: dict[str, str] = {}  # result key -> live request id
         self.finished: OrderedDict[str, dict] = OrderedDict()
         self._step: dict | None = None
         logger.info(
@@ -167,6 +169,8 @@ class WorkerSteering:
         key = extra.get(RESULT_KEY)
         rs = RequestState(req_id, str(key) if key is not None else None, int(cached.num_prompt_tokens))
         self.reqs[req_id] = rs
+        if rs.key is not None:
+            self.by_key[rs.key] = req_id
         raw = extra.get(EXTRA_KEY)
         if raw is None:
             return rs
@@ -228,6 +232,10 @@ class WorkerSteering:
             if rs is None:
                 continue
             self._release_slots(rs)
+            if rs.key is not None:
+                self.by_key.pop(rs.key, None)
+            if rs.fetched:
+                continue
             if rs.key is not None and (rs.capture is not None or rs.error is not None):
                 self.finished[rs.key] = _pack(rs)
                 while len(self.finished) > self.settings.keep_captures:
@@ -334,7 +342,22 @@ class WorkerSteering:
 
     # -- rpc -------------------------------------------------------------------------
     def fetch(self, keys: list[str]) -> dict[str, dict]:
-        return {k: self.finished.pop(k) for k in keys if k in self.finished}
+        """Results by key. vLLM tells workers that requests finished one engine step
+        later than it tells the client, so a request the client saw finish may still be
+        live here: its results are complete (nothing runs after its last token), and
+        are handed out now; its slots are freed when the finish notice arrives."""
+        out = {}
+        for k in keys:
+            if k in self.finished:
+                out[k] = self.finished.pop(k)
+            elif k in self.by_key:
+                rs = self.reqs[self.by_key[k]]
+                if rs.fetched or (rs.capture is None and rs.error is None):
+                    continue
+                out[k] = _pack(rs)
+                rs.fetched = True
+                rs.heads, rs.residual = {}, {}
+        return out
 
     def status(self) -> dict:
         return {

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vllm_lvlm import IMAGE_PROMPT, build_tiny_qwen2_vl, test_image  # noqa: E402
-from vllm_support import engine_env, make_bank  # noqa: E402
+from vllm_support import assert_no_slots_held, engine_env, make_bank  # noqa: E402
 
 TOKENS = 6
 
@@ -61,7 +61,11 @@ def main(model_dir: str) -> dict:
     res["prompt_tokens"] = P
     res["capture_shape"] = list(batch[1].emosteer_captures["heads"][0].shape)
     res["residual_shape"] = list(batch[1].emosteer_captures["residual"][1].shape)
-    res["slots_in_use"] = sum(s["slots_in_use"] for s in llm.status())
+    try:
+        assert_no_slots_held(llm)
+        res["slots_in_use"] = 0
+    except AssertionError:
+        res["slots_in_use"] = sum(s["slots_in_use"] for s in llm.status())
 
     # The HF reference on the same inputs (same expanded image tokens and pixels).
     proc = AutoProcessor.from_pretrained(path)

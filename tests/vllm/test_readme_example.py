@@ -21,7 +21,7 @@ def example_code() -> str:
 
 
 def test_readme_example(engines, tiny_model, bank_path, info, capsys):
-    from vllm_support import engine_env
+    from vllm_support import assert_no_slots_held, engine_env
 
     engines.close()  # one engine at a time: the example starts its own
     engine_env()
@@ -37,8 +37,7 @@ def test_readme_example(engines, tiny_model, bank_path, info, capsys):
         assert "joy.heads" in ns["llm"].bank.names()
         assert len(ns["patched"].outputs[0].token_ids) > 0
         assert capsys.readouterr().out.strip().endswith("steer[0].scale")
-        for st in ns["llm"].status():
-            assert st["slots_in_use"] == 0
+        assert_no_slots_held(ns["llm"])
     finally:
         llm = ns.get("llm")
         if llm is not None:
