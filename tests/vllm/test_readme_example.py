@@ -1,4 +1,4 @@
-"""The "Use with vLLM" example of docs/vllm.md (merged into the README), run verbatim."""
+"""The first code block of the README's "Use with vLLM" section, run verbatim."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import torch
 
 pytestmark = pytest.mark.vllm
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "vllm.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
+SECTION = "### Use with vLLM"
 
 
 def example_code() -> str:
     text = DOC.read_text()
+    assert SECTION in text, f"no {SECTION!r} section in {DOC}"
+    text = text.split(SECTION, 1)[1]
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, f"no python block in {DOC}"
     return blocks[0]
