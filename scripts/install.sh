@@ -19,5 +19,9 @@ if [ "$EXTRA" = "cpu" ]; then
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
   # beside the CPU torch; text models need none of them (see README, "Vision models").
   $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # Vision-language models in vLLM import torchvision: keep one outside the venv's
+  # site-packages, for processes that put it on PYTHONPATH with the shim of
+  # tests/vllm/vllm_lvlm.py (the tiny Qwen2-VL test does).
+  $PIP install -q --no-deps --target "$VENV/torchvision-cpu" "torchvision==0.28.0"
 fi
 $VENV/bin/python -c "import emosteer.ops as o; print('emosteer ops available on cpu:', o.available_impls('cpu'))"

@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def _torchvision_dir() -> str | None:
-    extra = os.environ.get("EMOSTEER_TEST_TORCHVISION")
+    # scripts/install.sh puts a --no-deps torchvision beside the venv for this test.
+    extra = os.environ.get("EMOSTEER_TEST_TORCHVISION") or str(HERE.parents[1] / ".venv" / "torchvision-cpu")
     if extra and (Path(extra) / "torchvision").is_dir():
         return extra
     spec = importlib.util.find_spec("torchvision")
