@@ -1,0 +1,75 @@
+"""`emosteer generate` on a real engine: steered rows, and resuming after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vllm_support import assert_no_slots_held
+
+from emosteer.generate import GenerateConfig, done_ids, generate_jsonl
+
+pytestmark = pytest.mark.vllm
+
+ROWS = [
+    {"id": "a", "prompt": "Describe the scene: a child on a sunny beach.", "emotion": "joy"},
+    {"id": "b", "prompt": "Describe the scene: a man alone in the rain.", "emotion": "joy",
+     "steer": {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 4.0}]}},
+    {"id": "c", "prompt": "A person stands in a room.", "emotion": "sadness",
+     "steer": {"steer": [{"vector": "sad", "layers": [1], "scale": 2.0, "positions": "generated"}]}},
+    {"id": "d", "prompt": "A cup of tea on a table."},
+    {"id": "e", "prompt": "The dark forest at night.", "emotion": "fear",
+     "steer": {"neurons": {"set": "joy.ena", "gamma": 3.0}}},
+]
+
+
+@pytest.fixture(scope="module")
+def llm(engines):
+    return engines.get("eager")
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_generate_then_resume_after_torn_write(llm, tmp_path):
+    src = tmp_path / "in.jsonl"
+    _write(src, ROWS)
+    cfg = GenerateConfig(max_tokens=8, batch_size=2)
+
+    full = tmp_path / "full.jsonl"
+    assert generate_jsonl(src, full, cfg, llm=llm, progress=False) == len(ROWS)
+    rows = [json.loads(x) for x in full.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in ROWS]
+    for r, src_row in zip(rows, ROWS):
+        assert r["prompt"] == src_row["prompt"] and r.get("steer") == src_row.get("steer")
+        assert isinstance(r["narrative"], str) and r["n_tokens"] > 0
+        assert (r["hit_rate"] is None) or (0.0 <= r["hit_rate"] <= 1.0)
+        assert -1.0 <= r["valence"] <= 1.0
+    # Steering changed what the steered rows generated, relative to a plain run.
+    plain_src = tmp_path / "plain_in.jsonl"
+    _write(plain_src, [{k: v for k, v in r.items() if k != "steer"} for r in ROWS])
+    plain = tmp_path / "plain.jsonl"
+    generate_jsonl(plain_src, plain, cfg, llm=llm, progress=False)
+    plain_rows = [json.loads(x) for x in plain.read_text().splitlines()]
+    assert rows[0]["narrative"] == plain_rows[0]["narrative"]  # unsteered row: same text
+    assert rows[1]["narrative"] != plain_rows[1]["narrative"]
+
+    # A crash after two rows, in the middle of writing the third.
+    resumed = tmp_path / "resumed.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    resumed.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    assert done_ids(resumed) == {"a", "b"}  # the torn row is cut off, not counted
+    assert generate_jsonl(src, resumed, cfg, llm=llm, progress=False) == len(ROWS) - 2
+    assert resumed.read_text() == full.read_text()  # nothing lost, nothing duplicated
+    assert generate_jsonl(src, resumed, cfg, llm=llm, progress=False) == 0
+    assert_no_slots_held(llm)
+
+
+def test_bad_row_is_refused_before_generation(llm, tmp_path):
+    src = tmp_path / "in.jsonl"
+    _write(src, ROWS[:1] + [{"id": "x", "prompt": "p", "steer": {"steer": [{"vector": "joy"}]}}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match=r"row 'x'.*steer\[0\]"):
+        generate_jsonl(src, out, GenerateConfig(max_tokens=4), llm=llm, progress=False)
+    assert not out.exists()
