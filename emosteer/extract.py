@@ -14,6 +14,15 @@ name no emotion at all), every pair is used and the metadata says so
 (``filter: "fallback_all_pairs"``) with a warning. The same function runs on the "hf"
 backend (HFSteerer) or the "vllm" backend (emosteer.LLM): only the captures differ in
 where they come from.
+
+Image pairs (``Stimulus.image``) need a vision-language model and its processor (loaded
+from the model folder, or passed as ``processor``): the user turn is the image then the
+query, built with the processor's chat template (image content item) and expanded by the
+processor; ``pixel_values`` / ``image_grid_thw`` go with the ids. On "hf", the X⁺
+narratives for the filter come from the model's own unsteered ``generate`` (HFSteerer's
+hooked generation takes no image inputs) and the X⁺ captures from a separate forward
+pass (same last-prompt-token residual and heads). On "vllm", requests carry the prompt
+text and ``multi_modal_data={"image": ...}`` (untested).
 """
 
 from __future__ import annotations
@@ -39,10 +48,21 @@ def pair_text(stimulus, query: str) -> str:
     """The user turn for one side of a text pair: the scene, then the query."""
     if getattr(stimulus, "kind", "text") != "text":
         raise NotImplementedError(
-            "image pairs need a vision-language processor; extraction on images is not "
-            "wired into the text runners yet (use text pairs)"
-        )
+            "pair_text takes text stimuli only; extract_vectors encodes image pairs through "
+            "the runner's processor (runner.encode_images)")
     return f"{stimulus.text} {query}".strip()
+
+
+def _encode_side(runner, stimuli, queries, chat: bool):
+    """Token ids (text) or MMPrompt rows (image) for one side of a group of pairs."""
+    kinds = {getattr(s, "kind", "text") for s in stimuli}
+    if kinds == {"text"}:
+        return runner.encode([pair_text(s, q) for s, q in zip(stimuli, queries)], chat=chat)
+    if kinds == {"image"}:
+        if not hasattr(runner, "encode_images"):
+            raise NotImplementedError(f"runner {type(runner).__name__} takes no images")
+        return runner.encode_images([s.image for s in stimuli], list(queries), chat=chat)
+    raise ValueError("a group mixes text and image stimuli; extract them separately")
 
 
 def stack_captures(caps: Sequence[dict], num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +125,7 @@ def extract_vectors(
     progress: bool = True,
     lexicon=None,
     hit_rate_fn: Callable[[str, str], float | None] | None = None,
+    processor=None,
 ) -> ExtractResult:
     """Extract ``"<emotion>"`` (residual) and ``"<emotion>.h"`` (head) vectors.
 
@@ -113,12 +134,14 @@ def extract_vectors(
     a JSONL path, or None for the built-in text pairs. ``emotions`` restricts the pairs
     (default: every emotion present); ``limit`` takes the first pairs per emotion.
     ``hit_rate_fn(text, emotion)`` replaces ``emosteer.emotion.hit_rate`` (called once per
-    pair, in pair order). Returns the bank (new, or ``bank`` extended) and the audit.
+    pair, in pair order). ``processor``: the vision-language processor for image pairs
+    (default: AutoProcessor from the model folder). Returns the bank (new, or ``bank``
+    extended) and the audit.
     """
     from emosteer.emotion import hit_rate
 
     runner = make_runner(model, backend, tokenizer=tokenizer, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, processor=processor)
     info = runner.info
     if isinstance(emotions, str):
         emotions = [emotions]
@@ -138,11 +161,19 @@ def extract_vectors(
 
     for emotion in tqdm(result.emotions, desc="extract", disable=not progress):
         group = groups[emotion][:limit] if limit else groups[emotion]
-        ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in group], chat=chat)
-        ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in group], chat=chat)
+        queries = [p.query for p in group]
+        ids_pos = _encode_side(runner, [p.emotional for p in group], queries, chat)
+        ids_neg = _encode_side(runner, [p.neutral for p in group], queries, chat)
         specs = [CAPTURE_LAST] * len(group)
-        _, texts, caps_pos = runner.generate(ids_pos, specs, max_new_tokens=max_new_tokens,
-                                             desc=f"{emotion}: X+ narratives")
+        if runner.backend == "hf" and getattr(group[0].emotional, "kind", "text") == "image":
+            # unsteered narratives by the model's own generate, captures by a forward pass
+            _, texts, _ = runner.generate(ids_pos, [None] * len(group),
+                                          max_new_tokens=max_new_tokens,
+                                          desc=f"{emotion}: X+ narratives")
+            _, caps_pos = runner.forward(ids_pos, specs, desc=f"{emotion}: X+ captures")
+        else:
+            _, texts, caps_pos = runner.generate(ids_pos, specs, max_new_tokens=max_new_tokens,
+                                                 desc=f"{emotion}: X+ narratives")
         _, caps_neg = runner.forward(ids_neg, specs, desc=f"{emotion}: X- captures")
         h_pos, z_pos = stack_captures(caps_pos, L)
         h_neg, z_neg = stack_captures(caps_neg, L)

@@ -20,7 +20,8 @@ import torch
 from emosteer.bank import ModelInfo, VectorBank
 from emosteer.spec import SteerSpec
 
-__all__ = ["HFRunner", "VLLMRunner", "make_runner", "format_prompts", "Positions"]
+__all__ = ["HFRunner", "VLLMRunner", "make_runner", "format_prompts", "Positions", "MMPrompt",
+           "format_image_prompt"]
 
 # Per row: "last" (the last prompt token) or explicit 0-based token positions.
 Positions = str | Sequence[Sequence[int]]
@@ -37,6 +38,63 @@ def format_prompts(tokenizer, texts: Sequence[str], chat: bool = True,
             {"role": "user", "content": t}]
         out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
     return out
+
+
+class MMPrompt(list):
+    """Token ids of one image prompt (image placeholders already expanded by the
+    processor), carrying ``text`` (the formatted prompt, placeholders unexpanded),
+    ``image`` (a PIL image) and ``mm`` (the processor's model inputs besides the ids:
+    ``pixel_values``, ``image_grid_thw``, ...). A plain list everywhere else."""
+
+    def __init__(self, ids, text: str, image, mm: dict):
+        super().__init__(ids)
+        self.text, self.image, self.mm = text, image, mm
+
+
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def format_image_prompt(processor, tokenizer, text: str, chat: bool = True) -> str:
+    """The prompt for one image + text user turn: the processor's chat template with an
+    image content item when that template renders the image token; otherwise (no
+    template, or a text-only one) the Qwen2-VL vision placeholder before the text inside
+    the tokenizer's chat template."""
+    image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
+    if chat and getattr(processor, "chat_template", None):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        if image_token in prompt:
+            return prompt
+    placeholder = (VISION_PLACEHOLDER if image_token == "<|image_pad|>" else image_token)
+    return format_prompts(tokenizer, [placeholder + text], chat)[0]
+
+
+def _load_image(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+def _encode_images(processor, tokenizer, images, texts, chat: bool) -> list[MMPrompt]:
+    out = []
+    for image, text in zip(images, texts):
+        img = _load_image(image)
+        prompt = format_image_prompt(processor, tokenizer, text, chat)
+        enc = processor(text=[prompt], images=[img], return_tensors="pt")
+        mm = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        out.append(MMPrompt(enc["input_ids"][0].tolist(), prompt, img, mm))
+    return out
+
+
+def _load_processor(path):
+    from transformers import AutoProcessor
+
+    if not path:
+        raise ValueError("image prompts need the model's processor: pass processor=...")
+    return AutoProcessor.from_pretrained(str(path))
 
 
 def _merge_bank(bank: VectorBank | None, other: VectorBank | None, info: ModelInfo) -> VectorBank:
@@ -60,7 +118,7 @@ class HFRunner:
     backend = "hf"
 
     def __init__(self, model, tokenizer, bank: VectorBank | None = None, batch_size: int = 16,
-                 progress: bool = True):
+                 progress: bool = True, processor=None):
         from emosteer.hf import HFSteerer
 
         self.steerer = HFSteerer(model, None, tokenizer)
@@ -70,6 +128,13 @@ class HFRunner:
         self.steerer.bank = self.bank
         self.batch_size, self.progress = batch_size, progress
         self.name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        self._processor = processor
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            self._processor = _load_processor(getattr(self.model.config, "_name_or_path", ""))
+        return self._processor
 
     def register(self, bank: VectorBank) -> None:
         self.bank.update(bank)
@@ -77,6 +142,32 @@ class HFRunner:
     def encode(self, texts: Sequence[str], chat: bool = True) -> list[list[int]]:
         prompts = format_prompts(self.tokenizer, texts, chat)
         return [self.tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
+
+    def encode_images(self, images: Sequence[Any], texts: Sequence[str],
+                      chat: bool = True) -> list[MMPrompt]:
+        """One image (path or PIL image) + text user turn per row, through the processor."""
+        return _encode_images(self.processor, self.tokenizer, images, texts, chat)
+
+    def _mm_kwargs(self, rows, T: int) -> dict:
+        """Model kwargs of a batch of MMPrompt rows: per-image tensors concatenated in row
+        order, per-token ones ([1, len]) left-padded to ``T`` like the ids."""
+        if not rows or not isinstance(rows[0], MMPrompt):
+            return {}
+        out = {}
+        for k in rows[0].mm:
+            vals = [r.mm[k] for r in rows]
+            if isinstance(vals[0], torch.Tensor) and vals[0].dim() == 2 and vals[0].shape[0] == 1 \
+                    and all(v.shape[1] == len(r) for v, r in zip(vals, rows)):
+                pad = torch.zeros((len(rows), T), dtype=vals[0].dtype)
+                for i, v in enumerate(vals):
+                    pad[i, T - v.shape[1]:] = v[0]
+                out[k] = pad
+            elif isinstance(vals[0], torch.Tensor):
+                out[k] = torch.cat(vals, dim=0)
+            else:
+                raise ValueError(f"cannot batch processor output {k!r}")
+        dev, dt = self.steerer.device, next(self.model.parameters()).dtype
+        return {k: v.to(dev, dt) if v.is_floating_point() else v.to(dev) for k, v in out.items()}
 
     def _pad(self, rows: Sequence[Sequence[int]]):
         T = max(len(r) for r in rows)
@@ -98,7 +189,8 @@ class HFRunner:
             rows = ids[s:s + self.batch_size]
             x, mask = self._pad(rows)
             lg, cp = self.steerer.run(x, mask, list(specs[s:s + self.batch_size]),
-                                      logits="last" if positions == "last" else "all")
+                                      logits="last" if positions == "last" else "all",
+                                      **self._mm_kwargs(rows, x.shape[1]))
             caps.extend(cp)
             for i, r in enumerate(rows):
                 if positions == "last":
@@ -112,13 +204,19 @@ class HFRunner:
     def forward_grad(self, ids, specs, keep: dict[str, Sequence[int]]):
         """One differentiable batch (no chunking): ``(logits [B,T,V], acts, pad_offsets)``."""
         x, mask = self._pad(ids)
-        lg, _, acts = self.steerer.run_grad(x, mask, list(specs), keep=keep, logits="all")
+        lg, _, acts = self.steerer.run_grad(x, mask, list(specs), keep=keep, logits="all",
+                                            **self._mm_kwargs(ids, x.shape[1]))
         offs = [x.shape[1] - len(r) for r in ids]
         return lg, acts, offs
 
     def generate(self, ids: Sequence[Sequence[int]], specs, max_new_tokens: int = 48,
                  temperature: float = 0.0, seed: int | None = 0, desc: str = "generate"):
-        """``(token_ids, texts, captures)`` per row."""
+        """``(token_ids, texts, captures)`` per row.
+
+        Image rows (MMPrompt) are generated one at a time by the model's own ``generate``
+        (HFSteerer.generate takes no image inputs): unsteered only, captures None."""
+        if ids and isinstance(ids[0], MMPrompt):
+            return self._generate_mm(ids, specs, max_new_tokens, temperature, seed)
         toks, texts, caps = [], [], []
         for s in _batches(len(ids), self.batch_size, self.progress, desc):
             x, mask = self._pad(ids[s:s + self.batch_size])
@@ -129,6 +227,29 @@ class HFRunner:
             texts.extend(out.texts)
             caps.extend(out.captures)
         return toks, texts, caps
+
+    @torch.no_grad()
+    def _generate_mm(self, rows, specs, max_new_tokens, temperature, seed):
+        for sp in specs:
+            sp = SteerSpec.parse(sp)
+            if sp.steer or sp.heads or sp.neurons or sp.boost or sp.capture is not None:
+                raise NotImplementedError(
+                    "hf backend: generation with images is unsteered and captures nothing; "
+                    "use forward() for captures")
+        toks, texts = [], []
+        for r in rows:
+            x = torch.tensor([list(r)], device=self.steerer.device)
+            kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens)
+            if temperature > 0:
+                kw["temperature"] = temperature
+                if seed is not None:
+                    torch.manual_seed(seed)
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                      **self._mm_kwargs([r], x.shape[1]), **kw)
+            new = out[0, x.shape[1]:].tolist()
+            toks.append(new)
+            texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
+        return toks, texts, [None] * len(rows)
 
 
 class _LMHead:
@@ -179,6 +300,18 @@ class VLLMRunner:
         self.progress, self.name = progress, str(path)
         self._head: _LMHead | None = None
         self.model = None
+        self._processor = None
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            self._processor = _load_processor(self.path)
+        return self._processor
+
+    def encode_images(self, images: Sequence[Any], texts: Sequence[str],
+                      chat: bool = True) -> list[MMPrompt]:
+        """As HFRunner.encode_images; requests send the unexpanded prompt text + image."""
+        return _encode_images(self.processor, self.tokenizer, images, texts, chat)
 
     def register(self, bank: VectorBank) -> None:
         self.bank.update(bank)
@@ -189,7 +322,8 @@ class VLLMRunner:
         return [self.tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
 
     def _generate(self, ids, specs, params):
-        prompts = [{"prompt_token_ids": list(r)} for r in ids]
+        prompts = [{"prompt": r.text, "multi_modal_data": {"image": r.image}}
+                   if isinstance(r, MMPrompt) else {"prompt_token_ids": list(r)} for r in ids]
         return self.llm.generate(prompts, params, steer=[SteerSpec.parse(s) for s in specs],
                                  use_tqdm=self.progress)
 
@@ -246,7 +380,7 @@ class VLLMRunner:
 
 def make_runner(model: Any = "default", backend: str = "hf", tokenizer=None,
                 bank: VectorBank | None = None, batch_size: int = 16, progress: bool = True,
-                **engine_kwargs):
+                processor=None, **engine_kwargs):
     """A runner for ``backend`` ("hf" | "vllm"). ``model`` is a runner (returned as is), an
     HFSteerer / transformers model (with ``tokenizer``), an ``emosteer.LLM``, or a model
     name/folder ("default" = SmolLM2-135M-Instruct) loaded for the backend."""
@@ -266,7 +400,8 @@ def make_runner(model: Any = "default", backend: str = "hf", tokenizer=None,
             tokenizer = tokenizer or tok
         if tokenizer is None:
             raise ValueError("backend 'hf' with a model object needs its tokenizer")
-        return HFRunner(model, tokenizer, bank, batch_size=batch_size, progress=progress)
+        return HFRunner(model, tokenizer, bank, batch_size=batch_size, progress=progress,
+                        processor=processor)
     if backend == "vllm":
         import emosteer
 
@@ -276,5 +411,7 @@ def make_runner(model: Any = "default", backend: str = "hf", tokenizer=None,
             path = resolve_model(model)
             engine_kwargs.setdefault("dtype", "float32")
             model = emosteer.LLM(str(path), bank=bank, **engine_kwargs)
-        return VLLMRunner(model, tokenizer, bank, progress=progress)
+        runner = VLLMRunner(model, tokenizer, bank, progress=progress)
+        runner._processor = processor
+        return runner
     raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
