@@ -111,6 +111,7 @@ def resolve_impl(impl: Optional[str], device: torch.device | str) -> str:
     return impl
 
 
+@functools.lru_cache(maxsize=None)
 def backend_fn(impl: str, op: str) -> Callable[..., None]:
     """The callable implementing ``op`` with ``impl`` (same signature as the reference)."""
     if impl == "torch":
@@ -140,9 +141,12 @@ def _register(op: str, mutates: Sequence[str]):
     ]
     hints = {p.name: _annotation(p.name, op) for p in params}
 
+    full_sig = inspect.Signature(params)
+
     def body(*args, **kwargs):
-        bound = inspect.Signature(params).bind(*args, **kwargs)
-        impl_fn(*bound.args)
+        if kwargs:  # the hot path (the vLLM plugin) passes everything positionally
+            args = full_sig.bind(*args, **kwargs).args
+        impl_fn(*args)
 
     body.__signature__ = inspect.Signature(params, return_annotation=None)
     body.__annotations__ = {**hints, "return": None}
