@@ -1,6 +1,6 @@
 """A tiny random Qwen2-VL (vision tower + 2-layer decoder) built offline, for tests.
 
-The same construction as tests/vllm/vllm_lvlm.py: the byte-level BPE tokenizer of
+Used by the extraction tests and tests/vllm/vllm_lvlm.py: the byte-level BPE tokenizer of
 ``emosteer.testing`` plus the Qwen2-VL vision special tokens, a Qwen2VLProcessor with a
 small pixel budget (56x56 .. 112x112), random fp32 weights. The processor's video part
 needs torchvision importable (see tests/vllm/vllm_lvlm.py for the CPU shim).
