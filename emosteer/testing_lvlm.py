@@ -70,3 +70,49 @@ def build_tiny_qwen2vl(path: str | os.PathLike, seed: int = 0) -> Path:
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     (path / "generation_config.json").write_text(json.dumps(gen))
     return path
+
+
+# vLLM's Qwen2-VL and the Qwen2-VL processor import torchvision, whose PyPI build is a
+# CUDA build whose C extension cannot load beside a CPU torch. This `sitecustomize`
+# defines the two op schemas torchvision's meta registrations need, so that
+# `import torchvision` succeeds in a process that has it first on PYTHONPATH.
+TORCHVISION_SHIM = '''# emosteer test shim: define torchvision's op schemas (its CUDA-only C extension cannot
+# load beside a CPU torch), so that `import torchvision` succeeds.
+try:
+    import torch
+
+    _lib = torch.library.Library("torchvision", "DEF")
+    _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+except Exception:
+    pass
+'''
+
+
+def torchvision_dir() -> str | None:
+    """Folder holding an importable ``torchvision`` package: ``$EMOSTEER_TEST_TORCHVISION``,
+    else the side install of scripts/install.sh (``<venv>/torchvision-cpu``), else the
+    environment's own; None when there is none."""
+    import importlib.util
+    import sys
+
+    extra = os.environ.get("EMOSTEER_TEST_TORCHVISION") or str(Path(sys.prefix) / "torchvision-cpu")
+    if (Path(extra) / "torchvision").is_dir():
+        return extra
+    spec = importlib.util.find_spec("torchvision")
+    return str(Path(spec.origin).parent.parent) if spec and spec.origin else None
+
+
+def torchvision_env(shim_dir: str | os.PathLike, *extra_paths: str) -> dict | None:
+    """Environment for a child process that can import torchvision (shim + torchvision +
+    ``extra_paths`` first on PYTHONPATH, no TRITON_INTERPRET); None without torchvision."""
+    tv = torchvision_dir()
+    if tv is None:
+        return None
+    shim = Path(shim_dir)
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "sitecustomize.py").write_text(TORCHVISION_SHIM)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), tv, *extra_paths, env.get("PYTHONPATH", "")])
+    return env

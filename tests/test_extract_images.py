@@ -4,12 +4,11 @@ o_proj inputs read with hand-written hooks, for every layer.
 
 The Qwen2-VL processor's video part needs torchvision, whose PyPI build cannot load
 beside the CPU torch: the case runs in a child process with the torchvision shim of
-tests/vllm/vllm_lvlm.py on PYTHONPATH (skipped without torchvision).
+emosteer.testing_lvlm on PYTHONPATH (skipped without torchvision).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,24 +19,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SHIM = '''try:
-    import torch
-
-    _lib = torch.library.Library("torchvision", "DEF")
-    _lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-except Exception:
-    pass
-'''
 QUERY = "Describe the scene. What does the person feel?"
-
-
-def _torchvision_dir() -> str | None:
-    extra = os.environ.get("EMOSTEER_TEST_TORCHVISION") or str(ROOT / ".venv" / "torchvision-cpu")
-    if extra and (Path(extra) / "torchvision").is_dir():
-        return extra
-    spec = importlib.util.find_spec("torchvision")
-    return str(Path(spec.origin).parent.parent) if spec and spec.origin else None
 
 
 def by_hand(model, proc, tok, image_path, query):
@@ -188,14 +170,11 @@ def case_vllm(work: str) -> dict:
 
 
 def _run_child(tmp_path, mode: str, timeout: int) -> dict:
-    tv = _torchvision_dir()
-    if tv is None:
+    from emosteer.testing_lvlm import torchvision_env
+
+    env = torchvision_env(tmp_path / "tv_shim", str(ROOT))
+    if env is None:
         pytest.skip("torchvision not installed (pip install --no-deps torchvision==0.28.0)")
-    shim = tmp_path / "tv_shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SHIM)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(shim), tv, str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), mode, str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

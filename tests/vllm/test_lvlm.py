@@ -3,44 +3,29 @@
 Needs torchvision (vLLM's Qwen2-VL imports it): installed in the environment, or a
 ``pip install --no-deps --target DIR torchvision==0.28.0`` named by
 ``EMOSTEER_TEST_TORCHVISION=DIR``. The case runs in a child process whose PYTHONPATH
-holds the torchvision shim (see vllm_lvlm.py); skipped without torchvision.
+holds the torchvision shim (emosteer.testing_lvlm.torchvision_env); skipped without torchvision.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from vllm_lvlm import torchvision_shim
+from emosteer.testing_lvlm import torchvision_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 
 
-def _torchvision_dir() -> str | None:
-    # scripts/install.sh puts a --no-deps torchvision beside the venv for this test.
-    extra = os.environ.get("EMOSTEER_TEST_TORCHVISION") or str(HERE.parents[1] / ".venv" / "torchvision-cpu")
-    if extra and (Path(extra) / "torchvision").is_dir():
-        return extra
-    spec = importlib.util.find_spec("torchvision")
-    return str(Path(spec.origin).parent.parent) if spec and spec.origin else None
-
-
 def test_qwen2_vl_with_image(engines, tmp_path_factory):
-    tv = _torchvision_dir()
-    if tv is None:
+    env = torchvision_env(tmp_path_factory.mktemp("tv_shim"), str(HERE.parents[1]))
+    if env is None:
         pytest.skip("torchvision not installed (pip install --no-deps torchvision==0.28.0)")
     engines.close()  # one engine at a time
-    shim = torchvision_shim(tmp_path_factory.mktemp("tv_shim"))
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(shim), tv, str(HERE.parents[1]), env.get("PYTHONPATH", "")])
     model_dir = tmp_path_factory.mktemp("lvlm") / "qwen2_vl"
     proc = subprocess.run([sys.executable, str(HERE / "lvlm_case.py"), str(model_dir)], env=env,
                           capture_output=True, text=True, timeout=900)
