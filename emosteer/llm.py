@@ -2,10 +2,12 @@
 
 A thin wrapper: it starts a ``vllm.LLM`` with emosteer's settings in
 ``additional_config``, checks every request config before anything reaches the engine,
-puts each config into its request's ``SamplingParams.extra_args``, runs the prompts in
-waves of at most ``max_slots`` distinct configs (so a request waits for a slot instead of
-failing), and attaches captures fetched from the workers to each ``RequestOutput`` as
-``.emosteer_captures``. Everything else is plain vLLM; ``.llm`` is the wrapped engine.
+puts each config into its request's ``SamplingParams.extra_args`` and runs every prompt
+in one call: the engine's scheduler admits a steered request when its slot is free (the
+others wait in vLLM's queue, see ``emosteer/vllm/admission.py``). Each ``RequestOutput``
+gets ``.emosteer_captures`` (fetched from the workers) and ``.emosteer_error`` (None, or
+why the engine stopped that request instead of running it without its interventions).
+Everything else is plain vLLM; ``.llm`` is the wrapped engine.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import torch
 from emosteer.bank import VectorBank
 from emosteer.spec import SteerSpec
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, FrontendSteering, frontend_for
-from emosteer.vllm.tables import phase_fingerprints
 
 
 class EmosteerRequestError(RuntimeError):
-    """A request's interventions could not be applied in the engine (it ran without
-    them); ``.errors`` maps prompt index -> message."""
+    """Requests whose interventions could not be applied in the engine (each was stopped,
+    none ran without them); ``.errors`` maps prompt index -> message. Raised by
+    ``LLM.generate(..., raise_on_error=True)``; by default errors are attached to the
+    outputs instead."""
 
     def __init__(self, errors: dict[int, str]):
         self.errors = errors
@@ -34,7 +37,7 @@ class EmosteerRequestError(RuntimeError):
 
 
 class LLM:
-    """``emosteer.LLM(model, bank=None, max_slots=32, **vllm_kwargs)``.
+    """``emosteer.LLM(model, bank=None, max_slots=256, **vllm_kwargs)``.
 
     ``bank``: a bank file path or a ``VectorBank``, registered in every worker right
     after start-up (``EMOSTEER_BANK`` also works: workers load it at start-up). ``capture_rows``: rows of the per-step capture buffer
@@ -45,7 +48,7 @@ class LLM:
         self,
         model: str,
         bank: "str | os.PathLike | VectorBank | None" = None,
-        max_slots: int = 32,
+        max_slots: int = 256,
         capture_rows: int | None = None,
         **vllm_kwargs: Any,
     ):
@@ -110,11 +113,15 @@ class LLM:
         sampling_params: Any = None,
         steer: Any = None,
         use_tqdm: bool = True,
+        raise_on_error: bool = False,
         **kwargs: Any,
     ) -> list:
         """Like ``vllm.LLM.generate``; ``steer`` is None, one spec (dict, JSON string or
         SteerSpec) for every prompt, or a list with one per prompt (None = plain).
-        Raises SpecError (naming the field) before anything runs on a bad config."""
+        Raises SpecError (naming the field) before anything runs on a bad config. A
+        request the engine could not apply comes back with ``.emosteer_error`` set (and
+        no text generated without its interventions); ``raise_on_error=True`` raises
+        ``EmosteerRequestError`` instead."""
         from vllm import SamplingParams
 
         single = isinstance(prompts, (str, dict))
@@ -138,6 +145,8 @@ class LLM:
         specs: list[SteerSpec | None] = []
         for i, r in enumerate(raw):
             spec = None if r is None else fe.check(r, None, sps[i].max_tokens)
+            if spec is not None and spec.intervenes():
+                fe.plan(spec)  # SpecError now if it could never be admitted
             specs.append(None if spec is None or spec.is_empty() else spec)
         params, keys = [], []
         for sp, spec in zip(sps, specs):
@@ -150,41 +159,24 @@ class LLM:
             sp.extra_args = {**(sp.extra_args or {}), EXTRA_KEY: spec.to_dict(), RESULT_KEY: key}
             params.append(sp)
             keys.append(key)
-        outputs: list = [None] * n
+        outs = self.llm.generate(plist, params, use_tqdm=use_tqdm, **kwargs)
+        wanted = [k for k in keys if k is not None]
+        fetched = self._fetch(wanted) if wanted else {}
         errors: dict[int, str] = {}
-        for wave in self._waves(specs):
-            outs = self.llm.generate(
-                [plist[i] for i in wave], [params[i] for i in wave], use_tqdm=use_tqdm, **kwargs
-            )
-            wave_keys = [keys[i] for i in wave if keys[i] is not None]
-            fetched = self._fetch(wave_keys) if wave_keys else {}
-            for i, out in zip(wave, outs):
-                got = fetched.get(keys[i]) if keys[i] is not None else None
-                out.emosteer_captures = got["captures"] if got else None
-                if got and got["error"]:
-                    errors[i] = got["error"]
-                outputs[i] = out
-        if errors:
+        for i, out in enumerate(outs):
+            got = fetched.get(keys[i]) if keys[i] is not None else None
+            out.emosteer_captures = got["captures"] if got else None
+            error = got["error"] if got else None
+            if error is None and keys[i] is not None and any(
+                c.finish_reason == "error" for c in out.outputs
+            ):
+                error = "the engine stopped this request (see the engine log)"
+            out.emosteer_error = error
+            if error is not None:
+                errors[i] = error
+        if errors and raise_on_error:
             raise EmosteerRequestError(errors)
-        return outputs
-
-    def _waves(self, specs: Sequence[SteerSpec | None]) -> list[list[int]]:
-        """Prompt indices in order, cut so that each wave needs <= max_slots slots."""
-        bank = self.frontend.bank
-        waves: list[list[int]] = [[]]
-        held: set[str] = set()
-        for i, spec in enumerate(specs):
-            fps = set()
-            if spec is not None:
-                fps = {fp for fp in phase_fingerprints(spec, bank).values() if fp is not None}
-            if len(fps) > self.max_slots:
-                raise ValueError(f"prompt {i} needs {len(fps)} slots; max_slots is {self.max_slots}")
-            if len(held | fps) > self.max_slots:
-                waves.append([])
-                held = set()
-            waves[-1].append(i)
-            held |= fps
-        return [w for w in waves if w]
+        return outs
 
     def _fetch(self, keys: list[str]) -> dict[str, dict]:
         """key -> {"error", "captures"}: worker results merged over TP ranks (heads are

@@ -1,23 +1,34 @@
 """Device buffers the patched modules read, allocated once per model before compile.
 
 Layout (L decoder layers, S = max_slots, Hl heads on this TP rank, D head dim, d hidden,
-Il intermediate neurons on this rank, Tm = max tokens per step, C = capture rows)::
+Il intermediate neurons on this rank, Tm = max tokens per step, C = capture rows,
+P = pool rows per kind)::
 
     token_slot  [Tm]        int32  slot of each token this step, -1 = none
-    a, b        [L, S, Hl]  fp32   head affine z <- a*z + b*v   (identity: a=1, b=0)
-    v           [L, S, Hl, D]      model dtype
-    alpha       [L, S]      fp32   residual add r <- r + alpha*u at layer l's output
-    u           [L, S, d]          model dtype
-    g           [L, S, Il]  fp32   neuron gain m <- g*m          (identity: g=1)
+    a, b        [L, S, Hl]  fp32   head affine z <- a*z + b*head_pool[vrow][h] (a=1, b=0: identity)
+    vrow        [L, S, Hl]  int32  head-pool row, -1 = none
+    alpha       [L, S]      fp32   residual add r <- r + alpha*res_pool[urow]
+    urow        [L, S]      int32  residual-pool row, -1 = none
+    gamma       [L, S]      fp32   neuron gain m <- (1 + (gamma-1)*neu_pool[nrow]) * m
+    nrow        [L, S]      int32  neuron-pool row, -1 = none
+    head_pool   [P, Hl, D]  model dtype   one row = one head vector at one layer
+    res_pool    [P, d]      model dtype   one row = one residual vector at one layer
+    neu_pool    [P, Il]     fp32          one row = one neuron mask at one layer
+    flags       [4, L, 1]   int32  per op kind (heads, residual, neurons, residual
+                                   capture) and layer: 1 = some token of this step needs
+                                   the op here; 0 = the kernel returns at once
     head_cap    [L, Tm]     int32  capture row of (layer, token) head outputs, -1 = none
     res_cap     [L, Tm]     int32  capture row of (layer, token) residual, -1 = none
     head_buf    [C, Hl, D]         captured head outputs (rows shared by all layers)
     res_buf     [C, 1, d]          captured residual rows
 
-Running example, 4 tokens of 3 requests, slots 0 and 2 in use::
+A slot is the tables' column s: scalars and row ids, a few bytes per layer; the vectors
+live once in the pools. Running example, 4 tokens of 3 requests, slots 0 and 2 in use::
 
     token_slot = [-1, 0, 2, 2]       # token 0 unsteered
+    vrow[5, 2] = [-1, 7, -1, ...]    # slot 2 reads head_pool row 7 at layer 5, head 1
     head_cap[5] = [-1, -1, -1, 0]    # layer 5 captures token 3 into head_buf row 0
+    flags[0, 5] = 1                  # the head op at layer 5 has work this step
 
 Each patched module holds a *site* with views of these tensors for its layer; per step
 only the contents change, so addresses stay fixed for CUDA graphs and compiled graphs.
@@ -29,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+FLAG_HEADS, FLAG_RES, FLAG_NEU, FLAG_RESCAP = 0, 1, 2, 3
+
 
 class AttnSite:
     """What a patched ``Attention`` reads: its layer's views of the head buffers."""
@@ -36,9 +49,11 @@ class AttnSite:
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
         self.layer = layer
         self.token_slot = bufs.token_slot
-        self.a, self.b, self.v = bufs.a[layer], bufs.b[layer], bufs.v[layer]
+        self.a, self.b, self.vrow = bufs.a[layer], bufs.b[layer], bufs.vrow[layer]
+        self.pool = bufs.head_pool
         self.cap_index = bufs.head_cap[layer]
         self.cap_buf = bufs.head_buf
+        self.flag = bufs.flags[FLAG_HEADS, layer]
         self.impl = impl
 
 
@@ -50,12 +65,16 @@ class NormSite:
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
         self.layer = layer
         self.token_slot = bufs.token_slot
-        self.alpha, self.u = bufs.alpha[layer], bufs.u[layer]
+        self.alpha, self.urow = bufs.alpha[layer], bufs.urow[layer]
+        self.pool = bufs.res_pool
+        self.flag = bufs.flags[FLAG_RES, layer]
         self.cap_index = bufs.res_cap[layer]
         self.cap_buf = bufs.res_buf
+        self.cap_flag = bufs.flags[FLAG_RESCAP, layer]
         # Capture-only use of head_affine_capture: slot -1 everywhere, identity table.
         self.no_slot = bufs.no_slot
-        self.one_a, self.zero_b, self.zero_v = bufs.one_a, bufs.zero_b, bufs.zero_v
+        self.one_a, self.zero_b, self.no_row = bufs.one_a, bufs.zero_b, bufs.no_row
+        self.zero_pool = bufs.zero_pool
         self.impl = impl
 
 
@@ -65,7 +84,9 @@ class ActSite:
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
         self.layer = layer
         self.token_slot = bufs.token_slot
-        self.g = bufs.g[layer]
+        self.gamma, self.nrow = bufs.gamma[layer], bufs.nrow[layer]
+        self.pool = bufs.neu_pool
+        self.flag = bufs.flags[FLAG_NEU, layer]
         self.impl = impl
 
 
@@ -79,6 +100,7 @@ class Shape:
     neurons: int  # on this TP rank
     max_tokens: int
     capture_rows: int
+    pool_rows: dict  # kind ("res", "head", "neu") -> rows
 
 
 class SteerBuffers:
@@ -90,34 +112,47 @@ class SteerBuffers:
         i32 = dict(dtype=torch.int32, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         act = dict(dtype=dtype, device=device)
-        L, S = s.num_layers, s.max_slots
+        L, S, P = s.num_layers, s.max_slots, s.pool_rows
         self.token_slot = torch.full((s.max_tokens,), -1, **i32)
         self.no_slot = torch.full((s.max_tokens,), -1, **i32)
         self.a = torch.ones((L, S, s.heads), **f32)
         self.b = torch.zeros((L, S, s.heads), **f32)
-        self.v = torch.zeros((L, S, s.heads, s.head_dim), **act)
+        self.vrow = torch.full((L, S, s.heads), -1, **i32)
         self.alpha = torch.zeros((L, S), **f32)
-        self.u = torch.zeros((L, S, s.hidden), **act)
-        self.g = torch.ones((L, S, s.neurons), **f32)
+        self.urow = torch.full((L, S), -1, **i32)
+        self.gamma = torch.ones((L, S), **f32)
+        self.nrow = torch.full((L, S), -1, **i32)
+        self.head_pool = torch.zeros((P["head"], s.heads, s.head_dim), **act)
+        self.res_pool = torch.zeros((P["res"], s.hidden), **act)
+        self.neu_pool = torch.zeros((P["neu"], s.neurons), **f32)
+        self.flags = torch.zeros((4, L, 1), **i32)
         self.head_cap = torch.full((L, s.max_tokens), -1, **i32)
         self.res_cap = torch.full((L, s.max_tokens), -1, **i32)
         self.head_buf = torch.zeros((s.capture_rows, s.heads, s.head_dim), **act)
         self.res_buf = torch.zeros((s.capture_rows, 1, s.hidden), **act)
         self.one_a = torch.ones((1, 1), **f32)
         self.zero_b = torch.zeros((1, 1), **f32)
-        self.zero_v = torch.zeros((1, 1, s.hidden), **act)
+        self.no_row = torch.full((1, 1), -1, **i32)
+        self.zero_pool = torch.zeros((1, 1, s.hidden), **act)
+        self.pools = {"head": self.head_pool, "res": self.res_pool, "neu": self.neu_pool}
 
     def reset_slot(self, slot: int) -> None:
         self.a[:, slot] = 1.0
         self.b[:, slot] = 0.0
-        self.v[:, slot] = 0.0
+        self.vrow[:, slot] = -1
         self.alpha[:, slot] = 0.0
-        self.u[:, slot] = 0.0
-        self.g[:, slot] = 1.0
+        self.urow[:, slot] = -1
+        self.gamma[:, slot] = 1.0
+        self.nrow[:, slot] = -1
 
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in vars(self).values()
-            if isinstance(t, torch.Tensor)
-        )
+    def nbytes(self, which: str = "all") -> int:
+        """Bytes of every buffer, or of ``"slots"`` (the per-slot tables) or ``"pool"``."""
+        slots = (self.a, self.b, self.vrow, self.alpha, self.urow, self.gamma, self.nrow)
+        pools = (self.head_pool, self.res_pool, self.neu_pool)
+        if which == "slots":
+            ts = slots
+        elif which == "pool":
+            ts = pools
+        else:
+            ts = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in ts)

@@ -3,8 +3,10 @@ environment variables, then defaults.
 
 ``additional_config`` is part of vLLM's config hash, so engines with different buffer
 sizes never share a compile cache. Keys: ``max_slots`` (distinct intervention configs
-resident at once, default 32), ``capture_rows`` (rows of the per-step capture buffers,
-default 4096), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK``),
+resident at once, default 256; a slot is a few small index tables), ``pool_mib`` (device
+memory of the vector pool, default 64: rows of residual vectors, head vectors and neuron
+masks, one per vector and layer), ``capture_rows`` (rows of the per-step capture
+buffers, default: 2 x the engine's token budget, at least 4096), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK``),
 ``impl`` (force an op implementation; env ``EMOSTEER_IMPL``), ``keep_captures``
 (finished requests whose captures wait to be fetched, default 4096).
 """
@@ -16,13 +18,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 CONFIG_KEY = "emosteer"
-_INT_KEYS = ("max_slots", "capture_rows", "keep_captures")
+_INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib")
 
 
 @dataclass(frozen=True)
 class PluginSettings:
-    max_slots: int = 32
-    capture_rows: int = 4096
+    max_slots: int = 256
+    pool_mib: int = 64
+    capture_rows: int | None = None
     bank: str | None = None
     impl: str | None = None
     keep_captures: int = 4096
@@ -56,3 +59,22 @@ def settings_from_additional(additional: Any) -> PluginSettings:
 
 def settings_from_vllm_config(vllm_config: Any) -> PluginSettings:
     return settings_from_additional(getattr(vllm_config, "additional_config", None))
+
+
+def capacity_for(settings: PluginSettings, info: Any, dtype: Any, tp_size: int = 1):
+    """Slots and pool rows of an engine; the front end, the scheduler and every worker
+    compute the same numbers from the same settings.
+
+    The pool's bytes are split so that each kind gets the same number of rows: a row of
+    each kind costs ``d`` (residual) + ``H/tp * D`` (head) elements of the model dtype and
+    ``I/tp`` float32 (neuron mask).
+    """
+    import torch
+
+    from emosteer.vllm.admission import Capacity
+
+    el = torch.empty((), dtype=dtype).element_size()
+    per = info.hidden_size * el + (info.num_heads // tp_size) * info.head_dim * el
+    per += (info.intermediate_size // tp_size) * 4
+    rows = max(1, (settings.pool_mib * 2**20) // per)
+    return Capacity(max_slots=settings.max_slots, rows={"res": rows, "head": rows, "neu": rows})

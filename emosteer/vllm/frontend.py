@@ -17,16 +17,21 @@ from typing import Any
 
 from emosteer.bank import ModelInfo, VectorBank
 from emosteer.spec import SpecError, SteerSpec
-from emosteer.vllm.config import settings_from_vllm_config
+from emosteer.compile import compile_request
+from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, Admission
+from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 
 EXTRA_KEY = "emosteer"  # SamplingParams.extra_args key of the request config
 RESULT_KEY = "emosteer_key"  # extra_args key under which the worker parks captures and errors
+PRIVATE_KEYS = (PLAN_KEY, GRANT_KEY)  # set by emosteer itself; refused from clients
 
 
 class FrontendSteering:
     def __init__(self, vllm_config: Any):
         self.settings = settings_from_vllm_config(vllm_config)
         self.info = ModelInfo.from_hf_config(vllm_config.model_config.hf_config)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        self.capacity = capacity_for(self.settings, self.info, vllm_config.model_config.dtype, tp)
         self.bank = VectorBank(self.info)
         if self.settings.bank:
             bank = VectorBank.load(self.settings.bank)
@@ -40,6 +45,15 @@ class FrontendSteering:
         if spec.boost is not None:
             raise SpecError("boost", "attention boost (VEE) is not executed by the vLLM plugin yet")
         return spec.resolve(self.info)
+
+    def plan(self, spec: SteerSpec) -> dict:
+        """What the scheduler admits the request by: per phase the slot fingerprint and
+        the pool keys (``emosteer/compile.py``); SpecError if it could never fit."""
+        plan = compile_request(spec, self.bank, self.info).to_plan()
+        why = Admission.fits(plan, self.capacity)
+        if why is not None:
+            raise SpecError("", why)
+        return plan
 
     def salt(self, spec: SteerSpec, request_id: str) -> str | None:
         parts = []

@@ -1,14 +1,21 @@
-"""The worker side of the plugin: buffers on the model, slots, per-step metadata, captures.
+"""The worker side of the plugin: buffers on the model, granted slots, per-step metadata, captures.
 
 One ``WorkerSteering`` lives on each model runner (``runner._emosteer``). At load time
-it finds the decoder layers, allocates ``SteerBuffers`` and installs a *site* on every
-patched module. Each step, before the forward, it reads the runner's batch (request
-order, per-request token ranges and positions) and writes ``token_slot`` and the capture
-indices; after the forward it copies captured rows out and resets the indices to -1.
-Requests take slots when first seen and give them back when vLLM reports them finished.
-Errors in one request's config are contained: that request is recorded as failed (the
-offline API raises) and runs without interventions; the engine and the other requests
-go on.
+it finds the decoder layers, allocates ``SteerBuffers`` (slot tables, vector pools,
+per-layer flags, capture buffers) and installs a *site* on every patched module.
+
+The worker owns no accounting: the scheduler admits each steered request and grants it
+slot ids and pool rows (``emosteer/vllm/admission.py``). When a request is first seen
+the worker compiles its config (``emosteer/compile.py``), checks that it compiles to the
+fingerprints the front end planned, and writes only what changed: pool rows whose key
+differs from what the row holds, slot tables whose fingerprint differs.
+
+Each step, before the forward, it writes ``token_slot`` (vectorised over the batch, the
+per-request tables cached while the batch's requests stay the same), the per-layer flags
+and the capture indices; after the forward it copies captured rows out and resets them.
+A request the worker cannot apply is *failed*: it runs with no interventions for this one
+step, and the scheduler finishes it with an error and evicts its KV blocks before any of
+its tokens reach the client. The engine and the other requests go on.
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ import numpy as np
 import torch
 
 from emosteer.bank import ModelInfo, VectorBank
-from emosteer.slots import SlotTable
+from emosteer.compile import PHASES, compile_request, key_kind, local_heads, materialize
 from emosteer.spec import SteerSpec
-from emosteer.vllm.buffers import ActSite, AttnSite, NormSite, Shape, SteerBuffers
-from emosteer.vllm.config import settings_from_vllm_config
+from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, local_status, report_failure
+from emosteer.vllm.buffers import FLAG_HEADS, FLAG_RESCAP, ActSite, AttnSite, NormSite, Shape, SteerBuffers
+from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY
-from emosteer.vllm.tables import PHASES, phase_fingerprints, phase_spec, slot_tables
 
 logger = logging.getLogger("emosteer.vllm")
 
@@ -38,7 +45,6 @@ class RequestState:
     def __init__(self, req_id: str, key: str | None, num_prompt: int):
         self.req_id, self.key, self.num_prompt = req_id, key, num_prompt
         self.spec: SteerSpec | None = None
-        self.fps: dict[str, str | None] = {p: None for p in PHASES}
         self.slots: dict[str, int] = {p: -1 for p in PHASES}
         self.capture = None
         self.heads: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, D]
@@ -117,6 +123,8 @@ class WorkerSteering:
             "residual": len(norms) == L,
             "neurons": len(acts) == L and self.info.intermediate_size % self.tp_size == 0,
         }
+        max_tokens = int(runner.max_num_tokens)
+        self.capacity = capacity_for(self.settings, self.info, runner.model_config.dtype, self.tp_size)
         self.shape = Shape(
             num_layers=L,
             max_slots=self.settings.max_slots,
@@ -124,8 +132,9 @@ class WorkerSteering:
             head_dim=self.info.head_dim,
             hidden=self.info.hidden_size,
             neurons=self.info.intermediate_size // self.tp_size,
-            max_tokens=int(runner.max_num_tokens),
-            capture_rows=self.settings.capture_rows,
+            max_tokens=max_tokens,
+            capture_rows=self.settings.capture_rows or max(4096, 2 * max_tokens),
+            pool_rows=dict(self.capacity.rows),
         )
         self.bufs = SteerBuffers(self.shape, runner.model_config.dtype, self.device)
         for i, m in attns.items():
@@ -136,15 +145,24 @@ class WorkerSteering:
         if self.features["neurons"]:
             for i, m in acts.items():
                 m._emosteer_site = ActSite(self.bufs, i, self.impl)
-        self.slots = SlotTable(self.settings.max_slots)
+        S = self.settings.max_slots
+        # What each slot / pool row holds now (written on the scheduler's grant).
+        self.slot_fp: list[str | None] = [None] * S
+        self.slot_layers = np.zeros((S, 3, L), dtype=bool)  # slot -> (heads, res, neu) x layer
+        self.row_key: dict[str, list[str | None]] = {k: [None] * n for k, n in self.capacity.rows.items()}
         self.reqs: dict[str, RequestState] = {}
         self.by_key: dict[str, str] = {}  # result key -> live request id
         self.finished: OrderedDict[str, dict] = OrderedDict()
+        self.failed_now: dict[str, str] = {}  # failures to report with this step's output
         self._step: dict | None = None
+        self._batch_key: tuple | None = None
+        self._batch: tuple | None = None
         logger.info(
-            "emosteer: %d layers, %d slots, %d capture rows, impl=%s, features=%s, %.1f MiB of buffers",
-            L, self.settings.max_slots, self.settings.capture_rows, self.impl,
-            [k for k, v in self.features.items() if v], self.bufs.nbytes() / 2**20,
+            "emosteer: %d layers, %d slots (%.2f MiB), pool %s rows (%.1f MiB), %d capture rows, "
+            "impl=%s, features=%s",
+            L, S, self.bufs.nbytes("slots") / 2**20, self.capacity.rows["res"],
+            self.bufs.nbytes("pool") / 2**20, self.shape.capture_rows, self.impl,
+            [k for k, v in self.features.items() if v],
         )
 
     # -- bank ------------------------------------------------------------------------
@@ -179,21 +197,55 @@ class WorkerSteering:
             spec.validate(self.bank, self.info)
             spec = spec.resolve(self.info)
             self._check_features(spec)
-            fps = phase_fingerprints(spec, self.bank)
-            for phase in PHASES:
-                fp = fps[phase]
-                if fp is None:
-                    continue
-                slot, new = self.slots.acquire_new(fp)
-                rs.fps[phase], rs.slots[phase] = fp, slot
-                if new:
-                    self._write_slot(slot, phase_spec(spec, phase))
+            prog = compile_request(spec, self.bank, self.info)
+            if spec.intervenes():
+                self._apply_grant(prog, extra.get(PLAN_KEY), extra.get(GRANT_KEY), rs)
             rs.spec, rs.capture = spec, spec.capture
         except Exception as e:  # contained: this request fails, the engine goes on
-            self._release_slots(rs)
-            rs.error = f"{type(e).__name__}: {e}"
-            logger.error("emosteer: request %s runs WITHOUT interventions: %s", req_id, rs.error)
+            self._fail(rs, f"{type(e).__name__}: {e}")
         return rs
+
+    def _fail(self, rs: RequestState, message: str) -> None:
+        """Stop ``rs``: no interventions, and the scheduler finishes it with an error
+        (its KV blocks evicted) before any of its tokens reach the client."""
+        rs.slots = {p: -1 for p in PHASES}
+        rs.capture = None
+        if rs.error is None:
+            rs.error = message
+        logger.error("emosteer: request %s is failed (not run without its interventions): %s", rs.req_id, message)
+        self.failed_now[rs.req_id] = message
+        report_failure(rs.req_id, message)
+
+    def _apply_grant(self, prog, plan, grant, rs: RequestState) -> None:
+        """Write the slots and pool rows the scheduler granted (only what changed)."""
+        if not plan or not grant:
+            raise RuntimeError(
+                "the request reached the worker without an emosteer admission grant "
+                "(the scheduler patch is not active in this engine)"
+            )
+        fps = prog.fingerprints()
+        for phase, want in fps.items():
+            have = (plan.get(phase) or {}).get("fp")
+            if have != want:
+                raise RuntimeError(
+                    "the worker's vector bank differs from the front end's for this request "
+                    "(a vector was registered or replaced while it was queued); send it again"
+                )
+        rows = grant["rows"]
+        for key, row in rows.items():
+            kind = key_kind(key)
+            if self.row_key[kind][row] != key:
+                vec = materialize(key, self.bank, self.info, self.tp_size, self.tp_rank)
+                pool = self.bufs.pools[kind]
+                pool[row].copy_(vec.to(pool.dtype).view_as(pool[row]))
+                self.row_key[kind][row] = key
+        for phase, p in prog.phases.items():
+            if p is None:
+                continue
+            slot = int(grant["slots"][phase])
+            if self.slot_fp[slot] != p.fingerprint:
+                self._write_slot(slot, p, rows)
+            rs.slots[phase] = slot
 
     def _check_features(self, spec: SteerSpec) -> None:
         from emosteer.spec import SpecError
@@ -207,31 +259,51 @@ class WorkerSteering:
         if spec.capture is not None and spec.capture.residual and not self.features["residual"]:
             raise SpecError("capture.residual", "this model's architecture does not expose the residual")
 
-    def _write_slot(self, slot: int, spec: SteerSpec) -> None:
-        rows = slot_tables(spec, self.bank, self.info, self.tp_size, self.tp_rank)
-        b = self.bufs
-        b.a[:, slot] = rows.a.to(b.device)
-        b.b[:, slot] = rows.b.to(b.device)
-        b.v[:, slot] = rows.v.to(b.device, b.dtype)
-        b.alpha[:, slot] = rows.alpha.to(b.device)
-        b.u[:, slot] = rows.u.to(b.device, b.dtype)
-        b.g[:, slot] = rows.g.to(b.device)
-
-    def _release_slots(self, rs: RequestState) -> None:
-        for phase in PHASES:
-            fp = rs.fps[phase]
-            if fp is not None:
-                if self.slots.release(fp):
-                    self.bufs.reset_slot(rs.slots[phase])
-                rs.fps[phase], rs.slots[phase] = None, -1
+    def _write_slot(self, slot: int, prog, rows: dict[str, int]) -> None:
+        """Slot ``slot`` <- the scalars and row ids of ``prog`` (host tables, one copy)."""
+        L, Hl = self.shape.num_layers, self.shape.heads
+        heads = local_heads(self.info, self.tp_size, self.tp_rank)
+        a = torch.ones(L, Hl)
+        b = torch.zeros(L, Hl)
+        vrow = torch.full((L, Hl), -1, dtype=torch.int32)
+        alpha = torch.zeros(L)
+        urow = torch.full((L,), -1, dtype=torch.int32)
+        gamma = torch.ones(L)
+        nrow = torch.full((L,), -1, dtype=torch.int32)
+        act = np.zeros((3, L), dtype=bool)
+        for (layer, head), (ha, hb, key) in prog.heads.items():
+            if head not in heads:
+                continue  # another tensor-parallel rank holds this head
+            h = head - heads.start
+            a[layer, h], b[layer, h] = ha, hb
+            if key is not None:
+                vrow[layer, h] = rows[key]
+            act[0, layer] = True
+        for layer, (al, key) in prog.res.items():
+            alpha[layer], urow[layer] = al, rows[key]
+            act[1, layer] = True
+        for layer, (g, key) in prog.neu.items():
+            gamma[layer], nrow[layer] = g, rows[key]
+            act[2, layer] = True
+        bf = self.bufs
+        bf.a[:, slot] = a.to(bf.device)
+        bf.b[:, slot] = b.to(bf.device)
+        bf.vrow[:, slot] = vrow.to(bf.device)
+        bf.alpha[:, slot] = alpha.to(bf.device)
+        bf.urow[:, slot] = urow.to(bf.device)
+        bf.gamma[:, slot] = gamma.to(bf.device)
+        bf.nrow[:, slot] = nrow.to(bf.device)
+        self.slot_layers[slot] = act
+        self.slot_fp[slot] = prog.fingerprint
 
     def finish_requests(self, req_ids) -> None:
-        """vLLM reported these requests finished or aborted: free slots, park results."""
+        """vLLM reported these requests finished or aborted: park their results. (Slots
+        and pool rows are the scheduler's: it released them when it freed the request.)"""
         for rid in req_ids:
             rs = self.reqs.pop(rid, None)
+            self.failed_now.pop(rid, None)
             if rs is None:
                 continue
-            self._release_slots(rs)
             if rs.key is not None:
                 self.by_key.pop(rs.key, None)
             if rs.fetched:
@@ -242,90 +314,128 @@ class WorkerSteering:
                     old, _ = self.finished.popitem(last=False)
                     logger.warning("emosteer: dropped unfetched captures of %s (keep_captures)", old)
 
+    def take_failed(self) -> dict[str, str]:
+        out, self.failed_now = self.failed_now, {}
+        return out
+
     # -- per step --------------------------------------------------------------------
-    def prepare_step(self, runner: Any) -> None:
-        """Fill token_slot / capture indices for the batch about to run."""
+    def _batch_tables(self, runner: Any, n: int):
+        """Per batch row: prompt slot, generated slot, prompt length, capture request
+        (or None). Rebuilt only when the batch's requests changed since the last step."""
         ib = runner.input_batch
-        n = ib.num_reqs
-        active = []
-        for i, rid in enumerate(ib.req_ids[:n]):
+        key = tuple(ib.req_ids[:n])
+        if key == self._batch_key and self._batch is not None:
+            return self._batch
+        ps = np.full(n, -1, dtype=np.int32)
+        gs = np.full(n, -1, dtype=np.int32)
+        npr = np.zeros(n, dtype=np.int64)
+        caps = []
+        for i, rid in enumerate(key):
             rs = self.reqs.get(rid)
             if rs is None:
                 rs = self._new_request(rid, runner.requests[rid])
-            if rs.active:
-                active.append((i, rs))
+            ps[i], gs[i], npr[i] = rs.slots["prompt"], rs.slots["generated"], rs.num_prompt
+            if rs.capture is not None and rs.error is None:
+                caps.append((i, rs))
+        any_slot = bool((ps >= 0).any() or (gs >= 0).any())
+        used = np.unique(np.concatenate([ps[ps >= 0], gs[gs >= 0]])) if any_slot else None
+        layer_flags = self.slot_layers[used].any(axis=0) if any_slot else None  # [3, L]
+        self._batch_key = key
+        self._batch = (ps, gs, npr, caps, any_slot, layer_flags)
+        return self._batch
+
+    def prepare_step(self, runner: Any) -> None:
+        """Fill token_slot, the per-layer flags and capture indices for the batch about
+        to run; a batch without steered or capturing requests writes nothing."""
+        ib = runner.input_batch
+        n = ib.num_reqs
         self._step = None
-        if not active:
+        ps, gs, npr, caps, any_slot, layer_flags = self._batch_tables(runner, n)
+        if not any_slot and not caps:
             return
         qs = runner.query_start_loc.np[: n + 1]
-        computed = ib.num_computed_tokens_cpu[:n]
         T = int(qs[n])
-        slot = np.full(T, -1, dtype=np.int32)
+        computed = ib.num_computed_tokens_cpu[:n]
+        counts = np.diff(qs).astype(np.int64)
+        row = np.repeat(np.arange(n), counts)  # batch row of each token
+        pos = computed[row] + (np.arange(T) - qs[:-1][row])  # position in its request
         L = self.shape.num_layers
+        flags = np.zeros((4, L), dtype=np.int32)
+        b = self.bufs
+        if any_slot:
+            slot = np.where(pos < npr[row], ps[row], gs[row]).astype(np.int32)
+            b.token_slot[:T].copy_(torch.from_numpy(slot))
+            flags[:3] = layer_flags
         head_cap = res_cap = None
         records: list[tuple[RequestState, str, int, np.ndarray, np.ndarray]] = []
         rows = {"heads": 0, "residual": 0}
-        for i, rs in active:
+        for i, rs in caps:
             lo, hi = int(qs[i]), int(qs[i + 1])
-            pos = int(computed[i]) + np.arange(hi - lo)
-            prompt = pos < rs.num_prompt
-            slot[lo:hi] = np.where(prompt, rs.slots["prompt"], rs.slots["generated"])
+            rpos = pos[lo:hi]
+            prompt = rpos < rs.num_prompt
             cap = rs.capture
-            if cap is None or rs.error is not None:
-                continue
-            want = {"last": pos == rs.num_prompt - 1, "all": np.ones_like(prompt), "generated": ~prompt}[cap.positions]
+            want = {"last": rpos == rs.num_prompt - 1, "all": np.ones_like(prompt), "generated": ~prompt}[cap.positions]
             idx = np.nonzero(want)[0]
             if idx.size == 0:
+                continue
+            need = idx.size * (len(cap.heads or ()) + len(cap.residual or ()))
+            if max(rows.values()) + need > self.shape.capture_rows:
+                # Only this request's captures are lost; its text and the others' are not.
+                rs.error = (
+                    f"capture overflow: this step would need more than capture_rows="
+                    f"{self.shape.capture_rows} rows; raise additional_config.emosteer.capture_rows"
+                )
+                logger.error("emosteer: request %s: %s", rs.req_id, rs.error)
+                self._batch_key = None  # its capture is off from now on
+                rs.capture = None
                 continue
             for kind, layers in (("heads", cap.heads), ("residual", cap.residual)):
                 for layer in layers or ():
                     r0 = rows[kind]
-                    if r0 + idx.size > self.shape.capture_rows:
-                        rs.error = (
-                            f"capture overflow: this step needs more than capture_rows="
-                            f"{self.shape.capture_rows} rows; raise additional_config.emosteer.capture_rows"
-                        )
-                        logger.error("emosteer: request %s: %s", rs.req_id, rs.error)
-                        break
-                    arr = head_cap if kind == "heads" else res_cap
-                    if arr is None:
-                        arr = np.full((L, T), -1, dtype=np.int32)
-                        if kind == "heads":
-                            head_cap = arr
-                        else:
-                            res_cap = arr
+                    if kind == "heads":
+                        if head_cap is None:
+                            head_cap = np.full((L, T), -1, dtype=np.int32)
+                        arr, flag = head_cap, FLAG_HEADS
+                    else:
+                        if res_cap is None:
+                            res_cap = np.full((L, T), -1, dtype=np.int32)
+                        arr, flag = res_cap, FLAG_RESCAP
                     r = np.arange(r0, r0 + idx.size, dtype=np.int32)
                     arr[layer, lo + idx] = r
+                    flags[flag, layer] = 1
                     rows[kind] = r0 + idx.size
-                    records.append((rs, kind, layer, pos[idx], r))
-        b = self.bufs
-        b.token_slot[:T].copy_(torch.from_numpy(slot))
+                    records.append((rs, kind, layer, rpos[idx], r))
         if head_cap is not None:
             b.head_cap[:, :T].copy_(torch.from_numpy(head_cap))
         if res_cap is not None:
             b.res_cap[:, :T].copy_(torch.from_numpy(res_cap))
-        self._step = {"T": T, "records": records, "rows": rows}
+        b.flags.copy_(torch.from_numpy(flags).view(4, L, 1))
+        self._step = {"T": T, "records": records, "rows": rows, "slots": any_slot}
 
     def abandon_step(self, runner: Any) -> None:
-        """After an internal error in ``prepare_step``: run this step with no
-        interventions and mark the batch's requests failed (never silently unsteered)."""
+        """After an internal error in ``prepare_step``: the step runs with every flag 0
+        and each steered or capturing request of the batch is failed (reported to the
+        scheduler, which finishes it with an error): never silently unsteered."""
         self._step = None
+        self._batch_key = None
         b = self.bufs
+        b.flags.zero_()
         b.token_slot.fill_(-1)
         b.head_cap.fill_(-1)
         b.res_cap.fill_(-1)
         ib = runner.input_batch
         for rid in ib.req_ids[: ib.num_reqs]:
             rs = self.reqs.get(rid)
-            if rs is not None and rs.active and rs.error is None:
-                rs.error = "internal emosteer error while preparing a step (see the worker log)"
+            if rs is not None and rs.active:
+                self._fail(rs, "internal emosteer error while preparing a step (see the worker log)")
 
     def finish_step(self) -> None:
-        """After the forward: copy captured rows out, put the indices back to -1."""
+        """After the forward: copy captured rows out, put flags and indices back."""
         step, self._step = self._step, None
         if step is None:
             return
         b, T = self.bufs, step["T"]
+        b.flags.zero_()
         got = {}
         if step["rows"]["heads"]:
             got["heads"] = b.head_buf[: step["rows"]["heads"]].to("cpu", copy=True)
@@ -333,12 +443,14 @@ class WorkerSteering:
         if step["rows"]["residual"]:
             got["residual"] = b.res_buf[: step["rows"]["residual"], 0].to("cpu", copy=True)
             b.res_cap[:, :T].fill_(-1)
-        b.token_slot[:T].fill_(-1)
+        if step["slots"]:
+            b.token_slot[:T].fill_(-1)
         for rs, kind, layer, positions, rows in step["records"]:
             store = rs.heads if kind == "heads" else rs.residual
             per = store.setdefault(layer, {})
+            data = got[kind]
             for p, r in zip(positions.tolist(), rows.tolist()):
-                per[p] = got[kind][r]
+                per[p] = data[r]
 
     # -- rpc -------------------------------------------------------------------------
     def fetch(self, keys: list[str]) -> dict[str, dict]:
@@ -361,8 +473,10 @@ class WorkerSteering:
 
     def status(self) -> dict:
         return {
-            "slots_in_use": len(self.slots),
-            "max_slots": self.slots.max_slots,
+            "slots_written": sum(fp is not None for fp in self.slot_fp),
+            "max_slots": self.settings.max_slots,
+            "pool_rows": dict(self.capacity.rows),
+            "admission": local_status(),
             "requests": len(self.reqs),
             "parked": len(self.finished),
             "bank": self.bank.names(),

@@ -19,7 +19,9 @@ PATCHES = (
     "gpu_model_runner",  # install buffers after load, per-step metadata, slot release
     "cpu_model_runner",  # the same install hook for the CPU runner's own load_model
     "worker_base",  # emosteer_rpc: bank registration and capture fetch
-    "input_processor",  # request validation + prefix-cache salt in the front end
+    "input_processor",  # request validation, admission plan, prefix-cache salt (front end)
+    "scheduler",  # admission: a request waits for its slots; worker failures -> errors
+    "serving_errors",  # HTTP error body names emosteer when it stopped a request
 )
 
 

@@ -3,10 +3,10 @@
 Replaces: ``SiluAndMul.forward`` (``silu(gate) * up``, the MLP activation whose output
 is the input of ``down_proj``: the "neurons"). On MLPs where emosteer installed a site,
 the patched forward runs the original and then scales each token's neurons by its slot's
-gains in place (``torch.ops.emosteer.neuron_gain``; slot -1 tokens untouched, so they
-keep vLLM's activation bit for bit). The fused ``silu_and_mul_gain`` op computes both in
-one pass; it is not used here because its slot -1 output is not guaranteed bit-equal to
-each platform's own SiluAndMul kernel.
+gains in place (``torch.ops.emosteer.neuron_gain``, masks gathered from the neuron pool;
+slot -1 tokens untouched, so they keep vLLM's activation bit for bit). There is no fused
+SiluAndMul variant: its slot -1 output could not be guaranteed bit-equal to each
+platform's own SiluAndMul kernel, so the gain runs as a separate in-place op.
 Why: ENA (emotional neuron augmentation) multiplies chosen neurons per request.
 When it can go: when vLLM exposes per-request MLP activation hooks.
 """
@@ -30,7 +30,9 @@ def _make(original):
         if site is None:
             return out
         m = out.view(-1, out.shape[-1])
-        torch.ops.emosteer.neuron_gain(m, site.token_slot[: m.shape[0]], site.g, site.impl)
+        torch.ops.emosteer.neuron_gain(
+            m, site.token_slot[: m.shape[0]], site.gamma, site.nrow, site.pool, site.flag, site.impl
+        )
         return out
 
     return forward

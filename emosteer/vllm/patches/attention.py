@@ -4,7 +4,8 @@ Replaces: ``Attention.forward`` (returns the attention output ``[T, H*D]``, the 
 the model's ``o_proj``). The patched forward runs the original, then, on layers where
 emosteer installed a site, calls the in-place custom op
 ``torch.ops.emosteer.head_affine_capture`` on the ``[T, H_local, D]`` view: per-token
-head affine (add / patch / ablate / scale) and capture of the pre-intervention heads.
+head affine (add / patch / ablate / scale, vectors gathered from the head pool) and
+capture of the pre-intervention heads; a layer whose flag is 0 this step returns at once.
 Why: it is the one place every vLLM decoder exposes per-head outputs before ``o_proj``;
 Python forward hooks are dropped by vLLM's compiled graphs, an in-place custom op is
 kept (PLATFORM.md). Modules without a site run the original code unchanged.
@@ -32,7 +33,8 @@ def _make(original):
         z = out.view(-1, self.num_heads, self.head_size_v)
         T = z.shape[0]
         torch.ops.emosteer.head_affine_capture(
-            z, site.token_slot[:T], site.a, site.b, site.v, site.cap_index[:T], site.cap_buf, site.impl
+            z, site.token_slot[:T], site.a, site.b, site.vrow, site.pool,
+            site.cap_index[:T], site.cap_buf, site.flag, site.impl,
         )
         return out
 

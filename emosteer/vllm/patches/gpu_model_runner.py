@@ -4,8 +4,10 @@ Replaces:
 - ``load_model``: after the original, install emosteer on the model
   (``WorkerSteering``: buffers at fixed addresses, a site on every patched module),
   i.e. before the first forward, hence before any compile or CUDA-graph capture.
-- ``execute_model``: first free the slots of requests vLLM reports finished or aborted
-  (``scheduler_output.finished_req_ids``) and park their captures for fetching.
+- ``execute_model``: first forget requests vLLM reports finished or aborted
+  (``scheduler_output.finished_req_ids``) and park their captures for fetching; after
+  the step, attach the requests the worker failed to the output (the scheduler patch
+  finishes them with an error).
 - ``_model_forward``: before the original, write this step's per-token slots and
   capture indices from the runner's batch; after it, copy captured rows out. vLLM
   documents ``_model_forward`` as the override point for model execution.
@@ -53,7 +55,11 @@ def _make_execute_model(original):
         st = getattr(self, "_emosteer", None)
         if st is not None and scheduler_output.finished_req_ids:
             st.finish_requests(scheduler_output.finished_req_ids)
-        return original(self, scheduler_output, *args, **kwargs)
+        out = original(self, scheduler_output, *args, **kwargs)
+        if st is not None and st.failed_now and out is not None and hasattr(out, "__dict__"):
+            # Separate worker processes: the failures travel with the step's output.
+            out._emosteer_failed = st.take_failed()
+        return out
 
     return execute_model
 

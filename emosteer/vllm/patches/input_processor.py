@@ -13,6 +13,7 @@ When it can go: when vLLM offers a request-validation plugin hook.
 
 from __future__ import annotations
 
+import collections
 import functools
 
 from emosteer.vllm.patches import Swap
@@ -41,15 +42,35 @@ def validation_error_class():
     return _error_class
 
 
+_recent: "collections.deque[str]" = collections.deque(maxlen=65536)
+
+
+def remember_request(request_id: str) -> None:
+    """Ids of recent requests that carried an emosteer config (error messages)."""
+    _recent.append(request_id)
+
+
+def carried_emosteer(request_id: str) -> bool:
+    return any(r == request_id or r.startswith(request_id + "-") or request_id.startswith(r) for r in _recent)
+
+
 def _make(original):
     @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         req = original(self, request_id, prompt, params, *args, **kwargs)
         sp = getattr(req, "sampling_params", None)
         extra = getattr(sp, "extra_args", None) if sp is not None else None
-        if not extra or "emosteer" not in extra:
+        if not extra:
             return req
-        from emosteer.vllm.frontend import frontend_for
+        from emosteer.vllm.frontend import PRIVATE_KEYS, frontend_for
+
+        private = [k for k in PRIVATE_KEYS if k in extra]
+        if private:
+            raise validation_error_class()(
+                "", f"extra_args key(s) {private} are set by emosteer itself and cannot be sent"
+            )
+        if "emosteer" not in extra:
+            return req
 
         fe = frontend_for(self, self.vllm_config)
         if req.prompt_token_ids is not None:
@@ -62,9 +83,19 @@ def _make(original):
 
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
+            plan = fe.plan(spec) if spec.intervenes() else None
         except SpecError as e:
             msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
             raise validation_error_class()(e.field, msg) from None
+        if plan:
+            # A private copy: the caller may share one SamplingParams between requests.
+            sp = sp.clone()
+            sp.extra_args = {**extra, PRIVATE_KEYS[0]: plan}
+            req.sampling_params = sp
+        remember_request(str(request_id))
+        from emosteer.vllm.patches import serving_errors
+
+        serving_errors.apply()
         salt = fe.salt(spec, str(request_id))
         if salt:
             req.cache_salt = salt if not req.cache_salt else f"{req.cache_salt}|{salt}"

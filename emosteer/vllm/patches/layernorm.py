@@ -4,7 +4,7 @@ Replaces: ``RMSNorm.forward(x, residual)``, vLLM's fused residual add + RMSNorm 
 decoders (Llama, Qwen2/3, Mistral, Qwen2-VL's text model ...) run at the start of each
 layer and as the final norm: ``residual = x + residual; x = norm(residual)``. Its input
 ``x + residual`` is the output of the previous decoder layer. On norms where emosteer
-installed a site, the patched forward first adds ``alpha[s] * u[s]`` to ``residual``
+installed a site, the patched forward first adds ``alpha[s] * res_pool[urow[s]]`` to ``residual``
 (``torch.ops.emosteer.residual_add``, in place; slot -1 tokens untouched, so unsteered
 tokens get vLLM's own fused op bit for bit), runs the original, then copies the rows
 asked for capture out of the summed residual (``head_affine_capture`` in capture-only
@@ -31,16 +31,20 @@ def _make(original):
         if site is None or residual is None:
             return original(self, x, residual)
         T = x.shape[0]
-        torch.ops.emosteer.residual_add(residual, site.token_slot[:T], site.alpha, site.u, site.impl)
+        torch.ops.emosteer.residual_add(
+            residual, site.token_slot[:T], site.alpha, site.urow, site.pool, site.flag, site.impl
+        )
         x_out, res_out = original(self, x, residual)
         torch.ops.emosteer.head_affine_capture(
             res_out.view(T, 1, -1),
             site.no_slot[:T],
             site.one_a,
             site.zero_b,
-            site.zero_v,
+            site.no_row,
+            site.zero_pool,
             site.cap_index[:T],
             site.cap_buf,
+            site.cap_flag,
             site.impl,
         )
         return x_out, res_out

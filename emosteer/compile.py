@@ -1,0 +1,214 @@
+"""The spec compiler: from a parsed request config to slot programs and pool rows.
+
+One translation, used by every backend (the vLLM worker, the vLLM scheduler's admission,
+the front end and the transformers reference backend in ``emosteer/hf/plan.py``)::
+
+    SteerSpec ──resolve──► phase_spec(spec, "prompt" | "generated")
+              ──compile_phase──► SlotProgram   (small: scalars + pool keys)
+    pool key  ──materialize──►   one pool row   (a tensor, read from the bank)
+
+A request's interventions can differ between its prompt and its generated positions, so
+it holds up to two *slots*, one per phase. A slot holds only scalars and pool-row
+indices; the vectors themselves live once in a *vector pool* (see
+``emosteer/vllm/pool.py``), one row per (vector contents, layer):
+
+    residual  ["res", [[name, hash, scale], ...], layer]  row [d] = sum scale*vec[layer]
+    head      ["head", name, hash, layer]                 row [H, D] = vec[layer]
+    neurons   ["neu", name, hash, layer]                  row [I] = mask[layer] (0/1)
+
+Running example: ``{"steer": [{"vector": "joy", "layers": [3], "scale": 4}],
+"heads": [{"layer": 5, "head": 2, "mode": "add", "vector": "joy.h", "scale": 0.5}]}``
+compiles (phase "prompt") to ``res = {3: (4.0, '["res",[["joy","9f..",1.0]],3]')}`` and
+``heads = {(5, 2): (1.0, 0.5, '["head","joy.h","c1..",5]')}``. Two requests steering
+with "joy" at different scales share the pool row and hold different slots.
+
+Keys carry the content hash of the bank entry, so replacing a vector under the same name
+makes new keys: a running request keeps reading the rows it was admitted with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from emosteer.bank import ModelInfo, VectorBank, head_shard, neuron_shard, shard_entry
+from emosteer.spec import SpecError, SteerSpec
+
+PHASES = ("prompt", "generated")
+POOL_KINDS = ("res", "head", "neu")
+
+__all__ = [
+    "PHASES",
+    "POOL_KINDS",
+    "SlotProgram",
+    "RequestProgram",
+    "phase_spec",
+    "compile_phase",
+    "compile_request",
+    "key_kind",
+    "materialize",
+]
+
+
+def phase_spec(spec: SteerSpec, phase: str) -> SteerSpec:
+    """The interventions of ``spec`` in effect at ``phase`` positions (no capture)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    keep = lambda item: item.positions in ("all", phase)  # noqa: E731
+    neurons = spec.neurons if spec.neurons is not None and keep(spec.neurons) else None
+    return SteerSpec(
+        steer=tuple(s for s in spec.steer if keep(s)),
+        heads=tuple(h for h in spec.heads if keep(h)),
+        neurons=neurons,
+    )
+
+
+def _key(*parts) -> str:
+    return json.dumps(list(parts), separators=(",", ":"))
+
+
+def key_kind(key: str) -> str:
+    """"res", "head" or "neu" for a pool key."""
+    kind = json.loads(key)[0]
+    if kind not in POOL_KINDS:
+        raise ValueError(f"not a pool key: {key!r}")
+    return kind
+
+
+@dataclass
+class SlotProgram:
+    """One slot's contents: scalars and pool keys (no tensors).
+
+    ``res[layer] = (alpha, key)``: ``r += alpha * pool_res[row(key)]``;
+    ``heads[(layer, head)] = (a, b, key | None)``: ``z = a*z + b*pool_head[row(key)][head]``;
+    ``neu[layer] = (gamma, key)``: ``m *= 1 + (gamma-1) * pool_neu[row(key)]``.
+    """
+
+    fingerprint: str
+    res: dict[int, tuple[float, str]] = field(default_factory=dict)
+    heads: dict[tuple[int, int], tuple[float, float, str | None]] = field(default_factory=dict)
+    neu: dict[int, tuple[float, str]] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        """Every pool key this slot reads (unique, stable order)."""
+        out = [k for _, k in self.res.values()]
+        out += [k for _, _, k in self.heads.values() if k is not None]
+        out += [k for _, k in self.neu.values()]
+        return list(dict.fromkeys(out))
+
+    def layers(self) -> dict[str, set[int]]:
+        """Layers each op kind touches (the per-layer activity flags)."""
+        return {
+            "res": set(self.res),
+            "head": {layer for layer, _ in self.heads},
+            "neu": set(self.neu),
+        }
+
+
+def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> SlotProgram | None:
+    """The slot program of an already phase-cut, resolved spec; None if it does nothing.
+
+    Residual items on the same layer add up: one item keeps ``alpha = scale`` over the
+    row ``vec[layer]`` (rows shared across scales); several are folded into one row
+    ``sum(scale_i * vec_i[layer])`` with ``alpha = 1``.
+    """
+    if not spec.intervenes():
+        return None
+    h = (lambda name: bank.content_hash(name)) if bank is not None else (lambda name: "")
+    prog = SlotProgram(fingerprint=spec.fingerprint(bank))
+    per_layer: dict[int, list[tuple[str, float]]] = {}
+    for s in spec.steer:
+        if s.layers is None:
+            raise SpecError("steer.layers", "resolve the spec (SteerSpec.resolve) before compiling")
+        for layer in s.layers:
+            per_layer.setdefault(layer, []).append((s.vector, float(s.scale)))
+    for layer, items in sorted(per_layer.items()):
+        if len(items) == 1:
+            name, scale = items[0]
+            prog.res[layer] = (scale, _key("res", [[name, h(name), 1.0]], layer))
+        else:
+            terms = sorted([name, h(name), scale] for name, scale in items)
+            prog.res[layer] = (1.0, _key("res", terms, layer))
+    for item in spec.heads:
+        a, b = item.affine()
+        key = None
+        if item.vector is not None and b != 0.0:
+            key = _key("head", item.vector, h(item.vector), item.layer)
+        prog.heads[(item.layer, item.head)] = (float(a), float(b), key)
+    if spec.neurons is not None:
+        name = spec.neurons.set
+        mask = bank.get(name, "neurons") if bank is not None else None
+        for layer in range(info.num_layers):
+            if mask is not None and not bool(mask[layer].any()):
+                continue
+            prog.neu[layer] = (float(spec.neurons.gamma), _key("neu", name, h(name), layer))
+    return prog
+
+
+@dataclass
+class RequestProgram:
+    """Both phases of one request: ``phases[p]`` is None where nothing acts."""
+
+    phases: dict[str, SlotProgram | None]
+
+    def fingerprints(self) -> dict[str, str | None]:
+        return {p: (prog.fingerprint if prog is not None else None) for p, prog in self.phases.items()}
+
+    def to_plan(self) -> dict:
+        """The msgpack-safe summary the scheduler admits by: fingerprints and pool keys."""
+        return {
+            p: {"fp": prog.fingerprint, "keys": prog.keys()}
+            for p, prog in self.phases.items()
+            if prog is not None
+        }
+
+
+def compile_request(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> RequestProgram:
+    """Slot programs of both phases of a resolved spec."""
+    return RequestProgram({p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES})
+
+
+def materialize(
+    key: str, bank: VectorBank, info: ModelInfo, tp_size: int = 1, tp_rank: int = 0
+) -> torch.Tensor:
+    """The float32 pool row of ``key`` for one tensor-parallel rank, read from ``bank``.
+
+    Raises ``KeyError`` naming the vector when the bank no longer holds the contents the
+    key was made from (the name was removed or replaced since)."""
+    parts = json.loads(key)
+    kind = parts[0]
+
+    def entry(name: str, want_hash: str, kind_name: str) -> torch.Tensor:
+        if name not in bank or (want_hash and bank.content_hash(name) != want_hash):
+            raise KeyError(
+                f"vector {name!r} was removed or replaced after this request was admitted; "
+                "send the request again"
+            )
+        return bank.get(name, kind_name)
+
+    if kind == "res":
+        _, terms, layer = parts
+        row = torch.zeros(info.hidden_size)
+        for name, hsh, scale in terms:
+            vec = entry(name, hsh, "residual")[layer].float()
+            row = vec.clone() if (len(terms) == 1 and scale == 1.0) else row + scale * vec
+        return row
+    if kind == "head":
+        _, name, hsh, layer = parts
+        vec = shard_entry(entry(name, hsh, "head"), "head", tp_size, tp_rank)
+        return vec[layer].float()
+    if kind == "neu":
+        _, name, hsh, layer = parts
+        mask = shard_entry(entry(name, hsh, "neurons"), "neurons", tp_size, tp_rank)
+        return mask[layer].float()
+    raise ValueError(f"not a pool key: {key!r}")
+
+
+def local_heads(info: ModelInfo, tp_size: int, tp_rank: int) -> range:
+    return head_shard(info.num_heads, tp_size, tp_rank)
+
+
+def local_neurons(info: ModelInfo, tp_size: int, tp_rank: int) -> range:
+    return neuron_shard(info.intermediate_size, tp_size, tp_rank)

@@ -1,0 +1,237 @@
+"""Admission: slots and vector-pool rows granted in the scheduler, before a request runs.
+
+vLLM's scheduler walks its waiting queue each step; for LoRA it skips a request whose
+adapter would exceed ``max_loras`` (the request stays waiting). emosteer does the same
+with steering: ``patches/scheduler.py`` asks ``Admission.try_admit`` for every waiting
+request that carries a config; a request that cannot get its slots (and the pool rows
+its slots read) stays waiting until a running request finishes. It is never scheduled
+without its interventions.
+
+The scheduler is the single owner of both tables. It hands the ids it grants to the
+workers inside the request's ``SamplingParams.extra_args[GRANT_KEY]``; a worker only
+writes what it is told into its device buffers (``emosteer/vllm/worker.py``)::
+
+    front end    compile_request(spec)  -> extra_args["emosteer_plan"]
+                 = {"prompt": {"fp": "3a..", "keys": ['["res",[["joy","9f..",1.0]],3]', ...]}}
+    scheduler    try_admit(req, plan)   -> {"slots": {"prompt": 7}, "rows": {key: 12, ...}}
+    worker       slot 7 <- scalars + row ids; pool row 12 <- the vector (if not there yet)
+
+Slots are refcounted by fingerprint (requests with the same config share one); pool rows
+are refcounted by the slots that read them and, once unreferenced, stay resident and are
+evicted least-recently-used first when a new row is needed. A slot is released when the
+scheduler frees the request (finished, aborted or failed); a preempted request keeps its
+slots, so its re-run prompt is steered again with the same rows.
+
+Ordering: a slot or row freed in step N is given to another request in step N+1 at the
+earliest; the worker processes step N+1's finished requests before its new ones, so it
+never sees two live owners of one id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from emosteer.compile import POOL_KINDS, key_kind
+from emosteer.slots import SlotTable
+
+PLAN_KEY = "emosteer_plan"  # extra_args: what the front end compiled (fingerprints, pool keys)
+GRANT_KEY = "emosteer_grant"  # extra_args: what the scheduler granted (slot ids, pool rows)
+
+
+_instances: list = []  # Admission objects of this process (status over worker RPC)
+
+
+def local_status() -> dict | None:
+    """The status of the newest scheduler in this process (the engine core), if any."""
+    return _instances[-1].status() if _instances else None
+
+
+class PoolTable:
+    """Rows of one pool kind: key -> row id, refcounted by slots, LRU among unreferenced.
+
+    Running example, 2 rows: ref("a") -> 0, ref("b") -> 1, unref("a") (row 0 stays
+    resident: a later ref("a") finds it without a rewrite), ref("c") evicts "a" -> 0.
+    """
+
+    def __init__(self, rows: int):
+        self.rows = int(rows)
+        self._row: dict[str, int] = {}
+        self._refs: dict[str, int] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()  # resident, unreferenced, LRU first
+        self._free = list(range(self.rows - 1, -1, -1))
+
+    def row_of(self, key: str) -> int | None:
+        return self._row.get(key)
+
+    def available(self, exclude: set[str]) -> int:
+        """Rows a new key could take: free ones plus idle ones not in ``exclude``."""
+        return len(self._free) + sum(1 for k in self._idle if k not in exclude)
+
+    def ref(self, key: str) -> int:
+        row = self._row.get(key)
+        if row is not None:
+            self._idle.pop(key, None)
+            self._refs[key] = self._refs.get(key, 0) + 1
+            return row
+        if self._free:
+            row = self._free.pop()
+        else:
+            old = next(iter(self._idle))  # least recently used
+            del self._idle[old]
+            row = self._row.pop(old)
+            self._refs.pop(old, None)
+        self._row[key] = row
+        self._refs[key] = 1
+        return row
+
+    def unref(self, key: str) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self._idle[key] = None
+
+    def in_use(self) -> int:
+        return len(self._refs)
+
+    def resident(self) -> int:
+        return len(self._row)
+
+
+@dataclass
+class Capacity:
+    max_slots: int
+    rows: dict[str, int]  # pool kind -> rows
+
+
+class Admission:
+    """The scheduler's slot and pool accounting (one per engine core)."""
+
+    def __init__(self, capacity: Capacity):
+        self.capacity = capacity
+        self.slots = SlotTable(capacity.max_slots)
+        self.pools = {k: PoolTable(capacity.rows[k]) for k in POOL_KINDS}
+        self._keys: dict[str, list[str]] = {}  # fingerprint -> pool keys its slot reads
+        self._grants: dict[str, dict] = {}  # request id -> grant
+        self._fps: dict[str, list[str]] = {}  # request id -> fingerprints it holds
+        self.waiting_for_slots: set[str] = set()
+        self._lock = threading.Lock()
+        _instances.append(self)
+
+    @staticmethod
+    def fits(plan: dict, capacity: Capacity) -> str | None:
+        """Why ``plan`` could never be admitted (None if it can, given an idle engine)."""
+        if len(plan) > capacity.max_slots:
+            return f"the config needs {len(plan)} slots and max_slots is {capacity.max_slots}"
+        need: dict[str, set[str]] = {k: set() for k in POOL_KINDS}
+        for ph in plan.values():
+            for key in ph["keys"]:
+                need[key_kind(key)].add(key)
+        for kind, keys in need.items():
+            if len(keys) > capacity.rows[kind]:
+                return (
+                    f"the config needs {len(keys)} {kind!r} pool rows and the pool holds "
+                    f"{capacity.rows[kind]}; raise additional_config.emosteer.pool_mib"
+                )
+        return None
+
+    def grant_of(self, req_id: str) -> dict | None:
+        return self._grants.get(req_id)
+
+    def try_admit(self, req_id: str, plan: dict) -> dict | None:
+        """The grant for ``req_id`` (the same one on every call once admitted), or None
+        when its slots or rows are not available now (the request keeps waiting)."""
+        with self._lock:
+            got = self._grants.get(req_id)
+            if got is not None:
+                return got
+            new_fps = {ph["fp"]: ph["keys"] for ph in plan.values() if self.slots.slot_of(ph["fp"]) is None}
+            if len(new_fps) > self.slots.free_count():
+                self.waiting_for_slots.add(req_id)
+                return None
+            need: dict[str, set[str]] = {k: set() for k in POOL_KINDS}
+            for keys in new_fps.values():
+                for key in keys:
+                    kind = key_kind(key)
+                    if self.pools[kind].row_of(key) is None:
+                        need[kind].add(key)
+            for kind, keys in need.items():
+                if not keys:
+                    continue
+                pinned = {k for keys2 in new_fps.values() for k in keys2}
+                if len(keys) > self.pools[kind].available(pinned):
+                    self.waiting_for_slots.add(req_id)
+                    return None
+            slots: dict[str, int] = {}
+            held: list[str] = []
+            taken: list[str] = []
+            for phase, ph in plan.items():
+                fp = ph["fp"]
+                slot, new = self.slots.acquire_new(fp)
+                slots[phase] = slot
+                held.append(fp)
+                if new:
+                    self._keys[fp] = list(ph["keys"])
+                    taken.append(fp)
+            # Resident rows first, so that making room for the missing ones can never
+            # evict a row this request is about to read.
+            pairs = [key for fp in taken for key in self._keys[fp]]
+            pairs.sort(key=lambda k: self.pools[key_kind(k)].row_of(k) is None)  # stable
+            for key in pairs:
+                self.pools[key_kind(key)].ref(key)
+            rows = {
+                key: self.pools[key_kind(key)].row_of(key)
+                for ph in plan.values()
+                for key in ph["keys"]
+            }
+            grant = {"slots": slots, "rows": rows}
+            self._grants[req_id] = grant
+            self._fps[req_id] = held
+            self.waiting_for_slots.discard(req_id)
+            return grant
+
+    def release(self, req_id: str) -> None:
+        """The request is gone (finished, aborted, failed): drop its slot holds."""
+        with self._lock:
+            self.waiting_for_slots.discard(req_id)
+            self._grants.pop(req_id, None)
+            for fp in self._fps.pop(req_id, ()):
+                if self.slots.release(fp):
+                    for key in self._keys.pop(fp, ()):
+                        self.pools[key_kind(key)].unref(key)
+
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                "slots_in_use": len(self.slots),
+                "max_slots": self.capacity.max_slots,
+                "admitted_requests": len(self._grants),
+                "waiting_for_slots": len(self.waiting_for_slots),
+                "pool_rows": dict(self.capacity.rows),
+                "pool_rows_in_use": {k: p.in_use() for k, p in self.pools.items()},
+                "pool_rows_resident": {k: p.resident() for k, p in self.pools.items()},
+            }
+
+
+__all__ = ["Admission", "Capacity", "PoolTable", "PLAN_KEY", "GRANT_KEY", "report_failure", "take_failures"]
+
+
+# -- worker -> scheduler: requests a worker could not apply -----------------------------
+# With vLLM's in-process executor (one worker, the engine core's own process) the worker
+# and the scheduler share this table; with separate worker processes the worker also
+# attaches its failures to the ModelRunnerOutput it returns (``_emosteer_failed``).
+_failed: dict[str, str] = {}
+_failed_lock = threading.Lock()
+
+
+def report_failure(req_id: str, message: str) -> None:
+    with _failed_lock:
+        _failed.setdefault(req_id, message)
+
+
+def take_failures() -> dict[str, str]:
+    with _failed_lock:
+        out = dict(_failed)
+        _failed.clear()
+        return out
