@@ -8,9 +8,7 @@
 TORCH_LIBRARY_IMPL(emosteer_C, CUDA, m) {
   m.impl("head_affine_capture", &emosteer::head_affine_capture_cuda);
   m.impl("residual_add", &emosteer::residual_add_cuda);
-  m.impl("fused_add_rms_norm_steer", &emosteer::fused_add_rms_norm_steer_cuda);
   m.impl("neuron_gain", &emosteer::neuron_gain_cuda);
-  m.impl("silu_and_mul_gain", &emosteer::silu_and_mul_gain_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,5 +1,5 @@
 // CUDA-only helpers shared by the kernels: 16-byte packs for vectorized loads, the
-// launch shape, a block-wide sum, and the current stream. Only c10/cuda headers are
+// launch shape and the current stream. Only c10/cuda headers are
 // used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS headers).
 #pragma once
 
@@ -52,21 +52,6 @@ inline int threads_for(int64_t packs) {
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-// Sum of `x` over the block, returned to every thread. `shared` holds one float per warp.
-__device__ __forceinline__ float block_sum(float x, float* shared) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n_warps = (blockDim.x + 31) >> 5;
-  if (lane == 0) shared[warp] = x;
-  __syncthreads();
-  x = lane < n_warps ? shared[lane] : 0.0f;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  __syncthreads();  // `shared` may be reused by the caller
-  return x;
-}
 
 }  // namespace cuda
 }  // namespace emosteer

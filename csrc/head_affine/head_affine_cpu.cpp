@@ -1,64 +1,43 @@
-// CPU twin of the head affine + capture kernel: at::parallel_for over tokens, the
-// per-element math from head_affine.h, one pass over z.
+// CPU twin of the head affine + capture kernel: checks, then at::parallel_for over
+// tokens (for large batches only) of the vectorized token loop in
+// head_affine_cpu_kernel.h, AVX2 build where the CPU has it (head_affine_avx2_cpu.cpp),
+// else the portable build compiled here. One pass over z.
+#include "cpu_vec.h"  // first: this file holds the portable (DEFAULT) build
+
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cstring>
-
 #include "head_affine/head_affine.h"
+#include "head_affine/head_affine_cpu_kernel.h"
 
 namespace emosteer {
-namespace {
-
-template <typename scalar_t>
-void head_affine_capture_kernel(scalar_t* z,              // [T, H, D]
-                                const int32_t* token_slot,  // [T]
-                                const float* a,            // [S, H]
-                                const float* b,            // [S, H]
-                                const scalar_t* v,         // [S, H, D]
-                                const int32_t* cap_index,  // [T]
-                                scalar_t* cap_buf,         // [C, H, D]
-                                int64_t T, int64_t H, int64_t D, int64_t S, int64_t C) {
-  const int64_t row = H * D;
-  at::parallel_for(0, T, grain_for(row), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      scalar_t* zt = z + t * row;
-      const int64_t c = cap_index[t];
-      if (c >= 0) {
-        TORCH_CHECK(c < C, "cap_index[", t, "] = ", c, " but cap_buf has ", C, " rows");
-        std::memcpy(cap_buf + c * row, zt, sizeof(scalar_t) * row);
-      }
-      const int64_t s = token_slot[t];
-      if (s < 0) continue;
-      TORCH_CHECK(s < S, "token_slot[", t, "] = ", s, " but there are ", S, " slots");
-      for (int64_t h = 0; h < H; ++h) {
-        const float ah = a[s * H + h];
-        const float bh = b[s * H + h];
-        if (head_affine::is_identity(ah, bh)) continue;
-        scalar_t* zh = zt + h * D;
-        const scalar_t* vh = v + (s * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          zh[d] = static_cast<scalar_t>(head_affine::affine(static_cast<float>(zh[d]), ah, bh,
-                                                            static_cast<float>(vh[d])));
-        }
-      }
-    }
-  });
-}
-
-}  // namespace
 
 void head_affine_capture_cpu(at::Tensor& z, const at::Tensor& token_slot, const at::Tensor& a,
-                             const at::Tensor& b, const at::Tensor& v,
-                             const at::Tensor& cap_index, at::Tensor& cap_buf) {
+                             const at::Tensor& b, const at::Tensor& vrow, const at::Tensor& pool,
+                             const at::Tensor& cap_index, at::Tensor& cap_buf,
+                             const at::Tensor& flag) {
   TORCH_CHECK(z.device().is_cpu(), "z must be a CPU tensor for the CPU kernel");
-  const int64_t S = head_affine::check_args(z, token_slot, a, b, v, cap_index, cap_buf);
+  const int64_t S =
+      head_affine::check_args(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag);
+  if (flag.data_ptr<int32_t>()[0] == 0) return;  // read once: the whole op is off
+  const int64_t T = z.size(0), H = z.size(1), D = z.size(2);
   if (z.numel() == 0) return;
+  // Every index, before anything is written (T + S*H values: cheap next to the op).
+  check_index_values(token_slot.data_ptr<int32_t>(), T, S, "token_slot", "slots");
+  check_index_values(cap_index.data_ptr<int32_t>(), T, cap_buf.size(0), "cap_index",
+                     "capture rows");
+  check_index_values(vrow.data_ptr<int32_t>(), S * H, pool.size(0), "vrow", "pool rows");
+  const head_affine::CpuArgs args{z.data_ptr(),           token_slot.data_ptr<int32_t>(),
+                                  a.data_ptr<float>(),    b.data_ptr<float>(),
+                                  vrow.data_ptr<int32_t>(), pool.data_ptr(),
+                                  cap_index.data_ptr<int32_t>(), cap_buf.data_ptr(),
+                                  H,                      D};
   EMOSTEER_DISPATCH_FLOAT_TYPES(z.scalar_type(), "head_affine_capture_cpu", [&] {
-    head_affine_capture_kernel<scalar_t>(
-        z.data_ptr<scalar_t>(), token_slot.data_ptr<int32_t>(), a.data_ptr<float>(),
-        b.data_ptr<float>(), v.data_ptr<scalar_t>(), cap_index.data_ptr<int32_t>(),
-        cap_buf.data_ptr<scalar_t>(), z.size(0), z.size(1), z.size(2), S, cap_buf.size(0));
+    auto* tokens = &head_affine::DEFAULT::tokens<scalar_t>;
+#if EMOSTEER_HAVE_AVX2_BUILD
+    if (cpu_use_avx2()) tokens = &head_affine::AVX2::tokens<scalar_t>;
+#endif
+    at::parallel_for(0, T, grain_for(H * D),
+                     [&](int64_t begin, int64_t end) { tokens(args, begin, end); });
   });
 }
 

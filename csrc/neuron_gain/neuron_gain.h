@@ -1,15 +1,17 @@
-// Per-token neuron gains on the MLP activation, shared by the CUDA kernels and their CPU
-// twins:
+// Per-token neuron gains on the MLP activation (the down_proj input), shared by the
+// CUDA kernel and its CPU twins:
 //
-//   neuron_gain:        m[t,i] = g[s,i]*m[t,i],                        s = token_slot[t] >= 0
-//   silu_and_mul_gain:  out[t,i] = silu(x[t,i]) * x[t,I+i] (* g[s,i])
+//   if flag[0] == 0: nothing at all
+//   m[t,i] = g*m[t,i],  g = 1 + (gamma[s]-1)*masks[nrow[s], i],
+//            s = token_slot[t] >= 0, nrow[s] >= 0
 //
-// A gain of exactly 1 leaves the element bit-identical; tokens with slot -1 get
-// exactly vLLM's SiluAndMul. Running example: token_slot = [-1, 0, 2, 1] with
-// g[0] = [1, 1.5, ...] keeps token 1's neuron 0 untouched and scales its neuron 1.
+// g is rounded in this order (gamma - 1, times the mask, plus 1), the product g*m once
+// to m's dtype. An element with g == 1 (mask 0, or gamma 1) is left bit-identical, as
+// is every other token. It runs in place right after vLLM's own SiluAndMul. Running
+// example: token_slot = [-1, 0, 2, 1] with nrow = [3, -1, 3] and gamma = [1.5, 2, 0.5]
+// scales token 1 by 1.5 and token 2 by 0.5 on the neurons of mask row 3, and leaves
+// tokens 0 and 3 (slot 1 has no mask) alone.
 #pragma once
-
-#include <cmath>
 
 #include "common.h"
 
@@ -18,51 +20,60 @@ namespace neuron {
 
 EMOSTEER_HD bool is_identity(float g) { return g == 1.0f; }
 
-// `gate / (1 + exp(-gate)) * up` in float, as vLLM's SiluAndMul and the reference.
-EMOSTEER_HD float silu_mul(float gate, float up) {
-  return mul_rn(gate / add_rn(1.0f, expf(-gate)), up);
+// `1 + gm1*mask` with gm1 = gamma - 1 (rounded first, once per slot), the product
+// rounded before the sum; F is float (CUDA) or a vector of floats (CPU).
+template <typename F>
+EMOSTEER_HD F gain(const F& gm1, const F& mask) {
+  return add_rn(F(1.0f), mul_rn(gm1, mask));
 }
 
-// The value stored for an activation `act` (float) with gain `g`: rounded once.
-template <typename T>
-EMOSTEER_HD T gained(float act, float g) {
-  return is_identity(g) ? static_cast<T>(act) : static_cast<T>(mul_rn(act, g));
+#if !defined(__CUDACC__)
+// What the CPU launcher hands the vectorized token loop (cpu_kernel.h). Indices are
+// already checked.
+struct CpuArgs {
+  void* m;                    // [T, I] scalar_t
+  const int32_t* token_slot;  // [T]
+  const float* gamma;         // [S]
+  const int32_t* nrow;        // [S]
+  const float* masks;         // [P, I]
+  int64_t I;
+};
+namespace DEFAULT {
+template <typename scalar_t>
+void tokens(const CpuArgs& p, int64_t begin, int64_t end);
 }
+namespace AVX2 {
+template <typename scalar_t>
+void tokens(const CpuArgs& p, int64_t begin, int64_t end);
+}
+#endif
 
-// Host-side checks shared by the launchers. Return S (slots).
+#if !defined(EMOSTEER_KERNEL_ONLY)
+// Host-side checks shared by the launchers. Returns S (slots).
 inline int64_t check_neuron_gain(const at::Tensor& m, const at::Tensor& token_slot,
-                                 const at::Tensor& g) {
+                                 const at::Tensor& gamma, const at::Tensor& nrow,
+                                 const at::Tensor& masks, const at::Tensor& flag) {
   const auto dev = m.device();
   EMOSTEER_CHECK_INPUT(m, dev, 2);
   EMOSTEER_CHECK_FLOAT_DTYPE(m);
   EMOSTEER_CHECK_INPUT(token_slot, dev, 1);
   EMOSTEER_CHECK_DTYPE(token_slot, at::kInt);
   EMOSTEER_CHECK_SIZE(token_slot, 0, m.size(0));
-  EMOSTEER_CHECK_INPUT(g, dev, 2);
-  EMOSTEER_CHECK_DTYPE(g, at::kFloat);
-  EMOSTEER_CHECK_SIZE(g, 1, m.size(1));
-  return g.size(0);
+  EMOSTEER_CHECK_INPUT(gamma, dev, 1);
+  EMOSTEER_CHECK_DTYPE(gamma, at::kFloat);
+  const int64_t S = gamma.size(0);
+  EMOSTEER_CHECK_INPUT(nrow, dev, 1);
+  EMOSTEER_CHECK_DTYPE(nrow, at::kInt);
+  EMOSTEER_CHECK_SIZE(nrow, 0, S);
+  EMOSTEER_CHECK_INPUT(masks, dev, 2);
+  EMOSTEER_CHECK_DTYPE(masks, at::kFloat);
+  EMOSTEER_CHECK_SIZE(masks, 1, m.size(1));
+  EMOSTEER_CHECK_INPUT(flag, dev, 1);
+  EMOSTEER_CHECK_DTYPE(flag, at::kInt);
+  EMOSTEER_CHECK_SIZE(flag, 0, 1);
+  return S;
 }
-
-inline int64_t check_silu_and_mul_gain(const at::Tensor& out, const at::Tensor& x,
-                                       const at::Tensor& token_slot, const at::Tensor& g) {
-  const auto dev = x.device();
-  EMOSTEER_CHECK_INPUT(x, dev, 2);
-  EMOSTEER_CHECK_FLOAT_DTYPE(x);
-  TORCH_CHECK(x.size(1) % 2 == 0, "x must have an even last dimension (gate | up), got ",
-              x.sizes());
-  EMOSTEER_CHECK_INPUT(out, dev, 2);
-  EMOSTEER_CHECK_DTYPE(out, x.scalar_type());
-  EMOSTEER_CHECK_SIZE(out, 0, x.size(0));
-  EMOSTEER_CHECK_SIZE(out, 1, x.size(1) / 2);
-  EMOSTEER_CHECK_INPUT(token_slot, dev, 1);
-  EMOSTEER_CHECK_DTYPE(token_slot, at::kInt);
-  EMOSTEER_CHECK_SIZE(token_slot, 0, x.size(0));
-  EMOSTEER_CHECK_INPUT(g, dev, 2);
-  EMOSTEER_CHECK_DTYPE(g, at::kFloat);
-  EMOSTEER_CHECK_SIZE(g, 1, x.size(1) / 2);
-  return g.size(0);
-}
+#endif
 
 }  // namespace neuron
 }  // namespace emosteer

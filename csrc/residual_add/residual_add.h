@@ -1,40 +1,55 @@
-// Per-token residual steering, shared by the CUDA kernels and their CPU twins:
+// Per-token residual steering from a vector pool, shared by the CUDA kernel and its CPU
+// twins:
 //
-//   residual_add:              r[t] = r[t] + alpha[s]*u[s],   s = token_slot[t] >= 0
-//   fused_add_rms_norm_steer:  residual[t] = x[t] + residual[t] (+ alpha[s]*u[s])
-//                              x[t] = rms_norm(residual[t]) * weight
+//   if flag[0] == 0: nothing at all
+//   r[t] = r[t] + alpha[s]*pool[urow[s]],   s = token_slot[t] >= 0, urow[s] >= 0
 //
-// The fused form is vLLM's fused_add_rms_norm with the steering add folded in: the sum
-// is rounded to the residual dtype before the norm, the normed row is rounded to x's
-// dtype before the product with the weight (in that dtype), so a token with slot -1
-// reproduces vLLM's op. Running example: token_slot = [-1, 0, 2, 1] leaves token 0's
-// residual as x + residual and adds slot 0's, 2's and 1's vector to tokens 1..3.
+// float32 math, the product rounded before the sum, one rounding to r's dtype; every
+// other token is left bit-identical. It runs in place right after vLLM's own fused
+// add + RMSNorm (on the residual that op returned), so unsteered tokens keep vLLM's
+// numbers bit for bit. Running example: token_slot = [-1, 0, 2, 1] with
+// urow = [4, -1, 0] leaves tokens 0 and 3 alone (slot 1 has no vector), adds
+// alpha[0]*pool[4] to token 1 and alpha[2]*pool[0] to token 2.
 #pragma once
-
-#include <cmath>
 
 #include "common.h"
 
 namespace emosteer {
 namespace residual {
 
-// `r + alpha*u`, the product rounded before the sum as in the torch reference.
-EMOSTEER_HD float steer(float r, float alpha, float u) { return add_rn(r, mul_rn(alpha, u)); }
-
-// 1/sqrt(mean + eps) with mean = sum_sq / d, as `rsqrt(h.pow(2).mean() + eps)` does.
-EMOSTEER_HD float inv_rms(float sum_sq, int64_t d, float eps) {
-  return 1.0f / sqrtf(add_rn(sum_sq / static_cast<float>(d), eps));
+// `r + alpha*u`, the product rounded before the sum as in the torch reference; F is
+// float (CUDA) or a vector of floats (CPU).
+template <typename F>
+EMOSTEER_HD F steer(const F& r, const F& alpha, const F& u) {
+  return add_rn(r, mul_rn(alpha, u));
 }
 
-// `(h * inv_rms).to(T) * weight.to(T)`: the product in T, i.e. rounded through T.
-template <typename T>
-EMOSTEER_HD T normed_times_weight(float h, float inv, T w) {
-  return static_cast<T>(mul_rn(round_to<T>(mul_rn(h, inv)), static_cast<float>(w)));
+#if !defined(__CUDACC__)
+// What the CPU launcher hands the vectorized token loop (cpu_kernel.h). Indices are
+// already checked.
+struct CpuArgs {
+  void* r;                    // [T, d] scalar_t
+  const int32_t* token_slot;  // [T]
+  const float* alpha;         // [S]
+  const int32_t* urow;        // [S]
+  const void* pool;           // [P, d] scalar_t
+  int64_t d;
+};
+namespace DEFAULT {
+template <typename scalar_t>
+void tokens(const CpuArgs& p, int64_t begin, int64_t end);
 }
+namespace AVX2 {
+template <typename scalar_t>
+void tokens(const CpuArgs& p, int64_t begin, int64_t end);
+}
+#endif
 
-// Host-side checks shared by the launchers of residual_add. Returns S (slots).
+#if !defined(EMOSTEER_KERNEL_ONLY)
+// Host-side checks shared by the launchers. Returns S (slots).
 inline int64_t check_residual_add(const at::Tensor& r, const at::Tensor& token_slot,
-                                  const at::Tensor& alpha, const at::Tensor& u) {
+                                  const at::Tensor& alpha, const at::Tensor& urow,
+                                  const at::Tensor& pool, const at::Tensor& flag) {
   const auto dev = r.device();
   EMOSTEER_CHECK_INPUT(r, dev, 2);
   EMOSTEER_CHECK_FLOAT_DTYPE(r);
@@ -44,30 +59,18 @@ inline int64_t check_residual_add(const at::Tensor& r, const at::Tensor& token_s
   EMOSTEER_CHECK_INPUT(alpha, dev, 1);
   EMOSTEER_CHECK_DTYPE(alpha, at::kFloat);
   const int64_t S = alpha.size(0);
-  EMOSTEER_CHECK_INPUT(u, dev, 2);
-  EMOSTEER_CHECK_DTYPE(u, r.scalar_type());
-  EMOSTEER_CHECK_SIZE(u, 0, S);
-  EMOSTEER_CHECK_SIZE(u, 1, r.size(1));
+  EMOSTEER_CHECK_INPUT(urow, dev, 1);
+  EMOSTEER_CHECK_DTYPE(urow, at::kInt);
+  EMOSTEER_CHECK_SIZE(urow, 0, S);
+  EMOSTEER_CHECK_INPUT(pool, dev, 2);
+  EMOSTEER_CHECK_DTYPE(pool, r.scalar_type());
+  EMOSTEER_CHECK_SIZE(pool, 1, r.size(1));
+  EMOSTEER_CHECK_INPUT(flag, dev, 1);
+  EMOSTEER_CHECK_DTYPE(flag, at::kInt);
+  EMOSTEER_CHECK_SIZE(flag, 0, 1);
   return S;
 }
-
-// Checks of fused_add_rms_norm_steer; returns the weight in x's dtype (a copy only when
-// the dtypes differ, which is what `weight.to(x.dtype)` does in the reference).
-inline at::Tensor check_fused(const at::Tensor& x, const at::Tensor& residual,
-                              const at::Tensor& weight, double eps, const at::Tensor& token_slot,
-                              const at::Tensor& alpha, const at::Tensor& u) {
-  check_residual_add(x, token_slot, alpha, u);
-  const auto dev = x.device();
-  EMOSTEER_CHECK_INPUT(residual, dev, 2);
-  EMOSTEER_CHECK_DTYPE(residual, x.scalar_type());
-  EMOSTEER_CHECK_SIZE(residual, 0, x.size(0));
-  EMOSTEER_CHECK_SIZE(residual, 1, x.size(1));
-  EMOSTEER_CHECK_INPUT(weight, dev, 1);
-  EMOSTEER_CHECK_FLOAT_DTYPE(weight);
-  EMOSTEER_CHECK_SIZE(weight, 0, x.size(1));
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
-  return weight.scalar_type() == x.scalar_type() ? weight : weight.to(x.scalar_type());
-}
+#endif
 
 }  // namespace residual
 }  // namespace emosteer

@@ -24,12 +24,10 @@ except ImportError:  # no Triton: the modules can never be imported, nothing to 
 from emosteer.ops._dispatch import (
     IMPLS,
     available_impls,
-    fused_add_rms_norm_steer,
     head_affine_capture,
     neuron_gain,
     resolve_impl,
     residual_add,
-    silu_and_mul_gain,
 )
 
 __all__ = [
@@ -38,7 +36,5 @@ __all__ = [
     "resolve_impl",
     "head_affine_capture",
     "residual_add",
-    "fused_add_rms_norm_steer",
     "neuron_gain",
-    "silu_and_mul_gain",
 ]

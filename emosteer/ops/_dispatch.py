@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 from typing import Callable, Optional, Sequence
 
@@ -21,17 +22,13 @@ IMPLS = ("torch", "triton", "cpp", "cuda")
 OPS = (
     "head_affine_capture",
     "residual_add",
-    "fused_add_rms_norm_steer",
     "neuron_gain",
-    "silu_and_mul_gain",
 )
 # Module holding each op's Triton launcher (one file per op stem, see STYLE.md).
 _TRITON_MODULE = {
     "head_affine_capture": "emosteer.ops.head_affine",
     "residual_add": "emosteer.ops.residual_add",
-    "fused_add_rms_norm_steer": "emosteer.ops.residual_add",
     "neuron_gain": "emosteer.ops.neuron_gain",
-    "silu_and_mul_gain": "emosteer.ops.neuron_gain",
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32,)
@@ -49,7 +46,11 @@ def _compiled(kind: str):
         return None
     ns = torch.ops.emosteer_C
     try:
-        getattr(ns, "head_affine_capture")
+        # A stale build (other schemas than the reference's) counts as not built.
+        for op in OPS:
+            names = [a.name for a in getattr(ns, op).default._schema.arguments]
+            if names != list(inspect.signature(getattr(reference, op)).parameters):
+                return None
     except (AttributeError, RuntimeError):
         return None
     return ns
@@ -100,8 +101,10 @@ def resolve_impl(impl: Optional[str], device: torch.device | str) -> str:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS} (or None for the best available)")
     if impl not in avail:
         why = {
-            "cuda": "the CUDA extension emosteer._C_cuda is not built or the tensors are not on a GPU",
-            "cpp": "the C++ extension emosteer._C is not built or the tensors are not on the CPU",
+            "cuda": "the CUDA extension emosteer._C_cuda is not built (or stale: rebuild it) or "
+            "the tensors are not on a GPU",
+            "cpp": "the C++ extension emosteer._C is not built (or stale: rebuild it) or the "
+            "tensors are not on the CPU",
             "triton": "Triton needs a GPU, or TRITON_INTERPRET=1 set before emosteer is imported",
         }.get(impl, "")
         raise RuntimeError(
@@ -133,8 +136,6 @@ def _register(op: str, mutates: Sequence[str]):
         backend_fn(impl, op)(*tensors)
 
     # Build a wrapper with the reference's annotated signature + `impl: str`.
-    import inspect
-
     sig = inspect.signature(fn_ref)
     params = list(sig.parameters.values()) + [
         inspect.Parameter("impl", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)
@@ -164,17 +165,13 @@ def _register(op: str, mutates: Sequence[str]):
 def _annotation(name: str, op: str):
     if name == "impl":
         return str
-    if name == "eps":
-        return float
     return torch.Tensor
 
 
 _MUTATES = {
     "head_affine_capture": ("z", "cap_buf"),
     "residual_add": ("r",),
-    "fused_add_rms_norm_steer": ("x", "residual"),
     "neuron_gain": ("m",),
-    "silu_and_mul_gain": ("out",),
 }
 CUSTOM_OPS = {op: _register(op, _MUTATES[op]) for op in OPS}
 
@@ -217,9 +214,15 @@ def _check_index(idx: torch.Tensor, name: str, upper: int, what: str) -> None:
         )
 
 
-def _check_slots(x, token_slot, n_tokens, n_slots, device):
+
+
+def _check_slots(token_slot, n_tokens, n_slots, device):
     _check(token_slot, "token_slot", ndim=1, dtypes=INDEX_DTYPES, shape=(n_tokens,), device=device)
     _check_index(token_slot, "token_slot", n_slots, f"{n_slots} slots")
+
+
+def _check_flag(flag, device):
+    _check(flag, "flag", ndim=1, dtypes=INDEX_DTYPES, shape=(1,), device=device)
 
 
 # ----------------------------------------------------------------------- public ops
@@ -228,25 +231,32 @@ def head_affine_capture(
     token_slot: torch.Tensor,  # [T] int32
     a: torch.Tensor,  # [S, H] float32
     b: torch.Tensor,  # [S, H] float32
-    v: torch.Tensor,  # [S, H, D] z.dtype
+    vrow: torch.Tensor,  # [S, H] int32 rows of pool, -1 = no vector
+    pool: torch.Tensor,  # [P, H, D] z.dtype
     cap_index: torch.Tensor,  # [T] int32
     cap_buf: torch.Tensor,  # [C, H, D] z.dtype
+    flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: ``z[t,h] = a[s,h]*z[t,h] + b[s,h]*v[s,h]``, capturing pre-update rows."""
+    """In place: ``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h], h]``, capturing
+    pre-update rows; nothing at all while ``flag[0] == 0``."""
     _check(z, "z", ndim=3, dtypes=FLOAT_DTYPES)
     T, H, D = z.shape
     dev = z.device
     _check(a, "a", ndim=2, dtypes=(torch.float32,), shape=(None, H), device=dev)
     S = a.shape[0]
     _check(b, "b", ndim=2, dtypes=(torch.float32,), shape=(S, H), device=dev)
-    _check(v, "v", ndim=3, dtypes=(z.dtype,), shape=(S, H, D), device=dev)
+    _check(vrow, "vrow", ndim=2, dtypes=INDEX_DTYPES, shape=(S, H), device=dev)
+    _check(pool, "pool", ndim=3, dtypes=(z.dtype,), shape=(None, H, D), device=dev)
+    P = pool.shape[0]
     _check(cap_buf, "cap_buf", ndim=3, dtypes=(z.dtype,), shape=(None, H, D), device=dev)
     _check(cap_index, "cap_index", ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=dev)
-    _check_slots(z, token_slot, T, S, dev)
+    _check_flag(flag, dev)
+    _check_slots(token_slot, T, S, dev)
     _check_index(cap_index, "cap_index", cap_buf.shape[0], f"{cap_buf.shape[0]} capture rows")
+    _check_index(vrow, "vrow", P, f"{P} pool rows")
     torch.ops.emosteer.head_affine_capture(
-        z, token_slot, a, b, v, cap_index, cap_buf, resolve_impl(impl, dev)
+        z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag, resolve_impl(impl, dev)
     )
 
 
@@ -254,77 +264,46 @@ def residual_add(
     r: torch.Tensor,  # [T, d]
     token_slot: torch.Tensor,  # [T] int32
     alpha: torch.Tensor,  # [S] float32
-    u: torch.Tensor,  # [S, d] r.dtype
+    urow: torch.Tensor,  # [S] int32 rows of pool, -1 = no vector
+    pool: torch.Tensor,  # [P, d] r.dtype
+    flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: ``r[t] = r[t] + alpha[s]*u[s]``."""
+    """In place: ``r[t] = r[t] + alpha[s]*pool[urow[s]]``; nothing while ``flag[0] == 0``."""
     _check(r, "r", ndim=2, dtypes=FLOAT_DTYPES)
     T, d = r.shape
     dev = r.device
     _check(alpha, "alpha", ndim=1, dtypes=(torch.float32,), device=dev)
     S = alpha.shape[0]
-    _check(u, "u", ndim=2, dtypes=(r.dtype,), shape=(S, d), device=dev)
-    _check_slots(r, token_slot, T, S, dev)
-    torch.ops.emosteer.residual_add(r, token_slot, alpha, u, resolve_impl(impl, dev))
-
-
-def fused_add_rms_norm_steer(
-    x: torch.Tensor,  # [T, d]
-    residual: torch.Tensor,  # [T, d]
-    weight: torch.Tensor,  # [d]
-    eps: float,
-    token_slot: torch.Tensor,  # [T] int32
-    alpha: torch.Tensor,  # [S] float32
-    u: torch.Tensor,  # [S, d] x.dtype
-    impl: Optional[str] = None,
-) -> None:
-    """In place: ``residual += x + alpha[s]*u[s]``; ``x = rms_norm(residual) * weight``."""
-    _check(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
-    T, d = x.shape
-    dev = x.device
-    _check(residual, "residual", ndim=2, dtypes=(x.dtype,), shape=(T, d), device=dev)
-    _check(weight, "weight", ndim=1, dtypes=FLOAT_DTYPES, shape=(d,), device=dev)
-    if not (isinstance(eps, float) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    _check(alpha, "alpha", ndim=1, dtypes=(torch.float32,), device=dev)
-    S = alpha.shape[0]
-    _check(u, "u", ndim=2, dtypes=(x.dtype,), shape=(S, d), device=dev)
-    _check_slots(x, token_slot, T, S, dev)
-    torch.ops.emosteer.fused_add_rms_norm_steer(
-        x, residual, weight, eps, token_slot, alpha, u, resolve_impl(impl, dev)
-    )
+    _check(urow, "urow", ndim=1, dtypes=INDEX_DTYPES, shape=(S,), device=dev)
+    _check(pool, "pool", ndim=2, dtypes=(r.dtype,), shape=(None, d), device=dev)
+    P = pool.shape[0]
+    _check_flag(flag, dev)
+    _check_slots(token_slot, T, S, dev)
+    _check_index(urow, "urow", P, f"{P} pool rows")
+    torch.ops.emosteer.residual_add(r, token_slot, alpha, urow, pool, flag, resolve_impl(impl, dev))
 
 
 def neuron_gain(
     m: torch.Tensor,  # [T, I]
     token_slot: torch.Tensor,  # [T] int32
-    g: torch.Tensor,  # [S, I] float32
+    gamma: torch.Tensor,  # [S] float32
+    nrow: torch.Tensor,  # [S] int32 rows of masks, -1 = no gain
+    masks: torch.Tensor,  # [P, I] float32
+    flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: ``m[t,i] = g[s,i]*m[t,i]``."""
+    """In place: ``m[t,i] = (1 + (gamma[s]-1)*masks[nrow[s], i]) * m[t,i]``; nothing while
+    ``flag[0] == 0``."""
     _check(m, "m", ndim=2, dtypes=FLOAT_DTYPES)
     T, I = m.shape
     dev = m.device
-    _check(g, "g", ndim=2, dtypes=(torch.float32,), shape=(None, I), device=dev)
-    _check_slots(m, token_slot, T, g.shape[0], dev)
-    torch.ops.emosteer.neuron_gain(m, token_slot, g, resolve_impl(impl, dev))
-
-
-def silu_and_mul_gain(
-    out: torch.Tensor,  # [T, I]
-    x: torch.Tensor,  # [T, 2I]
-    token_slot: torch.Tensor,  # [T] int32
-    g: torch.Tensor,  # [S, I] float32
-    impl: Optional[str] = None,
-) -> None:
-    """In place: ``out = silu(x[:, :I]) * x[:, I:] * g[s]``."""
-    _check(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
-    T, I2 = x.shape
-    if I2 % 2:
-        raise ValueError(f"x must have an even last dimension (gate | up), got {I2}")
-    I = I2 // 2
-    dev = x.device
-    _check(out, "out", ndim=2, dtypes=(x.dtype,), shape=(T, I), device=dev)
-    _check(g, "g", ndim=2, dtypes=(torch.float32,), shape=(None, I), device=dev)
-    _check_slots(x, token_slot, T, g.shape[0], dev)
-    torch.ops.emosteer.silu_and_mul_gain(out, x, token_slot, g, resolve_impl(impl, dev))
+    _check(gamma, "gamma", ndim=1, dtypes=(torch.float32,), device=dev)
+    S = gamma.shape[0]
+    _check(nrow, "nrow", ndim=1, dtypes=INDEX_DTYPES, shape=(S,), device=dev)
+    _check(masks, "masks", ndim=2, dtypes=(torch.float32,), shape=(None, I), device=dev)
+    P = masks.shape[0]
+    _check_flag(flag, dev)
+    _check_slots(token_slot, T, S, dev)
+    _check_index(nrow, "nrow", P, f"{P} mask rows")
+    torch.ops.emosteer.neuron_gain(m, token_slot, gamma, nrow, masks, flag, resolve_impl(impl, dev))

@@ -2,8 +2,9 @@
 
 One pass over the attention output ``z[T, H, D]`` (the ``o_proj`` input): each token
 reads its slot and capture row, copies its row to the capture buffer before touching it,
-and applies ``a*z + b*v`` per head. Whether anything happens is device-side data (slot /
-capture index = -1), never a Python branch, so the launch is CUDA-graph safe.
+and applies ``a*z + b*v`` per head, ``v`` being the pool row the slot's table names for
+that head. Whether anything happens is device-side data (``flag``, slot / capture index /
+pool row = -1), never a Python branch, so the launch is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -21,46 +22,55 @@ def _head_affine_capture_kernel(
     slot_ptr,  # [T] int32
     a_ptr,  # [S, H] float32
     b_ptr,  # [S, H] float32
-    v_ptr,  # [S, H, D] z.dtype
+    vrow_ptr,  # [S, H] int32, -1 = v is 0
+    pool_ptr,  # [P, H, D] z.dtype
     cap_index_ptr,  # [T] int32
     cap_ptr,  # [C, H, D] z.dtype, mutated
+    flag_ptr,  # [1] int32, 0 = do nothing
     H,
     D,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``z[t,h] = a[s,h]*z[t,h] + b[s,h]*v[s,h]``,  ``s = slot[t] >= 0``.
+    """``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h], h]``,  ``s = slot[t] >= 0``.
 
-    Program (t, hb) handles heads ``hb*BLOCK_H ...`` of token t. If ``cap[t] >= 0`` the
-    pre-update ``z[t,h]`` goes to ``cap_buf[cap[t], h]`` first. Heads with
-    ``a == 1 and b == 0`` are stored back bit for bit (also -0.0 / NaN), as is z when
-    ``slot[t] == -1``. Math in float32, one rounding to z's dtype.
+    Program (t, hb) handles heads ``hb*BLOCK_H ...`` of token t. Every program first
+    reads ``flag`` and does nothing when it is 0. If ``cap[t] >= 0`` the pre-update
+    ``z[t,h]`` goes to ``cap_buf[cap[t], h]`` first. A head whose ``vrow`` is -1 uses
+    v = 0. Heads with ``a == 1 and b == 0`` are stored back bit for bit (also -0.0 /
+    NaN), as is z when ``slot[t] == -1``. Math in float32, one rounding to z's dtype.
     """
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    slot = tl.load(slot_ptr + t)
-    cap = tl.load(cap_index_ptr + t)
+    flag = tl.load(flag_ptr)
     # No `mask & (slot >= 0)`: the 3.9 interpreter rejects masks built from loaded
     # scalars, so the per-token conditions are branches on device data instead.
-    if (slot >= 0) | (cap >= 0):
-        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_D)
-        head_ok = heads < H
-        mask = head_ok[:, None] & (dims < D)[None, :]
-        row = heads[:, None] * D + dims[None, :]  # offset inside one [H, D] token row
-        # Token/slot/capture bases are int64 (t, s, cap cast): T*H*D may exceed 2**31.
-        z = tl.load(z_ptr + t * H * D + row, mask=mask)
-        if cap >= 0:
-            tl.store(cap_ptr + cap.to(tl.int64) * H * D + row, z, mask=mask)
-        if slot >= 0:
-            s = slot.to(tl.int64)
-            a = tl.load(a_ptr + s * H + heads, mask=head_ok, other=1.0)
-            b = tl.load(b_ptr + s * H + heads, mask=head_ok, other=0.0)
-            v = tl.load(v_ptr + s * H * D + row, mask=mask, other=0.0)
-            out = a[:, None] * z.to(tl.float32) + b[:, None] * v.to(tl.float32)
-            keep = (a == 1.0) & (b == 0.0)
-            out = tl.where(keep[:, None], z, out.to(z_ptr.dtype.element_ty))
-            tl.store(z_ptr + t * H * D + row, out, mask=mask)
+    if flag != 0:
+        t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        slot = tl.load(slot_ptr + t)
+        cap = tl.load(cap_index_ptr + t)
+        if (slot >= 0) | (cap >= 0):
+            heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            dims = tl.arange(0, BLOCK_D)
+            head_ok = heads < H
+            mask = head_ok[:, None] & (dims < D)[None, :]
+            row = heads[:, None] * D + dims[None, :]  # offset inside one [H, D] token row
+            # Token/slot/capture/pool bases are int64: T*H*D may exceed 2**31.
+            z = tl.load(z_ptr + t * H * D + row, mask=mask)
+            if cap >= 0:
+                tl.store(cap_ptr + cap.to(tl.int64) * H * D + row, z, mask=mask)
+            if slot >= 0:
+                s = slot.to(tl.int64)
+                a = tl.load(a_ptr + s * H + heads, mask=head_ok, other=1.0)
+                b = tl.load(b_ptr + s * H + heads, mask=head_ok, other=0.0)
+                vr = tl.load(vrow_ptr + s * H + heads, mask=head_ok, other=-1)
+                has_v = vr >= 0
+                p = tl.where(has_v, vr, 0).to(tl.int64)
+                v = tl.load(pool_ptr + p[:, None] * H * D + row, mask=mask & has_v[:, None],
+                            other=0.0)
+                out = a[:, None] * z.to(tl.float32) + b[:, None] * v.to(tl.float32)
+                keep = (a == 1.0) & (b == 0.0)
+                out = tl.where(keep[:, None], z, out.to(z_ptr.dtype.element_ty))
+                tl.store(z_ptr + t * H * D + row, out, mask=mask)
 
 
 def _block_h(H: int, block_d: int) -> int:
@@ -73,9 +83,11 @@ def head_affine_capture(
     token_slot: torch.Tensor,  # [T] int32, -1 = no intervention
     a: torch.Tensor,  # [S, H] float32 multiplicative coefficient
     b: torch.Tensor,  # [S, H] float32 coefficient of v
-    v: torch.Tensor,  # [S, H, D] z.dtype head vectors
+    vrow: torch.Tensor,  # [S, H] int32 pool row of v, -1 = v is 0
+    pool: torch.Tensor,  # [P, H, D] z.dtype head vectors
     cap_index: torch.Tensor,  # [T] int32, -1 = no capture
     cap_buf: torch.Tensor,  # [C, H, D] z.dtype capture rows, mutated
+    flag: torch.Tensor,  # [1] int32, 0 = do nothing
 ) -> None:
     """Triton launcher with the reference's signature; see ``reference.head_affine_capture``."""
     assert z.dim() == 3 and z.is_contiguous(), "z must be a contiguous [T, H, D] tensor"
@@ -85,15 +97,18 @@ def head_affine_capture(
     assert cap_index.dtype == torch.int32 and cap_index.shape == (T,)
     assert a.dtype == torch.float32 and a.shape == (S, H) and a.is_contiguous()
     assert b.dtype == torch.float32 and b.shape == (S, H) and b.is_contiguous()
-    assert v.dtype == z.dtype and v.shape == (S, H, D) and v.is_contiguous()
+    assert vrow.dtype == torch.int32 and vrow.shape == (S, H) and vrow.is_contiguous()
+    assert pool.dtype == z.dtype and pool.dim() == 3 and pool.shape[1:] == (H, D)
+    assert pool.is_contiguous()
     assert cap_buf.dtype == z.dtype and cap_buf.shape[1:] == (H, D) and cap_buf.is_contiguous()
     assert token_slot.is_contiguous() and cap_index.is_contiguous()
+    assert flag.dtype == torch.int32 and flag.shape == (1,)
     if T == 0:
         return
     block_d = triton.next_power_of_2(D)
     block_h = _block_h(H, block_d)
     grid = (T, triton.cdiv(H, block_h))
     for_device(_head_affine_capture_kernel, z.device)[grid](
-        z, token_slot, a, b, v, cap_index, cap_buf, H, D,
+        z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag, H, D,
         BLOCK_H=block_h, BLOCK_D=block_d, **LAUNCH_OPTIONS,
     )
