@@ -1,0 +1,92 @@
+"""benchmarks/bench_serving.py helpers: configs, round order, summary, CSV, plot (no engine)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+
+import pytest
+
+from emosteer.spec import SteerSpec
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serving.py")
+_spec = importlib.util.spec_from_file_location("bench_serving", _PATH)
+bs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bs)
+
+
+def test_configs_parse_and_fingerprints():
+    L, H, n = 30, 9, 40
+    assert bs.condition_configs("plain", n, L, H) == [None] * n
+    assert bs.condition_configs("idle", n, L, H) == [None] * n
+    shared = bs.condition_configs("shared", n, L, H)
+    assert len({SteerSpec.parse(c).fingerprint() for c in shared}) == 1
+    for cond in ("distinct", "distinct_capture"):
+        cfgs = bs.condition_configs(cond, n, L, H)
+        specs = [SteerSpec.parse(c) for c in cfgs]
+        assert len({s.fingerprint() for s in specs}) == n
+        assert (specs[0].capture is not None) == (cond == "distinct_capture")
+        assert {c["heads"][0]["head"] for c in cfgs} == set(range(H))
+    assert bs.steer_layers(30) == list(range(10, 20))
+    assert bs.steer_layers(2) == [0] and bs.steer_layers(3) == [1]
+    with pytest.raises(ValueError):
+        bs.condition_configs("nope", 1, L, H)
+
+
+def test_round_order_rotates():
+    conds = list(bs.CONDITIONS)
+    orders = [bs.round_order(conds, r) for r in range(len(conds))]
+    assert all(sorted(o) == sorted(conds) for o in orders)
+    assert [o[0] for o in orders] == conds
+
+
+def test_summarize_ratios():
+    plain = [100.0, 110.0, 90.0]
+    row = bs.summarize("idle", [99.0, 110.0, 81.0], plain)
+    assert row["round_tok_per_s"] == "99.0;110.0;81.0"
+    assert row["median_tok_per_s"] == 99.0 and row["min_tok_per_s"] == 81.0
+    assert row["ratio_to_plain"] == round(99.0 / 100.0, 4)
+    assert row["ratio_min"] == 0.9 and row["ratio_max"] == 1.0
+    assert bs.summarize("x", [5.0], None)["ratio_to_plain"] == ""
+    assert bs.same_fraction([[1, 2], [3]], [[1, 2], [4]]) == 0.5
+
+
+def _rows():
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        plain = [100.0, 104.0, 98.0]
+        for i, cond in enumerate(bs.CONDITIONS):
+            tps = [x * (1 - 0.02 * i) for x in plain]
+            rows.append({"condition": cond, "model": "m", "dtype": dtype, "mode": "eager",
+                         "n_prompts": 8, "max_tokens": 8, "rounds": 3,
+                         **bs.summarize(cond, tps, plain), "idle_equals_plain": True,
+                         "same_tokens_as_plain": "" if cond == "plain" else 1.0,
+                         "core_setting": bs.core_setting({"LD_PRELOAD": "/x/libgomp.so.1:/y/libtcmalloc.so"})})
+    return rows
+
+
+def test_csv_plot_table(tmp_path):
+    rows = _rows()
+    path = tmp_path / "serving.csv"
+    bs.append_csv(rows, str(path))
+    bs.append_csv(rows[:1], str(path))
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == len(rows) + 1 and list(got[0]) == list(bs.COLUMNS)
+    assert got[0]["core_setting"].endswith("LD_PRELOAD=libgomp+libtcmalloc")
+    png = tmp_path / "serving_test.png"
+    bs.plot(rows, str(png), "title")
+    assert png.stat().st_size > 1000
+    text = bs.table(rows)
+    assert "distinct_capture" in text and len(text.splitlines()) == len(rows) + 2
+
+
+def test_kvcache_gib_bounds(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,'
+        ' "hidden_size": 576}')
+    fp32 = bs.kvcache_gib(str(tmp_path), "float32", 128, 512)
+    bf16 = bs.kvcache_gib(str(tmp_path), "bfloat16", 128, 512)
+    assert 1 <= bf16 <= fp32 and fp32 >= 3
+    assert bs.kvcache_gib(str(tmp_path / "missing"), "float32", 8, 512) == 4
