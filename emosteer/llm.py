@@ -103,8 +103,18 @@ class LLM:
         return list(results[0])
 
     def status(self) -> list[dict]:
-        """Per-worker state: slots in use, pending requests, bank names, impl."""
-        return self.llm.collective_rpc("emosteer_rpc", args=("status",))
+        """Per-worker state (requests, bank names, impl ...), each with ``"admission"``:
+        the scheduler's slots and pool rows in use and the requests waiting for them."""
+        workers = self.llm.collective_rpc("emosteer_rpc", args=("status",))
+        admission = self.admission_status()
+        for w in workers:
+            w["admission"] = admission
+        return workers
+
+    def admission_status(self) -> dict | None:
+        """The scheduler's admission state: ``slots_in_use``, ``waiting_for_slots``,
+        ``pool_rows_in_use`` ... (None if the engine runs without the plugin)."""
+        return self.llm.llm_engine.engine_core.call_utility("emosteer_status")
 
     # -- generation ------------------------------------------------------------------
     def generate(

@@ -10,8 +10,11 @@ only, generated tokens only, or both::
     token_slot at layer 1 for a prefill of 3 rows x 2 tokens:
         [0, 0, -1, -1, -1, -1]    # only row 0 steers layer 1 in the prompt phase
 
-For every layer the plan holds the same buffers the fused ops read (``a``, ``b``, ``v``
-for the head affine, ``alpha``, ``u`` for the residual add, ``g`` for the neuron gain)
+The interventions of each (row, phase) come from the one spec compiler
+(``emosteer/compile.py``) that the vLLM worker uses too; the plan lays its slot programs
+out densely. For every layer the plan holds the buffers the hooks read (``a``, ``b``, ``v``
+for the head affine, ``alpha``, ``u`` for the residual add, ``gamma`` and the mask for the
+neuron gain; the hooks pass them to the ops as a pool whose row s belongs to slot s)
 plus an ``on`` flag per slot; a token's slot at a layer is -1 unless that slot acts there.
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from emosteer.bank import ModelInfo, VectorBank
+from emosteer.compile import PHASES, compile_phase, materialize, phase_spec
 from emosteer.spec import CaptureItem, SteerSpec
 
 PHASE_PROMPT, PHASE_GENERATED = 0, 1
@@ -46,7 +50,8 @@ class LayerPlan:
     res_alpha: torch.Tensor | None = None  # [S] float32
     res_u: torch.Tensor | None = None  # [S, d] model dtype
     res_on: torch.Tensor | None = None  # [S] bool
-    gain_g: torch.Tensor | None = None  # [S, I] float32
+    gain_gamma: torch.Tensor | None = None  # [S] float32
+    gain_mask: torch.Tensor | None = None  # [S, I] float32 neuron masks
     gain_on: torch.Tensor | None = None  # [S] bool
     cap_heads: torch.Tensor | None = None  # [B] bool: rows capturing head outputs here
     cap_res: torch.Tensor | None = None  # [B] bool: rows capturing the residual here
@@ -88,76 +93,49 @@ class Plan:
 
         layers = [LayerPlan() for _ in range(L)]
         f32 = dict(dtype=torch.float32, device=device)
+        rows: dict[str, torch.Tensor] = {}
 
-        def vec(name: str) -> torch.Tensor:
-            assert bank is not None  # validate() has checked the names
-            return bank.get(name)
+        def row(key: str) -> torch.Tensor:
+            # The same pool rows the vLLM worker writes (emosteer/compile.py).
+            if key not in rows:
+                rows[key] = materialize(key, bank, info)
+            return rows[key]
 
-        # residual add: sum of every steer item on the layer (one item -> alpha=scale, u=vec
-        # exactly as the vLLM path does; several -> alpha=1, u=sum(scale*vec) in fp32)
-        acc: dict[tuple[int, int], list[tuple[float, torch.Tensor]]] = {}
-        for row, s in enumerate(specs):
-            for item in s.steer:
-                for ph in range(NUM_PHASES):
-                    if not applies(item.positions, ph):
-                        continue
-                    for layer in item.layers or ():
-                        acc.setdefault((layer, NUM_PHASES * row + ph), []).append(
-                            (item.scale, vec(item.vector)[layer])
-                        )
-        for (layer, slot), terms in acc.items():
-            lp = layers[layer]
-            if lp.res_alpha is None:
-                lp.res_alpha = torch.zeros(S, **f32)
-                lp.res_u = torch.zeros(S, d, dtype=dtype, device=device)
-                lp.res_on = torch.zeros(S, dtype=torch.bool, device=device)
-            if len(terms) == 1:
-                alpha, u = terms[0][0], terms[0][1].float()
-            else:
-                alpha, u = 1.0, sum(sc * t.float() for sc, t in terms)
-            lp.res_alpha[slot] = alpha
-            lp.res_u[slot] = u.to(device=device, dtype=dtype)
-            lp.res_on[slot] = True
-
-        # head affine: z <- a*z + b*v per (slot, head)
-        for row, s in enumerate(specs):
-            for item in s.heads:
-                lp = layers[item.layer]
-                if lp.head_a is None:
-                    lp.head_a = torch.ones(S, H, **f32)
-                    lp.head_b = torch.zeros(S, H, **f32)
-                    lp.head_v = torch.zeros(S, H, D, dtype=dtype, device=device)
-                    lp.head_on = torch.zeros(S, dtype=torch.bool, device=device)
-                a, b = item.affine()
-                for ph in range(NUM_PHASES):
-                    if not applies(item.positions, ph):
-                        continue
-                    slot = NUM_PHASES * row + ph
-                    lp.head_a[slot, item.head] = a
-                    lp.head_b[slot, item.head] = b
-                    if item.vector is not None:
-                        lp.head_v[slot, item.head] = vec(item.vector)[item.layer, item.head].to(
-                            device=device, dtype=dtype
-                        )
-                    lp.head_on[slot] = True
-
-        # neuron gain: g = 1 + (gamma - 1) * mask
-        for row, s in enumerate(specs):
-            if s.neurons is None:
-                continue
-            mask = vec(s.neurons.set).to(device=device, dtype=torch.float32)  # [L, I]
-            for layer in range(L):
-                if not bool(mask[layer].any()):
+        for r, spec in enumerate(specs):
+            for ph, phase in enumerate(PHASES):
+                prog = compile_phase(phase_spec(spec, phase), bank, info)
+                if prog is None:
                     continue
-                lp = layers[layer]
-                if lp.gain_g is None:
-                    lp.gain_g = torch.ones(S, I, **f32)
-                    lp.gain_on = torch.zeros(S, dtype=torch.bool, device=device)
-                for ph in range(NUM_PHASES):
-                    if applies(s.neurons.positions, ph):
-                        slot = NUM_PHASES * row + ph
-                        lp.gain_g[slot] = 1.0 + (s.neurons.gamma - 1.0) * mask[layer]
-                        lp.gain_on[slot] = True
+                slot = NUM_PHASES * r + ph
+                for layer, (alpha, key) in prog.res.items():
+                    lp = layers[layer]
+                    if lp.res_alpha is None:
+                        lp.res_alpha = torch.zeros(S, **f32)
+                        lp.res_u = torch.zeros(S, d, dtype=dtype, device=device)
+                        lp.res_on = torch.zeros(S, dtype=torch.bool, device=device)
+                    lp.res_alpha[slot] = alpha
+                    lp.res_u[slot] = row(key).to(device=device, dtype=dtype)
+                    lp.res_on[slot] = True
+                for (layer, head), (a, b, key) in prog.heads.items():
+                    lp = layers[layer]
+                    if lp.head_a is None:
+                        lp.head_a = torch.ones(S, H, **f32)
+                        lp.head_b = torch.zeros(S, H, **f32)
+                        lp.head_v = torch.zeros(S, H, D, dtype=dtype, device=device)
+                        lp.head_on = torch.zeros(S, dtype=torch.bool, device=device)
+                    lp.head_a[slot, head], lp.head_b[slot, head] = a, b
+                    if key is not None:
+                        lp.head_v[slot, head] = row(key)[head].to(device=device, dtype=dtype)
+                    lp.head_on[slot] = True
+                for layer, (gamma, key) in prog.neu.items():
+                    lp = layers[layer]
+                    if lp.gain_gamma is None:
+                        lp.gain_gamma = torch.ones(S, **f32)
+                        lp.gain_mask = torch.zeros(S, I, **f32)
+                        lp.gain_on = torch.zeros(S, dtype=torch.bool, device=device)
+                    lp.gain_gamma[slot] = gamma
+                    lp.gain_mask[slot] = row(key).to(device)
+                    lp.gain_on[slot] = True
 
         captures = [s.capture for s in specs]
         for row, c in enumerate(captures):

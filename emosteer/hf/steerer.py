@@ -40,6 +40,14 @@ SpecLike = SteerSpec | dict | str | None
 __all__ = ["HFSteerer", "GenerateOutput"]
 
 
+_ON = torch.ones(1, dtype=torch.int32)  # the ops' per-layer flag: always on here
+
+
+def _own_rows(n: int, device) -> torch.Tensor:
+    """Row ids 0..n-1: the plan's dense tables are a pool whose row s is slot s's."""
+    return torch.arange(n, dtype=torch.int32, device=device)
+
+
 @dataclass
 class GenerateOutput:
     token_ids: list[list[int]]  # generated ids per row (EOS included when produced)
@@ -180,13 +188,17 @@ class HFSteerer:
             if slot is None:  # capture only: no slot acts on this layer
                 slot = torch.full_like(cap_index, -1)
                 a = torch.ones(1, H, dtype=torch.float32, device=z.device)
-                b, v = torch.zeros_like(a), torch.zeros(1, H, D, dtype=z.dtype, device=z.device)
+                b = torch.zeros_like(a)
+                vrow = torch.full((1, H), -1, dtype=torch.int32, device=z.device)
+                v = torch.zeros(1, H, D, dtype=z.dtype, device=z.device)
             else:
                 a, b, v = lp.head_a, lp.head_b, lp.head_v
+                vrow = _own_rows(a.shape[0], z.device).unsqueeze(1).expand(-1, H).contiguous()
+            hargs = (z, slot, a, b, vrow, v, cap_index, cap_buf, _ON.to(z.device))
             if st.grad:
-                reference.head_affine_capture(z, slot, a, b, v, cap_index, cap_buf)
+                reference.head_affine_capture(*hargs)
             else:
-                ops.head_affine_capture(z, slot, a, b, v, cap_index, cap_buf, impl="torch")
+                ops.head_affine_capture(*hargs, impl="torch")
             if capm is not None:
                 st.caps["heads"][l] = cap_buf[:n].detach().clone()
                 st.cap_rows["heads"][l] = st.tok_row[capm]
@@ -216,10 +228,12 @@ class HFSteerer:
             if st.grad or m.data_ptr() != x.data_ptr() or not m.is_contiguous():
                 m = m.clone()
             if slot is not None:
+                nargs = (m, slot, lp.gain_gamma, _own_rows(lp.gain_gamma.shape[0], m.device),
+                         lp.gain_mask, _ON.to(m.device))
                 if st.grad:
-                    reference.neuron_gain(m, slot, lp.gain_g)
+                    reference.neuron_gain(*nargs)
                 else:
-                    ops.neuron_gain(m, slot, lp.gain_g, impl="torch")
+                    ops.neuron_gain(*nargs, impl="torch")
             if keep:
                 m3 = m.view(st.B, st.T, -1)
                 m3.retain_grad()
@@ -247,9 +261,14 @@ class HFSteerer:
                 r = r.clone()
             if slot is not None:
                 if st.grad:
-                    reference.residual_add(r, slot, lp.res_alpha, lp.res_u)
+                    reference.residual_add(
+                        r, slot, lp.res_alpha, _own_rows(lp.res_alpha.shape[0], r.device), lp.res_u, _ON.to(r.device)
+                    )
                 else:
-                    ops.residual_add(r, slot, lp.res_alpha, lp.res_u, impl="torch")
+                    ops.residual_add(
+                        r, slot, lp.res_alpha, _own_rows(lp.res_alpha.shape[0], r.device), lp.res_u,
+                        _ON.to(r.device), impl="torch",
+                    )
             if capm is not None:
                 st.caps["residual"][l] = r[capm].detach().clone()
                 st.cap_rows["residual"][l] = st.tok_row[capm]

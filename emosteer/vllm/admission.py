@@ -40,14 +40,6 @@ PLAN_KEY = "emosteer_plan"  # extra_args: what the front end compiled (fingerpri
 GRANT_KEY = "emosteer_grant"  # extra_args: what the scheduler granted (slot ids, pool rows)
 
 
-_instances: list = []  # Admission objects of this process (status over worker RPC)
-
-
-def local_status() -> dict | None:
-    """The status of the newest scheduler in this process (the engine core), if any."""
-    return _instances[-1].status() if _instances else None
-
-
 class PoolTable:
     """Rows of one pool kind: key -> row id, refcounted by slots, LRU among unreferenced.
 
@@ -117,7 +109,6 @@ class Admission:
         self._fps: dict[str, list[str]] = {}  # request id -> fingerprints it holds
         self.waiting_for_slots: set[str] = set()
         self._lock = threading.Lock()
-        _instances.append(self)
 
     @staticmethod
     def fits(plan: dict, capacity: Capacity) -> str | None:

@@ -32,7 +32,7 @@ import torch
 from emosteer.bank import ModelInfo, VectorBank
 from emosteer.compile import PHASES, compile_request, key_kind, local_heads, materialize
 from emosteer.spec import SteerSpec
-from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, local_status, report_failure
+from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, report_failure
 from emosteer.vllm.buffers import FLAG_HEADS, FLAG_RESCAP, ActSite, AttnSite, NormSite, Shape, SteerBuffers
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY
@@ -476,7 +476,6 @@ class WorkerSteering:
             "slots_written": sum(fp is not None for fp in self.slot_fp),
             "max_slots": self.settings.max_slots,
             "pool_rows": dict(self.capacity.rows),
-            "admission": local_status(),
             "requests": len(self.reqs),
             "parked": len(self.finished),
             "bank": self.bank.names(),

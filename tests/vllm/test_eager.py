@@ -51,8 +51,8 @@ def test_malformed_configs_rejected(llm):
     checks.check_malformed(llm)
 
 
-def test_slot_exhaustion_contained(llm, plain_reference):
-    checks.check_slots_contained(llm, plain_reference)
+def test_admission_flood_waits_for_slots(llm, plain_reference):
+    checks.check_admission_flood(llm, plain_reference)
 
 
 def test_register_vectors_at_run_time(llm, info):

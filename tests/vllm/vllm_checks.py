@@ -14,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from vllm_support import LONG_PROMPT, MAX_SLOTS, MAX_TOKENS, PROMPTS, greedy, summarize
+from vllm_support import LONG_PROMPT, MAX_SLOTS, MAX_TOKENS, PROMPTS, assert_no_slots_held, greedy, summarize
 
 # One config per kind of intervention, plus mixes and phase splits (all on the bank of
 # conftest.make_bank). Index 0 is plain.
@@ -198,28 +198,36 @@ def check_malformed(llm) -> None:
     assert all(len(o.outputs[0].token_ids) > 0 for o in out)
 
 
-def check_slots_contained(llm, plain_reference) -> None:
-    """Bypassing the waves of emosteer.LLM with more distinct configs than slots: the
-    extra requests are reported failed (not silently unsteered), the others and the
-    engine are fine. Through emosteer.LLM the same load runs in waves without error."""
-    n = MAX_SLOTS + 3
-    cfgs = [{"steer": [{"vector": "joy", "layers": [0], "scale": 0.5 + 0.25 * i}]} for i in range(n)]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-    sps, keys = [], []
+def check_admission_flood(llm, plain_reference) -> None:
+    """4 x max_slots distinct configs at once through plain vLLM's generate (no waves
+    anywhere): the scheduler admits them as slots free, every answer equals that
+    config's answer run alone, none is the unsteered text; afterwards each config alone
+    (prefix cache warm with the flood's blocks) still gives it; every slot is freed."""
+    n = 4 * MAX_SLOTS
+    cfgs = [{"steer": [{"vector": "joy", "layers": [0, 1], "scale": 1.0 + 0.5 * i}],
+             "heads": [{"layer": i % 2, "head": i % 4, "mode": "add", "vector": "joy.h", "scale": 1.0}]}
+            for i in range(n)]
+    prompts = [f"{LONG_PROMPT} ({i % 3})" for i in range(n)]  # several KV blocks each
+    sps = []
     for cfg in cfgs:
-        sp = greedy()
-        keys.append(uuid.uuid4().hex)
-        sp.extra_args = {"emosteer": cfg, "emosteer_key": keys[-1]}
+        sp = greedy(logprobs=None)
+        sp.extra_args = {"emosteer": cfg}
         sps.append(sp)
-    llm.llm.generate(prompts, sps, use_tqdm=False)
-    fetched = llm._fetch(keys)
-    failed = [k for k in keys if k in fetched and fetched[k]["error"]]
-    assert len(failed) == n - MAX_SLOTS
-    assert all("slots" in fetched[k]["error"] for k in failed)
-    outs = llm.generate(prompts, greedy(), steer=cfgs, use_tqdm=False)
-    assert len(outs) == n
-    plain = llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0]
-    assert summarize(plain)["ids"] == plain_reference[PROMPTS[0]]["ids"]
+    flood = [list(o.outputs[0].token_ids) for o in llm.llm.generate(prompts, sps, use_tqdm=False)]
+    assert all(o.outputs[0].finish_reason != "error" for o in llm.llm.generate(prompts[:1], sps[:1], use_tqdm=False))
+    plain = {p: list(o.outputs[0].token_ids)
+             for p, o in zip(prompts[:3], llm.generate(prompts[:3], greedy(logprobs=None), use_tqdm=False))}
+    solo = [list(llm.generate([p], greedy(logprobs=None), steer=c, use_tqdm=False)[0].outputs[0].token_ids)
+            for p, c in zip(prompts, cfgs)]
+    assert flood == solo
+    assert all(f != plain[p] for f, p in zip(flood, prompts)), "a steered answer equals the unsteered text"
+    again = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy(logprobs=None), steer=cfgs, use_tqdm=False)]
+    assert again == solo
+    assert_no_slots_held(llm)
+    st = llm.admission_status()
+    assert st["max_slots"] == MAX_SLOTS and st["waiting_for_slots"] == 0, st
+    out = llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0]
+    assert summarize(out)["ids"] == plain_reference[PROMPTS[0]]["ids"]
 
 
 def check_register_vectors(llm, info) -> None:

@@ -141,7 +141,8 @@ def assert_no_slots_held(llm, wait_s: float = 5.0) -> None:
     deadline = time.monotonic() + wait_s
     while True:
         states = llm.status()
-        if all(st["slots_in_use"] == 0 and st["requests"] == 0 for st in states):
+        if all(st["admission"]["slots_in_use"] == 0 and st["admission"]["admitted_requests"] == 0
+               and st["requests"] == 0 for st in states):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"slots or requests still held: {states}")

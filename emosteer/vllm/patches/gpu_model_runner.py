@@ -7,7 +7,8 @@ Replaces:
 - ``execute_model``: first forget requests vLLM reports finished or aborted
   (``scheduler_output.finished_req_ids``) and park their captures for fetching; after
   the step, attach the requests the worker failed to the output (the scheduler patch
-  finishes them with an error).
+  finishes them with an error); ``sample_tokens`` likewise, for the steps where
+  ``execute_model`` returns no output (vLLM then returns it from ``sample_tokens``).
 - ``_model_forward``: before the original, write this step's per-token slots and
   capture indices from the runner's batch; after it, copy captured rows out. vLLM
   documents ``_model_forward`` as the override point for model execution.
@@ -64,6 +65,18 @@ def _make_execute_model(original):
     return execute_model
 
 
+def _make_sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        st = getattr(self, "_emosteer", None)
+        if st is not None and st.failed_now and out is not None and hasattr(out, "__dict__"):
+            out._emosteer_failed = st.take_failed()
+        return out
+
+    return sample_tokens
+
+
 def _make_model_forward(original):
     @functools.wraps(original)
     def _model_forward(self, *args, **kwargs):
@@ -91,6 +104,7 @@ def apply() -> None:
             [
                 Swap(GPUModelRunner, "load_model", _make_load_model),
                 Swap(GPUModelRunner, "execute_model", _make_execute_model),
+                Swap(GPUModelRunner, "sample_tokens", _make_sample_tokens),
                 Swap(GPUModelRunner, "_model_forward", _make_model_forward),
             ]
         )

@@ -16,6 +16,8 @@ Replaces (each calls through to vLLM's own code):
   them; vLLM then skips their sampled tokens.
 Why: admission must happen where vLLM decides what runs; the worker can only apply or
 refuse, and by then the request is already in the batch.
+Adds ``EngineCore.emosteer_status()`` (slots, pool rows, waiting requests), reached from a
+client with ``engine_core.call_utility("emosteer_status")``.
 When it can go: when vLLM's scheduler offers an admission hook for per-request resources.
 """
 
@@ -156,8 +158,15 @@ def _make_update(original):
     return update_from_output
 
 
+def emosteer_status(self) -> dict | None:
+    """Added to ``EngineCore``: the admission state (client: ``call_utility``)."""
+    adm = getattr(getattr(self, "scheduler", None), "_emosteer", None)
+    return adm.status() if adm is not None else None
+
+
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
 
     if not _swaps:
         _swaps.extend(
@@ -166,6 +175,7 @@ def apply() -> None:
                 Swap(Scheduler, "_handle_blocked_waiting_request", _make_blocked),
                 Swap(Scheduler, "_free_request", _make_free),
                 Swap(Scheduler, "update_from_output", _make_update),
+                Swap(EngineCore, "emosteer_status", lambda _orig: emosteer_status),
             ]
         )
     for s in _swaps:
