@@ -15,7 +15,7 @@ import emosteer.ops as ops
 from emosteer.ops import available_impls, reference, resolve_impl
 from tests.utils import assert_equal, kernel_impls, randn_nonzero
 
-T, H, D, S, C = 5, 3, 8, 2, 4
+T, H, D, S, C, P = 5, 3, 8, 2, 4, 3
 
 
 def head_args(**over):
@@ -25,12 +25,18 @@ def head_args(**over):
         token_slot=torch.tensor([0, -1, 1, 0, -1], dtype=torch.int32),
         a=randn_nonzero(S, H),
         b=randn_nonzero(S, H),
-        v=randn_nonzero(S, H, D),
+        vrow=torch.tensor([[0, -1, 2], [2, 2, 1]], dtype=torch.int32),
+        pool=randn_nonzero(P, H, D),
         cap_index=torch.tensor([-1, 3, -1, 0, -1], dtype=torch.int32),
         cap_buf=torch.zeros(C, H, D),
+        flag=torch.ones(1, dtype=torch.int32),
     )
     args.update(over)
     return args
+
+
+def i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
 
 
 BAD_HEAD_ARGS = [
@@ -41,8 +47,22 @@ BAD_HEAD_ARGS = [
     ("a", dict(a=randn_nonzero(S, H).half()), TypeError, "a must have dtype"),
     ("a", dict(a=torch.empty(S, H, device="meta")), ValueError, "a is on meta"),
     ("b", dict(b=randn_nonzero(S + 1, H)), ValueError, "b has shape"),
-    ("v", dict(v=randn_nonzero(S, H, D).half()), TypeError, "v must have dtype"),
-    ("v", dict(v=randn_nonzero(S, H, D + 1)), ValueError, "v has shape"),
+    ("vrow", dict(vrow=torch.zeros(S, H, dtype=torch.int64)), TypeError, "vrow must have dtype"),
+    ("vrow", dict(vrow=torch.zeros(S + 1, H, dtype=torch.int32)), ValueError, "vrow has shape"),
+    ("vrow", dict(vrow=torch.zeros(S, dtype=torch.int32)), ValueError,
+     "vrow must have 2 dimensions"),
+    ("vrow", dict(vrow=torch.zeros(H, S, dtype=torch.int32).t()), ValueError,
+     "vrow must be contiguous"),
+    ("vrow", dict(vrow=torch.tensor([[0, -1, P], [0, 0, 0]], dtype=torch.int32)), IndexError,
+     "vrow holds values in [-1, 3] but must be -1 or in [0, 3) (3 pool rows)"),
+    ("vrow", dict(vrow=torch.tensor([[0, -2, 1], [0, 0, 0]], dtype=torch.int32)), IndexError,
+     "vrow holds values in [-2, 1]"),
+    ("vrow", dict(pool=torch.empty(0, H, D)), IndexError, "vrow holds values in [-1, 2]"),
+    ("pool", dict(pool=randn_nonzero(P, H, D).half()), TypeError, "pool must have dtype"),
+    ("pool", dict(pool=randn_nonzero(P, H, D + 1)), ValueError, "pool has shape"),
+    ("pool", dict(pool=randn_nonzero(P, H + 1, D)), ValueError, "pool has shape"),
+    ("pool", dict(pool=randn_nonzero(P, H * D)), ValueError, "pool must have 3 dimensions"),
+    ("pool", dict(pool=torch.empty(P, H, D, device="meta")), ValueError, "pool is on meta"),
     ("cap_buf", dict(cap_buf=torch.zeros(C, H, D - 1)), ValueError, "cap_buf has shape"),
     ("cap_index", dict(cap_index=torch.zeros(T, dtype=torch.int64)), TypeError,
      "cap_index must have dtype"),
@@ -52,12 +72,20 @@ BAD_HEAD_ARGS = [
      "token_slot must have dtype"),
     ("token_slot", dict(token_slot=torch.zeros(T - 1, dtype=torch.int32)), ValueError,
      "token_slot has shape"),
-    ("token_slot", dict(token_slot=torch.tensor([0, S, -1, 0, 0], dtype=torch.int32)),
-     IndexError, "token_slot holds values in [-1, 2]"),
-    ("token_slot", dict(token_slot=torch.tensor([0, -2, -1, 0, 0], dtype=torch.int32)),
-     IndexError, "token_slot holds values in [-2, 0]"),
-    ("cap_index", dict(cap_index=torch.tensor([-1, C, -1, 0, -1], dtype=torch.int32)),
-     IndexError, "cap_index holds values in [-1, 4]"),
+    ("token_slot", dict(token_slot=i32(0, S, -1, 0, 0)), IndexError,
+     "token_slot holds values in [-1, 2]"),
+    ("token_slot", dict(token_slot=i32(0, -2, -1, 0, 0)), IndexError,
+     "token_slot holds values in [-2, 0]"),
+    ("cap_index", dict(cap_index=i32(-1, C, -1, 0, -1)), IndexError,
+     "cap_index holds values in [-1, 4]"),
+    ("flag", dict(flag=torch.ones(1, dtype=torch.int64)), TypeError, "flag must have dtype"),
+    ("flag", dict(flag=torch.ones(2, dtype=torch.int32)), ValueError, "flag has shape"),
+    ("flag", dict(flag=torch.ones((), dtype=torch.int32)), ValueError,
+     "flag must have 1 dimensions"),
+    ("flag", dict(flag=torch.ones(1, dtype=torch.bool)), TypeError, "flag must have dtype"),
+    ("flag", dict(flag=torch.ones(1, dtype=torch.int32, device="meta")), ValueError,
+     "flag is on meta"),
+    ("flag", dict(flag=1), TypeError, "flag must be a torch.Tensor"),
     ("z", dict(z=randn_nonzero(T, H, D).tolist()), TypeError, "z must be a torch.Tensor"),
 ]
 
@@ -67,38 +95,119 @@ BAD_HEAD_ARGS = [
 def test_head_affine_bad_arguments(arg, over, exc, msg):
     args = head_args(**over)
     before = args["cap_buf"].clone()
+    z_before = args["z"].clone() if isinstance(args["z"], torch.Tensor) else None
     with pytest.raises(exc, match=re.escape(msg)) as e:
         ops.head_affine_capture(**args, impl="torch")
     assert arg in str(e.value)
     assert_equal(args["cap_buf"], before, "cap_buf after a rejected call")
+    if z_before is not None:
+        assert_equal(args["z"], z_before, "z after a rejected call")
 
 
-def test_other_ops_bad_arguments():
-    slot = torch.tensor([0, -1, 1], dtype=torch.int32)
-    alpha = torch.ones(2)
-    r = randn_nonzero(3, 6)
-    with pytest.raises(ValueError, match="u has shape"):
-        ops.residual_add(r, slot, alpha, randn_nonzero(2, 7))
-    with pytest.raises(TypeError, match="alpha must have dtype"):
-        ops.residual_add(r, slot, alpha.double(), randn_nonzero(2, 6))
-    with pytest.raises(IndexError, match="token_slot holds values"):
-        ops.residual_add(r, torch.tensor([0, 2, 1], dtype=torch.int32), alpha, randn_nonzero(2, 6))
-    with pytest.raises(ValueError, match="r must be contiguous"):
-        ops.residual_add(randn_nonzero(6, 3).t(), slot, alpha, randn_nonzero(2, 6))
-    x, res, w = randn_nonzero(3, 6), randn_nonzero(3, 6), randn_nonzero(6)
-    with pytest.raises(ValueError, match="eps must be a positive float"):
-        ops.fused_add_rms_norm_steer(x, res, w, -1.0, slot, alpha, randn_nonzero(2, 6))
-    with pytest.raises(TypeError, match="residual must have dtype"):
-        ops.fused_add_rms_norm_steer(x, res.half(), w, 1e-6, slot, alpha, randn_nonzero(2, 6))
-    with pytest.raises(ValueError, match="weight has shape"):
-        ops.fused_add_rms_norm_steer(x, res, randn_nonzero(5), 1e-6, slot, alpha,
-                                     randn_nonzero(2, 6))
-    with pytest.raises(ValueError, match="g has shape"):
-        ops.neuron_gain(r, slot, torch.ones(2, 5))
-    with pytest.raises(ValueError, match="x must have an even last dimension"):
-        ops.silu_and_mul_gain(torch.empty(3, 3), randn_nonzero(3, 7), slot, torch.ones(2, 3))
-    with pytest.raises(ValueError, match="out has shape"):
-        ops.silu_and_mul_gain(torch.empty(3, 4), randn_nonzero(3, 6), slot, torch.ones(2, 3))
+def residual_args(**over):
+    args = dict(
+        r=randn_nonzero(3, 6),
+        token_slot=i32(0, -1, 1),
+        alpha=torch.ones(2),
+        urow=i32(1, -1),
+        pool=randn_nonzero(P, 6),
+        flag=torch.ones(1, dtype=torch.int32),
+    )
+    args.update(over)
+    return args
+
+
+BAD_RESIDUAL_ARGS = [
+    ("r", dict(r=randn_nonzero(6, 3).t()), ValueError, "r must be contiguous"),
+    ("r", dict(r=randn_nonzero(3, 6).long()), TypeError, "r must have dtype"),
+    ("alpha", dict(alpha=torch.ones(2).double()), TypeError, "alpha must have dtype"),
+    ("alpha", dict(alpha=torch.ones(2, 1)), ValueError, "alpha must have 1 dimensions"),
+    ("urow", dict(urow=i32(1, -1, 0)), ValueError, "urow has shape"),
+    ("urow", dict(urow=torch.zeros(2, dtype=torch.int64)), TypeError, "urow must have dtype"),
+    ("urow", dict(urow=i32(P, 0)), IndexError,
+     "urow holds values in [0, 3] but must be -1 or in [0, 3) (3 pool rows)"),
+    ("urow", dict(urow=i32(-2, 0)), IndexError, "urow holds values in [-2, 0]"),
+    ("pool", dict(pool=randn_nonzero(P, 7)), ValueError, "pool has shape"),
+    ("pool", dict(pool=randn_nonzero(P, 6).half()), TypeError, "pool must have dtype"),
+    ("pool", dict(pool=randn_nonzero(P, 6, 1)), ValueError, "pool must have 2 dimensions"),
+    ("token_slot", dict(token_slot=i32(0, 2, 1)), IndexError, "token_slot holds values"),
+    ("flag", dict(flag=torch.zeros(1, 1, dtype=torch.int32)), ValueError,
+     "flag must have 1 dimensions"),
+    ("flag", dict(flag=torch.zeros(1)), TypeError, "flag must have dtype"),
+]
+
+
+@pytest.mark.parametrize("arg,over,exc,msg", BAD_RESIDUAL_ARGS,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(BAD_RESIDUAL_ARGS)])
+def test_residual_add_bad_arguments(arg, over, exc, msg):
+    args = residual_args(**over)
+    before = args["r"].clone()
+    with pytest.raises(exc, match=re.escape(msg)) as e:
+        ops.residual_add(**args, impl="torch")
+    assert arg in str(e.value)
+    assert_equal(args["r"], before, "r after a rejected call")
+
+
+def gain_args(**over):
+    args = dict(
+        m=randn_nonzero(3, 6),
+        token_slot=i32(0, -1, 1),
+        gamma=torch.full((2,), 2.0),
+        nrow=i32(1, -1),
+        masks=torch.ones(P, 6),
+        flag=torch.ones(1, dtype=torch.int32),
+    )
+    args.update(over)
+    return args
+
+
+BAD_GAIN_ARGS = [
+    ("m", dict(m=randn_nonzero(3, 6, 1)), ValueError, "m must have 2 dimensions"),
+    ("gamma", dict(gamma=torch.ones(2).half()), TypeError, "gamma must have dtype"),
+    ("nrow", dict(nrow=i32(0)), ValueError, "nrow has shape"),
+    ("nrow", dict(nrow=torch.zeros(2, dtype=torch.int16)), TypeError, "nrow must have dtype"),
+    ("nrow", dict(nrow=i32(0, P)), IndexError,
+     "nrow holds values in [0, 3] but must be -1 or in [0, 3) (3 mask rows)"),
+    ("masks", dict(masks=torch.ones(P, 5)), ValueError, "masks has shape"),
+    ("masks", dict(masks=torch.ones(P, 6).half()), TypeError, "masks must have dtype"),
+    ("masks", dict(masks=torch.ones(6, P).t()), ValueError, "masks must be contiguous"),
+    ("token_slot", dict(token_slot=i32(0, 2, 1)), IndexError, "token_slot holds values"),
+    ("flag", dict(flag=torch.ones(3, dtype=torch.int32)), ValueError, "flag has shape"),
+]
+
+
+@pytest.mark.parametrize("arg,over,exc,msg", BAD_GAIN_ARGS,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(BAD_GAIN_ARGS)])
+def test_neuron_gain_bad_arguments(arg, over, exc, msg):
+    args = gain_args(**over)
+    before = args["m"].clone()
+    with pytest.raises(exc, match=re.escape(msg)) as e:
+        ops.neuron_gain(**args, impl="torch")
+    assert arg in str(e.value)
+    assert_equal(args["m"], before, "m after a rejected call")
+
+
+@pytest.mark.skipif("cpp" not in kernel_impls("cpu"), reason="emosteer._C is not built")
+def test_cpp_launchers_check_row_values():
+    """Called directly (no wrapper), the C++ launchers still refuse out-of-range indices
+    before writing anything (Triton and CUDA leave value checks to the wrappers)."""
+    ns = torch.ops.emosteer_C
+    args = head_args(vrow=torch.tensor([[0, -1, P], [0, 0, 0]], dtype=torch.int32))
+    before = args["z"].clone(), args["cap_buf"].clone()
+    with pytest.raises(RuntimeError, match=re.escape("vrow[2] = 3 but must be -1 or in [0, 3)")):
+        ns.head_affine_capture(*args.values())
+    assert_equal(args["z"], before[0], "z")
+    assert_equal(args["cap_buf"], before[1], "cap_buf")
+    with pytest.raises(RuntimeError, match=re.escape("urow[0] = 3")):
+        ns.residual_add(*residual_args(urow=i32(P, 0)).values())
+    with pytest.raises(RuntimeError, match=re.escape("nrow[1] = -2")):
+        ns.neuron_gain(*gain_args(nrow=i32(0, -2)).values())
+    with pytest.raises(RuntimeError, match="flag has shape"):
+        ns.neuron_gain(*gain_args(flag=torch.ones(2, dtype=torch.int32)).values())
+    # flag 0: nothing is read, not even the (bad) indices.
+    off = head_args(vrow=torch.tensor([[0, -1, P], [0, 0, 0]], dtype=torch.int32),
+                    flag=torch.zeros(1, dtype=torch.int32))
+    ns.head_affine_capture(*off.values())
 
 
 # ------------------------------------------------------------------ implementations
@@ -148,25 +257,36 @@ def test_custom_ops_registered_with_fake_impl():
 
 
 # ----------------------------------------------------------------------- compile
-def _steer_block(x, res, w, slot, alpha, u, m_in, g, impl: str):
-    """A tiny 'layer': steer the residual at the norm, MLP activation with gains."""
-    ops.fused_add_rms_norm_steer(x, res, w, 1e-6, slot, alpha, u, impl=impl)
-    out = torch.empty(x.shape[0], m_in.shape[1] // 2, dtype=x.dtype)
-    ops.silu_and_mul_gain(out, m_in * x.sum(-1, keepdim=True), slot, g, impl=impl)
-    ops.neuron_gain(out, slot, g, impl=impl)
-    ops.residual_add(res, slot, alpha, u, impl=impl)
-    return out * 2
+def _steer_block(z, r, m_in, slot, a, b, vrow, hpool, cap, cap_buf, alpha, urow, rpool, gamma,
+                 nrow, masks, flag, impl: str):
+    """A tiny 'layer': head steering with capture, the residual add, MLP gains."""
+    ops.head_affine_capture(z, slot, a, b, vrow, hpool, cap, cap_buf, flag, impl=impl)
+    r.add_(z.view(z.shape[0], -1))
+    ops.residual_add(r, slot, alpha, urow, rpool, flag, impl=impl)
+    m = torch.nn.functional.silu(m_in * r.sum(-1, keepdim=True))
+    ops.neuron_gain(m, slot, gamma, nrow, masks, flag, impl=impl)
+    return m * 2
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["flag_on", "flag_off"])
 @pytest.mark.parametrize("impl", ["torch", *kernel_impls("cpu")])
-def test_ops_inside_torch_compile(impl, gen):
-    T_, d, I = 6, 16, 8
+def test_ops_inside_torch_compile(impl, on, gen):
+    T_, H_, D_, I = 6, 2, 8, 8
+    d = H_ * D_
     slot = torch.tensor([0, -1, 1, 1, -1, 0], dtype=torch.int32)
     inputs = dict(
-        x=randn_nonzero(T_, d, gen=gen), res=randn_nonzero(T_, d, gen=gen),
-        w=randn_nonzero(d, gen=gen), slot=slot, alpha=randn_nonzero(2, gen=gen),
-        u=randn_nonzero(2, d, gen=gen), m_in=randn_nonzero(T_, 2 * I, gen=gen),
-        g=1 + randn_nonzero(2, I, gen=gen).abs(),
+        z=randn_nonzero(T_, H_, D_, gen=gen), r=randn_nonzero(T_, d, gen=gen),
+        m_in=randn_nonzero(T_, I, gen=gen), slot=slot,
+        a=randn_nonzero(2, H_, gen=gen), b=randn_nonzero(2, H_, gen=gen),
+        vrow=torch.tensor([[1, -1], [0, 1]], dtype=torch.int32),
+        hpool=randn_nonzero(2, H_, D_, gen=gen),
+        cap=torch.tensor([-1, 0, -1, -1, 1, -1], dtype=torch.int32),
+        cap_buf=torch.zeros(2, H_, D_),
+        alpha=randn_nonzero(2, gen=gen), urow=torch.tensor([2, 0], dtype=torch.int32),
+        rpool=randn_nonzero(3, d, gen=gen),
+        gamma=torch.tensor([1.5, 0.25]), nrow=torch.tensor([0, 0], dtype=torch.int32),
+        masks=(torch.arange(I) % 2).float().unsqueeze(0),
+        flag=torch.tensor([1 if on else 0], dtype=torch.int32),
     )
     eager = {k: v.clone() for k, v in inputs.items()}
     out_eager = _steer_block(**eager, impl=impl)
@@ -188,10 +308,13 @@ def test_ops_inside_torch_compile(impl, gen):
 
     # One graph (fullgraph), every op in it, also after functionalization (AOT).
     assert len(dynamo_graphs) == 1 and len(aot_graphs) == 1
-    for op in ("fused_add_rms_norm_steer", "silu_and_mul_gain", "neuron_gain", "residual_add"):
+    for op in ("head_affine_capture", "residual_add", "neuron_gain"):
         assert f"emosteer.{op}" in dynamo_graphs[0], f"{op} missing from the Dynamo graph"
         assert f"emosteer.{op}" in aot_graphs[0], f"{op} missing from the AOT graph"
     # Mutations happened in place on the caller's tensors, as in eager mode.
-    for name in ("x", "res"):
+    for name in ("z", "r", "cap_buf"):
         torch.testing.assert_close(got[name], eager[name], rtol=0, atol=0, msg=name)
     torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+    if not on:  # the flag is data: the same graph, and nothing steered or captured
+        assert_equal(got["z"], inputs["z"], "z with flag 0")
+        assert_equal(got["cap_buf"], inputs["cap_buf"], "cap_buf with flag 0")

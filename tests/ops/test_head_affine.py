@@ -1,8 +1,12 @@
 """head_affine_capture: every fused implementation against the torch reference.
 
 Exact where the contract is exact (untouched tokens, heads with a=1/b=0, captured rows,
-rows that are not captured stay poisoned), within twice the same-dtype torch error
-elsewhere. Shapes: a normal one and an odd one (13 heads, head_dim 80, 97 tokens).
+rows that are not captured stay poisoned, everything while the flag is 0), and bit for
+bit against the reference for the implementations that promise it (tests/ops/op_cases),
+within twice the same-dtype torch error elsewhere. Shapes: a normal one, an odd one
+(97 tokens, 13 heads, head_dim 80, 5 pool rows, 7 slots), a wide one and one with a
+head_dim below one CPU vector. Pool-row tables with -1 entries and rows shared by
+several slots.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ import torch
 
 import emosteer.ops as ops
 from emosteer.ops import reference
+from tests.ops.op_cases import ROW_PATTERNS, check_result, clone_all, flag, row_pattern
 from tests.utils import (
     DTYPES,
     assert_close,
     assert_equal,
-    assert_error_bound,
     capture_pattern,
     dtype_id,
-    error_factor,
     gpu_test,
     kernel_impls,
     poisoned,
@@ -30,59 +33,77 @@ from tests.utils import (
 CPU_IMPLS = kernel_impls("cpu")
 NORMAL, ODD = (16, 8, 64), (97, 13, 80)  # (T, H, D)
 WIDE = (3, 40, 128)  # H*D > 4096: several head blocks per token
-# (shape, slot pattern, capture pattern): every pattern of each kind on the normal
-# shape; the odd and wide shapes (interpreter time grows with programs) with mixed ones.
+TAIL = (5, 3, 7)  # head_dim below one CPU vector step: only partial vectors
+P, S = 5, 7  # pool rows, slots
+# (shape, slot pattern, capture pattern, vrow pattern): every pattern of each kind on
+# the normal shape; the others (interpreter time grows with programs) with mixed ones.
 CASES = [
-    (NORMAL, "none", "none"),
-    (NORMAL, "none", "random"),
-    (NORMAL, "one", "last"),
-    (NORMAL, "random", "random"),
-    (NORMAL, "sorted", "all"),
-    (NORMAL, "own", "none"),
-    (ODD, "random", "random"),
-    (ODD, "sorted", "all"),
-    (WIDE, "random", "random"),
+    (NORMAL, "none", "none", "random"),
+    (NORMAL, "none", "random", "random"),
+    (NORMAL, "one", "last", "shared"),
+    (NORMAL, "random", "random", "random"),
+    (NORMAL, "random", "all", "none"),
+    (NORMAL, "sorted", "all", "random"),
+    (NORMAL, "own", "none", "shared"),
+    (ODD, "random", "random", "random"),
+    (ODD, "sorted", "all", "shared"),
+    (WIDE, "random", "random", "random"),
+    (TAIL, "random", "all", "random"),
 ]
+assert {c[3] for c in CASES} == set(ROW_PATTERNS)
 
 
 def case_id(case) -> str:
-    (T, H, D), slot_kind, cap_kind = case
-    return f"T{T}_H{H}_D{D}-slot_{slot_kind}-cap_{cap_kind}"
+    (T, H, D), slot_kind, cap_kind, vrow_kind = case
+    return f"T{T}_H{H}_D{D}-slot_{slot_kind}-cap_{cap_kind}-vrow_{vrow_kind}"
 
 
-def make_inputs(T, H, D, dtype, slot_kind, cap_kind, gen, device="cpu"):
-    S = max(T, 4) if slot_kind == "own" else 4
+def make_inputs(T, H, D, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cpu"):
+    n_slots = max(T, S) if slot_kind == "own" else S
     C = T + 3
     z = randn_nonzero(T, H, D, dtype=dtype, gen=gen)
-    v = randn_nonzero(S, H, D, dtype=dtype, gen=gen)
-    a = randn_nonzero(S, H, gen=gen)
-    b = randn_nonzero(S, H, gen=gen)
+    pool = randn_nonzero(P, H, D, dtype=dtype, gen=gen)
+    a = randn_nonzero(n_slots, H, gen=gen)
+    b = randn_nonzero(n_slots, H, gen=gen)
     # Head 0 is a=1, b=0 for every slot: must stay bit-identical, even NaN and -0.0.
     a[:, 0], b[:, 0] = 1.0, 0.0
     z[:, 0, 0] = float("nan")
-    z[:, 0, 1] = -0.0
+    if D > 1:
+        z[:, 0, 1] = -0.0
     # The other modes: patch (a=0, b=1), ablate (a=0, b=0), scale (a=2, b=0).
     if H >= 4:
         a[:, 1], b[:, 1] = 0.0, 1.0
         a[:, 2], b[:, 2] = 0.0, 0.0
         a[:, 3], b[:, 3] = 2.0, 0.0
-    slot = slot_pattern(slot_kind, T, S, gen)
-    cap = capture_pattern(cap_kind, T, C, gen)
-    cap_buf = poisoned((C, H, D), dtype)
-    return [t.to(device) for t in (z, slot, a, b, v, cap, cap_buf)]
+    args = dict(
+        z=z,
+        token_slot=slot_pattern(slot_kind, T, n_slots, gen),
+        a=a,
+        b=b,
+        vrow=row_pattern(vrow_kind, (n_slots, H), P, gen),
+        pool=pool,
+        cap_index=capture_pattern(cap_kind, T, C, gen),
+        cap_buf=poisoned((C, H, D), dtype),
+        flag=flag(True),
+    )
+    return {k: v.to(device) for k, v in args.items()}
 
 
-def run_and_check(impl, z, slot, a, b, v, cap, cap_buf, dtype):
-    z_ref, buf_ref = z.clone(), cap_buf.clone()
-    reference.head_affine_capture(z_ref, slot, a, b, v, cap, buf_ref)
-    z_hi, buf_hi = z.double(), cap_buf.double()
-    reference.head_affine_capture(z_hi, slot, a, b, v.double(), cap, buf_hi)
+def run_and_check(impl, args, dtype):
+    z, slot, a, b, cap, cap_buf = (args[k] for k in ("z", "token_slot", "a", "b", "cap_index",
+                                                      "cap_buf"))
+    ref = clone_all(args)
+    reference.head_affine_capture(**ref)
+    hi = clone_all(args)
+    for k in ("z", "pool", "cap_buf"):
+        hi[k] = hi[k].double()
+    reference.head_affine_capture(**hi)
     z_in = z.clone()
 
-    ops.head_affine_capture(z, slot, a, b, v, cap, cap_buf, impl=impl)
+    ops.head_affine_capture(**args, impl=impl)
 
     # Captures: exact copies of the pre-intervention rows, other rows still NaN.
-    assert_equal(cap_buf, buf_ref, "cap_buf")
+    assert_equal(cap_buf, ref["cap_buf"], "cap_buf")
     captured = cap[cap >= 0].long()
     for t in (cap >= 0).nonzero().flatten().tolist():
         assert_equal(cap_buf[cap[t].long()], z_in[t], f"cap_buf row of token {t}")
@@ -97,43 +118,93 @@ def run_and_check(impl, z, slot, a, b, v, cap, cap_buf, dtype):
     s = slot[sel].long()
     keep = (a[s] == 1) & (b[s] == 0)  # [n, H]
     assert_equal(z[sel][keep], z_in[sel][keep], "z (a=1, b=0 heads)")
-    # Everything else: within twice the same-dtype torch error of a precise result.
+    # Everything else: bit for bit, or within twice the same-dtype error of a precise one.
     changed = ~keep
-    k = error_factor(impl, dtype, z.device)
-    assert_error_bound(
-        z[sel][changed], z_ref[sel][changed], z_hi[sel][changed], dtype, "z (steered heads)", k
-    )
+    check_result(impl, z[sel][changed], ref["z"][sel][changed], hi["z"][sel][changed], dtype,
+                 "z (steered heads)")
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(impl, dtype, case, gen):
-    shape, slot_kind, cap_kind = case
-    inputs = make_inputs(*shape, dtype, slot_kind, cap_kind, gen)
-    run_and_check(impl, *inputs, dtype)
+    shape, slot_kind, cap_kind, vrow_kind = case
+    run_and_check(impl, make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen), dtype)
+
+
+@pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_flag_off_touches_nothing(impl, dtype, gen):
+    """flag 0: z and cap_buf bit-identical to the input although slots and captures are set;
+    any non-zero flag is on."""
+    args = make_inputs(*NORMAL, dtype, "random", "all", "random", gen)
+    args["flag"] = flag(False)
+    before = clone_all(args)
+    ops.head_affine_capture(**args, impl=impl)
+    assert_equal(args["z"], before["z"], "z with flag 0")
+    assert_equal(args["cap_buf"], before["cap_buf"], "cap_buf with flag 0")
+
+    args["flag"] = torch.tensor([7], dtype=torch.int32)
+    ref = clone_all(args)
+    reference.head_affine_capture(**ref)
+    ops.head_affine_capture(**args, impl=impl)
+    assert_equal(args["cap_buf"], ref["cap_buf"], "cap_buf with flag 7")
+    assert_close(args["z"], ref["z"], dtype, "z with flag 7")
+    assert not bool((args["z"].view(torch.int8) == before["z"].view(torch.int8)).all()), (
+        "flag 7 must switch the op on"
+    )
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_modes_closed_form(impl, dtype, gen):
-    """add / patch / ablate / scale give the values the spec promises."""
-    T, H, D = 4, 4, 24
+    """add / patch / ablate / scale give the values the spec promises; a head without a
+    pool row patches in zeros; two slots sharing a pool row read the same vector."""
+    T, H, D = 5, 5, 24
     z = randn_nonzero(T, H, D, dtype=dtype, gen=gen)
-    v = randn_nonzero(1, H, D, dtype=dtype, gen=gen)
-    a = torch.tensor([[1.0, 0.0, 0.0, 3.0]])
-    b = torch.tensor([[0.5, 1.0, 0.0, 0.0]])
-    slot = torch.tensor([0, -1, 0, 0], dtype=torch.int32)
+    pool = randn_nonzero(3, H, D, dtype=dtype, gen=gen)
+    a = torch.tensor([[1.0, 0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]])
+    b = torch.tensor([[0.5, 1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    vrow = torch.tensor([[2, 2, 0, -1, -1], [0, 2, 1, 1, -1]], dtype=torch.int32)
+    slot = torch.tensor([0, -1, 0, 1, 0], dtype=torch.int32)
     cap = torch.full((T,), -1, dtype=torch.int32)
     z_in = z.clone()
-    ops.head_affine_capture(z, slot, a, b, v, cap, poisoned((1, H, D), dtype), impl=impl)
-    on = slot >= 0
-    add = (z_in[on, 0].float() + 0.5 * v[0, 0].float()).to(dtype)
+    ops.head_affine_capture(z, slot, a, b, vrow, pool, cap, poisoned((1, H, D), dtype), flag(),
+                            impl=impl)
+    on = slot == 0
+    add = (z_in[on, 0].float() + 0.5 * pool[2, 0].float()).to(dtype)
     assert_close(z[on, 0], add, dtype, "add")
-    assert_equal(z[on, 1], v[0, 1].expand_as(z[on, 1]).contiguous(), "patch")
+    assert_equal(z[on, 1], pool[2, 1].expand_as(z[on, 1]).contiguous(), "patch (slot 0)")
+    assert_equal(z[3, 1], pool[2, 1], "patch (slot 1, same pool row)")
     assert bool((z[on, 2] == 0).all()), "ablate must write zeros"
     assert_close(z[on, 3], (3.0 * z_in[on, 3].float()).to(dtype), dtype, "scale")
-    assert_equal(z[~on], z_in[~on], "slot -1 token")
+    zeros = torch.zeros_like(z[on, 4])
+    assert_equal(z[on, 4], zeros, "patch from no pool row: +0.0")
+    assert_equal(z[3, [0, 2, 3, 4]], z_in[3, [0, 2, 3, 4]], "slot 1: identity heads")
+    assert_equal(z[1], z_in[1], "slot -1 token")
+
+
+@pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_capture_only_on_residual(impl, dtype, gen):
+    """The plugin's residual capture: z = residual.view(T, 1, d), every slot -1, an
+    empty pool. The residual stays bit-identical; captured rows are its rows."""
+    T, d, C = 9, 97, 4
+    r = randn_nonzero(T, d, dtype=dtype, gen=gen)
+    r_in = r.clone()
+    slot = torch.full((T,), -1, dtype=torch.int32)
+    cap = torch.full((T,), -1, dtype=torch.int32)
+    cap[[0, 4, 8]] = torch.tensor([3, 0, 1], dtype=torch.int32)
+    buf = poisoned((C, 1, d), dtype)
+    ops.head_affine_capture(
+        r.view(T, 1, d), slot, torch.ones(1, 1), torch.zeros(1, 1),
+        torch.full((1, 1), -1, dtype=torch.int32), torch.empty(0, 1, d, dtype=dtype),
+        cap, buf, flag(), impl=impl,
+    )
+    assert_equal(r, r_in, "residual")
+    for t, row in ((0, 3), (4, 0), (8, 1)):
+        assert_equal(buf[row, 0], r_in[t], f"capture row {row}")
+    assert bool(buf[2].isnan().all())
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -144,10 +215,11 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
     slot = torch.full((T,), -1, dtype=torch.int32)
     cap = torch.tensor([7, -1, 0, -1, 3], dtype=torch.int32)
     a, b = torch.ones(2, H), torch.zeros(2, H)
-    v = randn_nonzero(2, H, D, gen=gen)
+    vrow = torch.zeros(2, H, dtype=torch.int32)
+    pool = randn_nonzero(1, H, D, gen=gen)
     buf = poisoned((C, H, D), torch.float32)
     z_in = z.clone()
-    ops.head_affine_capture(z, slot, a, b, v, cap, buf, impl=impl)
+    ops.head_affine_capture(z, slot, a, b, vrow, pool, cap, buf, flag(), impl=impl)
     assert_equal(z, z_in, "z")
     for t, row in ((0, 7), (2, 0), (4, 3)):
         assert_equal(buf[row], z_in[t], f"row {row}")
@@ -155,7 +227,7 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
 
     empty = torch.empty(0, H, D)
     none = torch.empty(0, dtype=torch.int32)
-    ops.head_affine_capture(empty, none, a, b, v, none, buf, impl=impl)
+    ops.head_affine_capture(empty, none, a, b, vrow, pool, none, buf, flag(), impl=impl)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -165,9 +237,16 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
 @pytest.mark.parametrize("shape", [(300, 32, 128), (97, 13, 80), (1, 64, 256)])
 def test_cuda_matches_reference(impl, dtype, shape):
     gen = torch.Generator().manual_seed(7)
-    for slot_kind, cap_kind in (("random", "random"), ("sorted", "all"), ("none", "last")):
-        inputs = make_inputs(*shape, dtype, slot_kind, cap_kind, gen, device="cuda")
-        run_and_check(impl, *inputs, dtype)
+    for slot_kind, cap_kind, vrow_kind in (("random", "random", "random"),
+                                           ("sorted", "all", "shared"), ("none", "last", "none")):
+        args = make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cuda")
+        run_and_check(impl, args, dtype)
+        off = make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cuda")
+        off["flag"].zero_()
+        before = clone_all(off)
+        ops.head_affine_capture(**off, impl=impl)
+        assert_equal(off["z"], before["z"], "z with flag 0")
+        assert_equal(off["cap_buf"], before["cap_buf"], "cap_buf with flag 0")
 
 
 @gpu_test
@@ -187,9 +266,10 @@ def test_cuda_offsets_past_int32(impl):
     cap[-1] = 0
     a = torch.full((1, H), 3.0, device="cuda")
     b = torch.zeros(1, H, device="cuda")
-    v = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
+    vrow = torch.zeros(1, H, dtype=torch.int32, device="cuda")
+    pool = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
     buf = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
-    ops.head_affine_capture(z, slot, a, b, v, cap, buf, impl=impl)
+    ops.head_affine_capture(z, slot, a, b, vrow, pool, cap, buf, flag(device="cuda"), impl=impl)
     assert bool((buf == 2.0).all()), "capture of the last token read the wrong row"
     assert bool((z[-1] == 6.0).all()), "last token not steered"
     assert bool((z[0] == 1.0).all()) and bool((z[-2] == 1.0).all()), "other rows touched"

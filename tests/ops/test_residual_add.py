@@ -1,9 +1,11 @@
-"""residual_add and fused_add_rms_norm_steer: every fused implementation against the
-torch reference, and the no-steering path against vLLM's own fused add + RMSNorm.
+"""residual_add: every fused implementation against the torch reference.
 
-Exact where the contract is exact (tokens without a slot in residual_add), within
-twice the same-dtype torch error elsewhere. Shapes: a normal one and an odd one
-(97 tokens, hidden 97 / 80).
+Exact where the contract is exact (tokens without a slot or whose slot has no pool row,
+everything while the flag is 0), bit for bit against the reference for the
+implementations that promise it (tests/ops/op_cases), within twice the same-dtype torch
+error elsewhere. Shapes: a normal one, an odd one (97 tokens, hidden 97), a wide one and
+one below one CPU vector; 5 pool rows, 7 slots, pool-row tables with -1 entries and rows
+shared by several slots.
 """
 
 from __future__ import annotations
@@ -13,13 +15,12 @@ import torch
 
 import emosteer.ops as ops
 from emosteer.ops import reference
+from tests.ops.op_cases import ROW_PATTERNS, check_result, clone_all, flag, row_pattern
 from tests.utils import (
     DTYPES,
     assert_close,
     assert_equal,
-    assert_error_bound,
     dtype_id,
-    error_factor,
     gpu_test,
     kernel_impls,
     randn_nonzero,
@@ -28,137 +29,106 @@ from tests.utils import (
 
 CPU_IMPLS = kernel_impls("cpu")
 NORMAL, ODD = (16, 64), (97, 97)  # (T, d)
-WIDE = (3, 4100)  # hidden > 4096: several column blocks / norm chunks
+WIDE = (3, 4100)  # hidden > 4096: several column blocks
+TAIL = (4, 5)  # below one CPU vector step
+P, S = 5, 7
 CASES = [
-    (NORMAL, "none"),
-    (NORMAL, "one"),
-    (NORMAL, "random"),
-    (NORMAL, "sorted"),
-    (NORMAL, "own"),
-    (ODD, "random"),
-    (ODD, "sorted"),
-    (WIDE, "random"),
+    (NORMAL, "none", "random"),
+    (NORMAL, "one", "shared"),
+    (NORMAL, "random", "random"),
+    (NORMAL, "random", "none"),
+    (NORMAL, "sorted", "random"),
+    (NORMAL, "own", "shared"),
+    (ODD, "random", "random"),
+    (ODD, "sorted", "shared"),
+    (WIDE, "random", "random"),
+    (TAIL, "random", "random"),
 ]
-EPS = 1e-6
+assert {c[2] for c in CASES} == set(ROW_PATTERNS)
 
 
 def case_id(case) -> str:
-    (T, d), slot_kind = case
-    return f"T{T}_d{d}-slot_{slot_kind}"
+    (T, d), slot_kind, row_kind = case
+    return f"T{T}_d{d}-slot_{slot_kind}-urow_{row_kind}"
 
 
-def steer_inputs(T, d, dtype, slot_kind, gen, device="cpu"):
-    S = max(T, 3) if slot_kind == "own" else 3
-    alpha = randn_nonzero(S, gen=gen) * 4
-    u = randn_nonzero(S, d, dtype=dtype, gen=gen)
-    slot = slot_pattern(slot_kind, T, S, gen)
-    return slot.to(device), alpha.to(device), u.to(device)
+def make_inputs(T, d, dtype, slot_kind, row_kind, gen, device="cpu"):
+    n_slots = max(T, S) if slot_kind == "own" else S
+    args = dict(
+        r=randn_nonzero(T, d, dtype=dtype, gen=gen),
+        token_slot=slot_pattern(slot_kind, T, n_slots, gen),
+        alpha=randn_nonzero(n_slots, gen=gen) * 4,
+        urow=row_pattern(row_kind, (n_slots,), P, gen),
+        pool=randn_nonzero(P, d, dtype=dtype, gen=gen),
+        flag=flag(True),
+    )
+    return {k: v.to(device) for k, v in args.items()}
 
 
-# ------------------------------------------------------------------- residual_add
-def check_residual_add(impl, r, slot, alpha, u, dtype):
-    r_ref, r_hi, r_in = r.clone(), r.double(), r.clone()
-    reference.residual_add(r_ref, slot, alpha, u)
-    reference.residual_add(r_hi, slot, alpha, u.double())
-    ops.residual_add(r, slot, alpha, u, impl=impl)
-    off = slot < 0
-    assert_equal(r[off], r_in[off], "r (slot -1 tokens)")
-    k = error_factor(impl, dtype, r.device)
-    assert_error_bound(r[~off], r_ref[~off], r_hi[~off], dtype, "r (steered tokens)", k)
+def check_residual_add(impl, args, dtype):
+    ref, hi = clone_all(args), clone_all(args)
+    reference.residual_add(**ref)
+    hi["r"], hi["pool"] = hi["r"].double(), hi["pool"].double()
+    reference.residual_add(**hi)
+    r, slot, urow = args["r"], args["token_slot"], args["urow"]
+    r_in = r.clone()
+    ops.residual_add(**args, impl=impl)
+    rows = torch.where(slot >= 0, urow[slot.clamp(min=0).long()], -1)
+    off = rows < 0
+    assert_equal(r[off], r_in[off], "r (tokens without a slot or a pool row)")
+    check_result(impl, r[~off], ref["r"][~off], hi["r"][~off], dtype, "r (steered tokens)")
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_residual_add_matches_reference(impl, dtype, case, gen):
-    (T, d), slot_kind = case
-    r = randn_nonzero(T, d, dtype=dtype, gen=gen)
-    slot, alpha, u = steer_inputs(T, d, dtype, slot_kind, gen)
-    check_residual_add(impl, r, slot, alpha, u, dtype)
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_residual_add_closed_form(impl, gen):
-    r = randn_nonzero(3, 10, gen=gen)
-    u = randn_nonzero(2, 10, gen=gen)
-    alpha = torch.tensor([0.5, -2.0])
-    slot = torch.tensor([1, -1, 0], dtype=torch.int32)
-    want = r.clone()
-    want[0] += -2.0 * u[1]
-    want[2] += 0.5 * u[0]
-    ops.residual_add(r, slot, alpha, u, impl=impl)
-    assert_close(r, want, torch.float32, "r")
-
-
-# -------------------------------------------------------- fused_add_rms_norm_steer
-def check_fused(impl, x, res, w, slot, alpha, u, dtype):
-    x_ref, res_ref = x.clone(), res.clone()
-    reference.fused_add_rms_norm_steer(x_ref, res_ref, w, EPS, slot, alpha, u)
-    x_hi, res_hi = x.double(), res.double()
-    reference.fused_add_rms_norm_steer(x_hi, res_hi, w.double(), EPS, slot, alpha, u.double())
-    ops.fused_add_rms_norm_steer(x, res, w, EPS, slot, alpha, u, impl=impl)
-    k = error_factor(impl, dtype, x.device)
-    assert_error_bound(res, res_ref, res_hi, dtype, "residual", k)
-    assert_error_bound(x, x_ref, x_hi, dtype, "x (normed)", k)
-    assert not bool(x.isnan().any()) and not bool(res.isnan().any()), "NaN in the outputs"
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_fused_matches_reference(impl, dtype, case, gen):
-    (T, d), slot_kind = case
-    x = randn_nonzero(T, d, dtype=dtype, gen=gen)
-    res = randn_nonzero(T, d, dtype=dtype, gen=gen)
-    w = randn_nonzero(d, dtype=dtype, gen=gen)
-    slot, alpha, u = steer_inputs(T, d, dtype, slot_kind, gen)
-    check_fused(impl, x, res, w, slot, alpha, u, dtype)
-
-
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_fused_equals_plain_add_then_norm(impl, gen):
-    """Steering at the norm == residual_add on the summed stream, then plain RMSNorm."""
-    T, d = 6, 40
-    x = randn_nonzero(T, d, gen=gen)
-    res = randn_nonzero(T, d, gen=gen)
-    w = randn_nonzero(d, gen=gen)
-    slot, alpha, u = steer_inputs(T, d, torch.float32, "random", gen)
-    summed = (x.double() + res.double() + torch.where(
-        (slot >= 0)[:, None], alpha[slot.long()][:, None].double() * u[slot.long()].double(), 0.0
-    ))
-    normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
-    ops.fused_add_rms_norm_steer(x, res, w, EPS, slot, alpha, u, impl=impl)
-    assert_close(res, summed.float(), torch.float32, "residual")
-    assert_close(x, normed.float(), torch.float32, "x")
-
-
-def _vllm_fused_add_rms_norm():
-    try:
-        import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.*)
-
-        return torch.ops._C.fused_add_rms_norm
-    except (ImportError, AttributeError, RuntimeError):
-        return None
+    (T, d), slot_kind, row_kind = case
+    check_residual_add(impl, make_inputs(T, d, dtype, slot_kind, row_kind, gen), dtype)
 
 
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape", [(16, 64), (97, 80)], ids=lambda s: f"T{s[0]}_d{s[1]}")
-def test_fused_no_slot_matches_vllm(impl, dtype, shape, gen):
-    """Slot -1 everywhere is vLLM's fused_add_rms_norm (its CPU op wants d % 16 == 0)."""
-    vllm_op = _vllm_fused_add_rms_norm()
-    if vllm_op is None:
-        pytest.skip("vLLM's fused_add_rms_norm op is not importable here")
-    T, d = shape
-    x = randn_nonzero(T, d, dtype=dtype, gen=gen)
-    res = randn_nonzero(T, d, dtype=dtype, gen=gen)
-    w = randn_nonzero(d, dtype=dtype, gen=gen)
-    slot, alpha, u = steer_inputs(T, d, dtype, "none", gen)
-    x_v, res_v = x.clone(), res.clone()
-    vllm_op(x_v, res_v, w, EPS)
-    ops.fused_add_rms_norm_steer(x, res, w, EPS, slot, alpha, u, impl=impl)
-    assert_close(res, res_v, dtype, "residual vs vLLM")
-    assert_close(x, x_v, dtype, "x vs vLLM")
+def test_flag_off_touches_nothing(impl, dtype, gen):
+    args = make_inputs(*NORMAL, dtype, "one", "shared", gen)
+    args["flag"] = flag(False)
+    before = clone_all(args)
+    ops.residual_add(**args, impl=impl)
+    assert_equal(args["r"], before["r"], "r with flag 0")
+    args["flag"] = torch.tensor([-3], dtype=torch.int32)  # any non-zero value is on
+    ops.residual_add(**args, impl=impl)
+    assert not bool((args["r"] == before["r"]).all()), "flag -3 must switch the op on"
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_residual_add_closed_form(impl, gen):
+    """Slots 0 and 2 share pool row 1; slot 1 has no vector."""
+    r = randn_nonzero(4, 10, gen=gen)
+    pool = randn_nonzero(2, 10, gen=gen)
+    alpha = torch.tensor([0.5, 3.0, -2.0])
+    urow = torch.tensor([1, -1, 1], dtype=torch.int32)
+    slot = torch.tensor([2, -1, 0, 1], dtype=torch.int32)
+    want = r.clone()
+    want[0] += -2.0 * pool[1]
+    want[2] += 0.5 * pool[1]
+    r_in = r.clone()
+    ops.residual_add(r, slot, alpha, urow, pool, flag(), impl=impl)
+    assert_close(r, want, torch.float32, "r")
+    assert_equal(r[[1, 3]], r_in[[1, 3]], "untouched tokens")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_empty_batch_and_empty_pool(impl, gen):
+    d = 6
+    ops.residual_add(torch.empty(0, d), torch.empty(0, dtype=torch.int32), torch.ones(2),
+                     torch.full((2,), -1, dtype=torch.int32), torch.empty(0, d), flag(),
+                     impl=impl)
+    r = randn_nonzero(3, d, gen=gen)
+    r_in = r.clone()
+    ops.residual_add(r, torch.tensor([0, 1, -1], dtype=torch.int32), torch.ones(2),
+                     torch.full((2,), -1, dtype=torch.int32), torch.empty(0, d), flag(),
+                     impl=impl)
+    assert_equal(r, r_in, "r with an empty pool")
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -169,11 +139,10 @@ def test_fused_no_slot_matches_vllm(impl, dtype, shape, gen):
 def test_cuda_matches_reference(impl, dtype, shape):
     gen = torch.Generator().manual_seed(3)
     T, d = shape
-    for slot_kind in ("random", "sorted", "none"):
-        slot, alpha, u = steer_inputs(T, d, dtype, slot_kind, gen, device="cuda")
-        r = randn_nonzero(T, d, dtype=dtype, gen=gen).cuda()
-        check_residual_add(impl, r, slot, alpha, u, dtype)
-        x = randn_nonzero(T, d, dtype=dtype, gen=gen).cuda()
-        res = randn_nonzero(T, d, dtype=dtype, gen=gen).cuda()
-        w = randn_nonzero(d, dtype=dtype, gen=gen).cuda()
-        check_fused(impl, x, res, w, slot, alpha, u, dtype)
+    for slot_kind, row_kind in (("random", "random"), ("sorted", "shared"), ("none", "none")):
+        check_residual_add(impl, make_inputs(T, d, dtype, slot_kind, row_kind, gen, "cuda"), dtype)
+        off = make_inputs(T, d, dtype, slot_kind, row_kind, gen, "cuda")
+        off["flag"].zero_()
+        before = off["r"].clone()
+        ops.residual_add(**off, impl=impl)
+        assert_equal(off["r"], before, "r with flag 0")
