@@ -59,7 +59,8 @@ def test_settings(monkeypatch):
 
     monkeypatch.delenv("EMOSTEER_BANK", raising=False)
     monkeypatch.delenv("EMOSTEER_IMPL", raising=False)
-    assert settings_from_additional(None).max_slots == 32
+    assert settings_from_additional(None).max_slots == 256
+    assert settings_from_additional(None).pool_mib == 64
     s = settings_from_additional({"emosteer": {"max_slots": 4, "capture_rows": 64}})
     assert (s.max_slots, s.capture_rows, s.bank) == (4, 64, None)
     monkeypatch.setenv("EMOSTEER_BANK", "/x/bank.safetensors")
@@ -71,7 +72,7 @@ def test_settings(monkeypatch):
 
 
 def test_phase_split_and_fingerprints():
-    from emosteer.vllm.tables import phase_fingerprints, phase_spec
+    from emosteer.compile import compile_request, phase_spec
 
     bank = make_bank(INFO)
     spec = SteerSpec.parse({
@@ -83,20 +84,23 @@ def test_phase_split_and_fingerprints():
     p, g = phase_spec(spec, "prompt"), phase_spec(spec, "generated")
     assert [s.vector for s in p.steer] == ["joy", "sad"] and p.neurons is None
     assert [s.vector for s in g.steer] == ["sad"] and g.neurons is not None
-    fps = phase_fingerprints(spec, bank)
+    fps = compile_request(spec, bank, INFO).fingerprints()
     assert fps["prompt"] != fps["generated"]
     only_all = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [0], "scale": 2.0}]}).resolve(INFO)
-    fa = phase_fingerprints(only_all, bank)
+    fa = compile_request(only_all, bank, INFO).fingerprints()
     assert fa["prompt"] == fa["generated"]  # one slot serves both phases
-    assert phase_fingerprints(SteerSpec.parse({"capture": {"heads": "all"}}), bank) == {
-        "prompt": None, "generated": None}
-    # Re-registering a vector under the same name changes the fingerprint.
+    cap_only = SteerSpec.parse({"capture": {"heads": "all"}}).resolve(INFO)
+    assert compile_request(cap_only, bank, INFO).fingerprints() == {"prompt": None, "generated": None}
+    # Re-registering a vector under the same name changes the fingerprint and the keys.
     bank2 = make_bank(INFO, seed=1)
-    assert phase_fingerprints(only_all, bank2)["prompt"] != fa["prompt"]
+    prog2 = compile_request(only_all, bank2, INFO)
+    assert prog2.fingerprints()["prompt"] != fa["prompt"]
+    assert set(prog2.phases["prompt"].keys()).isdisjoint(compile_request(only_all, bank, INFO).phases["prompt"].keys())
 
 
-def test_slot_tables_values():
-    from emosteer.vllm.tables import slot_tables
+def test_compiled_program_and_pool_rows():
+    """Scalars + pool keys per slot; rows materialised from the bank (one compiler)."""
+    from emosteer.compile import compile_phase, materialize
 
     bank = make_bank(INFO)
     spec = SteerSpec.parse({
@@ -107,39 +111,78 @@ def test_slot_tables_values():
                   {"layer": 1, "head": 0, "mode": "ablate"}, {"layer": 1, "head": 2, "mode": "scale", "scale": 0.5}],
         "neurons": {"set": "joy.ena", "gamma": 3.0},
     }).resolve(INFO)
-    r = slot_tables(spec, bank, INFO)
-    assert r.a[0, 1] == 1 and r.b[0, 1] == 3 and torch.equal(r.v[0, 1], bank.get("joy.h")[0, 1])
-    assert r.a[2, 3] == 0 and r.b[2, 3] == 1 and torch.equal(r.v[2, 3], bank.get("joy.h")[2, 3])
-    assert (r.a[1, 0], r.b[1, 0]) == (0, 0) and (r.a[1, 2], r.b[1, 2]) == (0.5, 0)
-    untouched = torch.ones_like(r.a, dtype=torch.bool)
-    untouched[0, 1] = untouched[2, 3] = untouched[1, 0] = untouched[1, 2] = False
-    assert (r.a[untouched] == 1).all() and (r.b[untouched] == 0).all()
-    assert r.alpha[0] == 0 and r.alpha[1] == 2 and torch.equal(r.u[1], bank.get("joy")[1])
-    assert r.alpha[2] == 1
-    torch.testing.assert_close(r.u[2], 2 * bank.get("joy")[2] - bank.get("sad")[2])
-    torch.testing.assert_close(r.g, 1 + 2 * bank.get("joy.ena"))
+    prog = compile_phase(spec, bank, INFO)
+    a, b, key = prog.heads[(0, 1)]
+    assert (a, b) == (1.0, 3.0) and torch.equal(materialize(key, bank, INFO)[1], bank.get("joy.h")[0, 1])
+    a, b, key = prog.heads[(2, 3)]
+    assert (a, b) == (0.0, 1.0) and torch.equal(materialize(key, bank, INFO), bank.get("joy.h")[2])
+    assert prog.heads[(1, 0)] == (0.0, 0.0, None) and prog.heads[(1, 2)] == (0.5, 0.0, None)
+    alpha, key = prog.res[1]
+    assert alpha == 2.0 and torch.equal(materialize(key, bank, INFO), bank.get("joy")[1])
+    alpha, key = prog.res[2]
+    assert alpha == 1.0
+    torch.testing.assert_close(materialize(key, bank, INFO), 2 * bank.get("joy")[2] - bank.get("sad")[2])
+    mask = bank.get("joy.ena")
+    assert set(prog.neu) == {l for l in range(INFO.num_layers) if bool(mask[l].any())}
+    for layer, (gamma, key) in prog.neu.items():
+        assert gamma == 3.0 and torch.equal(materialize(key, bank, INFO), mask[layer].float())
+    # Rows are shared between configs that differ only in scale.
+    other = compile_phase(SteerSpec.parse({"steer": [{"vector": "joy", "layers": [1], "scale": 5.0}]}).resolve(INFO), bank, INFO)
+    assert other.res[1][1] == prog.res[1][1] and other.fingerprint != prog.fingerprint
+    # A replaced vector: the old key can no longer be materialised.
+    with pytest.raises(KeyError, match="replaced"):
+        materialize(prog.res[1][1], make_bank(INFO, seed=3), INFO)
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
-def test_slot_tables_tensor_parallel_shards(tp_size):
-    """Each rank gets its own heads / neurons; ranks concatenated == one rank."""
-    from emosteer.vllm.tables import slot_tables
+def test_pool_rows_tensor_parallel_shards(tp_size):
+    """Each rank's head / neuron rows are its shard; ranks concatenated == one rank."""
+    from emosteer.compile import compile_phase, materialize
 
     bank = make_bank(INFO)
     spec = SteerSpec.parse({
         "steer": [{"vector": "joy", "layers": "all", "scale": 1.5}],
-        "heads": [{"layer": l, "head": h, "mode": "add", "vector": "joy.h", "scale": 0.5 + h}
-                  for l in range(3) for h in range(4)],
+        "heads": [{"layer": 1, "head": 0, "mode": "add", "vector": "joy.h", "scale": 0.5}],
         "neurons": {"set": "joy.ena", "gamma": 2.0},
     }).resolve(INFO)
-    full = slot_tables(spec, bank, INFO)
-    parts = [slot_tables(spec, bank, INFO, tp_size, r) for r in range(tp_size)]
-    for name, dim in (("a", 1), ("b", 1), ("v", 1), ("g", 1)):
-        torch.testing.assert_close(torch.cat([getattr(p, name) for p in parts], dim), getattr(full, name), rtol=0, atol=0)
-    for p in parts:  # the residual stream is replicated on every rank
-        assert torch.equal(p.u, full.u) and torch.equal(p.alpha, full.alpha)
-        assert p.a.shape[1] == INFO.num_heads // tp_size
-        assert p.g.shape[1] == INFO.intermediate_size // tp_size
+    prog = compile_phase(spec, bank, INFO)
+    for key in prog.keys():
+        full = materialize(key, bank, INFO)
+        parts = [materialize(key, bank, INFO, tp_size, r) for r in range(tp_size)]
+        if key.startswith('["res"'):  # the residual stream is replicated on every rank
+            assert all(torch.equal(p, full) for p in parts)
+        else:
+            assert torch.equal(torch.cat(parts, 0), full)
+
+
+def test_admission_slots_pool_and_lru():
+    """Admission: shared fingerprints share a slot, a full table makes requests wait,
+    rows are refcounted by slots and unreferenced rows are evicted LRU-first."""
+    from emosteer.vllm.admission import Admission, Capacity
+
+    def plan(fp, *keys):
+        return {"prompt": {"fp": fp, "keys": [f'["res",[["{k}","h",1.0]],0]' for k in keys]}}
+
+    adm = Admission(Capacity(max_slots=2, rows={"res": 2, "head": 1, "neu": 1}))
+    g1 = adm.try_admit("r1", plan("A", "x"))
+    assert adm.try_admit("r1", plan("A", "x")) is g1  # idempotent
+    g2 = adm.try_admit("r2", plan("A", "x"))
+    assert g2["slots"] == g1["slots"]  # same config, same slot
+    assert adm.try_admit("r3", plan("B", "y")) is not None
+    assert adm.try_admit("r4", plan("C", "z")) is None  # no slot: waits
+    assert adm.status()["waiting_for_slots"] == 1
+    adm.release("r3")  # slot of B free, row y idle
+    g4 = adm.try_admit("r4", plan("C", "z"))  # row y evicted for z
+    assert g4 is not None and g4["rows"] == {'["res",[["z","h",1.0]],0]': 1}
+    adm.release("r1")
+    adm.release("r2")
+    adm.release("r4")
+    st = adm.status()
+    assert st["slots_in_use"] == 0 and st["pool_rows_in_use"]["res"] == 0 and st["pool_rows_resident"]["res"] == 2
+    # Resident unreferenced rows are found again without a rewrite.
+    assert adm.try_admit("r5", plan("D", "x"))["rows"] == g1["rows"]
+    # A config that could never fit is refused up front.
+    assert "pool rows" in Admission.fits(plan("E", "a", "b", "c"), adm.capacity)
 
 
 def _frontend(bank):

@@ -57,3 +57,7 @@ def test_admission_flood_waits_for_slots(llm, plain_reference):
 
 def test_register_vectors_at_run_time(llm, info):
     checks.check_register_vectors(llm, info)
+
+
+def test_worker_failure_is_an_error_and_evicts_kv(llm, info):
+    checks.check_worker_failure_is_an_error(llm, info)

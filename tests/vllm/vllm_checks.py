@@ -245,3 +245,47 @@ def check_register_vectors(llm, info) -> None:
     plain = summarize(llm.generate(PROMPTS[:1], greedy(), use_tqdm=False)[0])
     assert outs[0]["ids"] != plain["ids"] and outs[1]["ids"] != outs[0]["ids"]
     assert "calm" in llm.status()[0]["bank"]
+
+
+def _bank_bytes(bank) -> bytes:
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".safetensors")
+    os.close(fd)
+    try:
+        bank.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def check_worker_failure_is_an_error(llm, info) -> None:
+    """A request the worker cannot apply (here: its vector was replaced in the workers
+    behind the front end's back, so the config no longer compiles to what was admitted)
+    comes back as an error, never as unsteered text, and its prompt's KV is evicted: the
+    same config sent again after the banks agree equals a run on a cold prefix cache."""
+    from vllm_support import make_bank
+
+    cfg = {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 2.0}]}
+    prompt = f"{LONG_PROMPT} (worker failure case)"
+    plain = list(llm.generate([prompt], greedy(logprobs=None), use_tqdm=False)[0].outputs[0].token_ids)
+    original = make_bank(info)  # what the engine was started with (see conftest)
+    llm.llm.collective_rpc("emosteer_rpc", args=("register", _bank_bytes(make_bank(info, seed=5))))
+    try:
+        out = llm.generate([prompt, PROMPTS[0]], greedy(logprobs=None), steer=[cfg, None], use_tqdm=False)
+        bad, other = out
+        assert bad.emosteer_error is not None and "bank differs" in bad.emosteer_error, bad.emosteer_error
+        assert bad.outputs[0].finish_reason == "error"
+        assert list(bad.outputs[0].token_ids) != plain or not bad.outputs[0].token_ids
+        assert other.emosteer_error is None and other.outputs[0].finish_reason != "error"
+        with pytest.raises(Exception, match="bank differs"):
+            llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False, raise_on_error=True)
+    finally:
+        llm.llm.collective_rpc("emosteer_rpc", args=("register", _bank_bytes(original)))
+    warm = list(llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0].outputs[0].token_ids)
+    llm.llm.reset_prefix_cache()
+    cold = list(llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0].outputs[0].token_ids)
+    assert warm == cold and warm != plain
+    assert_no_slots_held(llm)
