@@ -2,7 +2,7 @@
 
 A generated narrative is scored by the emotion words it contains: each word maps through
 a lexicon onto Mikels' eight-category wheel, and the *hit rate* is the share of that
-emotion mass that falls in the target category (DESIGN.md §1.3). The same scan gives the
+emotion mass that falls in the target category (docs/DESIGN.md §1.3). The same scan gives the
 emotional-hallucination rate on neutral inputs and a valence score.
 
 Lexicon. Two sources, merged (see emosteer/data/lexicon/README.md):

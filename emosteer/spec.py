@@ -1,6 +1,6 @@
 """What one request asks for: steering, head patching, neuron gain, boost and capture.
 
-A ``SteerSpec`` is parsed from the JSON object a request carries (DESIGN.md §4), checked
+A ``SteerSpec`` is parsed from the JSON object a request carries (docs/DESIGN.md §4), checked
 strictly (unknown keys, wrong types, NaN/inf and absurd values raise ``SpecError`` whose
 ``.field`` names the culprit, e.g. ``"steer[0].scale"``), validated against a vector
 bank and a model, and fingerprinted so that identical configs share one device slot.

@@ -1,6 +1,6 @@
 """The JSONL format of counterfactual pairs and neutral prompts, with reader and writer.
 
-One JSON object per line. A **pair** (DESIGN.md §1.1) is::
+One JSON object per line. A **pair** (docs/DESIGN.md §1.1) is::
 
     {"id": "joy-0001", "emotion": "joy",
      "emotional": {"text": "A woman stands at the window, laughing."},

@@ -1,7 +1,7 @@
 """The correctness contracts, written once and run on the eager and the compiled engine.
 
 Each ``check_*`` takes an ``emosteer.LLM`` (and fixtures) and asserts one contract of
-DESIGN.md §5: scale 0 / empty == plain vLLM, isolation in a mixed batch, vLLM == the HF
+docs/DESIGN.md §5: scale 0 / empty == plain vLLM, isolation in a mixed batch, vLLM == the HF
 reference (tokens, steered logprobs, captures), prefix cache warm == cold and no reuse
 across configs, malformed configs rejected by field, slot exhaustion contained.
 """

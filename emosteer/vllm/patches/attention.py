@@ -8,7 +8,7 @@ head affine (add / patch / ablate / scale, vectors gathered from the head pool) 
 capture of the pre-intervention heads; a layer whose flag is 0 this step returns at once.
 Why: it is the one place every vLLM decoder exposes per-head outputs before ``o_proj``;
 Python forward hooks are dropped by vLLM's compiled graphs, an in-place custom op is
-kept (PLATFORM.md). Modules without a site run the original code unchanged.
+kept (measured on vLLM 0.32). Modules without a site run the original code unchanged.
 When it can go: when vLLM offers per-request activation hooks on attention outputs.
 """
 
