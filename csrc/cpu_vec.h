@@ -104,6 +104,19 @@ inline void load2(const float* p, int64_t n, fVec& lo, fVec& hi) {
   hi = n > kW ? fVec::loadu(p + kW, static_cast<int>(n - kW)) : fVec(0.0f);
 }
 
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+// The portable build on x86: ATen's DEFAULT 16-bit vectors convert element by element
+// through two extra arrays and tuples (4x slower than a plain loop here); convert
+// directly instead, with the same c10 conversions (round to nearest even).
+template <typename T>  // c10::Half, c10::BFloat16
+inline void load2(const T* p, int64_t n, fVec& lo, fVec& hi) {
+  __at_align__ float buf[kChunk];
+  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(p[j]);
+  for (int64_t j = n; j < kChunk; ++j) buf[j] = 0.0f;
+  lo = fVec::loadu(buf);
+  hi = fVec::loadu(buf + kW);
+}
+#else
 template <typename T>  // c10::Half, c10::BFloat16
 inline void load2(const T* p, int64_t n, fVec& lo, fVec& hi) {
   using V = at::vec::Vectorized<T>;
@@ -111,6 +124,7 @@ inline void load2(const T* p, int64_t n, fVec& lo, fVec& hi) {
   const V v = n == kChunk ? V::loadu(p) : V::loadu(p, static_cast<int>(n));
   std::tie(lo, hi) = at::vec::convert_to_float<T>(v);
 }
+#endif
 
 // Stores the first n <= kChunk lanes of (lo, hi) to p, rounded once to p's type.
 inline void store2(float* p, int64_t n, const fVec& lo, const fVec& hi) {
@@ -123,6 +137,15 @@ inline void store2(float* p, int64_t n, const fVec& lo, const fVec& hi) {
   if (n > kW) hi.store(p + kW, static_cast<int>(n - kW));
 }
 
+#if defined(CPU_CAPABILITY_DEFAULT) && !defined(__aarch64__)
+template <typename T>
+inline void store2(T* p, int64_t n, const fVec& lo, const fVec& hi) {
+  __at_align__ float buf[kChunk];
+  lo.store(buf);
+  hi.store(buf + kW);
+  for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+}
+#else
 template <typename T>
 inline void store2(T* p, int64_t n, const fVec& lo, const fVec& hi) {
   const at::vec::Vectorized<T> v = at::vec::convert_from_float<T>(lo, hi);
@@ -132,6 +155,7 @@ inline void store2(T* p, int64_t n, const fVec& lo, const fVec& hi) {
     v.store(p, static_cast<int>(n));
   }
 }
+#endif
 
 // Bit i set <=> lane i of (lo, hi) equals 1.0f (x - 1 is exactly 0 only for x == 1).
 inline uint64_t ones_mask(const fVec& lo, const fVec& hi) {
