@@ -18,6 +18,7 @@ logger = logging.getLogger("emosteer.vllm")
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lower, upper): 0.32.x only
 _lock = threading.Lock()
 _registered = False
+_guarded = False  # outside the supported range: only the refusing guard is installed
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -46,13 +47,26 @@ def check_vllm_version(version: str | None = None) -> tuple[int, int]:
     return major, minor
 
 
-def register() -> None:
-    """Apply every patch once per process (idempotent, thread-safe)."""
-    global _registered
+def register(version: str | None = None) -> None:
+    """Apply every patch once per process (idempotent, thread-safe).
+
+    Outside the supported vLLM range nothing of vLLM is patched except one guard: the
+    plugin logs a single clear error, plain requests are served by plain vLLM, and a
+    request that carries an emosteer config is refused (it is never run unsteered).
+    ``version`` overrides the installed version (tests)."""
+    global _registered, _guarded
     with _lock:
-        if _registered:
+        if _registered or _guarded:
             return
-        check_vllm_version()
+        try:
+            check_vllm_version(version)
+        except UnsupportedVLLMVersion as e:
+            logger.error("emosteer: the vLLM plugin stays out of the way: %s", e)
+            from emosteer.vllm import guard
+
+            guard.apply(str(e))
+            _guarded = True
+            return
         from emosteer.vllm import patches
 
         patches.apply_all()
@@ -62,8 +76,13 @@ def register() -> None:
 
 def unregister() -> None:
     """Revert every patch (tests; a process normally keeps the plugin for its lifetime)."""
-    global _registered
+    global _registered, _guarded
     with _lock:
+        if _guarded:
+            from emosteer.vllm import guard
+
+            guard.revert()
+            _guarded = False
         if not _registered:
             return
         from emosteer.vllm import patches

@@ -229,3 +229,37 @@ def test_server_maps_spec_errors_to_400():
     resp = create_error_response(err)
     assert resp.error.code == 400 and resp.error.param == "emosteer.heads[0].mode"
     assert "heads[0].mode" in resp.error.message
+
+
+def test_unsupported_version_stays_out_and_refuses_steered_requests():
+    """Outside the supported range: no patch, one error logged, a request carrying a
+    config is refused, a plain one passes through to vLLM unchanged."""
+    from vllm import SamplingParams
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    import emosteer.vllm as plugin
+    from emosteer.vllm import guard
+
+    was = plugin.is_registered()
+    plugin.unregister()
+    try:
+        original_forward, original_process = Attention.forward, InputProcessor.process_inputs
+        plugin.register(version="0.99.0")
+        assert not plugin.is_registered() and guard.is_active()
+        assert Attention.forward is original_forward  # nothing of the engine patched
+        steered = SamplingParams(extra_args={"emosteer": {"steer": []}})
+        with pytest.raises(ValueError, match="emosteer.*supports vLLM 0.32"):
+            InputProcessor.process_inputs(object(), "r1", "hi", steered)
+        sentinel = object()
+        try:  # a plain request reaches vLLM's own function (stood in for here)
+            guard._original = lambda self, *a, **k: sentinel
+            assert InputProcessor.process_inputs(object(), "r2", "hi", SamplingParams()) is sentinel
+        finally:
+            guard._original = original_process
+        plugin.unregister()
+        assert InputProcessor.process_inputs is original_process
+    finally:
+        plugin.unregister()
+        if was:
+            plugin.register()
