@@ -66,8 +66,10 @@ def _extensions():
             "emosteer._C",
             _rel([os.path.join(CSRC, "bindings_cpu.cpp"), *glob.glob(f"{CSRC}/*/*_cpu.cpp")]),
             include_dirs=[CSRC],
-            # No FMA contraction: the kernels must round like the torch reference.
-            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"]},
+            # No FMA contraction: the kernels must round like the torch reference. The
+            # *_avx2_cpu.cpp files get AVX2 from `#pragma GCC target` (csrc/cpu_vec.h), so
+            # one set of flags serves both builds. ATen's vector headers use `#pragma unroll`.
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"]},
         )
     ]
     if _flag("EMOSTEER_SKIP_CUDA_BUILD"):

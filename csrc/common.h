@@ -79,8 +79,9 @@ inline int64_t grain_for(int64_t row) {
 // once, in bindings_cpu.cpp, compiled for the baseline ISA.
 bool cpu_use_avx2();
 
-// The *_avx2_cpu.cpp files build an AVX2 variant on x86-64 with GCC or clang only.
-#if defined(__GNUC__) && defined(__x86_64__)
+// The *_avx2_cpu.cpp files build an AVX2 variant on x86-64 with GCC only (they rely
+// on `#pragma GCC target`, which clang ignores); elsewhere only the portable build runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define EMOSTEER_HAVE_AVX2_BUILD 1
 #else
 #define EMOSTEER_HAVE_AVX2_BUILD 0

@@ -73,11 +73,10 @@
 #define CPU_CAPABILITY_DEFAULT
 #endif
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // ATen's `#pragma unroll`
+// (ATen's `#pragma unroll` in these headers: -Wno-unknown-pragmas in setup.py, since g++
+// before 13 ignores `#pragma GCC diagnostic` for preprocessor warnings.)
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
 
 #include <cstdint>
 #include <tuple>
