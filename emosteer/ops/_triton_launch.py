@@ -5,7 +5,7 @@ imported emosteer before setting it (or a test that sets it only while it runs) 
 otherwise hold kernels of the wrong kind. The launchers instead take the kernel's Python
 function and build the compiled ``JITFunction`` for CUDA tensors and the CPU
 ``InterpretedFunction`` for anything else. For this to work whatever the import-time
-setting, the kernels call only Triton builtins (``tl.load``, ``tl.reduce`` …), never
+setting, the kernels call only Triton builtins (``tl.load``, ``tl.where`` …), never
 library functions that are themselves ``@triton.jit`` (``tl.sum``, ``tl.zeros``,
 ``tl.cdiv``): those are frozen in one form when ``triton.language`` is imported.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -36,16 +35,4 @@ def for_device(kernel, device: torch.device):
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 
-def _add(a, b):
-    return a + b
-
-
-# ``tl.reduce`` combiner for a sum (``tl.sum`` is library code, see above); it must be a
-# JITFunction whatever TRITON_INTERPRET says: the compiler inlines it, the interpreter
-# calls its ``.fn``. Triton's own ``_sum_combine`` is preferred where it is one, because
-# the interpreter recognises it and sums with numpy instead of element by element
-# (10x faster tests); our own ``_add`` stands in when it was frozen as interpreted.
-_triton_sum = getattr(tl.standard, "_sum_combine", None)
-add_combine = _triton_sum if isinstance(_triton_sum, JITFunction) else JITFunction(_add)
-
-__all__ = ["for_device", "add_combine", "LAUNCH_OPTIONS"]
+__all__ = ["for_device", "LAUNCH_OPTIONS"]
