@@ -9,7 +9,9 @@
 // only the per-element math and the token loop (EMOSTEER_KERNEL_ONLY): the plain C++
 // headers that the vector headers need are included before `#pragma GCC target`, so
 // that their inline functions, which the launchers share, carry no AVX2 instruction;
-// only code in ISA-named namespaces (at::vec::AVX2, emosteer::*::AVX2) does.
+// only code in ISA-named namespaces (at::vec::AVX2, emosteer::*::AVX2) does
+// (tests/ops/test_cpu_isa.py disassembles the built module to check it). GCC only: clang
+// ignores `#pragma GCC target`, and builds the portable variant alone (common.h).
 //
 // Rounding: every helper moves values between the storage type and float exactly as
 // `.float()` / `.to(dtype)` do (round to nearest even; NaN stays NaN, though not always
