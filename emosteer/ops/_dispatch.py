@@ -24,7 +24,7 @@ OPS = (
     "residual_add",
     "neuron_gain",
 )
-# Module holding each op's Triton launcher (one file per op stem, see STYLE.md).
+# Module holding each op's Triton launcher (one file per op stem).
 _TRITON_MODULE = {
     "head_affine_capture": "emosteer.ops.head_affine",
     "residual_add": "emosteer.ops.residual_add",
