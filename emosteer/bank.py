@@ -27,6 +27,8 @@ KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "head": (("num_layers", "num_heads", "head_dim"), False),  # [L, H, D]
     "neurons": (("num_layers", "intermediate_size"), True),  # [L, I] 0/1
     "heads": (("num_layers", "num_heads"), True),  # [L, H] 0/1
+    # [N, L, H, D]: one head vector per listed prompt position (position-aligned patching)
+    "head_positions": (("positions", "num_layers", "num_heads", "head_dim"), False),
 }
 
 
@@ -123,7 +125,7 @@ class ModelInfo:
         """The tensor shape an entry of ``kind`` must have for this model."""
         if kind not in KINDS:
             raise BankError(f"unknown kind {kind!r}; expected one of {sorted(KINDS)}")
-        return tuple(getattr(self, n) for n in KINDS[kind][0])
+        return tuple(getattr(self, n) if n != "positions" else None for n in KINDS[kind][0])
 
 
 def _json_safe(value: Any, where: str) -> None:
@@ -175,7 +177,7 @@ class VectorBank:
         if self.info is not None:
             want = self.info.shape_of(kind)
             for axis, (dim_name, got, exp) in enumerate(zip(dims, tensor.shape, want)):
-                if got != exp:
+                if exp is not None and got != exp:
                     raise BankError(
                         f"{name}: shape {tuple(tensor.shape)} does not fit the model: "
                         f"axis {axis} ({dim_name}) is {got}, model has {exp}"
@@ -264,7 +266,7 @@ class VectorBank:
         for name in self.names():
             kind = self._entries[name]["kind"]
             got, want = tuple(self._tensors[name].shape), info.shape_of(kind)
-            if got != want:
+            if any(w is not None and g != w for g, w in zip(got, want)) or len(got) != len(want):
                 raise BankError(f"{name}: shape {got} does not fit the model ({kind} needs {want})")
 
     # -- files -----------------------------------------------------------------------
@@ -368,6 +370,9 @@ def shard_entry(tensor: torch.Tensor, kind: str, tp_size: int, tp_rank: int) -> 
         return tensor
     if kind in ("head", "heads"):
         r = head_shard(tensor.shape[1], tp_size, tp_rank)
+    elif kind == "head_positions":
+        r = head_shard(tensor.shape[2], tp_size, tp_rank)
+        return tensor[:, :, r.start : r.stop].contiguous()
     else:
         r = neuron_shard(tensor.shape[1], tp_size, tp_rank)
     return tensor[:, r.start : r.stop].contiguous()

@@ -14,6 +14,7 @@ indices; the vectors themselves live once in a *vector pool* (see
 
     residual  ["res", [[name, hash, scale], ...], layer]  row [d] = sum scale*vec[layer]
     head      ["head", name, hash, layer]                 row [H, D] = vec[layer]
+              ["head", name, hash, layer, k]              row [H, D] = vec[k, layer] (per position)
     neurons   ["neu", name, hash, layer]                  row [I] = mask[layer] (0/1)
 
 Running example: ``{"steer": [{"vector": "joy", "layers": [3], "scale": 4}],
@@ -53,10 +54,11 @@ __all__ = [
 
 
 def phase_spec(spec: SteerSpec, phase: str) -> SteerSpec:
-    """The interventions of ``spec`` in effect at ``phase`` positions (no capture)."""
+    """The interventions of ``spec`` in effect at every ``phase`` token (no capture;
+    items at "last" or listed positions act only in their position groups)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    keep = lambda item: item.positions in ("all", phase)  # noqa: E731
+    keep = lambda item: isinstance(item.positions, str) and item.positions in ("all", phase)  # noqa: E731
     neurons = spec.neurons if spec.neurons is not None and keep(spec.neurons) else None
     return SteerSpec(
         steer=tuple(s for s in spec.steer if keep(s)),
@@ -135,7 +137,10 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
         a, b = item.affine()
         key = None
         if item.vector is not None and b != 0.0:
-            key = _key("head", item.vector, h(item.vector), item.layer)
+            if item.at is not None:  # one vector per listed position: row `at` of the entry
+                key = _key("head", item.vector, h(item.vector), item.layer, item.at)
+            else:
+                key = _key("head", item.vector, h(item.vector), item.layer)
         prog.heads[(item.layer, item.head)] = (float(a), float(b), key)
     if spec.neurons is not None:
         name = spec.neurons.set
@@ -153,6 +158,10 @@ class RequestProgram:
 
     phases: dict[str, SlotProgram | None]
 
+    def positions(self) -> dict[int, str]:
+        """Prompt position -> its group name, for the groups that intervene."""
+        return {int(p[1:]): p for p, prog in self.phases.items() if p.startswith("@") and prog is not None}
+
     def fingerprints(self) -> dict[str, str | None]:
         return {p: (prog.fingerprint if prog is not None else None) for p, prog in self.phases.items()}
 
@@ -165,9 +174,69 @@ class RequestProgram:
         }
 
 
-def compile_request(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> RequestProgram:
-    """Slot programs of both phases of a resolved spec."""
-    return RequestProgram({p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES})
+def _covers(positions, p: int, last: int) -> bool:
+    if isinstance(positions, tuple):
+        return p in positions
+    return positions in ("all", "prompt") or (positions == "last" and p == last)
+
+
+def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | None) -> dict[int, SteerSpec]:
+    """Prompt position -> the spec in effect there, for every position named by an item
+    ("last" = ``num_prompt - 1``; -1 while the prompt length is unknown) or listed.
+
+    Each group holds the items of every prompt token plus those naming the position, all
+    as ``positions: "all"``, so a group's fingerprint does not depend on where it acts:
+    a patch listing 40 positions with one vector is one slot; with a "head_positions"
+    vector (one per position) each position reads its own row (``HeadItem.at``)."""
+    from dataclasses import replace
+
+    last = num_prompt - 1 if num_prompt is not None else -1
+    items = [*spec.steer, *spec.heads, *([spec.neurons] if spec.neurons is not None else [])]
+    listed: set[int] = set()
+    for it in items:
+        if isinstance(it.positions, tuple):
+            listed.update(it.positions)
+        elif it.positions == "last":
+            listed.add(last)
+    out: dict[int, SteerSpec] = {}
+    for p in sorted(listed):
+        steer = tuple(replace(s, positions="all") for s in spec.steer if _covers(s.positions, p, last))
+        heads = []
+        seen: dict[tuple[int, int], int] = {}
+        for i, hd in enumerate(spec.heads):
+            if not _covers(hd.positions, p, last):
+                continue
+            if (hd.layer, hd.head) in seen:
+                raise SpecError(
+                    f"heads[{i}].positions",
+                    f"layer {hd.layer} head {hd.head} is also set by heads[{seen[(hd.layer, hd.head)]}] "
+                    f"at prompt position {p}; one intervention per head and position",
+                )
+            seen[(hd.layer, hd.head)] = i
+            at = None
+            if (isinstance(hd.positions, tuple) and hd.vector is not None and bank is not None
+                    and hd.vector in bank and bank.kind(hd.vector) == "head_positions"):
+                at = hd.positions.index(p)
+            heads.append(replace(hd, positions="all", at=at))
+        neurons = spec.neurons
+        if neurons is not None:
+            if _covers(neurons.positions, p, last):
+                neurons = replace(neurons, positions="all")
+            else:
+                neurons = None
+        out[p] = SteerSpec(steer=steer, heads=tuple(heads), neurons=neurons)
+    return out
+
+
+def compile_request(
+    spec: SteerSpec, bank: VectorBank | None, info: ModelInfo, num_prompt: int | None = None
+) -> RequestProgram:
+    """Slot programs of a resolved spec: ``"prompt"`` (every prompt token), ``"generated"``
+    and ``"@<p>"`` for each prompt position p named by "last" or a position list."""
+    phases = {p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES}
+    for pos, group in position_specs(spec, bank, num_prompt).items():
+        phases[f"@{pos}"] = compile_phase(group, bank, info)
+    return RequestProgram(phases)
 
 
 def materialize(
@@ -196,6 +265,10 @@ def materialize(
             row = vec.clone() if (len(terms) == 1 and scale == 1.0) else row + scale * vec
         return row
     if kind == "head":
+        if len(parts) == 5:  # a per-position entry [N, L, H, D]: row `at`
+            _, name, hsh, layer, at = parts
+            vec = shard_entry(entry(name, hsh, "head_positions"), "head_positions", tp_size, tp_rank)
+            return vec[at, layer].float()
         _, name, hsh, layer = parts
         vec = shard_entry(entry(name, hsh, "head"), "head", tp_size, tp_rank)
         return vec[layer].float()

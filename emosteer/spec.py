@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Union, TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from emosteer.bank import ModelInfo, VectorBank
@@ -25,12 +25,50 @@ MAX_STEER_ITEMS = 1024  # steer items per request
 MAX_HEAD_ITEMS = 65536  # head items per request after expanding "head" lists
 FINGERPRINT_VERSION = 1
 
-POSITIONS = ("all", "prompt", "generated")
+POSITIONS = ("all", "prompt", "generated", "last")
+MAX_POSITIONS = 4096  # explicit prompt positions per item
 CAPTURE_POSITIONS = ("last", "all", "generated")
 HEAD_MODES = ("add", "patch", "ablate", "scale")
 COMPONENTS = {"head_out": "attn.head_out", "residual": "residual", "mlp_act": "mlp.act"}
 
-Positions = Literal["all", "prompt", "generated"]
+# "all" | "prompt" | "generated" | "last" (the last prompt token) | explicit prompt token
+# indices (a sorted tuple of ints; the JSON form is a list)
+Positions = Union[str, tuple[int, ...]]
+
+
+def _positions(value: Any, field: str) -> "Positions":
+    if isinstance(value, str):
+        return _choice(value, field, POSITIONS)
+    if not isinstance(value, list) or not value:
+        raise SpecError(field, f"must be one of {list(POSITIONS)} or a non-empty list of prompt "
+                        f"token indices, got {_tname(value)}")
+    if len(value) > MAX_POSITIONS:
+        raise SpecError(field, f"lists {len(value)} positions; the limit is {MAX_POSITIONS}")
+    out = [_int(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    if len(set(out)) != len(out):
+        raise SpecError(field, "lists a position twice")
+    return tuple(sorted(out))
+
+
+def position_kind(positions: "Positions") -> set[str]:
+    """Which token classes an item's positions touch: "P" (every prompt token), "G"
+    (generated tokens), "L" (the last prompt token), "X" (listed prompt tokens)."""
+    if isinstance(positions, tuple):
+        return {"X"}
+    return {"all": {"P", "G"}, "prompt": {"P"}, "generated": {"G"}, "last": {"L"}}[positions]
+
+
+def positions_overlap(p: "Positions", q: "Positions") -> bool:
+    """Whether two items' positions can share a token (a listed position and "last"
+    are checked later, once the prompt length is known)."""
+    a, b = position_kind(p), position_kind(q)
+    if "P" in a and b & {"P", "L", "X"} or "P" in b and a & {"P", "L", "X"}:
+        return True
+    if a & b & {"G", "L"}:
+        return True
+    if isinstance(p, tuple) and isinstance(q, tuple):
+        return bool(set(p) & set(q))
+    return False
 
 
 class SpecError(ValueError):
@@ -151,7 +189,7 @@ class SteerItem:
             "vector": self.vector,
             "layers": "all" if self.layers is None else list(self.layers),
             "scale": self.scale,
-            "positions": self.positions,
+            "positions": _pos_json(self.positions),
         }
 
 
@@ -166,6 +204,9 @@ class HeadItem:
     vector: str | None = None
     scale: float = 1.0
     positions: Positions = "all"
+    # Internal (never parsed): the index into a "head_positions" vector [N, L, H, D]
+    # this item reads, set by the compiler for one listed position.
+    at: int | None = None
 
     def affine(self) -> tuple[float, float]:
         """The (a, b) pair of the head-affine op for this item."""
@@ -182,7 +223,9 @@ class HeadItem:
             d["vector"] = self.vector
         if self.mode in ("add", "scale"):
             d["scale"] = self.scale
-        d["positions"] = self.positions
+        d["positions"] = _pos_json(self.positions)
+        if self.at is not None:
+            d["at"] = self.at
         return d
 
 
@@ -195,7 +238,7 @@ class NeuronItem:
     positions: Positions = "all"
 
     def to_dict(self) -> dict:
-        return {"set": self.set, "gamma": self.gamma, "positions": self.positions}
+        return {"set": self.set, "gamma": self.gamma, "positions": _pos_json(self.positions)}
 
 
 @dataclass(frozen=True)
@@ -238,13 +281,17 @@ class CaptureItem:
         return count * num_tokens
 
 
+def _pos_json(positions: "Positions"):
+    return list(positions) if isinstance(positions, tuple) else positions
+
+
 def _parse_steer(value: Any, field: str) -> SteerItem:
     _obj(value, field, ("vector", "layers", "scale", "positions"), ("vector", "layers", "scale"))
     return SteerItem(
         vector=_name(value["vector"], f"{field}.vector"),
         layers=_layers(value["layers"], f"{field}.layers"),
         scale=_scale(value["scale"], f"{field}.scale"),
-        positions=_choice(value.get("positions", "all"), f"{field}.positions", POSITIONS),
+        positions=_positions(value.get("positions", "all"), f"{field}.positions"),
     )
 
 
@@ -270,7 +317,7 @@ def _parse_heads(value: Any, field: str) -> list[HeadItem]:
         scale = _scale(value.get("scale", 1.0), f"{field}.scale")
     elif "scale" in value:
         raise SpecError(f"{field}.scale", f"is not allowed for mode {mode!r}")
-    positions = _choice(value.get("positions", "all"), f"{field}.positions", POSITIONS)
+    positions = _positions(value.get("positions", "all"), f"{field}.positions")
     return [HeadItem(layer, h, mode, vector, scale, positions) for h in heads]
 
 
@@ -332,11 +379,11 @@ class SteerSpec:
                 for item in _parse_heads(v, f"heads[{i}]"):
                     key = (item.layer, item.head)
                     for pos, j in seen.get(key, ()):
-                        if "all" in (pos, item.positions) or pos == item.positions:
+                        if positions_overlap(pos, item.positions):
                             raise SpecError(
                                 f"heads[{i}].head",
                                 f"layer {key[0]} head {key[1]} is already set by heads[{j}] for "
-                                f"positions {pos!r}; one intervention per head and position",
+                                f"positions {_pos_json(pos)!r}; one intervention per head and position",
                             )
                     seen.setdefault(key, []).append((item.positions, i))
                     heads.append(item)
@@ -348,7 +395,7 @@ class SteerSpec:
             neurons = NeuronItem(
                 _name(v["set"], "neurons.set"),
                 _gain(v["gamma"], "neurons.gamma"),
-                _choice(v.get("positions", "all"), "neurons.positions", POSITIONS),
+                _positions(v.get("positions", "all"), "neurons.positions"),
             )
         if "boost" in obj:
             v = _obj(obj["boost"], "boost", ("heads", "beta"), ("heads", "beta"))
@@ -395,9 +442,32 @@ class SteerSpec:
             if h.head >= H:
                 raise SpecError(f"heads[{i}].head", f"head {h.head} out of range; the model has {H} heads")
             if h.vector is not None:
-                vec(h.vector, "head", f"heads[{i}].vector")
+                if bank is not None and h.vector in bank and bank.kind(h.vector) == "head_positions":
+                    n = int(bank.get(h.vector).shape[0])
+                    if not isinstance(h.positions, tuple) or len(h.positions) != n:
+                        raise SpecError(
+                            f"heads[{i}].positions",
+                            f"vector {h.vector!r} holds one head vector per position ({n}); list "
+                            f"exactly {n} prompt positions to patch",
+                        )
+                    got = tuple(bank.get(h.vector).shape[1:])
+                    want = info.shape_of("head")
+                    if got != want:
+                        raise SpecError(f"heads[{i}].vector", f"vector {h.vector!r} has per-position shape {got}, the model needs {want}")
+                else:
+                    vec(h.vector, "head", f"heads[{i}].vector")
         if self.neurons is not None:
             vec(self.neurons.set, "neurons", "neurons.set")
+        if num_prompt_tokens is not None:
+            items = [(f"steer[{i}]", s) for i, s in enumerate(self.steer)]
+            items += [(f"heads[{i}]", h) for i, h in enumerate(self.heads)]
+            items += [("neurons", self.neurons)] if self.neurons is not None else []
+            for field, item in items:
+                if isinstance(item.positions, tuple) and item.positions[-1] >= num_prompt_tokens:
+                    raise SpecError(
+                        f"{field}.positions",
+                        f"position {item.positions[-1]} is past the prompt ({num_prompt_tokens} tokens)",
+                    )
         if self.boost is not None:
             vec(self.boost.heads, "heads", "boost.heads")
         if self.capture is not None:
@@ -442,7 +512,9 @@ class SteerSpec:
         differs from an unsteered one (the prefix-cache key must change). Boost always
         does: VEE acts on the prompt's image tokens in prefill."""
         items = (*self.steer, *self.heads, *([self.neurons] if self.neurons else []))
-        return self.boost is not None or any(it.positions in ("all", "prompt") for it in items)
+        return self.boost is not None or any(
+            isinstance(it.positions, tuple) or it.positions in ("all", "prompt", "last") for it in items
+        )
 
     def cache_salt(self, bank: "VectorBank | None" = None) -> str | None:
         """The prefix-cache salt for this request: None when it does not intervene,
@@ -505,7 +577,16 @@ def json_schema() -> dict:
     name = {"type": "string", "minLength": 1}
     scale = {"type": "number", "minimum": -MAX_ABS_SCALE, "maximum": MAX_ABS_SCALE}
     gain = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_GAIN}
-    positions = {"enum": list(POSITIONS), "default": "all"}
+    positions = {
+        "description": "'all', 'prompt', 'generated', 'last' (the last prompt token) or a list of "
+        "prompt token indices",
+        "default": "all",
+        "oneOf": [
+            {"enum": list(POSITIONS)},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+             "maxItems": MAX_POSITIONS, "uniqueItems": True},
+        ],
+    }
     selection = {"$ref": "#/$defs/layer_selection"}
 
     def entry(kind: str) -> dict:

@@ -92,7 +92,11 @@ MALFORMED = [
     ("layers fraction", _with("steer.0.layers", 1.5), "steer[0].layers"),
     ("layers item fraction", _with("steer.0.layers", [1.5]), "steer[0].layers[0]"),
     ("layers word", _with("steer.0.layers", "every"), "steer[0].layers"),
-    ("positions bad", _with("steer.0.positions", "last"), "steer[0].positions"),
+    ("positions bad", _with("steer.0.positions", "first"), "steer[0].positions"),
+    ("positions empty list", _with("steer.0.positions", []), "steer[0].positions"),
+    ("positions negative", _with("steer.0.positions", [3, -1]), "steer[0].positions[1]"),
+    ("positions not int", _with("steer.0.positions", [1.5]), "steer[0].positions[0]"),
+    ("positions twice", _with("steer.0.positions", [2, 2]), "steer[0].positions"),
     ("heads not list", {"heads": {"layer": 0}}, "heads"),
     ("head missing mode", _with("heads.0.mode", ...), "heads[0].mode"),
     ("head mode bad", _with("heads.0.mode", "zero"), "heads[0].mode"),
@@ -373,3 +377,26 @@ SCHEMA_SEES = [(d, c) for d, c, _ in MALFORMED if d not in SCHEMA_BLIND]
 def test_schema_rejects_bad(desc, config):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, json_schema())
+
+
+def test_positions_last_and_lists():
+    """"last" and explicit prompt positions parse, round-trip, salt the prompt, and are
+    checked against the prompt length; overlapping head items are refused."""
+    spec = SteerSpec.parse({
+        "steer": [{"vector": "joy", "layers": [0], "scale": 1.0, "positions": [5, 1, 3]}],
+        "heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": "last"},
+                  {"layer": 0, "head": 1, "mode": "scale", "scale": 2.0, "positions": "generated"}],
+    })
+    assert spec.steer[0].positions == (1, 3, 5)
+    assert SteerSpec.parse(spec.to_dict()) == spec
+    assert spec.changes_prompt()
+    with pytest.raises(SpecError) as e:
+        SteerSpec.parse({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": [2, 4]},
+                                   {"layer": 0, "head": 1, "mode": "ablate", "positions": [4]}]})
+    assert e.value.field == "heads[1].head"
+    SteerSpec.parse({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": [2]},
+                               {"layer": 0, "head": 1, "mode": "ablate", "positions": [3]}]})
+    with pytest.raises(SpecError) as e:
+        SteerSpec.parse({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": "prompt"},
+                                   {"layer": 0, "head": 1, "mode": "ablate", "positions": "last"}]})
+    assert e.value.field == "heads[1].head"

@@ -21,11 +21,12 @@ plus an ``on`` flag per slot; a token's slot at a layer is -1 unless that slot a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from emosteer.bank import ModelInfo, VectorBank
-from emosteer.compile import PHASES, compile_phase, materialize, phase_spec
+from emosteer.compile import PHASES, compile_request, materialize
 from emosteer.spec import CaptureItem, SteerSpec
 
 PHASE_PROMPT, PHASE_GENERATED = 0, 1
@@ -66,6 +67,18 @@ class Plan:
     layers: list[LayerPlan]
     row_on: torch.Tensor  # [B] bool: the row intervenes somewhere
     captures: list[CaptureItem | None] = field(default_factory=list)
+    pos_slot: list[dict[int, int]] = field(default_factory=list)  # row -> prompt position -> slot
+
+    def position_map(self, device) -> torch.Tensor | None:
+        """[B, P] int64: the slot of (row, prompt position) for position groups, -1 else."""
+        if not any(self.pos_slot):
+            return None
+        P = max(max(m) for m in self.pos_slot if m) + 1
+        out = torch.full((len(self.pos_slot), P), -1, dtype=torch.long)
+        for r, m in enumerate(self.pos_slot):
+            for p, sl in m.items():
+                out[r, p] = sl
+        return out.to(device)
 
     @property
     def num_rows(self) -> int:
@@ -79,9 +92,12 @@ class Plan:
         info: ModelInfo,
         dtype: torch.dtype,
         device: torch.device,
+        prompt_lens: Sequence[int] | None = None,
     ) -> "Plan":
+        """``prompt_lens`` (per row) resolves "last" and checks listed positions; specs
+        with such positions need it."""
         B, L, H, D = len(specs), info.num_layers, info.num_heads, info.head_dim
-        d, I, S = info.hidden_size, info.intermediate_size, NUM_PHASES * len(specs)
+        d, I = info.hidden_size, info.intermediate_size
         specs = [s.resolve(info) for s in specs]
         for i, s in enumerate(specs):
             if s.boost is not None:
@@ -89,7 +105,7 @@ class Plan:
                     f"row {i}: 'boost' (VEE attention key bias) is not executed by the HF "
                     "backend; drop it or use the vLLM backend once it supports it"
                 )
-            s.validate(bank, info)
+            s.validate(bank, info, None if prompt_lens is None else int(prompt_lens[i]))
 
         layers = [LayerPlan() for _ in range(L)]
         f32 = dict(dtype=torch.float32, device=device)
@@ -101,41 +117,53 @@ class Plan:
                 rows[key] = materialize(key, bank, info)
             return rows[key]
 
+        # Slots: 2*row + phase for every prompt / generated token, then one per position
+        # group ("last", listed positions) of each row.
+        progs: list[tuple[int, object]] = []
+        pos_slot: list[dict[int, int]] = [{} for _ in range(B)]
+        S = NUM_PHASES * B
         for r, spec in enumerate(specs):
+            n = None if prompt_lens is None else int(prompt_lens[r])
+            req = compile_request(spec, bank, info, n)
             for ph, phase in enumerate(PHASES):
-                prog = compile_phase(phase_spec(spec, phase), bank, info)
-                if prog is None:
-                    continue
-                slot = NUM_PHASES * r + ph
-                for layer, (alpha, key) in prog.res.items():
-                    lp = layers[layer]
-                    if lp.res_alpha is None:
-                        lp.res_alpha = torch.zeros(S, **f32)
-                        lp.res_u = torch.zeros(S, d, dtype=dtype, device=device)
-                        lp.res_on = torch.zeros(S, dtype=torch.bool, device=device)
-                    lp.res_alpha[slot] = alpha
-                    lp.res_u[slot] = row(key).to(device=device, dtype=dtype)
-                    lp.res_on[slot] = True
-                for (layer, head), (a, b, key) in prog.heads.items():
-                    lp = layers[layer]
-                    if lp.head_a is None:
-                        lp.head_a = torch.ones(S, H, **f32)
-                        lp.head_b = torch.zeros(S, H, **f32)
-                        lp.head_v = torch.zeros(S, H, D, dtype=dtype, device=device)
-                        lp.head_on = torch.zeros(S, dtype=torch.bool, device=device)
-                    lp.head_a[slot, head], lp.head_b[slot, head] = a, b
-                    if key is not None:
-                        lp.head_v[slot, head] = row(key)[head].to(device=device, dtype=dtype)
-                    lp.head_on[slot] = True
-                for layer, (gamma, key) in prog.neu.items():
-                    lp = layers[layer]
-                    if lp.gain_gamma is None:
-                        lp.gain_gamma = torch.ones(S, **f32)
-                        lp.gain_mask = torch.zeros(S, I, **f32)
-                        lp.gain_on = torch.zeros(S, dtype=torch.bool, device=device)
-                    lp.gain_gamma[slot] = gamma
-                    lp.gain_mask[slot] = row(key).to(device)
-                    lp.gain_on[slot] = True
+                if req.phases[phase] is not None:
+                    progs.append((NUM_PHASES * r + ph, req.phases[phase]))
+            for pos, name in req.positions().items():
+                if pos < 0:
+                    raise ValueError(f"row {r}: positions 'last' needs the prompt lengths (prompt_lens)")
+                pos_slot[r][pos] = S
+                progs.append((S, req.phases[name]))
+                S += 1
+        for slot, prog in progs:
+            for layer, (alpha, key) in prog.res.items():
+                lp = layers[layer]
+                if lp.res_alpha is None:
+                    lp.res_alpha = torch.zeros(S, **f32)
+                    lp.res_u = torch.zeros(S, d, dtype=dtype, device=device)
+                    lp.res_on = torch.zeros(S, dtype=torch.bool, device=device)
+                lp.res_alpha[slot] = alpha
+                lp.res_u[slot] = row(key).to(device=device, dtype=dtype)
+                lp.res_on[slot] = True
+            for (layer, head), (a, b, key) in prog.heads.items():
+                lp = layers[layer]
+                if lp.head_a is None:
+                    lp.head_a = torch.ones(S, H, **f32)
+                    lp.head_b = torch.zeros(S, H, **f32)
+                    lp.head_v = torch.zeros(S, H, D, dtype=dtype, device=device)
+                    lp.head_on = torch.zeros(S, dtype=torch.bool, device=device)
+                lp.head_a[slot, head], lp.head_b[slot, head] = a, b
+                if key is not None:
+                    lp.head_v[slot, head] = row(key)[head].to(device=device, dtype=dtype)
+                lp.head_on[slot] = True
+            for layer, (gamma, key) in prog.neu.items():
+                lp = layers[layer]
+                if lp.gain_gamma is None:
+                    lp.gain_gamma = torch.ones(S, **f32)
+                    lp.gain_mask = torch.zeros(S, I, **f32)
+                    lp.gain_on = torch.zeros(S, dtype=torch.bool, device=device)
+                lp.gain_gamma[slot] = gamma
+                lp.gain_mask[slot] = row(key).to(device)
+                lp.gain_on[slot] = True
 
         captures = [s.capture for s in specs]
         for row, c in enumerate(captures):
@@ -149,4 +177,5 @@ class Plan:
                     getattr(lp, key)[row] = True
 
         row_on = torch.tensor([s.intervenes() for s in specs], dtype=torch.bool, device=device)
-        return cls(info=info, specs=specs, layers=layers, row_on=row_on, captures=captures)
+        return cls(info=info, specs=specs, layers=layers, row_on=row_on, captures=captures,
+                   pos_slot=pos_slot)

@@ -79,6 +79,13 @@ class _Step:
         on = plan.row_on[rows] & real
         self.tok_row = rows
         self.base_slot = torch.where(on, NUM_PHASES * rows + phase, torch.full_like(rows, -1))
+        pmap = plan.position_map(mask.device) if phase == PHASE_PROMPT else None
+        if pmap is not None:  # "last" / listed prompt positions take their group's slot
+            pidx = (mask.long().cumsum(1) - 1).reshape(-1)  # prompt index (left padding)
+            P = pmap.shape[1]
+            ov = pmap[rows, pidx.clamp(0, P - 1)]
+            use = real & (pidx < P) & (ov >= 0)
+            self.base_slot = torch.where(use, ov, self.base_slot)
         self.cap_tok = cap_tok.reshape(-1)  # [N] bool: the token's position is captured
         self.acts: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "mlp": {}, "residual": {}}
         self.caps: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "residual": {}}
@@ -291,8 +298,15 @@ class HFSteerer:
             raise ValueError(f"got {len(specs)} specs for a batch of {batch} rows (one per row)")
         return specs
 
-    def plan(self, specs: Sequence[SpecLike], batch: int) -> Plan:
-        return Plan.build(self._specs(specs, batch), self.bank, self.info, self.dtype, self.device)
+    def plan(self, specs: Sequence[SpecLike], batch: int, prompt_lens: Sequence[int] | None = None) -> Plan:
+        return Plan.build(self._specs(specs, batch), self.bank, self.info, self.dtype, self.device,
+                          prompt_lens)
+
+    @staticmethod
+    def _lens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+        if attention_mask is None:
+            return [int(input_ids.shape[1])] * int(input_ids.shape[0])
+        return [int(n) for n in attention_mask.sum(1).tolist()]
 
     def encode(self, prompts: Sequence[str], chat: bool = True, system: str | None = None):
         """Left-padded ``(input_ids, attention_mask)``; ``chat`` applies the chat template."""
@@ -409,7 +423,7 @@ class HFSteerer:
         """One forward pass, spec ``specs[i]`` on row i. Returns ``(logits, captures)``:
         logits ``[B, T, V]`` (``logits="last"``: ``[B, V]`` at each row's last real token),
         captures a list (per row) of capture dicts, None where a row captures nothing."""
-        plan = self.plan(specs, input_ids.shape[0])
+        plan = self.plan(specs, input_ids.shape[0], self._lens(input_ids, attention_mask))
         with torch.no_grad():
             lg, caps, _ = self._forward(input_ids, attention_mask, plan, False, None, logits,
                                         model_kwargs)
@@ -424,7 +438,7 @@ class HFSteerer:
         module reads them, ``retain_grad`` set): heads ``[B, T, H, D]``, mlp ``[B, T, I]``,
         residual ``[B, T, d]``. Returns ``(logits, captures, acts)``; call ``backward`` on a
         function of the logits, then read ``acts[kind][l].grad``."""
-        plan = self.plan(specs, input_ids.shape[0])
+        plan = self.plan(specs, input_ids.shape[0], self._lens(input_ids, attention_mask))
         keep_sets = {k: set(v) for k, v in (keep or {}).items()}
         with torch.enable_grad(), self._activation_grads():
             lg, caps, st = self._forward(input_ids, attention_mask, plan, True, keep_sets, logits,
@@ -459,7 +473,7 @@ class HFSteerer:
         from transformers import DynamicCache
 
         B = input_ids.shape[0]
-        plan = self.plan(specs, B)
+        plan = self.plan(specs, B, self._lens(input_ids, attention_mask))
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).clone()
         if eos_token_id is None:
             eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)

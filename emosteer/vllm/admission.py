@@ -113,8 +113,9 @@ class Admission:
     @staticmethod
     def fits(plan: dict, capacity: Capacity) -> str | None:
         """Why ``plan`` could never be admitted (None if it can, given an idle engine)."""
-        if len(plan) > capacity.max_slots:
-            return f"the config needs {len(plan)} slots and max_slots is {capacity.max_slots}"
+        slots = len({ph["fp"] for ph in plan.values()})
+        if slots > capacity.max_slots:
+            return f"the config needs {slots} slots and max_slots is {capacity.max_slots}"
         need: dict[str, set[str]] = {k: set() for k in POOL_KINDS}
         for ph in plan.values():
             for key in ph["keys"]:

@@ -46,10 +46,11 @@ class FrontendSteering:
             raise SpecError("boost", "attention boost (VEE) is not executed by the vLLM plugin yet")
         return spec.resolve(self.info)
 
-    def plan(self, spec: SteerSpec) -> dict:
-        """What the scheduler admits the request by: per phase the slot fingerprint and
-        the pool keys (``emosteer/compile.py``); SpecError if it could never fit."""
-        plan = compile_request(spec, self.bank, self.info).to_plan()
+    def plan(self, spec: SteerSpec, num_prompt_tokens: int | None = None) -> dict:
+        """What the scheduler admits the request by: per phase (and position group) the
+        slot fingerprint and the pool keys (``emosteer/compile.py``); SpecError if it
+        could never fit."""
+        plan = compile_request(spec, self.bank, self.info, num_prompt_tokens).to_plan()
         why = Admission.fits(plan, self.capacity)
         if why is not None:
             raise SpecError("", why)

@@ -46,6 +46,9 @@ class RequestState:
         self.req_id, self.key, self.num_prompt = req_id, key, num_prompt
         self.spec: SteerSpec | None = None
         self.slots: dict[str, int] = {p: -1 for p in PHASES}
+        # Position groups ("last", listed prompt positions): sorted positions, their slots.
+        self.pos_positions = np.zeros(0, dtype=np.int64)
+        self.pos_slots = np.zeros(0, dtype=np.int32)
         self.capture = None
         self.heads: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, D]
         self.residual: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [d]
@@ -54,7 +57,8 @@ class RequestState:
 
     @property
     def active(self) -> bool:
-        return self.slots["prompt"] >= 0 or self.slots["generated"] >= 0 or self.capture is not None
+        return (self.slots["prompt"] >= 0 or self.slots["generated"] >= 0 or self.pos_slots.size > 0
+                or self.capture is not None)
 
 
 def find_decoder(model: torch.nn.Module, num_layers: int):
@@ -197,7 +201,7 @@ class WorkerSteering:
             spec.validate(self.bank, self.info)
             spec = spec.resolve(self.info)
             self._check_features(spec)
-            prog = compile_request(spec, self.bank, self.info)
+            prog = compile_request(spec, self.bank, self.info, rs.num_prompt)
             if spec.intervenes():
                 self._apply_grant(prog, extra.get(PLAN_KEY), extra.get(GRANT_KEY), rs)
             rs.spec, rs.capture = spec, spec.capture
@@ -209,6 +213,8 @@ class WorkerSteering:
         """Stop ``rs``: no interventions, and the scheduler finishes it with an error
         (its KV blocks evicted) before any of its tokens reach the client."""
         rs.slots = {p: -1 for p in PHASES}
+        rs.pos_positions = np.zeros(0, dtype=np.int64)
+        rs.pos_slots = np.zeros(0, dtype=np.int32)
         rs.capture = None
         if rs.error is None:
             rs.error = message
@@ -224,6 +230,11 @@ class WorkerSteering:
                 "(the scheduler patch is not active in this engine)"
             )
         fps = prog.fingerprints()
+        if set(plan) != {p for p, f in fps.items() if f is not None}:
+            raise RuntimeError(
+                "the worker compiled this request to other position groups than the front end "
+                f"({sorted(plan)} vs {sorted(p for p, f in fps.items() if f)}); send it again"
+            )
         for phase, want in fps.items():
             have = (plan.get(phase) or {}).get("fp")
             if have != want:
@@ -246,6 +257,10 @@ class WorkerSteering:
             if self.slot_fp[slot] != p.fingerprint:
                 self._write_slot(slot, p, rows)
             rs.slots[phase] = slot
+        at = sorted(prog.positions().items())
+        if at:
+            rs.pos_positions = np.array([pos for pos, _ in at], dtype=np.int64)
+            rs.pos_slots = np.array([rs.slots[name] for _, name in at], dtype=np.int32)
 
     def _check_features(self, spec: SteerSpec) -> None:
         from emosteer.spec import SpecError
@@ -330,18 +345,22 @@ class WorkerSteering:
         gs = np.full(n, -1, dtype=np.int32)
         npr = np.zeros(n, dtype=np.int64)
         caps = []
+        at = []  # (batch row, positions, slots) of requests with position groups
         for i, rid in enumerate(key):
             rs = self.reqs.get(rid)
             if rs is None:
                 rs = self._new_request(rid, runner.requests[rid])
             ps[i], gs[i], npr[i] = rs.slots["prompt"], rs.slots["generated"], rs.num_prompt
+            if rs.pos_slots.size:
+                at.append((i, rs.pos_positions, rs.pos_slots))
             if rs.capture is not None and rs.error is None:
                 caps.append((i, rs))
-        any_slot = bool((ps >= 0).any() or (gs >= 0).any())
-        used = np.unique(np.concatenate([ps[ps >= 0], gs[gs >= 0]])) if any_slot else None
+        extra = [sl for _, _, sl in at]
+        any_slot = bool((ps >= 0).any() or (gs >= 0).any() or extra)
+        used = np.unique(np.concatenate([ps[ps >= 0], gs[gs >= 0], *extra])) if any_slot else None
         layer_flags = self.slot_layers[used].any(axis=0) if any_slot else None  # [3, L]
         self._batch_key = key
-        self._batch = (ps, gs, npr, caps, any_slot, layer_flags)
+        self._batch = (ps, gs, npr, caps, any_slot, layer_flags, at)
         return self._batch
 
     def prepare_step(self, runner: Any) -> None:
@@ -350,7 +369,7 @@ class WorkerSteering:
         ib = runner.input_batch
         n = ib.num_reqs
         self._step = None
-        ps, gs, npr, caps, any_slot, layer_flags = self._batch_tables(runner, n)
+        ps, gs, npr, caps, any_slot, layer_flags, at = self._batch_tables(runner, n)
         if not any_slot and not caps:
             return
         qs = runner.query_start_loc.np[: n + 1]
@@ -364,6 +383,13 @@ class WorkerSteering:
         b = self.bufs
         if any_slot:
             slot = np.where(pos < npr[row], ps[row], gs[row]).astype(np.int32)
+            for i, P, S in at:  # "last" / listed prompt positions take their group's slot
+                lo, hi = int(qs[i]), int(qs[i + 1])
+                rpos = pos[lo:hi]
+                k = np.searchsorted(P, rpos)
+                hit = (k < P.size) & (P[np.minimum(k, P.size - 1)] == rpos)
+                if hit.any():
+                    slot[lo:hi][hit] = S[k[hit]]
             b.token_slot[:T].copy_(torch.from_numpy(slot))
             flags[:3] = layer_flags
         head_cap = res_cap = None

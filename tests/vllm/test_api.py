@@ -263,3 +263,44 @@ def test_unsupported_version_stays_out_and_refuses_steered_requests():
         plugin.unregister()
         if was:
             plugin.register()
+
+
+def test_position_groups_compile():
+    """Listed positions and "last" become position groups; a per-position vector reads
+    its own row at each listed position; one vector at every listed position is one slot."""
+    from emosteer.bank import VectorBank
+    from emosteer.compile import compile_request, materialize
+
+    bank = make_bank(INFO)
+    L, H, D = INFO.num_layers, INFO.num_heads, INFO.head_dim
+    pp = torch.randn(3, L, H, D)
+    bank.add("pp", "head_positions", pp)
+    spec = SteerSpec.parse({
+        "steer": [{"vector": "joy", "layers": [0], "scale": 1.0}],
+        "heads": [{"layer": 1, "head": 2, "mode": "patch", "vector": "pp", "positions": [4, 1, 6]},
+                  {"layer": 0, "head": 0, "mode": "ablate", "positions": "last"}],
+    }).resolve(INFO)
+    spec.validate(bank, INFO, num_prompt_tokens=8)
+    req = compile_request(spec, bank, INFO, num_prompt=8)
+    assert req.positions() == {1: "@1", 4: "@4", 6: "@6", 7: "@7"}
+    for k, p in enumerate((1, 4, 6)):
+        prog = req.phases[f"@{p}"]
+        assert 0 in prog.res  # the every-prompt-token steer holds there too
+        key = prog.heads[(1, 2)][2]
+        assert torch.equal(materialize(key, bank, INFO), pp[k, 1])
+    assert (0, 0) in req.phases["@7"].heads and (1, 2) not in req.phases["@7"].heads
+    assert len(set(req.fingerprints().values())) == 5  # prompt == generated, 4 groups
+    one = SteerSpec.parse({"heads": [{"layer": 1, "head": 2, "mode": "patch", "vector": "joy.h",
+                                      "positions": [1, 4, 6]}]}).resolve(INFO)
+    fps = {f for p, f in compile_request(one, bank, INFO, 8).fingerprints().items() if p.startswith("@")}
+    assert len(fps) == 1
+    with pytest.raises(SpecError) as e:
+        SteerSpec.parse({"heads": [{"layer": 1, "head": 2, "mode": "patch", "vector": "pp", "positions": [1, 2]}]}).validate(bank, INFO)
+    assert e.value.field == "heads[0].positions"
+    with pytest.raises(SpecError) as e:
+        spec.validate(bank, INFO, num_prompt_tokens=5)
+    assert e.value.field == "heads[0].positions"
+    clash = SteerSpec.parse({"heads": [{"layer": 0, "head": 0, "mode": "ablate", "positions": [7]},
+                                       {"layer": 0, "head": 0, "mode": "ablate", "positions": "last"}]})
+    with pytest.raises(SpecError):
+        compile_request(clash.resolve(INFO), bank, INFO, num_prompt=8)

@@ -61,3 +61,7 @@ def test_register_vectors_at_run_time(llm, info):
 
 def test_worker_failure_is_an_error_and_evicts_kv(llm, info):
     checks.check_worker_failure_is_an_error(llm, info)
+
+
+def test_position_indexed_interventions(llm, tiny_model, bank, info):
+    checks.check_position_indexed(llm, tiny_model, bank, info)

@@ -289,3 +289,57 @@ def check_worker_failure_is_an_error(llm, info) -> None:
     cold = list(llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0].outputs[0].token_ids)
     assert warm == cold and warm != plain
     assert_no_slots_held(llm)
+
+
+def check_position_indexed(llm, tiny_model, bank, info, atol: float = 1e-4) -> None:
+    """Position-indexed interventions: a head patch with one vector per listed prompt
+    position, and "last", on vLLM == the same configs on the HF backend (tokens,
+    logprobs, captures); "last" touches only the last prompt token."""
+    from transformers import AutoModelForCausalLM
+
+    from emosteer.bank import VectorBank
+    from emosteer.hf import HFSteerer
+
+    L, H, D = info.num_layers, info.num_heads, info.head_dim
+    listed = [0, 2, 3]
+    extra = VectorBank(info)
+    extra.add("pp", "head_positions", torch.randn(len(listed), L, H, D, generator=torch.Generator().manual_seed(7)))
+    llm.register_vectors(extra)
+    full = VectorBank(info)
+    full.update(bank)
+    full.update(extra)
+    capture = {"heads": [1], "residual": [0, 1], "positions": "all"}
+    cfgs = [
+        {"heads": [{"layer": 1, "head": h, "mode": "patch", "vector": "pp", "positions": listed} for h in (0, 2)]},
+        {"steer": [{"vector": "joy", "layers": [0], "scale": 3.0, "positions": "last"}],
+         "heads": [{"layer": 0, "head": 1, "mode": "add", "vector": "joy.h", "scale": 2.0, "positions": [1]}]},
+    ]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = token_prompts(llm, PROMPTS[:2])
+    plain = llm.generate(prompts, greedy(ignore_eos=True), steer={"capture": capture}, use_tqdm=False)
+    for cfg in cfgs:
+        spec = {**cfg, "capture": capture}
+        outs = llm.generate(prompts, greedy(ignore_eos=True), steer=spec, use_tqdm=False)
+        with HFSteerer(model, full) as hf:
+            for prompt, out in zip(prompts, outs):
+                assert out.emosteer_error is None, out.emosteer_error
+                ids = torch.tensor([prompt["prompt_token_ids"]])
+                ref = hf.generate(ids, specs=[spec], max_new_tokens=MAX_TOKENS, eos_token_id=-1)
+                assert list(out.outputs[0].token_ids) == ref.token_ids[0], cfg
+                logits, _ = hf.run(ids, specs=[spec], logits="last")
+                lp = torch.log_softmax(logits[0].float(), -1)
+                for t, v in out.outputs[0].logprobs[0].items():
+                    assert math.isclose(v.logprob, float(lp[t]), abs_tol=atol), (cfg, t)
+                got, want = out.emosteer_captures, ref.captures[0]
+                for kind in ("heads", "residual"):
+                    for layer in got[kind]:
+                        torch.testing.assert_close(got[kind][layer], want[kind][layer].float(), atol=atol, rtol=1e-4)
+    # "last" alone: residual rows before the last prompt token are plain vLLM's, bit for
+    # bit; the last one carries the steering add.
+    last = {"steer": [{"vector": "joy", "layers": [0], "scale": 3.0, "positions": "last"}], "capture": capture}
+    outs = llm.generate(prompts, greedy(ignore_eos=True), steer=last, use_tqdm=False)
+    for prompt, out, ref in zip(prompts, outs, plain):
+        P = len(prompt["prompt_token_ids"])
+        got, want = out.emosteer_captures["residual"][0], ref.emosteer_captures["residual"][0]
+        assert torch.equal(got[: P - 1], want[: P - 1])
+        torch.testing.assert_close(got[P - 1] - want[P - 1], 3.0 * bank.get("joy")[0], atol=1e-4, rtol=1e-4)

@@ -83,7 +83,7 @@ def _make(original):
 
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
-            plan = fe.plan(spec) if spec.intervenes() else None
+            plan = fe.plan(spec, n_prompt) if spec.intervenes() else None
         except SpecError as e:
             msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
             raise validation_error_class()(e.field, msg) from None
