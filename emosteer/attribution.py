@@ -28,8 +28,10 @@ band's last layer.
 **Heads.** Emotional intention ``I[l,h] = cos(W_O[l][:, h] · z̄⁺_{l,h}, S_l)`` (mean head
 output on the emotional inputs through its o_proj slice; ``source="diff"`` uses the
 mean X⁺−X⁻ difference instead). The top candidates are confirmed by activation patching:
-each (head, pair) is one row running X⁻ with that head's output replaced by its X⁺ value
-(all positions); recovery = mean ΔM / mean (M⁺ − M⁻).
+each (head, pair) is one row running X⁻ with that head's output replaced by its X⁺ value,
+position-aligned when the two prompts have the same token layout (every prompt position
+gets the X⁺ output at the same position: image pairs of an LVLM), else at the last prompt
+token only; recovery = mean ΔM / mean (M⁺ − M⁻).
 
 **Neurons.** ``A[l,i] = cos(W_down[l][:, i], S_l)`` preselects candidates per layer; attribution
 patching (HF backend: ``(m⁺ − m⁻)·∂M/∂m`` at the last prompt token, averaged over pairs)
@@ -146,6 +148,7 @@ class HeadScores:
     recovery: dict[tuple[int, int], float]
     top: list[tuple[int, int]]
     confirmed: bool  # every top head has positive recovery
+    patching: str = "last-token"  # how X+ outputs were patched in: "position-aligned" / "last-token"
 
 
 @dataclass
@@ -175,7 +178,7 @@ class AttributionResult:
             d["heads"] = {"source": h.source, "intention": h.intention.tolist(),
                           "candidates": [list(c) for c in h.candidates],
                           "recovery": [[l, hh, r] for (l, hh), r in h.recovery.items()],
-                          "top": [list(c) for c in h.top], "confirmed": h.confirmed}
+                          "top": [list(c) for c in h.top], "confirmed": h.confirmed, "patching": h.patching}
         if self.neurons is not None:
             n = self.neurons
             d["neurons"] = {"method": n.method, "top": [list(c) for c in n.top],
@@ -323,6 +326,19 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
 
 
 # ------------------------------------------------------------------------- heads
+def _len(row) -> int:
+    return len(row)  # token ids (an image prompt, MMPrompt, is its expanded ids)
+
+
+def _same_layout(a, b) -> bool:
+    """Whether two prompts can be patched position by position: the same number of
+    tokens (an LVLM's image pairs differ only in pixels; text pairs rarely align)."""
+    try:
+        return _len(a) == _len(b)
+    except TypeError:
+        return False
+
+
 def _pair_captures(runner, pairs):
     ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
     ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
@@ -352,17 +368,41 @@ def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top
     order = intention.flatten().argsort(descending=True)[:n_cand].tolist()
     cands = [(i // H, i % H) for i in order]
 
-    # activation patching: rows = candidates x pairs, per-pair X+ head outputs as vectors
+    # activation patching: rows = candidates x pairs, per-pair X+ head outputs as vectors:
+    # position-aligned (one vector per prompt position) where the pair's token layouts
+    # match, the last prompt token's otherwise.
     N = len(ids_neg)
+    aligned = [_same_layout(a, b) for a, b in zip(ids_pos, ids_neg)]
     patch = VectorBank(info)
     for i in range(N):
         patch.add(f"_attr.{emotion}.zpos.{i}", "head", z_pos[i])
+    rows_al = [i for i in range(N) if aligned[i]]
+    if rows_al:
+        layers = sorted({l for l, _ in cands})
+        cap = {"capture": {"heads": layers, "positions": "all"}}
+        sub = [ids_pos[i] for i in rows_al]
+        _, caps = runner.forward(sub, [cap] * len(sub), positions=[[_len(r) - 1] for r in sub],
+                                 desc="heads: X+ at every position")
+        for i, c in zip(rows_al, caps):
+            P = _len(ids_pos[i])
+            z_all = torch.zeros(P, L, H, D)
+            where = {p: k for k, p in enumerate(c["positions"])}
+            idx = [where[p] for p in range(P)]
+            for l in layers:
+                z_all[:, l] = c["heads"][l][idx].float()
+            patch.add(f"_attr.{emotion}.zpos_at.{i}", "head_positions", z_all)
     runner.register(patch)
     m_pos = _proxy_rows(runner, ids_pos, tids, [None] * N, desc="heads: M+")
     m_neg = _proxy_rows(runner, ids_neg, tids, [None] * N, desc="heads: M-")
-    specs = [{"heads": [{"layer": l, "head": h, "mode": "patch",
-                         "vector": f"_attr.{emotion}.zpos.{i}", "positions": "all"}]}
-             for (l, h) in cands for i in range(N)]
+
+    def item(l: int, h: int, i: int) -> dict:
+        if aligned[i]:
+            return {"layer": l, "head": h, "mode": "patch", "vector": f"_attr.{emotion}.zpos_at.{i}",
+                    "positions": list(range(_len(ids_neg[i])))}
+        return {"layer": l, "head": h, "mode": "patch", "vector": f"_attr.{emotion}.zpos.{i}",
+                "positions": "last"}
+
+    specs = [{"heads": [item(l, h, i)]} for (l, h) in cands for i in range(N)]
     m = _proxy_rows(runner, ids_neg * len(cands), tids, specs, desc="heads: patching").view(len(cands), N)
     denom = float((m_pos - m_neg).mean())
     rec = ((m - m_neg).mean(1) / (denom if abs(denom) > 1e-12 else math.copysign(1e-12, denom or 1.0)))
@@ -371,7 +411,9 @@ def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top
                                           recovery[c]), reverse=True)
     top = ranked[:top_k]
     return HeadScores(intention=intention, source=source, candidates=cands, recovery=recovery,
-                      top=top, confirmed=all(recovery[c] > 0 for c in top))
+                      top=top, confirmed=all(recovery[c] > 0 for c in top),
+                      patching="position-aligned" if all(aligned) else
+                      ("last-token" if not any(aligned) else f"position-aligned for {sum(aligned)}/{N} pairs, else last-token"))
 
 
 # ------------------------------------------------------------------------- neurons

@@ -364,7 +364,7 @@ def attribute(
         out.print(f"layers: profile from {res.layers.profile_source}; aggregate band "
                   f"{st['aggregate']}, l_emo={st['l_emo']}")
     if res.heads is not None:
-        out.print(f"heads: top {res.heads.top} (confirmed by patching: {res.heads.confirmed})")
+        out.print(f"heads: top {res.heads.top} (confirmed by {res.heads.patching} patching: {res.heads.confirmed})")
     if res.neurons is not None:
         out.print(f"neurons: {len(res.neurons.top)} kept ({res.neurons.method})")
     out.print(f"wrote {out_dir}/attribution.json, layers.png, heads.png, bank.safetensors")

@@ -61,7 +61,7 @@ def demo_settings(quick: bool = False, **overrides) -> dict:
 
 # ------------------------------------------------------------------------------ engine
 def open_runner(model_path: str | Path, backend: str = "auto", batch_size: int = 16,
-                progress: bool = True, max_slots: int = 32):
+                progress: bool = True, max_slots: int = 256):
     """``(runner, note)``: a vLLM runner when ``backend`` is vllm/auto and the plugin
     starts, else the transformers reference runner ("auto" falls back, saying why)."""
     from emosteer.runners import make_runner

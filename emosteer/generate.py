@@ -33,7 +33,7 @@ class GenerateConfig:
     temperature: float = 0.0
     seed: int = 0
     batch_size: int = 64
-    max_slots: int = 32
+    max_slots: int = 256
     chat: bool = True
     dtype: str = "float32"
 
@@ -137,6 +137,7 @@ def generate_jsonl(
     tok = llm.llm.get_tokenizer()
     sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     written = 0
+    failed: dict[str, str] = {}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate",
                unit="row", disable=not progress)
@@ -146,15 +147,25 @@ def generate_jsonl(
             outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)
             lines = []
             for r, o in zip(batch, outs):
+                if getattr(o, "emosteer_error", None) is not None:
+                    # Not written: a rerun of the job retries exactly these rows.
+                    failed[str(r["id"])] = o.emosteer_error
+                    continue
                 rec = _score(r, o.outputs[0].text)
                 rec["n_tokens"] = len(o.outputs[0].token_ids)
                 lines.append(json.dumps(rec, ensure_ascii=False))
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            written += len(batch)
+            if lines:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            written += len(lines)
             bar.update(len(batch))
     bar.close()
+    if failed:
+        from emosteer.llm import EmosteerRequestError
+
+        # Rows that ran were written; a rerun of the job retries exactly the failed ones.
+        raise EmosteerRequestError(failed)
     return written
 
 

@@ -30,9 +30,9 @@ class EmosteerRequestError(RuntimeError):
     ``LLM.generate(..., raise_on_error=True)``; by default errors are attached to the
     outputs instead."""
 
-    def __init__(self, errors: dict[int, str]):
+    def __init__(self, errors: "dict[int | str, str]"):
         self.errors = errors
-        lines = "; ".join(f"prompt {i}: {m}" for i, m in sorted(errors.items())[:5])
+        lines = "; ".join(f"prompt {i}: {m}" for i, m in sorted(errors.items(), key=lambda kv: str(kv[0]))[:5])
         super().__init__(f"{len(errors)} request(s) failed in the engine: {lines}")
 
 

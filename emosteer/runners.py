@@ -324,8 +324,9 @@ class VLLMRunner:
     def _generate(self, ids, specs, params):
         prompts = [{"prompt": r.text, "multi_modal_data": {"image": r.image}}
                    if isinstance(r, MMPrompt) else {"prompt_token_ids": list(r)} for r in ids]
+        # Analysis must never use an answer the engine could not steer: raise instead.
         return self.llm.generate(prompts, params, steer=[SteerSpec.parse(s) for s in specs],
-                                 use_tqdm=self.progress)
+                                 use_tqdm=self.progress, raise_on_error=True)
 
     @staticmethod
     def _with_capture(spec, layer: int, positions: str) -> SteerSpec:

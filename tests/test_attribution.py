@@ -149,3 +149,25 @@ def test_target_logmass():
     logits = torch.tensor([[0.0, math.log(3.0), 0.0, 0.0]])
     got = target_logmass(logits, torch.tensor([1, 2]))
     torch.testing.assert_close(got, torch.tensor([math.log(4.0 / 6.0)]))
+
+
+def test_head_patching_is_position_aligned_when_layouts_match(planted):
+    """Pairs with the same token layout are patched position by position (every prompt
+    position gets the X+ head output from the same position), and the planted head, which
+    reads the emotional tokens at every position, recovers the whole effect."""
+    from emosteer.attribution import head_attribution
+    from emosteer.extract import CAPTURE_LAST, stack_captures
+
+    runner, pairs = planted
+    ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
+    ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
+    cut = [min(len(a), len(b)) for a, b in zip(ids_pos, ids_neg)]
+    ids_pos = [a[:n] for a, n in zip(ids_pos, cut)]
+    ids_neg = [b[:n] for b, n in zip(ids_neg, cut)]
+    L = runner.info.num_layers
+    _, cp = runner.forward(ids_pos, [CAPTURE_LAST] * len(pairs))
+    _, cn = runner.forward(ids_neg, [CAPTURE_LAST] * len(pairs))
+    hs = head_attribution(runner, "joy", pairs, top_k=2,
+                          _captures=(ids_pos, ids_neg, stack_captures(cp, L), stack_captures(cn, L)))
+    assert hs.patching == "position-aligned"
+    assert hs.top[0] == HEAD and hs.recovery[HEAD] > 0.9, hs.recovery
