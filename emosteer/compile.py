@@ -165,12 +165,16 @@ class RequestProgram:
     def fingerprints(self) -> dict[str, str | None]:
         return {p: (prog.fingerprint if prog is not None else None) for p, prog in self.phases.items()}
 
-    def to_plan(self) -> dict:
-        """The msgpack-safe summary the scheduler admits by: fingerprints and pool keys."""
+    def to_plan(self, capture_rows: int = 0) -> dict:
+        """The msgpack-safe summary the scheduler admits by: fingerprints and pool keys
+        per slot, and the capture rows the request can fill in one step."""
         return {
-            p: {"fp": prog.fingerprint, "keys": prog.keys()}
-            for p, prog in self.phases.items()
-            if prog is not None
+            "slots": {
+                p: {"fp": prog.fingerprint, "keys": prog.keys()}
+                for p, prog in self.phases.items()
+                if prog is not None
+            },
+            "capture_rows": int(capture_rows),
         }
 
 

@@ -170,13 +170,23 @@ class LLM:
             params.append(sp)
             keys.append(key)
         outs = self.llm.generate(plist, params, use_tqdm=use_tqdm, **kwargs)
-        wanted = [k for k in keys if k is not None]
+        # n > 1: each sample has its own results, under "<key>#<sample index>".
+        ns = [int(getattr(sp, "n", 1) or 1) for sp in params]
+        sample_keys = [None if k is None else ([k] if n == 1 else [f"{k}#{j}" for j in range(n)])
+                       for k, n in zip(keys, ns)]
+        wanted = [k for ks in sample_keys if ks for k in ks]
         fetched = self._fetch(wanted) if wanted else {}
         errors: dict[int, str] = {}
         for i, out in enumerate(outs):
-            got = fetched.get(keys[i]) if keys[i] is not None else None
-            out.emosteer_captures = got["captures"] if got else None
-            error = got["error"] if got else None
+            got = [fetched.get(k) for k in sample_keys[i]] if sample_keys[i] else []
+            caps = [g["captures"] if g else None for g in got]
+            if ns[i] == 1:
+                out.emosteer_captures = caps[0] if caps else None
+            else:  # one capture set per sample, in CompletionOutput.index order
+                out.emosteer_captures = caps if any(c is not None for c in caps) else None
+                for c in out.outputs:
+                    c.emosteer_captures = caps[c.index] if caps else None
+            error = next((g["error"] for g in got if g and g["error"]), None)
             if error is None and keys[i] is not None and any(
                 c.finish_reason == "error" for c in out.outputs
             ):

@@ -12,13 +12,17 @@ workers inside the request's ``SamplingParams.extra_args[GRANT_KEY]``; a worker 
 writes what it is told into its device buffers (``emosteer/vllm/worker.py``)::
 
     front end    compile_request(spec)  -> extra_args["emosteer_plan"]
-                 = {"prompt": {"fp": "3a..", "keys": ['["res",[["joy","9f..",1.0]],3]', ...]}}
+                 = {"slots": {"prompt": {"fp": "3a..", "keys": ['["res",[["joy","9f..",1.0]],3]', ...]}},
+                    "capture_rows": 2}   # capture rows the request may need in one step
     scheduler    try_admit(req, plan)   -> {"slots": {"prompt": 7}, "rows": {key: 12, ...}}
     worker       slot 7 <- scalars + row ids; pool row 12 <- the vector (if not there yet)
 
 Slots are refcounted by fingerprint (requests with the same config share one); pool rows
 are refcounted by the slots that read them and, once unreferenced, stay resident and are
-evicted least-recently-used first when a new row is needed. A slot is released when the
+evicted least-recently-used first when a new row is needed. Captures are admitted the same
+way: a capturing request holds the rows of the per-step capture buffer it can fill in one
+step (captured layers x the tokens one step can hold for it), so a step never overflows
+the buffer; a request waits while the buffer is spoken for. A slot is released when the
 scheduler frees the request (finished, aborted or failed); a preempted request keeps its
 slots, so its re-run prompt is steered again with the same rows.
 
@@ -95,6 +99,7 @@ class PoolTable:
 class Capacity:
     max_slots: int
     rows: dict[str, int]  # pool kind -> rows
+    capture_rows: int = 8192  # rows of the per-step capture buffer
 
 
 class Admission:
@@ -107,17 +112,26 @@ class Admission:
         self._keys: dict[str, list[str]] = {}  # fingerprint -> pool keys its slot reads
         self._grants: dict[str, dict] = {}  # request id -> grant
         self._fps: dict[str, list[str]] = {}  # request id -> fingerprints it holds
+        self._cap: dict[str, int] = {}  # request id -> capture rows it holds
+        self.capture_in_use = 0
         self.waiting_for_slots: set[str] = set()
         self._lock = threading.Lock()
 
     @staticmethod
     def fits(plan: dict, capacity: Capacity) -> str | None:
         """Why ``plan`` could never be admitted (None if it can, given an idle engine)."""
-        slots = len({ph["fp"] for ph in plan.values()})
+        phases = plan.get("slots", {})
+        slots = len({ph["fp"] for ph in phases.values()})
         if slots > capacity.max_slots:
             return f"the config needs {slots} slots and max_slots is {capacity.max_slots}"
+        cap = int(plan.get("capture_rows", 0))
+        if cap > capacity.capture_rows:
+            return (
+                f"the capture needs {cap} rows in one step and the capture buffer holds "
+                f"{capacity.capture_rows}; raise additional_config.emosteer.capture_rows"
+            )
         need: dict[str, set[str]] = {k: set() for k in POOL_KINDS}
-        for ph in plan.values():
+        for ph in phases.values():
             for key in ph["keys"]:
                 need[key_kind(key)].add(key)
         for kind, keys in need.items():
@@ -138,6 +152,11 @@ class Admission:
             got = self._grants.get(req_id)
             if got is not None:
                 return got
+            cap = int(plan.get("capture_rows", 0))
+            if cap and self.capture_in_use + cap > self.capacity.capture_rows:
+                self.waiting_for_slots.add(req_id)
+                return None
+            plan = plan.get("slots", {})
             new_fps = {ph["fp"]: ph["keys"] for ph in plan.values() if self.slots.slot_of(ph["fp"]) is None}
             if len(new_fps) > self.slots.free_count():
                 self.waiting_for_slots.add(req_id)
@@ -177,9 +196,12 @@ class Admission:
                 for ph in plan.values()
                 for key in ph["keys"]
             }
-            grant = {"slots": slots, "rows": rows}
+            grant = {"slots": slots, "rows": rows, "capture_rows": cap}
             self._grants[req_id] = grant
             self._fps[req_id] = held
+            if cap:
+                self._cap[req_id] = cap
+                self.capture_in_use += cap
             self.waiting_for_slots.discard(req_id)
             return grant
 
@@ -188,6 +210,7 @@ class Admission:
         with self._lock:
             self.waiting_for_slots.discard(req_id)
             self._grants.pop(req_id, None)
+            self.capture_in_use -= self._cap.pop(req_id, 0)
             for fp in self._fps.pop(req_id, ()):
                 if self.slots.release(fp):
                     for key in self._keys.pop(fp, ()):
@@ -200,6 +223,8 @@ class Admission:
                 "max_slots": self.capacity.max_slots,
                 "admitted_requests": len(self._grants),
                 "waiting_for_slots": len(self.waiting_for_slots),
+                "capture_rows_in_use": self.capture_in_use,
+                "capture_rows": self.capacity.capture_rows,
                 "pool_rows": dict(self.capacity.rows),
                 "pool_rows_in_use": {k: p.in_use() for k, p in self.pools.items()},
                 "pool_rows_resident": {k: p.resident() for k, p in self.pools.items()},

@@ -6,7 +6,8 @@ sizes never share a compile cache. Keys: ``max_slots`` (distinct intervention co
 resident at once, default 256; a slot is a few small index tables), ``pool_mib`` (device
 memory of the vector pool, default 64: rows of residual vectors, head vectors and neuron
 masks, one per vector and layer), ``capture_rows`` (rows of the per-step capture
-buffers, default: 2 x the engine's token budget, at least 4096), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK``),
+buffers, default 8192; capturing requests are admitted while their rows fit, so a step
+never overflows), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK``),
 ``impl`` (force an op implementation; env ``EMOSTEER_IMPL``), ``keep_captures``
 (finished requests whose captures wait to be fetched, default 4096).
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 CONFIG_KEY = "emosteer"
+DEFAULT_CAPTURE_ROWS = 8192  # at least a request's own limit (spec.MAX_CAPTURE_ROWS, 4096)
 _INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib")
 
 
@@ -77,4 +79,5 @@ def capacity_for(settings: PluginSettings, info: Any, dtype: Any, tp_size: int =
     per = info.hidden_size * el + (info.num_heads // tp_size) * info.head_dim * el
     per += (info.intermediate_size // tp_size) * 4
     rows = max(1, (settings.pool_mib * 2**20) // per)
-    return Capacity(max_slots=settings.max_slots, rows={"res": rows, "head": rows, "neu": rows})
+    return Capacity(max_slots=settings.max_slots, rows={"res": rows, "head": rows, "neu": rows},
+                    capture_rows=settings.capture_rows or DEFAULT_CAPTURE_ROWS)

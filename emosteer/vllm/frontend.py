@@ -6,8 +6,8 @@ raises ``SpecError`` (a ``ValueError``, so the server answers 400) naming the fi
 Prefix caching: a config that changes the prompt's activations gets
 ``cache_salt = "emosteer:" + fingerprint`` (bank contents included), so it never reuses
 KV computed under another config, and unsteered requests never reuse its KV. Captures at
-every position (``positions: "all"``) get a per-request salt: cached prompt tokens are
-never recomputed, so they could not be captured.
+every position (``positions: "all"``) do not read the prefix cache (cached prompt tokens
+are never recomputed, so they could not be captured), n > 1 samples included.
 """
 
 from __future__ import annotations
@@ -23,7 +23,19 @@ from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 
 EXTRA_KEY = "emosteer"  # SamplingParams.extra_args key of the request config
 RESULT_KEY = "emosteer_key"  # extra_args key under which the worker parks captures and errors
-PRIVATE_KEYS = (PLAN_KEY, GRANT_KEY)  # set by emosteer itself; refused from clients
+SAMPLES_KEY = "emosteer_n"  # extra_args: n > 1 samples, each with its own results
+PRIVATE_KEYS = (PLAN_KEY, GRANT_KEY, SAMPLES_KEY)  # set by emosteer itself; refused from clients
+
+
+def capture_rows_per_step(spec: SteerSpec, num_prompt_tokens: int | None, num_layers: int) -> int:
+    """The most capture rows ``spec`` can fill in one engine step: captured layers times
+    the captured tokens one step can hold (every prompt token for "all", else one)."""
+    c = spec.capture
+    if c is None:
+        return 0
+    layers = sum(num_layers if v == "all" else len(v) for v in (c.heads, c.residual) if v is not None)
+    tokens = (num_prompt_tokens or 1) if c.positions == "all" else 1
+    return layers * tokens
 
 
 class FrontendSteering:
@@ -50,7 +62,9 @@ class FrontendSteering:
         """What the scheduler admits the request by: per phase (and position group) the
         slot fingerprint and the pool keys (``emosteer/compile.py``); SpecError if it
         could never fit."""
-        plan = compile_request(spec, self.bank, self.info, num_prompt_tokens).to_plan()
+        plan = compile_request(spec, self.bank, self.info, num_prompt_tokens).to_plan(
+            capture_rows_per_step(spec, num_prompt_tokens, self.info.num_layers)
+        )
         why = Admission.fits(plan, self.capacity)
         if why is not None:
             raise SpecError("", why)
@@ -60,9 +74,13 @@ class FrontendSteering:
         parts = []
         if spec.changes_prompt():
             parts.append("emosteer:" + spec.fingerprint(self.bank))
-        if spec.capture is not None and spec.capture.positions == "all":
-            parts.append("emosteer-capture:" + request_id)
         return "|".join(parts) or None
+
+    @staticmethod
+    def skips_prefix_cache(spec: SteerSpec) -> bool:
+        """Captures at every position must compute every prompt token: such a request
+        never reads the prefix cache (its own KV is valid and may be cached for others)."""
+        return spec.capture is not None and spec.capture.positions == "all"
 
 
 _lock = threading.Lock()

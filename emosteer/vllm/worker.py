@@ -35,7 +35,7 @@ from emosteer.spec import SteerSpec
 from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, report_failure
 from emosteer.vllm.buffers import FLAG_HEADS, FLAG_RESCAP, ActSite, AttnSite, NormSite, Shape, SteerBuffers
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
-from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY
+from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, SAMPLES_KEY
 
 logger = logging.getLogger("emosteer.vllm")
 
@@ -137,7 +137,7 @@ class WorkerSteering:
             hidden=self.info.hidden_size,
             neurons=self.info.intermediate_size // self.tp_size,
             max_tokens=max_tokens,
-            capture_rows=self.settings.capture_rows or max(4096, 2 * max_tokens),
+            capture_rows=self.capacity.capture_rows,
             pool_rows=dict(self.capacity.rows),
         )
         self.bufs = SteerBuffers(self.shape, runner.model_config.dtype, self.device)
@@ -189,6 +189,9 @@ class WorkerSteering:
         params = getattr(cached, "sampling_params", None)
         extra = (getattr(params, "extra_args", None) or {}) if params is not None else {}
         key = extra.get(RESULT_KEY)
+        if key is not None and int(extra.get(SAMPLES_KEY, 1)) > 1:
+            # One of n samples (vLLM's child request "<index>_<parent id>"): its own key.
+            key = f"{key}#{req_id.split('_', 1)[0]}"
         rs = RequestState(req_id, str(key) if key is not None else None, int(cached.num_prompt_tokens))
         self.reqs[req_id] = rs
         if rs.key is not None:
@@ -202,7 +205,7 @@ class WorkerSteering:
             spec = spec.resolve(self.info)
             self._check_features(spec)
             prog = compile_request(spec, self.bank, self.info, rs.num_prompt)
-            if spec.intervenes():
+            if spec.intervenes() or spec.capture is not None:
                 self._apply_grant(prog, extra.get(PLAN_KEY), extra.get(GRANT_KEY), rs)
             rs.spec, rs.capture = spec, spec.capture
         except Exception as e:  # contained: this request fails, the engine goes on
@@ -230,6 +233,7 @@ class WorkerSteering:
                 "(the scheduler patch is not active in this engine)"
             )
         fps = prog.fingerprints()
+        plan = plan.get("slots", {})
         if set(plan) != {p for p, f in fps.items() if f is not None}:
             raise RuntimeError(
                 "the worker compiled this request to other position groups than the front end "

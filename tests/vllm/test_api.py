@@ -160,8 +160,9 @@ def test_admission_slots_pool_and_lru():
     rows are refcounted by slots and unreferenced rows are evicted LRU-first."""
     from emosteer.vllm.admission import Admission, Capacity
 
-    def plan(fp, *keys):
-        return {"prompt": {"fp": fp, "keys": [f'["res",[["{k}","h",1.0]],0]' for k in keys]}}
+    def plan(fp, *keys, cap=0):
+        return {"slots": {"prompt": {"fp": fp, "keys": [f'["res",[["{k}","h",1.0]],0]' for k in keys]}},
+                "capture_rows": cap}
 
     adm = Admission(Capacity(max_slots=2, rows={"res": 2, "head": 1, "neu": 1}))
     g1 = adm.try_admit("r1", plan("A", "x"))
@@ -183,6 +184,14 @@ def test_admission_slots_pool_and_lru():
     assert adm.try_admit("r5", plan("D", "x"))["rows"] == g1["rows"]
     # A config that could never fit is refused up front.
     assert "pool rows" in Admission.fits(plan("E", "a", "b", "c"), adm.capacity)
+    # Capture rows: held per request, a request waits while the buffer is spoken for.
+    adm = Admission(Capacity(max_slots=4, rows={"res": 4, "head": 1, "neu": 1}, capture_rows=10))
+    assert adm.try_admit("c1", {"slots": {}, "capture_rows": 6}) is not None
+    assert adm.try_admit("c2", {"slots": {}, "capture_rows": 6}) is None
+    adm.release("c1")
+    assert adm.try_admit("c2", {"slots": {}, "capture_rows": 6}) is not None
+    assert adm.status()["capture_rows_in_use"] == 6
+    assert "capture buffer" in Admission.fits({"slots": {}, "capture_rows": 11}, adm.capacity)
 
 
 def _frontend(bank):
@@ -211,7 +220,7 @@ def test_frontend_check_and_salt():
     assert fe.salt(prompt, "r1") == fe.salt(same, "r2") and fe.salt(prompt, "r1").startswith("emosteer:")
     assert fe.salt(gen, "r1") is None
     cap_all = fe.check({"capture": {"heads": [0], "positions": "all"}})
-    assert fe.salt(cap_all, "r1") != fe.salt(cap_all, "r2")  # never served from cache
+    assert fe.salt(cap_all, "r1") is None and fe.skips_prefix_cache(cap_all)  # never served from cache
     assert fe.salt(fe.check({"capture": {"heads": [0]}}), "r1") is None
 
 

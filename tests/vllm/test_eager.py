@@ -65,3 +65,7 @@ def test_worker_failure_is_an_error_and_evicts_kv(llm, info):
 
 def test_position_indexed_interventions(llm, tiny_model, bank, info):
     checks.check_position_indexed(llm, tiny_model, bank, info)
+
+
+def test_large_captures_wait_and_n2_samples(llm, info):
+    checks.check_large_captures_and_samples(llm, info)

@@ -343,3 +343,52 @@ def check_position_indexed(llm, tiny_model, bank, info, atol: float = 1e-4) -> N
         got, want = out.emosteer_captures["residual"][0], ref.emosteer_captures["residual"][0]
         assert torch.equal(got[: P - 1], want[: P - 1])
         torch.testing.assert_close(got[P - 1] - want[P - 1], 3.0 * bank.get("joy")[0], atol=1e-4, rtol=1e-4)
+
+
+def check_large_captures_and_samples(llm, info) -> None:
+    """Captures whose rows in one step exceed the capture buffer (32 long prompts, every
+    head and residual at every position) all succeed, each equal to its solo run: the
+    scheduler admits capturing requests while their rows fit. ``n = 2`` sampling returns
+    each sample's own captures."""
+    from vllm import SamplingParams
+
+    cap = {"capture": {"heads": "all", "residual": "all", "positions": "all"}}
+    prompts = token_prompts(llm, [f"{LONG_PROMPT} ({i})" for i in range(32)])
+    L = info.num_layers
+    rows = sum(2 * L * len(p["prompt_token_ids"]) for p in prompts)
+    assert rows > llm.admission_status()["capture_rows"] > 4096
+    sp = greedy(logprobs=None, ignore_eos=True)
+    outs = llm.generate(prompts, sp, steer=cap, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.emosteer_error is None, o.emosteer_error
+        P = len(p["prompt_token_ids"])
+        assert o.emosteer_captures["positions"] == list(range(P + MAX_TOKENS - 1))
+    for i in (0, 31):
+        solo = llm.generate([prompts[i]], sp, steer=cap, use_tqdm=False)[0].emosteer_captures
+        for kind in ("heads", "residual"):
+            for layer in range(L):
+                torch.testing.assert_close(outs[i].emosteer_captures[kind][layer], solo[kind][layer],
+                                           atol=1e-5, rtol=1e-5)
+    assert_no_slots_held(llm)
+    assert llm.admission_status()["capture_rows_in_use"] == 0
+    # n = 2: one capture set per sample
+    prompt = prompts[0]
+    P = len(prompt["prompt_token_ids"])
+    sp2 = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = llm.generate([prompt], sp2, steer={"capture": {"residual": [1], "positions": "all"}},
+                       use_tqdm=False)[0]
+    assert out.emosteer_error is None and isinstance(out.emosteer_captures, list)
+    assert len(out.emosteer_captures) == 2 and len(out.outputs) == 2
+    per = {}
+    for c in out.outputs:
+        caps = c.emosteer_captures
+        assert caps is out.emosteer_captures[c.index]
+        assert caps["positions"] == list(range(P + len(c.token_ids) - 1)), (c.index, caps["positions"], P, len(c.token_ids))
+        per[c.index] = (list(c.token_ids), caps["residual"][1])
+    (t0, r0), (t1, r1) = per[0], per[1]
+    torch.testing.assert_close(r0[:P], r1[:P], atol=1e-5, rtol=1e-5)  # the same prompt
+    if t0 != t1:  # different samples: their generated rows differ after the first divergence
+        k = next(j for j in range(len(t0)) if t0[j] != t1[j])
+        if P + k < r0.shape[0]:
+            assert not torch.equal(r0[P + k], r1[P + k])
+    assert_no_slots_held(llm)

@@ -83,14 +83,22 @@ def _make(original):
 
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
-            plan = fe.plan(spec, n_prompt) if spec.intervenes() else None
+            plan = fe.plan(spec, n_prompt) if (spec.intervenes() or spec.capture is not None) else None
         except SpecError as e:
             msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
             raise validation_error_class()(e.field, msg) from None
-        if plan:
+        n = int(getattr(sp, "n", 1) or 1)
+        skip = fe.skips_prefix_cache(spec)
+        if plan or n > 1 or skip:
             # A private copy: the caller may share one SamplingParams between requests.
             sp = sp.clone()
-            sp.extra_args = {**extra, PRIVATE_KEYS[0]: plan}
+            sp.extra_args = dict(extra)
+            if plan:
+                sp.extra_args[PRIVATE_KEYS[0]] = plan
+            if n > 1:  # vLLM forks n child requests "<i>_<id>"; each keeps its own results
+                sp.extra_args[PRIVATE_KEYS[2]] = n
+            if skip:
+                sp.skip_reading_prefix_cache = True
             req.sampling_params = sp
         remember_request(str(request_id))
         from emosteer.vllm.patches import serving_errors
