@@ -364,7 +364,12 @@ class WorkerSteering:
         used = np.unique(np.concatenate([ps[ps >= 0], gs[gs >= 0], *extra])) if any_slot else None
         layer_flags = self.slot_layers[used].any(axis=0) if any_slot else None  # [3, L]
         self._batch_key = key
-        self._batch = (ps, gs, npr, caps, any_slot, layer_flags, at)
+        cap_at = (
+            np.array([i for i, _ in caps], dtype=np.int64),
+            np.array([rs.num_prompt - 1 if rs.capture.positions == "last" else -1 for _, rs in caps],
+                     dtype=np.int64),
+        )
+        self._batch = (ps, gs, npr, caps, any_slot, layer_flags, at, cap_at)
         return self._batch
 
     def prepare_step(self, runner: Any) -> None:
@@ -373,7 +378,7 @@ class WorkerSteering:
         ib = runner.input_batch
         n = ib.num_reqs
         self._step = None
-        ps, gs, npr, caps, any_slot, layer_flags, at = self._batch_tables(runner, n)
+        ps, gs, npr, caps, any_slot, layer_flags, at, cap_at = self._batch_tables(runner, n)
         if not any_slot and not caps:
             return
         qs = runner.query_start_loc.np[: n + 1]
@@ -399,6 +404,14 @@ class WorkerSteering:
         head_cap = res_cap = None
         records: list[tuple[RequestState, str, int, np.ndarray, np.ndarray]] = []
         rows = {"heads": 0, "residual": 0}
+        if caps:
+            # "last" captures have work only in the step holding the last prompt token:
+            # skip the others without a per-request loop (decode steps of a big batch).
+            ci, last = cap_at
+            start = computed[ci]
+            keep = (last < 0) | ((start <= last) & (last < start + counts[ci]))
+            if not keep.all():
+                caps = [c for c, k in zip(caps, keep) if k]
         for i, rs in caps:
             lo, hi = int(qs[i]), int(qs[i + 1])
             rpos = pos[lo:hi]

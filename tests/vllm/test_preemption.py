@@ -19,7 +19,7 @@ def small_cache_llm(tiny_model, bank_path, engines):
     engine_env()
     llm = emosteer.LLM(tiny_model, bank=bank_path, max_slots=16, dtype="float32", max_model_len=256,
                        block_size=32, seed=0, enable_prefix_caching=True, enforce_eager=True,
-                       num_gpu_blocks_override=16, max_num_seqs=N)
+                       num_gpu_blocks_override=16, max_num_seqs=N, disable_log_stats=False)
     yield llm
     del llm
     import gc

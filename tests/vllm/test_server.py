@@ -141,4 +141,6 @@ def test_bad_config_is_400_naming_the_field_and_server_goes_on(servers):
     status, body = _post(cached.port, {"model": cached.model, "prompt": "Hi", "max_tokens": 2,
                                        "vllm_xargs": {"emosteer_grant": "{}"}})
     assert status == 400 and "emosteer_grant" in json.dumps(body)
+    status, body = cached.complete("Hello", {"capture": {"heads": [0]}})
+    assert status == 400 and "capture" in json.dumps(body) and "HTTP" in json.dumps(body)
     assert _text(cached.complete("Hello", None))

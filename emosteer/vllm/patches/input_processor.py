@@ -83,6 +83,15 @@ def _make(original):
 
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
+            if spec.capture is not None and "emosteer_key" not in extra:
+                # Captures are handed out by result key (emosteer.LLM sets one); a request
+                # without one (the OpenAI server, plain vllm.LLM) could never get them.
+                raise SpecError(
+                    "capture",
+                    "captures cannot be returned to this client: they are returned by "
+                    "emosteer.LLM (offline API), not over HTTP or plain vllm.LLM yet; drop "
+                    "'capture' from the config",
+                )
             plan = fe.plan(spec, n_prompt) if (spec.intervenes() or spec.capture is not None) else None
         except SpecError as e:
             msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
