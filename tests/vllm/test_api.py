@@ -313,3 +313,24 @@ def test_position_groups_compile():
                                        {"layer": 0, "head": 0, "mode": "ablate", "positions": "last"}]})
     with pytest.raises(SpecError):
         compile_request(clash.resolve(INFO), bank, INFO, num_prompt=8)
+
+
+def test_http_error_body_names_emosteer():
+    """The server's error for a stopped steered request names emosteer; other errors keep
+    vLLM's message."""
+    import vllm.entrypoints.generate.base.serving as serving
+    from vllm.exceptions import GenerationError
+
+    from emosteer.vllm.patches import input_processor, serving_errors
+
+    serving_errors.apply()
+    try:
+        input_processor.remember_request("cmpl-steered-1")
+        fn = serving.GenerateBaseServing._raise_if_error
+        with pytest.raises(GenerationError, match="emosteer: this request's interventions"):
+            fn(None, "error", "cmpl-steered-1")
+        with pytest.raises(GenerationError, match="^Internal server error$"):
+            fn(None, "error", "cmpl-plain-2")
+        fn(None, "stop", "cmpl-steered-1")  # not an error: nothing raised
+    finally:
+        serving_errors.revert()

@@ -46,3 +46,7 @@ def test_capture_positions(llm, info):
 
 def test_prefix_cache(llm):
     checks.check_prefix_cache(llm)
+
+
+def test_256_distinct_configs_in_one_call(llm):
+    checks.check_default_slots_one_call(llm)

@@ -392,3 +392,20 @@ def check_large_captures_and_samples(llm, info) -> None:
         if P + k < r0.shape[0]:
             assert not torch.equal(r0[P + k], r1[P + k])
     assert_no_slots_held(llm)
+
+
+def check_default_slots_one_call(llm) -> None:
+    """256 distinct configs in one generate call at default settings: one pass, no waves,
+    each equal to its solo run."""
+    from emosteer.vllm.config import PluginSettings
+
+    n = PluginSettings().max_slots
+    assert llm.admission_status()["max_slots"] == n == 256
+    cfgs = [{"steer": [{"vector": "joy", "layers": [i % 2], "scale": 0.5 + 0.01 * i}]} for i in range(n)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    sp = greedy(logprobs=None)
+    outs = llm.generate(prompts, sp, steer=cfgs, use_tqdm=False)
+    assert all(o.emosteer_error is None for o in outs)
+    for i in range(n):
+        solo = llm.generate([prompts[i]], sp, steer=cfgs[i], use_tqdm=False)[0]
+        assert list(outs[i].outputs[0].token_ids) == list(solo.outputs[0].token_ids), i

@@ -94,11 +94,14 @@ class Engines:
             if by_env:
                 os.environ["EMOSTEER_BANK"] = self.bank_path
             try:
+                # The eager engine has few slots (requests must wait for them); the
+                # compiled one runs at emosteer's default settings.
+                slots = {"max_slots": MAX_SLOTS} if kind == "eager" else {}
                 self.llm = emosteer.LLM(
                     self.model,
                     bank=None if by_env else self.bank_path,
-                    max_slots=MAX_SLOTS,
                     enforce_eager=(kind == "eager"),
+                    **slots,
                     **common,
                 )
             finally:

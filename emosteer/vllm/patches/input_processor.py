@@ -51,7 +51,7 @@ def remember_request(request_id: str) -> None:
 
 
 def carried_emosteer(request_id: str) -> bool:
-    return any(r == request_id or r.startswith(request_id + "-") or request_id.startswith(r) for r in _recent)
+    return any(r == request_id or r.startswith(request_id + "-") for r in _recent)
 
 
 def _make(original):

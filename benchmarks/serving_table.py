@@ -1,0 +1,46 @@
+"""The README's serving table, rendered from benchmarks/results/serving.csv (the latest
+run of each dtype x mode): ``python benchmarks/serving_table.py``."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serving.csv")
+LABELS = {
+    "plain": "plain vLLM (plugin excluded, own process)",
+    "idle": "plugin loaded, no request steered",
+    "shared": "every request the same config",
+    "distinct": "every request its own config (residual on a third of the layers + a head add)",
+    "distinct_capture": "… plus all heads captured at the last prompt token",
+}
+
+
+def table(path: str = CSV) -> str:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    latest: dict[tuple[str, str], str] = {}
+    for r in rows:
+        k = (r["dtype"], r["mode"])
+        latest[k] = max(latest.get(k, ""), r["timestamp"])
+    out = ["| dtype, mode | condition | tok/s (median) | vs plain (median, min–max over rounds) |",
+           "| --- | --- | --- | --- |"]
+    for (dtype, mode), ts in sorted(latest.items()):
+        for r in rows:
+            if (r["dtype"], r["mode"], r["timestamp"]) != (dtype, mode, ts):
+                continue
+            ratio = float(r["ratio_to_plain"])
+            spread = f"{float(r['ratio_min']):.3f}–{float(r['ratio_max']):.3f}"
+            out.append(f"| {dtype}, {mode} | {LABELS.get(r['condition'], r['condition'])} | "
+                       f"{float(r['median_tok_per_s']):.0f} | {ratio:.3f} ({spread}) |")
+    first = next(r for r in rows if r["timestamp"] == max(latest.values()))
+    out.append("")
+    out.append(f"{first['model']}, {first['n_prompts']} prompts × {first['max_tokens']} tokens, "
+               f"{first['rounds']} rounds interleaved in one pair of engine processes; {first['machine']} "
+               f"{first['cores']} cores ({first['core_setting']}); vLLM {first['vllm']}, torch {first['torch']}.")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(table() + "\n")
