@@ -1,5 +1,6 @@
 """The README's serving table, rendered from benchmarks/results/serving.csv (the latest
-run of each dtype x mode): ``python benchmarks/serving_table.py``."""
+run of each dtype x mode): ``python benchmarks/serving_table.py``; ``--plot PNG`` also
+draws those runs in one figure (with bench_serving's plot)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ LABELS = {
 }
 
 
-def table(path: str = CSV) -> str:
+def latest_rows(path: str = CSV) -> tuple[list[dict], dict]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     latest: dict[tuple[str, str], str] = {}
     for r in rows:
         k = (r["dtype"], r["mode"])
         latest[k] = max(latest.get(k, ""), r["timestamp"])
+    keep = [r for r in rows if latest[(r["dtype"], r["mode"])] == r["timestamp"]]
+    return keep, latest
+
+
+def table(path: str = CSV) -> str:
+    rows, latest = latest_rows(path)
     out = ["| dtype, mode | condition | tok/s (median) | vs plain (median, min–max over rounds) |",
            "| --- | --- | --- | --- |"]
     for (dtype, mode), ts in sorted(latest.items()):
@@ -44,3 +51,12 @@ def table(path: str = CSV) -> str:
 
 if __name__ == "__main__":
     sys.stdout.write(table() + "\n")
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_serving import plot
+
+        rows, _ = latest_rows()
+        r0 = rows[0]
+        plot(rows, sys.argv[2], f"{r0['model']} on {r0['machine']} ({r0['cores']} cores): "
+             f"{r0['n_prompts']} prompts x {r0['max_tokens']} tokens, {r0['rounds']} rounds + warm-up, "
+             f"greedy, prefix cache off; {r0['core_setting']}; vllm {r0['vllm']}")
