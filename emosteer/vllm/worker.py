@@ -159,6 +159,7 @@ class WorkerSteering:
         self.finished: OrderedDict[str, dict] = OrderedDict()
         self.failed_now: dict[str, str] = {}  # failures to report with this step's output
         self._step: dict | None = None
+        self._pending: list = []  # (copy event, host rows, records) not yet handed out
         self._batch_key: tuple | None = None
         self._batch: tuple | None = None
         logger.info(
@@ -318,6 +319,7 @@ class WorkerSteering:
     def finish_requests(self, req_ids) -> None:
         """vLLM reported these requests finished or aborted: park their results. (Slots
         and pool rows are the scheduler's: it released them when it freed the request.)"""
+        self._resolve_captures()
         for rid in req_ids:
             rs = self.reqs.pop(rid, None)
             self.failed_now.pop(rid, None)
@@ -399,7 +401,7 @@ class WorkerSteering:
                 hit = (k < P.size) & (P[np.minimum(k, P.size - 1)] == rpos)
                 if hit.any():
                     slot[lo:hi][hit] = S[k[hit]]
-            b.token_slot[:T].copy_(torch.from_numpy(slot))
+            self._h2d(b.token_slot[:T], slot)
             flags[:3] = layer_flags
         head_cap = res_cap = None
         records: list[tuple[RequestState, str, int, np.ndarray, np.ndarray]] = []
@@ -449,10 +451,10 @@ class WorkerSteering:
                     rows[kind] = r0 + idx.size
                     records.append((rs, kind, layer, rpos[idx], r))
         if head_cap is not None:
-            b.head_cap[:, :T].copy_(torch.from_numpy(head_cap))
+            self._h2d(b.head_cap[:, :T], head_cap)
         if res_cap is not None:
-            b.res_cap[:, :T].copy_(torch.from_numpy(res_cap))
-        b.flags.copy_(torch.from_numpy(flags).view(4, L, 1))
+            self._h2d(b.res_cap[:, :T], res_cap)
+        self._h2d(b.flags, flags.reshape(4, L, 1))
         self._step = {"T": T, "records": records, "rows": rows, "slots": any_slot}
 
     def abandon_step(self, runner: Any) -> None:
@@ -472,8 +474,43 @@ class WorkerSteering:
             if rs is not None and rs.active:
                 self._fail(rs, "internal emosteer error while preparing a step (see the worker log)")
 
+    def _h2d(self, dst: torch.Tensor, arr: np.ndarray) -> None:
+        """Host table -> device buffer. On a GPU through pinned memory, without blocking
+        the host (torch's pinned-memory cache keeps the block until the copy is done)."""
+        src = torch.from_numpy(np.ascontiguousarray(arr))
+        if self.device.type == "cuda":
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        else:
+            dst.copy_(src)
+
+    def _d2h(self, src: torch.Tensor) -> torch.Tensor:
+        """Device rows -> a fresh host tensor; on a GPU asynchronous into pinned memory
+        (read it only after ``_resolve_captures`` has waited for the copy)."""
+        if self.device.type == "cuda":
+            out = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            out.copy_(src, non_blocking=True)
+            return out
+        return src.to("cpu", copy=True)
+
+    def _resolve_captures(self) -> None:
+        """Hand the captured rows of earlier steps to their requests (waiting for their
+        copies, which were issued right after those steps' forwards)."""
+        pending, self._pending = self._pending, []
+        for event, got, records in pending:
+            if event is not None:
+                event.synchronize()
+            for rs, kind, layer, positions, rows in records:
+                store = rs.heads if kind == "heads" else rs.residual
+                per = store.setdefault(layer, {})
+                data = got[kind]
+                for p, r in zip(positions.tolist(), rows.tolist()):
+                    per[p] = data[r]
+
     def finish_step(self) -> None:
-        """After the forward: copy captured rows out, put flags and indices back."""
+        """After the forward: start copying captured rows out, put flags and indices
+        back. The rows reach their requests at the next step (or at fetch / finish), so
+        the next step never waits for the copy."""
+        self._resolve_captures()
         step, self._step = self._step, None
         if step is None:
             return
@@ -481,19 +518,19 @@ class WorkerSteering:
         b.flags.zero_()
         got = {}
         if step["rows"]["heads"]:
-            got["heads"] = b.head_buf[: step["rows"]["heads"]].to("cpu", copy=True)
+            got["heads"] = self._d2h(b.head_buf[: step["rows"]["heads"]])
             b.head_cap[:, :T].fill_(-1)
         if step["rows"]["residual"]:
-            got["residual"] = b.res_buf[: step["rows"]["residual"], 0].to("cpu", copy=True)
+            got["residual"] = self._d2h(b.res_buf[: step["rows"]["residual"], 0])
             b.res_cap[:, :T].fill_(-1)
         if step["slots"]:
             b.token_slot[:T].fill_(-1)
-        for rs, kind, layer, positions, rows in step["records"]:
-            store = rs.heads if kind == "heads" else rs.residual
-            per = store.setdefault(layer, {})
-            data = got[kind]
-            for p, r in zip(positions.tolist(), rows.tolist()):
-                per[p] = data[r]
+        if step["records"]:
+            event = None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            self._pending.append((event, got, step["records"]))
 
     # -- rpc -------------------------------------------------------------------------
     def fetch(self, keys: list[str]) -> dict[str, dict]:
@@ -501,6 +538,7 @@ class WorkerSteering:
         later than it tells the client, so a request the client saw finish may still be
         live here: its results are complete (nothing runs after its last token), and
         are handed out now; its slots are freed when the finish notice arrives."""
+        self._resolve_captures()
         out = {}
         for k in keys:
             if k in self.finished:
