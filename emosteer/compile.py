@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from emosteer.bank import ModelInfo, VectorBank, head_shard, neuron_shard, shard_entry
+from emosteer.bank import ModelInfo, VectorBank, head_shard, shard_entry
 from emosteer.spec import SpecError, SteerSpec
 
 PHASES = ("prompt", "generated")
@@ -285,7 +285,3 @@ def materialize(
 
 def local_heads(info: ModelInfo, tp_size: int, tp_rank: int) -> range:
     return head_shard(info.num_heads, tp_size, tp_rank)
-
-
-def local_neurons(info: ModelInfo, tp_size: int, tp_rank: int) -> range:
-    return neuron_shard(info.intermediate_size, tp_size, tp_rank)

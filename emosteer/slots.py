@@ -6,11 +6,10 @@ slot is freed when the last of them releases it (the multi-LoRA ``max_loras`` de
 The table is pure Python; the plugin owns the device buffers that slot ids index.
 
 Design choice: the table itself never blocks or queues. When every slot is taken,
-``acquire`` raises ``SlotsExhausted`` at once. Waiting is the caller's job: the offline
-API schedules requests in waves of at most ``max_slots`` distinct configs, so requests
-wait for a slot instead of failing; a server front end should do the same (or answer
-"busy"). Keeping the table non-blocking keeps it safe to call from the engine's
-scheduling step, where blocking would stall every other request.
+``acquire`` raises ``SlotsExhausted`` at once. Waiting is the caller's job: the vLLM
+scheduler's admission (``emosteer/vllm/admission.py``) checks ``free_count`` first and
+leaves a request waiting in vLLM's queue. Keeping the table non-blocking keeps it safe
+to call from the engine's scheduling step, where blocking would stall every request.
 """
 
 from __future__ import annotations

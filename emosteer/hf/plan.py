@@ -32,12 +32,7 @@ from emosteer.spec import CaptureItem, SteerSpec
 PHASE_PROMPT, PHASE_GENERATED = 0, 1
 NUM_PHASES = 2
 
-__all__ = ["LayerPlan", "Plan", "PHASE_PROMPT", "PHASE_GENERATED", "applies"]
-
-
-def applies(positions: str, phase: int) -> bool:
-    """Whether an item with ``positions`` acts on a token of ``phase``."""
-    return positions == "all" or (positions == "prompt") == (phase == PHASE_PROMPT)
+__all__ = ["LayerPlan", "Plan", "PHASE_PROMPT", "PHASE_GENERATED"]
 
 
 @dataclass

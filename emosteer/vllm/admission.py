@@ -116,6 +116,8 @@ class Admission:
         self.capture_in_use = 0
         self.waiting_for_slots: set[str] = set()
         self._lock = threading.Lock()
+        global _scheduler_here
+        _scheduler_here = True
 
     @staticmethod
     def fits(plan: dict, capacity: Capacity) -> str | None:
@@ -231,7 +233,8 @@ class Admission:
             }
 
 
-__all__ = ["Admission", "Capacity", "PoolTable", "PLAN_KEY", "GRANT_KEY", "report_failure", "take_failures"]
+__all__ = ["Admission", "Capacity", "PoolTable", "PLAN_KEY", "GRANT_KEY", "report_failure",
+           "take_failures", "discard_failures"]
 
 
 # -- worker -> scheduler: requests a worker could not apply -----------------------------
@@ -245,6 +248,20 @@ _failed_lock = threading.Lock()
 def report_failure(req_id: str, message: str) -> None:
     with _failed_lock:
         _failed.setdefault(req_id, message)
+
+
+_scheduler_here = False  # an Admission (hence a scheduler) lives in this process
+
+
+def discard_failures(req_ids) -> None:
+    """The worker also attached these to its step output. In a worker process of its
+    own nobody would ever take them from the table, so drop them there; beside the
+    scheduler the table stays the channel (an output object may be rebuilt on the way)."""
+    if _scheduler_here:
+        return
+    with _failed_lock:
+        for rid in req_ids:
+            _failed.pop(rid, None)
 
 
 def take_failures() -> dict[str, str]:

@@ -104,7 +104,7 @@ class Shape:
 
 
 class SteerBuffers:
-    """All device tensors of one model; ``reset_slot`` writes the identity config."""
+    """All device tensors of one model (slot tables start as the identity config)."""
 
     def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device):
         s = shape
@@ -135,15 +135,6 @@ class SteerBuffers:
         self.no_row = torch.full((1, 1), -1, **i32)
         self.zero_pool = torch.zeros((1, 1, s.hidden), **act)
         self.pools = {"head": self.head_pool, "res": self.res_pool, "neu": self.neu_pool}
-
-    def reset_slot(self, slot: int) -> None:
-        self.a[:, slot] = 1.0
-        self.b[:, slot] = 0.0
-        self.vrow[:, slot] = -1
-        self.alpha[:, slot] = 0.0
-        self.urow[:, slot] = -1
-        self.gamma[:, slot] = 1.0
-        self.nrow[:, slot] = -1
 
     def nbytes(self, which: str = "all") -> int:
         """Bytes of every buffer, or of ``"slots"`` (the per-slot tables) or ``"pool"``."""

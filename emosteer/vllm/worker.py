@@ -32,7 +32,7 @@ import torch
 from emosteer.bank import ModelInfo, VectorBank
 from emosteer.compile import PHASES, compile_request, key_kind, local_heads, materialize
 from emosteer.spec import SteerSpec
-from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, report_failure
+from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, discard_failures, report_failure
 from emosteer.vllm.buffers import FLAG_HEADS, FLAG_RESCAP, ActSite, AttnSite, NormSite, Shape, SteerBuffers
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, SAMPLES_KEY
@@ -337,6 +337,7 @@ class WorkerSteering:
 
     def take_failed(self) -> dict[str, str]:
         out, self.failed_now = self.failed_now, {}
+        discard_failures(out)  # delivered with the output instead of the shared table
         return out
 
     # -- per step --------------------------------------------------------------------

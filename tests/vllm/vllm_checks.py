@@ -79,20 +79,17 @@ def check_isolation(llm) -> None:
     assert changed >= 5, "the interventions should change most outputs"
 
 
-def check_matches_hf(llm, tiny_model, bank, atol: float = 1e-4) -> None:
-    """Same tokens, first-step logprobs and captures as the HF reference backend."""
-    from transformers import AutoModelForCausalLM
-
+def assert_matches_hf(llm, model, bank, prompts, cfgs, capture, atol: float = 1e-4) -> None:
+    """Each config (+ ``capture``) on vLLM == on the HF reference backend with ``bank``:
+    no error, same tokens, first-step logprobs, capture positions and captured rows."""
     from emosteer.hf import HFSteerer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    prompts = token_prompts(llm, PROMPTS[:2])
-    capture = {"heads": "all", "residual": "all", "positions": "all"}
-    for cfg in CONFIGS[1:]:
+    for cfg in cfgs:
         spec = {**cfg, "capture": capture}
         outs = llm.generate(prompts, greedy(ignore_eos=True), steer=spec, use_tqdm=False)
         with HFSteerer(model, bank) as hf:
             for prompt, out in zip(prompts, outs):
+                assert out.emosteer_error is None, out.emosteer_error
                 ids = torch.tensor([prompt["prompt_token_ids"]])
                 ref = hf.generate(ids, specs=[spec], max_new_tokens=MAX_TOKENS, eos_token_id=-1)
                 assert list(out.outputs[0].token_ids) == ref.token_ids[0], cfg
@@ -106,6 +103,16 @@ def check_matches_hf(llm, tiny_model, bank, atol: float = 1e-4) -> None:
                     assert sorted(got[kind]) == sorted(want[kind])
                     for layer in got[kind]:
                         torch.testing.assert_close(got[kind][layer], want[kind][layer].float(), atol=atol, rtol=1e-4)
+
+
+def check_matches_hf(llm, tiny_model, bank, atol: float = 1e-4) -> None:
+    """Same tokens, first-step logprobs and captures as the HF reference backend."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = token_prompts(llm, PROMPTS[:2])
+    capture = {"heads": "all", "residual": "all", "positions": "all"}
+    assert_matches_hf(llm, model, bank, prompts, CONFIGS[1:], capture, atol)
 
 
 def check_capture_positions(llm, info) -> None:
@@ -298,7 +305,6 @@ def check_position_indexed(llm, tiny_model, bank, info, atol: float = 1e-4) -> N
     from transformers import AutoModelForCausalLM
 
     from emosteer.bank import VectorBank
-    from emosteer.hf import HFSteerer
 
     L, H, D = info.num_layers, info.num_heads, info.head_dim
     listed = [0, 2, 3]
@@ -317,23 +323,7 @@ def check_position_indexed(llm, tiny_model, bank, info, atol: float = 1e-4) -> N
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     prompts = token_prompts(llm, PROMPTS[:2])
     plain = llm.generate(prompts, greedy(ignore_eos=True), steer={"capture": capture}, use_tqdm=False)
-    for cfg in cfgs:
-        spec = {**cfg, "capture": capture}
-        outs = llm.generate(prompts, greedy(ignore_eos=True), steer=spec, use_tqdm=False)
-        with HFSteerer(model, full) as hf:
-            for prompt, out in zip(prompts, outs):
-                assert out.emosteer_error is None, out.emosteer_error
-                ids = torch.tensor([prompt["prompt_token_ids"]])
-                ref = hf.generate(ids, specs=[spec], max_new_tokens=MAX_TOKENS, eos_token_id=-1)
-                assert list(out.outputs[0].token_ids) == ref.token_ids[0], cfg
-                logits, _ = hf.run(ids, specs=[spec], logits="last")
-                lp = torch.log_softmax(logits[0].float(), -1)
-                for t, v in out.outputs[0].logprobs[0].items():
-                    assert math.isclose(v.logprob, float(lp[t]), abs_tol=atol), (cfg, t)
-                got, want = out.emosteer_captures, ref.captures[0]
-                for kind in ("heads", "residual"):
-                    for layer in got[kind]:
-                        torch.testing.assert_close(got[kind][layer], want[kind][layer].float(), atol=atol, rtol=1e-4)
+    assert_matches_hf(llm, model, full, prompts, cfgs, capture, atol)
     # "last" alone: residual rows before the last prompt token are plain vLLM's, bit for
     # bit; the last one carries the steering add.
     last = {"steer": [{"vector": "joy", "layers": [0], "scale": 3.0, "positions": "last"}], "capture": capture}
