@@ -9,6 +9,7 @@ Helpers at the end split head- and neuron-indexed entries for vLLM tensor parall
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -143,13 +144,47 @@ class VectorBank:
     a slot holding the old tensor is never reused for the new one.
     """
 
-    def __init__(self, info: ModelInfo | None = None):
+    def __init__(self, info: ModelInfo | None = None, keep_versions: int = 0):
         if info is not None and not isinstance(info, ModelInfo):
             raise BankError(f"info must be a ModelInfo or None, got {type(info).__name__}")
         self.info = info
         self._tensors: dict[str, torch.Tensor] = {}
         self._entries: dict[str, dict] = {}  # name -> {"kind": ..., **meta}
         self._hashes: dict[str, str] = {}
+        # Replaced or removed entries, newest last: (name, hash) -> (entry, tensor). A
+        # serving engine keeps a few so that requests admitted under the old contents
+        # still get exactly them (see ``pinned``).
+        self.keep_versions = int(keep_versions)
+        self._retired: "collections.OrderedDict[tuple[str, str], tuple[dict, torch.Tensor]]" = (
+            collections.OrderedDict()
+        )
+
+    def _retire(self, name: str) -> None:
+        if self.keep_versions <= 0 or name not in self._entries:
+            return
+        key = (name, self.content_hash(name))
+        self._retired[key] = (self._entries[name], self._tensors[name])
+        self._retired.move_to_end(key)
+        while len(self._retired) > self.keep_versions:
+            self._retired.popitem(last=False)
+
+    def pinned(self, hashes: Mapping[str, str]) -> "VectorBank":
+        """A bank holding, for each name in ``hashes``, the version with that content hash
+        (the current one, or a retired one); tensors are shared, not copied. Raises
+        ``KeyError`` naming the vector when that version is no longer held."""
+        out = VectorBank(self.info)
+        for name, want in hashes.items():
+            if name in self._entries and self.content_hash(name) == want:
+                entry, tensor = self._entries[name], self._tensors[name]
+            elif (name, want) in self._retired:
+                entry, tensor = self._retired[(name, want)]
+            else:
+                raise KeyError(
+                    f"vector {name!r} was removed or replaced after this request was accepted "
+                    "and its old contents are no longer held; send the request again"
+                )
+            out._entries[name], out._tensors[name], out._hashes[name] = entry, tensor, want
+        return out
 
     # -- entries ---------------------------------------------------------------------
     def add(self, name: str, kind: str, tensor: torch.Tensor, **meta: Any) -> None:
@@ -163,6 +198,7 @@ class VectorBank:
             raise BankError(f"{name}: tensor must be a torch.Tensor, got {type(tensor).__name__}")
         _json_safe(meta, f"{name}: metadata")
         t = self._check_tensor(name, kind, tensor)
+        self._retire(name)
         self._tensors[name] = t
         self._entries[name] = {"kind": kind, **meta}
         self._hashes.pop(name, None)
@@ -195,6 +231,7 @@ class VectorBank:
 
     def remove(self, name: str) -> None:
         self._require(name)
+        self._retire(name)
         del self._tensors[name], self._entries[name]
         self._hashes.pop(name, None)
 
@@ -281,15 +318,18 @@ class VectorBank:
         save_file(dict(self._tensors), os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "VectorBank":
-        """Read a bank file; BankError names the problem on a missing or bad file."""
+    def load(cls, path: str | os.PathLike, where: str | None = None) -> "VectorBank":
+        """Read a bank file; BankError names the problem on a missing or bad file
+        (messages start with ``where``, default the path)."""
         from safetensors import safe_open
 
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        fname = path
+        path = where or path
+        if not os.path.isfile(fname):
             raise BankError(f"bank file {path!r} does not exist")
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(fname, framework="pt") as f:
                 raw_meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types
@@ -332,6 +372,35 @@ class VectorBank:
             except BankError as e:
                 raise BankError(f"{path}: {e}") from None
         return bank
+
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "upload") -> "VectorBank":
+        """A bank from a bank file's bytes (an HTTP upload, a worker RPC)."""
+        import tempfile
+
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8:
+            raise BankError(f"{where}: not a safetensors bank file (too short)")
+        fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(bytes(data))
+            return cls.load(tmp, where=where)
+        finally:
+            os.unlink(tmp)
+
+    def to_bytes(self) -> bytes:
+        """The bank file's bytes (what ``save`` writes)."""
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+        os.close(fd)
+        try:
+            self.save(tmp)
+            with open(tmp, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(tmp)
 
 
 # -- tensor parallelism ---------------------------------------------------------------

@@ -8,6 +8,9 @@
     emosteer demo [--quick]                the whole method end to end, with a report
     emosteer schema                        the request JSON schema
     emosteer bank show FILE                what a vector bank holds
+    emosteer serve MODEL [--bank B] [vLLM server flags ...]
+                                           vLLM's OpenAI server with the plugin and
+                                           the /v1/emosteer/* routes
 
 Bad input (a missing file, an unknown emotion, a malformed config) ends with a one-line
 message naming the field and exit code 2, never a traceback.
@@ -75,12 +78,14 @@ def _user_errors():
     return tuple(types)
 
 
-def _engine_env() -> None:
-    """vLLM-on-CPU defaults (PLATFORM notes); the user's own settings win."""
+def _engine_env(quiet: bool = True) -> None:
+    """vLLM-on-CPU defaults (a small KV cache, every core for the model); the user's own
+    settings win. ``quiet``: vLLM logs warnings only, so progress bars stay readable."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # progress bars stay readable
+    if quiet:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 # ------------------------------------------------------------------------ validation
@@ -468,6 +473,83 @@ def demo_cmd(
     except _user_errors() as e:
         fail(str(e))
     out.print(f"[bold green]report:[/] {report}")
+
+
+def serve_command(model: str, bank: Optional[Path], settings: dict, extra: list[str],
+                  environ: Optional[dict] = None) -> tuple[list[str], dict]:
+    """The argv and environment ``emosteer serve`` runs: vLLM's OpenAI server module (the
+    ``vllm`` console script of the CPU wheel does not start), with ``VLLM_PLUGINS`` naming
+    emosteer for both plugin groups (the general plugin, the HTTP routes) and every other
+    general/platform plugin installed, so enabling the routes disables nothing."""
+    from importlib.metadata import entry_points
+
+    env = dict(os.environ if environ is None else environ)
+    if env.get("VLLM_PLUGINS") is not None:
+        names = [n for n in env["VLLM_PLUGINS"].split(",") if n]
+    else:
+        names = sorted({ep.name for g in ("vllm.general_plugins", "vllm.platform_plugins")
+                        for ep in entry_points(group=g)})
+    if "emosteer" not in names:
+        names.append("emosteer")
+    env["VLLM_PLUGINS"] = ",".join(names)
+    if bank is not None:
+        env["EMOSTEER_BANK"] = str(Path(bank).resolve())
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    additional = {}
+    if "--additional-config" in extra:
+        i = extra.index("--additional-config")
+        try:
+            additional = json.loads(extra[i + 1])
+        except (IndexError, json.JSONDecodeError) as e:
+            fail(f"--additional-config: not valid JSON ({e})")
+        extra = extra[:i] + extra[i + 2:]
+    if settings:
+        additional.setdefault("emosteer", {}).update(settings)
+    if additional:
+        argv += ["--additional-config", json.dumps(additional)]
+    return argv + list(extra), env
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Model folder, or 'default'."),
+    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help="Bank file loaded at start-up."),
+    max_slots: Optional[int] = typer.Option(None, "--max-slots", help="Distinct configs resident at once (256)."),
+    pool_mib: Optional[int] = typer.Option(None, "--pool-mib", help="Vector pool size in MiB (64)."),
+    capture_rows: Optional[int] = typer.Option(None, "--capture-rows", help="Capture buffer rows (8192)."),
+    upload_mib: Optional[int] = typer.Option(None, "--upload-mib", help="Largest vector upload (64 MiB)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and exit."),
+):
+    """Serve MODEL with vLLM's OpenAI server, the emosteer plugin and its HTTP routes.
+
+    Every option not listed here goes to vLLM unchanged (`--port`, `--api-key`,
+    `--dtype`, `--enable-prefix-caching` ...). Requests carry their config in
+    `vllm_xargs.emosteer`; vectors are managed at `/v1/emosteer/vectors`, captures are
+    fetched at `/v1/emosteer/captures/<key>`, state at `/v1/emosteer/status`.
+    SIGTERM stops the server gracefully (it is vLLM's own process)."""
+    path = _model_path(model, "MODEL")
+    settings = {}
+    for key, value in (("max_slots", max_slots), ("pool_mib", pool_mib),
+                       ("capture_rows", capture_rows), ("upload_mib", upload_mib)):
+        if value is not None:
+            _positive(value, "--" + key.replace("_", "-"))
+            settings[key] = int(value)
+    if bank is not None:
+        _existing_file(bank, "--bank")
+        try:
+            _load_bank(bank).validate_against(_model_info(path))
+        except _user_errors() as e:
+            fail(f"--bank: {e}")
+    _engine_env(quiet=False)
+    argv, env = serve_command(str(path), bank, settings, list(ctx.args))
+    if dry_run:
+        out.print(" ".join(argv), highlight=False, soft_wrap=True)
+        out.print(f"VLLM_PLUGINS={env['VLLM_PLUGINS']}", highlight=False)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)  # vLLM's process from here on: its signals, its exit code
 
 
 def main(argv: Optional[List[str]] = None) -> None:

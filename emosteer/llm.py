@@ -13,15 +13,13 @@ Everything else is plain vLLM; ``.llm`` is the wrapped engine.
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from typing import Any, Sequence
-
-import torch
 
 from emosteer.bank import VectorBank
 from emosteer.spec import SteerSpec
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, FrontendSteering, frontend_for
+from emosteer.vllm.results import merge_results
 
 
 class EmosteerRequestError(RuntimeError):
@@ -89,15 +87,9 @@ class LLM:
         """Add (or replace) bank entries in every worker and in the front end."""
         if not isinstance(bank, VectorBank):
             bank = VectorBank.load(bank)
-        bank.validate_against(self.frontend.info)
-        fd, path = tempfile.mkstemp(suffix=".safetensors")
-        os.close(fd)
-        try:
-            bank.save(path)
-            with open(path, "rb") as f:
-                data = f.read()
-        finally:
-            os.unlink(path)
+        data = self.frontend.registration(bank)
+        # Workers first, then the front end: a request accepted before the switch is
+        # pinned to the old contents (which workers keep), one accepted after finds the new.
         results = self.llm.collective_rpc("emosteer_rpc", args=("register", data))
         self.frontend.bank.update(bank)
         return list(results[0])
@@ -199,35 +191,11 @@ class LLM:
         return outs
 
     def _fetch(self, keys: list[str]) -> dict[str, dict]:
-        """key -> {"error", "captures"}: worker results merged over TP ranks (heads are
-        concatenated in rank order, i.e. global head order; the residual is replicated)."""
-        from safetensors.torch import load
-
+        """key -> {"error", "captures"}: worker results merged over TP ranks."""
         per_rank = self.llm.collective_rpc("emosteer_rpc", args=("fetch", keys))
-        out: dict[str, dict] = {}
         for key in keys:
-            parts = [r.get(key) for r in per_rank]
-            if parts[0] is None:
-                continue
-            error = next((p["error"] for p in parts if p and p.get("error")), None)
-            loaded = [load(p["tensors"]) if p and p.get("tensors") else {} for p in parts]
-            heads: dict[int, torch.Tensor] = {}
-            residual: dict[int, torch.Tensor] = {}
-            for name in loaded[0]:
-                kind, layer = name.split(".")
-                if kind == "heads":
-                    heads[int(layer)] = torch.cat([ld[name] for ld in loaded], dim=1)
-                else:
-                    residual[int(layer)] = loaded[0][name]
-            captures = None
-            if heads or residual:
-                captures = {
-                    "heads": dict(sorted(heads.items())),
-                    "residual": dict(sorted(residual.items())),
-                    "positions": list(parts[0]["positions"]),
-                }
-            out[key] = {"error": error, "captures": captures}
-        return out
+            self.frontend.release_key(key.split("#", 1)[0])
+        return merge_results(per_rank, keys)
 
     def __getattr__(self, name: str) -> Any:
         # Anything else (get_tokenizer, collective_rpc, chat ...) is vLLM's.

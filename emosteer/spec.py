@@ -360,6 +360,8 @@ class SteerSpec:
                 obj = json.loads(obj)  # NaN/Infinity parse to floats; _num names their field
             except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
                 raise SpecError("spec", f"is not valid JSON: {e}") from None
+            except RecursionError:
+                raise SpecError("spec", "is nested too deeply") from None
         _obj(obj, "", ("steer", "heads", "neurons", "boost", "capture"))
         steer: list[SteerItem] = []
         if "steer" in obj:

@@ -9,7 +9,9 @@ masks, one per vector and layer), ``capture_rows`` (rows of the per-step capture
 buffers, default 8192; capturing requests are admitted while their rows fit, so a step
 never overflows), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK``),
 ``impl`` (force an op implementation; env ``EMOSTEER_IMPL``), ``keep_captures``
-(finished requests whose captures wait to be fetched, default 4096).
+(finished requests whose captures wait to be fetched, default 4096), ``capture_ttl_s``
+(how long they wait, default 600 s), ``upload_mib`` (largest vector upload over HTTP,
+default 64).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 CONFIG_KEY = "emosteer"
 DEFAULT_CAPTURE_ROWS = 8192  # at least a request's own limit (spec.MAX_CAPTURE_ROWS, 4096)
-_INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib")
+_INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib", "capture_ttl_s", "upload_mib")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class PluginSettings:
     bank: str | None = None
     impl: str | None = None
     keep_captures: int = 4096
+    capture_ttl_s: int = 600
+    upload_mib: int = 64
 
     def to_dict(self) -> dict:
         return asdict(self)

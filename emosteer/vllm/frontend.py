@@ -12,7 +12,10 @@ are never recomputed, so they could not be captured), n > 1 samples included.
 
 from __future__ import annotations
 
+import re
 import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 from emosteer.bank import ModelInfo, VectorBank
@@ -25,6 +28,20 @@ EXTRA_KEY = "emosteer"  # SamplingParams.extra_args key of the request config
 RESULT_KEY = "emosteer_key"  # extra_args key under which the worker parks captures and errors
 SAMPLES_KEY = "emosteer_n"  # extra_args: n > 1 samples, each with its own results
 PRIVATE_KEYS = (PLAN_KEY, GRANT_KEY, SAMPLES_KEY)  # set by emosteer itself; refused from clients
+# Result keys and vector names that clients choose: no paths, no markup, bounded length.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_name(value: Any, field: str) -> str:
+    """A client-chosen result key or vector name; SpecError naming ``field`` otherwise."""
+    if not isinstance(value, str) or NAME_RE.fullmatch(value) is None:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise SpecError(
+            field,
+            f"must be 1-128 characters of letters, digits and . _ : - (starting with a letter "
+            f"or digit), got {shown}",
+        )
+    return value
 
 
 def capture_rows_per_step(spec: SteerSpec, num_prompt_tokens: int | None, num_layers: int) -> int:
@@ -49,6 +66,44 @@ class FrontendSteering:
             bank = VectorBank.load(self.settings.bank)
             bank.validate_against(self.info)
             self.bank.update(bank)
+        # Result keys of accepted requests whose results have not been fetched: key ->
+        # (samples, time claimed, request id). Two live requests never share a key.
+        self._keys: "OrderedDict[str, tuple[int, float, str]]" = OrderedDict()
+        self._keys_lock = threading.Lock()
+
+    # -- vectors ---------------------------------------------------------------------
+    def registration(self, bank: VectorBank) -> bytes:
+        """Check ``bank`` against the served model and return the bytes every worker
+        registers (``emosteer_rpc("register", ...)``); the caller then ``bank.update``s
+        the front end, after every worker has the new contents."""
+        bank.validate_against(self.info)
+        return bank.to_bytes()
+
+    # -- result keys -------------------------------------------------------------------
+    def claim_key(self, key: Any, samples: int = 1, request_id: str = "") -> str:
+        """Reserve a client-chosen result key; SpecError if malformed or still in use."""
+        key = check_name(key, "emosteer_key")
+        horizon = time.monotonic() - 2 * self.settings.capture_ttl_s
+        with self._keys_lock:
+            while self._keys and next(iter(self._keys.values()))[1] < horizon:
+                self._keys.popitem(last=False)  # never fetched: long expired in the workers
+            if key in self._keys:
+                raise SpecError("emosteer_key", f"{key!r} is in use by another request whose "
+                                "results were not fetched yet; choose a fresh key (a UUID)")
+            self._keys[key] = (int(samples), time.monotonic(), str(request_id))
+        return key
+
+    def release_key(self, key: str) -> int | None:
+        """Forget ``key`` (its results were fetched); returns its sample count, if known."""
+        with self._keys_lock:
+            got = self._keys.pop(key, None)
+        return None if got is None else got[0]
+
+    def key_info(self, key: str) -> tuple[int, str] | None:
+        """(samples, request id) of a claimed key, None if unknown."""
+        with self._keys_lock:
+            got = self._keys.get(key)
+        return None if got is None else (got[0], got[2])
 
     def check(self, raw: Any, num_prompt_tokens: int | None = None, max_tokens: int | None = None) -> SteerSpec:
         """Parse + validate against the bank and the model; SpecError names the field."""
@@ -65,6 +120,9 @@ class FrontendSteering:
         plan = compile_request(spec, self.bank, self.info, num_prompt_tokens).to_plan(
             capture_rows_per_step(spec, num_prompt_tokens, self.info.num_layers)
         )
+        # The contents this request is accepted with: workers read exactly these versions
+        # even if a vector is replaced or removed while the request waits.
+        plan["bank"] = {n: self.bank.content_hash(n) for n in spec.vector_names()}
         why = Admission.fits(plan, self.capacity)
         if why is not None:
             raise SpecError("", why)

@@ -21,8 +21,7 @@ its tokens reach the client. The engine and the other requests go on.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -36,6 +35,8 @@ from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, discard_failures, repor
 from emosteer.vllm.buffers import FLAG_HEADS, FLAG_RESCAP, ActSite, AttnSite, NormSite, Shape, SteerBuffers
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, SAMPLES_KEY
+
+KEEP_VERSIONS = 64  # retired vector versions a worker holds for requests already accepted
 
 logger = logging.getLogger("emosteer.vllm")
 
@@ -93,7 +94,9 @@ class WorkerSteering:
         self.tp_rank = get_tensor_model_parallel_rank()
         self.device = torch.device(runner.device)
         self.impl = _pick_impl(self.settings.impl, self.device)
-        self.bank = VectorBank(self.info)
+        # Old versions of replaced/removed vectors stay until requests admitted under them
+        # have had time to arrive (pinned by the content hashes in their plan).
+        self.bank = VectorBank(self.info, keep_versions=KEEP_VERSIONS)
         if self.settings.bank:
             self.register_bank(VectorBank.load(self.settings.bank))
 
@@ -157,6 +160,7 @@ class WorkerSteering:
         self.reqs: dict[str, RequestState] = {}
         self.by_key: dict[str, str] = {}  # result key -> live request id
         self.finished: OrderedDict[str, dict] = OrderedDict()
+        self.finished_at: OrderedDict[str, float] = OrderedDict()  # key -> time parked
         self.failed_now: dict[str, str] = {}  # failures to report with this step's output
         self._step: dict | None = None
         self._pending: list = []  # (copy event, host rows, records) not yet handed out
@@ -177,13 +181,14 @@ class WorkerSteering:
         return bank.names()
 
     def register_bank_bytes(self, data: bytes) -> list[str]:
-        fd, path = tempfile.mkstemp(suffix=".safetensors")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return self.register_bank(VectorBank.load(path))
-        finally:
-            os.unlink(path)
+        return self.register_bank(VectorBank.from_bytes(data, where="registered bank"))
+
+    def remove_vectors(self, names: list[str]) -> list[str]:
+        """Remove entries; requests admitted before still read their (retired) contents."""
+        gone = [n for n in names if n in self.bank]
+        for n in gone:
+            self.bank.remove(n)
+        return gone
 
     # -- requests --------------------------------------------------------------------
     def _new_request(self, req_id: str, cached: Any) -> RequestState:
@@ -201,13 +206,18 @@ class WorkerSteering:
         if raw is None:
             return rs
         try:
+            plan = extra.get(PLAN_KEY)
+            # The vector contents the front end admitted this request with, even if a
+            # vector was replaced or removed since (registration is not atomic across
+            # processes; versions are).
+            bank = self.bank.pinned(plan["bank"]) if plan and "bank" in plan else self.bank
             spec = SteerSpec.parse(raw)
-            spec.validate(self.bank, self.info)
+            spec.validate(bank, self.info)
             spec = spec.resolve(self.info)
             self._check_features(spec)
-            prog = compile_request(spec, self.bank, self.info, rs.num_prompt)
+            prog = compile_request(spec, bank, self.info, rs.num_prompt)
             if spec.intervenes() or spec.capture is not None:
-                self._apply_grant(prog, extra.get(PLAN_KEY), extra.get(GRANT_KEY), rs)
+                self._apply_grant(prog, plan, extra.get(GRANT_KEY), rs, bank)
             rs.spec, rs.capture = spec, spec.capture
         except Exception as e:  # contained: this request fails, the engine goes on
             self._fail(rs, f"{type(e).__name__}: {e}")
@@ -226,7 +236,7 @@ class WorkerSteering:
         self.failed_now[rs.req_id] = message
         report_failure(rs.req_id, message)
 
-    def _apply_grant(self, prog, plan, grant, rs: RequestState) -> None:
+    def _apply_grant(self, prog, plan, grant, rs: RequestState, bank: VectorBank) -> None:
         """Write the slots and pool rows the scheduler granted (only what changed)."""
         if not plan or not grant:
             raise RuntimeError(
@@ -251,7 +261,7 @@ class WorkerSteering:
         for key, row in rows.items():
             kind = key_kind(key)
             if self.row_key[kind][row] != key:
-                vec = materialize(key, self.bank, self.info, self.tp_size, self.tp_rank)
+                vec = materialize(key, bank, self.info, self.tp_size, self.tp_rank)
                 pool = self.bufs.pools[kind]
                 pool[row].copy_(vec.to(pool.dtype).view_as(pool[row]))
                 self.row_key[kind][row] = key
@@ -331,9 +341,23 @@ class WorkerSteering:
                 continue
             if rs.key is not None and (rs.capture is not None or rs.error is not None):
                 self.finished[rs.key] = _pack(rs)
+                self.finished_at[rs.key] = time.monotonic()
                 while len(self.finished) > self.settings.keep_captures:
                     old, _ = self.finished.popitem(last=False)
+                    self.finished_at.pop(old, None)
                     logger.warning("emosteer: dropped unfetched captures of %s (keep_captures)", old)
+        self._expire()
+
+    def _expire(self) -> None:
+        """Drop parked results older than ``capture_ttl_s`` (oldest first)."""
+        limit = time.monotonic() - self.settings.capture_ttl_s
+        while self.finished_at:
+            key, t = next(iter(self.finished_at.items()))
+            if t > limit:
+                break
+            del self.finished_at[key]
+            self.finished.pop(key, None)
+            logger.warning("emosteer: dropped unfetched captures of %s (capture_ttl_s)", key)
 
     def take_failed(self) -> dict[str, str]:
         out, self.failed_now = self.failed_now, {}
@@ -540,10 +564,12 @@ class WorkerSteering:
         live here: its results are complete (nothing runs after its last token), and
         are handed out now; its slots are freed when the finish notice arrives."""
         self._resolve_captures()
+        self._expire()
         out = {}
         for k in keys:
             if k in self.finished:
                 out[k] = self.finished.pop(k)
+                self.finished_at.pop(k, None)
             elif k in self.by_key:
                 rs = self.reqs[self.by_key[k]]
                 if rs.fetched or (rs.capture is None and rs.error is None):

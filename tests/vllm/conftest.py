@@ -64,3 +64,23 @@ def plain_reference(engines):
     ref = {o.prompt: summarize(o) for o in outs}
     engines.close()
     return ref
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_model, bank_path, tmp_path_factory, engines):
+    """Two ``emosteer serve`` servers of the tiny Llama, shared by the server test
+    modules: ``cached`` (prefix caching on, max_slots 4) and ``reference`` (prefix
+    caching off: the answer a config must get)."""
+    from vllm_support import Server
+
+    engines.close()  # one engine at a time on this small machine, besides these two
+    logs = tmp_path_factory.mktemp("servers")
+    cached = Server(tiny_model, bank_path, True, str(logs / "cached.log"))
+    reference = Server(tiny_model, bank_path, False, str(logs / "reference.log"))
+    try:
+        cached.wait_ready()
+        reference.wait_ready()
+        yield cached, reference
+    finally:
+        cached.close()
+        reference.close()

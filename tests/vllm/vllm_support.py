@@ -150,3 +150,129 @@ def assert_no_slots_held(llm, wait_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"slots or requests still held: {states}")
         time.sleep(0.05)
+
+
+# -- the OpenAI server ---------------------------------------------------------------
+SERVER_SLOTS = 4
+API_KEY = "emosteer-test-key"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``emosteer serve`` (vLLM's OpenAI server, the plugin and its HTTP routes) on
+    loopback, with an API key. Every call has a timeout."""
+
+    def __init__(self, model: str, bank_path: str | None, prefix_caching: bool, log_path: str,
+                 max_slots: int = SERVER_SLOTS, extra: tuple = ()):
+        import json
+        import subprocess
+        import sys
+
+        engine_env()
+        self.port = free_port()
+        self.model = model
+        cmd = [
+            sys.executable, "-m", "emosteer.cli", "serve", model,
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+            "--max-model-len", "256", "--block-size", "32", "--seed", "0",
+            "--max-slots", str(max_slots), "--api-key", API_KEY,
+            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+            *extra,
+        ]
+        if bank_path is not None:
+            cmd += ["--bank", bank_path]
+        env = dict(os.environ)
+        env.pop("VLLM_PLUGINS", None)
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._json = json
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"server not ready after {timeout} s; see {self.log.name}")
+
+    def request(self, method: str, path: str, body=None, *, ctype: str | None = None,
+                api_key: str | None = API_KEY, timeout: float = 120.0) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        if body is not None and not isinstance(body, (bytes, bytearray)):
+            body, ctype = self._json.dumps(body).encode(), ctype or "application/json"
+        headers = {"Content-Type": ctype or "application/octet-stream"}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
+                                     method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post(self, path: str, body, **kw) -> tuple[int, dict]:
+        status, raw = self.request("POST", path, body, **kw)
+        return status, _loads(raw)
+
+    def get(self, path: str, **kw) -> tuple[int, dict]:
+        status, raw = self.request("GET", path, **kw)
+        return status, _loads(raw)
+
+    def complete(self, prompt: str, cfg: dict | str | None, max_tokens: int = MAX_TOKENS,
+                 key: str | None = None, **body) -> tuple[int, dict]:
+        req = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+               "temperature": 0.0, **body}
+        if cfg is not None or key is not None:
+            xargs = dict(req.pop("vllm_xargs", {}) or {})
+            if cfg is not None:
+                xargs["emosteer"] = cfg if isinstance(cfg, str) else self._json.dumps(cfg)
+            if key is not None:
+                xargs["emosteer_key"] = key
+            req["vllm_xargs"] = xargs
+        return self.post("/v1/completions", req)
+
+    def admission(self) -> dict:
+        status, body = self.get("/v1/emosteer/status")
+        assert status == 200, body
+        return body["admission"]
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def _loads(raw: bytes):
+    import json
+
+    try:
+        return json.loads(raw or b"{}")
+    except ValueError:
+        return {"raw": raw[:200].decode("latin-1")}

@@ -84,19 +84,24 @@ def _make(original):
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
             if spec.capture is not None and "emosteer_key" not in extra:
-                # Captures are handed out by result key (emosteer.LLM sets one); a request
-                # without one (the OpenAI server, plain vllm.LLM) could never get them.
+                # Captures are handed out by result key (emosteer.LLM sets one); without
+                # one they could never be fetched.
                 raise SpecError(
                     "capture",
-                    "captures cannot be returned to this client: they are returned by "
-                    "emosteer.LLM (offline API), not over HTTP or plain vllm.LLM yet; drop "
-                    "'capture' from the config",
+                    "a capture needs a result key to be fetched by: set extra_args "
+                    "(vllm_xargs over HTTP) 'emosteer_key' to a fresh UUID and fetch "
+                    "GET /v1/emosteer/captures/<key> after the answer",
                 )
             plan = fe.plan(spec, n_prompt) if (spec.intervenes() or spec.capture is not None) else None
         except SpecError as e:
             msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
             raise validation_error_class()(e.field, msg) from None
         n = int(getattr(sp, "n", 1) or 1)
+        if "emosteer_key" in extra:
+            try:
+                fe.claim_key(extra["emosteer_key"], n, str(request_id))
+            except SpecError as e:
+                raise validation_error_class()(e.field, str(e)[len(e.field) + 2 :]) from None
         skip = fe.skips_prefix_cache(spec)
         if plan or n > 1 or skip:
             # A private copy: the caller may share one SamplingParams between requests.

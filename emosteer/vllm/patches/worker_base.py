@@ -2,7 +2,8 @@
 
 Adds (replaces nothing): ``WorkerBase.emosteer_rpc(op, payload)``, reached with
 ``LLM.collective_rpc("emosteer_rpc", args=(op, payload))``. Ops: ``"register"``
-(payload: a bank file's bytes) -> list of names; ``"fetch"`` (payload: request keys)
+(payload: a bank file's bytes) -> list of names; ``"remove"`` (payload: names) ->
+names removed; ``"fetch"`` (payload: request keys)
 -> {key: {"error", "positions", "tensors": safetensors bytes}}; ``"status"`` -> dict.
 Arguments and results are plain (str, bytes, lists, dicts): a method name needs no
 pickled callables (``VLLM_ALLOW_INSECURE_SERIALIZATION``) and no torch objects cross
@@ -25,11 +26,13 @@ def emosteer_rpc(self, op: str, payload=None):
         raise RuntimeError("emosteer is not installed in this worker (was the plugin loaded?)")
     if op == "register":
         return st.register_bank_bytes(bytes(payload))
+    if op == "remove":
+        return st.remove_vectors([str(n) for n in payload])
     if op == "fetch":
         return st.fetch([str(k) for k in payload])
     if op == "status":
         return st.status()
-    raise ValueError(f"unknown emosteer_rpc op {op!r}; expected register, fetch or status")
+    raise ValueError(f"unknown emosteer_rpc op {op!r}; expected register, remove, fetch or status")
 
 
 def apply() -> None:
