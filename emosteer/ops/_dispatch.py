@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 from typing import Callable, Optional, Sequence
@@ -37,9 +38,20 @@ INDEX_DTYPES = (torch.int32,)
 # --------------------------------------------------------------------------- backends
 @functools.lru_cache(maxsize=None)
 def _compiled(kind: str):
-    """The compiled extension's op namespace (``torch.ops.emosteer_C``) or None."""
+    """The compiled extension's op namespace (``torch.ops.emosteer_C``) or None.
+
+    ``emosteer._C`` is the prebuilt module where one imports (an in-place or
+    ``--no-build-isolation`` build), else compiled on first use (emosteer/ops/_jit.py)."""
+    if kind == "cuda" and importlib.util.find_spec("emosteer._C_cuda") is None:
+        return None  # (no first-use build of the CPU module for nothing)
     try:
         importlib.import_module("emosteer._C")
+    except ImportError:
+        from emosteer.ops import _jit
+
+        if _jit.load() is None:
+            return None
+    try:
         if kind == "cuda":
             importlib.import_module("emosteer._C_cuda")
     except ImportError:
@@ -54,6 +66,12 @@ def _compiled(kind: str):
     except (AttributeError, RuntimeError):
         return None
     return ns
+
+
+def _jit_why() -> Optional[str]:
+    from emosteer.ops import _jit
+
+    return _jit.why_unavailable()
 
 
 def triton_interpreting() -> bool:
@@ -103,8 +121,9 @@ def resolve_impl(impl: Optional[str], device: torch.device | str) -> str:
         why = {
             "cuda": "the CUDA extension emosteer._C_cuda is not built (or stale: rebuild it) or "
             "the tensors are not on a GPU",
-            "cpp": "the C++ extension emosteer._C is not built (or stale: rebuild it) or the "
-            "tensors are not on the CPU",
+            "cpp": "the C++ extension emosteer._C is not built (or stale: rebuild it"
+            + (f"; first-use build: {_jit_why()}" if _jit_why() else "")
+            + ") or the tensors are not on the CPU",
             "triton": "Triton needs a GPU, or TRITON_INTERPRET=1 set before emosteer is imported",
         }.get(impl, "")
         raise RuntimeError(

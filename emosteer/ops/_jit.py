@@ -217,6 +217,9 @@ def _load(portable_only: bool):
     import torch
 
     with _locked(folder.parent / (folder.name + ".lock")):
+        if (folder / _FAILED).is_file():  # another process tried while we waited
+            return None, (f"its first-use build failed (compiler output in "
+                          f"{folder / 'build.log'}; delete {folder} to retry)")
         if not ((folder / _DONE).is_file() and so.is_file()):  # another process may have
             log.warning("emosteer: compiling the C++ CPU kernels (emosteer._C) for torch %s "
                         "into %s, once (about a minute; EMOSTEER_NO_JIT=1 skips it)",

@@ -75,7 +75,7 @@ def servers(tiny_model, bank_path, tmp_path_factory, engines):
 
     engines.close()  # one engine at a time on this small machine, besides these two
     logs = tmp_path_factory.mktemp("servers")
-    cached = Server(tiny_model, bank_path, True, str(logs / "cached.log"))
+    cached = Server(tiny_model, bank_path, True, str(logs / "cached.log"), extra=("--upload-mib", "1"))
     reference = Server(tiny_model, bank_path, False, str(logs / "reference.log"))
     try:
         cached.wait_ready()

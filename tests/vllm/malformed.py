@@ -80,8 +80,10 @@ CONFIGS: list[tuple[str, dict, list[str]]] = [
     ("capture bad positions", _x({"capture": {"heads": [0], "positions": "first"}}), ["capture.positions"]),
     ("capture layer out of range", _x({"capture": {"residual": [5]}}), ["capture.residual"]),
     ("capture without a key", _x({"capture": {"heads": "all"}}), ["capture", "emosteer_key"]),
-    ("oversized capture", {**_x({"capture": {"heads": "all", "residual": "all", "positions": "generated"}}),
-                           "emosteer_key": "k-oversized"}, ["capture"]),
+    ("capture positions a list", {**_x({"capture": {"heads": [0], "positions": [0, 1]}}),
+                                  "emosteer_key": "k-positions"}, ["capture.positions"]),
+    ("oversized capture layer list", {**_x({"capture": {"heads": list(range(100000))}}),
+                                      "emosteer_key": "k-oversized"}, ["capture.heads"]),
     # result keys and private keys
     ("path-like result key", {**_x({"capture": {"heads": [0]}}), "emosteer_key": "../../etc/passwd"},
      ["emosteer_key"]),

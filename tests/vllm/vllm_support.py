@@ -171,7 +171,6 @@ class Server:
 
     def __init__(self, model: str, bank_path: str | None, prefix_caching: bool, log_path: str,
                  max_slots: int = SERVER_SLOTS, extra: tuple = ()):
-        import json
         import subprocess
         import sys
 
@@ -193,7 +192,9 @@ class Server:
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self._json = json
+        from emosteer.client import Client
+
+        self.client = Client(f"http://127.0.0.1:{self.port}", api_key=API_KEY)
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         import time
@@ -212,44 +213,19 @@ class Server:
             time.sleep(1.0)
         raise TimeoutError(f"server not ready after {timeout} s; see {self.log.name}")
 
-    def request(self, method: str, path: str, body=None, *, ctype: str | None = None,
-                api_key: str | None = API_KEY, timeout: float = 120.0) -> tuple[int, bytes]:
-        import urllib.error
-        import urllib.request
+    # HTTP calls: emosteer's own client (the one users get)
+    def request(self, method: str, path: str, body=None, **kw) -> tuple[int, bytes]:
+        return self.client.request(method, path, body, **kw)
 
-        if body is not None and not isinstance(body, (bytes, bytearray)):
-            body, ctype = self._json.dumps(body).encode(), ctype or "application/json"
-        headers = {"Content-Type": ctype or "application/octet-stream"}
-        if api_key is not None:
-            headers["Authorization"] = f"Bearer {api_key}"
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
-                                     method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+    def post(self, path: str, body, **kw):
+        return self.client.post(path, body, **kw)
 
-    def post(self, path: str, body, **kw) -> tuple[int, dict]:
-        status, raw = self.request("POST", path, body, **kw)
-        return status, _loads(raw)
+    def get(self, path: str, **kw):
+        return self.client.get(path, **kw)
 
-    def get(self, path: str, **kw) -> tuple[int, dict]:
-        status, raw = self.request("GET", path, **kw)
-        return status, _loads(raw)
-
-    def complete(self, prompt: str, cfg: dict | str | None, max_tokens: int = MAX_TOKENS,
-                 key: str | None = None, **body) -> tuple[int, dict]:
-        req = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
-               "temperature": 0.0, **body}
-        if cfg is not None or key is not None:
-            xargs = dict(req.pop("vllm_xargs", {}) or {})
-            if cfg is not None:
-                xargs["emosteer"] = cfg if isinstance(cfg, str) else self._json.dumps(cfg)
-            if key is not None:
-                xargs["emosteer_key"] = key
-            req["vllm_xargs"] = xargs
-        return self.post("/v1/completions", req)
+    def complete(self, prompt: str, cfg=None, max_tokens: int = MAX_TOKENS, key: str | None = None,
+                 **body):
+        return self.client.complete(self.model, prompt, cfg, key=key, max_tokens=max_tokens, **body)
 
     def admission(self) -> dict:
         status, body = self.get("/v1/emosteer/status")
@@ -268,11 +244,3 @@ class Server:
                 self.proc.wait(timeout=10)
         self.log.close()
 
-
-def _loads(raw: bytes):
-    import json
-
-    try:
-        return json.loads(raw or b"{}")
-    except ValueError:
-        return {"raw": raw[:200].decode("latin-1")}
