@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-__all__ = ["GenerateConfig", "read_rows", "done_ids", "generate_jsonl", "format_prompt"]
+__all__ = ["GenerateConfig", "read_rows", "done_ids", "generate_jsonl", "format_prompt", "run_batch"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class GenerateConfig:
     max_slots: int = 256
     chat: bool = True
     dtype: str = "float32"
+    enforce_eager: bool = False
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -118,24 +119,14 @@ def generate_jsonl(
     """
     from tqdm.auto import tqdm
 
-    from emosteer.spec import SteerSpec
-
     rows = read_rows(in_path)
     done = done_ids(out_path)
     todo = [r for r in rows if r["id"] not in done]
-    for r in todo:  # reject a bad config before any generation starts
-        try:
-            SteerSpec.parse(r.get("steer"))
-        except ValueError as e:
-            raise ValueError(f"row {r['id']!r}: {e}") from None
+    check_rows(todo)
     if not todo:
         return 0
     if llm is None:
         llm = _start_llm(cfg)
-    from vllm import SamplingParams
-
-    tok = llm.llm.get_tokenizer()
-    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     written = 0
     failed: dict[str, str] = {}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -143,22 +134,10 @@ def generate_jsonl(
                unit="row", disable=not progress)
     with open(out_path, "a", encoding="utf-8") as f:
         for batch in _batches(todo, cfg.batch_size):
-            prompts = [format_prompt(tok, r, cfg.chat) for r in batch]
-            outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)
-            lines = []
-            for r, o in zip(batch, outs):
-                if getattr(o, "emosteer_error", None) is not None:
-                    # Not written: a rerun of the job retries exactly these rows.
-                    failed[str(r["id"])] = o.emosteer_error
-                    continue
-                rec = _score(r, o.outputs[0].text)
-                rec["n_tokens"] = len(o.outputs[0].token_ids)
-                lines.append(json.dumps(rec, ensure_ascii=False))
-            if lines:
-                f.write("\n".join(lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            written += len(lines)
+            records, errors = run_batch(llm, batch, cfg)
+            failed.update(errors)
+            append_lines(f, [json.dumps(r, ensure_ascii=False) for r in records])
+            written += len(records)
             bar.update(len(batch))
     bar.close()
     if failed:
@@ -169,7 +148,47 @@ def generate_jsonl(
     return written
 
 
-def _start_llm(cfg: GenerateConfig):
+def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], dict[str, str]]:
+    """One batch of rows on ``llm`` (an ``emosteer.LLM``): the output records of the rows
+    that ran, and ``{id: error}`` for rows the engine could not apply (not written: a
+    rerun of the job retries exactly those). The local and the Ray path both call it."""
+    from vllm import SamplingParams
+
+    tok = llm.llm.get_tokenizer()
+    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    prompts = [format_prompt(tok, r, cfg.chat) for r in batch]
+    outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)
+    records, failed = [], {}
+    for r, o in zip(batch, outs):
+        if getattr(o, "emosteer_error", None) is not None:
+            failed[str(r["id"])] = o.emosteer_error
+            continue
+        rec = _score(r, o.outputs[0].text)
+        rec["n_tokens"] = len(o.outputs[0].token_ids)
+        records.append(rec)
+    return records, failed
+
+
+def append_lines(f, lines: list[str]) -> None:
+    """Append whole lines and make them durable before going on (resumability)."""
+    if lines:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_rows(todo: list[dict]) -> None:
+    """Reject a bad config before any generation starts."""
+    from emosteer.spec import SteerSpec
+
+    for r in todo:
+        try:
+            SteerSpec.parse(r.get("steer"))
+        except ValueError as e:
+            raise ValueError(f"row {r['id']!r}: {e}") from None
+
+
+def _start_llm(cfg: GenerateConfig, **engine_kwargs):
     from emosteer.llm import LLM
     from emosteer.models import resolve_model
 
@@ -179,6 +198,8 @@ def _start_llm(cfg: GenerateConfig):
         max_slots=cfg.max_slots,
         dtype=cfg.dtype,
         seed=cfg.seed,
+        enforce_eager=cfg.enforce_eager,
+        **engine_kwargs,
     )
 
 

@@ -51,7 +51,11 @@ def test_curl_block(servers, bank, tmp_path, tiny_model, bank_path):
     got = subprocess.run(["bash", "-euo", "pipefail", "-c", blocks("bash")[1]], env=env,
                          capture_output=True, text=True, timeout=300)
     assert got.returncode == 0, got.stderr + got.stdout
-    lines = [json.loads(x) for x in got.stdout.splitlines() if x.strip()]
+    lines, rest, dec = [], got.stdout.strip(), json.JSONDecoder()
+    while rest:  # curl prints each body without a newline: decode them one after another
+        obj, end = dec.raw_decode(rest)
+        lines.append(obj)
+        rest = rest[end:].lstrip()
     registered, registered_cv, listing, completion, caps, status, removed = lines
     assert "joy" in registered["registered"] and registered_cv["registered"] == ["joy.cv"]
     assert {"joy", "joy.cv"} <= {v["name"] for v in listing["vectors"]}
