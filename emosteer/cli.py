@@ -507,10 +507,17 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     seed: int = typer.Option(0, "--seed"),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    eager: bool = typer.Option(False, "--eager", help="vLLM without torch.compile (faster start)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run on Ray Data: one engine per actor."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="A running Ray cluster (default: start a local one)."),
+    workers: int = typer.Option(1, "--workers", help="With --ray: engine actors."),
 ):
     """Generate steered narratives for a JSONL file on vLLM (resumable).
 
-    Rows already in OUT (by id) are skipped, so an interrupted run resumes."""
+    Rows already in OUT (by id) are skipped, so an interrupted run resumes. With --ray
+    the same job runs on Ray Data (actors hosting the engine, on one machine or a
+    cluster); OUT is written by this process, batch by batch, in input order."""
     from emosteer.generate import GenerateConfig, generate_jsonl, read_rows
     from emosteer.spec import SpecError, SteerSpec
 
@@ -552,11 +559,21 @@ def generate(
         except SpecError as e:
             fail(f"IN: row {r['id']!r}: steer.{e}")
     _engine_env()
-    cfg = GenerateConfig(model=str(folder), bank=str(bank) if bank else None,
+    _positive(workers, "--workers", 1024)
+    if (ray_address or workers != 1) and not use_ray:
+        fail("--ray-address / --workers need --ray")
+    cfg = GenerateConfig(model=str(folder), bank=str(Path(bank).resolve()) if bank else None,
                          max_tokens=max_tokens, batch_size=batch_size,
-                         temperature=temperature, seed=seed, chat=not no_chat)
+                         temperature=temperature, seed=seed, chat=not no_chat, enforce_eager=eager)
     try:
-        n = generate_jsonl(in_path, out_path, cfg)
+        if use_ray:
+            try:
+                from emosteer.ray_job import generate_jsonl_ray
+            except ImportError as e:
+                fail(f"--ray: Ray Data is not installed ({e}); pip install 'emosteer[ray]'")
+            n = generate_jsonl_ray(in_path, out_path, cfg, workers=workers, address=ray_address)
+        else:
+            n = generate_jsonl(in_path, out_path, cfg)
     except _user_errors() as e:
         fail(str(e))
     out.print(f"{n} rows written to {out_path} ({len(rows) - n} were already there)")

@@ -99,10 +99,9 @@ def generate_jsonl_ray(
             fn_constructor_kwargs={"cfg": asdict(cfg)},
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            concurrency=workers,
+            # Ray Data's actor pools restart a dead actor and retry its batches by default.
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=cpus_per_worker,
-            max_restarts=-1,  # an actor that dies is restarted ...
-            max_task_retries=-1,  # ... and its unfinished batches run again
         )
         written = 0
         failed: dict[str, str] = {}

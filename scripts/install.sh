@@ -14,7 +14,7 @@ if [ "$EXTRA" = "cpu" ]; then
 fi
 $PIP install -q pybind11 ninja
 # --no-build-isolation: the C++ extension must build against the torch installed here.
-$PIP install -q --no-build-isolation -e ".[${EXTRA},dev]"
+$PIP install -q --no-build-isolation -e ".[${EXTRA},dev,ray]"
 if [ "$EXTRA" = "cpu" ]; then
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm`
   # beside the CPU torch; text models need none of them (see README, "Vision models").
