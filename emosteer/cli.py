@@ -42,7 +42,7 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Locate, convert and inspect models.", no_args_is_help=True,
                         rich_markup_mode="markdown")
-bank_app = typer.Typer(help="Inspect vector banks (safetensors).", no_args_is_help=True,
+bank_app = typer.Typer(help="Inspect vector banks; import and export GGUF control vectors.", no_args_is_help=True,
                        rich_markup_mode="markdown")
 app.add_typer(model_app, name="model")
 app.add_typer(bank_app, name="bank")

@@ -267,3 +267,38 @@ def test_shard_entry():
         shard_entry(head, "head", 4, 0)
     with pytest.raises(BankError, match="3-d"):
         shard_entry(resid, "head", 1, 0)
+
+
+def test_versions_pinned_by_content_hash():
+    bank = VectorBank(INFO, keep_versions=2)
+    v1, v2, v3 = (torch.randn(3, 48) for _ in range(3))
+    bank.add("joy", "residual", v1)
+    h1 = bank.content_hash("joy")
+    bank.add("joy", "residual", v2)
+    h2 = bank.content_hash("joy")
+    assert torch.equal(bank.pinned({"joy": h1}).get("joy"), v1)  # the retired version
+    assert torch.equal(bank.pinned({"joy": h2}).get("joy"), v2)  # the current one
+    assert bank.pinned({"joy": h1}).content_hash("joy") == h1
+    bank.remove("joy")
+    assert "joy" not in bank and torch.equal(bank.pinned({"joy": h2}).get("joy"), v2)
+    bank.add("joy", "residual", v3)
+    bank.add("joy", "residual", v1)  # keeps 2: v3 and v2 retired; h1 is current again
+    with pytest.raises(KeyError, match="joy"):
+        bank.pinned({"joy": "0" * 64})
+    plain = VectorBank(INFO)  # keeps no versions
+    plain.add("a", "residual", v1)
+    ha = plain.content_hash("a")
+    plain.add("a", "residual", v2)
+    with pytest.raises(KeyError, match="'a'"):
+        plain.pinned({"a": ha})
+
+
+def test_bytes_round_trip_and_bad_bytes():
+    bank = VectorBank(INFO)
+    bank.add("joy", "residual", torch.randn(3, 48), note="x")
+    back = VectorBank.from_bytes(bank.to_bytes())
+    assert back.names() == ["joy"] and back.content_hash("joy") == bank.content_hash("joy")
+    assert back.meta("joy") == {"note": "x"} and back.info == INFO
+    for bad in (b"", b"1234567", bytes(range(200)), bank.to_bytes()[:100]):
+        with pytest.raises(BankError, match="upload"):
+            VectorBank.from_bytes(bad)

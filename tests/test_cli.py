@@ -238,3 +238,44 @@ def test_extract_then_attribute_on_tiny_model(tmp_path):
     for name in ("attribution.json", "layers.png", "heads.png", "bank.safetensors"):
         assert (out / name).is_file(), name
     assert {"joy.vee", "joy.ena"} <= set(VectorBank.load(out / "bank.safetensors").names())
+
+
+# ------------------------------------------------------------------------------ serve
+def test_serve_dry_run_builds_the_vllm_command(model_dir, bank_file, monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    res = run("serve", model_dir, "--bank", bank_file, "--max-slots", 8, "--port", 8123,
+              "--additional-config", '{"emosteer": {"pool_mib": 16}, "other": 1}', "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "-m vllm.entrypoints.openai.api_server --model" in res.output
+    assert "--port 8123" in res.output
+    cfg = json.loads(res.output.split("--additional-config ", 1)[1].split(" --port")[0])
+    assert cfg == {"emosteer": {"pool_mib": 16, "max_slots": 8}, "other": 1}
+    plugins = res.output.split("VLLM_PLUGINS=", 1)[1].split()[0].split(",")
+    assert "emosteer" in plugins and "lora_filesystem_resolver" in plugins  # nothing dropped
+
+
+def test_serve_keeps_the_users_plugin_list(model_dir):
+    from emosteer.cli import serve_command
+
+    _, env = serve_command(str(model_dir), None, {}, [], environ={"VLLM_PLUGINS": "mine"})
+    assert env["VLLM_PLUGINS"] == "mine,emosteer" and "EMOSTEER_BANK" not in env
+
+
+def test_serve_bad_input(tmp_path, model_dir, bank_file):
+    assert_user_error(run("serve", tmp_path / "nope", "--dry-run"), "MODEL")
+    assert_user_error(run("serve", model_dir, "--bank", tmp_path / "no.safetensors", "--dry-run"), "--bank")
+    assert_user_error(run("serve", model_dir, "--max-slots", 0, "--dry-run"), "--max-slots")
+    other = dict(TINY_CONFIG, hidden_size=64)
+    d = tmp_path / "other"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(other))
+    assert_user_error(run("serve", d, "--bank", bank_file, "--dry-run"), "--bank", "hidden_size")
+    assert_user_error(run("serve", model_dir, "--additional-config", "{bad", "--dry-run"),
+                      "--additional-config")
+
+
+def test_generate_ray_options_need_ray(tmp_path, model_dir):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n')
+    assert_user_error(run("generate", src, tmp_path / "out.jsonl", "--model", model_dir, "--workers", 2),
+                      "--ray")

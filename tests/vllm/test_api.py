@@ -334,3 +334,30 @@ def test_http_error_body_names_emosteer():
         fn(None, "stop", "cmpl-steered-1")  # not an error: nothing raised
     finally:
         serving_errors.revert()
+
+
+def test_result_keys_claimed_once_and_names_checked():
+    from types import SimpleNamespace
+
+    from emosteer.spec import SpecError
+    from emosteer.vllm.frontend import FrontendSteering, check_name
+
+    cfg = SimpleNamespace(
+        additional_config=None,
+        model_config=SimpleNamespace(hf_config={"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                                "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                "num_key_value_heads": 2, "intermediate_size": 128},
+                                     dtype=torch.float32),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+    )
+    fe = FrontendSteering(cfg)
+    assert fe.claim_key("abc-1", 2, "req-1") == "abc-1"
+    with pytest.raises(SpecError, match="in use"):
+        fe.claim_key("abc-1")
+    assert fe.key_info("abc-1") == (2, "req-1")
+    assert fe.release_key("abc-1") == 2 and fe.key_info("abc-1") is None
+    fe.claim_key("abc-1")  # free again
+    for bad in ("", "../x", "a/b", "<s>", "x" * 129, 7, None, "-leading", "a b"):
+        with pytest.raises(SpecError, match="emosteer_key"):
+            check_name(bad, "emosteer_key")
+    assert check_name("joy.cv:v2_1-a", "name") == "joy.cv:v2_1-a"
