@@ -279,7 +279,9 @@ def main(argv=None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        log = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "soak_server.log"), "wb")
+        import tempfile
+
+        log = open(os.path.join(tempfile.gettempdir(), "emosteer-soak-server.log"), "wb")
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -81,10 +81,14 @@ bool cpu_use_avx2();
 
 // The *_avx2_cpu.cpp files build an AVX2 variant on x86-64 with GCC only (they rely
 // on `#pragma GCC target`, which clang ignores); elsewhere only the portable build runs.
+// A build that leaves those files out defines EMOSTEER_HAVE_AVX2_BUILD=0 itself
+// (emosteer/ops/_build.py, PORTABLE_ONLY_DEFINE).
+#if !defined(EMOSTEER_HAVE_AVX2_BUILD)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define EMOSTEER_HAVE_AVX2_BUILD 1
 #else
 #define EMOSTEER_HAVE_AVX2_BUILD 0
+#endif
 #endif
 
 }  // namespace emosteer

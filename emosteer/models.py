@@ -119,6 +119,10 @@ def _write_hf_folder(gguf: Path, out: Path) -> None:
         state[name] = t.detach().to(torch.float32).contiguous().clone()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
+    # transformers 5's format: rope_theta (100000) inside rope_parameters, tokenizer class
+    # TokenizersBackend. transformers 4.x would read rope_theta 10000 from it and could
+    # not load the tokenizer, hence the floor transformers>=5.16.1 in pyproject.toml
+    # (tests/test_packaging.py loads the folder with the installed and the floor version).
     cfg = model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path",
                 "transformers_version"):

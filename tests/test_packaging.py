@@ -15,6 +15,7 @@ dependency floors.
 from __future__ import annotations
 
 import configparser
+import glob
 import importlib.util
 import json
 import os
@@ -161,7 +162,7 @@ def test_setup_probes_nvcc_and_cudart(setup_mod, tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "none"))
     assert probe.nvcc() == (None, None)
     real = sorted(p for pat in ("/usr/local/cuda*/lib*/libcudart.so", "/usr/lib/x86_64-linux-gnu/libcudart.so")
-                  for p in __import__("glob").glob(pat))
+                  for p in glob.glob(pat))
     if not real:
         return  # no CUDA runtime here to link against
     good = _fake_cuda_home(tmp_path, "good", "12.8", libcudart=real[0])

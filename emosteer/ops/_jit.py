@@ -31,6 +31,7 @@ import platform
 import shutil
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,7 @@ _DONE = "COMPLETE"
 _FAILED = "FAILED"
 LOCK_TIMEOUT_S = 1800.0  # a waiting process gives up after this long
 _state: dict = {}  # "module" and "why" after the first call in this process
+_thread_lock = threading.Lock()
 
 
 def enabled() -> bool:
@@ -182,19 +184,20 @@ def _compile(sources, cflags, folder: Path, csrc: Path) -> None:
 def load(portable_only: bool = False):
     """``emosteer._C`` built on first use (or loaded from the cache), or None (and
     :func:`why_unavailable` says why). Once per process."""
-    if "module" in _state:
-        return _state["module"]
-    module, why = None, None
-    try:
-        module, why = _load(portable_only)
-    except Exception as err:  # never let the fallback path raise
-        why = f"{type(err).__name__}: {err}"
-    if module is None and why and enabled():
-        log.warning("emosteer: the C++ CPU kernels (emosteer._C) are not available: %s; "
-                    "ops use the Triton/torch implementation (EMOSTEER_NO_JIT=1 silences this)",
-                    why)
-    _state.update(module=module, why=why)
-    return module
+    with _thread_lock:
+        if "module" in _state:
+            return _state["module"]
+        module, why = None, None
+        try:
+            module, why = _load(portable_only)
+        except Exception as err:  # never let the fallback path raise
+            why = f"{type(err).__name__}: {err}"
+        if module is None and why and enabled():
+            log.warning("emosteer: the C++ CPU kernels (emosteer._C) are not available: %s; "
+                        "ops use the Triton/torch implementation (EMOSTEER_NO_JIT=1 silences "
+                        "this)", why)
+        _state.update(module=module, why=why)
+        return module
 
 
 def _load(portable_only: bool):
@@ -213,7 +216,10 @@ def _load(portable_only: bool):
     missing = _missing_tools()
     if missing:
         return None, f"it is not prebuilt and cannot be compiled here: {missing}"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return None, f"cannot create its build folder {folder} ({err}; set EMOSTEER_EXT_CACHE)"
     import torch
 
     with _locked(folder.parent / (folder.name + ".lock")):

@@ -4,9 +4,10 @@ module imports, as after ``pip install .`` with build isolation.
 Every check runs in a subprocess that hides the checkout's in-place module (a meta-path
 finder refusing ``emosteer._C``) and points the build cache at a temporary folder:
 
-- without a compiler, or with EMOSTEER_NO_JIT=1, or after a failed build, the ops fall
-  back to the next implementation with (at most) one log line, and ``impl="cpp"`` says
-  why it is unavailable; nothing is compiled;
+- without a compiler, with EMOSTEER_NO_JIT=1, with a compiler that fails, or after a
+  failed build, the ops fall back to the next implementation with one log line (none
+  under EMOSTEER_NO_JIT, the build line first where a compile was tried), and
+  ``impl="cpp"`` says why it is unavailable; a failed build is not retried;
 - (slow) two processes started together on an empty cache build once, under the lock,
   the portable kernels only (to keep it short), and both get ops bit-identical to the
   torch reference; a third process loads the cached module without compiling.
@@ -75,6 +76,11 @@ folder.mkdir(parents=True)
 (folder / "FAILED").write_text("x")
 case("failed_before")
 out["folder"] = str(folder)
+os.environ["EMOSTEER_EXT_CACHE"] = sys.argv[3]
+os.environ["CXX"] = sys.argv[2]  # a compiler that fails
+case("build_fails")
+case("after_failure")
+out["failed_folder"] = str(_jit.build_spec(_jit.sources_root())[2])
 print(json.dumps(out))
 """
 
@@ -121,8 +127,11 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
 
 
 def test_jit_falls_back_without_compiler(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, str(ROOT)], capture_output=True,
-                          text=True, timeout=300, env=_env(tmp_path / "cache"))
+    bad_cxx = tmp_path / "bad-c++"
+    bad_cxx.write_text("#!/bin/sh\necho 'bad-c++: error' >&2\nexit 1\n")
+    bad_cxx.chmod(0o755)
+    cmd = [sys.executable, "-c", _FALLBACK_SCRIPT, str(ROOT), str(bad_cxx), str(tmp_path / "cache2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(tmp_path / "cache"))
     out = _result(proc)
     # EMOSTEER_NO_JIT: no build, not a word.
     assert out["no_jit"]["impls"] == ["torch"] and out["no_jit"]["records"] == []
@@ -136,6 +145,14 @@ def test_jit_falls_back_without_compiler(tmp_path):
     assert fb["impls"] == ["torch"] and len(fb["records"]) == 1
     assert "failed before" in fb["why"] and "delete" in fb["why"]
     assert sorted(os.listdir(out["folder"])) == ["FAILED"]  # nothing compiled
+    # A compile that fails: the build line, then one line naming the log; the next
+    # process does not try again.
+    bf, af = out["build_fails"], out["after_failure"]
+    assert bf["impls"] == ["torch"] and len(bf["records"]) == 2, bf
+    assert "compiling the C++ CPU kernels" in bf["records"][0] and "build.log" in bf["records"][1]
+    assert sorted(os.listdir(out["failed_folder"])) == ["FAILED", "build.log"]
+    assert "bad-c++" in (Path(out["failed_folder"]) / "build.log").read_text()
+    assert len(af["records"]) == 1 and "failed before" in af["records"][0], af
 
 
 @pytest.mark.slow
