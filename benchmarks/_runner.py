@@ -205,12 +205,13 @@ def run_cases(
     return rows
 
 
-def append_csv(rows: Sequence[dict], path: str) -> None:
-    """Append rows to the long CSV at ``path`` (header written when the file is new)."""
+def append_csv(rows: Sequence[dict], path: str, columns: Sequence[str] = COLUMNS) -> None:
+    """Append rows to the long CSV at ``path`` (header written when the file is new);
+    every benchmark writes its results through this one function."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)

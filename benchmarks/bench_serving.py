@@ -476,14 +476,10 @@ def run_group(model: str, dtype: str, eager: bool, conditions: list[str], args,
     return rows
 
 
-def append_csv(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+def append_csv(rows, path: str) -> None:
+    from _runner import append_csv as _append
+
+    _append(rows, path, COLUMNS)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
