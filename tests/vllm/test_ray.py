@@ -64,36 +64,45 @@ def test_ray_job_equals_the_local_path(tmp_path, tiny_model, bank_path, local_ro
 def test_killed_actor_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model, bank_path, local_rows):
     import psutil
 
-    _write(tmp_path / "in.jsonl", ROWS)
+    # Many one-row batches, so that the run is still going when its first rows are in OUT.
+    many = [{**{k: v for k, v in r.items() if k in ("prompt", "emotion", "steer")}, "id": f"{r['id']}.{j}"}
+            for j in range(8) for r in ROWS]
+    _write(tmp_path / "in.jsonl", many)
     out = tmp_path / "out.jsonl"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen(_cli(tmp_path, tiny_model, bank_path, 1), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     killed = None
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and out.read_text().count("\n") >= 1:
-                actors = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                          if "NarrativeWorker" in " ".join(_cmdline(p))]
+            if out.exists() and out.read_text().count("\n") >= 2:
+                try:
+                    tree = psutil.Process(proc.pid).children(recursive=True)
+                except psutil.Error:  # the run just ended
+                    tree = []
+                actors = [p for p in tree if "NarrativeWorker" in " ".join(_cmdline(p))]
                 if actors:
                     killed = actors[0].pid
                     actors[0].kill()
                     break
-            time.sleep(0.2)
+            time.sleep(0.02)
         assert killed is not None, "the run ended before an actor could be killed"
         proc.wait(timeout=600)  # Ray restarts the actor and retries, or the run fails
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait(timeout=30)
+        log.close()
     rerun = subprocess.run(_cli(tmp_path, tiny_model, bank_path, 1), capture_output=True, text=True,
                            timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    rows = _read(out)
-    ids = [r["id"] for r in rows]
-    assert sorted(ids) == sorted(r["id"] for r in ROWS) and len(ids) == len(set(ids))
-    assert all(r == local_rows[r["id"]] for r in rows)
+    got = _read(out)
+    ids = [r["id"] for r in got]
+    assert sorted(ids) == sorted(r["id"] for r in many) and len(ids) == len(set(ids))
+    for r in got:  # each row equals the local run of the same prompt and config
+        assert {**r, "id": r["id"].split(".")[0]} == local_rows[r["id"].split(".")[0]]
 
 
 def _cmdline(p) -> list[str]:

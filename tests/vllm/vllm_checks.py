@@ -254,43 +254,39 @@ def check_register_vectors(llm, info) -> None:
     assert "calm" in llm.status()[0]["bank"]
 
 
-def _bank_bytes(bank) -> bytes:
-    import os
-    import tempfile
-
-    fd, path = tempfile.mkstemp(suffix=".safetensors")
-    os.close(fd)
-    try:
-        bank.save(path)
-        with open(path, "rb") as f:
-            return f.read()
-    finally:
-        os.unlink(path)
-
-
 def check_worker_failure_is_an_error(llm, info) -> None:
-    """A request the worker cannot apply (here: its vector was replaced in the workers
-    behind the front end's back, so the config no longer compiles to what was admitted)
-    comes back as an error, never as unsteered text, and its prompt's KV is evicted: the
-    same config sent again after the banks agree equals a run on a cold prefix cache."""
+    """A request the worker cannot apply comes back as an error, never as unsteered text,
+    and its prompt's KV is evicted: the same config sent again after the banks agree
+    equals a run on a cold prefix cache. Here the vector is replaced in the workers
+    behind the front end's back more times than they keep old versions (KEEP_VERSIONS),
+    so the contents the front end admitted the request with are gone."""
     from vllm_support import make_bank
 
     cfg = {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 2.0}]}
     prompt = f"{LONG_PROMPT} (worker failure case)"
     plain = list(llm.generate([prompt], greedy(logprobs=None), use_tqdm=False)[0].outputs[0].token_ids)
+    from emosteer.vllm.worker import KEEP_VERSIONS
+
     original = make_bank(info)  # what the engine was started with (see conftest)
-    llm.llm.collective_rpc("emosteer_rpc", args=("register", _bank_bytes(make_bank(info, seed=5))))
+    want = list(llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0].outputs[0].token_ids)
+    # Replaced once in the workers only: they still hold the version the front end
+    # admits with, and the request runs with exactly it.
+    llm.llm.collective_rpc("emosteer_rpc", args=("register", make_bank(info, seed=5).to_bytes()))
+    again = llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0]
+    assert again.emosteer_error is None and list(again.outputs[0].token_ids) == want
+    for seed in range(6, 6 + KEEP_VERSIONS):
+        llm.llm.collective_rpc("emosteer_rpc", args=("register", make_bank(info, seed=seed).to_bytes()))
     try:
         out = llm.generate([prompt, PROMPTS[0]], greedy(logprobs=None), steer=[cfg, None], use_tqdm=False)
         bad, other = out
-        assert bad.emosteer_error is not None and "bank differs" in bad.emosteer_error, bad.emosteer_error
+        assert bad.emosteer_error is not None and "no longer held" in bad.emosteer_error, bad.emosteer_error
         assert bad.outputs[0].finish_reason == "error"
         assert list(bad.outputs[0].token_ids) != plain or not bad.outputs[0].token_ids
         assert other.emosteer_error is None and other.outputs[0].finish_reason != "error"
-        with pytest.raises(Exception, match="bank differs"):
+        with pytest.raises(Exception, match="no longer held"):
             llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False, raise_on_error=True)
     finally:
-        llm.llm.collective_rpc("emosteer_rpc", args=("register", _bank_bytes(original)))
+        llm.llm.collective_rpc("emosteer_rpc", args=("register", original.to_bytes()))
     warm = list(llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0].outputs[0].token_ids)
     llm.llm.reset_prefix_cache()
     cold = list(llm.generate([prompt], greedy(logprobs=None), steer=cfg, use_tqdm=False)[0].outputs[0].token_ids)
