@@ -245,19 +245,25 @@ def _service(request) -> Service:
 
 async def _read_body(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise HTTPError(413, f"upload of {int(declared)} bytes exceeds upload_mib "
-                                     f"({limit // 2**20} MiB)", "body")
-        except ValueError:
-            raise HTTPError(400, "bad Content-Length header", "body") from None
+    try:
+        declared = int(declared) if declared is not None else None
+    except ValueError:
+        raise HTTPError(400, "bad Content-Length header", "body") from None
+    too_big = HTTPError(413, f"upload of {declared if declared is not None else 'more than'} bytes "
+                             f"exceeds upload_mib ({limit // 2**20} MiB)", "body")
+    if declared is not None and declared > 16 * limit:
+        raise too_big  # not worth reading: answer now (the client may see the connection close)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"upload exceeds upload_mib ({limit // 2**20} MiB)", "body")
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        # else: keep reading (and dropping) what was sent, so the client gets the answer
+        # instead of a reset connection; bounded by the check above or by the limit's 16 x
+        if size > 16 * limit:
+            raise too_big
+    if size > limit:
+        raise too_big
     return b"".join(chunks)
 
 
