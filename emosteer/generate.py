@@ -119,10 +119,7 @@ def generate_jsonl(
     """
     from tqdm.auto import tqdm
 
-    rows = read_rows(in_path)
-    done = done_ids(out_path)
-    todo = [r for r in rows if r["id"] not in done]
-    check_rows(todo)
+    rows, todo = pending_rows(in_path, out_path)
     if not todo:
         return 0
     if llm is None:
@@ -175,6 +172,16 @@ def append_lines(f, lines: list[str]) -> None:
         f.write("\n".join(lines) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def pending_rows(in_path, out_path) -> tuple[list[dict], list[dict]]:
+    """(every input row, the rows not yet in ``out_path``), configs checked: a bad one is
+    refused before any generation starts. The local and the Ray path both start here."""
+    rows = read_rows(in_path)
+    done = done_ids(out_path)
+    todo = [r for r in rows if r["id"] not in done]
+    check_rows(todo)
+    return rows, todo
 
 
 def check_rows(todo: list[dict]) -> None:

@@ -27,7 +27,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from emosteer.generate import GenerateConfig, append_lines, check_rows, done_ids, read_rows, run_batch
+from emosteer.generate import GenerateConfig, append_lines, pending_rows, run_batch
 
 # The engine settings every actor's process needs (the driver's own values win).
 _ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "TOKENIZERS_PARALLELISM",
@@ -74,10 +74,7 @@ def generate_jsonl_ray(
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    rows = read_rows(in_path)
-    done = done_ids(out_path)
-    todo = [r for r in rows if r["id"] not in done]
-    check_rows(todo)
+    rows, todo = pending_rows(in_path, out_path)
     if not todo:
         return 0
     env = {k: os.environ[k] for k in _ENV if k in os.environ}
@@ -108,7 +105,7 @@ def generate_jsonl_ray(
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate (ray)",
                    unit="row", disable=not progress)
-        seen: set[str] = set(done)
+        seen: set[str] = set()  # rows already in OUT are not in todo
         with open(out_path, "a", encoding="utf-8") as f:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 lines = []
