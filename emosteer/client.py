@@ -109,8 +109,8 @@ class Client:
     # -- captures, status --------------------------------------------------------------
     def captures(self, key: str, wait: float = 10.0) -> dict:
         """The captures of the request that set ``emosteer_key=key``, as tensors:
-        ``{"positions", "error", "heads": {layer: [P, H, D]}, "residual": {layer: [P, d]}}``
-        (``{"samples": [...]}`` for n > 1)."""
+        ``{"positions", "error", "heads": {layer: [P, H, D]}, "residual": {layer: [P, d]},
+        "attn_image": {layer: [P, H, images]}}`` (``{"samples": [...]}`` for n > 1)."""
         import torch
 
         body = self._ok(self.get(f"/v1/emosteer/captures/{urllib.parse.quote(key, safe='')}?wait={wait}"))
@@ -118,7 +118,8 @@ class Client:
         def tensors(one: dict) -> dict:
             return {"positions": one["positions"], "error": one["error"],
                     "heads": {int(k): torch.tensor(v) for k, v in one["heads"].items()},
-                    "residual": {int(k): torch.tensor(v) for k, v in one["residual"].items()}}
+                    "residual": {int(k): torch.tensor(v) for k, v in one["residual"].items()},
+                    "attn_image": {int(k): torch.tensor(v) for k, v in one.get("attn_image", {}).items()}}
 
         if "samples" in body:
             return {"samples": [tensors(s) for s in body["samples"]]}

@@ -30,12 +30,12 @@ makes new keys: a running request keeps reading the rows it was admitted with.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from emosteer.bank import ModelInfo, VectorBank, head_shard, shard_entry
-from emosteer.spec import SpecError, SteerSpec
+from emosteer.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
 
 PHASES = ("prompt", "generated")
 POOL_KINDS = ("res", "head", "neu")
@@ -64,7 +64,19 @@ def phase_spec(spec: SteerSpec, phase: str) -> SteerSpec:
         steer=tuple(s for s in spec.steer if keep(s)),
         heads=tuple(h for h in spec.heads if keep(h)),
         neurons=neurons,
+        boost=_phase_boost(spec.boost, phase),
     )
+
+
+def _phase_boost(boost: BoostItem | None, phase: str) -> BoostItem | None:
+    """The boost acting in ``phase``; a phase-cut boost holds that phase's layers in
+    both selections (so its fingerprint names only what acts)."""
+    if boost is None:
+        return None
+    sel = boost.layers_for(phase)
+    if sel == ():
+        return None
+    return replace(boost, prefill_layers=sel, decode_layers=sel)
 
 
 def _key(*parts) -> str:
@@ -85,13 +97,17 @@ class SlotProgram:
 
     ``res[layer] = (alpha, key)``: ``r += alpha * pool_res[row(key)]``;
     ``heads[(layer, head)] = (a, b, key | None)``: ``z = a*z + b*pool_head[row(key)][head]``;
-    ``neu[layer] = (gamma, key)``: ``m *= 1 + (gamma-1) * pool_neu[row(key)]``.
+    ``neu[layer] = (gamma, key)``: ``m *= 1 + (gamma-1) * pool_neu[row(key)]``;
+    ``boost[layer] = {head: beta}``: attention to image keys boosted by beta (VEE), the
+    way ``boost_mode`` says (0 = softmax weights, 1 = logits).
     """
 
     fingerprint: str
     res: dict[int, tuple[float, str]] = field(default_factory=dict)
     heads: dict[tuple[int, int], tuple[float, float, str | None]] = field(default_factory=dict)
     neu: dict[int, tuple[float, str]] = field(default_factory=dict)
+    boost: dict[int, dict[int, float]] = field(default_factory=dict)
+    boost_mode: int = 0
 
     def keys(self) -> list[str]:
         """Every pool key this slot reads (unique, stable order)."""
@@ -106,6 +122,7 @@ class SlotProgram:
             "res": set(self.res),
             "head": {layer for layer, _ in self.heads},
             "neu": set(self.neu),
+            "boost": set(self.boost),
         }
 
 
@@ -149,6 +166,17 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
             if mask is not None and not bool(mask[layer].any()):
                 continue
             prog.neu[layer] = (float(spec.neurons.gamma), _key("neu", name, h(name), layer))
+    if spec.boost is not None:
+        bo = spec.boost
+        if bo.prefill_layers is None:
+            raise SpecError("boost.prefill_layers", "resolve the spec (SteerSpec.resolve) before compiling")
+        mask = bank.get(bo.heads, "heads") if bank is not None else None
+        for layer in bo.prefill_layers:  # (phase-cut: both selections are this phase's)
+            heads = (range(info.num_heads) if mask is None
+                     else [int(x) for x in torch.nonzero(mask[layer] > 0).flatten()])
+            if heads:
+                prog.boost[layer] = {hd: float(bo.beta) for hd in heads}
+        prog.boost_mode = BOOST_MODES.index(bo.mode)
     return prog
 
 
@@ -228,7 +256,8 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
                 neurons = replace(neurons, positions="all")
             else:
                 neurons = None
-        out[p] = SteerSpec(steer=steer, heads=tuple(heads), neurons=neurons)
+        out[p] = SteerSpec(steer=steer, heads=tuple(heads), neurons=neurons,
+                           boost=_phase_boost(spec.boost, "prompt"))
     return out
 
 

@@ -241,30 +241,60 @@ class NeuronItem:
         return {"set": self.set, "gamma": self.gamma, "positions": _pos_json(self.positions)}
 
 
+BOOST_MODES = ("weight", "logit")
+MAX_IMAGES = 8  # image spans per request that VEE and attn_image captures see
+
+
 @dataclass(frozen=True)
 class BoostItem:
-    """VEE: attention scores of the heads in mask ``heads`` [L, H] to image keys * beta."""
+    """VEE: at the heads of mask ``heads`` [L, H], the attention of a query on the
+    request's image keys is amplified by ``beta`` and the softmax renormalises.
+
+    ``mode="weight"`` (default) multiplies the softmax weight of every image key by
+    beta before renormalising (= adds log beta to its logit, whatever the logit's sign);
+    ``mode="logit"`` multiplies the logit itself. ``prefill_layers`` / ``decode_layers``
+    restrict the layers per phase (the paper's rule: shallow-to-middle layers while the
+    prompt is read, deep layers while the narrative is written); ``None`` = every layer
+    of the mask, ``()`` = none in that phase. beta = 1 is exactly plain attention."""
 
     heads: str
     beta: float
+    mode: str = "weight"
+    prefill_layers: tuple[int, ...] | None = None
+    decode_layers: tuple[int, ...] | None = None
+
+    def layers_for(self, phase: str) -> tuple[int, ...] | None:
+        """The layer selection of ``phase`` ("prompt" or "generated")."""
+        return self.prefill_layers if phase == "prompt" else self.decode_layers
 
     def to_dict(self) -> dict:
-        return {"heads": self.heads, "beta": self.beta}
+        sel = lambda v: "all" if v is None else ("none" if v == () else list(v))  # noqa: E731
+        return {"heads": self.heads, "beta": self.beta, "mode": self.mode,
+                "prefill_layers": sel(self.prefill_layers), "decode_layers": sel(self.decode_layers)}
+
+
+def _phase_layers(value: Any, field: str) -> tuple[int, ...] | None:
+    if value == "none":
+        return ()
+    return _layers(value, field)
 
 
 @dataclass(frozen=True)
 class CaptureItem:
-    """Which activations to return. ``heads`` / ``residual``: layers, ``"all"`` (until
+    """Which activations to return. ``heads`` / ``residual`` / ``attn_image``: layers, ``"all"`` (until
     ``SteerSpec.resolve`` makes it explicit) or None (nothing). ``positions``: "last" =
     the last prompt token, "all" = every prompt and generated token, "generated"."""
 
     heads: tuple[int, ...] | Literal["all"] | None = None
     residual: tuple[int, ...] | Literal["all"] | None = None
     positions: Literal["last", "all", "generated"] = "last"
+    # Layers whose attention mass on the request's image keys is returned, per captured
+    # position, head and image ([P, H, images]).
+    attn_image: tuple[int, ...] | Literal["all"] | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {}
-        for key in ("heads", "residual"):
+        for key in ("heads", "residual", "attn_image"):
             value = getattr(self, key)
             if value is not None:
                 d[key] = value if value == "all" else list(value)
@@ -275,7 +305,7 @@ class CaptureItem:
         """Captured rows (one row = one token at one layer, heads and residual counted
         apart) for a request whose captured positions number ``num_tokens``."""
         count = 0
-        for value in (self.heads, self.residual):
+        for value in (self.heads, self.residual, self.attn_image):
             if value is not None:
                 count += num_layers if value == "all" else len(value)
         return count * num_tokens
@@ -322,19 +352,19 @@ def _parse_heads(value: Any, field: str) -> list[HeadItem]:
 
 
 def _parse_capture(value: Any, field: str) -> CaptureItem:
-    _obj(value, field, ("heads", "residual", "positions"))
+    _obj(value, field, ("heads", "residual", "attn_image", "positions"))
     sel = {}
-    for key in ("heads", "residual"):
+    for key in ("heads", "residual", "attn_image"):
         if key not in value:
             sel[key] = None
         else:
             raw = value[key]
             parsed = _layers(raw, f"{field}.{key}")
             sel[key] = "all" if parsed is None else parsed
-    if sel["heads"] is None and sel["residual"] is None:
-        raise SpecError(field, 'captures nothing; give "heads" and/or "residual"')
+    if sel["heads"] is None and sel["residual"] is None and sel["attn_image"] is None:
+        raise SpecError(field, 'captures nothing; give "heads", "residual" and/or "attn_image"')
     positions = _choice(value.get("positions", "last"), f"{field}.positions", CAPTURE_POSITIONS)
-    return CaptureItem(sel["heads"], sel["residual"], positions)
+    return CaptureItem(sel["heads"], sel["residual"], positions, sel["attn_image"])
 
 
 # -- the request ----------------------------------------------------------------------
@@ -400,8 +430,17 @@ class SteerSpec:
                 _positions(v.get("positions", "all"), "neurons.positions"),
             )
         if "boost" in obj:
-            v = _obj(obj["boost"], "boost", ("heads", "beta"), ("heads", "beta"))
-            boost = BoostItem(_name(v["heads"], "boost.heads"), _gain(v["beta"], "boost.beta"))
+            v = _obj(obj["boost"], "boost", ("heads", "beta", "mode", "prefill_layers", "decode_layers"),
+                     ("heads", "beta"))
+            boost = BoostItem(
+                _name(v["heads"], "boost.heads"),
+                _gain(v["beta"], "boost.beta"),
+                _choice(v.get("mode", "weight"), "boost.mode", BOOST_MODES),
+                _phase_layers(v.get("prefill_layers", "all"), "boost.prefill_layers"),
+                _phase_layers(v.get("decode_layers", "all"), "boost.decode_layers"),
+            )
+            if boost.prefill_layers == () and boost.decode_layers == ():
+                raise SpecError("boost", 'acts nowhere: prefill_layers and decode_layers are both "none"')
         if "capture" in obj:
             capture = _parse_capture(obj["capture"], "capture")
         return cls(tuple(steer), tuple(heads), neurons, boost, capture)
@@ -472,10 +511,13 @@ class SteerSpec:
                     )
         if self.boost is not None:
             vec(self.boost.heads, "heads", "boost.heads")
+            layers_ok(self.boost.prefill_layers, "boost.prefill_layers")
+            layers_ok(self.boost.decode_layers, "boost.decode_layers")
         if self.capture is not None:
             c = self.capture
             layers_ok(c.heads, "capture.heads")
             layers_ok(c.residual, "capture.residual")
+            layers_ok(c.attn_image, "capture.attn_image")
             tokens = {"last": 1, "all": num_prompt_tokens, "generated": max_new_tokens}[c.positions]
             if c.positions == "all" and tokens is not None:
                 tokens += max_new_tokens or 0
@@ -499,8 +541,18 @@ class SteerSpec:
                 every if capture.heads == "all" else capture.heads,
                 every if capture.residual == "all" else capture.residual,
                 capture.positions,
+                every if capture.attn_image == "all" else capture.attn_image,
             )
-        return SteerSpec(steer, self.heads, self.neurons, self.boost, capture)
+        boost = self.boost
+        if boost is not None:
+            from dataclasses import replace
+
+            boost = replace(
+                boost,
+                prefill_layers=every if boost.prefill_layers is None else boost.prefill_layers,
+                decode_layers=every if boost.decode_layers is None else boost.decode_layers,
+            )
+        return SteerSpec(steer, self.heads, self.neurons, boost, capture)
 
     # -- predicates --------------------------------------------------------------------
     def intervenes(self) -> bool:
@@ -511,10 +563,10 @@ class SteerSpec:
 
     def changes_prompt(self) -> bool:
         """True when an intervention touches prompt positions, so the prompt's KV cache
-        differs from an unsteered one (the prefix-cache key must change). Boost always
-        does: VEE acts on the prompt's image tokens in prefill."""
+        differs from an unsteered one (the prefix-cache key must change). A boost does
+        unless it acts in decode only."""
         items = (*self.steer, *self.heads, *([self.neurons] if self.neurons else []))
-        return self.boost is not None or any(
+        return (self.boost is not None and self.boost.prefill_layers != ()) or any(
             isinstance(it.positions, tuple) or it.positions in ("all", "prompt", "last") for it in items
         )
 
@@ -590,6 +642,8 @@ def json_schema() -> dict:
         ],
     }
     selection = {"$ref": "#/$defs/layer_selection"}
+    phase_selection = {"description": "layers of this phase; 'all' (default) or 'none'",
+                       "default": "all", "oneOf": [selection, {"const": "none"}]}
 
     def entry(kind: str) -> dict:
         return {**name, "description": f"name of a bank entry of kind {kind}"}
@@ -634,17 +688,22 @@ def json_schema() -> dict:
             "neurons": obj(["set", "gamma"], {
                 "set": entry("neurons [L, I] (0/1 mask)"), "gamma": gain, "positions": positions,
             }),
-            "boost": obj(["heads", "beta"], {"heads": entry("heads [L, H] (0/1 mask)"), "beta": gain}),
+            "boost": obj(["heads", "beta"], {
+                "heads": entry("heads [L, H] (0/1 mask)"), "beta": gain,
+                "mode": {"enum": list(BOOST_MODES), "default": "weight"},
+                "prefill_layers": phase_selection, "decode_layers": phase_selection,
+            }),
             "capture": obj([], {
-                "heads": selection, "residual": selection,
+                "heads": selection, "residual": selection, "attn_image": selection,
                 "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},
-            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}]),
+            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}, {"required": ["attn_image"]}]),
         },
     }  # fmt: skip
 
 
 __all__ = [
-    "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN", "MAX_HEAD_ITEMS", "MAX_STEER_ITEMS",
+    "BOOST_MODES", "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN", "MAX_HEAD_ITEMS", "MAX_IMAGES",
+    "MAX_STEER_ITEMS",
     "BoostItem", "CaptureItem", "HeadItem", "NeuronItem", "SpecError", "SteerItem",
     "SteerSpec", "act_name", "json_schema",
 ]  # fmt: skip

@@ -49,8 +49,12 @@ class LayerPlan:
     gain_gamma: torch.Tensor | None = None  # [S] float32
     gain_mask: torch.Tensor | None = None  # [S, I] float32 neuron masks
     gain_on: torch.Tensor | None = None  # [S] bool
+    boost_beta: torch.Tensor | None = None  # [S, H] float32 VEE boost (1 = none)
+    boost_mode: torch.Tensor | None = None  # [S] int64: 0 = weights, 1 = logits
+    boost_on: torch.Tensor | None = None  # [S] bool
     cap_heads: torch.Tensor | None = None  # [B] bool: rows capturing head outputs here
     cap_res: torch.Tensor | None = None  # [B] bool: rows capturing the residual here
+    cap_attn: torch.Tensor | None = None  # [B] bool: rows capturing attention to image here
 
 
 @dataclass
@@ -79,6 +83,12 @@ class Plan:
     def num_rows(self) -> int:
         return len(self.specs)
 
+    @property
+    def vee(self) -> bool:
+        """Some row boosts attention or captures attention to image keys (the attention
+        of the decoder then runs emosteer's own eager implementation)."""
+        return any(lp.boost_on is not None or lp.cap_attn is not None for lp in self.layers)
+
     @classmethod
     def build(
         cls,
@@ -95,11 +105,6 @@ class Plan:
         d, I = info.hidden_size, info.intermediate_size
         specs = [s.resolve(info) for s in specs]
         for i, s in enumerate(specs):
-            if s.boost is not None:
-                raise NotImplementedError(
-                    f"row {i}: 'boost' (VEE attention key bias) is not executed by the HF "
-                    "backend; drop it or use the vLLM backend once it supports it"
-                )
             s.validate(bank, info, None if prompt_lens is None else int(prompt_lens[i]))
 
         layers = [LayerPlan() for _ in range(L)]
@@ -159,12 +164,22 @@ class Plan:
                 lp.gain_gamma[slot] = gamma
                 lp.gain_mask[slot] = row(key).to(device)
                 lp.gain_on[slot] = True
+            for layer, per_head in prog.boost.items():
+                lp = layers[layer]
+                if lp.boost_beta is None:
+                    lp.boost_beta = torch.ones(S, H, **f32)
+                    lp.boost_mode = torch.zeros(S, dtype=torch.long, device=device)
+                    lp.boost_on = torch.zeros(S, dtype=torch.bool, device=device)
+                for head, beta in per_head.items():
+                    lp.boost_beta[slot, head] = beta
+                lp.boost_mode[slot] = prog.boost_mode
+                lp.boost_on[slot] = True
 
         captures = [s.capture for s in specs]
         for row, c in enumerate(captures):
             if c is None:
                 continue
-            for key, sel in (("cap_heads", c.heads), ("cap_res", c.residual)):
+            for key, sel in (("cap_heads", c.heads), ("cap_res", c.residual), ("cap_attn", c.attn_image)):
                 for layer in sel or ():
                     lp = layers[layer]
                     if getattr(lp, key) is None:

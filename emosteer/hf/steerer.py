@@ -6,10 +6,13 @@ the same places:
 
 - head affine + capture on the input of each layer's ``o_proj`` (forward pre-hook),
 - residual add on the output of decoder layer l (forward hook; "residual at layer l"),
-- neuron gain on the input of ``down_proj`` (forward pre-hook).
+- neuron gain on the input of ``down_proj`` (forward pre-hook),
+- VEE and attention-to-image captures inside the decoder's attention (emosteer's eager
+  attention function, ``emosteer/hf/attention.py``, switched in only for batches that
+  use them).
 
 Captures come back per row in the vLLM path's layout: ``{"heads": {l: [P, H, D]},
-"residual": {l: [P, d]}, "positions": [p0, p1, ...]}``. Head outputs are captured
+"residual": {l: [P, d]}, "attn_image": {l: [P, H, images]}, "positions": [p0, p1, ...]}``. Head outputs are captured
 before the head intervention (the op's contract); the residual after the steering add
 (the stream the next layer reads). Positions count the row's real tokens from 0 (padding
 excluded): "last" is the last prompt token, "generated" the tokens fed back during
@@ -30,6 +33,7 @@ import torch
 
 from emosteer import ops
 from emosteer.bank import VectorBank
+from emosteer.hf import attention as vee
 from emosteer.hf.layers import DecoderHandles, find_decoder
 from emosteer.hf.plan import NUM_PHASES, PHASE_GENERATED, PHASE_PROMPT, Plan
 from emosteer.ops import reference
@@ -41,6 +45,7 @@ __all__ = ["HFSteerer", "GenerateOutput"]
 
 
 _ON = torch.ones(1, dtype=torch.int32)  # the ops' per-layer flag: always on here
+CAPTURE_KINDS = ("heads", "residual", "attn_image")
 
 
 def _own_rows(n: int, device) -> torch.Tensor:
@@ -88,8 +93,9 @@ class _Step:
             self.base_slot = torch.where(use, ov, self.base_slot)
         self.cap_tok = cap_tok.reshape(-1)  # [N] bool: the token's position is captured
         self.acts: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "mlp": {}, "residual": {}}
-        self.caps: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "residual": {}}
-        self.cap_rows: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "residual": {}}
+        self.caps: dict[str, dict[int, torch.Tensor]] = {k: {} for k in CAPTURE_KINDS}
+        self.cap_rows: dict[str, dict[int, torch.Tensor]] = {k: {} for k in CAPTURE_KINDS}
+        self.key_span: torch.Tensor | None = None  # [B, K] image index of each key, -1 = none
 
     def slot(self, on: torch.Tensor | None) -> torch.Tensor | None:
         """int32 token_slot for a layer whose acting slots are ``on`` (None: no op)."""
@@ -132,6 +138,7 @@ class HFSteerer:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self._mrope = _uses_mrope(model.config)
+        self._image_ids = vee.image_token_ids(model.config)
 
     # -------------------------------------------------------------- hook management
     def __enter__(self) -> "HFSteerer":
@@ -160,6 +167,37 @@ class HFSteerer:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    @contextlib.contextmanager
+    def _vee(self, plan: Plan):
+        """While ``plan`` boosts or captures attention to images: the decoder's attention
+        runs ``emosteer/hf/attention.py`` (the language model's config only)."""
+        if not plan.vee:
+            yield
+            return
+        vee.register()
+        cfg = self.dec.layers[0].self_attn.config
+        old = cfg._attn_implementation
+        cfg._attn_implementation = vee.NAME
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = old
+
+    def _mrope_next(self, full_mask: torch.Tensor) -> torch.Tensor:
+        """[3, B, 1] multimodal rotary positions of the token fed at a decode step: its
+        index among the row's real tokens plus the row's rope delta, which the model
+        stored at prefill (images take fewer positions than tokens)."""
+        B = full_mask.shape[0]
+        n = full_mask.long().sum(1) - 1
+        deltas = next((m.rope_deltas for m in self.model.modules()
+                       if getattr(m, "rope_deltas", None) is not None), None)
+        if deltas is not None:
+            n = n + deltas.reshape(-1).to(n.device).repeat_interleave(B // deltas.numel())
+        return n.view(1, B, 1).expand(3, B, 1)
+
+    def _spans(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return vee.key_spans(input_ids, self._image_ids)
 
     @contextlib.contextmanager
     def _hooks(self):
@@ -358,7 +396,7 @@ class HFSteerer:
     def _collect(st: _Step, store: list[dict | None], positions: list[list[int]],
                  new_pos: list[list[int]]) -> None:
         """Split the step's captured rows by batch row and append them to ``store``."""
-        for kind in ("heads", "residual"):
+        for kind in CAPTURE_KINDS:
             for l, buf in st.caps[kind].items():
                 rows = st.cap_rows[kind][l]
                 for row in rows.unique().tolist():
@@ -368,23 +406,29 @@ class HFSteerer:
             positions[row].extend(pos)
 
     @staticmethod
-    def _finish(plan: Plan, store: list[dict | None], positions: list[list[int]]) -> list[dict | None]:
+    def _finish(plan: Plan, store: list[dict | None], positions: list[list[int]],
+                spans: torch.Tensor | None = None) -> list[dict | None]:
+        """Per row: captures in the vLLM layout; ``spans`` ([B, K] image index per key)
+        trims attention-to-image rows to each row's own images."""
         out: list[dict | None] = []
+        info = plan.info
         for row, c in enumerate(plan.captures):
             if c is None:
                 out.append(None)
                 continue
             e = store[row]
-            res = {"heads": {}, "residual": {}, "positions": positions[row]}
-            for kind, sel in (("heads", c.heads), ("residual", c.residual)):
+            res = {"heads": {}, "residual": {}, "attn_image": {}, "positions": positions[row]}
+            n_img = int(spans[row].max()) + 1 if spans is not None and spans.numel() else 0
+            empty = {"heads": (0, info.num_heads, info.head_dim), "residual": (0, info.hidden_size),
+                     "attn_image": (0, info.num_heads, n_img)}
+            for kind, sel in (("heads", c.heads), ("residual", c.residual), ("attn_image", c.attn_image)):
                 for l in sel or ():
                     parts = e[kind].get(l, [])
                     if parts:
-                        res[kind][l] = torch.cat(parts, dim=0)
+                        t = torch.cat(parts, dim=0)
+                        res[kind][l] = t[:, :, :n_img] if kind == "attn_image" else t
                     else:
-                        shape = ((0, plan.info.num_heads, plan.info.head_dim) if kind == "heads"
-                                 else (0, plan.info.hidden_size))
-                        res[kind][l] = torch.empty(shape)
+                        res[kind][l] = torch.empty(empty[kind])
             out.append(res)
         return out
 
@@ -395,7 +439,8 @@ class HFSteerer:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.to(input_ids.device)
         st = _Step(plan, mask, PHASE_PROMPT, self._prefill_cap(plan, mask), grad, keep)
-        store = [{"heads": {}, "residual": {}} if c is not None else None for c in plan.captures]
+        st.key_span = self._spans(input_ids)
+        store = [{k: {} for k in CAPTURE_KINDS} if c is not None else None for c in plan.captures]
         positions: list[list[int]] = [[] for _ in range(B)]
         lens = mask.sum(1).tolist()
         new_pos = []
@@ -404,19 +449,21 @@ class HFSteerer:
             new_pos.append([] if c is None or c.positions == "generated"
                            else ([n - 1] if c.positions == "last" else list(range(n))))
         self._step = st
+        token = vee.CURRENT.set((self, st))
         try:
-            with self._hooks():
+            with self._hooks(), self._vee(plan):
                 out = self.model(input_ids=input_ids, attention_mask=mask,
                                  position_ids=self._positions(mask), use_cache=False, **model_kwargs)
         finally:
             self._step = None
+            vee.CURRENT.reset(token)
         self._collect(st, store, positions, new_pos)
         lg = out.logits
         if logits == "last":
             lg = lg[torch.arange(B, device=lg.device), self._last_index(mask)]
         elif logits != "all":
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-        return lg, self._finish(plan, store, positions), st
+        return lg, self._finish(plan, store, positions, st.key_span), st
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             specs: SpecLike | Sequence[SpecLike] = None, logits: str = "all", **model_kwargs):
@@ -466,10 +513,11 @@ class HFSteerer:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  specs: SpecLike | Sequence[SpecLike] = None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | Sequence[int] | None = None) -> GenerateOutput:
+                 eos_token_id: int | Sequence[int] | None = None, **model_kwargs) -> GenerateOutput:
         """Greedy (``temperature=0``) or sampled generation with a KV cache, left-padded
         batch, one spec per row; interventions act on prompt and generated tokens by
-        their ``positions``."""
+        their ``positions``. ``model_kwargs`` (an LVLM's ``pixel_values``,
+        ``image_grid_thw``, ...) go to the prefill forward: image-conditioned narratives."""
         from transformers import DynamicCache
 
         B = input_ids.shape[0]
@@ -486,8 +534,9 @@ class HFSteerer:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         pad = pad if pad is not None else (next(iter(eos)) if eos else 0)
 
-        store = [{"heads": {}, "residual": {}} if c is not None else None for c in plan.captures]
+        store = [{k: {} for k in CAPTURE_KINDS} if c is not None else None for c in plan.captures]
         positions: list[list[int]] = [[] for _ in range(B)]
+        spans = self._spans(input_ids)
         prompt_lens = [int(n) for n in mask.sum(1).tolist()]
         out_ids: list[list[int]] = [[] for _ in range(B)]
         alive = [True] * B
@@ -499,15 +548,22 @@ class HFSteerer:
                    else ([n - 1] if c.positions == "last" else list(range(n)))
                    for c, n in zip(plan.captures, prompt_lens)]
         phase, full_mask = PHASE_PROMPT, mask
-        with self._hooks():
+        for m in self.model.modules():  # a delta left by an earlier batch must not be reused
+            if getattr(m, "rope_deltas", None) is not None:
+                m.rope_deltas = None
+        with self._hooks(), self._vee(plan):
             for t in range(max_new_tokens):
                 st = _Step(plan, cur_mask, phase, step_cap, False, None)
+                st.key_span = spans
                 self._step = st
+                token = vee.CURRENT.set((self, st))
                 try:
                     out = self.model(input_ids=cur_ids, attention_mask=full_mask,
-                                     position_ids=pos, past_key_values=cache, use_cache=True)
+                                     position_ids=pos, past_key_values=cache, use_cache=True,
+                                     **(model_kwargs if t == 0 else {}))
                 finally:
                     self._step = None
+                    vee.CURRENT.reset(token)
                 self._collect(st, store, positions, new_pos)
                 logits = out.logits[:, -1].float()
                 nxt = self._pick(logits, temperature, top_p, gen)
@@ -525,8 +581,11 @@ class HFSteerer:
                 cur_ids = torch.where(alive_t, nxt.to(self.device), torch.full_like(nxt, pad)).view(B, 1)
                 cur_mask = alive_t.long().view(B, 1)
                 full_mask = torch.cat([full_mask, torch.ones_like(cur_mask)], dim=1)
+                spans = torch.nn.functional.pad(spans, (0, 1), value=-1)
                 if pos is not None:
                     pos = pos[:, -1:] + 1
+                elif self._mrope:
+                    pos = self._mrope_next(full_mask)
                 phase = PHASE_GENERATED
                 step_cap = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
                 new_pos = [[] for _ in range(B)]
@@ -537,7 +596,7 @@ class HFSteerer:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
-        return GenerateOutput(out_ids, texts, self._finish(plan, store, positions), prompt_lens)
+        return GenerateOutput(out_ids, texts, self._finish(plan, store, positions, spans), prompt_lens)
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):

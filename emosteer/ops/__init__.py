@@ -18,11 +18,13 @@ try:
     from emosteer.ops import head_affine as _head_affine  # noqa: F401
     from emosteer.ops import neuron_gain as _neuron_gain  # noqa: F401
     from emosteer.ops import residual_add as _residual_add  # noqa: F401
+    from emosteer.ops import attn_boost as _attn_boost  # noqa: F401
 except ImportError:  # no Triton: the modules can never be imported, nothing to shadow
     pass
 
 from emosteer.ops._dispatch import (
     IMPLS,
+    attn_image_boost,
     available_impls,
     head_affine_capture,
     neuron_gain,
@@ -37,4 +39,5 @@ __all__ = [
     "head_affine_capture",
     "residual_add",
     "neuron_gain",
+    "attn_image_boost",
 ]

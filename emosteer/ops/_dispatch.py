@@ -24,12 +24,17 @@ OPS = (
     "head_affine_capture",
     "residual_add",
     "neuron_gain",
+    "attn_image_boost",
 )
+# The ops every backend implements; ``available_impls(device)`` without an op answers
+# for these. The attention op has a Triton kernel, a C++ CPU kernel and no CUDA C++ one.
+CORE_OPS = OPS[:3]
 # Module holding each op's Triton launcher (one file per op stem).
 _TRITON_MODULE = {
     "head_affine_capture": "emosteer.ops.head_affine",
     "residual_add": "emosteer.ops.residual_add",
     "neuron_gain": "emosteer.ops.neuron_gain",
+    "attn_image_boost": "emosteer.ops.attn_boost",
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32,)
@@ -57,15 +62,29 @@ def _compiled(kind: str):
     except ImportError:
         return None
     ns = torch.ops.emosteer_C
-    try:
-        # A stale build (other schemas than the reference's) counts as not built.
-        for op in OPS:
-            names = [a.name for a in getattr(ns, op).default._schema.arguments]
-            if names != list(inspect.signature(getattr(reference, op)).parameters):
-                return None
-    except (AttributeError, RuntimeError):
+    # A stale build (other schemas than the reference's) counts as not built.
+    if not all(_compiled_has(ns, kind, op) for op in CORE_OPS):
         return None
     return ns
+
+
+def _compiled_has(ns, kind: str, op: str) -> bool:
+    """Whether the compiled namespace has ``op`` with the reference's schema and a
+    kernel for ``kind``'s device."""
+    try:
+        names = [a.name for a in getattr(ns, op).default._schema.arguments]
+    except (AttributeError, RuntimeError):
+        return False
+    if names != list(inspect.signature(getattr(reference, op)).parameters):
+        return False
+    key = "CUDA" if kind == "cuda" else "CPU"
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"emosteer_C::{op}", key))
+
+
+def compiled_has(kind: str, op: str) -> bool:
+    """Whether the compiled extension of ``kind`` ("cpp" / "cuda") implements ``op``."""
+    ns = _compiled(kind)
+    return ns is not None and _compiled_has(ns, kind, op)
 
 
 def _jit_why() -> Optional[str]:
@@ -87,17 +106,19 @@ def _triton_ok() -> bool:
     return True
 
 
-def available_impls(device: torch.device | str = "cpu") -> list[str]:
-    """Implementations that can run on tensors of ``device``, best first."""
+def available_impls(device: torch.device | str = "cpu", op: Optional[str] = None) -> list[str]:
+    """Implementations of ``op`` (None: of every core op) that can run on tensors of
+    ``device``, best first."""
     dev = torch.device(device)
     out = []
+    has = (lambda kind: _compiled(kind) is not None) if op is None else (lambda kind: compiled_has(kind, op))
     if dev.type == "cuda":
-        if _compiled("cuda") is not None:
+        if has("cuda"):
             out.append("cuda")
         if _triton_ok():
             out.append("triton")
     else:
-        if _compiled("cpp") is not None:
+        if has("cpp"):
             out.append("cpp")
         if _triton_ok() and triton_interpreting():
             out.append("triton")
@@ -108,11 +129,12 @@ def available_impls(device: torch.device | str = "cpu") -> list[str]:
 # Evaluated once at trace time under torch.compile (it reads the environment and
 # imports modules, which Dynamo cannot trace): the choice becomes a graph constant.
 @torch.compiler.assume_constant_result
-def resolve_impl(impl: Optional[str], device: torch.device | str) -> str:
-    """Concrete implementation name for ``impl`` (None = best) on ``device``."""
+def resolve_impl(impl: Optional[str], device: torch.device | str, op: Optional[str] = None) -> str:
+    """Concrete implementation name for ``impl`` (None = best) of ``op`` (None: every
+    core op) on ``device``."""
     if impl is None:
         impl = os.environ.get("EMOSTEER_IMPL") or None
-    avail = available_impls(device)
+    avail = available_impls(device, op)
     if impl is None:
         return avail[0]
     if impl not in IMPLS:
@@ -191,6 +213,7 @@ _MUTATES = {
     "head_affine_capture": ("z", "cap_buf"),
     "residual_add": ("r",),
     "neuron_gain": ("m",),
+    "attn_image_boost": ("out", "mass_buf"),
 }
 CUSTOM_OPS = {op: _register(op, _MUTATES[op]) for op in OPS}
 
@@ -326,3 +349,67 @@ def neuron_gain(
     _check_slots(token_slot, T, S, dev)
     _check_index(nrow, "nrow", P, f"{P} mask rows")
     torch.ops.emosteer.neuron_gain(m, token_slot, gamma, nrow, masks, flag, resolve_impl(impl, dev))
+
+
+def attn_image_boost(
+    out: torch.Tensor,  # [T, H, D]
+    query: torch.Tensor,  # [T, H, D] any strides
+    key_cache: torch.Tensor,  # [NB, BS, KVH, D] any strides
+    value_cache: torch.Tensor,  # [NB, BS, KVH, D] any strides
+    block_table: torch.Tensor,  # [R, MB] int32
+    token_row: torch.Tensor,  # [T] int32
+    token_pos: torch.Tensor,  # [T] int32
+    token_slot: torch.Tensor,  # [T] int32
+    beta: torch.Tensor,  # [S, H] float32
+    logit_mode: torch.Tensor,  # [S] int32
+    spans: torch.Tensor,  # [R, NS, 2] int32
+    cap_index: torch.Tensor,  # [T] int32
+    mass_buf: torch.Tensor,  # [C, H, NS] float32
+    sm_scale: torch.Tensor,  # [1] float32
+    flag: torch.Tensor,  # [1] int32, 0 = off
+    impl: Optional[str] = None,
+) -> None:
+    """In place: rewrite ``out[t, h]`` with attention whose image-key weights are
+    boosted by ``beta[token_slot[t], h]``, and write the attention mass per image span
+    of captured tokens; see ``reference.attn_image_boost``."""
+    _check(out, "out", ndim=3, dtypes=FLOAT_DTYPES)
+    T, H, D = out.shape
+    dev = out.device
+    _check(query, "query", ndim=3, dtypes=(out.dtype,), shape=(T, H, D), device=dev, contiguous=False)
+    _check(key_cache, "key_cache", ndim=4, dtypes=(out.dtype,), shape=(None, None, None, D),
+           device=dev, contiguous=False)
+    NB, BS, KVH, _ = key_cache.shape
+    _check(value_cache, "value_cache", ndim=4, dtypes=(out.dtype,), shape=(NB, BS, KVH, D),
+           device=dev, contiguous=False)
+    if KVH == 0 or H % KVH:
+        raise ValueError(f"out has {H} heads, which is not a multiple of the cache's {KVH} KV heads")
+    _check(block_table, "block_table", ndim=2, dtypes=INDEX_DTYPES, device=dev, contiguous=False)
+    R = block_table.shape[0]
+    _check(spans, "spans", ndim=3, dtypes=INDEX_DTYPES, shape=(None, None, 2), device=dev)
+    if spans.shape[0] < R:
+        raise ValueError(f"spans has {spans.shape[0]} rows; the block table has {R}")
+    NS = spans.shape[1]
+    _check(beta, "beta", ndim=2, dtypes=(torch.float32,), shape=(None, H), device=dev)
+    S = beta.shape[0]
+    _check(logit_mode, "logit_mode", ndim=1, dtypes=INDEX_DTYPES, shape=(S,), device=dev)
+    _check(mass_buf, "mass_buf", ndim=3, dtypes=(torch.float32,), shape=(None, H, NS), device=dev)
+    for name, t in (("token_row", token_row), ("token_pos", token_pos), ("cap_index", cap_index)):
+        _check(t, name, ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=dev)
+    _check(sm_scale, "sm_scale", ndim=1, dtypes=(torch.float32,), shape=(1,), device=dev)
+    _check_flag(flag, dev)
+    _check_slots(token_slot, T, S, dev)
+    _check_index(token_row, "token_row", R, f"{R} block-table rows")
+    _check_index(cap_index, "cap_index", mass_buf.shape[0], f"{mass_buf.shape[0]} capture rows")
+    if _can_read_values() and T:
+        rows = token_row >= 0
+        if bool(rows.any()):
+            pos = token_pos[rows]
+            if int(pos.min()) < 0 or int(pos.max()) >= block_table.shape[1] * BS:
+                raise IndexError(
+                    f"token_pos holds values in [{int(pos.min())}, {int(pos.max())}] but must lie in "
+                    f"[0, {block_table.shape[1] * BS}) (block table width x block size)"
+                )
+    torch.ops.emosteer.attn_image_boost(
+        out, query, key_cache, value_cache, block_table, token_row, token_pos, token_slot, beta,
+        logit_mode, spans, cap_index, mass_buf, sm_scale, flag, resolve_impl(impl, dev, "attn_image_boost"),
+    )

@@ -28,12 +28,15 @@ kept.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "head_affine_capture",
     "residual_add",
     "neuron_gain",
+    "attn_image_boost",
 ]
 
 
@@ -132,3 +135,83 @@ def neuron_gain(
     g = 1.0 + (gamma[s].float() - 1.0).unsqueeze(-1) * masks[rows[sel].long()].float()
     out = (m[sel].float() * g).to(m.dtype)
     m[sel] = torch.where(g == 1, m[sel], out)
+
+
+def attn_image_boost(
+    out: torch.Tensor,  # [T, H, D] attention output of the layer (o_proj input), mutated
+    query: torch.Tensor,  # [T, H, D] queries after rotary embedding (any strides)
+    key_cache: torch.Tensor,  # [NB, BS, KVH, D] paged keys (any strides)
+    value_cache: torch.Tensor,  # [NB, BS, KVH, D] paged values (any strides)
+    block_table: torch.Tensor,  # [R, MB] int32 physical block of each logical block, per row
+    token_row: torch.Tensor,  # [T] int32 batch row (block table / spans row), -1 = skip
+    token_pos: torch.Tensor,  # [T] int32 position in its sequence: it sees keys 0..pos
+    token_slot: torch.Tensor,  # [T] int32, -1 = no boost
+    beta: torch.Tensor,  # [S, H] float32 boost of image keys, 1 = none
+    logit_mode: torch.Tensor,  # [S] int32, 0 = weights x beta (logit + log beta), 1 = logit x beta
+    spans: torch.Tensor,  # [R, NS, 2] int32 image key spans [start, end); start >= end = none
+    cap_index: torch.Tensor,  # [T] int32 row of mass_buf, -1 = no capture
+    mass_buf: torch.Tensor,  # [C, H, NS] float32 attention mass per image span, mutated
+    sm_scale: torch.Tensor,  # [1] float32 softmax scale (1/sqrt(D) for most models)
+    flag: torch.Tensor,  # [1] int32, 0 = the op does nothing at all
+) -> None:
+    """VEE inside attention, and the attention mass on image keys, for selected tokens.
+
+    Token ``t`` (row ``r = token_row[t] >= 0``, position ``p = token_pos[t]``) attends
+    causally to keys ``j = 0..p`` of its sequence, read from the paged cache through
+    ``block_table[r, j // BS]``; query head ``h`` reads key/value head ``h // (H // KVH)``.
+    With ``s = token_slot[t] >= 0`` and ``beta[s, h] != 1`` the logit of every image key
+    (``j`` in a span of row ``r``) becomes ``l_j + log(beta)`` (``logit_mode[s] == 0``:
+    the softmax weight is multiplied by beta, then all weights renormalised) or
+    ``beta * l_j`` (``logit_mode[s] == 1``), and ``out[t, h]`` is rewritten with that
+    attention. It is rewritten only then, and only when ``t`` sees at least one image
+    key; every other (token, head) is left bit-identical, so beta = 1 is exactly plain
+    attention. Where ``cap_index[t] >= 0``, ``mass_buf[cap_index[t], h, k]`` receives the
+    softmax mass of the keys of span ``k`` (0 for empty spans) under the attention the
+    token actually runs with. Math in float32; ``out`` is cast once.
+    """
+    if _off(flag):
+        return
+    T, H, D = out.shape
+    if T == 0:
+        return
+    BS, KVH = key_cache.shape[1], key_cache.shape[2]
+    group = H // KVH
+    scale = float(sm_scale[0])
+    NS = spans.shape[1]
+    for t in range(T):
+        r = int(token_row[t])
+        if r < 0:
+            continue
+        s = int(token_slot[t])
+        c = int(cap_index[t])
+        boosted = s >= 0 and bool((beta[s] != 1).any())
+        if not boosted and c < 0:
+            continue
+        p = int(token_pos[t])
+        j = torch.arange(p + 1, device=out.device)
+        blocks = block_table[r, j // BS].long()
+        k = key_cache[blocks, j % BS].float()  # [p+1, KVH, D]
+        v = value_cache[blocks, j % BS].float()
+        in_span = torch.zeros((NS, p + 1), dtype=torch.bool, device=out.device)
+        for n in range(NS):
+            lo, hi = int(spans[r, n, 0]), int(spans[r, n, 1])
+            if lo < hi:
+                in_span[n] = (j >= lo) & (j < hi)
+        img = in_span.any(0)
+        sees_image = bool(img.any())
+        q = query[t].float()  # [H, D]
+        for h in range(H):
+            kv = h // group
+            logits = (k[:, kv] @ q[h]) * scale
+            b = float(beta[s, h]) if s >= 0 else 1.0
+            rewrite = s >= 0 and b != 1.0 and sees_image
+            if rewrite:
+                if int(logit_mode[s]) == 0:
+                    logits = torch.where(img, logits + math.log(b), logits)
+                else:
+                    logits = torch.where(img, logits * b, logits)
+            w = torch.softmax(logits, dim=0)
+            if rewrite:
+                out[t, h] = (w @ v[:, kv]).to(out.dtype)
+            if c >= 0:
+                mass_buf[c, h] = (in_span.float() * w).sum(1)

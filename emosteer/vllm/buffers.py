@@ -14,13 +14,21 @@ P = pool rows per kind)::
     head_pool   [P, Hl, D]  model dtype   one row = one head vector at one layer
     res_pool    [P, d]      model dtype   one row = one residual vector at one layer
     neu_pool    [P, Il]     fp32          one row = one neuron mask at one layer
-    flags       [4, L, 1]   int32  per op kind (heads, residual, neurons, residual
-                                   capture) and layer: 1 = some token of this step needs
-                                   the op here; 0 = the kernel returns at once
+    beta        [L, S, Hl]  fp32   VEE boost of image keys per head (1 = none)
+    bmode       [S]         int32  0 = boost softmax weights, 1 = boost logits
+    flags       [5, L, 1]   int32  per op kind (heads, residual, neurons, residual
+                                   capture, attention) and layer: 1 = some token of this
+                                   step needs the op here; 0 = the kernel returns at once
+    token_row   [Tm]        int32  batch row of each token (-1 = none; written only in
+                                   steps where the attention op has work)
+    token_pos   [Tm]        int32  position of each token in its sequence
+    spans       [R, NS, 2]  int32  image key spans [start, end) per batch row
     head_cap    [L, Tm]     int32  capture row of (layer, token) head outputs, -1 = none
     res_cap     [L, Tm]     int32  capture row of (layer, token) residual, -1 = none
     head_buf    [C, Hl, D]         captured head outputs (rows shared by all layers)
     res_buf     [C, 1, d]          captured residual rows
+    mass_cap    [L, Tm]     int32  capture row of (layer, token) attention-to-image mass
+    mass_buf    [C, Hl, NS] fp32   attention mass per head and image span
 
 A slot is the tables' column s: scalars and row ids, a few bytes per layer; the vectors
 live once in the pools. Running example, 4 tokens of 3 requests, slots 0 and 2 in use::
@@ -40,7 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
-FLAG_HEADS, FLAG_RES, FLAG_NEU, FLAG_RESCAP = 0, 1, 2, 3
+FLAG_HEADS, FLAG_RES, FLAG_NEU, FLAG_RESCAP, FLAG_ATTN = 0, 1, 2, 3, 4
+NUM_FLAGS = 5
 
 
 class AttnSite:
@@ -55,6 +64,15 @@ class AttnSite:
         self.cap_buf = bufs.head_buf
         self.flag = bufs.flags[FLAG_HEADS, layer]
         self.impl = impl
+        # VEE / attention-to-image capture (emosteer/vllm/patches/attention.py); set by
+        # the worker only where the engine's attention can be read (``vee`` True).
+        self.vee = False
+        self.beta, self.bmode = bufs.beta[layer], bufs.bmode
+        self.token_row, self.token_pos, self.spans = bufs.token_row, bufs.token_pos, bufs.spans
+        self.mass_cap, self.mass_buf = bufs.mass_cap[layer], bufs.mass_buf
+        self.attn_flag = bufs.flags[FLAG_ATTN, layer]
+        self.attn_impl = impl
+        self.sm_scale: torch.Tensor | None = None
 
 
 class NormSite:
@@ -101,6 +119,8 @@ class Shape:
     max_tokens: int
     capture_rows: int
     pool_rows: dict  # kind ("res", "head", "neu") -> rows
+    max_reqs: int = 1  # batch rows per step
+    max_images: int = 8  # image spans per request (NS)
 
 
 class SteerBuffers:
@@ -125,7 +145,14 @@ class SteerBuffers:
         self.head_pool = torch.zeros((P["head"], s.heads, s.head_dim), **act)
         self.res_pool = torch.zeros((P["res"], s.hidden), **act)
         self.neu_pool = torch.zeros((P["neu"], s.neurons), **f32)
-        self.flags = torch.zeros((4, L, 1), **i32)
+        self.beta = torch.ones((L, S, s.heads), **f32)
+        self.bmode = torch.zeros((S,), **i32)
+        self.flags = torch.zeros((NUM_FLAGS, L, 1), **i32)
+        self.token_row = torch.full((s.max_tokens,), -1, **i32)
+        self.token_pos = torch.zeros((s.max_tokens,), **i32)
+        self.spans = torch.zeros((s.max_reqs, s.max_images, 2), **i32)
+        self.mass_cap = torch.full((L, s.max_tokens), -1, **i32)
+        self.mass_buf = torch.zeros((s.capture_rows, s.heads, s.max_images), **f32)
         self.head_cap = torch.full((L, s.max_tokens), -1, **i32)
         self.res_cap = torch.full((L, s.max_tokens), -1, **i32)
         self.head_buf = torch.zeros((s.capture_rows, s.heads, s.head_dim), **act)
@@ -138,7 +165,8 @@ class SteerBuffers:
 
     def nbytes(self, which: str = "all") -> int:
         """Bytes of every buffer, or of ``"slots"`` (the per-slot tables) or ``"pool"``."""
-        slots = (self.a, self.b, self.vrow, self.alpha, self.urow, self.gamma, self.nrow)
+        slots = (self.a, self.b, self.vrow, self.alpha, self.urow, self.gamma, self.nrow,
+                 self.beta, self.bmode)
         pools = (self.head_pool, self.res_pool, self.neu_pool)
         if which == "slots":
             ts = slots

@@ -45,12 +45,15 @@ def check_name(value: Any, field: str) -> str:
 
 
 def capture_rows_per_step(spec: SteerSpec, num_prompt_tokens: int | None, num_layers: int) -> int:
-    """The most capture rows ``spec`` can fill in one engine step: captured layers times
-    the captured tokens one step can hold (every prompt token for "all", else one)."""
+    """The most capture rows ``spec`` can fill in one engine step in any one capture
+    buffer (heads, residual and attention-to-image rows have a buffer each): captured
+    layers times the captured tokens one step can hold (every prompt token for "all",
+    else one)."""
     c = spec.capture
     if c is None:
         return 0
-    layers = sum(num_layers if v == "all" else len(v) for v in (c.heads, c.residual) if v is not None)
+    layers = max(num_layers if v == "all" else len(v) for v in (c.heads, c.residual, c.attn_image)
+                 if v is not None)
     tokens = (num_prompt_tokens or 1) if c.positions == "all" else 1
     return layers * tokens
 
@@ -109,8 +112,6 @@ class FrontendSteering:
         """Parse + validate against the bank and the model; SpecError names the field."""
         spec = SteerSpec.parse(raw)
         spec.validate(self.bank, self.info, num_prompt_tokens, max_tokens)
-        if spec.boost is not None:
-            raise SpecError("boost", "attention boost (VEE) is not executed by the vLLM plugin yet")
         return spec.resolve(self.info)
 
     def plan(self, spec: SteerSpec, num_prompt_tokens: int | None = None) -> dict:

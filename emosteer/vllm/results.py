@@ -3,8 +3,9 @@ tensor-parallel ranks; one implementation for the offline API (``emosteer.LLM``)
 HTTP route (``GET /v1/emosteer/captures/{key}``).
 
 A worker returns, per result key, ``{"error", "positions", "tensors"}`` with the tensors
-as one safetensors blob named ``heads.<layer>`` ([P, H/tp, D]) and ``residual.<layer>``
-([P, d]). Heads are concatenated in rank order (global head order); the residual is
+as one safetensors blob named ``heads.<layer>`` ([P, H/tp, D]), ``residual.<layer>``
+([P, d]) and ``attn_image.<layer>`` ([P, H/tp, images]: attention mass on each image's
+keys). Heads are concatenated in rank order (global head order); the residual is
 replicated over ranks, so rank 0's is taken.
 """
 
@@ -16,9 +17,13 @@ from typing import Any
 import torch
 
 
+KINDS = ("heads", "residual", "attn_image")
+
+
 def merge_results(per_rank: list[dict], keys: list[str]) -> dict[str, dict]:
     """key -> ``{"error": str | None, "captures": None | {"heads": {layer: T}, "residual":
-    {layer: T}, "positions": [...]}}`` for the keys some worker held."""
+    {layer: T}, "attn_image": {layer: T}, "positions": [...]}}`` for the keys some worker
+    held."""
     from safetensors.torch import load
 
     out: dict[str, dict] = {}
@@ -28,21 +33,17 @@ def merge_results(per_rank: list[dict], keys: list[str]) -> dict[str, dict]:
             continue
         error = next((p["error"] for p in parts if p and p.get("error")), None)
         loaded = [load(p["tensors"]) if p and p.get("tensors") else {} for p in parts]
-        heads: dict[int, torch.Tensor] = {}
-        residual: dict[int, torch.Tensor] = {}
+        got: dict[str, dict[int, torch.Tensor]] = {k: {} for k in KINDS}
         for name in loaded[0]:
             kind, layer = name.split(".")
-            if kind == "heads":
-                heads[int(layer)] = torch.cat([ld[name] for ld in loaded], dim=1)
+            if kind in ("heads", "attn_image"):  # sharded by head over the ranks
+                got[kind][int(layer)] = torch.cat([ld[name] for ld in loaded], dim=1)
             else:
-                residual[int(layer)] = loaded[0][name]
+                got[kind][int(layer)] = loaded[0][name]
         captures = None
-        if heads or residual:
-            captures = {
-                "heads": dict(sorted(heads.items())),
-                "residual": dict(sorted(residual.items())),
-                "positions": list(parts[0]["positions"]),
-            }
+        if any(got.values()):
+            captures = {k: dict(sorted(got[k].items())) for k in KINDS}
+            captures["positions"] = list(parts[0]["positions"])
         out[key] = {"error": error, "captures": captures}
     return out
 
@@ -51,21 +52,21 @@ def to_json(key: str, result: dict) -> dict:
     """A merged result as plain JSON (nested lists, layers as string keys)."""
     caps = result.get("captures")
     body: dict[str, Any] = {"key": key, "error": result.get("error"), "positions": [],
-                            "heads": {}, "residual": {}}
+                            **{k: {} for k in KINDS}}
     if caps:
         body["positions"] = caps["positions"]
-        body["heads"] = {str(layer): t.float().tolist() for layer, t in caps["heads"].items()}
-        body["residual"] = {str(layer): t.float().tolist() for layer, t in caps["residual"].items()}
+        for k in KINDS:
+            body[k] = {str(layer): t.float().tolist() for layer, t in caps.get(k, {}).items()}
     return body
 
 
 def to_safetensors(key: str, result: dict) -> bytes:
-    """A merged result as one safetensors file: tensors ``heads.<layer>`` [P, H, D] and
-    ``residual.<layer>`` [P, d]; metadata ``emosteer`` = JSON {key, error, positions}."""
+    """A merged result as one safetensors file: tensors ``heads.<layer>`` [P, H, D],
+    ``residual.<layer>`` [P, d] and ``attn_image.<layer>`` [P, H, images]; metadata
+    ``emosteer`` = JSON {key, error, positions}."""
     from safetensors.torch import save
 
-    caps = result.get("captures") or {"heads": {}, "residual": {}, "positions": []}
-    tensors = {f"heads.{layer}": t.contiguous() for layer, t in caps["heads"].items()}
-    tensors.update({f"residual.{layer}": t.contiguous() for layer, t in caps["residual"].items()})
+    caps = result.get("captures") or {"positions": []}
+    tensors = {f"{k}.{layer}": t.contiguous() for k in KINDS for layer, t in caps.get(k, {}).items()}
     meta = {"key": key, "error": result.get("error"), "positions": caps["positions"]}
     return save(tensors, metadata={"emosteer": json.dumps(meta)})

@@ -30,9 +30,19 @@ import torch
 
 from emosteer.bank import ModelInfo, VectorBank
 from emosteer.compile import PHASES, compile_request, key_kind, local_heads, materialize
-from emosteer.spec import SteerSpec
+from emosteer.spec import MAX_IMAGES, SpecError, SteerSpec
 from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, discard_failures, report_failure
-from emosteer.vllm.buffers import FLAG_HEADS, FLAG_RESCAP, ActSite, AttnSite, NormSite, Shape, SteerBuffers
+from emosteer.vllm.buffers import (
+    FLAG_ATTN,
+    FLAG_HEADS,
+    FLAG_RESCAP,
+    NUM_FLAGS,
+    ActSite,
+    AttnSite,
+    NormSite,
+    Shape,
+    SteerBuffers,
+)
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, SAMPLES_KEY
 
@@ -53,6 +63,9 @@ class RequestState:
         self.capture = None
         self.heads: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, D]
         self.residual: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [d]
+        self.attn: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, NS]
+        self.spans: list[tuple[int, int]] = []  # image key spans [start, end) of the prompt
+        self.vee = False  # uses the attention op (boost or attn_image capture)
         self.error: str | None = None
         self.fetched = False  # results already handed out (see WorkerSteering.fetch)
 
@@ -142,6 +155,8 @@ class WorkerSteering:
             max_tokens=max_tokens,
             capture_rows=self.capacity.capture_rows,
             pool_rows=dict(self.capacity.rows),
+            max_reqs=int(getattr(runner, "max_num_reqs", 0) or vcfg.scheduler_config.max_num_seqs),
+            max_images=MAX_IMAGES,
         )
         self.bufs = SteerBuffers(self.shape, runner.model_config.dtype, self.device)
         for i, m in attns.items():
@@ -152,10 +167,22 @@ class WorkerSteering:
         if self.features["neurons"]:
             for i, m in acts.items():
                 m._emosteer_site = ActSite(self.bufs, i, self.impl)
+        self.vee_why = _vee_unsupported(runner, attns)
+        self.features["vee"] = len(attns) == L and self.vee_why is None
+        self.attn_impl = None
+        if self.features["vee"]:
+            self.attn_impl = _pick_impl(self.settings.impl, self.device, "attn_image_boost")
+            backend = attn0.attn_backend.get_name()
+            for m in attns.values():
+                site = m._emosteer_site
+                site.vee, site.backend, site.attn_impl, site.host_on = True, backend, self.attn_impl, False
+                site.sm_scale = torch.tensor([float(m.impl.scale)], dtype=torch.float32, device=self.device)
+        self.attn_sites = [attns[i]._emosteer_site for i in sorted(attns)]
         S = self.settings.max_slots
         # What each slot / pool row holds now (written on the scheduler's grant).
         self.slot_fp: list[str | None] = [None] * S
-        self.slot_layers = np.zeros((S, 3, L), dtype=bool)  # slot -> (heads, res, neu) x layer
+        # slot -> (heads, res, neu, boost) x layer
+        self.slot_layers = np.zeros((S, 4, L), dtype=bool)
         self.row_key: dict[str, list[str | None]] = {k: [None] * n for k, n in self.capacity.rows.items()}
         self.reqs: dict[str, RequestState] = {}
         self.by_key: dict[str, str] = {}  # result key -> live request id
@@ -166,6 +193,7 @@ class WorkerSteering:
         self._pending: list = []  # (copy event, host rows, records) not yet handed out
         self._batch_key: tuple | None = None
         self._batch: tuple | None = None
+        self._spans_written = False
         logger.info(
             "emosteer: %d layers, %d slots (%.2f MiB), pool %s rows (%.1f MiB), %d capture rows, "
             "impl=%s, features=%s",
@@ -199,6 +227,7 @@ class WorkerSteering:
             # One of n samples (vLLM's child request "<index>_<parent id>"): its own key.
             key = f"{key}#{req_id.split('_', 1)[0]}"
         rs = RequestState(req_id, str(key) if key is not None else None, int(cached.num_prompt_tokens))
+        rs.spans = image_spans(cached)
         self.reqs[req_id] = rs
         if rs.key is not None:
             self.by_key[rs.key] = req_id
@@ -215,6 +244,11 @@ class WorkerSteering:
             spec.validate(bank, self.info)
             spec = spec.resolve(self.info)
             self._check_features(spec)
+            rs.vee = spec.boost is not None or bool(spec.capture is not None and spec.capture.attn_image)
+            if rs.vee and len(rs.spans) > MAX_IMAGES:
+                field = "boost" if spec.boost is not None else "capture.attn_image"
+                raise SpecError(field, f"the prompt holds {len(rs.spans)} images; VEE and attn_image "
+                                f"captures handle up to {MAX_IMAGES} per request")
             prog = compile_request(spec, bank, self.info, rs.num_prompt)
             if spec.intervenes() or spec.capture is not None:
                 self._apply_grant(prog, plan, extra.get(GRANT_KEY), rs, bank)
@@ -230,6 +264,7 @@ class WorkerSteering:
         rs.pos_positions = np.zeros(0, dtype=np.int64)
         rs.pos_slots = np.zeros(0, dtype=np.int32)
         rs.capture = None
+        rs.vee = False
         if rs.error is None:
             rs.error = message
         logger.error("emosteer: request %s is failed (not run without its interventions): %s", rs.req_id, message)
@@ -278,10 +313,11 @@ class WorkerSteering:
             rs.pos_slots = np.array([rs.slots[name] for _, name in at], dtype=np.int32)
 
     def _check_features(self, spec: SteerSpec) -> None:
-        from emosteer.spec import SpecError
-
-        if spec.boost is not None:
-            raise SpecError("boost", "attention boost (VEE) is not executed by the vLLM plugin yet")
+        want_attn = [f for f, on in (("boost", spec.boost is not None),
+                                     ("capture.attn_image", bool(spec.capture and spec.capture.attn_image))) if on]
+        if want_attn and not self.features["vee"]:
+            raise SpecError(want_attn[0], f"VEE and attention-to-image captures are unavailable in this "
+                            f"engine: {self.vee_why or 'the decoder layers hold no vLLM Attention module'}")
         need = {"steer": "residual", "heads": "heads", "neurons": "neurons"}
         for field, feat in need.items():
             if getattr(spec, field) and not self.features[feat]:
@@ -300,7 +336,8 @@ class WorkerSteering:
         urow = torch.full((L,), -1, dtype=torch.int32)
         gamma = torch.ones(L)
         nrow = torch.full((L,), -1, dtype=torch.int32)
-        act = np.zeros((3, L), dtype=bool)
+        beta = torch.ones(L, Hl)
+        act = np.zeros((4, L), dtype=bool)
         for (layer, head), (ha, hb, key) in prog.heads.items():
             if head not in heads:
                 continue  # another tensor-parallel rank holds this head
@@ -315,7 +352,14 @@ class WorkerSteering:
         for layer, (g, key) in prog.neu.items():
             gamma[layer], nrow[layer] = g, rows[key]
             act[2, layer] = True
+        for layer, per_head in prog.boost.items():
+            for head, bval in per_head.items():
+                if head in heads:
+                    beta[layer, head - heads.start] = bval
+                    act[3, layer] = True
         bf = self.bufs
+        bf.beta[:, slot] = beta.to(bf.device)
+        bf.bmode[slot] = int(prog.boost_mode)
         bf.a[:, slot] = a.to(bf.device)
         bf.b[:, slot] = b.to(bf.device)
         bf.vrow[:, slot] = vrow.to(bf.device)
@@ -377,11 +421,16 @@ class WorkerSteering:
         npr = np.zeros(n, dtype=np.int64)
         caps = []
         at = []  # (batch row, positions, slots) of requests with position groups
+        spans = None  # [n, NS, 2] image spans, where some request uses the attention op
         for i, rid in enumerate(key):
             rs = self.reqs.get(rid)
             if rs is None:
                 rs = self._new_request(rid, runner.requests[rid])
             ps[i], gs[i], npr[i] = rs.slots["prompt"], rs.slots["generated"], rs.num_prompt
+            if rs.vee and rs.spans:
+                if spans is None:
+                    spans = np.zeros((n, self.shape.max_images, 2), dtype=np.int32)
+                spans[i, : len(rs.spans)] = rs.spans
             if rs.pos_slots.size:
                 at.append((i, rs.pos_positions, rs.pos_slots))
             if rs.capture is not None and rs.error is None:
@@ -389,14 +438,15 @@ class WorkerSteering:
         extra = [sl for _, _, sl in at]
         any_slot = bool((ps >= 0).any() or (gs >= 0).any() or extra)
         used = np.unique(np.concatenate([ps[ps >= 0], gs[gs >= 0], *extra])) if any_slot else None
-        layer_flags = self.slot_layers[used].any(axis=0) if any_slot else None  # [3, L]
+        layer_flags = self.slot_layers[used].any(axis=0) if any_slot else None  # [4, L]
         self._batch_key = key
         cap_at = (
             np.array([i for i, _ in caps], dtype=np.int64),
             np.array([rs.num_prompt - 1 if rs.capture.positions == "last" else -1 for _, rs in caps],
                      dtype=np.int64),
         )
-        self._batch = (ps, gs, npr, caps, any_slot, layer_flags, at, cap_at)
+        self._batch = (ps, gs, npr, caps, any_slot, layer_flags, at, cap_at, spans)
+        self._spans_written = False
         return self._batch
 
     def prepare_step(self, runner: Any) -> None:
@@ -405,7 +455,7 @@ class WorkerSteering:
         ib = runner.input_batch
         n = ib.num_reqs
         self._step = None
-        ps, gs, npr, caps, any_slot, layer_flags, at, cap_at = self._batch_tables(runner, n)
+        ps, gs, npr, caps, any_slot, layer_flags, at, cap_at, spans = self._batch_tables(runner, n)
         if not any_slot and not caps:
             return
         qs = runner.query_start_loc.np[: n + 1]
@@ -415,7 +465,7 @@ class WorkerSteering:
         row = np.repeat(np.arange(n), counts)  # batch row of each token
         pos = computed[row] + (np.arange(T) - qs[:-1][row])  # position in its request
         L = self.shape.num_layers
-        flags = np.zeros((4, L), dtype=np.int32)
+        flags = np.zeros((NUM_FLAGS, L), dtype=np.int32)
         b = self.bufs
         if any_slot:
             slot = np.where(pos < npr[row], ps[row], gs[row]).astype(np.int32)
@@ -427,10 +477,11 @@ class WorkerSteering:
                 if hit.any():
                     slot[lo:hi][hit] = S[k[hit]]
             self._h2d(b.token_slot[:T], slot)
-            flags[:3] = layer_flags
-        head_cap = res_cap = None
+            flags[:3] = layer_flags[:3]
+            flags[FLAG_ATTN] = layer_flags[3]
+        head_cap = res_cap = mass_cap = None
         records: list[tuple[RequestState, str, int, np.ndarray, np.ndarray]] = []
-        rows = {"heads": 0, "residual": 0}
+        rows = {"heads": 0, "residual": 0, "attn_image": 0}
         if caps:
             # "last" captures have work only in the step holding the last prompt token:
             # skip the others without a per-request loop (decode steps of a big batch).
@@ -448,7 +499,7 @@ class WorkerSteering:
             idx = np.nonzero(want)[0]
             if idx.size == 0:
                 continue
-            need = idx.size * (len(cap.heads or ()) + len(cap.residual or ()))
+            need = idx.size * max(len(cap.heads or ()), len(cap.residual or ()), len(cap.attn_image or ()))
             if max(rows.values()) + need > self.shape.capture_rows:
                 # Only this request's captures are lost; its text and the others' are not.
                 rs.error = (
@@ -459,13 +510,18 @@ class WorkerSteering:
                 self._batch_key = None  # its capture is off from now on
                 rs.capture = None
                 continue
-            for kind, layers in (("heads", cap.heads), ("residual", cap.residual)):
+            for kind, layers in (("heads", cap.heads), ("residual", cap.residual),
+                                 ("attn_image", cap.attn_image)):
                 for layer in layers or ():
                     r0 = rows[kind]
                     if kind == "heads":
                         if head_cap is None:
                             head_cap = np.full((L, T), -1, dtype=np.int32)
                         arr, flag = head_cap, FLAG_HEADS
+                    elif kind == "attn_image":
+                        if mass_cap is None:
+                            mass_cap = np.full((L, T), -1, dtype=np.int32)
+                        arr, flag = mass_cap, FLAG_ATTN
                     else:
                         if res_cap is None:
                             res_cap = np.full((L, T), -1, dtype=np.int32)
@@ -479,8 +535,23 @@ class WorkerSteering:
             self._h2d(b.head_cap[:, :T], head_cap)
         if res_cap is not None:
             self._h2d(b.res_cap[:, :T], res_cap)
-        self._h2d(b.flags, flags.reshape(4, L, 1))
-        self._step = {"T": T, "records": records, "rows": rows, "slots": any_slot}
+        if mass_cap is not None:
+            self._h2d(b.mass_cap[:, :T], mass_cap)
+        attn = bool(flags[FLAG_ATTN].any())
+        if attn:
+            # The attention op reads each token's batch row and position, and the rows'
+            # image spans (empty for requests without images or without VEE).
+            self._h2d(b.token_row[:T], row.astype(np.int32))
+            self._h2d(b.token_pos[:T], pos.astype(np.int32))
+            if not self._spans_written:
+                b.spans[:n].zero_()
+                if spans is not None:
+                    self._h2d(b.spans[:n], spans)
+                self._spans_written = True
+            for i, site in enumerate(self.attn_sites):
+                site.host_on = bool(flags[FLAG_ATTN, site.layer])
+        self._h2d(b.flags, flags.reshape(NUM_FLAGS, L, 1))
+        self._step = {"T": T, "records": records, "rows": rows, "slots": any_slot, "attn": attn}
 
     def abandon_step(self, runner: Any) -> None:
         """After an internal error in ``prepare_step``: the step runs with every flag 0
@@ -493,6 +564,10 @@ class WorkerSteering:
         b.token_slot.fill_(-1)
         b.head_cap.fill_(-1)
         b.res_cap.fill_(-1)
+        b.mass_cap.fill_(-1)
+        b.token_row.fill_(-1)
+        for site in self.attn_sites:
+            site.host_on = False
         ib = runner.input_batch
         for rid in ib.req_ids[: ib.num_reqs]:
             rs = self.reqs.get(rid)
@@ -525,7 +600,7 @@ class WorkerSteering:
             if event is not None:
                 event.synchronize()
             for rs, kind, layer, positions, rows in records:
-                store = rs.heads if kind == "heads" else rs.residual
+                store = {"heads": rs.heads, "residual": rs.residual, "attn_image": rs.attn}[kind]
                 per = store.setdefault(layer, {})
                 data = got[kind]
                 for p, r in zip(positions.tolist(), rows.tolist()):
@@ -548,6 +623,13 @@ class WorkerSteering:
         if step["rows"]["residual"]:
             got["residual"] = self._d2h(b.res_buf[: step["rows"]["residual"], 0])
             b.res_cap[:, :T].fill_(-1)
+        if step["rows"]["attn_image"]:
+            got["attn_image"] = self._d2h(b.mass_buf[: step["rows"]["attn_image"]])
+            b.mass_cap[:, :T].fill_(-1)
+        if step["attn"]:
+            b.token_row[:T].fill_(-1)
+            for site in self.attn_sites:
+                site.host_on = False
         if step["slots"]:
             b.token_slot[:T].fill_(-1)
         if step["records"]:
@@ -576,7 +658,7 @@ class WorkerSteering:
                     continue
                 out[k] = _pack(rs)
                 rs.fetched = True
-                rs.heads, rs.residual = {}, {}
+                rs.heads, rs.residual, rs.attn = {}, {}, {}
         return out
 
     def status(self) -> dict:
@@ -599,11 +681,14 @@ def _pack(rs: RequestState) -> dict:
 
     tensors: dict[str, torch.Tensor] = {}
     positions: set[int] = set()
-    for kind, store in (("heads", rs.heads), ("residual", rs.residual)):
+    for kind, store in (("heads", rs.heads), ("residual", rs.residual), ("attn_image", rs.attn)):
         for layer, per in store.items():
             ps = sorted(per)
             positions.update(ps)
-            tensors[f"{kind}.{layer}"] = torch.stack([per[p] for p in ps]).contiguous()
+            t = torch.stack([per[p] for p in ps])
+            if kind == "attn_image":  # [P, Hl, NS] -> the request's own images
+                t = t[:, :, : len(rs.spans)]
+            tensors[f"{kind}.{layer}"] = t.contiguous()
     return {
         "error": rs.error,
         "positions": sorted(positions),
@@ -611,12 +696,93 @@ def _pack(rs: RequestState) -> dict:
     }
 
 
-def _pick_impl(forced: str | None, device: torch.device) -> str:
-    """The op implementation for the engine. The interpreted Triton path (CPU with
-    TRITON_INTERPRET set) is test-only; an engine never picks it unless forced."""
+def _pick_impl(forced: str | None, device: torch.device, op: str | None = None) -> str:
+    """The op implementation for the engine (of ``op``, or of every core op). The
+    interpreted Triton path (CPU with TRITON_INTERPRET set) is test-only; an engine never
+    picks it unless forced."""
     from emosteer.ops import available_impls, resolve_impl
 
     if forced:
-        return resolve_impl(forced, device)
-    avail = [i for i in available_impls(device) if not (device.type == "cpu" and i == "triton")]
+        return resolve_impl(forced, device, op)
+    avail = [i for i in available_impls(device, op) if not (device.type == "cpu" and i == "triton")]
     return avail[0]
+
+
+def image_spans(cached: Any) -> list[tuple[int, int]]:
+    """Key spans ``[start, end)`` of the prompt's image (and video) placeholder tokens,
+    in prompt order, from vLLM's multimodal feature specs."""
+    out = []
+    for f in getattr(cached, "mm_features", None) or ():
+        if getattr(f, "modality", None) in ("image", "video"):
+            p = f.mm_position
+            out.append((int(p.offset), int(p.offset + p.length)))
+    return sorted(out)
+
+
+def _vee_unsupported(runner: Any, attns: dict) -> str | None:
+    """Why this engine's attention cannot take VEE / attention-to-image captures, or
+    None when it can: emosteer must be able to read the paged KV cache (a layout it
+    knows, checked by a probe on the CPU) and the attention must be plain causal
+    softmax (no sliding window, soft cap, ALiBi or sinks)."""
+    from emosteer.vllm.patches.attention import cache_views
+
+    if not attns:
+        return "the decoder layers hold no vLLM Attention module"
+    m0 = next(iter(attns.values()))
+    backend = m0.attn_backend.get_name()
+    for i, m in attns.items():
+        impl = m.impl
+        window = getattr(impl, "sliding_window", None)
+        if window not in (None, -1, (-1, -1)):
+            return f"layer {i} uses sliding-window attention"
+        if getattr(impl, "logits_soft_cap", None) or getattr(impl, "alibi_slopes", None) is not None:
+            return f"layer {i} uses a logit soft cap or ALiBi"
+        if getattr(impl, "sinks", None) is not None:
+            return f"layer {i} uses attention sinks"
+        if str(getattr(m, "kv_cache_dtype", "auto")) != "auto":
+            return f"the KV cache is quantized ({m.kv_cache_dtype})"
+    if runner.device.type == "cuda":
+        mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
+        if mode is not None and "NONE" not in str(mode):
+            return "CUDA graphs are on (run the engine with enforce_eager=True for VEE)"
+    if backend == "CPU_ATTN":
+        return _probe_cpu_cache(runner, m0)
+    if backend not in ("FLASH_ATTN", "TRITON_ATTN"):
+        return f"attention backend {backend} stores its KV cache in a layout emosteer does not read"
+    return None
+
+
+def _probe_cpu_cache(runner: Any, attn: Any) -> str | None:
+    """Write known keys and values with vLLM's own CPU cache writer into a scratch cache
+    and read them back through ``cache_views``: the layout emosteer assumes is checked
+    on this machine's ISA, not taken on faith."""
+    from vllm import _custom_ops as vops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from emosteer.vllm.patches.attention import cache_views
+
+    dtype = runner.model_config.dtype
+    BS = int(runner.cache_config.block_size)
+    KVH, D = int(attn.num_kv_heads), int(attn.head_size)
+    try:
+        isa = _get_attn_isa(dtype, BS, D, "auto")
+        kv = torch.zeros((2, KVH, BS, 2 * D), dtype=dtype)
+        view = kv.view(2, KVH, 2 * BS, D)
+        kc, vc = view.chunk(2, dim=2)
+        g = torch.Generator().manual_seed(0)
+        n = min(BS + 3, 2 * BS)
+        k = torch.randn((n, KVH, D), generator=g).to(dtype)
+        v = torch.randn((n, KVH, D), generator=g).to(dtype)
+        slots = torch.arange(n, dtype=torch.int64)
+        vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
+                                        kv_cache_dtype="auto")
+        got = cache_views("CPU_ATTN", kv, KVH, D)
+    except Exception as e:  # an ISA or vLLM version whose writer differs
+        return f"the CPU KV-cache probe failed ({type(e).__name__}: {e})"
+    if got is None:
+        return "the CPU KV cache has a shape emosteer does not read"
+    keys = got[0].reshape(2 * BS, KVH, D)[:n]
+    values = got[1].reshape(2 * BS, KVH, D)[:n]
+    if not (torch.equal(keys, k) and torch.equal(values, v)):
+        return f"vLLM's CPU KV cache (isa {isa!r}) stores keys in a layout emosteer does not read"
+    return None

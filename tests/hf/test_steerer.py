@@ -284,5 +284,5 @@ def test_bad_specs_are_rejected(tiny, tiny_bank, batch):
         st.run(ids, mask, {"steer": [{"vector": "nope", "layers": [0], "scale": 1.0}]})
     with pytest.raises(ValueError, match="one per row"):
         st.run(ids, mask, [None, None, None])
-    with pytest.raises(NotImplementedError, match="boost"):
+    with pytest.raises(SpecError, match="boost.heads"):
         st.run(ids, mask, {"boost": {"heads": "x", "beta": 1.2}})

@@ -1,9 +1,12 @@
 """The LVLM case, run in its own process by test_lvlm.py (torchvision must be importable
 from interpreter start, see vllm_lvlm.py). Prints one JSON line of findings.
 
-A tiny random Qwen2-VL with an image prompt: empty config == plain; a mixed batch ==
-each request alone; captures shaped [P + G - 1, H, D]; and the vLLM path equals the
-HF reference backend (first-step logprobs and prompt captures) with the image.
+A tiny random Qwen2-VL with an image prompt: empty config == plain; beta = 1 == plain;
+a mixed batch (image and text-only prompts, boosted and not) == each request alone;
+captures shaped [P + G - 1, H, D]; VEE raises the boosted heads' image mass as the
+formula predicts; and the vLLM path equals the HF reference backend (first-step
+logprobs, prompt captures, attention-to-image mass, VEE in both modes and phases,
+greedy narratives), whose mass equals transformers' own eager attention weights.
 """
 
 from __future__ import annotations
@@ -35,27 +38,59 @@ def main(model_dir: str) -> dict:
     path = build_tiny_qwen2_vl(model_dir)
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(path))
     bank = make_bank(info)
+    vee_mask = torch.zeros(info.num_layers, info.num_heads)
+    vee_mask[0, 1] = vee_mask[1, 0] = vee_mask[1, 3] = 1
+    bank.add("joy.vee", "heads", vee_mask)
     llm = emosteer.LLM(str(path), bank=bank, dtype="float32", enforce_eager=True, max_model_len=256,
                        block_size=32, limit_mm_per_prompt={"image": 1, "video": 0})
     image = test_image()
     prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
     sp = SamplingParams(max_tokens=TOKENS, temperature=0.0, logprobs=5, ignore_eos=True)
-    cap = {"capture": {"heads": "all", "residual": "all", "positions": "all"}}
+    cap = {"capture": {"heads": "all", "residual": "all", "attn_image": "all", "positions": "all"}}
     configs = [
         None,
         {"heads": [{"layer": 0, "head": [0, 1], "mode": "ablate"}], **cap},
         {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 4.0}], **cap},
         {"heads": [{"layer": 1, "head": 2, "mode": "add", "vector": "joy.h", "scale": 3.0}],
          "neurons": {"set": "joy.ena", "gamma": 3.0}, **cap},
+        {"boost": {"heads": "joy.vee", "beta": 4.0}, **cap},
+        {"boost": {"heads": "joy.vee", "beta": 3.0, "mode": "logit", "prefill_layers": [0],
+                   "decode_layers": [1]}, **cap},
+        {"boost": {"heads": "joy.vee", "beta": 2.5}, "neurons": {"set": "joy.ena", "gamma": 2.0},
+         "steer": [{"vector": "joy", "layers": [1], "scale": 2.0}], **cap},
     ]
+    VEE = [4, 5, 6]  # configs with a boost
     res: dict = {}
     plain = llm.generate([prompt], sp, use_tqdm=False)[0]
     empty = llm.generate([prompt], sp, steer={}, use_tqdm=False)[0]
     res["empty_equals_plain"] = list(plain.outputs[0].token_ids) == list(empty.outputs[0].token_ids)
-    batch = llm.generate([prompt] * len(configs), sp, steer=configs, use_tqdm=False)
+    text = {"prompt": "Describe the scene. What does the person feel?"}
+    unit = llm.generate([prompt], sp, steer={"boost": {"heads": "joy.vee", "beta": 1.0}}, use_tqdm=False)[0]
+    res["beta1_equals_plain"] = (list(unit.outputs[0].token_ids) == list(plain.outputs[0].token_ids) and all(
+        abs(a[t].logprob - b[t].logprob) == 0.0 for a, b in zip(unit.outputs[0].logprobs, plain.outputs[0].logprobs)
+        for t in a if t in b))
+    # A mixed batch: image prompts with every config, text-only prompts plain and boosted.
+    text_cases = [(text, None), (text, configs[4])]
+    batch_all = llm.generate([prompt] * len(configs) + [p for p, _ in text_cases], sp,
+                             steer=configs + [c for _, c in text_cases], use_tqdm=False)
+    batch, text_out = batch_all[: len(configs)], batch_all[len(configs):]
     solo = [llm.generate([prompt], sp, steer=c, use_tqdm=False)[0] for c in configs]
+    text_solo = [llm.generate([p], sp, steer=c, use_tqdm=False)[0] for p, c in text_cases]
+    only_cap = llm.generate([prompt], sp, steer={"capture": {"attn_image": "all", "positions": "all"}},
+                            use_tqdm=False)[0]
     res["isolation"] = all(list(b.outputs[0].token_ids) == list(s.outputs[0].token_ids)
-                           for b, s in zip(batch, solo))
+                           for b, s in zip(batch + text_out, solo + text_solo))
+    # Text-only: a boost has no image keys to act on (exactly plain), and no image mass.
+    res["text_boost_is_plain"] = list(text_out[0].outputs[0].token_ids) == list(text_out[1].outputs[0].token_ids)
+    res["text_attn_shape"] = list(text_out[1].emosteer_captures["attn_image"][0].shape)
+    res["errors"] = [o.emosteer_error for o in batch_all if o.emosteer_error]
+    # The boosted heads' image mass: the plain mass m becomes beta*m / (1 + (beta-1)*m)
+    # at the last prompt token of layer 0 (its inputs are the unboosted embeddings).
+    P0 = len(batch[1].prompt_token_ids)
+    m = batch[1].emosteer_captures["attn_image"][0][P0 - 1, 1, 0].item()
+    got = batch[4].emosteer_captures["attn_image"][0][P0 - 1, 1, 0].item()
+    res["vee_mass"] = [m, got, 4.0 * m / (1 + 3.0 * m)]
+    res["vee_changed"] = sum(list(batch[i].outputs[0].token_ids) != list(plain.outputs[0].token_ids) for i in VEE)
     res["changed"] = sum(list(b.outputs[0].token_ids) != list(plain.outputs[0].token_ids) for b in batch)
     P = len(batch[1].prompt_token_ids)
     res["prompt_tokens"] = P
@@ -81,14 +116,35 @@ def main(model_dir: str) -> dict:
             for t, v in out.outputs[0].logprobs[0].items():
                 worst_lp = max(worst_lp, abs(v.logprob - float(lp[t])))
             got = out.emosteer_captures
-            for kind in ("heads", "residual"):
+            for kind in ("heads", "residual", "attn_image"):
                 for layer, want in caps[0][kind].items():
                     diff = (got[kind][layer][:P] - want.float()[:P]).abs().max().item()
                     worst_cap = max(worst_cap, diff)
+        # Image-conditioned greedy narratives on the HF backend == vLLM, boosted or not.
+        gen = hf.generate(enc["input_ids"].repeat(len(VEE) + 1, 1), enc["attention_mask"].repeat(len(VEE) + 1, 1),
+                          [None] + [configs[i] for i in VEE], max_new_tokens=TOKENS,
+                          eos_token_id=[], **{k: torch.cat([v] * (len(VEE) + 1)) for k, v in extra_kw(enc).items()})
+        res["hf_generate_equal"] = [list(g) == list(o.outputs[0].token_ids)
+                                    for g, o in zip(gen.token_ids, [plain] + [batch[i] for i in VEE])]
     res["hf_max_logprob_diff"] = worst_lp
     res["hf_max_capture_diff"] = worst_cap
+    # transformers' own eager attention weights give the same image mass (no boost).
+    eager = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = eager(**enc, output_attentions=True).attentions
+    img = enc["input_ids"][0] == eager.config.image_token_id
+    worst = 0.0
+    for layer, a in enumerate(att):
+        mass = a[0][:, :, img].sum(-1).transpose(0, 1)  # [P, H]
+        worst = max(worst, (only_cap.emosteer_captures["attn_image"][layer][:P, :, 0] - mass).abs().max().item())
+    res["eager_mass_diff"] = worst
     llm.llm.llm_engine.engine_core.shutdown()
     return res
+
+
+def extra_kw(enc) -> dict:
+    return {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
 
 
 if __name__ == "__main__":
