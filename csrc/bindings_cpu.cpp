@@ -1,4 +1,4 @@
-// The `emosteer_C` torch library: schemas of the three ops (with their mutation
+// The `emosteer_C` torch library: schemas of the ops (with their mutation
 // annotations), the CPU kernels, and no-op Meta kernels so that the ops trace under
 // fake tensors. `import emosteer._C` registers all of it; the CUDA kernels live in the
 // separate module emosteer._C_cuda (bindings_cuda.cpp), imported after this one.
@@ -21,12 +21,19 @@ TORCH_LIBRARY(emosteer_C, m) {
   m.def(
       "neuron_gain(Tensor(a!) m, Tensor token_slot, Tensor gamma, Tensor nrow, Tensor masks, "
       "Tensor flag) -> ()");
+  // CPU kernel only (ops.h); the GPU path is Triton.
+  m.def(
+      "attn_image_boost(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor token_row, Tensor token_pos, Tensor token_slot, Tensor beta, "
+      "Tensor logit_mode, Tensor spans, Tensor cap_index, Tensor(b!) mass_buf, "
+      "Tensor sm_scale, Tensor flag) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(emosteer_C, CPU, m) {
   m.impl("head_affine_capture", &emosteer::head_affine_capture_cpu);
   m.impl("residual_add", &emosteer::residual_add_cpu);
   m.impl("neuron_gain", &emosteer::neuron_gain_cpu);
+  m.impl("attn_image_boost", &emosteer::attn_image_boost_cpu);
 }
 
 // In-place ops with no outputs: under fake/meta tensors there is nothing to compute.
@@ -38,12 +45,18 @@ void residual_add_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const 
                        const at::Tensor&, const at::Tensor&) {}
 void neuron_gain_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&) {}
+void attn_image_boost_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&,
+                           const at::Tensor&) {}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emosteer_C, Meta, m) {
   m.impl("head_affine_capture", &head_affine_capture_meta);
   m.impl("residual_add", &residual_add_meta);
   m.impl("neuron_gain", &neuron_gain_meta);
+  m.impl("attn_image_boost", &attn_image_boost_meta);
 }
 
 namespace emosteer {

@@ -25,4 +25,15 @@ EMOSTEER_DECLARE_OPS(cuda)
 
 #undef EMOSTEER_DECLARE_OPS
 
+// VEE inside attention over the paged KV cache: CPU only. On a GPU this op runs as the
+// Triton kernel (emosteer/ops/attn_boost.py); there is no CUDA C++ twin, so it is not
+// in the macro above and bindings_cuda.cpp does not bind it.
+void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& block_table,
+                          const at::Tensor& token_row, const at::Tensor& token_pos,
+                          const at::Tensor& token_slot, const at::Tensor& beta,
+                          const at::Tensor& logit_mode, const at::Tensor& spans,
+                          const at::Tensor& cap_index, at::Tensor& mass_buf,
+                          const at::Tensor& sm_scale, const at::Tensor& flag);
+
 }  // namespace emosteer

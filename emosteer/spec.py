@@ -692,7 +692,8 @@ def json_schema() -> dict:
                 "heads": entry("heads [L, H] (0/1 mask)"), "beta": gain,
                 "mode": {"enum": list(BOOST_MODES), "default": "weight"},
                 "prefill_layers": phase_selection, "decode_layers": phase_selection,
-            }),
+            }, **{"not": {"required": ["prefill_layers", "decode_layers"], "properties": {
+                "prefill_layers": {"const": "none"}, "decode_layers": {"const": "none"}}}}),
             "capture": obj([], {
                 "heads": selection, "residual": selection, "attn_image": selection,
                 "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},

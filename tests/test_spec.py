@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +15,7 @@ from emosteer.spec import (
     MAX_CAPTURE_ROWS,
     MAX_HEAD_ITEMS,
     MAX_STEER_ITEMS,
+    BoostItem,
     CaptureItem,
     HeadItem,
     SpecError,
@@ -120,6 +122,12 @@ MALFORMED = [
     ("boost beta zero", _with("boost.beta", 0.0), "boost.beta"),
     ("boost missing heads", _with("boost.heads", ...), "boost.heads"),
     ("boost positions", _with("boost.positions", "all"), "boost.positions"),
+    ("boost mode bad", _with("boost.mode", "scores"), "boost.mode"),
+    ("boost prefill layers empty", _with("boost.prefill_layers", []), "boost.prefill_layers"),
+    ("boost decode layers bad", _with("boost.decode_layers", "deep"), "boost.decode_layers"),
+    ("boost nowhere", _with("boost", {"heads": "joy.vee", "beta": 2, "prefill_layers": "none",
+                                      "decode_layers": "none"}), "boost"),
+    ("capture attn_image bool", _with("capture.attn_image", False), "capture.attn_image"),
     ("capture empty", {"capture": {}}, "capture"),
     ("capture only positions", {"capture": {"positions": "all"}}, "capture"),
     ("capture positions bad", _with("capture.positions", "prompt"), "capture.positions"),
@@ -209,6 +217,12 @@ def test_empty_and_predicates():
         s = SteerSpec.parse({"heads": [{"layer": 0, "head": 0, "mode": "ablate", "positions": pos}]})
         assert s.changes_prompt()
     assert SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2}}).changes_prompt()
+    # a boost that acts only while the narrative is written leaves the prompt's KV alone
+    late = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2, "prefill_layers": "none",
+                                      "decode_layers": [1]}})
+    assert late.intervenes() and not late.changes_prompt()
+    att = SteerSpec.parse({"capture": {"attn_image": [0, 1]}})
+    assert not att.intervenes() and not att.changes_prompt() and not att.is_empty()
     assert SteerSpec.parse({"neurons": {"set": "x", "gamma": 2, "positions": "prompt"}}).changes_prompt()
 
 
@@ -355,7 +369,23 @@ GOOD = [
     {"steer": [{"vector": "joy", "layers": "all", "scale": -3}]},
     {"heads": [{"layer": 1, "head": [1, 2], "mode": "add", "vector": "v"}]},
     {"capture": {"residual": 3, "positions": "generated"}},
+    {"boost": {"heads": "joy.vee", "beta": 1.5, "mode": "logit", "prefill_layers": [0, 1],
+               "decode_layers": "none"}},
+    {"capture": {"attn_image": "all", "positions": "all"}},
 ]
+
+
+def test_boost_phases_and_round_trip():
+    spec = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0, "decode_layers": [2, 3]},
+                            "capture": {"attn_image": [1]}})
+    assert spec.boost == BoostItem("joy.vee", 2.0, "weight", None, (2, 3))
+    assert spec.capture.attn_image == (1,)
+    assert SteerSpec.parse(spec.to_dict()) == spec
+    info = types.SimpleNamespace(num_layers=4)
+    r = spec.resolve(info)
+    assert r.boost.prefill_layers == (0, 1, 2, 3) and r.boost.decode_layers == (2, 3)
+    assert SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0, "mode": "logit"}}).fingerprint() != \
+        SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0}}).fingerprint()
 
 
 @pytest.mark.parametrize("config", GOOD)
@@ -400,3 +430,32 @@ def test_positions_last_and_lists():
         SteerSpec.parse({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": "prompt"},
                                    {"layer": 0, "head": 1, "mode": "ablate", "positions": "last"}]})
     assert e.value.field == "heads[1].head"
+
+
+def test_boost_compiles_per_phase():
+    """The prompt slot boosts at prefill_layers, the generated slot at decode_layers;
+    position groups of the prompt carry the prefill boost too; heads come from the mask."""
+    from emosteer.compile import compile_request
+
+    info = ModelInfo("LlamaForCausalLM", num_layers=4, hidden_size=8, num_heads=3, head_dim=4,
+                     intermediate_size=8, num_kv_heads=3)
+    bank = VectorBank(info)
+    mask = torch.zeros(4, 3)
+    mask[0, 1] = mask[2, 0] = mask[3, 2] = 1
+    bank.add("joy.vee", "heads", mask)
+    bank.add("joy", "residual", torch.ones(4, 8))
+    spec = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0, "mode": "logit",
+                                      "prefill_layers": [0, 1], "decode_layers": [2, 3]},
+                            "steer": [{"vector": "joy", "layers": [1], "scale": 1.0, "positions": "last"}]})
+    spec.validate(bank, info)
+    prog = compile_request(spec.resolve(info), bank, info, num_prompt=5)
+    assert prog.phases["prompt"].boost == {0: {1: 2.0}}  # layer 1 has no masked head
+    assert prog.phases["generated"].boost == {2: {0: 2.0}, 3: {2: 2.0}}
+    assert prog.phases["prompt"].boost_mode == prog.phases["generated"].boost_mode == 1
+    assert prog.phases["@4"].boost == {0: {1: 2.0}} and 1 in prog.phases["@4"].res
+    assert prog.phases["prompt"].layers()["boost"] == {0}
+    fps = prog.fingerprints()
+    assert fps["prompt"] != fps["generated"]
+    decode_only = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0, "prefill_layers": "none"}})
+    p2 = compile_request(decode_only.resolve(info), bank, info, num_prompt=5)
+    assert p2.phases["prompt"] is None and p2.phases["generated"].boost == {0: {1: 2.0}, 2: {0: 2.0}, 3: {2: 2.0}}

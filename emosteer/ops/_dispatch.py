@@ -400,6 +400,9 @@ def attn_image_boost(
     _check_slots(token_slot, T, S, dev)
     _check_index(token_row, "token_row", R, f"{R} block-table rows")
     _check_index(cap_index, "cap_index", mass_buf.shape[0], f"{mass_buf.shape[0]} capture rows")
+    if _can_read_values() and S and not bool((beta > 0).all()):
+        raise ValueError("beta must be > 0 everywhere (1 = no boost); got "
+                         f"min {float(beta.min())}")
     if _can_read_values() and T:
         rows = token_row >= 0
         if bool(rows.any()):

@@ -146,8 +146,8 @@ def attn_image_boost(
     token_row: torch.Tensor,  # [T] int32 batch row (block table / spans row), -1 = skip
     token_pos: torch.Tensor,  # [T] int32 position in its sequence: it sees keys 0..pos
     token_slot: torch.Tensor,  # [T] int32, -1 = no boost
-    beta: torch.Tensor,  # [S, H] float32 boost of image keys, 1 = none
-    logit_mode: torch.Tensor,  # [S] int32, 0 = weights x beta (logit + log beta), 1 = logit x beta
+    beta: torch.Tensor,  # [S, H] float32 boost of image keys, > 0, 1 = none
+    logit_mode: torch.Tensor,  # [S] int32, 0 = weights x beta (logit + log beta), else logit x beta
     spans: torch.Tensor,  # [R, NS, 2] int32 image key spans [start, end); start >= end = none
     cap_index: torch.Tensor,  # [T] int32 row of mass_buf, -1 = no capture
     mass_buf: torch.Tensor,  # [C, H, NS] float32 attention mass per image span, mutated
