@@ -33,6 +33,17 @@ position-aligned when the two prompts have the same token layout (every prompt p
 gets the X⁺ output at the same position: image pairs of an LVLM), else at the last prompt
 token only; recovery = mean ΔM / mean (M⁺ − M⁻).
 
+**Attention to the image (VEE heads).** On image pairs, every (layer, head)'s softmax
+mass on the image keys at the last prompt token is captured in the fused attention pass
+(``capture.attn_image``) for X⁺ and X⁻: ``ΔA[l,h] = mean_i (A⁺ − A⁻)`` (with a
+standard error over pairs) ranks the heads that gather more from emotional images. The
+top candidates are confirmed causally by VEE itself: each candidate head alone boosted
+by β on X⁺ (one request per (head, pair)), effect = mean ΔM over the unboosted X⁺. The
+confirmed top heads become ``"<emotion>.vee"``, the mask ``boost`` reads (the intention
+heads are then kept as ``"<emotion>.heads"``). ``head_types`` compares the top sets of
+several emotions: a head in every emotion's set is *emotion-general*, a head in one
+emotion's set only is *sentiment-specific*.
+
 **Neurons.** ``A[l,i] = cos(W_down[l][:, i], S_l)`` preselects candidates per layer; attribution
 patching (HF backend: ``(m⁺ − m⁻)·∂M/∂m`` at the last prompt token, averaged over pairs)
 ranks them. The top heads become the ``"<emotion>.vee"`` head mask and the top-K neurons
@@ -50,12 +61,12 @@ from typing import Any, Sequence
 import torch
 
 from emosteer.bank import VectorBank
-from emosteer.extract import CAPTURE_LAST, pair_text, stack_captures
+from emosteer.extract import CAPTURE_LAST, _encode_side, pair_text, stack_captures
 from emosteer.runners import make_runner
 
-__all__ = ["AttributionResult", "LayerProfile", "HeadScores", "NeuronScores", "attribute",
-           "layer_attribution", "head_attribution", "neuron_attribution", "target_token_ids",
-           "stage_bands", "target_logmass"]
+__all__ = ["AttributionResult", "LayerProfile", "HeadScores", "NeuronScores", "AttnScores",
+           "attribute", "layer_attribution", "head_attribution", "neuron_attribution",
+           "attention_attribution", "head_types", "target_token_ids", "stage_bands", "target_logmass"]
 
 
 # ------------------------------------------------------------------------- metrics
@@ -152,6 +163,21 @@ class HeadScores:
 
 
 @dataclass
+class AttnScores:
+    """Attention-to-image attribution (VEE heads) of one emotion."""
+
+    mass_pos: torch.Tensor  # [L, H] mean image mass on emotional images (last prompt token)
+    mass_neg: torch.Tensor  # [L, H] ... on their neutral counterparts
+    diff: torch.Tensor  # [L, H] mean over pairs of (A+ - A-)
+    stderr: torch.Tensor  # [L, H] standard error of that mean
+    beta: float
+    candidates: list[tuple[int, int]]
+    effect: dict[tuple[int, int], float]  # mean ΔM of X+ with the head alone boosted
+    top: list[tuple[int, int]]
+    confirmed: bool  # every top head has a positive effect
+
+
+@dataclass
 class NeuronScores:
     align: torch.Tensor  # [L, I]
     atp: torch.Tensor | None  # [L, I], None without gradients
@@ -167,6 +193,7 @@ class AttributionResult:
     layers: LayerProfile | None = None
     heads: HeadScores | None = None
     neurons: NeuronScores | None = None
+    attn: AttnScores | None = None
     bank: VectorBank | None = None
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -179,6 +206,13 @@ class AttributionResult:
                           "candidates": [list(c) for c in h.candidates],
                           "recovery": [[l, hh, r] for (l, hh), r in h.recovery.items()],
                           "top": [list(c) for c in h.top], "confirmed": h.confirmed, "patching": h.patching}
+        if self.attn is not None:
+            a = self.attn
+            d["attn_image"] = {"beta": a.beta, "diff": a.diff.tolist(), "stderr": a.stderr.tolist(),
+                               "mass_pos": a.mass_pos.tolist(), "mass_neg": a.mass_neg.tolist(),
+                               "candidates": [list(c) for c in a.candidates],
+                               "effect": [[l, h, e] for (l, h), e in a.effect.items()],
+                               "top": [list(c) for c in a.top], "confirmed": a.confirmed}
         if self.neurons is not None:
             n = self.neurons
             d["neurons"] = {"method": n.method, "top": [list(c) for c in n.top],
@@ -212,24 +246,33 @@ class AttributionResult:
         plt.close(fig)
 
     def plot_heads(self, path: str | os.PathLike) -> None:
-        import matplotlib
+        _plot_head_map(self.heads.intention, self.heads.top, path,
+                       f"{self.emotion}: emotional intention (boxes: top heads)")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def plot_attn(self, path: str | os.PathLike) -> None:
+        _plot_head_map(self.attn.diff, self.attn.top, path,
+                       f"{self.emotion}: Δ attention to the image, emotional − neutral (boxes: VEE heads)")
 
-        m = self.heads.intention
-        fig, ax = plt.subplots(figsize=(max(4, 0.35 * m.shape[1] + 2), max(3, 0.18 * m.shape[0] + 1)))
-        lim = float(m.abs().max()) or 1.0
-        im = ax.imshow(m.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
-        for l, h in self.heads.top:
-            ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.5))
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title(f"{self.emotion}: emotional intention (boxes: top heads)")
-        fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+
+def _plot_head_map(m: torch.Tensor, top, path, title: str) -> None:
+    """A [layers x heads] map (diverging colours around 0), top heads boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * m.shape[1] + 2), max(3, 0.18 * m.shape[0] + 1)))
+    lim = float(m.abs().max()) or 1.0
+    im = ax.imshow(m.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+    for l, h in top:
+        ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="k", lw=1.5))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -416,6 +459,78 @@ def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top
                       ("last-token" if not any(aligned) else f"position-aligned for {sum(aligned)}/{N} pairs, else last-token"))
 
 
+# ---------------------------------------------------------------- attention to image
+ATTN_LAST = {"capture": {"attn_image": "all", "positions": "last"}}
+
+
+def _image_mass(caps, L: int) -> torch.Tensor:
+    """[N, L, H]: each row's attention mass on all of its images at its captured token."""
+    return torch.stack([torch.stack([c["attn_image"][l][-1].float().sum(-1) for l in range(L)])
+                        for c in caps])
+
+
+def attention_attribution(runner, emotion: str, pairs, top_k: int = 5, beta: float = 2.0,
+                          n_candidates: int | None = None, lexicon=None, tids=None,
+                          chat: bool = True) -> AttnScores:
+    """VEE heads of ``emotion`` from image pairs: ΔA ranks, single-head VEE confirms."""
+    kinds = {getattr(p.emotional, "kind", "text") for p in pairs}
+    if kinds != {"image"}:
+        raise ValueError("attention-to-image attribution needs image pairs (the emotional and "
+                         "neutral sides are images); got text pairs")
+    info = runner.info
+    L, H = info.num_layers, info.num_heads
+    tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
+    queries = [p.query for p in pairs]
+    ids_pos = _encode_side(runner, [p.emotional for p in pairs], queries, chat)
+    ids_neg = _encode_side(runner, [p.neutral for p in pairs], queries, chat)
+    N = len(pairs)
+    lg_pos, caps_pos = runner.forward(ids_pos, [ATTN_LAST] * N, desc="attn: X+")
+    _, caps_neg = runner.forward(ids_neg, [ATTN_LAST] * N, desc="attn: X-")
+    a_pos, a_neg = _image_mass(caps_pos, L), _image_mass(caps_neg, L)  # [N, L, H]
+    delta = a_pos - a_neg
+    diff = delta.mean(0)
+    stderr = delta.std(0, unbiased=True) / math.sqrt(N) if N > 1 else torch.zeros_like(diff)
+    n_cand = n_candidates or min(L * H, 2 * top_k)
+    order = diff.flatten().argsort(descending=True)[:n_cand].tolist()
+    cands = [(i // H, i % H) for i in order]
+    masks = VectorBank(info)
+    for l, h in cands:
+        m = torch.zeros(L, H)
+        m[l, h] = 1
+        masks.add(f"_attr.{emotion}.vee1.{l}.{h}", "heads", m)
+    runner.register(masks)
+    m_pos = torch.stack([target_logmass(lg, tids) for lg in lg_pos])
+    specs = [{"boost": {"heads": f"_attr.{emotion}.vee1.{l}.{h}", "beta": float(beta)}}
+             for (l, h) in cands for _ in range(N)]
+    m = _proxy_rows(runner, list(ids_pos) * len(cands), tids, specs, desc="attn: VEE per head")
+    eff = (m.view(len(cands), N) - m_pos).mean(1)
+    effect = {c: float(e) for c, e in zip(cands, eff)}
+    ranked = sorted(cands, key=lambda c: (effect[c] > 0, float(diff[c]) * (effect[c] > 0), effect[c]),
+                    reverse=True)
+    top = ranked[:top_k]
+    return AttnScores(mass_pos=a_pos.mean(0), mass_neg=a_neg.mean(0), diff=diff, stderr=stderr,
+                      beta=float(beta), candidates=cands, effect=effect, top=top,
+                      confirmed=all(effect[c] > 0 for c in top))
+
+
+def head_types(tops: dict[str, Sequence[tuple[int, int]]]) -> dict[str, Any]:
+    """Sentiment-specific vs emotion-general heads from several emotions' top sets:
+    ``{"general": [(l, h)...], "specific": {emotion: [(l, h)...]}, "by_layer": {l: {"general": n,
+    "specific": n}}}``; needs at least two emotions."""
+    if len(tops) < 2:
+        raise ValueError("head_types needs the top heads of at least two emotions")
+    sets = {e: set(map(tuple, t)) for e, t in tops.items()}
+    general = sorted(set.intersection(*sets.values()))
+    specific = {e: sorted(s - set.union(*(o for f, o in sets.items() if f != e))) for e, s in sets.items()}
+    by_layer: dict[int, dict[str, int]] = {}
+    for l, _ in general:
+        by_layer.setdefault(l, {"general": 0, "specific": 0})["general"] += 1
+    for hs in specific.values():
+        for l, _ in hs:
+            by_layer.setdefault(l, {"general": 0, "specific": 0})["specific"] += 1
+    return {"general": general, "specific": specific, "by_layer": dict(sorted(by_layer.items()))}
+
+
 # ------------------------------------------------------------------------- neurons
 def neuron_attribution(runner, emotion: str, pairs, vector: str | None = None, top_k: int = 32,
                        n_candidates: int | None = None, lexicon=None, tids=None,
@@ -472,14 +587,16 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
               tokenizer=None, alpha: float = 0.1, top_heads: int = 5, top_neurons: int = 32,
               n_pairs: int = 8, n_prompts: int = 8, max_new_tokens: int = 32,
               narratives: bool = True, proxy: str = "narrative", profile: str = "auto",
-              batch_size: int = 16,
+              batch_size: int = 16, beta: float = 2.0,
               progress: bool = True, lexicon=None, parts: Sequence[str] = ("layers", "heads", "neurons"),
               out_dir: str | os.PathLike | None = None) -> AttributionResult:
     """Run layer, head and neuron attribution for ``emotion``; adds ``"<emotion>.vee"``
     (heads mask) and ``"<emotion>.ena"`` (neurons mask) to the bank. ``bank`` must hold
     the residual vector ``"<emotion>"`` (``extract_vectors``); it is extracted here when
     missing. ``prompts``: neutral texts for the layer sweep (default: the neutral sides of
-    the pairs). With ``out_dir``: attribution.json, layers.png, heads.png, bank.safetensors."""
+    the pairs). Part ``"attn"`` (image pairs) ranks heads by attention to the image and
+    confirms them with single-head VEE at ``beta``; its heads become ``"<emotion>.vee"``.
+    With ``out_dir``: attribution.json, layers.png, heads.png, attn.png, bank.safetensors."""
     from emosteer.data import load_builtin
     from emosteer.extract import extract_vectors
 
@@ -491,8 +608,6 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
     pairs = [p for p in pairs if p.emotion == emotion][:n_pairs] or pairs[:n_pairs]
     if emotion not in runner.bank:
         extract_vectors(runner, pairs, emotion, progress=progress, lexicon=lexicon)
-    if prompts is None:
-        prompts = [pair_text(p.neutral, p.query) for p in pairs[:n_prompts]]
     tids = target_token_ids(runner.tokenizer, emotion, lexicon)
     res = AttributionResult(emotion=emotion, model=runner.name, backend=runner.backend, bank=runner.bank)
     from tqdm.auto import tqdm
@@ -502,6 +617,8 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
     info = runner.info
     for part in steps:
         if part == "layers":
+            if prompts is None:
+                prompts = [pair_text(p.neutral, p.query) for p in pairs[:n_prompts]]
             res.layers = layer_attribution(runner, emotion, prompts, alpha=alpha,
                                            max_new_tokens=max_new_tokens, narratives=narratives,
                                            proxy=proxy, lexicon=lexicon, tids=tids, profile=profile)
@@ -514,6 +631,17 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
                 mask[l, h] = 1
             runner.bank.add(f"{emotion}.vee", "heads", mask, emotion=emotion, method="intention+patching",
                             confirmed=res.heads.confirmed, top=[list(c) for c in res.heads.top])
+        elif part == "attn":
+            res.attn = attention_attribution(runner, emotion, pairs, top_k=top_heads, beta=beta,
+                                             lexicon=lexicon, tids=tids)
+            mask = torch.zeros(info.num_layers, info.num_heads)
+            for l, h in res.attn.top:
+                mask[l, h] = 1
+            if f"{emotion}.vee" in runner.bank and res.heads is not None:
+                runner.bank.add(f"{emotion}.heads", "heads", runner.bank.get(f"{emotion}.vee", "heads"),
+                                emotion=emotion, method="intention+patching")
+            runner.bank.add(f"{emotion}.vee", "heads", mask, emotion=emotion, method="attn_image+vee",
+                            beta=float(beta), confirmed=res.attn.confirmed, top=[list(c) for c in res.attn.top])
         elif part == "neurons":
             res.neurons = neuron_attribution(runner, emotion, pairs, top_k=top_neurons, lexicon=lexicon,
                                              tids=tids)
@@ -523,7 +651,7 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
             runner.bank.add(f"{emotion}.ena", "neurons", mask, emotion=emotion, method=res.neurons.method,
                             top_k=top_neurons)
         else:
-            raise ValueError(f"unknown attribution part {part!r}; use layers, heads, neurons")
+            raise ValueError(f"unknown attribution part {part!r}; use layers, heads, attn, neurons")
     for name in [n for n in runner.bank.names() if n.startswith("_attr.")]:
         runner.bank.remove(name)
     if out_dir is not None:
@@ -536,5 +664,7 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
             res.plot_layers(out / "layers.png")
         if res.heads is not None:
             res.plot_heads(out / "heads.png")
+        if res.attn is not None:
+            res.plot_attn(out / "attn.png")
         runner.bank.save(out / "bank.safetensors")
     return res

@@ -417,7 +417,9 @@ def attribute(
     bank: Path = typer.Option(..., "--bank", "-b", help="Bank holding the emotion's steering vector."),
     emotion: str = typer.Option(..., "--emotion", "-e", help="Emotion whose vector is attributed."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for attribution.json and plots."),
-    what: str = typer.Option("layers,heads,neurons", "--what", help="Any of layers,heads,neurons."),
+    what: str = typer.Option("layers,heads,neurons", "--what",
+                             help="Any of layers,heads,neurons,attn (attn: attention to the image, "
+                                  "image pairs; its heads become EMOTION.vee)."),
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Pairs JSONL (default: built-in)."),
     n_prompts: int = typer.Option(8, "--n-prompts", help="Pairs / neutral prompts per measurement."),
     alpha: float = typer.Option(0.1, "--alpha", help="Injection strength relative to the residual norm."),
@@ -425,6 +427,7 @@ def attribute(
     top_neurons: int = typer.Option(32, "--top-neurons", help="Neurons kept (the `EMOTION.ena` mask)."),
     max_tokens: int = typer.Option(32, "--max-tokens", help="Narrative length for hit rates."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
+    beta: float = typer.Option(2.0, "--beta", help="attn: VEE boost that confirms each candidate head."),
 ):
     """Layer, head and neuron attribution of an emotion's circuit (JSON + PNG plots).
 
@@ -434,9 +437,10 @@ def attribute(
         fail("--emotion: name one emotion")
     emo = _emotions(emotion)[0]
     parts = [w.strip() for w in what.split(",") if w.strip()]
-    bad = sorted(set(parts) - {"layers", "heads", "neurons"})
+    bad = sorted(set(parts) - {"layers", "heads", "neurons", "attn"})
     if bad or not parts:
-        fail(f"--what: unknown part(s) {bad or what!r}; use layers, heads, neurons")
+        fail(f"--what: unknown part(s) {bad or what!r}; use layers, heads, neurons, attn")
+    _positive(beta, "--beta", 100)
     _positive(n_prompts, "--n-prompts", 4096)
     _positive(alpha, "--alpha", 100)
     _positive(top_heads, "--top-heads", 100000)
@@ -479,7 +483,7 @@ def attribute(
         res = run_attribution(runner, emo, ps, bank=b, backend=runner.backend, alpha=alpha,
                               top_heads=top_heads, top_neurons=top_neurons, n_pairs=n_prompts,
                               n_prompts=n_prompts, max_new_tokens=max_tokens, parts=parts,
-                              out_dir=out_dir)
+                              beta=beta, out_dir=out_dir)
     except _user_errors() as e:
         fail(str(e))
     finally:
@@ -490,9 +494,13 @@ def attribute(
                   f"{st['aggregate']}, l_emo={st['l_emo']}")
     if res.heads is not None:
         out.print(f"heads: top {res.heads.top} (confirmed by {res.heads.patching} patching: {res.heads.confirmed})")
+    if res.attn is not None:
+        out.print(f"attention to the image: VEE heads {res.attn.top} (confirmed by single-head VEE at "
+                  f"beta={res.attn.beta}: {res.attn.confirmed})")
     if res.neurons is not None:
         out.print(f"neurons: {len(res.neurons.top)} kept ({res.neurons.method})")
-    out.print(f"wrote {out_dir}/attribution.json, layers.png, heads.png, bank.safetensors")
+    plots = [n for n, on in (("layers.png", res.layers), ("heads.png", res.heads), ("attn.png", res.attn)) if on]
+    out.print(f"wrote {out_dir}/attribution.json, {', '.join(plots)}, bank.safetensors")
 
 
 # --------------------------------------------------------------------------- generate
@@ -580,6 +588,31 @@ def generate(
 
 
 # ------------------------------------------------------------------------------- demo
+def _demo_lvlm(out_dir: Path, backend: str, quiet: bool) -> None:
+    """Run emosteer.demo_lvlm in a child process that can import torchvision (vLLM's
+    Qwen2-VL needs it; the CPU install keeps it beside the venv, see scripts/install.sh)."""
+    import subprocess
+    import tempfile
+
+    from emosteer.testing_lvlm import torchvision_env
+
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out: {str(out_dir)!r} exists and is not a folder")
+    _engine_env()
+    with tempfile.TemporaryDirectory(prefix="emosteer-tv-") as shim:
+        env = torchvision_env(shim)
+        if env is None:
+            fail("--lvlm needs torchvision (vLLM's vision models import it): "
+                 "pip install --no-deps --target <venv>/torchvision-cpu torchvision==0.28.0")
+        cmd = [sys.executable, "-m", "emosteer.demo_lvlm", "--out", str(out_dir), "--backend", backend]
+        if quiet:
+            cmd.append("--quiet")
+        rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        fail(f"the LVLM demo failed (exit status {rc}); see the messages above")
+    out.print(f"[bold green]report:[/] {out_dir / 'report.md'}")
+
+
 @app.command("demo")
 def demo_cmd(
     model: str = typer.Option("default", "--model", "-m", help="Model folder or 'default'."),
@@ -588,13 +621,22 @@ def demo_cmd(
     backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller run (smoke test)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    lvlm: bool = typer.Option(False, "--lvlm", help="The method's mechanics on a tiny random "
+                              "vision-language model with synthetic image pairs (VEE, ENA, "
+                              "attention to the image)."),
 ):
     """Run the whole method end to end and write a report folder.
 
     extract → layer attribution → head map + patching → neurons → steered vs unsteered
     narratives on held-out prompts → report.md, plots, results.json, narratives.jsonl,
     bank.safetensors. About 8–10 min for SmolLM2-135M on 2 CPU cores (vLLM start-up and
-    compile, 3–5 min, included); --quick: a few minutes, mostly engine start-up."""
+    compile, 3–5 min, included); --quick: a few minutes, mostly engine start-up.
+
+    --lvlm: a tiny random Qwen2-VL and synthetic image pairs: extraction, attention-to-image
+    attribution confirmed by VEE, ENA, and one mixed batch of image and text prompts with
+    VEE / ENA per request (about 3 min; mechanics only: effect sizes need a real LVLM)."""
+    if lvlm:
+        return _demo_lvlm(out_dir, backend.value if backend.value != "auto" else "vllm", quiet)
     emotions = _emotions(emotion)
     _builtin_only(emotions)
     if out_dir.exists() and not out_dir.is_dir():

@@ -211,10 +211,7 @@ class HFRunner:
 
     def generate(self, ids: Sequence[Sequence[int]], specs, max_new_tokens: int = 48,
                  temperature: float = 0.0, seed: int | None = 0, desc: str = "generate"):
-        """``(token_ids, texts, captures)`` per row.
-
-        Image rows (MMPrompt) are generated one at a time by the model's own ``generate``
-        (HFSteerer.generate takes no image inputs): unsteered only, captures None."""
+        """``(token_ids, texts, captures)`` per row (image rows, MMPrompt, too)."""
         if ids and isinstance(ids[0], MMPrompt):
             return self._generate_mm(ids, specs, max_new_tokens, temperature, seed)
         toks, texts, caps = [], [], []
@@ -228,28 +225,20 @@ class HFRunner:
             caps.extend(out.captures)
         return toks, texts, caps
 
-    @torch.no_grad()
     def _generate_mm(self, rows, specs, max_new_tokens, temperature, seed):
-        for sp in specs:
-            sp = SteerSpec.parse(sp)
-            if sp.steer or sp.heads or sp.neurons or sp.boost or sp.capture is not None:
-                raise NotImplementedError(
-                    "hf backend: generation with images is unsteered and captures nothing; "
-                    "use forward() for captures")
-        toks, texts = [], []
-        for r in rows:
-            x = torch.tensor([list(r)], device=self.steerer.device)
-            kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens)
-            if temperature > 0:
-                kw["temperature"] = temperature
-                if seed is not None:
-                    torch.manual_seed(seed)
-            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x),
-                                      **self._mm_kwargs([r], x.shape[1]), **kw)
-            new = out[0, x.shape[1]:].tolist()
-            toks.append(new)
-            texts.append(self.tokenizer.decode(new, skip_special_tokens=True))
-        return toks, texts, [None] * len(rows)
+        """Image rows: batched, steered generation through HFSteerer.generate (the
+        processor's pixel tensors go to the prefill)."""
+        toks, texts, caps = [], [], []
+        for s in _batches(len(rows), self.batch_size, self.progress, "generate (images)"):
+            batch = rows[s:s + self.batch_size]
+            x, mask = self._pad(batch)
+            out = self.steerer.generate(x, mask, list(specs[s:s + self.batch_size]),
+                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                        seed=seed, **self._mm_kwargs(batch, x.shape[1]))
+            toks.extend(out.token_ids)
+            texts.extend(out.texts)
+            caps.extend(out.captures)
+        return toks, texts, caps
 
 
 class _LMHead:
@@ -343,7 +332,8 @@ class VLLMRunner:
         heads = cap.heads if cap is not None else None
         if cap is not None and cap.positions != positions:
             raise ValueError("forward() with captures needs the same capture positions")
-        return replace(spec, capture=CaptureItem(heads, res, positions))
+        return replace(spec, capture=CaptureItem(heads, res, positions,
+                                                 cap.attn_image if cap is not None else None))
 
     def forward(self, ids, specs, positions: Positions = "last", desc: str = "forward"):
         from vllm import SamplingParams

@@ -93,7 +93,8 @@ def load_hf_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ):
-    """``(model, tokenizer)`` for ``"default"`` (SmolLM2-135M-Instruct) or a local folder.
+    """``(model, tokenizer)`` for ``"default"`` (SmolLM2-135M-Instruct) or a local folder
+    (a causal LM, or a vision-language model through its image-text-to-text class).
 
     The tokenizer pads on the left (batched generation) and always has a pad token.
     """
@@ -106,6 +107,13 @@ def load_hf_model(
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    if getattr(cfg, "vision_config", None) is not None:  # an LVLM: its image-text class
+        from transformers import AutoModelForImageTextToText as Auto
+    else:
+        Auto = AutoModelForCausalLM
+    model = Auto.from_pretrained(str(path), dtype=dtype).to(device)
     model.eval()
     return model, tok
