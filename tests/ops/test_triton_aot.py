@@ -4,7 +4,8 @@ No GPU needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)
 the whole pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with ptxas) on the CPU,
 which catches code the interpreter accepts but the compiler rejects. The block sizes
 are the ones the launchers pick for a typical 7B model (32 heads x 128, hidden 4096,
-intermediate 11008).
+intermediate 11008; for the attention kernel 8 KV heads, 64-key tiles, up to 8 image
+spans).
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def _specs(t: str):
          {"m_ptr": f"*{t}", "slot_ptr": "*i32", "gamma_ptr": "*fp32", "nrow_ptr": "*i32",
           "masks_ptr": "*fp32", "flag_ptr": "*i32", "I": "i32", "BLOCK": "constexpr"},
          {"BLOCK": 2048}, 4),
+        # GPU cache layout [NB, 16, 8, 128] contiguous, 32 query heads (GQA group 4).
+        ("attn_boost", "_attn_image_boost_kernel",
+         {"out_ptr": f"*{t}", "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}",
+          "bt_ptr": "*i32", "row_ptr": "*i32", "pos_ptr": "*i32", "slot_ptr": "*i32",
+          "beta_ptr": "*fp32", "mode_ptr": "*i32", "spans_ptr": "*i32",
+          "cap_index_ptr": "*i32", "mass_ptr": "*fp32", "scale_ptr": "*fp32",
+          "flag_ptr": "*i32", "H": "i32", "D": "i32", "NS": "i32", "BS": "i32",
+          "GROUP": "i32", **{f"stride_{n}": "i32" for n in (
+              "qt", "qh", "qd", "kb", "ks", "kh", "kd", "vb", "vs", "vh", "vd", "btr", "btb")},
+          "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_NS": "constexpr"},
+         {"BLOCK_N": 64, "BLOCK_D": 128, "BLOCK_NS": 8}, 4),
     ]
 
 
@@ -83,7 +95,7 @@ def test_kernel_compiles_for_gpu(kernel, dtype, cc):
 def test_every_kernel_is_covered():
     """A new @triton.jit kernel in an op module must be added to this file."""
     found = set()
-    for module in ("head_affine", "residual_add", "neuron_gain"):
+    for module in ("head_affine", "residual_add", "neuron_gain", "attn_boost"):
         mod = importlib.import_module(f"emosteer.ops.{module}")
         found |= {n for n, v in vars(mod).items() if n.endswith("_kernel") and hasattr(v, "fn")}
     assert found == set(KERNELS)
