@@ -506,7 +506,8 @@ def attribute(
 # --------------------------------------------------------------------------- generate
 @app.command()
 def generate(
-    in_path: Path = typer.Argument(..., help="Input JSONL: {id, prompt|messages, steer?, emotion?}."),
+    in_path: Path = typer.Argument(..., help="Input JSONL: {id, prompt|messages, image?, steer?, emotion?} "
+                                   "(image: a path, for vision-language models)."),
     out_path: Path = typer.Argument(..., help="Output JSONL (appended; a rerun resumes)."),
     model: str = typer.Option("default", "--model", "-m", help="Model folder or 'default'."),
     bank: Optional[Path] = typer.Option(None, "--bank", "-b", help="Bank the steer configs name."),

@@ -9,6 +9,12 @@ stopped without duplicating or losing rows (rows are keyed by ``id``).
 Input row::
 
     {"id": "p17", "prompt": "Describe the scene: ...", "steer": {...}, "emotion": "joy"}
+    {"id": "i3", "image": "imgs/beach.png", "prompt": "How does the person feel?",
+     "steer": {"boost": {"heads": "joy.vee", "beta": 2.0}, "neurons": {"set": "joy.ena", "gamma": 1.5}}}
+
+An ``image`` (a path, relative to the input file's folder) makes the row an image prompt
+for a vision-language model: the model's processor builds the user turn (image, then
+text), and ``boost`` (VEE) acts on that image's tokens.
 
 Output row: the input fields plus ``narrative``, ``hit_rate`` (None when the narrative
 holds no emotion word), ``valence`` and ``n_tokens``.
@@ -54,6 +60,16 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: a row must be a JSON object")
             if "prompt" not in row and "messages" not in row:
                 raise ValueError(f"{path}:{lineno}: field 'prompt' (or 'messages') is missing")
+            if "image" in row:
+                img = row["image"]
+                if not isinstance(img, str) or not img:
+                    raise ValueError(f"{path}:{lineno}: field 'image' must be a file path")
+                full = Path(img) if Path(img).is_absolute() else Path(path).parent / img
+                if not full.is_file():
+                    raise ValueError(f"{path}:{lineno}: image {img!r} not found ({full})")
+                if "prompt" not in row:
+                    raise ValueError(f"{path}:{lineno}: an image row takes 'prompt', not 'messages'")
+                row["image"] = str(full.resolve())
             row.setdefault("id", f"line-{lineno}")
             row["id"] = str(row["id"])
             if row["id"] in seen:
@@ -153,7 +169,8 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
 
     tok = llm.llm.get_tokenizer()
     sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
-    prompts = [format_prompt(tok, r, cfg.chat) for r in batch]
+    prompts = [_image_prompt(llm, tok, r, cfg.chat) if "image" in r else format_prompt(tok, r, cfg.chat)
+               for r in batch]
     outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)
     records, failed = [], {}
     for r, o in zip(batch, outs):
@@ -164,6 +181,18 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
         rec["n_tokens"] = len(o.outputs[0].token_ids)
         records.append(rec)
     return records, failed
+
+
+def _image_prompt(llm, tok, row: dict, chat: bool) -> dict:
+    """A vLLM multimodal prompt for an image row (the processor is loaded once per engine)."""
+    from emosteer.runners import _load_image, _load_processor, format_image_prompt
+
+    proc = getattr(llm, "_emosteer_processor", None)
+    if proc is None:
+        proc = _load_processor(llm.llm.llm_engine.model_config.model)
+        llm._emosteer_processor = proc
+    return {"prompt": format_image_prompt(proc, tok, row["prompt"], chat),
+            "multi_modal_data": {"image": _load_image(row["image"])}}
 
 
 def append_lines(f, lines: list[str]) -> None:

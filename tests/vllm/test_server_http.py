@@ -146,7 +146,7 @@ def test_replacing_a_vector_under_load_never_mixes_versions(servers, info):
 def test_captures_are_fetched_once_by_key(servers, info):
     cached, reference = servers
     cfg = {"steer": [{"vector": "joy", "layers": [1], "scale": 1.0}],
-           "capture": {"heads": [0, 1], "residual": [1], "positions": "all"}}
+           "capture": {"heads": [0, 1], "residual": [1], "attn_image": [0], "positions": "all"}}
     got = {}
     for name, s in (("cached", cached), ("reference", reference)):
         key = uuid.uuid4().hex
@@ -162,6 +162,8 @@ def test_captures_are_fetched_once_by_key(servers, info):
     heads = torch.tensor(c["heads"]["0"])
     assert heads.shape == (P, info.num_heads, info.head_dim) and heads.abs().sum() > 0
     assert torch.tensor(c["residual"]["1"]).shape == (P, info.hidden_size)
+    # a text prompt has no image: the attention-to-image capture holds 0 images per head
+    assert torch.tensor(c["attn_image"]["0"]).shape == (P, info.num_heads, 0)
     for kind in ("heads", "residual"):
         for layer in c[kind]:
             torch.testing.assert_close(torch.tensor(c[kind][layer]), torch.tensor(r[kind][layer]),
@@ -175,6 +177,7 @@ def test_captures_are_fetched_once_by_key(servers, info):
     assert status == 200
     tensors = load(raw)
     torch.testing.assert_close(tensors["heads.0"], torch.tensor(c["heads"]["0"]), rtol=1e-5, atol=1e-5)
+    assert tensors["attn_image.0"].shape == (P, info.num_heads, 0)
     _assert_idle(cached)
 
 
