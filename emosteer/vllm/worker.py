@@ -670,7 +670,9 @@ class WorkerSteering:
             "parked": len(self.finished),
             "bank": self.bank.names(),
             "impl": self.impl,
+            "attn_impl": self.attn_impl,
             "features": [k for k, v in self.features.items() if v],
+            "vee_unavailable": self.vee_why,
             "tp": [self.tp_rank, self.tp_size],
         }
 

@@ -1,7 +1,10 @@
 """The LVLM case, run in its own process by test_lvlm.py (torchvision must be importable
 from interpreter start, see vllm_lvlm.py). Prints one JSON line of findings.
 
-A tiny random Qwen2-VL with an image prompt: empty config == plain; beta = 1 == plain;
+``lvlm_case.py MODEL_DIR [KIND]``: KIND is a key of emosteer.testing_lvlm.KINDS
+(qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_onevision; default qwen2_vl), built in MODEL_DIR once.
+
+A tiny random LVLM of that family with an image prompt: empty config == plain; beta = 1 == plain;
 a mixed batch (image and text-only prompts, boosted and not) == each request alone;
 captures shaped [P + G - 1, H, D]; VEE raises the boosted heads' image mass as the
 formula predicts; and the vLLM path equals the HF reference backend (first-step
@@ -20,22 +23,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vllm_lvlm import IMAGE_PROMPT, build_tiny_qwen2_vl, test_image  # noqa: E402
+from vllm_lvlm import KINDS, build_tiny_lvlm, test_image  # noqa: E402
 from vllm_support import assert_no_slots_held, engine_env, make_bank  # noqa: E402
 
 TOKENS = 6
 
 
-def main(model_dir: str) -> dict:
+def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     engine_env()
-    from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
     from vllm import SamplingParams
 
     import emosteer
     from emosteer.bank import ModelInfo
     from emosteer.hf import HFSteerer
 
-    path = build_tiny_qwen2_vl(model_dir)
+    spec = KINDS[kind]
+    model_cls = getattr(transformers, spec.model_class)
+    path = build_tiny_lvlm(kind, model_dir)
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(path))
     bank = make_bank(info)
     vee_mask = torch.zeros(info.num_layers, info.num_heads)
@@ -44,7 +50,7 @@ def main(model_dir: str) -> dict:
     llm = emosteer.LLM(str(path), bank=bank, dtype="float32", enforce_eager=True, max_model_len=256,
                        block_size=32, limit_mm_per_prompt={"image": 1, "video": 0})
     image = test_image()
-    prompt = {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image}}
+    prompt = {"prompt": spec.prompt, "multi_modal_data": {"image": image}}
     sp = SamplingParams(max_tokens=TOKENS, temperature=0.0, logprobs=5, ignore_eos=True)
     cap = {"capture": {"heads": "all", "residual": "all", "attn_image": "all", "positions": "all"}}
     configs = [
@@ -104,10 +110,18 @@ def main(model_dir: str) -> dict:
 
     # The HF reference on the same inputs (same expanded image tokens and pixels).
     proc = AutoProcessor.from_pretrained(path)
-    enc = proc(text=[IMAGE_PROMPT], images=[image], return_tensors="pt")
+    enc = proc(text=[spec.prompt], images=[image], return_tensors="pt")
     res["same_prompt_ids"] = enc["input_ids"][0].tolist() == list(batch[1].prompt_token_ids)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
     worst_lp, worst_cap = 0.0, 0.0
+    by_layer: dict = {}  # "heads.0", "residual.1", ... -> worst |vLLM - HF| over the configs
+    # Qwen3-VL deepstack adds visual features to the image rows after the first decoder
+    # layers; vLLM's residual capture there is taken after that add (the stream the next
+    # layer reads), the HF backend's before it. `unexplained` is what is left of
+    # vLLM - HF at those layers once the features are accounted for.
+    img_rows = enc["input_ids"][0] == proc.tokenizer.convert_tokens_to_ids(spec.image_token)
+    deep = spec.deepstack(model, enc) if spec.deepstack is not None else []
+    unexplained = 0.0
     with HFSteerer(model, bank) as hf:
         for cfg, out in zip(configs[1:], batch[1:]):
             extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
@@ -116,10 +130,15 @@ def main(model_dir: str) -> dict:
             for t, v in out.outputs[0].logprobs[0].items():
                 worst_lp = max(worst_lp, abs(v.logprob - float(lp[t])))
             got = out.emosteer_captures
-            for kind in ("heads", "residual", "attn_image"):
-                for layer, want in caps[0][kind].items():
-                    diff = (got[kind][layer][:P] - want.float()[:P]).abs().max().item()
+            for what in ("heads", "residual", "attn_image"):
+                for layer, want in caps[0][what].items():
+                    diff = (got[what][layer][:P] - want.float()[:P]).abs().max().item()
                     worst_cap = max(worst_cap, diff)
+                    by_layer[f"{what}.{layer}"] = max(by_layer.get(f"{what}.{layer}", 0.0), diff)
+                    if what == "residual" and layer < len(deep):
+                        d = got[what][layer][:P] - want.float()[:P]
+                        d[img_rows] -= deep[layer].float()
+                        unexplained = max(unexplained, d.abs().max().item())
         # Image-conditioned greedy narratives on the HF backend == vLLM, boosted or not.
         gen = hf.generate(enc["input_ids"].repeat(len(VEE) + 1, 1), enc["attention_mask"].repeat(len(VEE) + 1, 1),
                           [None] + [configs[i] for i in VEE], max_new_tokens=TOKENS,
@@ -128,15 +147,18 @@ def main(model_dir: str) -> dict:
                                     for g, o in zip(gen.token_ids, [plain] + [batch[i] for i in VEE])]
     res["hf_max_logprob_diff"] = worst_lp
     res["hf_max_capture_diff"] = worst_cap
+    res["hf_capture_diff_by_layer"] = by_layer
+    res["deepstack_layers"] = list(range(len(deep)))
+    res["deepstack_unexplained_diff"] = unexplained
     # transformers' own eager attention weights give the same image mass (no boost).
-    eager = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
+    eager = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         att = eager(**enc, output_attentions=True).attentions
-    img = enc["input_ids"][0] == eager.config.image_token_id
+    res["eager_layers"] = len(att)
+    res["image_tokens"] = int(img_rows.sum())
     worst = 0.0
     for layer, a in enumerate(att):
-        mass = a[0][:, :, img].sum(-1).transpose(0, 1)  # [P, H]
+        mass = a[0][:, :, img_rows].sum(-1).transpose(0, 1)  # [P, H]
         worst = max(worst, (only_cap.emosteer_captures["attn_image"][layer][:P, :, 0] - mass).abs().max().item())
     res["eager_mass_diff"] = worst
     llm.llm.llm_engine.engine_core.shutdown()
@@ -148,5 +170,5 @@ def extra_kw(enc) -> dict:
 
 
 if __name__ == "__main__":
-    out = main(sys.argv[1])
+    out = main(sys.argv[1], *sys.argv[2:3])
     print("LVLM_RESULT " + json.dumps(out, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))

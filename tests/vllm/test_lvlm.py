@@ -1,9 +1,11 @@
-"""Steering, isolation and captures on a tiny Qwen2-VL with an image (vLLM vs HF).
+"""Steering, isolation and captures on tiny LVLMs with an image (vLLM vs HF), one case per
+family of emosteer.testing_lvlm.KINDS: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA.
 
-Needs torchvision (vLLM's Qwen2-VL imports it): installed in the environment, or a
-``pip install --no-deps --target DIR torchvision==0.28.0`` named by
-``EMOSTEER_TEST_TORCHVISION=DIR``. The case runs in a child process whose PYTHONPATH
-holds the torchvision shim (emosteer.testing_lvlm.torchvision_env); skipped without torchvision.
+Needs torchvision (vLLM's Qwen-VL models and the processors import it): installed in the
+environment, or a ``pip install --no-deps --target DIR torchvision==0.28.0`` named by
+``EMOSTEER_TEST_TORCHVISION=DIR``. Each case runs in its own child process (one engine
+at a time) whose PYTHONPATH holds the torchvision shim
+(emosteer.testing_lvlm.torchvision_env); skipped without torchvision.
 """
 
 from __future__ import annotations
@@ -14,20 +16,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from emosteer.testing_lvlm import torchvision_env
+from emosteer.testing_lvlm import KINDS, torchvision_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
+TOL = 1e-4
 
 
-def test_qwen2_vl_with_image(engines, tmp_path_factory):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_lvlm_with_image(kind, engines, tmp_path_factory):
     env = torchvision_env(tmp_path_factory.mktemp("tv_shim"), str(HERE.parents[1]))
     if env is None:
         pytest.skip("torchvision not installed (pip install --no-deps torchvision==0.28.0)")
     engines.close()  # one engine at a time
-    model_dir = tmp_path_factory.mktemp("lvlm") / "qwen2_vl"
-    proc = subprocess.run([sys.executable, str(HERE / "lvlm_case.py"), str(model_dir)], env=env,
+    model_dir = tmp_path_factory.mktemp("lvlm") / kind
+    proc = subprocess.run([sys.executable, str(HERE / "lvlm_case.py"), str(model_dir), kind], env=env,
                           capture_output=True, text=True, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LVLM_RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
@@ -41,8 +45,22 @@ def test_qwen2_vl_with_image(engines, tmp_path_factory):
     assert 0.0 < m < got and abs(got - want) < 1e-4, res  # beta*m / (1 + (beta-1)*m)
     assert res["text_attn_shape"][1:] == [4, 0], res  # text-only: no image, nothing to pay
     assert all(res["hf_generate_equal"]), res
+    assert res["eager_layers"] == 2 and res["image_tokens"] > 0, res
     assert res["eager_mass_diff"] < 1e-5, res
     P = res["prompt_tokens"]
     assert res["capture_shape"] == [P + 5, 4, 32] and res["residual_shape"] == [P + 5, 128], res
     assert res["slots_in_use"] == 0, res
-    assert res["hf_max_logprob_diff"] < 1e-4 and res["hf_max_capture_diff"] < 1e-4, res
+    assert res["hf_max_logprob_diff"] < TOL, res
+    # Captures: vLLM == HF everywhere, except (Qwen3-VL) the residual of the deepstack
+    # layers, which must differ by exactly the deepstack features on the image rows.
+    by_layer = res["hf_capture_diff_by_layer"]
+    deep = {f"residual.{layer}" for layer in res["deepstack_layers"]}
+    assert by_layer and max(v for k, v in by_layer.items() if k not in deep) < TOL, res
+    assert res["deepstack_unexplained_diff"] < TOL, res
+    if any(by_layer[k] >= TOL for k in deep):
+        pytest.xfail(
+            f"{kind}: residual capture at deepstack layer(s) {sorted(deep)} differs by "
+            f"{max(by_layer[k] for k in deep):.3g} on the image rows, exactly the deepstack features: "
+            "vLLM captures after the deepstack add (the stream the next layer reads), emosteer.hf's "
+            "residual hook on the decoder layer's output before it")
+    assert res["hf_max_capture_diff"] < TOL, res

@@ -1,4 +1,4 @@
-"""The tiny Qwen2-VL case of test_lvlm.py: model builder, image prompt and test image.
+"""The tiny LVLM cases of test_lvlm.py: model builders, image prompts and the test image.
 
 vLLM's Qwen2-VL imports torchvision, and ``import vllm`` imports it (through
 transformers) before any plugin runs; the child process therefore starts with the
@@ -8,10 +8,12 @@ Test-only: the product needs no such shim where torchvision matches torch.
 
 from __future__ import annotations
 
-# The model itself is built by the package helper, shared with the extraction tests.
+# The models are built by the package helper, shared with the extraction tests; what is
+# model-specific (config, class, processor, prompt, image token) is its KINDS table.
+from emosteer.testing_lvlm import KINDS, build_tiny_lvlm  # noqa: F401
 from emosteer.testing_lvlm import build_tiny_qwen2vl as build_tiny_qwen2_vl  # noqa: F401
 
-IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>Describe the scene. What does the person feel?"
+IMAGE_PROMPT = KINDS["qwen2_vl"].prompt  # the Qwen2-VL image prompt (placeholder + query)
 
 
 def test_image(seed: int = 0):
