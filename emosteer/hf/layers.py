@@ -30,6 +30,10 @@ class DecoderHandles:
     o_proj: list[nn.Module]  # head affine + capture on their input
     down_proj: list[nn.Module]  # neuron gain on their input
     info: ModelInfo
+    # What reads decoder layer l's output: layer l+1, or the final norm after the last
+    # layer (None where there is none). Residual captures are taken at its input, where
+    # models that add to the stream between layers (Qwen3-VL's deepstack) have added.
+    readers: list[nn.Module | None] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -79,12 +83,16 @@ def find_decoder(model: nn.Module) -> DecoderHandles:
             f"o_proj takes {o0.in_features} features, expected num_heads*head_dim = "
             f"{info.num_heads}*{info.head_dim}"
         )
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    norm = getattr(parent, "norm", None)
+    readers = list(layers)[1:] + [norm if isinstance(norm, nn.Module) else None]
     return DecoderHandles(
         path=name,
         layers=list(layers),
         o_proj=[b.self_attn.o_proj for b in layers],
         down_proj=[b.mlp.down_proj for b in layers],
         info=info,
+        readers=readers,
     )
 
 

@@ -162,6 +162,10 @@ class HFSteerer:
             self._handles.append(self.dec.o_proj[l].register_forward_pre_hook(self._hook_heads(l)))
             self._handles.append(self.dec.down_proj[l].register_forward_pre_hook(self._hook_mlp(l)))
             self._handles.append(self.dec.layers[l].register_forward_hook(self._hook_residual(l)))
+            reader = self.dec.readers[l] if self.dec.readers else None
+            if reader is not None:
+                self._handles.append(reader.register_forward_pre_hook(self._hook_residual_capture(l),
+                                                                      with_kwargs=True))
 
     def _remove(self) -> None:
         for h in self._handles:
@@ -314,7 +318,7 @@ class HFSteerer:
                         r, slot, lp.res_alpha, _own_rows(lp.res_alpha.shape[0], r.device), lp.res_u,
                         _ON.to(r.device), impl="torch",
                     )
-            if capm is not None:
+            if capm is not None and not self._reads(l):
                 st.caps["residual"][l] = r[capm].detach().clone()
                 st.cap_rows["residual"][l] = st.tok_row[capm]
             new = r.view(h.shape)
@@ -324,6 +328,30 @@ class HFSteerer:
             if new.data_ptr() == h.data_ptr() and not keep:
                 return None
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _reads(self, l: int) -> bool:
+        """Whether layer l's residual is captured where the next module reads it."""
+        return bool(self.dec.readers) and self.dec.readers[l] is not None
+
+    def _hook_residual_capture(self, l: int):
+        """Capture of layer l's residual at the input of what reads it (layer l+1 or the
+        final norm): after this request's steering, and after anything the model adds
+        between layers (Qwen3-VL's deepstack features), like the vLLM path."""
+
+        def hook(module, args, kwargs):
+            st = self._step
+            if st is None:
+                return None
+            capm = st.cap_mask(st.plan.layers[l].cap_res)
+            if capm is None:
+                return None
+            h = args[0] if args else kwargs.get("hidden_states")
+            r = h.reshape(-1, h.shape[-1])
+            st.caps["residual"][l] = r[capm].detach().clone()
+            st.cap_rows["residual"][l] = st.tok_row[capm]
+            return None
 
         return hook
 

@@ -37,7 +37,7 @@ def test_lvlm_with_image(kind, engines, tmp_path_factory):
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     res = json.loads(lines[-1][len("LVLM_RESULT "):])
     assert res["same_prompt_ids"], res
-    assert res["empty_equals_plain"] and res["isolation"], res
+    assert res["empty_equals_plain"] and res["isolation"] and res["no_poison"], res
     assert res["beta1_equals_plain"] and res["text_boost_is_plain"], res
     assert res["errors"] == [], res
     assert res["changed"] >= 2 and res["vee_changed"] >= 2, res
@@ -51,16 +51,10 @@ def test_lvlm_with_image(kind, engines, tmp_path_factory):
     assert res["capture_shape"] == [P + 5, 4, 32] and res["residual_shape"] == [P + 5, 128], res
     assert res["slots_in_use"] == 0, res
     assert res["hf_max_logprob_diff"] < TOL, res
-    # Captures: vLLM == HF everywhere, except (Qwen3-VL) the residual of the deepstack
-    # layers, which must differ by exactly the deepstack features on the image rows.
+    # Captures: vLLM == HF at every layer, also the residual of Qwen3-VL's deepstack layers
+    # (both taken after the deepstack add, which is large enough to be seen if missed).
     by_layer = res["hf_capture_diff_by_layer"]
-    deep = {f"residual.{layer}" for layer in res["deepstack_layers"]}
-    assert by_layer and max(v for k, v in by_layer.items() if k not in deep) < TOL, res
-    assert res["deepstack_unexplained_diff"] < TOL, res
-    if any(by_layer[k] >= TOL for k in deep):
-        pytest.xfail(
-            f"{kind}: residual capture at deepstack layer(s) {sorted(deep)} differs by "
-            f"{max(by_layer[k] for k in deep):.3g} on the image rows, exactly the deepstack features: "
-            "vLLM captures after the deepstack add (the stream the next layer reads), emosteer.hf's "
-            "residual hook on the decoder layer's output before it")
+    assert by_layer and max(by_layer.values()) < TOL, res
+    if res["deepstack_layers"]:
+        assert res["deepstack_max_abs"] > 100 * TOL, res
     assert res["hf_max_capture_diff"] < TOL, res
