@@ -44,6 +44,7 @@ from emosteer.vllm.buffers import (
     SteerBuffers,
 )
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
+from emosteer.vllm.patches import attention as attention_patch
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, SAMPLES_KEY
 
 KEEP_VERSIONS = 64  # retired vector versions a worker holds for requests already accepted
@@ -177,6 +178,7 @@ class WorkerSteering:
                 site = m._emosteer_site
                 site.vee, site.backend, site.attn_impl, site.host_on = True, backend, self.attn_impl, False
                 site.sm_scale = torch.tensor([float(m.impl.scale)], dtype=torch.float32, device=self.device)
+                attention_patch.SITES[m.layer_name] = site
         self.attn_sites = [attns[i]._emosteer_site for i in sorted(attns)]
         S = self.settings.max_slots
         # What each slot / pool row holds now (written on the scheduler's grant).

@@ -62,14 +62,21 @@ def cache_views(backend: str, kv_cache: torch.Tensor, num_kv_heads: int, head_si
     return None
 
 
+# layer name -> its site, for the op's early return (a step without VEE work costs one
+# dict lookup per layer, not a forward-context lookup). Filled by the worker.
+SITES: dict = {}
+
+
 def _vee(out: torch.Tensor, query: torch.Tensor, layer_name: str) -> None:
+    site = SITES.get(layer_name)
+    if site is None or not site.host_on:
+        return
     from vllm.model_executor.layers.attention.attention import get_attention_context
 
     from emosteer.ops._dispatch import backend_fn
 
     attn_metadata, layer, kv_cache, _ = get_attention_context(layer_name)
-    site = getattr(layer, "_emosteer_site", None)
-    if site is None or not site.host_on or attn_metadata is None:
+    if attn_metadata is None:
         return
     views = cache_views(site.backend, kv_cache, layer.num_kv_heads, layer.head_size)
     if views is None:  # checked at load time; a changed cache is an engine bug
