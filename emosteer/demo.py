@@ -180,6 +180,7 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
     """Unsteered vs steered (and ENA) narratives on held-out neutral prompts."""
     from emosteer.emotion import asserts_emotion, hallucination_rate, hit_rate, valence
     from emosteer.extract import pair_text
+    from emosteer.fluency import distinct_n, guards, perplexities, repeated_ngram_share
     from emosteer.report import summarize
 
     texts = [pair_text(p.neutral, p.query) for p in prompts]
@@ -192,29 +193,39 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
         conds.append(("ena", ena_gamma, {"neurons": {"set": f"{emotion}.ena", "gamma": ena_gamma}}))
     all_texts = [t for _ in conds for t in texts]
     all_specs = [c[2] for c in conds for _ in texts]
-    outs = _generate(runner, all_texts, all_specs, max_tokens, f"{emotion}: held-out")
+    ids = runner.encode(list(all_texts))
+    toks, outs, _ = runner.generate(ids, list(all_specs), max_new_tokens=max_tokens,
+                                    desc=f"{emotion}: held-out")
+    # Fluency guards: every narrative scored by the UNSTEERED model (one batch).
+    ppls = perplexities(runner, ids, toks, desc=f"{emotion}: fluency")
     n = len(texts)
     table: list[dict] = []
     with open(narr_path, "a", encoding="utf-8") as f:
         for ci, (cond, strength, spec) in enumerate(conds):
             narr = outs[ci * n:(ci + 1) * n]
+            ppl = ppls[ci * n:(ci + 1) * n]
             hits = [hit_rate(t, emotion) for t in narr]
-            for p, t, h, nt in zip(prompts, texts, hits, narr):
+            reps = [repeated_ngram_share(t, 3) for t in narr]
+            for p, t, h, nt, r3, pp in zip(prompts, texts, hits, narr, reps, ppl):
                 f.write(json.dumps({"emotion": emotion, "id": p.id, "condition": cond,
                                     "strength": strength, "layer": best_layer if spec else None,
                                     "steer": spec, "prompt": t, "narrative": nt, "hit_rate": h,
                                     "asserts_emotion": asserts_emotion(nt),
-                                    "valence": valence(nt)}, ensure_ascii=False) + "\n")
+                                    "valence": valence(nt), "repeated_3gram": r3,
+                                    "perplexity": pp}, ensure_ascii=False) + "\n")
             table.append({"condition": cond, "strength": strength, "spec": spec,
                           "scores": [0.0 if h is None else h for h in hits],
                           "hit_rate_mean": sum(0.0 if h is None else h for h in hits) / n,
                           "hit_rate_scored_mean": _mean(hits),
                           "n_scored": sum(h is not None for h in hits),
                           "hallucination_rate": hallucination_rate(narr),
-                          "valence_mean": sum(valence(t) for t in narr) / n, "texts": narr})
+                          "valence_mean": sum(valence(t) for t in narr) / n,
+                          "rep3_mean": sum(reps) / n, "distinct2": distinct_n(narr, 2),
+                          "ppl_mean": _mean(ppl), "texts": narr})
     base = table[0]
     for row in table[1:]:
         row["delta"] = summarize([a - b for a, b in zip(row["scores"], base["scores"])])
+        row["fluency"] = guards(row, base)
     steered = [r for r in table if r["condition"] == "steer"]
     best = max(steered, key=lambda r: r["hit_rate_mean"]) if steered else None
     samples = []
@@ -245,6 +256,21 @@ def _stage(name: str, timings: dict, console):
     yield
     timings[name] = time.perf_counter() - t
     console.print(f"  [dim]{name}: {timings[name]:.1f} s[/]")
+
+
+def _provenance(path) -> dict:
+    """Where the weights come from, disclosed in every report: the default model is a
+    quantized GGUF dequantized to float32 (emosteer/models.py writes the source)."""
+    src = Path(path) / "emosteer_source.json"
+    if not src.is_file():
+        return {}
+    source = json.loads(src.read_text()).get("source", "")
+    out = {"source": source}
+    if ".gguf" in source.lower():
+        quant = next((q for q in ("Q4_1", "Q4_0", "Q5_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K") if q in source), "quantized")
+        out["quantization"] = (f"a {quant} GGUF dequantized to float32: its weights carry the "
+                               "quantization error, and every number here is of that model")
+    return out
 
 
 def _machine() -> dict:
@@ -286,7 +312,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
     console.print(f"  backend: {runner.backend} — {note}")
     info = runner.info
     results: dict[str, Any] = {
-        "model": {"name": model, "path": str(path), "info": info.to_dict()},
+        "model": {"name": model, "path": str(path), "info": info.to_dict(), **_provenance(path)},
         "machine": _machine(), "backend": runner.backend, "backend_note": note,
         "quick": quick, "settings": {**cfg, "emotions": list(emotions)}, "emotions": {}}
     narr_path = out / "narratives.jsonl"

@@ -17,7 +17,9 @@ for a vision-language model: the model's processor builds the user turn (image, 
 text), and ``boost`` (VEE) acts on that image's tokens.
 
 Output row: the input fields plus ``narrative``, ``hit_rate`` (None when the narrative
-holds no emotion word), ``valence`` and ``n_tokens``.
+holds no emotion word), ``valence``, ``n_tokens`` and two fluency guards of the text
+itself (``emosteer.fluency``): ``repeated_3gram`` (share of word 3-grams repeating an
+earlier one) and ``distinct_2``.
 """
 
 from __future__ import annotations
@@ -112,12 +114,15 @@ def _batches(rows: list[dict], n: int) -> Iterator[list[dict]]:
 
 def _score(row: dict, text: str) -> dict:
     from emosteer import emotion
+    from emosteer.fluency import distinct_n, repeated_ngram_share
 
     out = dict(row)
     out["narrative"] = text
     target = row.get("emotion")
     out["hit_rate"] = emotion.hit_rate(text, target) if target else None
     out["valence"] = emotion.valence(text)
+    out["repeated_3gram"] = repeated_ngram_share(text, 3)
+    out["distinct_2"] = distinct_n(text, 2)
     return out
 
 

@@ -178,6 +178,15 @@ def _quote(text: str, limit: int = 400) -> str:
     return t.replace("|", "\\|") or "(empty)"
 
 
+def _guard(row: dict) -> str:
+    """'pass' / 'FAIL' with the perplexity and repetition ratios to the unsteered text."""
+    g = row.get("fluency")
+    if not g:
+        return "—"
+    ppl = "—" if g.get("ppl_ratio") is None else f"{g['ppl_ratio']:.2f}x"
+    return f"{'pass' if g.get('ok') else 'FAIL'} (ppl {ppl}, rep {g.get('rep3_ratio', 0):.2f}x)"
+
+
 def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     base = st.get("baseline", {})
     lines += [
@@ -190,21 +199,29 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
         "Hit rate = share of emotion words in the narrative that map to the target "
         "category; a narrative with no emotion word counts as 0 (*scored* = narratives "
         "holding at least one emotion word, where the hit rate is defined). "
-        "Hallucination = share of narratives on neutral inputs that assert any emotion.",
+        "Hallucination = share of narratives on neutral inputs that assert any emotion. "
+        "Fluency guards: perplexity of each narrative under the UNSTEERED model (given its "
+        "prompt), share of word 3-grams repeating an earlier one, distinct-2 over the "
+        "condition's narratives; a condition passes when its perplexity is at most 1.25x and "
+        "its repeated 3-grams at most 2x the unsteered text's.",
         "",
         "| condition | strength | hit rate (0 if none) | hit rate over scored (n scored) | "
-        "Δ hit rate vs unsteered, paired | hallucination rate | valence |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Δ hit rate vs unsteered, paired | hallucination rate | valence | perplexity "
+        "(unsteered model) | repeated 3-grams | distinct-2 | fluency guards |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| unsteered | 0 | {_f(base.get('hit_rate_mean'))} | "
         f"{_f(base.get('hit_rate_scored_mean'))} ({base.get('n_scored')}) | — | "
-        f"{_f(base.get('hallucination_rate'), pct=True)} | {_f(base.get('valence_mean'))} |",
+        f"{_f(base.get('hallucination_rate'), pct=True)} | {_f(base.get('valence_mean'))} | "
+        f"{_f(base.get('ppl_mean'), 2)} | {_f(base.get('rep3_mean'), pct=True)} | "
+        f"{_f(base.get('distinct2'))} | — |",
     ]
     for s in st.get("strengths", []):
         lines.append(
             f"| steered | {_f(s.get('scale'), 2)} | {_f(s.get('hit_rate_mean'))} | "
             f"{_f(s.get('hit_rate_scored_mean'))} ({s.get('n_scored')}) | "
             f"{_ci(s.get('delta'), pct=True)} | {_f(s.get('hallucination_rate'), pct=True)} | "
-            f"{_f(s.get('valence_mean'))} |")
+            f"{_f(s.get('valence_mean'))} | {_f(s.get('ppl_mean'), 2)} | "
+            f"{_f(s.get('rep3_mean'), pct=True)} | {_f(s.get('distinct2'))} | {_guard(s)} |")
     lines.append("")
     best = st.get("best")
     if best:
@@ -239,6 +256,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"- **Model:** {model.get('name')} (`{model.get('path')}`)",
     ]
+    if model.get("quantization"):
+        lines.append(f"  - **Weights:** {model['quantization']} (source `{model.get('source')}`).")
     info = model.get("info") or {}
     if info:
         lines.append(f"  - {info.get('architecture')}: {info.get('num_layers')} layers, "

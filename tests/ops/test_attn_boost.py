@@ -364,23 +364,12 @@ def test_reference_matches_dense_attention(case, gen):
     assert checked > 0
 
 
-def test_reference_weight_mode_closed_form_on_every_head(gen):
-    """Every slot in weight mode (slot 1 included): out and masses follow the closed form."""
-    args, dense = make_inputs(CASES[0], torch.float32, gen)
-    args["logit_mode"].zero_()
-    want_out, want_mass = dense_expected(args, dense)
-    reference.attn_image_boost(**args)
-    rw = rewritten(args)
-    assert_close(args["out"][rw], want_out[rw].float(), torch.float32, "out")
-    cap = args["cap_index"]
-    for t in ((cap >= 0) & (args["token_row"] >= 0)).nonzero().flatten().tolist():
-        assert_close(args["mass_buf"][int(cap[t])], want_mass[t].float(), torch.float32, "mass")
-
-
-def test_reference_logit_mode_direct(gen):
-    """Every slot in logit mode: out = softmax(where(img, beta*l, l)) @ V, computed densely."""
-    args, dense = make_inputs(CASES[2], torch.float32, gen)
-    args["logit_mode"].fill_(1)
+@pytest.mark.parametrize("case,mode", [(0, 0), (2, 1)], ids=["weight-closed-form", "logit-direct"])
+def test_reference_every_slot_in_one_mode(gen, case, mode):
+    """Every slot in weight mode: out and masses follow the closed form; every slot in
+    logit mode: out = softmax(where(img, beta*l, l)) @ V, computed densely."""
+    args, dense = make_inputs(CASES[case], torch.float32, gen)
+    args["logit_mode"].fill_(mode)
     want_out, want_mass = dense_expected(args, dense)
     reference.attn_image_boost(**args)
     rw = rewritten(args)

@@ -46,6 +46,7 @@ def test_generate_then_resume_after_torn_write(llm, tmp_path):
         assert isinstance(r["narrative"], str) and r["n_tokens"] > 0
         assert (r["hit_rate"] is None) or (0.0 <= r["hit_rate"] <= 1.0)
         assert -1.0 <= r["valence"] <= 1.0
+        assert 0.0 <= r["repeated_3gram"] <= 1.0 and 0.0 <= r["distinct_2"] <= 1.0
     # Steering changed what the steered rows generated, relative to a plain run.
     plain_src = tmp_path / "plain_in.jsonl"
     _write(plain_src, [{k: v for k, v in r.items() if k != "steer"} for r in ROWS])
