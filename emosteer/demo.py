@@ -12,8 +12,11 @@ Stages (one engine, started once and reused by every stage):
               (attribution.head_attribution)
 5. neurons    MLP neurons whose down_proj column aligns with S_l, refined by attribution
               patching on the HF backend (attribution.neuron_attribution); γ check
-6. steering   steered vs unsteered narratives on HELD-OUT neutral prompts (never used
-              above) at the best layer, a few strengths; paired bootstrap CIs
+6. steering   steered vs unsteered narratives on neutral prompts never used above, at
+              the best layer, a few strengths, with fluency guards (perplexity under the
+              unsteered model, repeated 3-grams, distinct-2); the strength is chosen on a
+              dev half of those prompts, every number is reported on the other half;
+              paired bootstrap CIs
 7. report     report.md, layer_profile.png, head_map.png, results.json,
               narratives.jsonl, bank.safetensors
 
@@ -33,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage"]
+__all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage", "split_dev_test"]
 
 # Sized for SmolLM2-135M on 2 busy CPU cores (~20k generated tokens in all, < 20 min).
 # alpha and strengths are ‖added vector‖ / ‖residual‖ at the layer (DESIGN: α ≈ 0.1);
@@ -174,10 +177,20 @@ def _neuron_dict(ns) -> dict:
             "per_layer": {int(l): sum(1 for x, _ in ns.top if x == l) for l in {x for x, _ in ns.top}}}
 
 
+def split_dev_test(n: int) -> tuple[list[int], list[int]]:
+    """Indices of the development (even positions) and held-out test (odd) halves of
+    ``n`` prompts: choices are made on dev, every reported number is on test."""
+    idx = list(range(n))
+    return idx[0::2], idx[1::2]
+
+
 def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengths,
                    max_tokens: int, ena_gamma: float | None, narr_path: Path,
                    n_samples: int) -> tuple[dict, list[dict]]:
-    """Unsteered vs steered (and ENA) narratives on held-out neutral prompts."""
+    """Unsteered vs steered (and ENA) narratives on neutral prompts the extraction never
+    saw, split in two: the operating point (strength) is chosen on the dev half — the
+    highest hit-rate uplift whose fluency guards pass there — and every condition is
+    reported on the other, held-out test half."""
     from emosteer.emotion import asserts_emotion, hallucination_rate, hit_rate, valence
     from emosteer.extract import pair_text
     from emosteer.fluency import distinct_n, guards, perplexities, repeated_ngram_share
@@ -199,50 +212,77 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
     # Fluency guards: every narrative scored by the UNSTEERED model (one batch).
     ppls = perplexities(runner, ids, toks, desc=f"{emotion}: fluency")
     n = len(texts)
-    table: list[dict] = []
+    dev, test = split_dev_test(n)
+    split_of = {i: "dev" for i in dev} | {i: "test" for i in test}
+    per: list[dict] = []  # per condition: per-prompt arrays
     with open(narr_path, "a", encoding="utf-8") as f:
         for ci, (cond, strength, spec) in enumerate(conds):
             narr = outs[ci * n:(ci + 1) * n]
             ppl = ppls[ci * n:(ci + 1) * n]
             hits = [hit_rate(t, emotion) for t in narr]
             reps = [repeated_ngram_share(t, 3) for t in narr]
-            for p, t, h, nt, r3, pp in zip(prompts, texts, hits, narr, reps, ppl):
-                f.write(json.dumps({"emotion": emotion, "id": p.id, "condition": cond,
+            for i, (p, t, h, nt, r3, pp) in enumerate(zip(prompts, texts, hits, narr, reps, ppl)):
+                f.write(json.dumps({"emotion": emotion, "id": p.id, "split": split_of[i], "condition": cond,
                                     "strength": strength, "layer": best_layer if spec else None,
                                     "steer": spec, "prompt": t, "narrative": nt, "hit_rate": h,
                                     "asserts_emotion": asserts_emotion(nt),
                                     "valence": valence(nt), "repeated_3gram": r3,
                                     "perplexity": pp}, ensure_ascii=False) + "\n")
-            table.append({"condition": cond, "strength": strength, "spec": spec,
-                          "scores": [0.0 if h is None else h for h in hits],
-                          "hit_rate_mean": sum(0.0 if h is None else h for h in hits) / n,
-                          "hit_rate_scored_mean": _mean(hits),
-                          "n_scored": sum(h is not None for h in hits),
-                          "hallucination_rate": hallucination_rate(narr),
-                          "valence_mean": sum(valence(t) for t in narr) / n,
-                          "rep3_mean": sum(reps) / n, "distinct2": distinct_n(narr, 2),
-                          "ppl_mean": _mean(ppl), "texts": narr})
-    base = table[0]
-    for row in table[1:]:
-        row["delta"] = summarize([a - b for a, b in zip(row["scores"], base["scores"])])
-        row["fluency"] = guards(row, base)
-    steered = [r for r in table if r["condition"] == "steer"]
-    best = max(steered, key=lambda r: r["hit_rate_mean"]) if steered else None
+            per.append({"condition": cond, "strength": strength, "spec": spec, "texts": narr,
+                        "hits": hits, "reps": reps, "ppl": ppl})
+
+    def table(rows_idx: list[int]) -> list[dict]:
+        out = []
+        for c in per:
+            narr = [c["texts"][i] for i in rows_idx]
+            hits = [c["hits"][i] for i in rows_idx]
+            k = max(1, len(rows_idx))
+            out.append({"condition": c["condition"], "strength": c["strength"], "spec": c["spec"],
+                        "scores": [0.0 if h is None else h for h in hits],
+                        "hit_rate_mean": sum(0.0 if h is None else h for h in hits) / k,
+                        "hit_rate_scored_mean": _mean(hits),
+                        "n_scored": sum(h is not None for h in hits),
+                        "hallucination_rate": hallucination_rate(narr) if narr else None,
+                        "valence_mean": sum(valence(t) for t in narr) / k,
+                        "rep3_mean": sum(c["reps"][i] for i in rows_idx) / k,
+                        "distinct2": distinct_n(narr, 2), "ppl_mean": _mean([c["ppl"][i] for i in rows_idx]),
+                        "texts": narr})
+        base = out[0]
+        for row in out[1:]:
+            row["delta"] = summarize([a - b for a, b in zip(row["scores"], base["scores"])])
+            row["fluency"] = guards(row, base)
+        return out
+
+    dev_t, test_t = table(dev), table(test)
+    steered_dev = [r for r in dev_t if r["condition"] == "steer"]
+    ok = [r for r in steered_dev if r["fluency"]["ok"]]
+    chosen = max(ok, key=lambda r: r["hit_rate_mean"] - dev_t[0]["hit_rate_mean"]) if ok else None
+    base = test_t[0]
+    steered = [r for r in test_t if r["condition"] == "steer"]
+    best = next((r for r in steered if chosen is not None and r["strength"] == chosen["strength"]), None)
     samples = []
     if best is not None:
-        order = sorted(range(n), key=lambda i: best["scores"][i] - base["scores"][i], reverse=True)
-        pick = order[:max(1, n_samples - 1)] + order[-1:] if n > 1 else order
+        m = len(test)
+        order = sorted(range(m), key=lambda i: best["scores"][i] - base["scores"][i], reverse=True)
+        pick = order[:max(1, n_samples - 1)] + order[-1:] if m > 1 else order
         for i in dict.fromkeys(pick):
-            samples.append({"id": prompts[i].id, "prompt": texts[i],
+            samples.append({"id": prompts[test[i]].id, "prompt": texts[test[i]],
                             "unsteered": base["texts"][i], "steered": best["texts"][i],
                             "scale": best["strength"]})
     strip = lambda r: {k: v for k, v in r.items() if k != "texts"}  # noqa: E731
-    res = {"layers": [best_layer], "n_prompts": n, "max_tokens": max_tokens,
+    res = {"layers": [best_layer], "n_prompts": len(test), "max_tokens": max_tokens,
+           "split": {"dev": len(dev), "test": len(test), "rule": (
+               "strength chosen on the dev prompts: the highest hit-rate uplift whose perplexity "
+               "is <= 1.25x and repeated 3-grams <= 2x the unsteered text's; every number "
+               "reported on the held-out test prompts")},
+           "selection": {"chosen": chosen["strength"] if chosen else None,
+                         "dev": [{"strength": r["strength"], "uplift": r["hit_rate_mean"] - dev_t[0]["hit_rate_mean"],
+                                  "fluency": r["fluency"]} for r in steered_dev]},
            "baseline": strip(base),
            "strengths": [{**strip(r), "scale": r["strength"]} for r in steered],
            "best": ({**strip(best), "scale": best["strength"]} if best else None),
            "strength_unit": "‖scale·S_l‖ / ‖h_l‖ (relative to the residual norm)"}
-    ena = [r for r in table if r["condition"] == "ena"]
+    ena = [r for r in test_t if r["condition"] == "ena"]
     if ena:
         res["ena"] = strip(ena[0])
     return res, samples

@@ -189,9 +189,11 @@ def _guard(row: dict) -> str:
 
 def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     base = st.get("baseline", {})
+    sp = st.get("split") or {}
     lines += [
-        f"Held-out neutral prompts: n = {st.get('n_prompts')} (their settings never occur in "
-        f"the extraction pairs). Steering adds a multiple of S_l at layer(s) "
+        f"Neutral prompts the extraction never saw, split in two: dev n = {sp.get('dev')}, "
+        f"held-out test n = {sp.get('test')}. Rule: {sp.get('rule', 'n/a')}. "
+        f"**The table below is the test half.** Steering adds a multiple of S_l at layer(s) "
         f"{st.get('layers')} (the peak of the smoothed layer profile) on every position; strength = "
         f"‖added vector‖ / mean ‖h_l‖ at the last prompt token; greedy decoding, "
         f"{st.get('max_tokens')} new tokens, same prompts in every condition.",
@@ -223,17 +225,27 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
             f"{_f(s.get('valence_mean'))} | {_f(s.get('ppl_mean'), 2)} | "
             f"{_f(s.get('rep3_mean'), pct=True)} | {_f(s.get('distinct2'))} | {_guard(s)} |")
     lines.append("")
+    sel = st.get("selection") or {}
+    if sel.get("dev"):
+        lines.append("Selection on the dev half (every strength tried): " + "; ".join(
+            f"strength {_f(d.get('strength'), 2)}: uplift {_f(d.get('uplift'))}, {_guard(d)}"
+            for d in sel["dev"]) + ".")
+        lines.append("")
     best = st.get("best")
+    if not best and sel.get("dev"):
+        lines.append("**No strength passed the fluency guards on the dev half**, so no operating "
+                     "point is reported; the table still lists every strength on the test half.")
+        lines.append("")
     if best:
         d = best.get("delta") or {}
         lines.append(
-            f"**Measured:** at strength {_f(best.get('scale'), 2)} the {emo} hit rate on held-out "
-            f"neutral prompts changes by {_ci(d, pct=True)}; per-prompt change spread "
-            f"min {_f(d.get('min'))}, median {_f(d.get('median'))}, max {_f(d.get('max'))}. "
+            f"**Measured (held-out test half):** at strength {_f(best.get('scale'), 2)}, chosen on "
+            f"the dev half, the {emo} hit rate changes by {_ci(d, pct=True)}; per-prompt change spread "
+            f"min {_f(d.get('min'))}, median {_f(d.get('median'))}, max {_f(d.get('max'))}; fluency "
+            f"{_guard(best)}. "
             f"Hallucination rate {_f(base.get('hallucination_rate'), pct=True)} unsteered → "
-            f"{_f(best.get('hallucination_rate'), pct=True)} steered. This strength is the one "
-            "with the highest mean hit rate on these same prompts (the table lists every "
-            "strength). Adding an emotion direction to neutral inputs is expected to make "
+            f"{_f(best.get('hallucination_rate'), pct=True)} steered. "
+            "Adding an emotion direction to neutral inputs is expected to make "
             "narratives name emotions more often; the hallucination column measures that cost. "
             "The built-in query asks how the person feels, so even unsteered narratives of "
             "neutral scenes often name an emotion.")

@@ -37,8 +37,14 @@ def _check_report(out, backend):
     st = joy["steering"]
     rows = [json.loads(x) for x in (out / "narratives.jsonl").read_text().splitlines()]
     n = st["n_prompts"]
-    base = [r for r in rows if r["condition"] == "unsteered"]
+    assert st["split"]["test"] == n and st["split"]["dev"] + n == len({r["id"] for r in rows})
+    base = [r for r in rows if r["condition"] == "unsteered" and r["split"] == "test"]
     assert len(base) == n
+    # the operating point is chosen on dev among the strengths whose guards pass there
+    sel = st["selection"]
+    passing = [d for d in sel["dev"] if d["fluency"]["ok"]]
+    assert sel["chosen"] == (max(passing, key=lambda d: d["uplift"])["strength"] if passing else None)
+    assert (st["best"] is None) == (sel["chosen"] is None)
     # the report's unsteered mean is the mean of the written per-prompt hit rates
     mean = sum(r["hit_rate"] or 0.0 for r in base) / n
     assert math.isclose(st["baseline"]["hit_rate_mean"], mean, abs_tol=1e-9)
@@ -50,7 +56,7 @@ def _check_report(out, backend):
         assert g["ok"] == (g["ppl_ratio"] <= 1.25 and g["rep3_ratio"] <= 2.0)
         assert math.isclose(g["ppl_ratio"], s["ppl_mean"] / st["baseline"]["ppl_mean"], rel_tol=1e-9)
     for r in rows:
-        assert 0.0 <= r["repeated_3gram"] <= 1.0
+        assert r["split"] in ("dev", "test") and 0.0 <= r["repeated_3gram"] <= 1.0
         assert r["perplexity"] is None or r["perplexity"] >= 1.0
     ppl = [r["perplexity"] for r in base if r["perplexity"] is not None]
     assert math.isclose(st["baseline"]["ppl_mean"], sum(ppl) / len(ppl), rel_tol=1e-9)
