@@ -65,7 +65,7 @@ from emosteer.extract import CAPTURE_LAST, _encode_side, pair_text, stack_captur
 from emosteer.runners import make_runner
 
 __all__ = ["AttributionResult", "LayerProfile", "HeadScores", "NeuronScores", "AttnScores",
-           "attribute", "layer_attribution", "head_attribution", "neuron_attribution",
+           "HeadMap", "attribute", "layer_attribution", "head_attribution", "head_map", "neuron_attribution",
            "attention_attribution", "head_types", "target_token_ids", "stage_bands", "target_logmass"]
 
 
@@ -149,6 +149,13 @@ class LayerProfile:
     profile: list[float]  # the one the stages use
     profile_source: str  # "hit_rate" | "proxy"
     stages: dict[str, Any] = field(default_factory=dict)
+    # Bootstrap over prompts (resampled, the profile recomputed): 95 % band per layer, the
+    # share of resamples whose aggregate band equals the point estimate's, and the share
+    # whose profile shows all three stages (non-empty adapt, aggregate and execute).
+    band: list[list[float]] | None = None  # [L][2]
+    stage_confidence: float | None = None
+    three_stage_frac: float | None = None
+    three_stages: bool | None = None
 
 
 @dataclass
@@ -338,9 +345,11 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
              for l in range(L) for _ in range(n)]
     rows = [r for _ in range(L) for r in ids]
     narr = None if proxy == "next" else toks0
-    m0 = _proxy_rows(runner, ids, tids, [None] * n, narr, desc="layers: proxy base").mean()
-    m = _proxy_rows(runner, rows, tids, specs, None if narr is None else narr * L,
-                    desc="layers: proxy sweep").view(L, n).mean(1)
+    m0_rows = _proxy_rows(runner, ids, tids, [None] * n, narr, desc="layers: proxy base")  # [n]
+    m0 = m0_rows.mean()
+    m_rows = _proxy_rows(runner, rows, tids, specs, None if narr is None else narr * L,
+                         desc="layers: proxy sweep").view(L, n)
+    m = m_rows.mean(1)
     dm = [float(x - m0) for x in m]
     hr0, hr, C, relative = float(sum(_hit_rates(texts0, emotion, lexicon)) / n), None, None, True
     emotional_frac = 0.0
@@ -348,7 +357,9 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
         from emosteer.emotion import asserts_emotion
 
         _, texts, _ = runner.generate(rows, specs, max_new_tokens=max_new_tokens, desc="layers: sweep")
-        rates = torch.tensor(_hit_rates(texts, emotion, lexicon)).view(L, n).mean(1)
+        hr_rows = torch.tensor(_hit_rates(texts, emotion, lexicon)).view(L, n)
+        hr0_rows = torch.tensor(_hit_rates(texts0, emotion, lexicon))
+        rates = hr_rows.mean(1)
         hr = [float(x) for x in rates]
         relative = hr0 > 0
         C = [(x - hr0) / hr0 if relative else x - hr0 for x in hr]
@@ -362,10 +373,45 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
         profile == "auto" and C is not None and emotional_frac >= min_emotional_frac
         and n >= min_hit_rate_prompts and max(C) - min(C) > 1e-9)
     chosen = C if use_hr else dm
+    if use_hr:
+        prof_fn = lambda idx: _hr_profile(hr_rows[:, idx], hr0_rows[idx], relative)  # noqa: E731
+    else:
+        prof_fn = lambda idx: (m_rows[:, idx].mean(1) - m0_rows[idx].mean()).tolist()  # noqa: E731
+    stages = stage_bands(chosen)
+    boot = _bootstrap_profile(prof_fn, n, stages)
     return LayerProfile(alpha=alpha, scales=scales, proxy=proxy, proxy_base=float(m0), proxy_change=dm,
                         hit_rate_base=hr0, hit_rate=hr, hit_rate_change=C, hit_rate_relative=relative,
                         emotional_frac=emotional_frac, profile=chosen,
-                        profile_source="hit_rate" if use_hr else "proxy", stages=stage_bands(chosen))
+                        profile_source="hit_rate" if use_hr else "proxy", stages=stages, **boot)
+
+
+def _hr_profile(hr_rows: torch.Tensor, hr0_rows: torch.Tensor, relative: bool) -> list[float]:
+    base = float(hr0_rows.mean())
+    rates = hr_rows.mean(1)
+    return [float((x - base) / base) if relative and base > 0 else float(x - base) for x in rates]
+
+
+def _bootstrap_profile(prof_fn, n: int, stages: dict, n_boot: int = 500, seed: int = 0) -> dict:
+    """Bands and stage confidence of a layer profile by resampling its prompts."""
+    three = all(stages[k] for k in ("adapt", "aggregate", "execute"))
+    if n < 2:
+        return {"band": None, "stage_confidence": None, "three_stage_frac": None, "three_stages": three}
+    g = torch.Generator().manual_seed(seed)
+    profs, same, three_n = [], 0, 0
+    for _ in range(n_boot):
+        idx = torch.randint(0, n, (n,), generator=g)
+        p = prof_fn(idx)
+        profs.append(p)
+        try:
+            st = stage_bands(p)
+        except ValueError:
+            continue
+        same += st["aggregate"] == stages["aggregate"]
+        three_n += all(st[k] for k in ("adapt", "aggregate", "execute"))
+    t = torch.tensor(profs, dtype=torch.float64)
+    band = torch.stack([t.quantile(0.025, dim=0), t.quantile(0.975, dim=0)], -1).tolist()
+    return {"band": band, "stage_confidence": same / n_boot, "three_stage_frac": three_n / n_boot,
+            "three_stages": three}
 
 
 # ------------------------------------------------------------------------- heads
@@ -391,29 +437,15 @@ def _pair_captures(runner, pairs):
     return ids_pos, ids_neg, stack_captures(caps_pos, L), stack_captures(caps_neg, L)
 
 
-def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top_k: int = 5,
-                     n_candidates: int | None = None, source: str = "emotional", lexicon=None,
-                     tids=None, _captures=None) -> HeadScores:
-    """Emotional intention [L, H], confirmed by per-pair activation patching."""
-    vector = vector or emotion
-    S = runner.bank.get(vector, "residual").float()
+def _patch_heads(runner, emotion: str, cands, ids_pos, ids_neg, z_pos, tids):
+    """Activation patching of every head in ``cands`` on every pair, one request per
+    (head, pair), all in one batch: X⁻ with that head's output replaced by its X⁺ value,
+    position-aligned where the pair's token layouts match (every prompt position gets
+    the X⁺ output at the same position), else at the last prompt token.
+
+    Returns ``(ΔM [cands, N] = M(patched) − M⁻ per pair, M⁺ − M⁻ [N], aligned [N])``."""
     info = runner.info
     L, H, D = info.num_layers, info.num_heads, info.head_dim
-    tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
-    ids_pos, ids_neg, (h_pos, z_pos), (h_neg, z_neg) = _captures or _pair_captures(runner, pairs)
-    zbar = z_pos.mean(0) if source == "emotional" else (z_pos - z_neg).mean(0)  # [L, H, D]
-    W = _weights(runner, "o_proj")
-    intention = torch.zeros(L, H)
-    for l in range(L):
-        contrib = torch.einsum("dhk,hk->hd", W[l].view(-1, H, D), zbar[l])  # [H, d]
-        intention[l] = _cos(contrib, S[l])
-    n_cand = n_candidates or min(L * H, 2 * top_k)
-    order = intention.flatten().argsort(descending=True)[:n_cand].tolist()
-    cands = [(i // H, i % H) for i in order]
-
-    # activation patching: rows = candidates x pairs, per-pair X+ head outputs as vectors:
-    # position-aligned (one vector per prompt position) where the pair's token layouts
-    # match, the last prompt token's otherwise.
     N = len(ids_neg)
     aligned = [_same_layout(a, b) for a, b in zip(ids_pos, ids_neg)]
     patch = VectorBank(info)
@@ -446,17 +478,100 @@ def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top
                 "positions": "last"}
 
     specs = [{"heads": [item(l, h, i)]} for (l, h) in cands for i in range(N)]
-    m = _proxy_rows(runner, ids_neg * len(cands), tids, specs, desc="heads: patching").view(len(cands), N)
-    denom = float((m_pos - m_neg).mean())
-    rec = ((m - m_neg).mean(1) / (denom if abs(denom) > 1e-12 else math.copysign(1e-12, denom or 1.0)))
-    recovery = {c: float(r) for c, r in zip(cands, rec)}
+    m = _proxy_rows(runner, list(ids_neg) * len(cands), tids, specs, desc="heads: patching")
+    return m.view(len(cands), N) - m_neg, m_pos - m_neg, aligned
+
+
+def _nonzero(x: float) -> float:
+    return x if abs(x) > 1e-12 else math.copysign(1e-12, x or 1.0)
+
+
+def _patching_name(aligned) -> str:
+    N = len(aligned)
+    return ("position-aligned" if all(aligned) else
+            ("last-token" if not any(aligned) else f"position-aligned for {sum(aligned)}/{N} pairs, else last-token"))
+
+
+def head_attribution(runner, emotion: str, pairs, vector: str | None = None, top_k: int = 5,
+                     n_candidates: int | None = None, source: str = "emotional", lexicon=None,
+                     tids=None, _captures=None) -> HeadScores:
+    """Emotional intention [L, H], confirmed by per-pair activation patching."""
+    vector = vector or emotion
+    S = runner.bank.get(vector, "residual").float()
+    info = runner.info
+    L, H, D = info.num_layers, info.num_heads, info.head_dim
+    tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
+    ids_pos, ids_neg, (h_pos, z_pos), (h_neg, z_neg) = _captures or _pair_captures(runner, pairs)
+    zbar = z_pos.mean(0) if source == "emotional" else (z_pos - z_neg).mean(0)  # [L, H, D]
+    W = _weights(runner, "o_proj")
+    intention = torch.zeros(L, H)
+    for l in range(L):
+        contrib = torch.einsum("dhk,hk->hd", W[l].view(-1, H, D), zbar[l])  # [H, d]
+        intention[l] = _cos(contrib, S[l])
+    n_cand = n_candidates or min(L * H, 2 * top_k)
+    order = intention.flatten().argsort(descending=True)[:n_cand].tolist()
+    cands = [(i // H, i % H) for i in order]
+
+    dm, dpair, aligned = _patch_heads(runner, emotion, cands, ids_pos, ids_neg, z_pos, tids)
+    recovery = {c: float(r) for c, r in zip(cands, dm.mean(1) / _nonzero(float(dpair.mean())))}
     ranked = sorted(cands, key=lambda c: (recovery[c] > 0, intention[c].item() * (recovery[c] > 0),
                                           recovery[c]), reverse=True)
     top = ranked[:top_k]
     return HeadScores(intention=intention, source=source, candidates=cands, recovery=recovery,
-                      top=top, confirmed=all(recovery[c] > 0 for c in top),
-                      patching="position-aligned" if all(aligned) else
-                      ("last-token" if not any(aligned) else f"position-aligned for {sum(aligned)}/{N} pairs, else last-token"))
+                      top=top, confirmed=all(recovery[c] > 0 for c in top), patching=_patching_name(aligned))
+
+
+@dataclass
+class HeadMap:
+    """Every (layer, head) scored by activation patching: ``recovery[l, h]`` = mean ΔM of
+    X⁻ with that head patched from X⁺, over mean (M⁺ − M⁻); ``ci`` its 95 % bootstrap
+    interval over pairs (pairs resampled, the ratio of means recomputed)."""
+
+    emotion: str
+    recovery: torch.Tensor  # [L, H]
+    ci: torch.Tensor  # [L, H, 2]
+    n_pairs: int
+    patching: str
+    gap: float  # mean (M⁺ − M⁻): what a full recovery would restore
+
+    def top(self, k: int) -> list[tuple[int, int]]:
+        """The k heads with the highest recovery among those whose interval lies above 0
+        (fewer when fewer are significant)."""
+        L, H = self.recovery.shape
+        sig = [(l, h) for l in range(L) for h in range(H) if float(self.ci[l, h, 0]) > 0]
+        return sorted(sig, key=lambda c: float(self.recovery[c]), reverse=True)[:k]
+
+    def to_dict(self) -> dict:
+        return {"emotion": self.emotion, "recovery": self.recovery.tolist(), "ci95": self.ci.tolist(),
+                "n_pairs": self.n_pairs, "patching": self.patching, "gap": self.gap}
+
+
+def head_map(runner, emotion: str, pairs, lexicon=None, tids=None, n_boot: int = 1000,
+             seed: int = 0, _captures=None) -> HeadMap:
+    """The full [layers x heads] recovery map of ``emotion``: every head patched on every
+    pair, each (head, pair) its own request, all in one batch (no candidate preselection)."""
+    info = runner.info
+    L, H = info.num_layers, info.num_heads
+    tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
+    ids_pos, ids_neg, _, (_, z_pos) = _captures or _pair_captures(runner, pairs)
+    cands = [(l, h) for l in range(L) for h in range(H)]
+    dm, dpair, aligned = _patch_heads(runner, emotion, cands, ids_pos, ids_neg, z_pos, tids)
+    N = dm.shape[1]
+    rec = (dm.mean(1) / _nonzero(float(dpair.mean()))).view(L, H)
+    g = torch.Generator().manual_seed(seed)
+    if N > 1:
+        idx = torch.randint(0, N, (n_boot, N), generator=g)
+        num = dm[:, idx].mean(-1)  # [LH, B]
+        den = dpair[idx].mean(-1)  # [B]
+        den = torch.where(den.abs() > 1e-12, den, torch.full_like(den, 1e-12))
+        boot = num / den
+        ci = torch.stack([boot.quantile(0.025, dim=1), boot.quantile(0.975, dim=1)], -1).view(L, H, 2)
+    else:
+        ci = torch.full((L, H, 2), float("nan"))
+    for name in [n for n in runner.bank.names() if n.startswith(f"_attr.{emotion}.zpos")]:
+        runner.bank.remove(name)
+    return HeadMap(emotion=emotion, recovery=rec, ci=ci, n_pairs=N, patching=_patching_name(aligned),
+                   gap=float(dpair.mean()))
 
 
 # ---------------------------------------------------------------- attention to image

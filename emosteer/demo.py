@@ -44,11 +44,12 @@ __all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering
 FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=16, layer_tokens=32,
             alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
             ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
-            n_samples=4, batch_size=16)
+            n_samples=4, batch_size=16,
+            map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5)
 QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
              alpha=0.1, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
              ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.1, 0.2), n_samples=2,
-             batch_size=8)
+             batch_size=8, map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2)
 
 
 def demo_settings(quick: bool = False, **overrides) -> dict:
@@ -59,6 +60,7 @@ def demo_settings(quick: bool = False, **overrides) -> dict:
         raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(s)}")
     s.update(overrides)
     s["strengths"] = tuple(s["strengths"])
+    s["map_emotions"] = tuple(s["map_emotions"])
     return s
 
 
@@ -288,6 +290,33 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
     return res, samples
 
 
+def head_maps_stage(runner, emotions: Sequence[str], n_pairs: int, top: int) -> dict:
+    """Full [layers x heads] patching maps of several emotions (every head its own
+    request per pair, one batch per emotion), their significant top heads, and which of
+    those are sentiment-specific (one emotion) or emotion-general (all)."""
+    from emosteer import attribution as attr
+    from emosteer.data import load_builtin
+
+    maps = {}
+    for emo in emotions:
+        pairs = load_builtin(emo)[:n_pairs]
+        maps[emo] = attr.head_map(runner, emo, pairs)
+    tops = {e: m.top(top) for e, m in maps.items()}
+    types = attr.head_types(tops) if len(tops) >= 2 else None
+    out: dict[str, Any] = {"emotions": list(emotions), "n_pairs": n_pairs, "top_k": top,
+                           "maps": {e: m.to_dict() for e, m in maps.items()},
+                           "top": {e: [list(c) for c in t] for e, t in tops.items()}}
+    if types is not None:
+        spec = [c for v in types["specific"].values() for c in v]
+        gen = types["general"]
+        mean_layer = lambda cs: (sum(l for l, _ in cs) / len(cs)) if cs else None  # noqa: E731
+        out["types"] = {"general": [list(c) for c in gen],
+                        "specific": {e: [list(c) for c in v] for e, v in types["specific"].items()},
+                        "by_layer": types["by_layer"],
+                        "mean_layer_specific": mean_layer(spec), "mean_layer_general": mean_layer(gen)}
+    return out
+
+
 # ------------------------------------------------------------------------------ demo
 @contextmanager
 def _stage(name: str, timings: dict, console):
@@ -421,6 +450,9 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                         "gain": e["hit_rate_mean"], "delta": e["delta"],
                         "hallucination_rate": e["hallucination_rate"]}
             results["emotions"][emo] = res
+        with _stage("head maps", timings, console):
+            results["head_maps"] = head_maps_stage(runner, cfg["map_emotions"], cfg["n_map_pairs"],
+                                                   cfg["map_top"])
         runner.bank.save(out / "bank.safetensors")
         (out / "bank.safetensors").chmod(0o644)
     finally:

@@ -93,6 +93,10 @@ def plot_layer_profile(emotions: dict, path: str | Path) -> Path:
             if ls:
                 ax.axvspan(ls[0] - 0.5, ls[-1] + 0.5, color=col, label=name, zorder=0)
         src = prof.get("profile_source", "hit_rate")
+        band = prof.get("band")
+        if band:
+            ax.fill_between(layers, [b[0] for b in band], [b[1] for b in band], color="#888",
+                            alpha=0.25, lw=0, label="95 % bootstrap band")
         ax.plot(layers, ys, "o-", ms=3, color="#333", label=f"profile ({src})")
         if stages.get("smoothed"):
             ax.plot(layers, stages["smoothed"], "--", color="#c44", lw=1, label="smoothed")
@@ -139,6 +143,90 @@ def plot_head_map(emotions: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_recovery_maps(head_maps: dict, path: str | Path) -> Path:
+    """The full patching maps, one panel per emotion: recovery of every (layer, head);
+    heads whose 95 % interval lies above 0 are dotted, the top heads boxed."""
+    plt = _plt()
+    maps = (head_maps or {}).get("maps") or {}
+    n = max(1, len(maps))
+    fig, axes = plt.subplots(1, n, figsize=(min(4.2 * n, 18), 4.6), squeeze=False)
+    if not maps:
+        axes[0][0].text(0.5, 0.5, "no head map measured", ha="center")
+        axes[0][0].axis("off")
+    for ax, (emo, m) in zip(axes[0], maps.items()):
+        rec = m["recovery"]
+        vmax = max((abs(v) for row in rec for v in row if v == v), default=1.0) or 1.0
+        im = ax.imshow(rec, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                       interpolation="nearest", origin="lower")
+        for l, row in enumerate(m["ci95"]):
+            for h, (lo, _hi) in enumerate(row):
+                if lo == lo and lo > 0:
+                    ax.plot(h, l, ".", color="black", ms=3)
+        for l, h in (head_maps.get("top") or {}).get(emo, []):
+            ax.add_patch(plt.Rectangle((h - 0.5, l - 0.5), 1, 1, fill=False, ec="black", lw=1.2))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{emo}: patching recovery (n={m['n_pairs']} pairs)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("every head patched from the emotional into the neutral prompt; dots: 95 % CI > 0",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _stage_confidence(prof: dict) -> str:
+    """How far the bootstrap over prompts supports the stages."""
+    if prof.get("stage_confidence") is None:
+        return "(Too few prompts for a bootstrap.)"
+    txt = (f"Bootstrap over prompts (the band in the plot is 95 %): {100 * prof['stage_confidence']:.0f} % "
+           f"of resamples give the same aggregate band; {100 * prof['three_stage_frac']:.0f} % show all "
+           "three stages.")
+    if not prof.get("three_stages"):
+        txt += " **This profile does not show three stages** (one of them is empty)."
+    elif prof["three_stage_frac"] < 0.5:
+        txt += " The three stages are not robust: most resamples lose one."
+    return txt
+
+
+def _head_maps_section(hm: dict, lines: list[str]) -> None:
+    maps = hm.get("maps") or {}
+    if not maps:
+        return
+    first = next(iter(maps.values()))
+    L, H = len(first["recovery"]), len(first["recovery"][0])
+    lines += ["## Full head maps (every head patched)", "",
+              f"For {', '.join(maps)}: each of the {L} × {H} heads patched from the emotional into "
+              f"the neutral prompt of each of {hm.get('n_pairs')} pairs, every (head, pair) its "
+              f"own request, all in one batch per emotion ({first.get('patching')} patching). "
+              "Recovery = share of the emotional − neutral gap in target-word log-mass the patch "
+              "closes; 95 % bootstrap intervals over pairs. Top heads: the highest recovery among "
+              "heads whose interval lies above 0.", "",
+              "| emotion | gap (M⁺ − M⁻) | heads with CI > 0 | top heads (layer, head) |",
+              "| --- | --- | --- | --- |"]
+    for emo, m in maps.items():
+        sig = sum(1 for row in m["ci95"] for lo, _ in row if lo == lo and lo > 0)
+        lines.append(f"| {emo} | {_f(m.get('gap'))} | {sig} of {L * H} | {(hm.get('top') or {}).get(emo)} |")
+    t = hm.get("types")
+    if t:
+        spec = {e: v for e, v in t["specific"].items() if v}
+        lines += ["", f"**Sentiment-specific vs emotion-general** (from the top {hm.get('top_k')} "
+                  f"of each emotion): emotion-general heads (in every emotion's set): "
+                  f"{t['general'] or 'none'}; sentiment-specific heads (one emotion only): "
+                  f"{spec or 'none'}; per layer: {t['by_layer'] or 'none'}."]
+        ms, mg = t.get("mean_layer_specific"), t.get("mean_layer_general")
+        if ms is not None and mg is not None:
+            verdict = ("deeper than" if mg > ms else "not deeper than")
+            lines.append(f"The paper finds sentiment-specific heads in the middle layers and "
+                         f"emotion-general ones deeper. Here the general heads sit at mean layer "
+                         f"{mg:.1f}, {verdict} the specific ones (mean layer {ms:.1f}).")
+        else:
+            lines.append("The paper's split (specific heads in the middle layers, general ones "
+                         "deeper) cannot be tested here: one of the two groups is empty.")
+    lines += ["", "![head maps](head_maps.png)", ""]
 
 
 # ------------------------------------------------------------------------------ text
@@ -329,7 +417,7 @@ def render_markdown(results: dict) -> str:
                 "",
                 f"Stages (half-maximum rule): adapt {_span(stg.get('adapt'))}, aggregate "
                 f"{_span(stg.get('aggregate'))}, execute {_span(stg.get('execute'))}; "
-                f"l_emo = {stg.get('l_emo')}.",
+                f"l_emo = {stg.get('l_emo')}. " + _stage_confidence(prof),
                 "",
                 "![layer profile](layer_profile.png)",
                 "",
@@ -375,6 +463,7 @@ def render_markdown(results: dict) -> str:
                 lines.append(f"| {_quote(s.get('prompt'), 160)} | {_quote(s.get('unsteered'))} "
                              f"| {_quote(s.get('steered'))} (strength {_f(s.get('scale'), 2)}) |")
             lines.append("")
+    _head_maps_section(r.get("head_maps") or {}, lines)
     t = r.get("timings") or {}
     if t:
         lines += ["## Timings", "", "| stage | seconds |", "| --- | --- |"]
@@ -385,7 +474,7 @@ def render_markdown(results: dict) -> str:
               "- `narratives.jsonl`: every held-out narrative (condition, scale, hit rate)",
               "- `bank.safetensors`: the vectors, head patches and neuron sets "
               "(`emosteer bank show bank.safetensors`)",
-              "- `layer_profile.png`, `head_map.png`", ""]
+              "- `layer_profile.png`, `head_map.png`, `head_maps.png`", ""]
     return "\n".join(lines)
 
 
@@ -396,6 +485,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     emotions = results.get("emotions") or {}
     plot_layer_profile(emotions, out / "layer_profile.png")
     plot_head_map(emotions, out / "head_map.png")
+    plot_recovery_maps(results.get("head_maps") or {}, out / "head_maps.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     path = out / "report.md"
     path.write_text(render_markdown(results), encoding="utf-8")

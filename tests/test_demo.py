@@ -33,6 +33,9 @@ def _check_report(out, backend):
     L = res["model"]["info"]["num_layers"]
     H = res["model"]["info"]["num_heads"]
     assert joy["layer_profile"]["layers"] == list(range(L))
+    lp = joy["layer_profile"]
+    assert len(lp["band"]) == L and all(lo <= hi for lo, hi in lp["band"])
+    assert 0.0 <= lp["stage_confidence"] <= 1.0 and 0.0 <= lp["three_stage_frac"] <= 1.0
     assert len(joy["heads"]["intention"]) == L and len(joy["heads"]["intention"][0]) == H
     st = joy["steering"]
     rows = [json.loads(x) for x in (out / "narratives.jsonl").read_text().splitlines()]
@@ -64,6 +67,17 @@ def _check_report(out, backend):
     assert "Fluency guards" in md and "perplexity" in md
     assert "Backend:** " + backend in md
     assert "held-out" in md.lower()
+
+    hm = res["head_maps"]
+    assert (out / "head_maps.png").stat().st_size > 1000 and "Full head maps" in md
+    for emo in hm["emotions"]:
+        m = hm["maps"][emo]
+        assert len(m["recovery"]) == L and len(m["recovery"][0]) == H
+        assert len(m["ci95"]) == L and len(m["ci95"][0][0]) == 2
+        sig = {(l, h) for l in range(L) for h in range(H) if m["ci95"][l][h][0] > 0}
+        assert {tuple(c) for c in hm["top"][emo]} <= sig
+    tops = [{tuple(c) for c in hm["top"][e]} for e in hm["emotions"]]
+    assert {tuple(c) for c in hm["types"]["general"]} == set.intersection(*tops)
 
     from emosteer.bank import VectorBank
 
