@@ -155,6 +155,8 @@ class VectorBank:
         # serving engine keeps a few so that requests admitted under the old contents
         # still get exactly them (see ``pinned``).
         self.keep_versions = int(keep_versions)
+        # Named request configs (``"<emotion>.preset"``): what ``generate --preset`` sends.
+        self.presets: dict[str, dict] = {}
         self._retired: "collections.OrderedDict[tuple[str, str], tuple[dict, torch.Tensor]]" = (
             collections.OrderedDict()
         )
@@ -281,11 +283,32 @@ class VectorBank:
         return self._hashes[name]
 
     def update(self, other: "VectorBank") -> None:
-        """Add every entry of ``other`` (replacing same names), checked against ``info``."""
+        """Add every entry and preset of ``other`` (replacing same names), checked against
+        ``info``."""
         if self.info is not None and other.info is not None:
             other.validate_against(self.info)
         for n in other.names():
             self.add(n, other.kind(n), other.get(n), **other.meta(n))
+        for n, cfg in other.presets.items():
+            self.presets[n] = cfg
+
+    # -- presets ---------------------------------------------------------------------
+    def set_preset(self, name: str, config: dict, **meta: Any) -> None:
+        """Store a request config under ``name`` (checked like a request: SpecError names
+        the field); ``meta`` (JSON) says where it came from."""
+        from emosteer.spec import SteerSpec
+
+        if not isinstance(name, str) or not name:
+            raise BankError(f"preset name must be a non-empty string, got {name!r}")
+        spec = SteerSpec.parse(config)
+        _json_safe(meta, f"{name}: preset metadata")
+        self.presets[name] = {"config": spec.to_dict(), **meta}
+
+    def preset(self, name: str) -> dict:
+        """The request config stored under ``name``; BankError listing the known ones."""
+        if name not in self.presets:
+            raise BankError(f"no preset {name!r} in the bank (known: {sorted(self.presets) or 'none'})")
+        return dict(self.presets[name]["config"])
 
     # -- validation ------------------------------------------------------------------
     def validate_against(self, info: ModelInfo, check_architecture: bool = True) -> None:
@@ -315,6 +338,8 @@ class VectorBank:
             "model": self.info.to_dict() if self.info is not None else None,
             "entries": self._entries,
         }
+        if self.presets:
+            header["presets"] = self.presets
         save_file(dict(self._tensors), os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
 
     @classmethod
@@ -362,6 +387,14 @@ class VectorBank:
         if orphans:
             raise BankError(f"{path}: tensors without an entry: {orphans}")
         bank = cls(info)
+        presets = header.get("presets") or {}
+        if not isinstance(presets, dict) or not all(isinstance(v, dict) and "config" in v for v in presets.values()):
+            raise BankError(f"{path}: presets must map names to {{'config': ...}} objects")
+        for name, p in presets.items():
+            try:
+                bank.set_preset(name, p["config"], **{k: v for k, v in p.items() if k != "config"})
+            except ValueError as e:
+                raise BankError(f"{path}: preset {name!r}: {e}") from None
         for name in sorted(entries):
             entry = entries[name]
             if not isinstance(entry, dict) or "kind" not in entry:

@@ -521,6 +521,9 @@ def generate(
     ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                               help="A running Ray cluster (default: start a local one)."),
     workers: int = typer.Option(1, "--workers", help="With --ray: engine actors."),
+    preset: Optional[str] = typer.Option(None, "--preset",
+                                         help="A request config stored in --bank (e.g. joy.preset, "
+                                              "written by emosteer demo) for rows without 'steer'."),
 ):
     """Generate steered narratives for a JSONL file on vLLM (resumable).
 
@@ -552,6 +555,18 @@ def generate(
         if r.get("emotion") is not None:
             _emotions(str(r["emotion"]), f"IN: row {r['id']!r}: emotion")
     b = _load_bank(bank) if bank is not None else None
+    preset_cfg = None
+    if preset is not None:
+        if b is None:
+            fail("--preset: needs --bank (the bank that stores the preset)")
+        from emosteer.bank import BankError as _BE
+
+        try:
+            preset_cfg = b.preset(preset)
+        except _BE as e:
+            fail(f"--preset: {e}")
+        rows = [r if "steer" in r else {**r, "steer": preset_cfg} for r in rows]
+        needs_bank = True
     if needs_bank and b is None:
         fail("--bank: rows name steering vectors; pass the bank that holds them")
     folder = _model_path(model)
@@ -573,7 +588,8 @@ def generate(
         fail("--ray-address / --workers need --ray")
     cfg = GenerateConfig(model=str(folder), bank=str(Path(bank).resolve()) if bank else None,
                          max_tokens=max_tokens, batch_size=batch_size,
-                         temperature=temperature, seed=seed, chat=not no_chat, enforce_eager=eager)
+                         temperature=temperature, seed=seed, chat=not no_chat, enforce_eager=eager,
+                         preset=preset, preset_config=preset_cfg)
     try:
         if use_ray:
             try:

@@ -443,6 +443,14 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                                              cfg["heldout_tokens"], cfg["ena_gamma"], narr_path,
                                              cfg["n_samples"])
                 res["steering"], res["samples"] = st, samples
+                if st.get("best"):
+                    # The operating point chosen on dev, with its held-out numbers: what
+                    # `emosteer generate --preset <emotion>.preset` steers with.
+                    b = st["best"]
+                    bank.set_preset(f"{emo}.preset", b["spec"], chosen_on="dev", strength=b["scale"],
+                                    test_uplift=(b.get("delta") or {}).get("mean"),
+                                    fluency=b.get("fluency"), layer=best)
+                    res["preset"] = {"name": f"{emo}.preset", "config": bank.preset(f"{emo}.preset")}
                 if "ena" in st:
                     e = st["ena"]
                     res["neurons"]["gain_check"] = {

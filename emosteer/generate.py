@@ -45,6 +45,10 @@ class GenerateConfig:
     chat: bool = True
     dtype: str = "float32"
     enforce_eager: bool = False
+    # A bank preset (``"<emotion>.preset"``): its config steers every row without "steer"
+    # (the row records the preset's name).
+    preset: Optional[str] = None
+    preset_config: Optional[dict] = None
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -174,6 +178,8 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
 
     tok = llm.llm.get_tokenizer()
     sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    if cfg.preset_config is not None:
+        batch = [r if "steer" in r else {**r, "steer": cfg.preset_config, "preset": cfg.preset} for r in batch]
     prompts = [_image_prompt(llm, tok, r, cfg.chat) if "image" in r else format_prompt(tok, r, cfg.chat)
                for r in batch]
     outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)

@@ -455,6 +455,11 @@ def render_markdown(results: dict) -> str:
         if st:
             lines += ["### Steered vs unsteered narratives (held-out neutral prompts)", ""]
             _steering_section(emo, st, lines)
+            pr = res.get("preset")
+            if pr:
+                lines += [f"Saved as the bank preset `{pr['name']}` "
+                          f"(`emosteer generate IN OUT -b bank.safetensors --preset {pr['name']}`): "
+                          f"`{json.dumps(pr['config'])}`.", ""]
         samples = res.get("samples") or []
         if samples:
             lines += ["### Sample narratives", "", "| prompt | unsteered | steered |",

@@ -302,3 +302,27 @@ def test_bytes_round_trip_and_bad_bytes():
     for bad in (b"", b"1234567", bytes(range(200)), bank.to_bytes()[:100]):
         with pytest.raises(BankError, match="upload"):
             VectorBank.from_bytes(bad)
+
+
+def test_presets_round_trip_and_errors(tmp_path):
+    """Named request configs travel with the bank file; a bad one names its field."""
+    import torch
+
+    from emosteer.bank import BankError, ModelInfo, VectorBank
+    from emosteer.spec import SpecError
+
+    info = ModelInfo("LlamaForCausalLM", 2, 8, 2, 4, 8, 2)
+    b = VectorBank(info)
+    b.add("joy", "residual", torch.ones(2, 8))
+    b.set_preset("joy.preset", {"steer": [{"vector": "joy", "layers": [1], "scale": 2.0}]}, chosen_on="dev")
+    b.save(tmp_path / "b.safetensors")
+    c = VectorBank.load(tmp_path / "b.safetensors")
+    assert c.preset("joy.preset") == {"steer": [{"vector": "joy", "layers": [1], "scale": 2.0, "positions": "all"}]}
+    assert c.presets["joy.preset"]["chosen_on"] == "dev"
+    with pytest.raises(BankError, match="no preset 'x'.*joy.preset"):
+        c.preset("x")
+    with pytest.raises(SpecError, match="steer"):
+        b.set_preset("bad", {"steer": 3})
+    d = VectorBank(info)
+    d.update(c)
+    assert d.preset("joy.preset") == c.preset("joy.preset")

@@ -205,6 +205,12 @@ def test_generate_bad_input(tmp_path, model_dir, bank_file):
     ok = _rows(tmp_path / "ok.jsonl", [{"id": "a", "prompt": "hi"}])
     assert_user_error(run("generate", ok, out, "--batch-size", "0"), "--batch-size")
     assert_user_error(run("generate", ok, out, "--temperature", "-1"), "--temperature")
+    assert_user_error(run("generate", ok, out, "--model", model_dir, "--preset", "joy.preset"),
+                      "--preset", "--bank")
+    assert_user_error(run("generate", ok, out, "--model", model_dir, "--bank", bank_file,
+                          "--preset", "joy.preset"), "--preset", "no preset 'joy.preset'")
+    img = _rows(tmp_path / "img.jsonl", [{"id": "a", "prompt": "hi", "image": "nope.png"}])
+    assert_user_error(run("generate", img, out, "--model", model_dir), "image", "not found")
 
 
 def test_demo_bad_input(tmp_path):

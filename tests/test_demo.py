@@ -48,6 +48,8 @@ def _check_report(out, backend):
     passing = [d for d in sel["dev"] if d["fluency"]["ok"]]
     assert sel["chosen"] == (max(passing, key=lambda d: d["uplift"])["strength"] if passing else None)
     assert (st["best"] is None) == (sel["chosen"] is None)
+    if st["best"] is not None:  # the chosen operating point is the bank preset
+        assert joy["preset"]["config"]["steer"][0]["scale"] == st["best"]["spec"]["steer"][0]["scale"]
     # the report's unsteered mean is the mean of the written per-prompt hit rates
     mean = sum(r["hit_rate"] or 0.0 for r in base) / n
     assert math.isclose(st["baseline"]["hit_rate_mean"], mean, abs_tol=1e-9)
@@ -83,6 +85,8 @@ def _check_report(out, backend):
 
     bank = VectorBank.load(out / "bank.safetensors")
     assert {"joy", "joy.h", "joy.vee", "joy.ena"} <= set(bank.names())
+    if st["best"] is not None:
+        assert bank.preset("joy.preset") == joy["preset"]["config"]
     assert not [n for n in bank.names() if n.startswith("_attr.")]
     return res
 

@@ -74,3 +74,28 @@ def test_bad_row_is_refused_before_generation(llm, tmp_path):
     with pytest.raises(ValueError, match=r"row 'x'.*steer\[0\]"):
         generate_jsonl(src, out, GenerateConfig(max_tokens=4), llm=llm, progress=False)
     assert not out.exists()
+
+
+def test_preset_steers_rows_without_steer(llm, tmp_path):
+    """A bank preset fills the rows without "steer" (the row records its name); rows with
+    their own config keep it; the narratives equal those of the explicit config."""
+    cfg_joy = {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 4.0}]}
+    rows = [{"id": "p1", "prompt": ROWS[0]["prompt"]}, {"id": "p2", "prompt": ROWS[3]["prompt"]},
+            {"id": "own", "prompt": ROWS[2]["prompt"], "steer": ROWS[2]["steer"]}]
+    src = tmp_path / "in.jsonl"
+    _write(src, rows)
+    from emosteer.spec import SteerSpec
+
+    preset_cfg = SteerSpec.parse(cfg_joy).to_dict()
+    out = tmp_path / "preset.jsonl"
+    generate_jsonl(src, out, GenerateConfig(max_tokens=8, preset="joy.preset", preset_config=preset_cfg),
+                   llm=llm, progress=False)
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert got["p1"]["preset"] == "joy.preset" and got["p1"]["steer"] == preset_cfg
+    assert "preset" not in got["own"] and got["own"]["steer"] == ROWS[2]["steer"]
+    explicit = tmp_path / "explicit.jsonl"
+    _write(explicit, [{**r, "steer": cfg_joy} if "steer" not in r else r for r in rows])
+    ref = tmp_path / "ref.jsonl"
+    generate_jsonl(explicit, ref, GenerateConfig(max_tokens=8), llm=llm, progress=False)
+    want = {r["id"]: r for r in map(json.loads, ref.read_text().splitlines())}
+    assert all(got[k]["narrative"] == want[k]["narrative"] for k in got)
