@@ -15,7 +15,7 @@ export VLLM_CPU_NUM_OF_RESERVED_CPU ?= 0
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install build clean
+.PHONY: demo test install build clean bench
 
 $(STAMP): pyproject.toml setup.py scripts/install.sh $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*.cpp csrc/*.h csrc/*.cuh)
 	PY=$(PY) VENV=$(VENV) EXTRA=$(EXTRA) bash scripts/install.sh
@@ -31,6 +31,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
+
+# The end-to-end benchmarks at sizes that finish on a 2-core CPU, then the README's
+# performance tables rewritten from the CSVs (never typed by hand). Run it alone.
+bench: $(STAMP)
+	$(VPY) benchmarks/bench_sweep.py --pairs 4 --rounds 3
+	$(VPY) benchmarks/bench_narratives.py --prompts 32 --max-tokens 32 --skip-hooks-after 8
+	$(VPY) benchmarks/bench_vee.py
+	$(VPY) benchmarks/readme_tables.py
 
 clean:
 	rm -rf build emosteer/*.so $(VENV)

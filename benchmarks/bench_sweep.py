@@ -1,0 +1,236 @@
+"""Benchmark P2: the full head-patching sweep of a model as one batch of requests.
+
+Every (layer, head) of the model is patched on every neutral prompt of N pairs with its
+output on the paired emotional prompt at the last prompt token, each (head, pair) its
+own request; the measured quantity is the target emotion's log-mass at the next token
+(what ``emosteer.attribution.head_map`` computes). Three conditions, interleaved in
+rounds inside one process (rotated order, medians over rounds):
+
+    emosteer_vllm   every patch its own request, all L*H*N rows in one engine call
+                    (compiled vLLM engine with the plugin)
+    plain_vllm      the same rows, same engine, no config: plain vLLM on the same
+                    tokens (plugin loaded, nothing steered)
+    hf_hooks        transformers with a forward pre-hook on o_proj, one (layer, head)
+                    configuration at a time, the N prompts batched (what TransformerLens
+                    / pyvene-style sweeps do)
+
+The emosteer and HF results are checked equal (max |ΔM| difference, float32). The
+headline is the sweep's tokens/s as a fraction of plain vLLM on the same tokens
+(target >= 0.9) and its speed-up over the hook sweep.
+
+    python benchmarks/bench_sweep.py                 # default model, 4 pairs, 3 rounds
+    python benchmarks/bench_sweep.py --pairs 2 --rounds 3 --model /path/to/model
+
+Rows go to benchmarks/results/sweep.csv (one per condition and round), the plot to
+benchmarks/results/sweep.png; ``--table`` prints the README table of the latest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _runner import append_csv, version_string  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+CSV = os.path.join(RESULTS, "sweep.csv")
+COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
+           "max_abs_diff", "model", "layers", "heads", "pairs", "machine", "version", "timestamp")
+METHODS = ("emosteer_vllm", "plain_vllm", "hf_hooks")
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id):
+    """ΔM-ready log-masses [cands, N] with one hook configuration at a time."""
+    from emosteer.attribution import target_logmass
+
+    N = len(ids_neg)
+    T = max(len(r) for r in ids_neg)
+    x = torch.full((N, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((N, T), dtype=torch.long)
+    for i, r in enumerate(ids_neg):
+        x[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    H, D = z_pos.shape[2], z_pos.shape[3]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = torch.zeros(len(cands), N)
+    for k, (l, h) in enumerate(cands):
+        def hook(module, args, l=l, h=h):
+            a = args[0].clone()
+            a[:, -1, h * D:(h + 1) * D] = z_pos[:, l, h].to(a.dtype)
+            return (a,) + tuple(args[1:])
+        handle = dec.o_proj[l].register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                lg = model(input_ids=x, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        finally:
+            handle.remove()
+        out[k] = torch.stack([target_logmass(lg[i], tids) for i in range(N)])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--emotion", default="joy")
+    p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    p.add_argument("--table", action="store_true", help="print the README table of the latest run")
+    p.add_argument("--out-dir", default=RESULTS, help="where sweep.csv / sweep.png go")
+    a = p.parse_args(argv)
+    csv_path = os.path.join(a.out_dir, "sweep.csv")
+    if a.table:
+        print(table(read_rows()))
+        return 0
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from emosteer.attribution import _pair_captures, target_logmass, target_token_ids
+    from emosteer.bank import VectorBank
+    from emosteer.data import load_builtin
+    from emosteer.hf import load_hf_model
+    from emosteer.hf.layers import find_decoder
+    from emosteer.models import resolve_model
+    from emosteer.runners import make_runner
+
+    path = resolve_model(a.model)
+    runner = make_runner(str(path), "vllm", progress=False, max_slots=256, seed=0, max_model_len=512,
+                         enforce_eager=a.eager)
+    model, tok = load_hf_model(path)
+    dec = find_decoder(model)
+    info = runner.info
+    L, H = info.num_layers, info.num_heads
+    pairs = load_builtin(a.emotion)[:a.pairs]
+    ids_pos, ids_neg, _, (_, z_pos) = _pair_captures(runner, pairs)
+    N = len(ids_neg)
+    bank = VectorBank(info)
+    for i in range(N):
+        bank.add(f"_sweep.zpos.{i}", "head", z_pos[i])
+    runner.register(bank)
+    tids = torch.as_tensor(target_token_ids(runner.tokenizer, a.emotion))
+    cands = [(l, h) for l in range(L) for h in range(H)]
+    rows = [r for _ in cands for r in ids_neg]
+    specs = [{"heads": [{"layer": l, "head": h, "mode": "patch", "vector": f"_sweep.zpos.{i}",
+                         "positions": "last"}]} for (l, h) in cands for i in range(N)]
+    tokens = sum(len(r) + 1 for r in rows)  # prefill + the one generated token
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def run(method):
+        t0 = time.perf_counter()
+        if method == "emosteer_vllm":
+            lg, _ = runner.forward(rows, specs)
+            res = torch.stack([target_logmass(x, tids) for x in lg]).view(len(cands), N)
+        elif method == "plain_vllm":
+            lg, _ = runner.forward(rows, [None] * len(rows))
+            res = None
+        else:
+            res = hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad)
+        return time.perf_counter() - t0, res
+
+    # warm-up (not counted): a small slice of each condition
+    runner.forward(rows[:N], specs[:N])
+    runner.forward(rows[:N], [None] * N)
+    got: dict[str, torch.Tensor] = {}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for rnd in range(a.rounds):
+        order = METHODS[rnd % 3:] + METHODS[:rnd % 3]
+        for m in order:
+            sec, res = run(m)
+            times[m].append(sec)
+            if res is not None and m not in got:
+                got[m] = res
+            print(f"round {rnd} {m:14s} {sec:8.2f} s  {tokens / sec:9.1f} tok/s", flush=True)
+    diff = float((got["emosteer_vllm"] - got["hf_hooks"]).abs().max())
+    print(f"max |M(emosteer) - M(hf hooks)| over {len(cands)} heads x {N} pairs: {diff:.3g}")
+    run_id = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    plain_med = statistics.median(times["plain_vllm"])
+    out = []
+    for m in METHODS:
+        for rnd, sec in enumerate(times[m]):
+            out.append(dict(run=run_id, method=m, round=rnd, seconds=f"{sec:.4g}", requests=len(rows),
+                            tokens=tokens, tok_per_s=f"{tokens / sec:.5g}",
+                            frac_of_plain=f"{plain_med / sec:.4g}", max_abs_diff=f"{diff:.3g}",
+                            model=str(a.model), layers=L, heads=H, pairs=N, machine=machine(),
+                            version=version_string(), timestamp=run_id))
+    append_csv(out, csv_path, COLUMNS)
+    plot(out, os.path.join(a.out_dir, "sweep.png"))
+    print(table(out))
+    runner.llm.llm.llm_engine.engine_core.shutdown()
+    return 0
+
+
+def read_rows() -> list[dict]:
+    with open(CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1]["run"]
+    return [r for r in rows if r["run"] == last]
+
+
+def _medians(rows):
+    med = {}
+    for m in METHODS:
+        secs = [float(r["seconds"]) for r in rows if r["method"] == m]
+        med[m] = statistics.median(secs) if secs else None
+    return med
+
+
+def table(rows) -> str:
+    med = _medians(rows)
+    r0 = rows[0]
+    tok = int(r0["tokens"])
+    lines = ["| method | seconds (median) | tok/s | vs plain vLLM on the same tokens | speed-up over hooks |",
+             "| --- | --- | --- | --- | --- |"]
+    names = {"emosteer_vllm": "emosteer on vLLM: every patch its own request, one call",
+             "plain_vllm": "plain vLLM, same rows, no config (same engine)",
+             "hf_hooks": "transformers + o_proj hook, one (layer, head) at a time, prompts batched"}
+    for m in METHODS:
+        s = med[m]
+        lines.append(f"| {names[m]} | {s:.2f} | {tok / s:.0f} | {med['plain_vllm'] / s:.3f} | "
+                     f"{med['hf_hooks'] / s:.1f}× |")
+    lines.append("")
+    lines.append(f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
+                 f"requests, {tok} tokens; {len([r for r in rows if r['method'] == 'plain_vllm'])} rounds "
+                 f"interleaved in one process; results equal to the hook sweep within "
+                 f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = _medians(rows)
+    tok = int(rows[0]["tokens"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    vals = [tok / med[m] for m in METHODS]
+    bars = ax.bar(["emosteer sweep\n(one call)", "plain vLLM\n(same tokens)", "HF hooks\n(one head at a time)"],
+                  vals, color=["#2a7", "#888", "#c64"])
+    for b, m in zip(bars, METHODS):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{med['plain_vllm'] / med[m]:.2f}× plain",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens / s (median over rounds)")
+    r0 = rows[0]
+    ax.set_title(f"Full head-patching sweep: {r0['layers']}×{r0['heads']} heads × {r0['pairs']} pairs "
+                 f"({r0['model']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
