@@ -230,7 +230,7 @@ def table(rows) -> str:
     lines = ["| method | seconds (median) | tok/s | vs plain vLLM on the same tokens | speed-up over hooks |",
              "| --- | --- | --- | --- | --- |"]
     names = {"emosteer_vllm": "emosteer on vLLM: every patch its own request, one call",
-             "plain_vllm": "plain vLLM, same rows, no config (same engine)",
+             "plain_vllm": "vLLM, same rows, no config (same engine)",
              "hf_hooks": "transformers + o_proj hook, one (layer, head) at a time, prompts batched"}
     for m in METHODS:
         s = med[m]
@@ -240,7 +240,9 @@ def table(rows) -> str:
     lines.append(f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
                  f"requests, {tok} tokens; {len([r for r in rows if r['method'] == 'plain_vllm'])} rounds, "
                  f"the two vLLM conditions interleaved in the engine's process (compiled), the hook "
-                 f"sweep in its own process afterwards; results equal to the hook sweep within "
+                 f"sweep in its own process afterwards; both vLLM conditions return each request's "
+                 f"last-layer residual (the score's logits come from it), so 'vs plain' compares like "
+                 f"with like; results equal to the hook sweep within "
                  f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")
     return "\n".join(lines)
 
