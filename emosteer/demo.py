@@ -137,12 +137,6 @@ def _rel_scale(bank, emotion: str, layer: int, rel: float) -> float:
     return 0.0 if n == 0 else rel * h / n
 
 
-def _generate(runner, texts, specs, tokens, desc):
-    ids = runner.encode(list(texts))
-    _, out, _ = runner.generate(ids, list(specs), max_new_tokens=tokens, desc=desc)
-    return out
-
-
 def _layer_dict(lp, n_prompts: int, max_tokens: int) -> dict:
     """A LayerProfile (emosteer.attribution) as the report's layer_profile entry."""
     d = dict(lp.__dict__)

@@ -728,8 +728,6 @@ def _vee_unsupported(runner: Any, attns: dict) -> str | None:
     None when it can: emosteer must be able to read the paged KV cache (a layout it
     knows, checked by a probe on the CPU) and the attention must be plain causal
     softmax (no sliding window, soft cap, ALiBi or sinks)."""
-    from emosteer.vllm.patches.attention import cache_views
-
     if not attns:
         return "the decoder layers hold no vLLM Attention module"
     m0 = next(iter(attns.values()))
@@ -763,8 +761,6 @@ def _probe_cpu_cache(runner: Any, attn: Any) -> str | None:
     from vllm import _custom_ops as vops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from emosteer.vllm.patches.attention import cache_views
-
     dtype = runner.model_config.dtype
     BS = int(runner.cache_config.block_size)
     KVH, D = int(attn.num_kv_heads), int(attn.head_size)
@@ -780,7 +776,7 @@ def _probe_cpu_cache(runner: Any, attn: Any) -> str | None:
         slots = torch.arange(n, dtype=torch.int64)
         vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
                                         kv_cache_dtype="auto")
-        got = cache_views("CPU_ATTN", kv, KVH, D)
+        got = attention_patch.cache_views("CPU_ATTN", kv, KVH, D)
     except Exception as e:  # an ISA or vLLM version whose writer differs
         return f"the CPU KV-cache probe failed ({type(e).__name__}: {e})"
     if got is None:
