@@ -8,14 +8,17 @@ rounds inside one process (rotated order, medians over rounds):
 
     emosteer_vllm   every patch its own request, all L*H*N rows in one engine call
                     (compiled vLLM engine with the plugin)
-    plain_vllm      the same rows, same engine, no config: plain vLLM on the same
-                    tokens (plugin loaded, nothing steered)
+    plain_vllm      the same rows, same engine, no config and no capture: plain vLLM
+                    on the same tokens, one generated token each (plugin loaded, idle)
     hf_hooks        transformers with a forward pre-hook on o_proj, one (layer, head)
                     configuration at a time, the N prompts batched (what TransformerLens
                     / pyvene-style sweeps do)
 
 The two vLLM conditions are interleaved in rounds inside the engine's process (rotated
-order, medians). The hook sweep runs afterwards in a child process, with the engine shut
+order, medians). The engine runs without prefix caching: the sweep sends the same prompt
+once per head, and plain vLLM would otherwise reuse the cached prompt of earlier steps
+while every patched request (salted) computes it, so "same tokens" would not be the same
+work. The hook sweep runs afterwards in a child process, with the engine shut
 down: vLLM's CPU worker keeps its threads spinning while it idles, which would slow
 anything timed beside it on a small machine. The emosteer and HF results are checked
 equal (max |ΔM| difference, float32). The headline is the sweep's tokens/s as a fraction
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
 
     path = resolve_model(a.model)
     runner = make_runner(str(path), "vllm", progress=False, max_slots=256, seed=0, max_model_len=512,
-                         enforce_eager=a.eager)
+                         enforce_eager=a.eager, enable_prefix_caching=False)
     info = runner.info
     L, H = info.num_layers, info.num_heads
     pairs = load_builtin(a.emotion)[:a.pairs]
@@ -137,13 +140,17 @@ def main(argv=None) -> int:
             lg, _ = runner.forward(rows, specs)
             res = torch.stack([target_logmass(x, tids) for x in lg]).view(len(cands), N)
         else:
-            runner.forward(rows, [None] * len(rows))
+            runner._generate(rows, [None] * len(rows), params)
             res = None
         return time.perf_counter() - t0, res
 
-    # warm-up (not counted): a small slice of each condition
-    runner.forward(rows[:N], specs[:N])
-    runner.forward(rows[:N], [None] * N)
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    # warm-up (not counted): a slice of each condition
+    k = min(64, len(rows))
+    runner.forward(rows[:k], specs[:k])
+    runner._generate(rows[:k], [None] * k, params)
     got: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     vllm_methods = METHODS[:2]
@@ -240,9 +247,10 @@ def table(rows) -> str:
     lines.append(f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
                  f"requests, {tok} tokens; {len([r for r in rows if r['method'] == 'plain_vllm'])} rounds, "
                  f"the two vLLM conditions interleaved in the engine's process (compiled), the hook "
-                 f"sweep in its own process afterwards; both vLLM conditions return each request's "
-                 f"last-layer residual (the score's logits come from it), so 'vs plain' compares like "
-                 f"with like; results equal to the hook sweep within "
+                 f"sweep in its own process afterwards; prefix caching off (every condition computes "
+                 f"every prompt token); the sweep's requests also return their last-layer residual "
+                 f"(the score's logits come from it), plain vLLM returns one sampled token; "
+                 f"results equal to the hook sweep within "
                  f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")
     return "\n".join(lines)
 

@@ -44,12 +44,14 @@ __all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering
 FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=16, layer_tokens=32,
             alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
             ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
-            n_samples=4, batch_size=16,
+            n_samples=4, batch_size=16, band_k=4, band_strengths=(0.1, 0.2, 0.3),
+            gen_strengths=(0.2, 0.3), head_scales=(2.0, 4.0),
             map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5)
 QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
              alpha=0.1, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
              ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.1, 0.2), n_samples=2,
-             batch_size=8, map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2)
+             batch_size=8, band_k=3, band_strengths=(0.2,), gen_strengths=(0.2,), head_scales=(4.0,),
+             map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2)
 
 
 def demo_settings(quick: bool = False, **overrides) -> dict:
@@ -59,7 +61,8 @@ def demo_settings(quick: bool = False, **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(s)}")
     s.update(overrides)
-    s["strengths"] = tuple(s["strengths"])
+    for k in ("strengths", "band_strengths", "gen_strengths", "head_scales"):
+        s[k] = tuple(s[k])
     s["map_emotions"] = tuple(s["map_emotions"])
     return s
 
@@ -180,28 +183,80 @@ def split_dev_test(n: int) -> tuple[list[int], list[int]]:
     return idx[0::2], idx[1::2]
 
 
-def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengths,
-                   max_tokens: int, ena_gamma: float | None, narr_path: Path,
-                   n_samples: int) -> tuple[dict, list[dict]]:
-    """Unsteered vs steered (and ENA) narratives on neutral prompts the extraction never
-    saw, split in two: the operating point (strength) is chosen on the dev half — the
-    highest hit-rate uplift whose fluency guards pass there — and every condition is
-    reported on the other, held-out test half."""
+def steer_band(lp, k: int = 4) -> list[int]:
+    """The layers of the aggregate and execute bands where the profile is highest (at
+    most ``k``, in layer order): where multi-layer steering spreads its strength."""
+    st = lp.stages or {}
+    cand = list(st.get("aggregate") or []) + list(st.get("execute") or [])
+    if not cand:
+        return []
+    prof = st.get("smoothed") or lp.profile
+    return sorted(sorted(cand, key=lambda l: -prof[l])[:k])
+
+
+def preset_candidates(bank, emotion: str, best_layer: int, strengths, band: Sequence[int] = (),
+                      band_strengths=(), gen_strengths=(), top_heads=(), head_scales=(),
+                      ena_gamma: float | None = None) -> list[dict]:
+    """Every steering condition the demo compares (the first is unsteered): the peak
+    layer at each strength; the band's layers sharing a total strength; the peak layer
+    on generated tokens only; the top heads' outputs plus a multiple of their emotional
+    shift (``<emotion>.h``); ENA on the neuron set. Strength = ‖added vector‖ / ‖h_l‖."""
+    conds = [{"condition": "unsteered", "strength": 0.0, "label": "unsteered", "spec": None}]
+
+    def steer(layers, total, positions="all"):
+        per = total / len(layers)
+        return {"steer": [{"vector": emotion, "layers": [l], "scale": _rel_scale(bank, emotion, l, per),
+                           **({"positions": positions} if positions != "all" else {})} for l in layers]}
+
+    for r in strengths:
+        conds.append({"condition": "steer", "strength": r, "label": f"layer {best_layer}, {r:g}",
+                      "spec": steer([best_layer], r)})
+    if len(band) > 1:
+        for r in band_strengths:
+            conds.append({"condition": "band", "strength": r,
+                          "label": f"layers {','.join(map(str, band))}, {r:g} in all",
+                          "spec": steer(list(band), r)})
+    for r in gen_strengths:
+        conds.append({"condition": "generated", "strength": r,
+                      "label": f"layer {best_layer}, {r:g}, generated tokens only",
+                      "spec": steer([best_layer], r, "generated")})
+    if top_heads and f"{emotion}.h" in bank.names():
+        by_layer: dict[int, list[int]] = {}
+        for l, h in top_heads:
+            by_layer.setdefault(int(l), []).append(int(h))
+        for s in head_scales:
+            conds.append({"condition": "heads", "strength": s,
+                          "label": f"{len(top_heads)} top heads + {s:g}×ΔH",
+                          "spec": {"heads": [{"layer": l, "head": sorted(hs), "mode": "add",
+                                              "vector": f"{emotion}.h", "scale": s}
+                                             for l, hs in sorted(by_layer.items())]}})
+    if ena_gamma:
+        conds.append({"condition": "ena", "strength": ena_gamma, "label": f"ENA γ={ena_gamma:g}",
+                      "spec": {"neurons": {"set": f"{emotion}.ena", "gamma": ena_gamma}}})
+    return conds
+
+
+def carries(hit: float | None) -> float:
+    """1 when a narrative carries the target emotion (at least half of its emotion words
+    are of that emotion), else 0."""
+    return 1.0 if hit is not None and hit >= 0.5 else 0.0
+
+
+def steering_stage(runner, bank, emotion: str, prompts, conds: list[dict], max_tokens: int,
+                   narr_path: Path, n_samples: int) -> tuple[dict, list[dict]]:
+    """Every condition of ``conds`` (``preset_candidates``) on neutral prompts the
+    extraction never saw, split in two: the operating point is chosen on the dev half —
+    the largest uplift in the share of narratives carrying the emotion (ties: hit rate)
+    among conditions whose fluency guards pass there — and every condition is reported on
+    the held-out test half."""
     from emosteer.emotion import asserts_emotion, hallucination_rate, hit_rate, valence
     from emosteer.extract import pair_text
     from emosteer.fluency import distinct_n, guards, perplexities, repeated_ngram_share
     from emosteer.report import summarize
 
     texts = [pair_text(p.neutral, p.query) for p in prompts]
-    conds: list[tuple[str, float, Any]] = [("unsteered", 0.0, None)]
-    for r in strengths:
-        sc = _rel_scale(bank, emotion, best_layer, r)
-        conds.append(("steer", r, {"steer": [{"vector": emotion, "layers": [best_layer],
-                                              "scale": sc}]}))
-    if ena_gamma:
-        conds.append(("ena", ena_gamma, {"neurons": {"set": f"{emotion}.ena", "gamma": ena_gamma}}))
     all_texts = [t for _ in conds for t in texts]
-    all_specs = [c[2] for c in conds for _ in texts]
+    all_specs = [c["spec"] for c in conds for _ in texts]
     ids = runner.encode(list(all_texts))
     toks, outs, _ = runner.generate(ids, list(all_specs), max_new_tokens=max_tokens,
                                     desc=f"{emotion}: held-out")
@@ -212,20 +267,20 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
     split_of = {i: "dev" for i in dev} | {i: "test" for i in test}
     per: list[dict] = []  # per condition: per-prompt arrays
     with open(narr_path, "a", encoding="utf-8") as f:
-        for ci, (cond, strength, spec) in enumerate(conds):
+        for ci, c in enumerate(conds):
             narr = outs[ci * n:(ci + 1) * n]
             ppl = ppls[ci * n:(ci + 1) * n]
             hits = [hit_rate(t, emotion) for t in narr]
             reps = [repeated_ngram_share(t, 3) for t in narr]
             for i, (p, t, h, nt, r3, pp) in enumerate(zip(prompts, texts, hits, narr, reps, ppl)):
-                f.write(json.dumps({"emotion": emotion, "id": p.id, "split": split_of[i], "condition": cond,
-                                    "strength": strength, "layer": best_layer if spec else None,
-                                    "steer": spec, "prompt": t, "narrative": nt, "hit_rate": h,
+                f.write(json.dumps({"emotion": emotion, "id": p.id, "split": split_of[i],
+                                    "condition": c["condition"], "strength": c["strength"],
+                                    "label": c["label"], "steer": c["spec"], "prompt": t,
+                                    "narrative": nt, "hit_rate": h, "carries": carries(h),
                                     "asserts_emotion": asserts_emotion(nt),
                                     "valence": valence(nt), "repeated_3gram": r3,
                                     "perplexity": pp}, ensure_ascii=False) + "\n")
-            per.append({"condition": cond, "strength": strength, "spec": spec, "texts": narr,
-                        "hits": hits, "reps": reps, "ppl": ppl})
+            per.append({**c, "texts": narr, "hits": hits, "reps": reps, "ppl": ppl})
 
     def table(rows_idx: list[int]) -> list[dict]:
         out = []
@@ -233,9 +288,11 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
             narr = [c["texts"][i] for i in rows_idx]
             hits = [c["hits"][i] for i in rows_idx]
             k = max(1, len(rows_idx))
-            out.append({"condition": c["condition"], "strength": c["strength"], "spec": c["spec"],
-                        "scores": [0.0 if h is None else h for h in hits],
+            out.append({"condition": c["condition"], "strength": c["strength"], "label": c["label"],
+                        "spec": c["spec"], "scores": [0.0 if h is None else h for h in hits],
+                        "carries": [carries(h) for h in hits],
                         "hit_rate_mean": sum(0.0 if h is None else h for h in hits) / k,
+                        "share_mean": sum(carries(h) for h in hits) / k,
                         "hit_rate_scored_mean": _mean(hits),
                         "n_scored": sum(h is not None for h in hits),
                         "hallucination_rate": hallucination_rate(narr) if narr else None,
@@ -246,16 +303,17 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
         base = out[0]
         for row in out[1:]:
             row["delta"] = summarize([a - b for a, b in zip(row["scores"], base["scores"])])
+            row["share_delta"] = summarize([a - b for a, b in zip(row["carries"], base["carries"])])
             row["fluency"] = guards(row, base)
         return out
 
     dev_t, test_t = table(dev), table(test)
-    steered_dev = [r for r in dev_t if r["condition"] == "steer"]
-    ok = [r for r in steered_dev if r["fluency"]["ok"]]
-    chosen = max(ok, key=lambda r: r["hit_rate_mean"] - dev_t[0]["hit_rate_mean"]) if ok else None
+    b0 = dev_t[0]
+    uplift = lambda r: (r["share_mean"] - b0["share_mean"], r["hit_rate_mean"] - b0["hit_rate_mean"])  # noqa: E731
+    ok = [i for i, r in enumerate(dev_t) if i > 0 and r["fluency"]["ok"]]
+    ci = max(ok, key=lambda i: uplift(dev_t[i])) if ok else None
     base = test_t[0]
-    steered = [r for r in test_t if r["condition"] == "steer"]
-    best = next((r for r in steered if chosen is not None and r["strength"] == chosen["strength"]), None)
+    best = test_t[ci] if ci is not None else None
     samples = []
     if best is not None:
         m = len(test)
@@ -264,20 +322,27 @@ def steering_stage(runner, bank, emotion: str, prompts, best_layer: int, strengt
         for i in dict.fromkeys(pick):
             samples.append({"id": prompts[test[i]].id, "prompt": texts[test[i]],
                             "unsteered": base["texts"][i], "steered": best["texts"][i],
-                            "scale": best["strength"]})
-    strip = lambda r: {k: v for k, v in r.items() if k != "texts"}  # noqa: E731
-    res = {"layers": [best_layer], "n_prompts": len(test), "max_tokens": max_tokens,
+                            "scale": best["strength"], "label": best["label"]})
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("texts", "carries")}  # noqa: E731
+    steer_layers = sorted({l for c in conds if c["spec"] for s in c["spec"].get("steer", [])
+                           for l in s["layers"]})
+    res = {"layers": steer_layers, "n_prompts": len(test), "max_tokens": max_tokens,
            "split": {"dev": len(dev), "test": len(test), "rule": (
-               "strength chosen on the dev prompts: the highest hit-rate uplift whose perplexity "
-               "is <= 1.25x and repeated 3-grams <= 2x the unsteered text's; every number "
-               "reported on the held-out test prompts")},
-           "selection": {"chosen": chosen["strength"] if chosen else None,
-                         "dev": [{"strength": r["strength"], "uplift": r["hit_rate_mean"] - dev_t[0]["hit_rate_mean"],
-                                  "fluency": r["fluency"]} for r in steered_dev]},
+               "the operating point is chosen on the dev prompts: the largest uplift in the share "
+               "of narratives carrying the emotion (ties: hit rate) among conditions whose "
+               "perplexity is <= 1.25x and repeated 3-grams <= 2x the unsteered text's; every "
+               "number reported on the held-out test prompts")},
+           "selection": {"chosen": best["label"] if best else None,
+                         "chosen_index": ci,
+                         "dev": [{"condition": r["condition"], "label": r["label"], "strength": r["strength"],
+                                  "uplift": r["hit_rate_mean"] - b0["hit_rate_mean"],
+                                  "share_uplift": r["share_mean"] - b0["share_mean"],
+                                  "fluency": r["fluency"]} for r in dev_t[1:]]},
            "baseline": strip(base),
-           "strengths": [{**strip(r), "scale": r["strength"]} for r in steered],
+           "conditions": [strip(r) for r in test_t[1:]],
+           "strengths": [{**strip(r), "scale": r["strength"]} for r in test_t if r["condition"] == "steer"],
            "best": ({**strip(best), "scale": best["strength"]} if best else None),
-           "strength_unit": "‖scale·S_l‖ / ‖h_l‖ (relative to the residual norm)"}
+           "strength_unit": "‖scale·S_l‖ / ‖h_l‖ (relative to the residual norm), summed over layers"}
     ena = [r for r in test_t if r["condition"] == "ena"]
     if ena:
         res["ena"] = strip(ena[0])
@@ -433,17 +498,23 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                 bank.remove(name)
             runner.register(bank)
             with _stage(f"{emo}: steered narratives", timings, console):
-                st, samples = steering_stage(runner, bank, emo, heldout, best, cfg["strengths"],
-                                             cfg["heldout_tokens"], cfg["ena_gamma"], narr_path,
-                                             cfg["n_samples"])
+                conds = preset_candidates(bank, emo, best, cfg["strengths"],
+                                          band=steer_band(lp, cfg["band_k"]),
+                                          band_strengths=cfg["band_strengths"],
+                                          gen_strengths=cfg["gen_strengths"], top_heads=hs.top,
+                                          head_scales=cfg["head_scales"], ena_gamma=cfg["ena_gamma"])
+                st, samples = steering_stage(runner, bank, emo, heldout, conds, cfg["heldout_tokens"],
+                                             narr_path, cfg["n_samples"])
                 res["steering"], res["samples"] = st, samples
                 if st.get("best"):
                     # The operating point chosen on dev, with its held-out numbers: what
                     # `emosteer generate --preset <emotion>.preset` steers with.
                     b = st["best"]
-                    bank.set_preset(f"{emo}.preset", b["spec"], chosen_on="dev", strength=b["scale"],
+                    bank.set_preset(f"{emo}.preset", b["spec"], chosen_on="dev", condition=b["label"],
+                                    strength=b["scale"],
                                     test_uplift=(b.get("delta") or {}).get("mean"),
-                                    fluency=b.get("fluency"), layer=best)
+                                    test_share_uplift=(b.get("share_delta") or {}).get("mean"),
+                                    fluency=b.get("fluency"))
                     res["preset"] = {"name": f"{emo}.preset", "config": bank.preset(f"{emo}.preset")}
                 if "ena" in st:
                     e = st["ena"]

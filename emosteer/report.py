@@ -17,7 +17,8 @@ The results dict (keys the writer reads; missing optional parts are skipped)::
         "heads": {"intention": [[...] * H] * L, "source", "confirmed",
                   "top": [{"layer","head","score","recovery"}], "patching": [...]},
         "neurons": {"k", "per_layer": {...}, "top": [...], "gain_check": {...}},
-        "steering": {"layers", "n_prompts", "baseline": {...}, "strengths": [{...}]},
+        "steering": {"layers", "n_prompts", "baseline": {...}, "conditions": [{...}],
+                     "strengths": [{...}], "selection": {...}, "best": {...}},
         "samples": [{"id", "prompt", "unsteered", "steered", "scale"}]}}}
 """
 
@@ -278,59 +279,65 @@ def _guard(row: dict) -> str:
 def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     base = st.get("baseline", {})
     sp = st.get("split") or {}
+    rows = st.get("conditions") or st.get("strengths", [])
     lines += [
         f"Neutral prompts the extraction never saw, split in two: dev n = {sp.get('dev')}, "
         f"held-out test n = {sp.get('test')}. Rule: {sp.get('rule', 'n/a')}. "
-        f"**The table below is the test half.** Steering adds a multiple of S_l at layer(s) "
-        f"{st.get('layers')} (the peak of the smoothed layer profile) on every position; strength = "
-        f"‖added vector‖ / mean ‖h_l‖ at the last prompt token; greedy decoding, "
-        f"{st.get('max_tokens')} new tokens, same prompts in every condition.",
+        f"**The table below is the test half.** Conditions: the residual steering vector S_l "
+        f"added at the peak layer of the smoothed layer profile on every position; spread over "
+        f"several layers of the aggregate/execute bands (the total strength split evenly); at "
+        f"the peak layer on generated tokens only; the top heads' outputs plus a multiple of "
+        f"their emotional shift ΔH; ENA (neuron gain). Strength = ‖added vector‖ / mean ‖h_l‖ "
+        f"at the last prompt token; greedy decoding, {st.get('max_tokens')} new tokens, same "
+        f"prompts in every condition.",
         "",
-        "Hit rate = share of emotion words in the narrative that map to the target "
-        "category; a narrative with no emotion word counts as 0 (*scored* = narratives "
-        "holding at least one emotion word, where the hit rate is defined). "
+        "Carrying = share of narratives whose emotion words are at least half of the target "
+        "emotion. Hit rate = share of emotion words in the narrative that map to the target "
+        "category (0 when it has none). "
         "Hallucination = share of narratives on neutral inputs that assert any emotion. "
         "Fluency guards: perplexity of each narrative under the UNSTEERED model (given its "
         "prompt), share of word 3-grams repeating an earlier one, distinct-2 over the "
         "condition's narratives; a condition passes when its perplexity is at most 1.25x and "
         "its repeated 3-grams at most 2x the unsteered text's.",
         "",
-        "| condition | strength | hit rate (0 if none) | hit rate over scored (n scored) | "
-        "Δ hit rate vs unsteered, paired | hallucination rate | valence | perplexity "
-        "(unsteered model) | repeated 3-grams | distinct-2 | fluency guards |",
+        "| condition | carrying | Δ carrying, paired (95 % CI) | hit rate | Δ hit rate, paired | "
+        "hallucination | valence | perplexity (unsteered model) | repeated 3-grams | distinct-2 "
+        "| fluency guards |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| unsteered | 0 | {_f(base.get('hit_rate_mean'))} | "
-        f"{_f(base.get('hit_rate_scored_mean'))} ({base.get('n_scored')}) | — | "
+        f"| unsteered | {_f(base.get('share_mean'))} | — | {_f(base.get('hit_rate_mean'))} | — | "
         f"{_f(base.get('hallucination_rate'), pct=True)} | {_f(base.get('valence_mean'))} | "
         f"{_f(base.get('ppl_mean'), 2)} | {_f(base.get('rep3_mean'), pct=True)} | "
         f"{_f(base.get('distinct2'))} | — |",
     ]
-    for s in st.get("strengths", []):
+    best = st.get("best")
+    for s in rows:
+        name = s.get("label") or f"steered {_f(s.get('scale'), 2)}"
+        if best and name == best.get("label"):
+            name = f"**{name}** (chosen)"
         lines.append(
-            f"| steered | {_f(s.get('scale'), 2)} | {_f(s.get('hit_rate_mean'))} | "
-            f"{_f(s.get('hit_rate_scored_mean'))} ({s.get('n_scored')}) | "
-            f"{_ci(s.get('delta'), pct=True)} | {_f(s.get('hallucination_rate'), pct=True)} | "
+            f"| {name} | {_f(s.get('share_mean'))} | {_ci(s.get('share_delta'), pct=True)} | "
+            f"{_f(s.get('hit_rate_mean'))} | {_ci(s.get('delta'), pct=True)} | "
+            f"{_f(s.get('hallucination_rate'), pct=True)} | "
             f"{_f(s.get('valence_mean'))} | {_f(s.get('ppl_mean'), 2)} | "
             f"{_f(s.get('rep3_mean'), pct=True)} | {_f(s.get('distinct2'))} | {_guard(s)} |")
     lines.append("")
     sel = st.get("selection") or {}
     if sel.get("dev"):
-        lines.append("Selection on the dev half (every strength tried): " + "; ".join(
-            f"strength {_f(d.get('strength'), 2)}: uplift {_f(d.get('uplift'))}, {_guard(d)}"
-            for d in sel["dev"]) + ".")
+        lines.append("Selection on the dev half (every condition tried): " + "; ".join(
+            f"{d.get('label') or _f(d.get('strength'), 2)}: Δ carrying {_f(d.get('share_uplift'))}, "
+            f"Δ hit rate {_f(d.get('uplift'))}, {_guard(d)}" for d in sel["dev"]) + ".")
         lines.append("")
-    best = st.get("best")
     if not best and sel.get("dev"):
-        lines.append("**No strength passed the fluency guards on the dev half**, so no operating "
-                     "point is reported; the table still lists every strength on the test half.")
+        lines.append("**No condition passed the fluency guards on the dev half**, so no operating "
+                     "point is reported; the table still lists every condition on the test half.")
         lines.append("")
     if best:
-        d = best.get("delta") or {}
+        d, ds = best.get("delta") or {}, best.get("share_delta") or {}
         lines.append(
-            f"**Measured (held-out test half):** at strength {_f(best.get('scale'), 2)}, chosen on "
-            f"the dev half, the {emo} hit rate changes by {_ci(d, pct=True)}; per-prompt change spread "
-            f"min {_f(d.get('min'))}, median {_f(d.get('median'))}, max {_f(d.get('max'))}; fluency "
-            f"{_guard(best)}. "
+            f"**Measured (held-out test half):** with {best.get('label')}, chosen on the dev half, "
+            f"the share of narratives carrying {emo} changes by {_ci(ds, pct=True)} "
+            f"({_f(base.get('share_mean'))} → {_f(best.get('share_mean'))}) and the hit rate by "
+            f"{_ci(d, pct=True)}; fluency on the test half {_guard(best)}. "
             f"Hallucination rate {_f(base.get('hallucination_rate'), pct=True)} unsteered → "
             f"{_f(best.get('hallucination_rate'), pct=True)} steered. "
             "Adding an emotion direction to neutral inputs is expected to make "
@@ -378,6 +385,25 @@ def render_markdown(results: dict) -> str:
         "(down_proj columns aligned with S_l) → steered narratives on held-out prompts.",
         "",
     ]
+    summary = []
+    for emo, res in (r.get("emotions") or {}).items():
+        st = res.get("steering") or {}
+        b, base = st.get("best"), st.get("baseline") or {}
+        if not st:
+            continue
+        if b:
+            summary.append(
+                f"| {emo} | {b.get('label')} | {_f(base.get('share_mean'))} → {_f(b.get('share_mean'))} "
+                f"| {_ci(b.get('share_delta'), pct=True)} | {_ci(b.get('delta'), pct=True)} | {_guard(b)} |")
+        else:
+            summary.append(f"| {emo} | none passed the guards on dev | — | — | — | — |")
+    if summary:
+        lines += ["## Summary: the presets on the held-out prompts", "",
+                  "Chosen on the dev half among every condition tried (see each emotion's table), "
+                  "measured on the held-out test half.", "",
+                  "| emotion | preset (chosen on dev) | carrying, unsteered → steered | Δ carrying "
+                  "(95 % CI) | Δ hit rate | fluency guards (test) |",
+                  "| --- | --- | --- | --- | --- | --- |", *summary, ""]
     for emo, res in (r.get("emotions") or {}).items():
         lines += [f"## Emotion: {emo}", ""]
         ex = res.get("extraction") or {}
@@ -466,7 +492,7 @@ def render_markdown(results: dict) -> str:
                       "| --- | --- | --- |"]
             for s in samples:
                 lines.append(f"| {_quote(s.get('prompt'), 160)} | {_quote(s.get('unsteered'))} "
-                             f"| {_quote(s.get('steered'))} (strength {_f(s.get('scale'), 2)}) |")
+                             f"| {_quote(s.get('steered'))} ({s.get('label') or 'strength ' + _f(s.get('scale'), 2)}) |")
             lines.append("")
     _head_maps_section(r.get("head_maps") or {}, lines)
     t = r.get("timings") or {}

@@ -43,19 +43,32 @@ def _check_report(out, backend):
     assert st["split"]["test"] == n and st["split"]["dev"] + n == len({r["id"] for r in rows})
     base = [r for r in rows if r["condition"] == "unsteered" and r["split"] == "test"]
     assert len(base) == n
-    # the operating point is chosen on dev among the strengths whose guards pass there
+    # every candidate kind is compared: peak layer, band, generated-only, top heads, ENA
+    kinds = [c["condition"] for c in st["conditions"]]
+    assert {"steer", "generated", "heads", "ena"} <= set(kinds), kinds
+    assert [d["label"] for d in st["selection"]["dev"]] == [c["label"] for c in st["conditions"]]
+    # the operating point is chosen on dev among the conditions whose guards pass there:
+    # the largest uplift in the share carrying the emotion, ties by hit rate
     sel = st["selection"]
     passing = [d for d in sel["dev"] if d["fluency"]["ok"]]
-    assert sel["chosen"] == (max(passing, key=lambda d: d["uplift"])["strength"] if passing else None)
+    want = max(passing, key=lambda d: (d["share_uplift"], d["uplift"]))["label"] if passing else None
+    assert sel["chosen"] == want
     assert (st["best"] is None) == (sel["chosen"] is None)
     if st["best"] is not None:  # the chosen operating point is the bank preset
-        assert joy["preset"]["config"]["steer"][0]["scale"] == st["best"]["spec"]["steer"][0]["scale"]
+        from emosteer.spec import SteerSpec
+
+        assert st["best"]["label"] == sel["chosen"]
+        assert joy["preset"]["config"] == SteerSpec.parse(st["best"]["spec"]).to_dict()
+        # its held-out share uplift is the mean paired change of the test rows' "carries"
+        rows_c = [r for r in rows if r["split"] == "test" and r["label"] == sel["chosen"]]
+        share = sum(r["carries"] for r in rows_c) / n - sum(r["carries"] for r in base) / n
+        assert math.isclose(st["best"]["share_delta"]["mean"], share, abs_tol=1e-9)
     # the report's unsteered mean is the mean of the written per-prompt hit rates
     mean = sum(r["hit_rate"] or 0.0 for r in base) / n
     assert math.isclose(st["baseline"]["hit_rate_mean"], mean, abs_tol=1e-9)
     assert {r["id"] for r in base}.isdisjoint({f"joy-{i:04d}" for i in range(200)})
-    for s in st["strengths"]:
-        assert s["delta"]["n"] == n
+    for s in st["conditions"]:
+        assert s["delta"]["n"] == n and s["share_delta"]["n"] == n
         # fluency guards beside the hit rate: ratios to the unsteered text and the verdict
         g = s["fluency"]
         assert g["ok"] == (g["ppl_ratio"] <= 1.25 and g["rep3_ratio"] <= 2.0)

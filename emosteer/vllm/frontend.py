@@ -3,9 +3,11 @@
 Runs in the process that accepts requests (``vllm.LLM`` or the OpenAI server), through
 the ``input_processor`` patch, before a request reaches the engine: a malformed config
 raises ``SpecError`` (a ``ValueError``, so the server answers 400) naming the field.
-Prefix caching: a config that changes the prompt's activations gets
-``cache_salt = "emosteer:" + fingerprint`` (bank contents included), so it never reuses
-KV computed under another config, and unsteered requests never reuse its KV. Captures at
+Prefix caching: an intervening config gets ``cache_salt = "emosteer@<p>:" + fingerprint``
+(bank contents included), p being the first position it can change. The plugin's block
+hasher mixes it into the block holding p: blocks before p are shared with unsteered
+requests (their KV is the same), every block from p on, generated ones included, is
+private to the config, so nobody reuses KV computed under another config. Captures at
 every position (``positions: "all"``) do not read the prefix cache (cached prompt tokens
 are never recomputed, so they could not be captured), n > 1 samples included.
 """
@@ -129,11 +131,9 @@ class FrontendSteering:
             raise SpecError("", why)
         return plan
 
-    def salt(self, spec: SteerSpec, request_id: str) -> str | None:
-        parts = []
-        if spec.changes_prompt():
-            parts.append("emosteer:" + spec.fingerprint(self.bank))
-        return "|".join(parts) or None
+    def salt(self, spec: SteerSpec, num_prompt_tokens: int | None) -> str | None:
+        """``SteerSpec.cache_salt`` with the bank's content hashes mixed in."""
+        return spec.cache_salt(self.bank, num_prompt_tokens)
 
     @staticmethod
     def skips_prefix_cache(spec: SteerSpec) -> bool:

@@ -165,6 +165,45 @@ def check_prefix_cache(llm) -> None:
     gen_only = {"steer": [{"vector": "joy", "layers": [0], "scale": 4.0, "positions": "generated"}]}
     _, n = run(gen_only)
     assert n > 0, "a generated-only config shares the unsteered prompt KV"
+    check_prefix_sharing_by_position(llm, prompt, gen_only)
+
+
+def check_prefix_sharing_by_position(llm, prompt, gen_only) -> None:
+    """The salt sits at the first position a config can change: blocks before it are
+    shared with unsteered requests (results equal a cold run), blocks from it on, the
+    generated ones included, are never reused by anyone else."""
+    ids = list(prompt["prompt_token_ids"])
+    bs = llm.llm.llm_engine.vllm_config.cache_config.block_size
+    assert len(ids) > bs
+    shared = (len(ids) - 1) // bs * bs  # the full blocks before the last prompt token
+
+    def run(p, cfg, max_tokens=MAX_TOKENS):
+        o = llm.generate([p], greedy(max_tokens), steer=cfg, use_tqdm=False)[0]
+        return summarize(o), o.num_cached_tokens or 0
+
+    last = {"heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": "joy.h", "scale": 3.0,
+                       "positions": "last"}]}
+    llm.reset_prefix_cache()
+    cold, n = run(prompt, last)
+    assert n == 0
+    llm.reset_prefix_cache()
+    plain, _ = run(prompt, None)
+    warm, n = run(prompt, last)
+    assert n == shared, f"a last-token config reuses the {shared} unsteered tokens before it, got {n}"
+    assert_logprobs_close(warm, cold, 1e-5)
+    assert warm["ids"] != plain["ids"]
+    again, n = run(prompt, None)
+    assert_logprobs_close(again, plain, 1e-5)  # the unsteered answer is unchanged
+    # A generated-only config: a follow-up prompt holding the steered answer must not
+    # reuse the steered answer's KV (vLLM caches full generated blocks too).
+    llm.reset_prefix_cache()
+    steered, _ = run(prompt, gen_only, max_tokens=2 * bs)
+    follow = {"prompt_token_ids": ids + steered["ids"] + ids[:3]}
+    warm_f, n = run(follow, None)
+    assert n <= len(ids) // bs * bs, f"reused {n} tokens: the steered answer's KV leaked"
+    llm.reset_prefix_cache()
+    cold_f, _ = run(follow, None)
+    assert_logprobs_close(warm_f, cold_f, 1e-5)
 
 
 MALFORMED = [

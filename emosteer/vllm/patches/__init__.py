@@ -20,6 +20,7 @@ PATCHES = (
     "cpu_model_runner",  # the same install hook for the CPU runner's own load_model
     "worker_base",  # emosteer_rpc: bank registration and capture fetch
     "input_processor",  # request validation, admission plan, prefix-cache salt (front end)
+    "prefix_cache",  # the config's salt goes into the block of its first affected position
     "scheduler",  # admission: a request waits for its slots; worker failures -> errors
     "serving_errors",  # HTTP error body names emosteer when it stopped a request
 )

@@ -118,7 +118,7 @@ def _make(original):
         from emosteer.vllm.patches import serving_errors
 
         serving_errors.apply()
-        salt = fe.salt(spec, str(request_id))
+        salt = fe.salt(spec, n_prompt)
         if salt:
             req.cache_salt = salt if not req.cache_salt else f"{req.cache_salt}|{salt}"
         return req
