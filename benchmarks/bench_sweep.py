@@ -15,10 +15,11 @@ rounds inside one process (rotated order, medians over rounds):
                     / pyvene-style sweeps do)
 
 The two vLLM conditions are interleaved in rounds inside the engine's process (rotated
-order, medians). The engine runs without prefix caching: the sweep sends the same prompt
-once per head, and plain vLLM would otherwise reuse the cached prompt of earlier steps
-while every patched request (salted) computes it, so "same tokens" would not be the same
-work. The hook sweep runs afterwards in a child process, with the engine shut
+order, medians). The engine runs with prefix caching (vLLM's default) and 32-token blocks
+(the CPU backend's default is 128, which holds no full block of these prompts): every
+condition sends the same prompts, and a last-token patch salts only the block holding the
+last prompt token, so the patched requests share the prompt's earlier blocks exactly as
+plain vLLM's identical prompts do: the same tokens are computed in both. The hook sweep runs afterwards in a child process, with the engine shut
 down: vLLM's CPU worker keeps its threads spinning while it idles, which would slow
 anything timed beside it on a small machine. The emosteer and HF results are checked
 equal (max |ΔM| difference, float32). The headline is the sweep's tokens/s as a fraction
@@ -51,7 +52,8 @@ from _runner import append_csv, version_string  # noqa: E402
 RESULTS = os.path.join(HERE, "results")
 CSV = os.path.join(RESULTS, "sweep.csv")
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
-           "max_abs_diff", "model", "layers", "heads", "pairs", "machine", "version", "timestamp")
+           "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
+           "timestamp")
 METHODS = ("emosteer_vllm", "plain_vllm", "hf_hooks")
 
 
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--emotion", default="joy")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    p.add_argument("--block-size", type=int, default=32, help="KV cache block size (tokens)")
     p.add_argument("--table", action="store_true", help="print the README table of the latest run")
     p.add_argument("--out-dir", default=RESULTS, help="where sweep.csv / sweep.png go")
     p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
 
     path = resolve_model(a.model)
     runner = make_runner(str(path), "vllm", progress=False, max_slots=256, seed=0, max_model_len=512,
-                         enforce_eager=a.eager, enable_prefix_caching=False)
+                         enforce_eager=a.eager, block_size=a.block_size)
     info = runner.info
     L, H = info.num_layers, info.num_heads
     pairs = load_builtin(a.emotion)[:a.pairs]
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
             out.append(dict(run=run_id, method=m, round=rnd, seconds=f"{sec:.4g}", requests=len(rows),
                             tokens=tokens, tok_per_s=f"{tokens / sec:.5g}",
                             frac_of_plain=f"{plain_med / sec:.4g}", max_abs_diff=f"{diff:.3g}",
-                            model=str(a.model), layers=L, heads=H, pairs=N, machine=machine(),
+                            model=str(a.model), layers=L, heads=H, pairs=N, block_size=a.block_size, machine=machine(),
                             version=version_string(), timestamp=run_id))
     append_csv(out, csv_path, COLUMNS)
     plot(out, os.path.join(a.out_dir, "sweep.png"))
@@ -247,8 +250,9 @@ def table(rows) -> str:
     lines.append(f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
                  f"requests, {tok} tokens; {len([r for r in rows if r['method'] == 'plain_vllm'])} rounds, "
                  f"the two vLLM conditions interleaved in the engine's process (compiled), the hook "
-                 f"sweep in its own process afterwards; prefix caching off (every condition computes "
-                 f"every prompt token); the sweep's requests also return their last-layer residual "
+                 f"sweep in its own process afterwards; prefix caching on, {r0.get('block_size') or 32}-token "
+                 f"blocks (a last-token patch shares the prompt's earlier blocks, as plain vLLM's "
+                 f"identical prompts do); the sweep's requests also return their last-layer residual "
                  f"(the score's logits come from it), plain vLLM returns one sampled token; "
                  f"results equal to the hook sweep within "
                  f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")

@@ -82,9 +82,14 @@ def open_runner(model_path: str | Path, backend: str = "auto", batch_size: int =
         cfg = json.loads((Path(model_path) / "config.json").read_text())
         cfg = cfg.get("text_config", cfg)
         max_len = min(1024, int(cfg.get("max_position_embeddings") or 1024))
+        # 32-token KV blocks on the CPU (its default, 128, holds no full block of these
+        # prompts): a last-token patch then reuses the unsteered prompt's earlier blocks
+        # (its salt sits in the block of the last token), so a head sweep computes the
+        # shared prompt once rather than once per head.
+        kw = {} if torch.cuda.is_available() else {"block_size": 32}
         try:
             r = make_runner(str(model_path), "vllm", progress=False, max_slots=max_slots,
-                            max_model_len=max_len, seed=0)
+                            max_model_len=max_len, seed=0, **kw)
             return r, (f"vLLM {_version('vllm')} with the emosteer plugin (emosteer.LLM, "
                        f"float32, max_slots={max_slots}; per-request specs in one batch)")
         except Exception as e:  # noqa: BLE001 - any start-up failure falls back

@@ -344,17 +344,24 @@ class VLLMRunner:
         mode = "last" if positions == "last" else "all"
         specs2 = [self._with_capture(s, last, mode) for s in specs]
         outs = self._generate(ids, specs2, SamplingParams(max_tokens=1, temperature=0.0))
-        logits, caps = [], []
+        rows, caps = [], []
         for i, (o, s) in enumerate(zip(outs, specs)):
             c = o.emosteer_captures
             resid = c["residual"][last]
             if positions == "last":
-                logits.append(self._head(resid[-1]))
+                rows.append(resid[-1:])
             else:
                 where = {p: k for k, p in enumerate(c["positions"])}
-                logits.append(self._head(resid[[where[p] for p in positions[i]]]))
-            user = SteerSpec.parse(s).capture
+                rows.append(resid[[where[p] for p in positions[i]]])
+            user = SteerSpec.parse(s).capture if s is not None else None
             caps.append(c if user is not None else None)
+        # One LM-head matmul for every row's positions (chunked to bound memory).
+        flat = torch.cat(rows) if rows else torch.zeros(0, self.info.hidden_size)
+        lg = torch.cat([self._head(flat[k:k + 512]) for k in range(0, len(flat), 512)]) if len(flat) else flat
+        logits, k = [], 0
+        for r in rows:
+            logits.append(lg[k] if positions == "last" else lg[k:k + len(r)])
+            k += len(r)
         return logits, caps
 
     def generate(self, ids, specs, max_new_tokens: int = 48, temperature: float = 0.0,
