@@ -35,7 +35,7 @@ test: $(STAMP)
 # The end-to-end benchmarks at sizes that finish on a 2-core CPU, then the README's
 # performance tables rewritten from the CSVs (never typed by hand). Run it alone.
 bench: $(STAMP)
-	$(VPY) benchmarks/bench_sweep.py --pairs 1 --rounds 3
+	$(VPY) benchmarks/bench_sweep.py --pairs 1 --rounds 5 --hf-rounds 3
 	$(VPY) benchmarks/bench_narratives.py --prompts 32 --max-tokens 32 --skip-hooks-after 8
 	$(VPY) benchmarks/bench_vee.py
 	$(VPY) benchmarks/readme_tables.py

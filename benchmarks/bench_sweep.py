@@ -25,7 +25,7 @@ anything timed beside it on a small machine. The emosteer and HF results are che
 equal (max |ΔM| difference, float32). The headline is the sweep's tokens/s as a fraction
 of plain vLLM on the same tokens (target >= 0.9) and its speed-up over the hook sweep.
 
-    python benchmarks/bench_sweep.py                 # default model, 4 pairs, 3 rounds
+    python benchmarks/bench_sweep.py                 # default model, 4 pairs, 5 rounds (hooks: 3)
     python benchmarks/bench_sweep.py --pairs 2 --rounds 3 --model /path/to/model
 
 Rows go to benchmarks/results/sweep.csv (one per condition and round), the plot to
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default")
     p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the two vLLM conditions")
+    p.add_argument("--hf-rounds", type=int, default=3, help="rounds of the (slow) hook sweep")
     p.add_argument("--emotion", default="joy")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--block-size", type=int, default=32, help="KV cache block size (tokens)")
@@ -150,10 +151,9 @@ def main(argv=None) -> int:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0)
-    # warm-up (not counted): a slice of each condition
-    k = min(64, len(rows))
-    runner.forward(rows[:k], specs[:k])
-    runner._generate(rows[:k], [None] * k, params)
+    # warm-up (not counted): one whole round of each condition
+    run("emosteer_vllm")
+    run("plain_vllm")
     got: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     vllm_methods = METHODS[:2]
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         job = os.path.join(tmp, "job.pt")
         torch.save({"model": str(path), "ids_neg": ids_neg, "z_pos": z_pos, "cands": cands,
-                    "tids": tids, "rounds": a.rounds}, job)
+                    "tids": tids, "rounds": a.hf_rounds}, job)
         subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", job], check=True)
         back = torch.load(job + ".out")
     times["hf_hooks"] = back["times"]
