@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     info = runner.info
     L, H = info.num_layers, info.num_heads
     pairs = load_builtin(a.emotion)[:a.pairs]
-    ids_pos, ids_neg, _, (_, z_pos) = _pair_captures(runner, pairs)
+    ids_pos, ids_neg, (_, z_pos), _ = _pair_captures(runner, pairs)
     N = len(ids_neg)
     bank = VectorBank(info)
     for i in range(N):

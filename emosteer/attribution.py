@@ -553,7 +553,7 @@ def head_map(runner, emotion: str, pairs, lexicon=None, tids=None, n_boot: int =
     info = runner.info
     L, H = info.num_layers, info.num_heads
     tids = torch.as_tensor(tids if tids is not None else target_token_ids(runner.tokenizer, emotion, lexicon))
-    ids_pos, ids_neg, _, (_, z_pos) = _captures or _pair_captures(runner, pairs)
+    ids_pos, ids_neg, (_, z_pos), _ = _captures or _pair_captures(runner, pairs)
     cands = [(l, h) for l in range(L) for h in range(H)]
     dm, dpair, aligned = _patch_heads(runner, emotion, cands, ids_pos, ids_neg, z_pos, tids)
     N = dm.shape[1]

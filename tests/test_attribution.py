@@ -171,3 +171,60 @@ def test_head_patching_is_position_aligned_when_layouts_match(planted):
                           _captures=(ids_pos, ids_neg, stack_captures(cp, L), stack_captures(cn, L)))
     assert hs.patching == "position-aligned"
     assert hs.top[0] == HEAD and hs.recovery[HEAD] > 0.9, hs.recovery
+
+
+def test_head_map_patches_the_emotional_value_at_the_last_token(planted):
+    """The full head map patches each head with its output on the EMOTIONAL prompt: the
+    recovery of every head equals an independent transformers-hook computation (o_proj
+    input of X+ at its last token written into X- at its last token), and the planted
+    head leads the map."""
+    from emosteer.attribution import head_map
+
+    runner, pairs = planted
+    ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
+    ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
+    pairs = [p for p, a, b in zip(pairs, ids_pos, ids_neg) if len(a) != len(b)][:3]
+    assert len(pairs) >= 2
+    hm = head_map(runner, "joy", pairs, n_boot=200)
+    assert hm.patching == "last-token"
+    L, H = hm.recovery.shape
+    assert max(((l, h) for l in range(L) for h in range(H)), key=lambda c: float(hm.recovery[c])) == HEAD
+    assert hm.recovery[HEAD] > 0.3 and hm.ci[HEAD][0] > 0
+
+    model, tok = runner.model, runner.tokenizer
+    tids = torch.as_tensor(target_token_ids(tok, "joy"))
+    D = model.config.head_dim
+    o_proj = [layer.self_attn.o_proj for layer in model.model.layers]
+
+    def run(ids, patch=None, grab=None):
+        x = torch.tensor([ids])
+        handles = []
+        if grab is not None:
+            handles.append(o_proj[grab[0]].register_forward_pre_hook(
+                lambda m, a: grab[2].append(a[0][0, -1, grab[1] * D:(grab[1] + 1) * D].clone())))
+        if patch is not None:
+            l, h, v = patch
+
+            def hook(m, a):
+                z = a[0].clone()
+                z[0, -1, h * D:(h + 1) * D] = v
+                return (z,)
+            handles.append(o_proj[l].register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                return float(target_logmass(model(input_ids=x).logits[0, -1].float(), tids))
+        finally:
+            for hd in handles:
+                hd.remove()
+
+    ip = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
+    ineg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
+    gap = sum(run(a) - run(b) for a, b in zip(ip, ineg)) / len(pairs)
+    for l, h in [HEAD, (0, 1), (2, 3)]:
+        dm = 0.0
+        for a, b in zip(ip, ineg):
+            got: list = []
+            run(a, grab=(l, h, got))
+            dm += run(b, patch=(l, h, got[0])) - run(b)
+        want = dm / len(pairs) / gap
+        assert math.isclose(float(hm.recovery[l, h]), want, rel_tol=1e-3, abs_tol=1e-4), ((l, h), hm.recovery[l, h], want)
