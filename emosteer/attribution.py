@@ -428,6 +428,16 @@ def _same_layout(a, b) -> bool:
         return False
 
 
+def _first_difference(a, b) -> int:
+    """The first position where two token-id lists differ (0 for image prompts, whose
+    ids can match while their pixels differ, and for identical lists)."""
+    from emosteer.runners import MMPrompt
+
+    if isinstance(a, MMPrompt) or isinstance(b, MMPrompt):
+        return 0
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), 0)
+
+
 def _pair_captures(runner, pairs):
     ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
     ids_neg = runner.encode([pair_text(p.neutral, p.query) for p in pairs])
@@ -451,6 +461,10 @@ def _patch_heads(runner, emotion: str, cands, ids_pos, ids_neg, z_pos, tids):
     patch = VectorBank(info)
     for i in range(N):
         patch.add(f"_attr.{emotion}.zpos.{i}", "head", z_pos[i])
+    # Before the first token where the two prompts differ, both runs are the same (causal
+    # attention): patching there changes nothing, so aligned patches start at that token
+    # (fewer slots, and the prompt's blocks before it stay shared in the prefix cache).
+    first = [_first_difference(a, b) if al else 0 for a, b, al in zip(ids_pos, ids_neg, aligned)]
     rows_al = [i for i in range(N) if aligned[i]]
     if rows_al:
         layers = sorted({l for l, _ in cands})
@@ -465,7 +479,7 @@ def _patch_heads(runner, emotion: str, cands, ids_pos, ids_neg, z_pos, tids):
             idx = [where[p] for p in range(P)]
             for l in layers:
                 z_all[:, l] = c["heads"][l][idx].float()
-            patch.add(f"_attr.{emotion}.zpos_at.{i}", "head_positions", z_all)
+            patch.add(f"_attr.{emotion}.zpos_at.{i}", "head_positions", z_all[first[i]:])
     runner.register(patch)
     m_pos = _proxy_rows(runner, ids_pos, tids, [None] * N, desc="heads: M+")
     m_neg = _proxy_rows(runner, ids_neg, tids, [None] * N, desc="heads: M-")
@@ -473,7 +487,7 @@ def _patch_heads(runner, emotion: str, cands, ids_pos, ids_neg, z_pos, tids):
     def item(l: int, h: int, i: int) -> dict:
         if aligned[i]:
             return {"layer": l, "head": h, "mode": "patch", "vector": f"_attr.{emotion}.zpos_at.{i}",
-                    "positions": list(range(_len(ids_neg[i])))}
+                    "positions": list(range(first[i], _len(ids_neg[i])))}
         return {"layer": l, "head": h, "mode": "patch", "vector": f"_attr.{emotion}.zpos.{i}",
                 "positions": "last"}
 
