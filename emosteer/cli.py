@@ -524,6 +524,9 @@ def generate(
     preset: Optional[str] = typer.Option(None, "--preset",
                                          help="A request config stored in --bank (e.g. joy.preset, "
                                               "written by emosteer demo) for rows without 'steer'."),
+    no_perplexity: bool = typer.Option(False, "--no-perplexity",
+                                       help="Skip the perplexity of each narrative under the unsteered "
+                                            "model (one teacher-forced pass per batch)."),
 ):
     """Generate steered narratives for a JSONL file on vLLM (resumable).
 
@@ -589,7 +592,7 @@ def generate(
     cfg = GenerateConfig(model=str(folder), bank=str(Path(bank).resolve()) if bank else None,
                          max_tokens=max_tokens, batch_size=batch_size,
                          temperature=temperature, seed=seed, chat=not no_chat, enforce_eager=eager,
-                         preset=preset, preset_config=preset_cfg)
+                         preset=preset, preset_config=preset_cfg, perplexity=not no_perplexity)
     try:
         if use_ray:
             try:

@@ -17,9 +17,10 @@ for a vision-language model: the model's processor builds the user turn (image, 
 text), and ``boost`` (VEE) acts on that image's tokens.
 
 Output row: the input fields plus ``narrative``, ``hit_rate`` (None when the narrative
-holds no emotion word), ``valence``, ``n_tokens`` and two fluency guards of the text
-itself (``emosteer.fluency``): ``repeated_3gram`` (share of word 3-grams repeating an
-earlier one) and ``distinct_2``.
+holds no emotion word), ``valence``, ``n_tokens`` and three fluency guards
+(``emosteer.fluency``): ``perplexity`` (of the narrative under the unsteered model, given
+its prompt; None for image rows or with ``--no-perplexity``), ``repeated_3gram`` (share
+of word 3-grams repeating an earlier one) and ``distinct_2``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class GenerateConfig:
     # (the row records the preset's name).
     preset: Optional[str] = None
     preset_config: Optional[dict] = None
+    # Score each text row's narrative by its perplexity under the unsteered model (one
+    # teacher-forced pass per batch, the same engine, no config).
+    perplexity: bool = True
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -184,14 +188,37 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
                for r in batch]
     outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)
     records, failed = [], {}
+    ok = [(r, o) for r, o in zip(batch, outs) if getattr(o, "emosteer_error", None) is None]
     for r, o in zip(batch, outs):
         if getattr(o, "emosteer_error", None) is not None:
             failed[str(r["id"])] = o.emosteer_error
-            continue
+    ppl = _perplexities(llm, ok) if cfg.perplexity else [None] * len(ok)
+    for (r, o), pp in zip(ok, ppl):
         rec = _score(r, o.outputs[0].text)
         rec["n_tokens"] = len(o.outputs[0].token_ids)
+        rec["perplexity"] = pp
         records.append(rec)
     return records, failed
+
+
+def _perplexities(llm, done: list) -> list:
+    """``emosteer.fluency.perplexities`` of the text rows' narratives on the same engine
+    (None for image rows and empty narratives)."""
+    from emosteer.fluency import perplexities
+    from emosteer.runners import VLLMRunner
+
+    runner = getattr(llm, "_emosteer_ppl_runner", None)
+    if runner is None:
+        runner = VLLMRunner(llm, tokenizer=llm.llm.get_tokenizer(), progress=False)
+        llm._emosteer_ppl_runner = runner
+    text = [k for k, (r, o) in enumerate(done) if "image" not in r and o.prompt_token_ids]
+    out = [None] * len(done)
+    if text:
+        got = perplexities(runner, [done[k][1].prompt_token_ids for k in text],
+                           [list(done[k][1].outputs[0].token_ids) for k in text])
+        for k, v in zip(text, got):
+            out[k] = v
+    return out
 
 
 def _image_prompt(llm, tok, row: dict, chat: bool) -> dict:

@@ -55,6 +55,14 @@ def test_generate_then_resume_after_torn_write(llm, tmp_path):
     plain_rows = [json.loads(x) for x in plain.read_text().splitlines()]
     assert rows[0]["narrative"] == plain_rows[0]["narrative"]  # unsteered row: same text
     assert rows[1]["narrative"] != plain_rows[1]["narrative"]
+    # perplexity under the UNSTEERED model: the same text scores the same, steered or not
+    for r in rows + plain_rows:
+        assert r["perplexity"] is not None and r["perplexity"] >= 1.0
+    assert abs(rows[0]["perplexity"] - plain_rows[0]["perplexity"]) <= 1e-4 * plain_rows[0]["perplexity"]
+    quiet = tmp_path / "quiet.jsonl"
+    generate_jsonl(src, quiet, GenerateConfig(max_tokens=8, batch_size=2, perplexity=False), llm=llm,
+                   progress=False)
+    assert all(json.loads(x)["perplexity"] is None for x in quiet.read_text().splitlines())
 
     # A crash after two rows, in the middle of writing the third.
     resumed = tmp_path / "resumed.jsonl"
