@@ -51,6 +51,15 @@ def _cli(tmp_path, tiny_model, bank_path, batch_size: int):
             "--max-tokens", str(MAX_TOKENS), "--batch-size", str(batch_size), "--eager", "--ray"]
 
 
+def assert_same_row(got: dict, want: dict) -> None:
+    """Equal rows; the perplexity (a float from a batched teacher-forced pass, whose
+    batch may hold other rows here) within 1e-4 relative."""
+    g, w = dict(got), dict(want)
+    pg, pw = g.pop("perplexity"), w.pop("perplexity")
+    assert g == w
+    assert (pg is None) == (pw is None) and (pg is None or abs(pg - pw) <= 1e-4 * pw), (pg, pw)
+
+
 def test_ray_job_equals_the_local_path(tmp_path, tiny_model, bank_path, local_rows):
     _write(tmp_path / "in.jsonl", ROWS)
     got = subprocess.run(_cli(tmp_path, tiny_model, bank_path, 3), capture_output=True, text=True,
@@ -58,7 +67,8 @@ def test_ray_job_equals_the_local_path(tmp_path, tiny_model, bank_path, local_ro
     assert got.returncode == 0, got.stderr[-3000:]
     rows = _read(tmp_path / "out.jsonl")
     assert [r["id"] for r in rows] == [r["id"] for r in ROWS]  # input order
-    assert rows == [local_rows[r["id"]] for r in ROWS]
+    for r, want in zip(rows, [local_rows[r["id"]] for r in ROWS]):
+        assert_same_row(r, want)
 
 
 def test_killed_actor_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model, bank_path, local_rows):
@@ -102,7 +112,7 @@ def test_killed_actor_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_mod
     ids = [r["id"] for r in got]
     assert sorted(ids) == sorted(r["id"] for r in many) and len(ids) == len(set(ids))
     for r in got:  # each row equals the local run of the same prompt and config
-        assert {**r, "id": r["id"].split(".")[0]} == local_rows[r["id"].split(".")[0]]
+        assert_same_row({**r, "id": r["id"].split(".")[0]}, local_rows[r["id"].split(".")[0]])
 
 
 def _cmdline(p) -> list[str]:
