@@ -649,7 +649,7 @@ def demo_cmd(
 
     extract → layer attribution → head map + patching → neurons → steered vs unsteered
     narratives on held-out prompts → report.md, plots, results.json, narratives.jsonl,
-    bank.safetensors. About 8–10 min for SmolLM2-135M on 2 CPU cores (vLLM start-up and
+    bank.safetensors. About 18 min for SmolLM2-135M on 2 CPU cores (vLLM start-up and
     compile, 3–5 min, included); --quick: a few minutes, mostly engine start-up.
 
     --lvlm: a tiny random Qwen2-VL and synthetic image pairs: extraction, attention-to-image
