@@ -36,7 +36,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage", "split_dev_test"]
+__all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage", "split_dev_test",
+           "preset_candidates", "steer_band", "carries"]
 
 # Sized for SmolLM2-135M on 2 CPU cores: joy alone about 18 min (engine start 3, the 11
 # steering candidates on 48 prompts 5.5, the four full head maps 7).
