@@ -217,11 +217,12 @@ def test_frontend_check_and_salt():
     prompt = fe.check({"steer": [{"vector": "joy", "layers": [0], "scale": 1.0}]})
     same = fe.check('{"steer": [{"vector": "joy", "layers": 0, "scale": 1.0, "positions": "all"}]}')
     gen = fe.check({"steer": [{"vector": "joy", "layers": [0], "scale": 1.0, "positions": "generated"}]})
-    assert fe.salt(prompt, "r1") == fe.salt(same, "r2") and fe.salt(prompt, "r1").startswith("emosteer:")
-    assert fe.salt(gen, "r1") is None
+    # the salt: first affected position + fingerprint (bank contents included)
+    assert fe.salt(prompt, 12) == fe.salt(same, 12) == "emosteer@0:" + prompt.fingerprint(fe.bank)
+    assert fe.salt(gen, 12) == "emosteer@12:" + gen.fingerprint(fe.bank)  # its generated blocks
     cap_all = fe.check({"capture": {"heads": [0], "positions": "all"}})
-    assert fe.salt(cap_all, "r1") is None and fe.skips_prefix_cache(cap_all)  # never served from cache
-    assert fe.salt(fe.check({"capture": {"heads": [0]}}), "r1") is None
+    assert fe.salt(cap_all, 12) is None and fe.skips_prefix_cache(cap_all)  # never served from cache
+    assert fe.salt(fe.check({"capture": {"heads": [0]}}), 12) is None
 
 
 def test_server_maps_spec_errors_to_400():
