@@ -72,7 +72,6 @@ def _make(original):
             keys = (*(keys or ()), ("emosteer", ours))
         return keys, mm_idx
 
-    generate_block_hash_extra_keys._emosteer = True
     return generate_block_hash_extra_keys
 
 
