@@ -50,6 +50,8 @@ __all__ = [
     "compile_request",
     "key_kind",
     "materialize",
+    "program_at",
+    "block_identity",
 ]
 
 
@@ -193,9 +195,29 @@ class RequestProgram:
     def fingerprints(self) -> dict[str, str | None]:
         return {p: (prog.fingerprint if prog is not None else None) for p, prog in self.phases.items()}
 
-    def to_plan(self, capture_rows: int = 0) -> dict:
+    def cache_identity(self, num_prompt: int | None) -> dict | None:
+        """What the KV cache of each position depends on, for the prefix cache (msgpack
+        safe; None when no position is intervened on). ``program_at`` reads it.
+
+        ``{"P": prompt length, "prompt": fp, "generated": fp, "at": [[position, fp], ...]}``
+        with ``fp`` the fingerprint of the program in effect (None = no intervention).
+        A prompt of unknown length gets ``P = -1``: every position is then "generated",
+        which is never equal to a known prompt's layout."""
+        fps = self.fingerprints()
+        at = sorted(self.positions().items())
+        if all(fp is None for fp in fps.values()):
+            return None
+        return {
+            "P": -1 if num_prompt is None else int(num_prompt),
+            "prompt": fps.get("prompt"),
+            "generated": fps.get("generated"),
+            "at": [[pos, fps[name]] for pos, name in at],
+        }
+
+    def to_plan(self, capture_rows: int = 0, num_prompt: int | None = None) -> dict:
         """The msgpack-safe summary the scheduler admits by: fingerprints and pool keys
-        per slot, and the capture rows the request can fill in one step."""
+        per slot, the capture rows the request can fill in one step, and the cache
+        identity of its positions (``cache_identity``)."""
         return {
             "slots": {
                 p: {"fp": prog.fingerprint, "keys": prog.keys()}
@@ -203,7 +225,56 @@ class RequestProgram:
                 if prog is not None
             },
             "capture_rows": int(capture_rows),
+            "cache": self.cache_identity(num_prompt),
         }
+
+
+def program_at(identity: dict | None, position: int) -> str | None:
+    """The fingerprint of the program a request applies at ``position`` (None: nothing):
+    a listed or "last" prompt position takes its group's program, other prompt positions
+    the prompt phase's, later positions the generated phase's. The worker's per-step
+    slot choice follows the same rule (``emosteer/vllm/worker.py``, ``prepare_step``)."""
+    if identity is None:
+        return None
+    for pos, fp in identity["at"]:
+        if pos == position:
+            return fp
+    return identity["prompt"] if position < identity["P"] else identity["generated"]
+
+
+def block_identity(identity: dict | None, start: int, end: int) -> str | None:
+    """The prefix-cache key of the KV block of positions ``[start, end)``: the program at
+    each of its positions, run-length encoded (``"<offset>+<length>=<fp or ->"``), or
+    None when no position of the block is intervened on (its KV is the plain model's,
+    shared with everyone). Earlier positions are covered by the parent block's hash
+    (vLLM chains them); later ones cannot change this block's KV (attention is causal).
+
+    So a block is shared exactly when every one of its positions was computed under the
+    same program: blocks inside the prompt of a config that acts the same on every
+    prompt token are shared between prompts of different lengths; the block holding the
+    end of the prompt (where "prompt" items stop, "generated" ones start and "last"
+    acts) is shared only with a request whose prompt ends at the same place."""
+    if identity is None:
+        return None
+    cuts = {start, end}
+    P = identity["P"]
+    if start < P < end:
+        cuts.add(P)
+    for pos, _ in identity["at"]:
+        if start <= pos < end:
+            cuts.update((pos, pos + 1))
+    edges = sorted(cuts)
+    runs, any_fp = [], False
+    for lo, hi in zip(edges, edges[1:]):
+        fp = program_at(identity, lo)
+        any_fp = any_fp or fp is not None
+        if runs and runs[-1][2] == fp:
+            runs[-1][1] += hi - lo
+        else:
+            runs.append([lo - start, hi - lo, fp])
+    if not any_fp:
+        return None
+    return ",".join(f"{off}+{n}={fp or '-'}" for off, n, fp in runs)
 
 
 def _covers(positions, p: int, last: int) -> bool:

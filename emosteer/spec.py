@@ -26,7 +26,7 @@ MAX_HEAD_ITEMS = 65536  # head items per request after expanding "head" lists
 FINGERPRINT_VERSION = 1
 
 POSITIONS = ("all", "prompt", "generated", "last")
-SALT_PREFIX = "emosteer@"  # cache_salt part the plugin's block hasher places by position
+SALT_PREFIX = "emosteer@"  # reserved: a client cache_salt containing it is refused
 MAX_POSITIONS = 4096  # explicit prompt positions per item
 CAPTURE_POSITIONS = ("last", "all", "generated")
 HEAD_MODES = ("add", "patch", "ablate", "scale")
@@ -570,37 +570,6 @@ class SteerSpec:
         return (self.boost is not None and self.boost.prefill_layers != ()) or any(
             isinstance(it.positions, tuple) or it.positions in ("all", "prompt", "last") for it in items
         )
-
-    def first_affected(self, num_prompt_tokens: int | None) -> int | None:
-        """The first token position whose KV cache an intervention can change (None when
-        nothing intervenes): every earlier position's KV equals the unsteered model's,
-        because attention is causal. "all"/"prompt" and a prefill boost give 0, "last"
-        the last prompt token, "generated" and a decode-only boost the first generated
-        token, explicit positions their minimum. Unknown prompt length: 0."""
-        if not self.intervenes():
-            return None
-        if num_prompt_tokens is None:
-            return 0
-        P = int(num_prompt_tokens)
-        firsts = []
-        for it in (*self.steer, *self.heads, *([self.neurons] if self.neurons else [])):
-            pos = it.positions
-            firsts.append(min(pos) if isinstance(pos, tuple) else
-                          {"all": 0, "prompt": 0, "last": max(P - 1, 0), "generated": P}[pos])
-        if self.boost is not None:
-            firsts.append(0 if self.boost.prefill_layers != () else P)
-        return max(0, min(firsts))
-
-    def cache_salt(self, bank: "VectorBank | None" = None, num_prompt_tokens: int | None = None) -> str | None:
-        """The prefix-cache salt of this request: None when it does not intervene, else
-        ``"emosteer@<first affected position>:<fingerprint>"``. The plugin's block hasher
-        (``emosteer/vllm/patches/prefix_cache.py``) mixes it into the hash of the block
-        holding that position, so the KV blocks before it stay shared with unsteered
-        requests and every later block, generated ones included, is private to the
-        config. (A vLLM without that patch mixes the whole salt into the first block:
-        nothing is shared, nothing is poisoned.)"""
-        first = self.first_affected(num_prompt_tokens)
-        return None if first is None else f"{SALT_PREFIX}{first}:{self.fingerprint(bank)}"
 
     def vector_names(self) -> list[str]:
         """Every bank entry the interventions use (sorted, unique)."""

@@ -256,44 +256,6 @@ def test_fingerprint_stability_and_sensitivity(bank):
     assert a.resolve(INFO).fingerprint() == b.resolve(INFO).fingerprint()
 
 
-def test_cache_salt(bank):
-    assert SteerSpec().cache_salt() is None
-    assert SteerSpec.parse({"capture": {"residual": "all"}}).cache_salt() is None
-    spec = SteerSpec.parse(FULL)
-    assert spec.cache_salt() == "emosteer@0:" + spec.fingerprint()  # unknown prompt length: 0
-    assert spec.cache_salt(bank, 20) == f"emosteer@{spec.first_affected(20)}:" + spec.fingerprint(bank)
-    gen = SteerSpec.parse({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "generated"}]})
-    assert gen.cache_salt(None, 20) == "emosteer@20:" + gen.fingerprint()  # generated blocks are cached too
-
-
-@pytest.mark.parametrize("cfg,first", [
-    ({"steer": [{"vector": "joy", "layers": 0, "scale": 1}]}, 0),
-    ({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "prompt"}]}, 0),
-    ({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "last"}]}, 19),
-    ({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "generated"}]}, 20),
-    ({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": [7, 3, 12]}]}, 3),
-    ({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": "last"}],
-      "neurons": {"set": "joy.ena", "gamma": 2, "positions": "generated"}}, 19),
-    ({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": "generated"}],
-      "steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": [5]}]}, 5),
-    ({"boost": {"heads": "joy.vee", "beta": 2}}, 0),
-    ({"boost": {"heads": "joy.vee", "beta": 2, "prefill_layers": "none"}}, 20),
-    ({"capture": {"residual": "all"}}, None),
-])
-def test_first_affected_position(cfg, first):
-    assert SteerSpec.parse(cfg).first_affected(20) == first
-
-
-def test_prefix_cache_salt_placement():
-    from emosteer.vllm.patches.prefix_cache import split_salt
-
-    assert split_salt(None) == (None, None, None)
-    assert split_salt("user") == ("user", None, None)
-    assert split_salt("emosteer@19:abc") == (None, 19, "emosteer@19:abc")
-    assert split_salt("user|emosteer@0:abc") == ("user", 0, "emosteer@0:abc")
-    assert split_salt("emosteer@x:abc") == ("emosteer@x:abc", None, None)  # not ours: left in place
-
-
 def test_fingerprint_mixes_bank_content(bank):
     spec = SteerSpec.parse(FULL)
     fp = spec.fingerprint(bank)

@@ -3,13 +3,14 @@
 Runs in the process that accepts requests (``vllm.LLM`` or the OpenAI server), through
 the ``input_processor`` patch, before a request reaches the engine: a malformed config
 raises ``SpecError`` (a ``ValueError``, so the server answers 400) naming the field.
-Prefix caching: an intervening config gets ``cache_salt = "emosteer@<p>:" + fingerprint``
-(bank contents included), p being the first position it can change. The plugin's block
-hasher mixes it into the block holding p: blocks before p are shared with unsteered
-requests (their KV is the same), every block from p on, generated ones included, is
-private to the config, so nobody reuses KV computed under another config. Captures at
-every position (``positions: "all"``) do not read the prefix cache (cached prompt tokens
-are never recomputed, so they could not be captured), n > 1 samples included.
+Prefix caching: the admission plan carries the request's cache identity (the program in
+effect at each position, from the compiled program: ``RequestProgram.cache_identity``);
+the plugin's block hasher keys every KV block by it (``patches/prefix_cache.py``), so a
+block is reused only under exactly the interventions it was computed with. Clients
+cannot set the plan, and a client ``cache_salt`` holding the reserved prefix
+``emosteer@`` is refused. Captures at every position (``positions: "all"``) do not read
+the prefix cache (cached prompt tokens are never recomputed, so they could not be
+captured), n > 1 samples included.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class FrontendSteering:
         slot fingerprint and the pool keys (``emosteer/compile.py``); SpecError if it
         could never fit."""
         plan = compile_request(spec, self.bank, self.info, num_prompt_tokens).to_plan(
-            capture_rows_per_step(spec, num_prompt_tokens, self.info.num_layers)
+            capture_rows_per_step(spec, num_prompt_tokens, self.info.num_layers), num_prompt_tokens
         )
         # The contents this request is accepted with: workers read exactly these versions
         # even if a vector is replaced or removed while the request waits.
@@ -130,10 +131,6 @@ class FrontendSteering:
         if why is not None:
             raise SpecError("", why)
         return plan
-
-    def salt(self, spec: SteerSpec, num_prompt_tokens: int | None) -> str | None:
-        """``SteerSpec.cache_salt`` with the bank's content hashes mixed in."""
-        return spec.cache_salt(self.bank, num_prompt_tokens)
 
     @staticmethod
     def skips_prefix_cache(spec: SteerSpec) -> bool:

@@ -181,8 +181,11 @@ class WorkerSteering:
                 attention_patch.SITES[m.layer_name] = site
         self.attn_sites = [attns[i]._emosteer_site for i in sorted(attns)]
         S = self.settings.max_slots
-        # What each slot / pool row holds now (written on the scheduler's grant).
-        self.slot_fp: list[str | None] = [None] * S
+        # What each slot / pool row holds now (written on the scheduler's grant). A slot's
+        # identity is its program's fingerprint AND the pool rows its tables point at:
+        # a config granted its old slot again after the pool evicted and reused its rows
+        # reads them from other rows now, so its tables must be rewritten.
+        self.slot_sig: list[tuple | None] = [None] * S
         # slot -> (heads, res, neu, boost) x layer
         self.slot_layers = np.zeros((S, 4, L), dtype=bool)
         self.row_key: dict[str, list[str | None]] = {k: [None] * n for k, n in self.capacity.rows.items()}
@@ -306,7 +309,7 @@ class WorkerSteering:
             if p is None:
                 continue
             slot = int(grant["slots"][phase])
-            if self.slot_fp[slot] != p.fingerprint:
+            if self.slot_sig[slot] != _slot_signature(p, rows):
                 self._write_slot(slot, p, rows)
             rs.slots[phase] = slot
         at = sorted(prog.positions().items())
@@ -370,7 +373,7 @@ class WorkerSteering:
         bf.gamma[:, slot] = gamma.to(bf.device)
         bf.nrow[:, slot] = nrow.to(bf.device)
         self.slot_layers[slot] = act
-        self.slot_fp[slot] = prog.fingerprint
+        self.slot_sig[slot] = _slot_signature(prog, rows)
 
     def finish_requests(self, req_ids) -> None:
         """vLLM reported these requests finished or aborted: park their results. (Slots
@@ -665,7 +668,7 @@ class WorkerSteering:
 
     def status(self) -> dict:
         return {
-            "slots_written": sum(fp is not None for fp in self.slot_fp),
+            "slots_written": sum(sig is not None for sig in self.slot_sig),
             "max_slots": self.settings.max_slots,
             "pool_rows": dict(self.capacity.rows),
             "requests": len(self.reqs),
@@ -677,6 +680,12 @@ class WorkerSteering:
             "vee_unavailable": self.vee_why,
             "tp": [self.tp_rank, self.tp_size],
         }
+
+
+def _slot_signature(prog, rows: dict[str, int]) -> tuple:
+    """What a written slot holds: the program's fingerprint and the pool row of every
+    key it reads (the tables store row ids, not keys)."""
+    return (prog.fingerprint, tuple(int(rows[k]) for k in prog.keys()))
 
 
 def _pack(rs: RequestState) -> dict:

@@ -202,7 +202,7 @@ def _frontend(bank):
     return fe
 
 
-def test_frontend_check_and_salt():
+def test_frontend_check_and_cache_identity():
     bank = make_bank(INFO)
     fe = _frontend(bank)
     with pytest.raises(SpecError) as e:
@@ -217,12 +217,16 @@ def test_frontend_check_and_salt():
     prompt = fe.check({"steer": [{"vector": "joy", "layers": [0], "scale": 1.0}]})
     same = fe.check('{"steer": [{"vector": "joy", "layers": 0, "scale": 1.0, "positions": "all"}]}')
     gen = fe.check({"steer": [{"vector": "joy", "layers": [0], "scale": 1.0, "positions": "generated"}]})
-    # the salt: first affected position + fingerprint (bank contents included)
-    assert fe.salt(prompt, 12) == fe.salt(same, 12) == "emosteer@0:" + prompt.fingerprint(fe.bank)
-    assert fe.salt(gen, 12) == "emosteer@12:" + gen.fingerprint(fe.bank)  # its generated blocks
+    # the cache identity: the program at each position (bank contents included)
+    from emosteer.compile import compile_request
+
+    ident = lambda spec: compile_request(spec, fe.bank, INFO, 12).cache_identity(12)  # noqa: E731
+    assert ident(prompt) == ident(same)
+    assert ident(prompt)["prompt"] == ident(prompt)["generated"] == prompt.fingerprint(fe.bank)
+    assert ident(gen) == {"P": 12, "prompt": None, "generated": gen.fingerprint(fe.bank), "at": []}
     cap_all = fe.check({"capture": {"heads": [0], "positions": "all"}})
-    assert fe.salt(cap_all, 12) is None and fe.skips_prefix_cache(cap_all)  # never served from cache
-    assert fe.salt(fe.check({"capture": {"heads": [0]}}), 12) is None
+    assert ident(cap_all) is None and fe.skips_prefix_cache(cap_all)  # never served from cache
+    assert ident(fe.check({"capture": {"heads": [0]}})) is None
 
 
 def test_server_maps_spec_errors_to_400():

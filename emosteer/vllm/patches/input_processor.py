@@ -5,7 +5,10 @@ sent to the engine). After the original, a request whose ``extra_args`` hold an
 ``"emosteer"`` config is checked (``SpecError`` naming the field, raised before the
 request reaches the engine, as a ``VLLMValidationError`` too so that the server answers
 400) and, when the config changes
-the prompt's activations, gets its ``cache_salt`` (see ``emosteer/vllm/frontend.py``).
+the prompt's activations, gets its admission plan, which carries its prefix-cache
+identity (see ``emosteer/vllm/frontend.py``). Every request, plain or not, whose
+``cache_salt`` holds the reserved prefix ``emosteer@`` is refused (400 naming
+``cache_salt``): no client string may look like the plugin's.
 Why: it is the one function both ``vllm.LLM`` and the OpenAI server call for every
 request, in the front-end process, with the tokenized prompt at hand.
 When it can go: when vLLM offers a request-validation plugin hook.
@@ -42,6 +45,20 @@ def validation_error_class():
     return _error_class
 
 
+def check_client_salt(salt) -> None:
+    """A client's ``cache_salt`` may not contain the plugin's reserved prefix."""
+    from emosteer.spec import SALT_PREFIX
+
+    if isinstance(salt, str) and SALT_PREFIX in salt:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(
+            f"cache_salt may not contain {SALT_PREFIX!r}: that prefix is reserved for the "
+            "emosteer plugin's prefix-cache keys; choose another salt",
+            parameter="cache_salt",
+        )
+
+
 _recent: "collections.deque[str]" = collections.deque(maxlen=65536)
 
 
@@ -58,6 +75,7 @@ def _make(original):
     @functools.wraps(original)
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         req = original(self, request_id, prompt, params, *args, **kwargs)
+        check_client_salt(getattr(req, "cache_salt", None))
         sp = getattr(req, "sampling_params", None)
         extra = getattr(sp, "extra_args", None) if sp is not None else None
         if not extra:
@@ -118,9 +136,6 @@ def _make(original):
         from emosteer.vllm.patches import serving_errors
 
         serving_errors.apply()
-        salt = fe.salt(spec, n_prompt)
-        if salt:
-            req.cache_salt = salt if not req.cache_salt else f"{req.cache_salt}|{salt}"
         return req
 
     return process_inputs

@@ -1,75 +1,58 @@
-"""Patch ``generate_block_hash_extra_keys`` (``vllm.v1.core.kv_cache_utils``): place
-emosteer's prefix-cache salt at the first position a config can change.
+"""Patch ``generate_block_hash_extra_keys`` (``vllm.v1.core.kv_cache_utils``): key every
+KV block by the interventions applied at its positions.
 
 Replaces: the function in ``kv_cache_utils`` and the names ``block_pool`` and
 ``simple_kv_offload.manager`` imported from it (each block's extra hash keys).
-What it does: an intervening request's ``cache_salt`` carries a part
-``"emosteer@<p>:<fingerprint>"`` (``SteerSpec.cache_salt``). vLLM mixes a cache salt into
-the first block's hash only, and hashes chain, so a salted request shares no block with
-anyone. Here that part is taken out of the first block (the rest of the salt, e.g. a
-client's own ``cache_salt``, stays there) and mixed into the block holding position p
-instead. Attention is causal, so the KV of every position before p is the unsteered
-model's: those blocks are shared with unsteered requests and with every other config on
-the same prompt (a full head-patching sweep at the last token computes the prompt once,
-not once per head). The block holding p and every later one, generated blocks included,
-get a new hash chain keyed by the config. Without this patch the whole salt lands in the
-first block: nothing is shared, nothing is poisoned.
-Why: vLLM has no per-position salt.
-When it can go: when vLLM can salt a request's blocks from a given position on.
+What it does: a steered request carries its *cache identity* in its admission plan
+(``SamplingParams.extra_args["emosteer_plan"]["cache"]``, written by the front end from
+the compiled program; clients cannot set that key). For each block ``[start, end)`` the
+hasher appends ``("emosteer", emosteer.compile.block_identity(identity, start, end))``:
+the program in effect at every position of the block. Blocks whose positions are all
+unsteered get no key and stay shared with everyone (attention is causal: the KV before
+the first steered position is the plain model's); a block is reused only by a request
+that applied exactly the same interventions at each of its positions. vLLM chains block
+hashes, so a block's hash also covers every earlier position. docs/DESIGN.md §4 has the
+rule and a table of what each position kind shares.
+A client's ``cache_salt`` is vLLM's own business (mixed into the first block, as tagged
+``("cache_salt", salt)``); it can never equal an ``("emosteer", ...)`` key, and the front
+end refuses salts that contain the reserved prefix ``emosteer@``.
+Why: vLLM has no per-position cache key.
+When it can go: when vLLM lets a plugin add per-block hash keys.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from emosteer.spec import SALT_PREFIX
+from emosteer.compile import block_identity
 from emosteer.vllm.patches import Swap
 
 _swaps: list[Swap] = []
+TAG = "emosteer"
 
 
-def split_salt(salt: str | None) -> tuple[str | None, int | None, str | None]:
-    """``(rest of the salt or None, first affected position or None, emosteer part)``."""
-    if not salt or SALT_PREFIX not in salt:
-        return salt, None, None
-    rest, ours = [], None
-    for part in salt.split("|"):
-        if ours is None and part.startswith(SALT_PREFIX):
-            pos, _, _ = part[len(SALT_PREFIX):].partition(":")
-            try:
-                first = int(pos)
-            except ValueError:  # not ours after all: keep it where vLLM puts it
-                rest.append(part)
-                continue
-            ours = (first, part)
-        else:
-            rest.append(part)
-    if ours is None:
-        return salt, None, None
-    return ("|".join(rest) or None), ours[0], ours[1]
-
-
-class _SaltView:
-    """The request as the original hasher sees it: only ``cache_salt`` differs."""
-
-    __slots__ = ("_request", "cache_salt")
-
-    def __init__(self, request: Any, cache_salt: str | None):
-        self._request = request
-        self.cache_salt = cache_salt
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._request, name)
+def identity_of(request: Any) -> dict | None:
+    """The cache identity in ``request``'s admission plan (None for plain requests)."""
+    sp = getattr(request, "sampling_params", None)
+    extra = getattr(sp, "extra_args", None) if sp is not None else None
+    if not extra:
+        return None
+    plan = extra.get("emosteer_plan")
+    ident = plan.get("cache") if isinstance(plan, dict) else None
+    if ident is not None and ident.get("P", -1) < 0:  # prompt length unknown to the front end
+        ident = {**ident, "P": int(getattr(request, "num_prompt_tokens", 0))}
+    return ident
 
 
 def _make(original):
     def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
-        rest, first, ours = split_salt(getattr(request, "cache_salt", None))
-        if ours is None:
-            return original(request, start_token_idx, end_token_idx, start_mm_idx)
-        keys, mm_idx = original(_SaltView(request, rest), start_token_idx, end_token_idx, start_mm_idx)
-        if start_token_idx <= first < end_token_idx:
-            keys = (*(keys or ()), ("emosteer", ours))
+        keys, mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        ident = identity_of(request)
+        if ident is None:
+            return keys, mm_idx
+        ours = block_identity(ident, start_token_idx, end_token_idx)
+        if ours is not None:
+            keys = (*(keys or ()), (TAG, ours))
         return keys, mm_idx
 
     return generate_block_hash_extra_keys
