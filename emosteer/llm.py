@@ -182,7 +182,10 @@ class LLM:
             if error is None and keys[i] is not None and any(
                 c.finish_reason == "error" for c in out.outputs
             ):
-                error = "the engine stopped this request (see the engine log)"
+                stops = [c.stop_reason for c in out.outputs
+                         if isinstance(c.stop_reason, str) and c.stop_reason.startswith("emosteer: ")]
+                error = (stops[0][len("emosteer: "):] if stops
+                         else "the engine stopped this request (see the engine log)")
             out.emosteer_error = error
             if error is not None:
                 errors[i] = error
@@ -192,10 +195,12 @@ class LLM:
 
     def _fetch(self, keys: list[str]) -> dict[str, dict]:
         """key -> {"error", "captures"}: worker results merged over TP ranks."""
-        per_rank = self.llm.collective_rpc("emosteer_rpc", args=("fetch", keys))
+        wkeys = self.frontend.worker_keys(keys)
+        per_rank = self.llm.collective_rpc("emosteer_rpc", args=("fetch", list(wkeys.values())))
         for key in keys:
             self.frontend.release_key(key.split("#", 1)[0])
-        return merge_results(per_rank, keys)
+        merged = merge_results(per_rank, list(wkeys.values()))
+        return {k: merged[w] for k, w in wkeys.items() if w in merged}
 
     def __getattr__(self, name: str) -> Any:
         # Anything else (get_tokenizer, collective_rpc, chat ...) is vLLM's.

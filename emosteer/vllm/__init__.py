@@ -47,6 +47,29 @@ def check_vllm_version(version: str | None = None) -> tuple[int, int]:
     return major, minor
 
 
+V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def select_model_runner() -> bool:
+    """Select vLLM's V1 model runner unless the user chose one: emosteer's worker hooks
+    live in the V1 runners (``GPUModelRunner`` and the CPU runner); vLLM 0.32 picks its
+    Model Runner V2 by default wherever Triton imports (every CUDA install), and V2 would
+    run steered requests without their interventions. Sets ``VLLM_USE_V2_MODEL_RUNNER=0``
+    before vLLM builds its config (plugins load first); a user who forces V2 keeps it,
+    and the start-up handshake then refuses steered requests. True if it set the variable."""
+    import os
+
+    if V2_ENV in os.environ:
+        if os.environ[V2_ENV].strip().lower() in ("1", "true"):
+            logger.warning("emosteer: %s=1 forces vLLM's Model Runner V2, which emosteer does not "
+                           "patch: steered requests will be refused (plain ones are served)", V2_ENV)
+        return False
+    os.environ[V2_ENV] = "0"
+    logger.info("emosteer: selected vLLM's V1 model runner (%s=0): emosteer's hooks live there",
+                V2_ENV)
+    return True
+
+
 def register(version: str | None = None) -> None:
     """Apply every patch once per process (idempotent, thread-safe).
 
@@ -69,6 +92,7 @@ def register(version: str | None = None) -> None:
             return
         from emosteer.vllm import patches
 
+        select_model_runner()
         patches.apply_all()
         _registered = True
         logger.debug("emosteer vLLM plugin registered (%d patches)", len(patches.PATCHES))
@@ -95,4 +119,4 @@ def is_registered() -> bool:
     return _registered
 
 
-__all__ = ["register", "unregister", "is_registered", "check_vllm_version", "UnsupportedVLLMVersion"]
+__all__ = ["register", "unregister", "select_model_runner", "is_registered", "check_vllm_version", "UnsupportedVLLMVersion"]

@@ -115,6 +115,12 @@ class Admission:
         self._cap: dict[str, int] = {}  # request id -> capture rows it holds
         self.capture_in_use = 0
         self.waiting_for_slots: set[str] = set()
+        # Fail closed: no steered request is admitted until every worker has confirmed
+        # that its model runner carries emosteer's hooks (the start-up handshake run by
+        # the EngineCore patch, ``patches/scheduler.py``); until then, or if a worker
+        # cannot, ``refusal`` says why and steered requests are finished with that error.
+        self.refusal: str | None = "the engine has not completed emosteer's start-up handshake"
+        self._refused: dict[str, str] = {}  # request id -> why, to finish at the next update
         self._lock = threading.Lock()
         global _scheduler_here
         _scheduler_here = True
@@ -143,6 +149,24 @@ class Admission:
                     f"{capacity.rows[kind]}; raise additional_config.emosteer.pool_mib"
                 )
         return None
+
+    handshake_done = False
+
+    def set_ready(self, refusal: str | None) -> None:
+        """The handshake's outcome: None = every worker carries emosteer's hooks."""
+        self.refusal = refusal
+        self.handshake_done = True
+
+    def refuse(self, req_id: str) -> None:
+        """``req_id`` carries a config this engine cannot apply (``refusal``): it stays
+        out of the batch and is finished with an error at the next scheduler update."""
+        with self._lock:
+            self._refused.setdefault(req_id, str(self.refusal))
+
+    def take_refused(self) -> dict[str, str]:
+        with self._lock:
+            out, self._refused = self._refused, {}
+            return out
 
     def grant_of(self, req_id: str) -> dict | None:
         return self._grants.get(req_id)
@@ -221,6 +245,8 @@ class Admission:
     def status(self) -> dict:
         with self._lock:
             return {
+                "ready": self.refusal is None,
+                "refusal": self.refusal,
                 "slots_in_use": len(self.slots),
                 "max_slots": self.capacity.max_slots,
                 "admitted_requests": len(self._grants),

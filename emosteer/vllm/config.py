@@ -5,7 +5,8 @@ environment variables, then defaults.
 sizes never share a compile cache. Keys: ``max_slots`` (distinct intervention configs
 resident at once, default 256; a slot is a few small index tables), ``pool_mib`` (device
 memory of the vector pool, default 64: rows of residual vectors, head vectors and neuron
-masks, one per vector and layer), ``capture_rows`` (rows of the per-step capture
+masks, one per vector and layer), ``pool_rows`` (rows per pool kind, overriding
+``pool_mib``: small pools for tests of eviction), ``capture_rows`` (rows of the per-step capture
 buffers, default 8192; capturing requests are admitted while their rows fit, so a step
 never overflows), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK``),
 ``impl`` (force an op implementation; env ``EMOSTEER_IMPL``), ``keep_captures``
@@ -22,13 +23,15 @@ from typing import Any
 
 CONFIG_KEY = "emosteer"
 DEFAULT_CAPTURE_ROWS = 8192  # at least a request's own limit (spec.MAX_CAPTURE_ROWS, 4096)
-_INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib", "capture_ttl_s", "upload_mib")
+_INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib", "pool_rows", "capture_ttl_s",
+             "upload_mib")
 
 
 @dataclass(frozen=True)
 class PluginSettings:
     max_slots: int = 256
     pool_mib: int = 64
+    pool_rows: int | None = None
     capture_rows: int | None = None
     bank: str | None = None
     impl: str | None = None
@@ -82,6 +85,6 @@ def capacity_for(settings: PluginSettings, info: Any, dtype: Any, tp_size: int =
     el = torch.empty((), dtype=dtype).element_size()
     per = info.hidden_size * el + (info.num_heads // tp_size) * info.head_dim * el
     per += (info.intermediate_size // tp_size) * 4
-    rows = max(1, (settings.pool_mib * 2**20) // per)
+    rows = settings.pool_rows or max(1, (settings.pool_mib * 2**20) // per)
     return Capacity(max_slots=settings.max_slots, rows={"res": rows, "head": rows, "neu": rows},
                     capture_rows=settings.capture_rows or DEFAULT_CAPTURE_ROWS)

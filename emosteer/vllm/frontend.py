@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -30,7 +31,8 @@ from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 EXTRA_KEY = "emosteer"  # SamplingParams.extra_args key of the request config
 RESULT_KEY = "emosteer_key"  # extra_args key under which the worker parks captures and errors
 SAMPLES_KEY = "emosteer_n"  # extra_args: n > 1 samples, each with its own results
-PRIVATE_KEYS = (PLAN_KEY, GRANT_KEY, SAMPLES_KEY)  # set by emosteer itself; refused from clients
+CLAIM_KEY = "emosteer_claim"  # extra_args: the front end's nonce binding a result key to one request
+PRIVATE_KEYS = (PLAN_KEY, GRANT_KEY, SAMPLES_KEY, CLAIM_KEY)  # set by emosteer itself; refused from clients
 # Result keys and vector names that clients choose: no paths, no markup, bounded length.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -45,6 +47,11 @@ def check_name(value: Any, field: str) -> str:
             f"or digit), got {shown}",
         )
     return value
+
+
+def worker_key(key: str, nonce: str | None) -> str:
+    """Where workers file a request's results: the client's key bound to its claim."""
+    return f"{key}~{nonce}" if nonce else key
 
 
 def capture_rows_per_step(spec: SteerSpec, num_prompt_tokens: int | None, num_layers: int) -> int:
@@ -73,8 +80,10 @@ class FrontendSteering:
             bank.validate_against(self.info)
             self.bank.update(bank)
         # Result keys of accepted requests whose results have not been fetched: key ->
-        # (samples, time claimed, request id). Two live requests never share a key.
-        self._keys: "OrderedDict[str, tuple[int, float, str]]" = OrderedDict()
+        # (samples, time claimed, request id, claim nonce). Two live requests never share
+        # a key, and the workers file results under "<key>~<nonce>": a key claimed again
+        # after it expired here can never be handed an earlier request's results.
+        self._keys: "OrderedDict[str, tuple[int, float, str, str]]" = OrderedDict()
         self._keys_lock = threading.Lock()
 
     # -- vectors ---------------------------------------------------------------------
@@ -87,7 +96,8 @@ class FrontendSteering:
 
     # -- result keys -------------------------------------------------------------------
     def claim_key(self, key: Any, samples: int = 1, request_id: str = "") -> str:
-        """Reserve a client-chosen result key; SpecError if malformed or still in use."""
+        """Reserve a client-chosen result key; SpecError if malformed or still in use.
+        Returns the claim nonce (the request carries it to the workers, ``CLAIM_KEY``)."""
         key = check_name(key, "emosteer_key")
         horizon = time.monotonic() - 2 * self.settings.capture_ttl_s
         with self._keys_lock:
@@ -96,8 +106,9 @@ class FrontendSteering:
             if key in self._keys:
                 raise SpecError("emosteer_key", f"{key!r} is in use by another request whose "
                                 "results were not fetched yet; choose a fresh key (a UUID)")
-            self._keys[key] = (int(samples), time.monotonic(), str(request_id))
-        return key
+            nonce = uuid.uuid4().hex[:16]
+            self._keys[key] = (int(samples), time.monotonic(), str(request_id), nonce)
+        return nonce
 
     def release_key(self, key: str) -> int | None:
         """Forget ``key`` (its results were fetched); returns its sample count, if known."""
@@ -110,6 +121,18 @@ class FrontendSteering:
         with self._keys_lock:
             got = self._keys.get(key)
         return None if got is None else (got[0], got[2])
+
+    def worker_keys(self, keys: list[str]) -> dict[str, str]:
+        """Client result key ("<key>" or "<key>#<sample>") -> the key the workers file its
+        results under, for the keys claimed now."""
+        out = {}
+        with self._keys_lock:
+            for k in keys:
+                base, sep, sample = k.partition("#")
+                got = self._keys.get(base)
+                if got is not None:
+                    out[k] = worker_key(base, got[3]) + (sep + sample if sep else "")
+        return out
 
     def check(self, raw: Any, num_prompt_tokens: int | None = None, max_tokens: int | None = None) -> SteerSpec:
         """Parse + validate against the bank and the model; SpecError names the field."""

@@ -221,9 +221,11 @@ class Service:
                                      "its answer is complete, or pass ?wait=<seconds>", "key")
             await asyncio.sleep(0.05)
         keys = [key] if samples == 1 else [f"{key}#{i}" for i in range(samples)]
-        per_rank = await self.rpc("fetch", keys)
+        wkeys = self.fe.worker_keys(keys)
+        per_rank = await self.rpc("fetch", list(wkeys.values()))
         self.fe.release_key(key)
-        merged = merge_results(per_rank, keys)
+        got = merge_results(per_rank, list(wkeys.values()))
+        merged = {k: got[w] for k, w in wkeys.items() if w in got}
         if not merged:
             raise HTTPError(404, f"no results under key {key!r}: the request captured nothing, or "
                                  "its results expired (capture_ttl_s / keep_captures)", "key")

@@ -45,7 +45,7 @@ from emosteer.vllm.buffers import (
 )
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.patches import attention as attention_patch
-from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, SAMPLES_KEY
+from emosteer.vllm.frontend import CLAIM_KEY, EXTRA_KEY, RESULT_KEY, SAMPLES_KEY, worker_key
 
 KEEP_VERSIONS = 64  # retired vector versions a worker holds for requests already accepted
 
@@ -228,6 +228,8 @@ class WorkerSteering:
         params = getattr(cached, "sampling_params", None)
         extra = (getattr(params, "extra_args", None) or {}) if params is not None else {}
         key = extra.get(RESULT_KEY)
+        if key is not None:
+            key = worker_key(str(key), extra.get(CLAIM_KEY))
         if key is not None and int(extra.get(SAMPLES_KEY, 1)) > 1:
             # One of n samples (vLLM's child request "<index>_<parent id>"): its own key.
             key = f"{key}#{req_id.split('_', 1)[0]}"

@@ -356,12 +356,15 @@ def test_result_keys_claimed_once_and_names_checked():
         parallel_config=SimpleNamespace(tensor_parallel_size=1),
     )
     fe = FrontendSteering(cfg)
-    assert fe.claim_key("abc-1", 2, "req-1") == "abc-1"
+    first = fe.claim_key("abc-1", 2, "req-1")
     with pytest.raises(SpecError, match="in use"):
         fe.claim_key("abc-1")
     assert fe.key_info("abc-1") == (2, "req-1")
+    assert fe.worker_keys(["abc-1#1", "other"]) == {"abc-1#1": f"abc-1~{first}#1"}
     assert fe.release_key("abc-1") == 2 and fe.key_info("abc-1") is None
-    fe.claim_key("abc-1")  # free again
+    again = fe.claim_key("abc-1")  # free again, bound to a new claim: the workers file
+    assert again != first and fe.worker_keys(["abc-1"]) == {"abc-1": f"abc-1~{again}"}
+    # the new request's results apart from any the first one left behind
     for bad in ("", "../x", "a/b", "<s>", "x" * 129, 7, None, "-leading", "a b"):
         with pytest.raises(SpecError, match="emosteer_key"):
             check_name(bad, "emosteer_key")

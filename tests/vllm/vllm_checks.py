@@ -166,6 +166,47 @@ def check_prefix_cache(llm) -> None:
     _, n = run(gen_only)
     assert n > 0, "a generated-only config shares the unsteered prompt KV"
     check_prefix_sharing_by_position(llm, prompt, gen_only)
+    check_prefix_reuse_across_prompt_lengths(llm, prompt)
+
+
+def check_prefix_reuse_across_prompt_lengths(llm, prompt) -> None:
+    """Warm == cold where the cached blocks come from a request whose prompt ended
+    elsewhere: a conversation continued under a config whose program depends on where
+    the prompt ends, and a longer prompt sharing a block with a shorter one's last token."""
+    ids = list(prompt["prompt_token_ids"])
+    bs = llm.llm.llm_engine.vllm_config.cache_config.block_size
+    assert len(ids) >= bs + 10
+
+    def run(p, cfg, max_tokens):
+        o = llm.generate([{"prompt_token_ids": p}], greedy(max_tokens), steer=cfg, use_tqdm=False)[0]
+        assert o.emosteer_error is None, o.emosteer_error
+        return summarize(o), o.num_cached_tokens or 0
+
+    cases = [
+        # turn A's reply fills whole blocks that turn B reads as prompt tokens
+        ({"steer": [{"vector": "joy", "layers": "all", "scale": 3.0, "positions": "prompt"}]}, True),
+        ({"steer": [{"vector": "joy", "layers": [1], "scale": 2.0, "positions": "last"}],
+          "heads": [{"layer": 0, "head": 1, "mode": "scale", "scale": 0.5, "positions": "generated"}]}, True),
+        # a shorter prompt's last-token block under a longer prompt
+        ({"steer": [{"vector": "sad", "layers": "all", "scale": 1.5, "positions": "all"}],
+          "heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": "joy.h", "scale": 3.0,
+                     "positions": "last"}]}, False),
+    ]
+    for cfg, conversation in cases:
+        llm.reset_prefix_cache()
+        if conversation:
+            a = ids[: bs + 6]
+            reply, _ = run(a, cfg, 2 * bs - 6)
+            b = a + reply["ids"] + ids[bs + 6 : bs + 9]
+        else:
+            a, b = ids[:bs], ids[: bs + 10]
+            run(a, cfg, 2)
+        warm, n = run(b, cfg, MAX_TOKENS)
+        llm.reset_prefix_cache()
+        cold, _ = run(b, cfg, MAX_TOKENS)
+        assert_logprobs_close(warm, cold, 1e-5)
+        # what may still be shared: blocks computed under the same program everywhere
+        assert n <= (bs if conversation else 0), (cfg, n)
 
 
 def check_prefix_sharing_by_position(llm, prompt, gen_only) -> None:
@@ -221,6 +262,7 @@ MALFORMED = [
     ({"capture": {"positions": "all"}}, "capture"),
     ({"capture": {"heads": "all", "positions": "sometimes"}}, "capture.positions"),
     ({"boost": {"heads": "nope", "beta": 1.5}}, "boost.heads"),
+    ({"capture": {"attn_image": [0], "positions": "last"}}, "capture.attn_image"),  # no image
     ({"colour": "red"}, "colour"),
     ("{not json", "spec"),
 ]

@@ -40,6 +40,36 @@ def install(runner) -> None:
     runner._emosteer_model = model
 
 
+def attach_failures(out, failed: dict[str, str]):
+    """``out`` (what the runner returns for a step) carrying ``failed`` (request id ->
+    message) to the scheduler as ``_emosteer_failed``, through every executor: the
+    attribute is pickled with the output between processes; under async scheduling the
+    runner returns a wrapper whose ``get_output()`` the executor sends instead, so the
+    failures go onto that output; a shared object (vLLM's empty output) is never marked,
+    a copy is."""
+    import copy
+
+    from vllm.v1.outputs import AsyncModelRunnerOutput
+
+    if not failed:
+        return out
+    if isinstance(out, AsyncModelRunnerOutput):
+        inner = out.get_output
+
+        def get_output():
+            return attach_failures(inner(), failed)
+
+        out.get_output = get_output
+        return out
+    if not hasattr(out, "__dict__"):
+        logger.error("emosteer: cannot attach failures to a %s; they go through the shared table "
+                     "only", type(out).__name__)
+        return out
+    out = copy.copy(out)
+    out._emosteer_failed = {**(getattr(out, "_emosteer_failed", None) or {}), **failed}
+    return out
+
+
 def _make_load_model(original):
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
@@ -57,9 +87,9 @@ def _make_execute_model(original):
         if st is not None and scheduler_output.finished_req_ids:
             st.finish_requests(scheduler_output.finished_req_ids)
         out = original(self, scheduler_output, *args, **kwargs)
-        if st is not None and st.failed_now and out is not None and hasattr(out, "__dict__"):
+        if st is not None and st.failed_now and out is not None:
             # Separate worker processes: the failures travel with the step's output.
-            out._emosteer_failed = st.take_failed()
+            out = attach_failures(out, st.take_failed())
         return out
 
     return execute_model
@@ -70,8 +100,8 @@ def _make_sample_tokens(original):
     def sample_tokens(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         st = getattr(self, "_emosteer", None)
-        if st is not None and st.failed_now and out is not None and hasattr(out, "__dict__"):
-            out._emosteer_failed = st.take_failed()
+        if st is not None and st.failed_now and out is not None:
+            out = attach_failures(out, st.take_failed())
         return out
 
     return sample_tokens

@@ -45,6 +45,21 @@ def validation_error_class():
     return _error_class
 
 
+def check_images(spec, req) -> None:
+    """VEE boosts and attention-to-image captures act on the prompt's image tokens: a
+    prompt without images is refused (naming the field) instead of running unboosted."""
+    field = ("boost" if spec.boost is not None
+             else "capture.attn_image" if spec.capture is not None and spec.capture.attn_image else None)
+    if field is None:
+        return
+    mm = getattr(req, "mm_features", None) or ()
+    if not any(getattr(f, "modality", None) in ("image", "video") for f in mm):
+        from emosteer.spec import SpecError
+
+        raise SpecError(field, "the prompt holds no image: VEE boosts and attention-to-image "
+                               "captures act on image tokens; send an image, or drop this field")
+
+
 def check_client_salt(salt) -> None:
     """A client's ``cache_salt`` may not contain the plugin's reserved prefix."""
     from emosteer.spec import SALT_PREFIX
@@ -101,6 +116,7 @@ def _make(original):
 
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)
+            check_images(spec, req)
             if spec.capture is not None and "emosteer_key" not in extra:
                 # Captures are handed out by result key (emosteer.LLM sets one); without
                 # one they could never be fetched.
@@ -115,13 +131,14 @@ def _make(original):
             msg = str(e)[len(e.field) + 2 :] if e.field and str(e).startswith(e.field + ": ") else str(e)
             raise validation_error_class()(e.field, msg) from None
         n = int(getattr(sp, "n", 1) or 1)
+        claim = None
         if "emosteer_key" in extra:
             try:
-                fe.claim_key(extra["emosteer_key"], n, str(request_id))
+                claim = fe.claim_key(extra["emosteer_key"], n, str(request_id))
             except SpecError as e:
                 raise validation_error_class()(e.field, str(e)[len(e.field) + 2 :]) from None
         skip = fe.skips_prefix_cache(spec)
-        if plan or n > 1 or skip:
+        if plan or n > 1 or skip or claim:
             # A private copy: the caller may share one SamplingParams between requests.
             sp = sp.clone()
             sp.extra_args = dict(extra)
@@ -129,6 +146,8 @@ def _make(original):
                 sp.extra_args[PRIVATE_KEYS[0]] = plan
             if n > 1:  # vLLM forks n child requests "<i>_<id>"; each keeps its own results
                 sp.extra_args[PRIVATE_KEYS[2]] = n
+            if claim:  # results are filed under the key bound to this claim
+                sp.extra_args[PRIVATE_KEYS[3]] = claim
             if skip:
                 sp.skip_reading_prefix_cache = True
             req.sampling_params = sp

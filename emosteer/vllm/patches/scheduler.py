@@ -16,6 +16,12 @@ Replaces (each calls through to vLLM's own code):
   them; vLLM then skips their sampled tokens.
 Why: admission must happen where vLLM decides what runs; the worker can only apply or
 refuse, and by then the request is already in the batch.
+- ``EngineCore.__init__`` (or, where the plugin loads inside it, ``add_request`` on the
+  first request): the start-up handshake: every worker is
+  asked (``emosteer_rpc("ready")``) whether its model runner carries emosteer's hooks,
+  and the engine's settings are checked for features the plugin does not handle
+  (``unsupported_engine``). Until the handshake succeeds no steered request is admitted:
+  each is finished with an error naming the cause (fail closed); plain requests serve.
 Adds ``EngineCore.emosteer_status()`` (slots, pool rows, waiting requests), reached from a
 client with ``engine_core.call_utility("emosteer_status")``.
 When it can go: when vLLM's scheduler offers an admission hook for per-request resources.
@@ -69,6 +75,9 @@ def _make_blocked(original):
         plan = _plan_of(request)
         if not plan:
             return True
+        if adm.refusal is not None:
+            adm.refuse(request.request_id)  # finished with the error at the next update
+            return False
         grant = adm.try_admit(request.request_id, plan)
         if grant is None:
             return False  # stays waiting until a slot (or pool rows) frees
@@ -144,6 +153,9 @@ def _make_update(original):
         extra = getattr(model_runner_output, "_emosteer_failed", None)
         if extra:
             failures.update(extra)
+        adm = getattr(self, "_emosteer", None)
+        if adm is not None:
+            failures.update(adm.take_refused())
         outs = fail_requests(self, failures) if failures else []
         result = original(self, scheduler_output, model_runner_output, *args, **kwargs)
         if outs:
@@ -156,6 +168,86 @@ def _make_update(original):
         return result
 
     return update_from_output
+
+
+def unsupported_engine(vllm_config) -> str | None:
+    """The first engine setting the plugin does not handle (steered requests are then
+    refused; plain ones serve), or None."""
+    pc = vllm_config.parallel_config
+    checks = [
+        (vllm_config.speculative_config is not None,
+         "speculative decoding (speculative_config): draft tokens would run through the "
+         "steered layers and be captured"),
+        (int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1,
+         "pipeline parallelism (pipeline_parallel_size > 1)"),
+        (int(getattr(pc, "data_parallel_size", 1) or 1) > 1,
+         "data parallelism (data_parallel_size > 1): each engine would keep its own slots"),
+        (bool(getattr(pc, "enable_dbo", False)) or bool(getattr(pc, "use_ubatching", False)),
+         "dual-batch overlap / micro-batching (enable_dbo): each micro-batch would index the "
+         "per-token slots from 0"),
+        (getattr(vllm_config, "kv_transfer_config", None) is not None,
+         "KV transfer / disaggregated prefill (kv_transfer_config): KV computed by another "
+         "engine never had the config applied"),
+        (getattr(vllm_config, "ec_transfer_config", None) is not None,
+         "encoder-cache transfer (ec_transfer_config)"),
+    ]
+    for bad, what in checks:
+        if bad:
+            return f"this engine runs with {what}, which emosteer does not support"
+    return None
+
+
+def handshake(engine_core) -> str | None:
+    """Why steered requests must be refused in this engine, or None when the engine's
+    settings are supported and every worker's model runner carries emosteer's hooks."""
+    why = unsupported_engine(engine_core.vllm_config)
+    if why is not None:
+        return why
+    try:
+        replies = engine_core.model_executor.collective_rpc("emosteer_rpc", args=("ready",))
+    except Exception as e:  # a worker process without the plugin, or a failed RPC
+        return f"a worker did not answer emosteer's start-up handshake ({type(e).__name__}: {e})"
+    if not replies:
+        return "no worker answered emosteer's start-up handshake"
+    for i, reply in enumerate(replies):
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            why = reply.get("why") if isinstance(reply, dict) else repr(reply)
+            return f"worker {i}: {why}"
+    return None
+
+
+def ensure_handshake(engine_core) -> None:
+    """Run the start-up handshake once per engine (at the end of ``EngineCore.__init__``,
+    or at its first request where the plugin loaded inside that ``__init__``, as in a
+    spawned engine-core process)."""
+    adm = getattr(getattr(engine_core, "scheduler", None), "_emosteer", None)
+    if adm is None or adm.handshake_done:
+        return
+    why = handshake(engine_core)
+    adm.set_ready(why)
+    if why is None:
+        logger.info("emosteer: every worker carries emosteer's hooks; steered requests are served")
+    else:
+        logger.error("emosteer: steered requests will be REFUSED by this engine (plain ones "
+                     "are served): %s", why)
+
+
+def _make_engine_init(original):
+    @functools.wraps(original)
+    def __init__(self, vllm_config, *args, **kwargs):
+        original(self, vllm_config, *args, **kwargs)
+        ensure_handshake(self)
+
+    return __init__
+
+
+def _make_add_request(original):
+    @functools.wraps(original)
+    def add_request(self, request, *args, **kwargs):
+        ensure_handshake(self)
+        return original(self, request, *args, **kwargs)
+
+    return add_request
 
 
 def emosteer_status(self) -> dict | None:
@@ -175,6 +267,8 @@ def apply() -> None:
                 Swap(Scheduler, "_handle_blocked_waiting_request", _make_blocked),
                 Swap(Scheduler, "_free_request", _make_free),
                 Swap(Scheduler, "update_from_output", _make_update),
+                Swap(EngineCore, "__init__", _make_engine_init),
+                Swap(EngineCore, "add_request", _make_add_request),
                 Swap(EngineCore, "emosteer_status", lambda _orig: emosteer_status),
             ]
         )

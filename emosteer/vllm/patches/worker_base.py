@@ -1,7 +1,8 @@
 """Patch ``vllm.v1.worker.worker_base.WorkerBase``: add the method ``emosteer_rpc``.
 
 Adds (replaces nothing): ``WorkerBase.emosteer_rpc(op, payload)``, reached with
-``LLM.collective_rpc("emosteer_rpc", args=(op, payload))``. Ops: ``"register"``
+``LLM.collective_rpc("emosteer_rpc", args=(op, payload))``. Ops: ``"ready"`` -> ``{"ok", "why"}`` (the
+start-up handshake, ``patches/scheduler.py``); ``"register"``
 (payload: a bank file's bytes) -> list of names; ``"remove"`` (payload: names) ->
 names removed; ``"fetch"`` (payload: request keys)
 -> {key: {"error", "positions", "tensors": safetensors bytes}}; ``"status"`` -> dict.
@@ -19,7 +20,23 @@ from emosteer.vllm.patches import Swap
 _swap: Swap | None = None
 
 
+def ready(worker) -> dict:
+    """The start-up handshake's answer: does this worker's model runner carry emosteer's
+    hooks (``patches/gpu_model_runner.py`` installs them when the model loads)?"""
+    runner = getattr(worker, "model_runner", None)
+    if getattr(runner, "_emosteer", None) is not None:
+        return {"ok": True, "runner": type(runner).__name__}
+    name = f"{type(runner).__module__}.{type(runner).__name__}" if runner is not None else "none"
+    why = f"the worker's model runner ({name}) carries no emosteer hooks"
+    if getattr(worker, "use_v2_model_runner", False) or ".worker.gpu." in name:
+        why += (" (it is vLLM's Model Runner V2, which emosteer does not patch: leave "
+                "VLLM_USE_V2_MODEL_RUNNER unset, emosteer then selects V1, or set it to 0)")
+    return {"ok": False, "why": why}
+
+
 def emosteer_rpc(self, op: str, payload=None):
+    if op == "ready":
+        return ready(self)
     runner = getattr(self, "model_runner", None)
     st = getattr(runner, "_emosteer", None)
     if st is None:
