@@ -1,0 +1,238 @@
+"""Never silently wrong when the engine is not what emosteer expects (docs/DESIGN.md §5,
+"Fail closed"): a worker without emosteer's hooks, vLLM's Model Runner V2, engine
+features the plugin does not handle, pool rows that moved under a slot, failures in
+worker processes under async scheduling.
+
+Each engine here is started for what it proves (one at a time: the session's shared
+engine is closed first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from vllm_support import PROMPTS, engine_env, greedy, summarize
+
+pytestmark = pytest.mark.vllm
+
+
+# -- Model Runner V2 ---------------------------------------------------------------------
+def test_plugin_selects_the_v1_runner_where_triton_is_present(tiny_model, monkeypatch):
+    """vLLM 0.32 picks Model Runner V2 wherever Triton imports (every CUDA install); the
+    plugin's hooks live in V1, so it selects V1 unless the user chose. Here Triton is
+    reported present, as on a GPU machine, and the engine config is resolved for real."""
+    import vllm.config.vllm as vcfg
+    from vllm.engine.arg_utils import EngineArgs
+
+    import emosteer.vllm as plugin
+
+    monkeypatch.setattr(vcfg, "HAS_TRITON", True)
+    monkeypatch.delenv(plugin.V2_ENV, raising=False)
+    config = EngineArgs(model=tiny_model, dtype="float32", max_model_len=256).create_engine_config()
+    monkeypatch.delenv(plugin.V2_ENV, raising=False)  # what vLLM alone would pick
+    if not config.use_v2_model_runner:
+        pytest.skip("this vLLM build picks V1 on its own here (nothing for the plugin to do)")
+    assert plugin.select_model_runner() is True and os.environ[plugin.V2_ENV] == "0"
+    assert config.use_v2_model_runner is False
+    # a user who forces V2 keeps it (the handshake then refuses steered requests)
+    monkeypatch.setenv(plugin.V2_ENV, "1")
+    assert plugin.select_model_runner() is False and config.use_v2_model_runner is True
+
+
+def test_a_v2_runner_is_named_in_the_refusal():
+    from emosteer.vllm.patches.worker_base import ready
+
+    class ModelRunner:  # stands for vllm.v1.worker.gpu.model_runner.GPUModelRunner
+        pass
+
+    ModelRunner.__module__ = "vllm.v1.worker.gpu.model_runner"
+    got = ready(SimpleNamespace(model_runner=ModelRunner(), use_v2_model_runner=True))
+    assert got["ok"] is False and "Model Runner V2" in got["why"] and "VLLM_USE_V2_MODEL_RUNNER" in got["why"]
+    hooked = SimpleNamespace(_emosteer=object())
+    assert ready(SimpleNamespace(model_runner=hooked))["ok"] is True
+
+
+# -- engine settings the plugin does not handle -----------------------------------------
+def _vcfg(**over):
+    pc = SimpleNamespace(pipeline_parallel_size=1, data_parallel_size=1, enable_dbo=False, use_ubatching=False)
+    base = dict(speculative_config=None, kv_transfer_config=None, ec_transfer_config=None, parallel_config=pc)
+    for k, v in over.items():
+        if hasattr(pc, k):
+            setattr(pc, k, v)
+        else:
+            base[k] = v
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("setting,value,named", [
+    ("speculative_config", object(), "speculative_config"),
+    ("pipeline_parallel_size", 2, "pipeline_parallel_size"),
+    ("data_parallel_size", 2, "data_parallel_size"),
+    ("enable_dbo", True, "enable_dbo"),
+    ("kv_transfer_config", object(), "kv_transfer_config"),
+])
+def test_unsupported_engine_settings_are_named(setting, value, named):
+    from emosteer.vllm.patches.scheduler import unsupported_engine
+
+    assert unsupported_engine(_vcfg()) is None
+    why = unsupported_engine(_vcfg(**{setting: value}))
+    assert why is not None and named in why
+
+
+# -- a real engine whose model runner carries no hooks ------------------------------------
+_NO_HOOKS = textwrap.dedent("""
+    import json, sys
+    if __name__ == "__main__":
+        import emosteer.vllm as plugin
+        plugin.register()
+        from emosteer.vllm.patches import cpu_model_runner, gpu_model_runner
+        cpu_model_runner.revert(); gpu_model_runner.revert()  # the worker side left out
+        import vllm
+        from vllm import SamplingParams
+        model, bank = sys.argv[1], sys.argv[2]
+        llm = vllm.LLM(model, dtype="float32", max_model_len=256, block_size=32, seed=0,
+                       enforce_eager=True)
+        sp = SamplingParams(max_tokens=4, temperature=0.0)
+        steered = SamplingParams(max_tokens=4, temperature=0.0,
+                                 extra_args={"emosteer": {"heads": [{"layer": 0, "head": 1, "mode": "ablate"}]}})
+        outs = llm.generate(["a man sits alone", "she shouts in anger"], [sp, steered], use_tqdm=False)
+        status = llm.llm_engine.engine_core.engine_core.emosteer_status()  # in-process core
+        print("RESULT " + json.dumps({
+            "plain": [outs[0].outputs[0].finish_reason, len(outs[0].outputs[0].token_ids)],
+            "steered": [outs[1].outputs[0].finish_reason, outs[1].outputs[0].stop_reason,
+                        len(outs[1].outputs[0].token_ids)],
+            "ready": status["ready"], "refusal": status["refusal"]}))
+""")
+
+
+def test_an_engine_without_runner_hooks_refuses_steered_requests_and_serves_plain(
+        tiny_model, bank_path, engines, tmp_path):
+    """A real engine (in-process engine core, so the test can leave the runner patches
+    out): the start-up handshake finds no hooks in the worker, steered requests finish
+    with an error naming the cause, plain requests are served."""
+    engines.close()
+    engine_env()
+    script = tmp_path / "no_hooks.py"
+    script.write_text(_NO_HOOKS)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("VLLM_PLUGINS", None)
+    run = subprocess.run([sys.executable, str(script), tiny_model, bank_path], env=env,
+                         capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, run.stdout[-3000:] + run.stderr[-3000:]
+    got = json.loads(line[len("RESULT "):])
+    assert got["plain"][0] in ("length", "stop") and got["plain"][1] > 0
+    assert got["ready"] is False and "carries no emosteer hooks" in got["refusal"]
+    reason, stop, n_tokens = got["steered"]
+    assert reason == "error" and n_tokens == 0
+    assert stop.startswith("emosteer: ") and "carries no emosteer hooks" in stop
+
+
+# -- small pool, async scheduling, separate worker process --------------------------------
+@pytest.fixture(scope="module")
+def tight(engines, tiny_model, bank_path):
+    """2 slots and 3 rows per pool kind (evictions all the time) and the multiprocess
+    executor (the worker in its own process, as on every CPU engine). vLLM's CPU
+    platform turns async scheduling off, so its output wrapper is tested apart below."""
+    import emosteer
+
+    engines.close()
+    engine_env()
+    llm = emosteer.LLM(tiny_model, bank=bank_path, max_slots=2, enforce_eager=True, dtype="float32",
+                       max_model_len=256, block_size=32, seed=0, enable_prefix_caching=False,
+                       distributed_executor_backend="mp",
+                       additional_config={"emosteer": {"pool_rows": 3}})
+    yield llm
+    try:
+        llm.llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+
+
+def _distinct_configs(rng: random.Random, n: int) -> list[dict]:
+    """Configs whose residual pool rows differ (a fold of two vectors on one layer is its
+    own row, keyed by the scales)."""
+    out = []
+    for i in range(n):
+        layer = rng.choice([0, 1])
+        if i % 3 == 0:
+            out.append({"steer": [{"vector": rng.choice(["joy", "sad"]), "layers": [0, 1],
+                                   "scale": round(rng.uniform(1, 3), 3)}]})
+        else:
+            out.append({"steer": [{"vector": "joy", "layers": [layer], "scale": round(rng.uniform(1, 3), 3)},
+                                  {"vector": "sad", "layers": [layer], "scale": round(rng.uniform(-2, 2), 3)}]})
+    return out
+
+
+def test_a_slot_granted_again_never_reads_rows_that_moved(tight):
+    """A config granted its old slot after the pool evicted its rows gets its own answer:
+    the slot's tables are rewritten when the rows they point at changed."""
+    rng = random.Random(7)
+    x = {"steer": [{"vector": "joy", "layers": [1], "scale": 3.0}]}
+    others = _distinct_configs(rng, 24)
+    prompt = PROMPTS[1]
+
+    def solo(cfg):
+        out = tight.generate([prompt], greedy(), steer=cfg, use_tqdm=False)[0]
+        assert out.emosteer_error is None, out.emosteer_error
+        return summarize(out)
+
+    want_x = solo(x)
+    want = {i: solo(c) for i, c in enumerate(others)}
+    wrong = []
+    for r in range(8):
+        a, b, c = others[3 * r], others[3 * r + 1], others[3 * r + 2]
+        assert solo(a)["ids"] == want[3 * r]["ids"]  # churn through slot 0 and the rows
+        assert solo(b)["ids"] == want[3 * r + 1]["ids"]
+        pair = tight.generate([prompt, prompt], greedy(), steer=[c, x], use_tqdm=False)
+        got_c, got_x = summarize(pair[0]), summarize(pair[1])
+        if got_x != want_x:
+            wrong.append(r)
+        assert got_c["ids"] == want[3 * r + 2]["ids"]
+    assert not wrong, f"X answered differently from its solo run in rounds {wrong}"
+    st = tight.admission_status()
+    assert st["pool_rows"]["res"] == 3 and st["slots_in_use"] == 0
+
+
+def test_worker_failures_reach_the_scheduler_from_a_worker_process(tight, info):
+    """The worker (its own process) fails a request whose vector contents it no longer
+    holds: the client sees an error, never unsteered text."""
+    import vllm_checks as checks
+
+    assert tight.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "mp"
+    checks.check_worker_failure_is_an_error(tight, info)
+
+
+def test_failures_survive_async_outputs_and_pickling():
+    """Under async scheduling the runner returns a wrapper and the executor sends its
+    ``get_output()`` (pickled to the scheduler's process); vLLM's shared empty output
+    is never marked."""
+    import pickle
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
+
+    from emosteer.vllm.patches.gpu_model_runner import attach_failures
+
+    class Wrapped(AsyncModelRunnerOutput):
+        def __init__(self, out):
+            self.out = out
+
+        def get_output(self):
+            return self.out
+
+    inner = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0}, sampled_token_ids=[[5]])
+    wrapped = attach_failures(Wrapped(inner), {"a": "no longer held"})
+    sent = pickle.loads(pickle.dumps(wrapped.get_output()))
+    assert sent._emosteer_failed == {"a": "no longer held"} and sent.sampled_token_ids == [[5]]
+    empty = attach_failures(EMPTY_MODEL_RUNNER_OUTPUT, {"b": "x"})
+    assert empty._emosteer_failed == {"b": "x"}
+    assert getattr(EMPTY_MODEL_RUNNER_OUTPUT, "_emosteer_failed", None) is None
+    twice = attach_failures(empty, {"c": "y"})
+    assert twice._emosteer_failed == {"b": "x", "c": "y"}
