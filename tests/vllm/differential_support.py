@@ -15,8 +15,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 POSITION_KINDS = ("all", "prompt", "generated", "last", "list")
 ITEM_KINDS = ("steer", "add", "patch", "ablate", "scale", "neurons")
 CAPTURE_POSITIONS = ("last", "all", "generated")
@@ -83,6 +81,7 @@ class _Builder:
 
     def __init__(self, rng: random.Random, shape: Shape, P: int):
         self.rng, self.s, self.P = rng, shape, P
+        self.layer0 = False  # items must act on layer 0 (so they change the KV of layer 1 on)
         self.cfg: dict[str, Any] = {}
         self.used: dict[tuple[int, int], list] = {}
 
@@ -90,8 +89,10 @@ class _Builder:
         rng, s, P = self.rng, self.s, self.P
         pos = _positions(rng, pos_kind, P)
         if kind == "steer":
-            item = {"vector": rng.choice(("joy", "sad")), "layers": _layers(rng, s.L),
-                    "scale": _scale(rng)}
+            layers = _layers(rng, s.L)
+            if self.layer0 and layers != "all":
+                layers = 0 if rng.random() < 0.5 else sorted({0, *([layers] if isinstance(layers, int) else layers)})
+            item = {"vector": rng.choice(("joy", "sad")), "layers": layers, "scale": _scale(rng)}
             if pos != "all" or rng.random() < 0.5:
                 item["positions"] = pos
             self.cfg.setdefault("steer", []).append(item)
@@ -106,7 +107,7 @@ class _Builder:
             return True
         # a head item: pick a layer and 1-3 heads that are free at these positions
         for _ in range(20):
-            layer = rng.randrange(s.L)
+            layer = 0 if self.layer0 else rng.randrange(s.L)
             heads = sorted(rng.sample(range(s.H), rng.randint(1, min(3, s.H))))
             if all(not _overlap(pos, q, P) for h in heads for q in self.used.get((layer, h), ())):
                 break
@@ -143,14 +144,17 @@ class _Builder:
 
 
 def random_config(rng: random.Random, shape: Shape, P: int, combos=(), extra: int | None = None,
-                  capture: str | None = None) -> dict:
+                  capture: str | None = None, layer0: bool = False) -> dict:
     """A valid config for a prompt of ``P`` tokens: the (item kind, position kind) pairs of
-    ``combos`` first, then ``extra`` random items (random 0-2 when None), and a capture at
-    ``capture`` positions (None: none)."""
+    ``combos`` first (acting on layer 0 when ``layer0``; a steer item where a head or
+    neurons item does not fit), then ``extra`` random items (random 0-2 when None), and a
+    capture at ``capture`` positions (None: none)."""
     b = _Builder(rng, shape, P)
+    b.layer0 = layer0
     for kind, pos in combos:
         if not b.add(kind, pos):
-            b.add(rng.choice(("steer", "add", "scale")), pos)
+            assert b.add("steer", pos)
+    b.layer0 = False
     n = rng.randint(0, 2) if extra is None else extra
     for _ in range(n):
         b.add(rng.choice(ITEM_KINDS), rng.choice(POSITION_KINDS))
@@ -303,7 +307,8 @@ def compare(label: str, eng: dict, orc, config=None, margin_bound: float = MARGI
                         r = int(d.reshape(len(rows_w), -1).max(1).values.argmax())
                         msgs.append(f"capture {kind}[{layer}]: max |d| {md:.3g} at position {want['positions'][rows_w[r]]}")
     min_margin = min(orc.margins[:max(last, 1)]) if orc.margins else math.nan
-    return Verdict(label, not msgs, agree, cut, max_dlp, max_dcap, min_margin, "; ".join(msgs), config)
+    shown = msgs if len(msgs) <= 4 else msgs[:4] + [f"... and {len(msgs) - 4} more"]
+    return Verdict(label, not msgs, agree, cut, max_dlp, max_dcap, min_margin, "; ".join(shown), config)
 
 
 def compare_engines(a: dict, b: dict, tol: float = WARM_COLD_TOL) -> str:
@@ -357,22 +362,27 @@ def random_ids(rng: random.Random, n: int, vocab: int, low: int = 4) -> list[int
     return [rng.randrange(low, vocab) for _ in range(n)]
 
 
-CONVERSATION_KINDS = ("prompt", "last", "generated", "list", "mixed", "all", "plain")
+# Position kinds of a conversation's config ("a+b": one item at each). A turn's prompt
+# holds the earlier turns' replies (generated there, prompt now) and their last prompt
+# tokens (the "last" there, not now): "prompt", "last+all" and "generated+all" are the
+# configs whose KV differs between turns over the same tokens.
+CONVERSATION_KINDS = ("prompt", "last", "last+all", "generated", "generated+all", "list", "mixed", "all",
+                      "plain")
 
 
 def conversation_config(rng: random.Random, shape: Shape, P: int, kind: str) -> dict | None:
-    """A config for a conversation whose first turn has ``P`` prompt tokens."""
+    """A config for a conversation whose first turn has ``P`` prompt tokens; its items act
+    on layer 0 (so they change the KV cache of the layers after it)."""
     if kind == "plain":
         return None
+    capture = rng.choice((None, "last", "generated"))
     if kind == "mixed":
-        pos = rng.sample(POSITION_KINDS, 3)
-        combos = [(rng.choice(ITEM_KINDS), p) for p in pos]
-        return random_config(rng, shape, P, combos, extra=0,
-                             capture=rng.choice((None, "last", "generated")))
-    combos = [(rng.choice(("steer", "add", "patch", "ablate", "scale", "neurons")), kind)]
-    if rng.random() < 0.5:
+        combos = [(rng.choice(ITEM_KINDS), p) for p in rng.sample(POSITION_KINDS, 3)]
+        return random_config(rng, shape, P, combos, extra=0, capture=capture, layer0=True)
+    combos = [(rng.choice(ITEM_KINDS), p) for p in kind.split("+")]
+    if "+" not in kind and rng.random() < 0.5:
         combos.append((rng.choice(ITEM_KINDS), kind))
-    return random_config(rng, shape, P, combos, extra=0, capture=rng.choice((None, "last", "generated")))
+    return random_config(rng, shape, P, combos, extra=0, capture=capture, layer0=True)
 
 
 def conversations(seed: int, shape: Shape, vocab: int, n: int, turns: int = 3) -> list[Conversation]:
@@ -473,7 +483,3 @@ def verdict_table(verdicts: list[Verdict]) -> str:
 
 def token_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer(t)["input_ids"]) for t in texts]
-
-
-def max_abs(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0

@@ -79,7 +79,7 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
         abs(a[t].logprob - b[t].logprob) == 0.0 for a, b in zip(unit.outputs[0].logprobs, plain.outputs[0].logprobs)
         for t in a if t in b))
     # A mixed batch: image prompts with every config, text-only prompts plain and boosted.
-    text_cases = [(text, None), (text, configs[4])]
+    text_cases = [(text, None), (text, {"neurons": {"set": "joy.ena", "gamma": 2.0}})]
     batch_all = llm.generate([prompt] * len(configs) + [p for p, _ in text_cases], sp,
                              steer=configs + [c for _, c in text_cases], use_tqdm=False)
     batch, text_out = batch_all[: len(configs)], batch_all[len(configs):]
@@ -92,8 +92,17 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     res["isolation"] = all(list(b.outputs[0].token_ids) == list(s.outputs[0].token_ids)
                            for b, s in zip(batch + text_out, solo + text_solo))
     # Text-only: a boost has no image keys to act on (exactly plain), and no image mass.
-    res["text_boost_is_plain"] = list(text_out[0].outputs[0].token_ids) == list(text_out[1].outputs[0].token_ids)
-    res["text_attn_shape"] = list(text_out[1].emosteer_captures["attn_image"][0].shape)
+    # Text-only: a boost or an attention-to-image capture has no image to act on, so the
+    # request is refused naming the field (never run as if boosted).
+    from emosteer.spec import SpecError
+
+    res["text_refused"] = []
+    for cfg in (configs[4], {"capture": {"attn_image": [0], "positions": "last"}}):
+        try:
+            llm.generate([text], sp, steer=cfg, use_tqdm=False)
+            res["text_refused"].append(None)
+        except SpecError as e:
+            res["text_refused"].append(e.field)
     res["errors"] = [o.emosteer_error for o in batch_all if o.emosteer_error]
     # The boosted heads' image mass: the plain mass m becomes beta*m / (1 + (beta-1)*m)
     # at the last prompt token of layer 0 (its inputs are the unboosted embeddings).

@@ -37,9 +37,6 @@ from typing import Any
 
 import torch
 
-POSITION_WORDS = ("all", "prompt", "generated", "last")
-
-
 class OracleConfigError(ValueError):
     """A config the oracle does not understand (it does not validate exhaustively)."""
 

@@ -72,10 +72,14 @@ def test_random_configs_in_one_mixed_batch_match_the_oracle(llm, oracle, shape):
 
 
 def test_conversations_warm_cache_equals_cold_and_oracle(llm, oracle, shape):
-    """Every conversation kind (configs on "prompt", "last", "generated", lists, mixed,
-    "all", plain), 3 turns each, two conversations per first prompt. Turn prompts are
-    40-125 tokens, replies 24-32 tokens, so later turns can reuse earlier turns' full
-    32-token blocks, replies included."""
+    """One conversation per kind of ds.CONVERSATION_KINDS (configs on "prompt", "last",
+    "last" + "all", "generated", "generated" + "all", lists, mixed, "all", plain; their items
+    act on layer 0, so they change the KV of layer 1), 3 turns each, two conversations per
+    first prompt. Turn prompts are 40-125 tokens, replies 24-32 tokens, so later turns can
+    reuse earlier turns' full 32-token blocks, replies included. Before the prefix-cache
+    identity fix, the "prompt", "last+all", "generated+all" and mixed (with a "prompt"
+    item) conversations failed at turns 1 and 2: warm turns reused blocks holding the
+    earlier turn's reply or last token, computed under that turn's positions."""
     vocab = len(llm.get_tokenizer())
     convs = ds.conversations(SEED, shape, vocab, n=len(ds.CONVERSATION_KINDS), turns=3)
     records = ds.run_conversations(llm, convs, seed=SEED)

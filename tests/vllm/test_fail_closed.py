@@ -236,3 +236,33 @@ def test_failures_survive_async_outputs_and_pickling():
     assert getattr(EMPTY_MODEL_RUNNER_OUTPUT, "_emosteer_failed", None) is None
     twice = attach_failures(empty, {"c": "y"})
     assert twice._emosteer_failed == {"b": "x", "c": "y"}
+
+
+def test_a_result_key_claimed_again_never_gets_an_earlier_requests_results(tight):
+    """Results are filed under the key bound to its claim: when the front end has
+    forgotten a key (fetched, or expired after 2 x capture_ttl_s) while an earlier
+    request's results are still parked in the workers, a new request claiming the key
+    gets its own results, never the earlier ones."""
+    import uuid
+
+    key = uuid.uuid4().hex
+    first = greedy(max_tokens=2)
+    first.extra_args = {"emosteer": {"capture": {"residual": [1], "positions": "generated"}},
+                        "emosteer_key": key}
+    tight.llm.generate([PROMPTS[0]], first, use_tqdm=False)  # parked, never fetched
+    tight.frontend.release_key(key)  # as if it had expired in the front end
+    # A second request under the same key that captures nothing: nothing to hand out.
+    second = greedy(max_tokens=4)
+    second.extra_args = {"emosteer": {"steer": [{"vector": "joy", "layers": [0], "scale": 1.0}]},
+                         "emosteer_key": key}
+    tight.llm.generate([PROMPTS[3]], second, use_tqdm=False)
+    assert tight._fetch([key]) == {}, "handed the first request's parked captures"
+    # and one that captures: its own rows
+    tight.frontend.release_key(key)
+    third = greedy(max_tokens=6)
+    third.extra_args = {"emosteer": {"capture": {"residual": [1], "positions": "all"}},
+                        "emosteer_key": key}
+    out = tight.llm.generate([PROMPTS[3]], third, use_tqdm=False)[0]
+    got = tight._fetch([key])[key]["captures"]
+    n = len(out.prompt_token_ids) + len(out.outputs[0].token_ids) - 1
+    assert got["positions"] == list(range(n)), got["positions"]

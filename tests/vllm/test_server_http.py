@@ -146,7 +146,7 @@ def test_replacing_a_vector_under_load_never_mixes_versions(servers, info):
 def test_captures_are_fetched_once_by_key(servers, info):
     cached, reference = servers
     cfg = {"steer": [{"vector": "joy", "layers": [1], "scale": 1.0}],
-           "capture": {"heads": [0, 1], "residual": [1], "attn_image": [0], "positions": "all"}}
+           "capture": {"heads": [0, 1], "residual": [1], "positions": "all"}}
     got = {}
     for name, s in (("cached", cached), ("reference", reference)):
         key = uuid.uuid4().hex
@@ -162,8 +162,9 @@ def test_captures_are_fetched_once_by_key(servers, info):
     heads = torch.tensor(c["heads"]["0"])
     assert heads.shape == (P, info.num_heads, info.head_dim) and heads.abs().sum() > 0
     assert torch.tensor(c["residual"]["1"]).shape == (P, info.hidden_size)
-    # a text prompt has no image: the attention-to-image capture holds 0 images per head
-    assert torch.tensor(c["attn_image"]["0"]).shape == (P, info.num_heads, 0)
+    # a text prompt has no image: an attention-to-image capture is refused naming the field
+    status, body = cached.complete(PROMPTS[1], {**cfg, "capture": {"attn_image": [0]}}, key=uuid.uuid4().hex)
+    assert status == 400 and "capture.attn_image" in body["error"]["message"], body
     for kind in ("heads", "residual"):
         for layer in c[kind]:
             torch.testing.assert_close(torch.tensor(c[kind][layer]), torch.tensor(r[kind][layer]),
@@ -177,7 +178,6 @@ def test_captures_are_fetched_once_by_key(servers, info):
     assert status == 200
     tensors = load(raw)
     torch.testing.assert_close(tensors["heads.0"], torch.tensor(c["heads"]["0"]), rtol=1e-5, atol=1e-5)
-    assert tensors["attn_image.0"].shape == (P, info.num_heads, 0)
     _assert_idle(cached)
 
 
@@ -260,3 +260,32 @@ def test_after_the_catalogue_plain_answers_are_bit_identical_and_nothing_is_held
     _assert_idle(cached)
     status, st = cached.get("/v1/emosteer/status")
     assert all(w["requests"] == 0 for w in st["workers"]), st
+
+
+def test_client_salts_cannot_impersonate_the_plugin(servers):
+    """A client ``cache_salt`` can neither write KV under a steered config's cache
+    identity (poison) nor read its KV: salts holding the plugin's reserved prefix are
+    refused, and the plugin's key is not a salt at all (it lives in the private plan)."""
+    cached, reference = servers
+    cfg = {"steer": [{"vector": "joy", "layers": "all", "scale": 2.0, "positions": "prompt"}]}
+    prompt = " ".join(PROMPTS[:5])  # more than one 32-token block
+    for salt in ("emosteer@0:" + "0" * 64, "tenant-3|emosteer@31:abc"):
+        for c in (None, cfg):
+            status, body = cached.complete(prompt, c, cache_salt=salt)
+            assert status == 400, body
+            # vLLM's server already refuses "@" in salts; emosteer refuses the prefix on
+            # every path (offline too: vllm_checks.check_prefix_cache)
+            assert body["error"]["param"] == "cache_salt", body
+    want_steered = _text(reference.complete(prompt, cfg))
+    want_plain = _text(reference.complete(prompt, None))
+    # plain KV under any client salt, then the steered config: its own answer
+    for salt in (None, "tenant-1", "emosteer", "0" * 64):
+        extra = {} if salt is None else {"cache_salt": salt}
+        assert _text(cached.complete(prompt, None, **extra)) == want_plain
+    assert _text(cached.complete(prompt, cfg)) == want_steered
+    # and the reverse: after the steered request, plain requests read only plain KV
+    for salt in (None, "tenant-1"):
+        extra = {} if salt is None else {"cache_salt": salt}
+        assert _text(cached.complete(prompt, None, **extra)) == want_plain
+    assert _text(cached.complete(prompt, cfg, cache_salt="tenant-1")) == want_steered
+    _assert_idle(cached)

@@ -192,6 +192,12 @@ def check_prefix_reuse_across_prompt_lengths(llm, prompt) -> None:
           "heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": "joy.h", "scale": 3.0,
                      "positions": "last"}]}, False),
     ]
+    # a client salt can never look like the plugin's (offline path; the server too)
+    for cfg in (None, cases[0][0]):
+        with pytest.raises(ValueError, match="cache_salt") as e:
+            llm.generate([{"prompt_token_ids": ids, "cache_salt": "emosteer@0:" + "0" * 64}],
+                         greedy(), steer=cfg, use_tqdm=False)
+        assert "reserved" in str(e.value)
     for cfg, conversation in cases:
         llm.reset_prefix_cache()
         if conversation:
