@@ -50,6 +50,14 @@ def check_vllm_version(version: str | None = None) -> tuple[int, int]:
 V2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
+def engine_logger() -> logging.Logger:
+    """A logger under vLLM's own ("vllm.emosteer"): its lines appear in the engine's log
+    with vLLM's format and level, where an operator reads them."""
+    from vllm.logger import init_logger
+
+    return init_logger("vllm.emosteer")
+
+
 def select_model_runner() -> bool:
     """Select vLLM's V1 model runner unless the user chose one: emosteer's worker hooks
     live in the V1 runners (``GPUModelRunner`` and the CPU runner); vLLM 0.32 picks its
@@ -61,11 +69,15 @@ def select_model_runner() -> bool:
 
     if V2_ENV in os.environ:
         if os.environ[V2_ENV].strip().lower() in ("1", "true"):
-            logger.warning("emosteer: %s=1 forces vLLM's Model Runner V2, which emosteer does not "
+            engine_logger().warning("emosteer: %s=1 forces vLLM's Model Runner V2, which emosteer does not "
                            "patch: steered requests will be refused (plain ones are served)", V2_ENV)
         return False
     os.environ[V2_ENV] = "0"
-    logger.info("emosteer: selected vLLM's V1 model runner (%s=0): emosteer's hooks live there",
+    try:  # where Triton works vLLM would have picked V2: say so where it is seen
+        from vllm.triton_utils import HAS_TRITON
+    except Exception:
+        HAS_TRITON = False
+    (engine_logger().warning if HAS_TRITON else engine_logger().info)("emosteer: selected vLLM's V1 model runner (%s=0): emosteer's hooks live there",
                 V2_ENV)
     return True
 

@@ -16,8 +16,9 @@ Replaces (each calls through to vLLM's own code):
   them; vLLM then skips their sampled tokens.
 Why: admission must happen where vLLM decides what runs; the worker can only apply or
 refuse, and by then the request is already in the batch.
-- ``EngineCore.__init__`` (or, where the plugin loads inside it, ``add_request`` on the
-  first request): the start-up handshake: every worker is
+- ``EngineCore.__init__`` (or, where the plugin loads inside it, as in a spawned
+  engine-core process, ``EngineCoreProc.run_busy_loop`` and ``add_request``): the
+  start-up handshake: every worker is
   asked (``emosteer_rpc("ready")``) whether its model runner carries emosteer's hooks,
   and the engine's settings are checked for features the plugin does not handle
   (``unsupported_engine``). Until the handshake succeeds no steered request is admitted:
@@ -223,12 +224,14 @@ def ensure_handshake(engine_core) -> None:
     adm = getattr(getattr(engine_core, "scheduler", None), "_emosteer", None)
     if adm is None or adm.handshake_done:
         return
+    from emosteer.vllm import engine_logger
+
     why = handshake(engine_core)
     adm.set_ready(why)
     if why is None:
-        logger.info("emosteer: every worker carries emosteer's hooks; steered requests are served")
+        engine_logger().info("emosteer: every worker carries emosteer's hooks; steered requests are served")
     else:
-        logger.error("emosteer: steered requests will be REFUSED by this engine (plain ones "
+        engine_logger().error("emosteer: steered requests will be REFUSED by this engine (plain ones "
                      "are served): %s", why)
 
 
@@ -239,6 +242,15 @@ def _make_engine_init(original):
         ensure_handshake(self)
 
     return __init__
+
+
+def _make_busy_loop(original):
+    @functools.wraps(original)
+    def run_busy_loop(self, *args, **kwargs):
+        ensure_handshake(self)  # a spawned engine core: right after start-up, before requests
+        return original(self, *args, **kwargs)
+
+    return run_busy_loop
 
 
 def _make_add_request(original):
@@ -258,7 +270,7 @@ def emosteer_status(self) -> dict | None:
 
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
 
     if not _swaps:
         _swaps.extend(
@@ -269,6 +281,7 @@ def apply() -> None:
                 Swap(Scheduler, "update_from_output", _make_update),
                 Swap(EngineCore, "__init__", _make_engine_init),
                 Swap(EngineCore, "add_request", _make_add_request),
+                Swap(EngineCoreProc, "run_busy_loop", _make_busy_loop),
                 Swap(EngineCore, "emosteer_status", lambda _orig: emosteer_status),
             ]
         )
