@@ -1,7 +1,7 @@
 """Randomized differential testing of emosteer.LLM against the independent oracle
 (tests/vllm/oracle.py): a seeded generator of valid request configs, the comparison of one
 engine output with the oracle, and the two runs (a mixed batch; multi-turn conversations
-with the prefix cache warm, then cold). Used by tests/vllm/test_differential.py and by
+with the prefix cache warm, then cold). Used by tests/vllm/test_compiled_differential.py and by
 scripts/differential.py (longer runs).
 
 Nothing here imports emosteer's spec, compiler, HF backend or plugin: configs are plain

@@ -83,8 +83,9 @@ def test_generate_image_rows_with_vee(engines, tmp_path):
                  {"id": f"vee-{k}", "image": img, "prompt": p.query,
                   "steer": {"boost": {"heads": "joy.vee", "beta": 4.0},
                             "neurons": {"set": "joy.ena", "gamma": 1.5}}}]
+    # a text-only row: ENA (a boost there would be refused: no image to boost)
     rows.append({"id": "text", "prompt": "Describe a quiet afternoon.",
-                 "steer": {"boost": {"heads": "joy.vee", "beta": 4.0}}})
+                 "steer": {"neurons": {"set": "joy.ena", "gamma": 1.5}}})
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dst = tmp_path / "out.jsonl"

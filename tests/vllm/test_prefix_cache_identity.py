@@ -5,7 +5,7 @@ These tests hash requests' blocks with vLLM's ``get_request_block_hasher`` (patc
 plugin) and check which blocks a config shares with which request: the rule of
 docs/DESIGN.md §4 ("What the prefix cache shares"), derived from the compiled program.
 The engine-level contracts (warm == cold for conversations and longer prompts, no reuse
-of a steered reply) are in ``vllm_checks.check_prefix_cache`` and test_differential.py.
+of a steered reply) are in ``vllm_checks.check_prefix_cache`` and test_compiled_differential.py.
 """
 
 from __future__ import annotations

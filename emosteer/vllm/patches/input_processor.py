@@ -67,7 +67,10 @@ def check_client_salt(salt) -> None:
     if isinstance(salt, str) and SALT_PREFIX in salt:
         from vllm.exceptions import VLLMValidationError
 
-        raise VLLMValidationError(
+        class CacheSaltError(VLLMValidationError, ValueError):
+            """400 naming ``cache_salt`` on the server; a ValueError offline."""
+
+        raise CacheSaltError(
             f"cache_salt may not contain {SALT_PREFIX!r}: that prefix is reserved for the "
             "emosteer plugin's prefix-cache keys; choose another salt",
             parameter="cache_salt",
