@@ -135,25 +135,64 @@ def test_an_engine_without_runner_hooks_refuses_steered_requests_and_serves_plai
     assert stop.startswith("emosteer: ") and "carries no emosteer hooks" in stop
 
 
-# -- small pool, async scheduling, separate worker process --------------------------------
+# -- tensor parallel 2, small pool: worker processes and evictions ------------------------
 @pytest.fixture(scope="module")
 def tight(engines, tiny_model, bank_path):
-    """2 slots and 3 rows per pool kind (evictions all the time) and the multiprocess
-    executor (the worker in its own process, as on every CPU engine). vLLM's CPU
-    platform turns async scheduling off, so its output wrapper is tested apart below."""
+    """Tensor parallel 2 (two worker processes, heads and neurons sharded by rank), 2 slots
+    and 3 rows per pool kind (evictions all the time). vLLM's CPU backend binds one
+    worker per core here (VLLM_CPU_OMP_THREADS_BIND); it turns async scheduling off, so
+    that output wrapper is tested apart below."""
     import emosteer
 
     engines.close()
     engine_env()
-    llm = emosteer.LLM(tiny_model, bank=bank_path, max_slots=2, enforce_eager=True, dtype="float32",
-                       max_model_len=256, block_size=32, seed=0, enable_prefix_caching=False,
-                       distributed_executor_backend="mp",
-                       additional_config={"emosteer": {"pool_rows": 3}})
+    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        llm = emosteer.LLM(tiny_model, bank=bank_path, max_slots=2, enforce_eager=True, dtype="float32",
+                           max_model_len=256, block_size=32, seed=0, enable_prefix_caching=False,
+                           tensor_parallel_size=2,
+                           additional_config={"emosteer": {"pool_rows": 3}})
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
     yield llm
     try:
         llm.llm.llm_engine.engine_core.shutdown()
     except Exception:
         pass
+
+
+def test_tensor_parallel_2_matches_the_oracle(tight, tiny_model, bank_path, info):
+    """Random configs (heads on both ranks' shards, residual, neurons, captures merged over
+    ranks) in one batch on the TP=2 engine == the independent oracle."""
+    import differential_support as ds
+    from oracle import Oracle
+
+    assert [w["tp"] for w in tight.status()] == [[0, 2], [1, 2]]
+    shape = ds.Shape.of(info)
+    prompts = ds.token_prompts(tight.get_tokenizer(), PROMPTS[:4])
+    from emosteer.spec import SpecError
+
+    def fits(case) -> bool:  # within this engine's 2 slots and 3 rows per pool kind
+        if not case.config:
+            return True
+        try:
+            n = len(case.prompt_ids)
+            tight.frontend.plan(tight.frontend.check(case.config, n), n)
+            return True
+        except SpecError:
+            return False
+
+    cases = [c for c in ds.batch_cases(11, shape, prompts, 24, n_plain=1, n_capture_only=1, max_tokens=8)
+             if fits(c)]
+    assert len(cases) >= 8
+    # few slots: the batch waits for them, each row still gets exactly its config
+    verdicts = ds.run_batch(tight, Oracle(tiny_model, bank_path), cases)
+    bad = [v for v in verdicts if not v.ok]
+    assert not bad, ds.verdict_table(verdicts)
 
 
 def _distinct_configs(rng: random.Random, n: int) -> list[dict]:
@@ -201,9 +240,9 @@ def test_a_slot_granted_again_never_reads_rows_that_moved(tight):
     assert st["pool_rows"]["res"] == 3 and st["slots_in_use"] == 0
 
 
-def test_worker_failures_reach_the_scheduler_from_a_worker_process(tight, info):
-    """The worker (its own process) fails a request whose vector contents it no longer
-    holds: the client sees an error, never unsteered text."""
+def test_worker_failures_reach_the_scheduler_from_worker_processes(tight, info):
+    """The workers (processes of their own, two ranks) fail a request whose vector
+    contents they no longer hold: the client sees an error, never unsteered text."""
     import vllm_checks as checks
 
     assert tight.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "mp"
