@@ -57,6 +57,7 @@ def _pk(p) -> str:
 
 
 def main(argv=None) -> int:
+    t_start = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", type=int, default=300, help="random steered configs (default 300)")
     ap.add_argument("--seed", type=int, default=0)
@@ -152,6 +153,11 @@ def main(argv=None) -> int:
         for r in conv_rows:
             print(f"{r['label']:<32} {r['P']:>4} {r['cached']:>6}  {'yes' if not r['warm_cold'] else 'NO':<10}  "
                   f"{'yes' if r['warm_oracle'].ok else 'NO':<12}  {'yes' if r['cold_oracle'].ok else 'NO'}")
+    print(f"total {time.monotonic() - t_start:.0f} s")
+    try:  # the engine's processes go with the run (they would outlive os._exit)
+        llm.llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
     if failures:
         print(f"\n== {len(failures)} mismatches ==")
         for f in failures:
