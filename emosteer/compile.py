@@ -201,8 +201,8 @@ class RequestProgram:
 
         ``{"P": prompt length, "prompt": fp, "generated": fp, "at": [[position, fp], ...]}``
         with ``fp`` the fingerprint of the program in effect (None = no intervention).
-        A prompt of unknown length gets ``P = -1``: every position is then "generated",
-        which is never equal to a known prompt's layout."""
+        A prompt of unknown length gets ``P = -1``; the block hasher then takes the
+        request's own prompt length (``patches/prefix_cache.identity_of``)."""
         fps = self.fingerprints()
         at = sorted(self.positions().items())
         if all(fp is None for fp in fps.values()):

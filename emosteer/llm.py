@@ -199,8 +199,7 @@ class LLM:
         per_rank = self.llm.collective_rpc("emosteer_rpc", args=("fetch", list(wkeys.values())))
         for key in keys:
             self.frontend.release_key(key.split("#", 1)[0])
-        merged = merge_results(per_rank, list(wkeys.values()))
-        return {k: merged[w] for k, w in wkeys.items() if w in merged}
+        return merge_results(per_rank, wkeys)
 
     def __getattr__(self, name: str) -> Any:
         # Anything else (get_tokenizer, collective_rpc, chat ...) is vLLM's.

@@ -120,6 +120,7 @@ class Admission:
         # the EngineCore patch, ``patches/scheduler.py``); until then, or if a worker
         # cannot, ``refusal`` says why and steered requests are finished with that error.
         self.refusal: str | None = "the engine has not completed emosteer's start-up handshake"
+        self.handshake_done = False
         self._refused: dict[str, str] = {}  # request id -> why, to finish at the next update
         self._lock = threading.Lock()
         global _scheduler_here
@@ -149,8 +150,6 @@ class Admission:
                     f"{capacity.rows[kind]}; raise additional_config.emosteer.pool_mib"
                 )
         return None
-
-    handshake_done = False
 
     def set_ready(self, refusal: str | None) -> None:
         """The handshake's outcome: None = every worker carries emosteer's hooks."""

@@ -224,8 +224,7 @@ class Service:
         wkeys = self.fe.worker_keys(keys)
         per_rank = await self.rpc("fetch", list(wkeys.values()))
         self.fe.release_key(key)
-        got = merge_results(per_rank, list(wkeys.values()))
-        merged = {k: got[w] for k, w in wkeys.items() if w in got}
+        merged = merge_results(per_rank, wkeys)
         if not merged:
             raise HTTPError(404, f"no results under key {key!r}: the request captured nothing, or "
                                  "its results expired (capture_ttl_s / keep_captures)", "key")

@@ -20,15 +20,16 @@ import torch
 KINDS = ("heads", "residual", "attn_image")
 
 
-def merge_results(per_rank: list[dict], keys: list[str]) -> dict[str, dict]:
-    """key -> ``{"error": str | None, "captures": None | {"heads": {layer: T}, "residual":
-    {layer: T}, "attn_image": {layer: T}, "positions": [...]}}`` for the keys some worker
-    held."""
+def merge_results(per_rank: list[dict], keys: dict[str, str]) -> dict[str, dict]:
+    """Client key -> ``{"error": str | None, "captures": None | {"heads": {layer: T},
+    "residual": {layer: T}, "attn_image": {layer: T}, "positions": [...]}}`` for the keys
+    some worker held. ``keys`` maps each client key to the key the workers filed its
+    results under (``FrontendSteering.worker_keys``)."""
     from safetensors.torch import load
 
     out: dict[str, dict] = {}
-    for key in keys:
-        parts = [r.get(key) for r in per_rank]
+    for key, wkey in keys.items():
+        parts = [r.get(wkey) for r in per_rank]
         if parts[0] is None:
             continue
         error = next((p["error"] for p in parts if p and p.get("error")), None)

@@ -45,6 +45,23 @@ def validation_error_class():
     return _error_class
 
 
+_salt_error_class = None
+
+
+def salt_error_class():
+    """``CacheSaltError``: vLLM's ``VLLMValidationError`` (400 naming ``cache_salt`` on
+    the server) that is also a ``ValueError`` (offline callers catch bad input so)."""
+    global _salt_error_class
+    if _salt_error_class is None:
+        from vllm.exceptions import VLLMValidationError
+
+        class CacheSaltError(VLLMValidationError, ValueError):
+            pass
+
+        _salt_error_class = CacheSaltError
+    return _salt_error_class
+
+
 def check_images(spec, req) -> None:
     """VEE boosts and attention-to-image captures act on the prompt's image tokens: a
     prompt without images is refused (naming the field) instead of running unboosted."""
@@ -65,12 +82,7 @@ def check_client_salt(salt) -> None:
     from emosteer.spec import SALT_PREFIX
 
     if isinstance(salt, str) and SALT_PREFIX in salt:
-        from vllm.exceptions import VLLMValidationError
-
-        class CacheSaltError(VLLMValidationError, ValueError):
-            """400 naming ``cache_salt`` on the server; a ValueError offline."""
-
-        raise CacheSaltError(
+        raise salt_error_class()(
             f"cache_salt may not contain {SALT_PREFIX!r}: that prefix is reserved for the "
             "emosteer plugin's prefix-cache keys; choose another salt",
             parameter="cache_salt",
