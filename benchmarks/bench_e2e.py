@@ -45,7 +45,7 @@ def _bank(model: str):
     import torch
     from transformers import AutoConfig
 
-    from emosteer.bank import ModelInfo, VectorBank
+    from emosteer.request.bank import ModelInfo, VectorBank
 
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(model))
     g = torch.Generator().manual_seed(0)
@@ -76,7 +76,7 @@ def run_provider(provider: str, model: str, n: int, max_tokens: int, eager: bool
         import torch
 
         from emosteer.hf import HFSteerer, load_hf_model
-        from emosteer.spec import SteerSpec
+        from emosteer.request.spec import SteerSpec
 
         hf, tok = load_hf_model(model, dtype=torch.float32)
         steerer = HFSteerer(hf, bank, tokenizer=tok)

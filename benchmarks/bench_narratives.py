@@ -118,7 +118,7 @@ def make_bank(info, seed: int = 0):
     and a second one for the warm-up (so the timed run pays for its own rows)."""
     import torch
 
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     g = torch.Generator().manual_seed(seed)
     bank = VectorBank(info)
@@ -140,7 +140,7 @@ def prompt_texts(n: int) -> list[str]:
 
 def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Chat template (a user turn + generation prompt), tokenized once for every method."""
-    from emosteer.runners import format_prompts
+    from emosteer.analysis.runners import format_prompts
 
     return [tokenizer(p, add_special_tokens=False)["input_ids"]
             for p in format_prompts(tokenizer, texts, chat=True)]
@@ -218,7 +218,7 @@ def generate_batched(runner, prompt_ids: Sequence[Sequence[int]], configs: Seque
                      max_tokens: int) -> list[list[int]]:
     """(c): ``runner.batch_size`` rows at a time, one spec per row, through the project's
     HFRunner (its left padding) and HFSteerer.generate with no EOS stop."""
-    from emosteer.spec import SteerSpec
+    from emosteer.request.spec import SteerSpec
 
     specs = [SteerSpec.parse(c) for c in configs]
     bs = runner.batch_size
@@ -408,7 +408,7 @@ def run_method(job: dict) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
 
     method, model, m = job["method"], job["model"], job["max_tokens"]
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(model))
@@ -462,7 +462,7 @@ def run_method(job: dict) -> dict:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         gen = lambda i, c, n: generate_hooks(hf, bank, i, c, n, pad)  # noqa: E731
     elif method == "hf_batched":
-        from emosteer.runners import make_runner
+        from emosteer.analysis.runners import make_runner
 
         runner = make_runner(hf, "hf", tokenizer=tok, bank=bank, batch_size=job["batch_size"],
                              progress=False)
@@ -649,7 +649,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from bench_serving import git_commit, machine_info
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
     from emosteer.models import resolve_model
 
     model = str(resolve_model(args.model))

@@ -255,7 +255,7 @@ def _start_engine(args) -> _Engine:
     from transformers import AutoConfig
 
     from emosteer import __version__ as emo_version
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
 
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(args.model_path))
     common = dict(dtype=args.worker_dtype, seed=0, max_model_len=args.max_model_len,
@@ -611,7 +611,7 @@ def main(argv=None) -> int:
     conditions = [c for c in CONDITIONS if c in conditions or c == "plain"]
     tmp = None
     if args.smoke:
-        from emosteer.testing import build_tiny_llama
+        from emosteer.models.tiny import build_tiny_llama
 
         tmp = tempfile.mkdtemp(prefix="bench_serving_smoke_")
         model = str(build_tiny_llama(os.path.join(tmp, "tiny-llama"), num_layers=3))

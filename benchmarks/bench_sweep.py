@@ -3,7 +3,7 @@
 Every (layer, head) of the model is patched on every neutral prompt of N pairs with its
 output on the paired emotional prompt at the last prompt token, each (head, pair) its
 own request; the measured quantity is the target emotion's log-mass at the next token
-(what ``emosteer.attribution.head_map`` computes). Three conditions, interleaved in
+(what ``emosteer.analysis.attribution.head_map`` computes). Three conditions, interleaved in
 rounds inside one process (rotated order, medians over rounds):
 
     emosteer_vllm   every patch its own request, all L*H*N rows in one engine call
@@ -63,7 +63,7 @@ def machine() -> str:
 
 def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id):
     """ΔM-ready log-masses [cands, N] with one hook configuration at a time."""
-    from emosteer.attribution import target_logmass
+    from emosteer.analysis.attribution import target_logmass
 
     N = len(ids_neg)
     T = max(len(r) for r in ids_neg)
@@ -111,13 +111,13 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from emosteer.attribution import _pair_captures, target_logmass, target_token_ids
-    from emosteer.bank import VectorBank
+    from emosteer.analysis.attribution import _pair_captures, target_logmass, target_token_ids
+    from emosteer.request.bank import VectorBank
     from emosteer.data import load_builtin
     from emosteer.hf import load_hf_model
     from emosteer.hf.layers import find_decoder
     from emosteer.models import resolve_model
-    from emosteer.runners import make_runner
+    from emosteer.analysis.runners import make_runner
 
     path = resolve_model(a.model)
     runner = make_runner(str(path), "vllm", progress=False, max_slots=256, seed=0, max_model_len=512,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from emosteer.bank import ModelInfo
+from emosteer.request.bank import ModelInfo
 from emosteer.vllm.buffers import Shape, SteerBuffers
 from emosteer.vllm.config import PluginSettings, capacity_for
 

@@ -117,7 +117,7 @@ def run_soak(client, model: str, *, seconds: float, clients: int = 6, seed: int 
     """Soak ``client`` (an ``emosteer.client.Client``) for ``seconds``; see the module doc."""
     import torch
 
-    from emosteer.bank import ModelInfo, VectorBank
+    from emosteer.request.bank import ModelInfo, VectorBank
 
     listing = client.vectors()
     info = ModelInfo.from_dict(listing["model"])
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         if args.model == "tiny":
             import tempfile
 
-            from emosteer.testing import build_tiny_llama
+            from emosteer.models.tiny import build_tiny_llama
 
             model = str(build_tiny_llama(os.path.join(tempfile.gettempdir(), "emosteer-soak-tiny")))
         else:

@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": ("emosteer.llm", "LLM"),
     "EmosteerRequestError": ("emosteer.llm", "EmosteerRequestError"),
-    "SteerSpec": ("emosteer.spec", "SteerSpec"),
-    "SpecError": ("emosteer.spec", "SpecError"),
-    "VectorBank": ("emosteer.bank", "VectorBank"),
-    "ModelInfo": ("emosteer.bank", "ModelInfo"),
+    "SteerSpec": ("emosteer.request.spec", "SteerSpec"),
+    "SpecError": ("emosteer.request.spec", "SpecError"),
+    "VectorBank": ("emosteer.request.bank", "VectorBank"),
+    "ModelInfo": ("emosteer.request.bank", "ModelInfo"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,8 +16,8 @@ import os
 import uuid
 from typing import Any, Sequence
 
-from emosteer.bank import VectorBank
-from emosteer.spec import SteerSpec
+from emosteer.request.bank import VectorBank
+from emosteer.request.spec import SteerSpec
 from emosteer.vllm.frontend import EXTRA_KEY, RESULT_KEY, FrontendSteering, frontend_for
 from emosteer.vllm.results import merge_results
 

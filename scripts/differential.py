@@ -30,7 +30,7 @@ def build_model() -> str:
     import inspect
     import tempfile
 
-    from emosteer import testing
+    from emosteer.models import tiny as testing
 
     tag = hashlib.sha256(inspect.getsource(testing).encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / "emosteer-test-models" / f"tiny_llama-{tag}"
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig
 
     import emosteer
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
 
     model = build_model()
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(model))

@@ -18,9 +18,9 @@ import math
 import pytest
 import torch
 
-from emosteer.attribution import attribute, stage_bands, target_logmass, target_token_ids
+from emosteer.analysis.attribution import attribute, stage_bands, target_logmass, target_token_ids
 from emosteer.data import load_builtin
-from emosteer.extract import pair_text
+from emosteer.analysis.extract import pair_text
 
 HEAD = (1, 2)
 NEURON = (2, 7)
@@ -74,9 +74,9 @@ def plant(path, pairs):
 def planted(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emosteer.extract import extract_vectors
-    from emosteer.runners import make_runner
-    from emosteer.testing import build_tiny_llama
+    from emosteer.analysis.extract import extract_vectors
+    from emosteer.analysis.runners import make_runner
+    from emosteer.models.tiny import build_tiny_llama
 
     pairs = load_builtin("joy")[:N_PAIRS]
     path = tmp_path_factory.mktemp("planted")
@@ -155,8 +155,8 @@ def test_head_patching_is_position_aligned_when_layouts_match(planted):
     """Pairs with the same token layout are patched position by position (every prompt
     position gets the X+ head output from the same position), and the planted head, which
     reads the emotional tokens at every position, recovers the whole effect."""
-    from emosteer.attribution import head_attribution
-    from emosteer.extract import CAPTURE_LAST, stack_captures
+    from emosteer.analysis.attribution import head_attribution
+    from emosteer.analysis.extract import CAPTURE_LAST, stack_captures
 
     runner, pairs = planted
     ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])
@@ -178,7 +178,7 @@ def test_head_map_patches_the_emotional_value_at_the_last_token(planted):
     recovery of every head equals an independent transformers-hook computation (o_proj
     input of X+ at its last token written into X- at its last token), and the planted
     head leads the map."""
-    from emosteer.attribution import head_map
+    from emosteer.analysis.attribution import head_map
 
     runner, pairs = planted
     ids_pos = runner.encode([pair_text(p.emotional, p.query) for p in pairs])

@@ -22,8 +22,8 @@ def both(tmp_path_factory):
 
     import emosteer
     from emosteer.data import load_builtin
-    from emosteer.runners import make_runner
-    from emosteer.testing import build_tiny_llama
+    from emosteer.analysis.runners import make_runner
+    from emosteer.models.tiny import build_tiny_llama
 
     pairs = load_builtin("joy")[:N_PAIRS]
     path = tmp_path_factory.mktemp("planted_vllm")
@@ -46,8 +46,8 @@ def both(tmp_path_factory):
 
 
 def test_vllm_backend_matches_hf(both):
-    from emosteer.attribution import head_attribution, layer_attribution, neuron_attribution
-    from emosteer.extract import extract_vectors
+    from emosteer.analysis.attribution import head_attribution, layer_attribution, neuron_attribution
+    from emosteer.analysis.extract import extract_vectors
 
     hf, vl, pairs = both
     always = lambda text, emo: 1.0  # noqa: E731

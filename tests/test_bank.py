@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from emosteer.bank import (
+from emosteer.request.bank import (
     FORMAT_VERSION,
     BankError,
     ModelInfo,
@@ -308,8 +308,8 @@ def test_presets_round_trip_and_errors(tmp_path):
     """Named request configs travel with the bank file; a bad one names its field."""
     import torch
 
-    from emosteer.bank import BankError, ModelInfo, VectorBank
-    from emosteer.spec import SpecError
+    from emosteer.request.bank import BankError, ModelInfo, VectorBank
+    from emosteer.request.spec import SpecError
 
     info = ModelInfo("LlamaForCausalLM", 2, 8, 2, 4, 8, 2)
     b = VectorBank(info)

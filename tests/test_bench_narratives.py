@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from emosteer.spec import SteerSpec
+from emosteer.request.spec import SteerSpec
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_narratives.py")
 _spec = importlib.util.spec_from_file_location("bench_narratives", _PATH)
@@ -40,7 +40,7 @@ def test_configs_all_distinct(n, layers):
 
 
 def test_bank_is_seeded_and_unit_norm():
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
 
     info = ModelInfo("LlamaForCausalLM", 3, 16, 2, 8, 32, 1)
     a, b = bn.make_bank(info, 0), bn.make_bank(info, 0)
@@ -148,11 +148,11 @@ def test_csv_roundtrip_table_and_plot(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from emosteer.hf import load_hf_model
-    from emosteer.testing import build_tiny_llama
+    from emosteer.models.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path_factory.mktemp("narr") / "tiny", num_layers=3)
     model, tok = load_hf_model(str(path))
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
 
     info = ModelInfo.from_hf_config(model.config)
     return model, tok, bn.make_bank(info, 0), info
@@ -220,7 +220,7 @@ def test_hooks_match_emosteer_hf_logits(tiny, cfg):
 
 
 def test_hooks_and_batched_generate_the_same(tiny):
-    from emosteer.runners import make_runner
+    from emosteer.analysis.runners import make_runner
 
     model, tok, bank, info = tiny
     ids = bn.encode_prompts(tok, ["The child laughs.", "A man sits alone in the rain, quiet.",

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from emosteer.spec import SteerSpec
+from emosteer.request.spec import SteerSpec
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serving.py")
 _spec = importlib.util.spec_from_file_location("bench_serving", _PATH)

@@ -45,7 +45,7 @@ def model_dir(tmp_path):
 
 @pytest.fixture()
 def bank_file(tmp_path):
-    from emosteer.bank import ModelInfo, VectorBank
+    from emosteer.request.bank import ModelInfo, VectorBank
 
     info = ModelInfo.from_hf_config(TINY_CONFIG)
     bank = VectorBank(info)
@@ -77,7 +77,7 @@ def test_no_args_shows_help():
 
 
 def test_schema_is_the_published_schema():
-    from emosteer.spec import json_schema
+    from emosteer.request.spec import json_schema
 
     res = run("schema")
     assert res.exit_code == 0
@@ -225,8 +225,8 @@ def test_demo_bad_input(tmp_path):
 # ---------------------------------------------------------------- a real run (HF, tiny)
 def test_extract_then_attribute_on_tiny_model(tmp_path):
     """extract → bank show → attribute on a tiny random Llama, HF backend (seconds)."""
-    from emosteer.bank import VectorBank
-    from emosteer.testing import build_tiny_llama
+    from emosteer.request.bank import VectorBank
+    from emosteer.models.tiny import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "tiny")
     bank = tmp_path / "bank.safetensors"

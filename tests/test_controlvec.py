@@ -19,8 +19,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from emosteer.bank import BankError, ModelInfo, VectorBank
-from emosteer.controlvec import (
+from emosteer.request.bank import BankError, ModelInfo, VectorBank
+from emosteer.request.controlvec import (
     CONVENTIONS,
     direction_index,
     is_gguf,

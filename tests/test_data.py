@@ -11,7 +11,7 @@ from emosteer.data import (BUILTIN_EMOTIONS, Pair, PairFormatError, Prompt, Stim
                            random_scene, sample_pairs, split_pairs, write_builtin,
                            write_pairs, write_prompts)
 from emosteer.data.builtin import BUILTIN_DIR, SCENES
-from emosteer.emotion import hallucination_rate, hit_rate, load_lexicon
+from emosteer.analysis.emotion import hallucination_rate, hit_rate, load_lexicon
 
 CORE = load_lexicon(("core",))
 

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from emosteer.testing import build_tiny_llama
+from emosteer.models.tiny import build_tiny_llama
 
 REPORT_FILES = ("report.md", "layer_profile.png", "head_map.png", "results.json",
                 "narratives.jsonl", "bank.safetensors")
@@ -55,7 +55,7 @@ def _check_report(out, backend):
     assert sel["chosen"] == want
     assert (st["best"] is None) == (sel["chosen"] is None)
     if st["best"] is not None:  # the chosen operating point is the bank preset
-        from emosteer.spec import SteerSpec
+        from emosteer.request.spec import SteerSpec
 
         assert st["best"]["label"] == sel["chosen"]
         assert joy["preset"]["config"] == SteerSpec.parse(st["best"]["spec"]).to_dict()
@@ -94,7 +94,7 @@ def _check_report(out, backend):
     tops = [{tuple(c) for c in hm["top"][e]} for e in hm["emotions"]]
     assert {tuple(c) for c in hm["types"]["general"]} == set.intersection(*tops)
 
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     bank = VectorBank.load(out / "bank.safetensors")
     assert {"joy", "joy.h", "joy.vee", "joy.ena"} <= set(bank.names())
@@ -105,7 +105,7 @@ def _check_report(out, backend):
 
 
 def test_demo_quick_hf(tiny, tmp_path):
-    from emosteer.demo import run_demo
+    from emosteer.apps.demo import run_demo
 
     out = tmp_path / "report"
     report = run_demo(model=str(tiny), out=out, emotions=("joy",), backend="hf", quick=True,
@@ -117,7 +117,7 @@ def test_demo_quick_hf(tiny, tmp_path):
 
 
 def test_demo_settings_reject_unknown():
-    from emosteer.demo import demo_settings
+    from emosteer.apps.demo import demo_settings
 
     with pytest.raises(ValueError, match="n_pears"):
         demo_settings(True, n_pears=3)
@@ -143,7 +143,7 @@ def _stable_tiny():
     import tempfile
     from pathlib import Path
 
-    from emosteer import testing
+    from emosteer.models import tiny as testing
 
     tag = hashlib.sha256(inspect.getsource(testing).encode()).hexdigest()[:12]
     return build_tiny_llama(Path(tempfile.gettempdir()) / "emosteer-test-models" / f"tiny_llama-{tag}")
@@ -155,7 +155,7 @@ def test_demo_quick_vllm(tmp_path, monkeypatch):
     pytest.importorskip("vllm")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from emosteer.demo import run_demo
+    from emosteer.apps.demo import run_demo
 
     out = tmp_path / "report"
     run_demo(model=str(_stable_tiny()), out=out, emotions=("joy",), backend="vllm",
@@ -165,7 +165,7 @@ def test_demo_quick_vllm(tmp_path, monkeypatch):
 
 def test_report_discloses_a_quantized_source(tmp_path):
     """A model converted from a GGUF (the default model) is named as such in the report."""
-    from emosteer.demo import _provenance
+    from emosteer.apps.demo import _provenance
     from emosteer.report import render_markdown
 
     (tmp_path / "emosteer_source.json").write_text(json.dumps(

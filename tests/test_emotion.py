@@ -1,8 +1,8 @@
 """Emotion wheel, lexicon lookups, negation, and the narrative metrics (hand-computed)."""
 import pytest
 
-from emosteer import emotion
-from emosteer.emotion import (MIKELS, category_counts, emotion_words, hallucination_rate,
+from emosteer.analysis import emotion
+from emosteer.analysis.emotion import (MIKELS, category_counts, emotion_words, hallucination_rate,
                               hit_rate, load_lexicon, target_set, valence)
 
 CORE = load_lexicon(("core",))

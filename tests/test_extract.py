@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from emosteer.data import load_builtin
-from emosteer.extract import extract_vectors, pair_text
+from emosteer.analysis.extract import extract_vectors, pair_text
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emosteer.testing import build_tiny_llama
+    from emosteer.models.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path_factory.mktemp("tiny_extract"))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -70,7 +70,7 @@ def test_extraction_equals_hand_computation_with_filter(tiny):
 
 
 def test_extraction_falls_back_when_no_pair_passes(tiny, tmp_path):
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     model, tok = tiny
     pairs = load_builtin("sadness")[:3]

@@ -4,7 +4,7 @@ o_proj inputs read with hand-written hooks, for every layer.
 
 The Qwen2-VL processor's video part needs torchvision, whose PyPI build cannot load
 beside the CPU torch: the case runs in a child process with the torchvision shim of
-emosteer.testing_lvlm on PYTHONPATH (skipped without torchvision).
+emosteer.models.tiny_lvlm on PYTHONPATH (skipped without torchvision).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def build_case(work: str):
     from PIL import Image
 
     from emosteer.data import build_synthetic_pairs, read_pairs
-    from emosteer.testing_lvlm import build_tiny_qwen2vl
+    from emosteer.models.tiny_lvlm import build_tiny_qwen2vl
 
     work = Path(work)
     path = build_tiny_qwen2vl(work / "qwen2vl")
@@ -82,7 +82,7 @@ def case(work: str) -> dict:
     import torch
     from transformers import AutoProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
-    from emosteer.extract import extract_vectors
+    from emosteer.analysis.extract import extract_vectors
 
     path, pairs = build_case(work)
     model = Qwen2VLForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -144,7 +144,7 @@ def case_vllm(work: str) -> dict:
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
     import emosteer
-    from emosteer.extract import extract_vectors
+    from emosteer.analysis.extract import extract_vectors
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -170,7 +170,7 @@ def case_vllm(work: str) -> dict:
 
 
 def _run_child(tmp_path, mode: str, timeout: int) -> dict:
-    from emosteer.testing_lvlm import torchvision_env
+    from emosteer.models.tiny_lvlm import torchvision_env
 
     env = torchvision_env(tmp_path / "tv_shim", str(ROOT))
     if env is None:

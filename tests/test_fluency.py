@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from emosteer.fluency import distinct_n, guards, perplexities, repeated_ngram_share
+from emosteer.analysis.fluency import distinct_n, guards, perplexities, repeated_ngram_share
 
 
 def test_repeated_ngram_share():
@@ -41,8 +41,8 @@ def test_guards():
 def test_perplexities_equal_a_plain_forward(tmp_path):
     """On the HF runner: exp(-mean log p) of each narrative given its prompt, computed
     by hand with the plain model, left padding and an empty narrative included."""
-    from emosteer.runners import make_runner
-    from emosteer.testing import build_tiny_llama
+    from emosteer.analysis.runners import make_runner
+    from emosteer.models.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "tiny")
     runner = make_runner(str(path), "hf", progress=False)

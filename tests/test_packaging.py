@@ -7,7 +7,7 @@ dependency floors.
   must succeed on a CPU machine and give a pure wheel with the package, the C++
   sources for the first-use build, the entry points and no compiled module (slow;
   needs the package registry for the build requirements).
-- The default model folder (emosteer/models.py) against the declared transformers
+- The default model folder (emosteer/models/__init__.py) against the declared transformers
   range: what the installed transformers loads, and (slow, registry) what the
   declared floor loads.
 """
@@ -242,7 +242,7 @@ def test_isolated_wheel_contents(isolated_wheel, tmp_path):
         eps = configparser.ConfigParser()
         eps.read_string(zf.read(f"{dist}/entry_points.txt").decode())
         zf.extractall(tmp_path)
-    for mod in ("emosteer/__init__.py", "emosteer/cli.py", "emosteer/ops/_dispatch.py",
+    for mod in ("emosteer/__init__.py", "emosteer/cli/__init__.py", "emosteer/ops/_dispatch.py",
                 "emosteer/ops/_jit.py", "emosteer/ops/_build.py", "emosteer/vllm/__init__.py",
                 "emosteer/hf/__init__.py"):
         assert mod in names, mod

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from emosteer.slots import SlotsExhausted, SlotTable
+from emosteer.request.slots import SlotsExhausted, SlotTable
 
 
 def test_share_and_refcount():

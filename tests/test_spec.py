@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import torch
 
-from emosteer.bank import ModelInfo, VectorBank
-from emosteer.spec import (
+from emosteer.request.bank import ModelInfo, VectorBank
+from emosteer.request.spec import (
     MAX_CAPTURE_ROWS,
     MAX_HEAD_ITEMS,
     MAX_STEER_ITEMS,
@@ -348,7 +348,7 @@ def test_schema_file_matches():
     on_disk = json.loads(SCHEMA_FILE.read_text())
     assert on_disk == json_schema(), (
         "docs/steer.schema.json is stale; regenerate with: python -c \"import json; "
-        "from emosteer.spec import json_schema; print(json.dumps(json_schema(), indent=2))\" "
+        "from emosteer.request.spec import json_schema; print(json.dumps(json_schema(), indent=2))\" "
         "> docs/steer.schema.json"
     )
 
@@ -425,7 +425,7 @@ def test_positions_last_and_lists():
 def test_boost_compiles_per_phase():
     """The prompt slot boosts at prefill_layers, the generated slot at decode_layers;
     position groups of the prompt carry the prefill boost too; heads come from the mask."""
-    from emosteer.compile import compile_request
+    from emosteer.request.compile import compile_request
 
     info = ModelInfo("LlamaForCausalLM", num_layers=4, hidden_size=8, num_heads=3, head_dim=4,
                      intermediate_size=8, num_kv_heads=3)

@@ -10,7 +10,7 @@ One JSON object per line. A **pair** (docs/DESIGN.md §1.1) is::
 
 ``emotional`` / ``neutral`` each hold exactly one of ``text`` (a string) or ``image`` (a
 path; relative paths are relative to the JSONL file's folder and are resolved on read).
-``emotion`` is a Mikels category or a basic emotion name (see emosteer.emotion);
+``emotion`` is a Mikels category or a basic emotion name (see emosteer.analysis.emotion);
 ``meta`` is optional free-form JSON. A **prompt** (held-out neutral input for steered
 generation) is ``{"id", "neutral": {...}, "query", "meta"?}``. Blank lines and lines
 starting with ``//`` are skipped. Errors name the file, the line and the field.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from emosteer.emotion import normalize_category
+from emosteer.analysis.emotion import normalize_category
 
 __all__ = ["Stimulus", "Pair", "Prompt", "PairFormatError", "parse_pair", "parse_prompt",
            "iter_pairs", "read_pairs", "write_pairs", "read_prompts", "write_prompts"]

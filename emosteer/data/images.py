@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from emosteer.data.format import Pair, Stimulus, write_pairs
-from emosteer.emotion import normalize_category
+from emosteer.analysis.emotion import normalize_category
 
 __all__ = ["IMAGE_QUERY", "EXPRESSIONS", "SceneSpec", "random_scene", "render_scene",
            "build_synthetic_pairs", "load_image_folder"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from emosteer.spec import MAX_IMAGES
+from emosteer.request.spec import MAX_IMAGES
 
 NAME = "emosteer_vee"
 # (steerer, step) of the forward running now; None outside HFSteerer calls.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from emosteer.bank import ModelInfo
+from emosteer.request.bank import ModelInfo
 
 __all__ = ["DecoderHandles", "find_decoder", "load_hf_model"]
 

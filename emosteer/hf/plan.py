@@ -11,7 +11,7 @@ only, generated tokens only, or both::
         [0, 0, -1, -1, -1, -1]    # only row 0 steers layer 1 in the prompt phase
 
 The interventions of each (row, phase) come from the one spec compiler
-(``emosteer/compile.py``) that the vLLM worker uses too; the plan lays its slot programs
+(``emosteer/request/compile.py``) that the vLLM worker uses too; the plan lays its slot programs
 out densely. For every layer the plan holds the buffers the hooks read (``a``, ``b``, ``v``
 for the head affine, ``alpha``, ``u`` for the residual add, ``gamma`` and the mask for the
 neuron gain; the hooks pass them to the ops as a pool whose row s belongs to slot s)
@@ -25,9 +25,9 @@ from typing import Sequence
 
 import torch
 
-from emosteer.bank import ModelInfo, VectorBank
-from emosteer.compile import PHASES, compile_request, materialize
-from emosteer.spec import CaptureItem, SteerSpec
+from emosteer.request.bank import ModelInfo, VectorBank
+from emosteer.request.compile import PHASES, compile_request, materialize
+from emosteer.request.spec import CaptureItem, SteerSpec
 
 PHASE_PROMPT, PHASE_GENERATED = 0, 1
 NUM_PHASES = 2
@@ -112,7 +112,7 @@ class Plan:
         rows: dict[str, torch.Tensor] = {}
 
         def row(key: str) -> torch.Tensor:
-            # The same pool rows the vLLM worker writes (emosteer/compile.py).
+            # The same pool rows the vLLM worker writes (emosteer/request/compile.py).
             if key not in rows:
                 rows[key] = materialize(key, bank, info)
             return rows[key]

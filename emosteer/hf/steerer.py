@@ -32,12 +32,12 @@ from typing import Any, Sequence
 import torch
 
 from emosteer import ops
-from emosteer.bank import VectorBank
+from emosteer.request.bank import VectorBank
 from emosteer.hf import attention as vee
 from emosteer.hf.layers import DecoderHandles, find_decoder
 from emosteer.hf.plan import NUM_PHASES, PHASE_GENERATED, PHASE_PROMPT, Plan
 from emosteer.ops import reference
-from emosteer.spec import SteerSpec
+from emosteer.request.spec import SteerSpec
 
 SpecLike = SteerSpec | dict | str | None
 

@@ -37,8 +37,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from emosteer.compile import POOL_KINDS, key_kind
-from emosteer.slots import SlotTable
+from emosteer.request.compile import POOL_KINDS, key_kind
+from emosteer.request.slots import SlotTable
 
 PLAN_KEY = "emosteer_plan"  # extra_args: what the front end compiled (fingerprints, pool keys)
 GRANT_KEY = "emosteer_grant"  # extra_args: what the scheduler granted (slot ids, pool rows)

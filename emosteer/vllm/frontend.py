@@ -22,9 +22,9 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from emosteer.bank import ModelInfo, VectorBank
-from emosteer.spec import SpecError, SteerSpec
-from emosteer.compile import compile_request
+from emosteer.request.bank import ModelInfo, VectorBank
+from emosteer.request.spec import SpecError, SteerSpec
+from emosteer.request.compile import compile_request
 from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, Admission
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 
@@ -142,7 +142,7 @@ class FrontendSteering:
 
     def plan(self, spec: SteerSpec, num_prompt_tokens: int | None = None) -> dict:
         """What the scheduler admits the request by: per phase (and position group) the
-        slot fingerprint and the pool keys (``emosteer/compile.py``); SpecError if it
+        slot fingerprint and the pool keys (``emosteer/request/compile.py``); SpecError if it
         could never fit."""
         plan = compile_request(spec, self.bank, self.info, num_prompt_tokens).to_plan(
             capture_rows_per_step(spec, num_prompt_tokens, self.info.num_layers), num_prompt_tokens

@@ -91,8 +91,8 @@ class Service:
     # -- vectors -----------------------------------------------------------------------
     def parse_upload(self, data: bytes, name: str | None, fmt: str, convention: str | None,
                      scale: float | None):
-        from emosteer.bank import BankError, VectorBank
-        from emosteer.spec import SpecError
+        from emosteer.request.bank import BankError, VectorBank
+        from emosteer.request.spec import SpecError
         from emosteer.vllm.frontend import check_name
 
         if fmt not in ("auto", "safetensors", "gguf"):
@@ -113,7 +113,7 @@ class Service:
             if fmt == "gguf":
                 if name is None:
                     raise HTTPError(400, "a GGUF control vector needs ?name= to register it under", "name")
-                from emosteer.controlvec import load_control_vector
+                from emosteer.request.controlvec import load_control_vector
 
                 kw = {}
                 if convention is not None:
@@ -201,7 +201,7 @@ class Service:
         return any(k.endswith("_" + request_id) and v for k, v in list(ids.items()))
 
     async def captures(self, key: str, wait: float) -> dict:
-        from emosteer.spec import SpecError
+        from emosteer.request.spec import SpecError
         from emosteer.vllm.frontend import check_name
         from emosteer.vllm.results import merge_results
 

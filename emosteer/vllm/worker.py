@@ -6,7 +6,7 @@ per-layer flags, capture buffers) and installs a *site* on every patched module.
 
 The worker owns no accounting: the scheduler admits each steered request and grants it
 slot ids and pool rows (``emosteer/vllm/admission.py``). When a request is first seen
-the worker compiles its config (``emosteer/compile.py``), checks that it compiles to the
+the worker compiles its config (``emosteer/request/compile.py``), checks that it compiles to the
 fingerprints the front end planned, and writes only what changed: pool rows whose key
 differs from what the row holds, slot tables whose fingerprint differs.
 
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from emosteer.bank import ModelInfo, VectorBank
-from emosteer.compile import PHASES, compile_request, key_kind, local_heads, materialize
-from emosteer.spec import MAX_IMAGES, SpecError, SteerSpec
+from emosteer.request.bank import ModelInfo, VectorBank
+from emosteer.request.compile import PHASES, compile_request, key_kind, local_heads, materialize
+from emosteer.request.spec import MAX_IMAGES, SpecError, SteerSpec
 from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, discard_failures, report_failure
 from emosteer.vllm.buffers import (
     FLAG_ATTN,

@@ -11,7 +11,7 @@ def tiny(tmp_path_factory):
     """(model, tokenizer) of the tiny random fp32 Llama (2 layers, 4 heads, head_dim 32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from emosteer.testing import build_tiny_llama
+    from emosteer.models.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bank(tiny):
     """Random non-zero residual / head vectors and a neuron mask for the tiny model."""
-    from emosteer.bank import ModelInfo, VectorBank
+    from emosteer.request.bank import ModelInfo, VectorBank
 
     model, _ = tiny
     info = ModelInfo.from_hf_config(model.config)

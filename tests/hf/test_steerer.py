@@ -275,7 +275,7 @@ def test_run_grad_gives_gradients(tiny, tiny_bank, batch):
 
 
 def test_bad_specs_are_rejected(tiny, tiny_bank, batch):
-    from emosteer.spec import SpecError
+    from emosteer.request.spec import SpecError
 
     model, tok = tiny
     ids, mask = batch

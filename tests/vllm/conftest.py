@@ -18,7 +18,7 @@ def tiny_model():
     import tempfile
     from pathlib import Path
 
-    from emosteer import testing
+    from emosteer.models import tiny as testing
 
     tag = hashlib.sha256(inspect.getsource(testing).encode()).hexdigest()[:12]
     path = Path(tempfile.gettempdir()) / "emosteer-test-models" / f"tiny_llama-{tag}"
@@ -29,7 +29,7 @@ def tiny_model():
 def info(tiny_model):
     from transformers import AutoConfig
 
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
 
     return ModelInfo.from_hf_config(AutoConfig.from_pretrained(tiny_model))
 

@@ -1,7 +1,7 @@
 """The LVLM case, run in its own process by test_lvlm.py (torchvision must be importable
 from interpreter start, see vllm_lvlm.py). Prints one JSON line of findings.
 
-``lvlm_case.py MODEL_DIR [KIND]``: KIND is a key of emosteer.testing_lvlm.KINDS
+``lvlm_case.py MODEL_DIR [KIND]``: KIND is a key of emosteer.models.tiny_lvlm.KINDS
 (qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_onevision; default qwen2_vl), built in MODEL_DIR once.
 
 A tiny random LVLM of that family with an image prompt: empty config == plain; beta = 1 == plain;
@@ -36,7 +36,7 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     from vllm import SamplingParams
 
     import emosteer
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
     from emosteer.hf import HFSteerer
 
     spec = KINDS[kind]
@@ -94,7 +94,7 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     # Text-only: a boost has no image keys to act on (exactly plain), and no image mass.
     # Text-only: a boost or an attention-to-image capture has no image to act on, so the
     # request is refused naming the field (never run as if boosted).
-    from emosteer.spec import SpecError
+    from emosteer.request.spec import SpecError
 
     res["text_refused"] = []
     for cfg in (configs[4], {"capture": {"attn_image": [0], "positions": "last"}}):

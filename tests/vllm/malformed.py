@@ -107,7 +107,7 @@ CONFIGS: list[tuple[str, dict, list[str]]] = [
 
 def uploads(info) -> list[tuple[str, dict, bytes, list[str]]]:
     """Malformed uploads: ``(what, query params, body, words the 4xx must contain)``."""
-    from emosteer.bank import ModelInfo, VectorBank
+    from emosteer.request.bank import ModelInfo, VectorBank
 
     L, d = info.num_layers, info.hidden_size
     other = ModelInfo(info.architecture, L, d * 2, info.num_heads, info.head_dim,

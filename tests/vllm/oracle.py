@@ -2,7 +2,7 @@
 
 Written from the documented semantics only (README "The request config", docs/DESIGN.md
 §3-4, docs/steer.schema.json). It shares no code with the engine or with emosteer's own
-transformers backend: it imports nothing from ``emosteer.spec``, ``emosteer.compile``,
+transformers backend: it imports nothing from ``emosteer.request.spec``, ``emosteer.request.compile``,
 ``emosteer.hf`` or ``emosteer.vllm``, parses the config JSON itself, and reads bank
 vectors straight from the safetensors file (or from a ``VectorBank``'s tensors).
 

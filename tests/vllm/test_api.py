@@ -7,8 +7,8 @@ import pytest
 import torch
 from vllm_support import make_bank
 
-from emosteer.bank import ModelInfo
-from emosteer.spec import SpecError, SteerSpec
+from emosteer.request.bank import ModelInfo
+from emosteer.request.spec import SpecError, SteerSpec
 
 INFO = ModelInfo("LlamaForCausalLM", num_layers=3, hidden_size=64, num_heads=4, head_dim=16,
                  intermediate_size=96, num_kv_heads=2)
@@ -72,7 +72,7 @@ def test_settings(monkeypatch):
 
 
 def test_phase_split_and_fingerprints():
-    from emosteer.compile import compile_request, phase_spec
+    from emosteer.request.compile import compile_request, phase_spec
 
     bank = make_bank(INFO)
     spec = SteerSpec.parse({
@@ -100,7 +100,7 @@ def test_phase_split_and_fingerprints():
 
 def test_compiled_program_and_pool_rows():
     """Scalars + pool keys per slot; rows materialised from the bank (one compiler)."""
-    from emosteer.compile import compile_phase, materialize
+    from emosteer.request.compile import compile_phase, materialize
 
     bank = make_bank(INFO)
     spec = SteerSpec.parse({
@@ -137,7 +137,7 @@ def test_compiled_program_and_pool_rows():
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_pool_rows_tensor_parallel_shards(tp_size):
     """Each rank's head / neuron rows are its shard; ranks concatenated == one rank."""
-    from emosteer.compile import compile_phase, materialize
+    from emosteer.request.compile import compile_phase, materialize
 
     bank = make_bank(INFO)
     spec = SteerSpec.parse({
@@ -218,7 +218,7 @@ def test_frontend_check_and_cache_identity():
     same = fe.check('{"steer": [{"vector": "joy", "layers": 0, "scale": 1.0, "positions": "all"}]}')
     gen = fe.check({"steer": [{"vector": "joy", "layers": [0], "scale": 1.0, "positions": "generated"}]})
     # the cache identity: the program at each position (bank contents included)
-    from emosteer.compile import compile_request
+    from emosteer.request.compile import compile_request
 
     ident = lambda spec: compile_request(spec, fe.bank, INFO, 12).cache_identity(12)  # noqa: E731
     assert ident(prompt) == ident(same)
@@ -282,8 +282,8 @@ def test_unsupported_version_stays_out_and_refuses_steered_requests():
 def test_position_groups_compile():
     """Listed positions and "last" become position groups; a per-position vector reads
     its own row at each listed position; one vector at every listed position is one slot."""
-    from emosteer.bank import VectorBank
-    from emosteer.compile import compile_request, materialize
+    from emosteer.request.bank import VectorBank
+    from emosteer.request.compile import compile_request, materialize
 
     bank = make_bank(INFO)
     L, H, D = INFO.num_layers, INFO.num_heads, INFO.head_dim
@@ -344,7 +344,7 @@ def test_http_error_body_names_emosteer():
 def test_result_keys_claimed_once_and_names_checked():
     from types import SimpleNamespace
 
-    from emosteer.spec import SpecError
+    from emosteer.request.spec import SpecError
     from emosteer.vllm.frontend import FrontendSteering, check_name
 
     cfg = SimpleNamespace(

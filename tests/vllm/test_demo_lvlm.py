@@ -12,9 +12,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from emosteer.bank import VectorBank
+from emosteer.request.bank import VectorBank
 from emosteer.cli import app
-from emosteer.testing_lvlm import torchvision_dir
+from emosteer.models.tiny_lvlm import torchvision_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -52,10 +52,10 @@ def test_generate_image_rows_with_vee(engines, tmp_path):
     import subprocess
     import sys
 
-    from emosteer.bank import ModelInfo
+    from emosteer.request.bank import ModelInfo
     from emosteer.data.images import build_synthetic_pairs
-    from emosteer.demo_lvlm import model_dir
-    from emosteer.testing_lvlm import build_tiny_qwen2vl, torchvision_env
+    from emosteer.apps.demo_lvlm import model_dir
+    from emosteer.models.tiny_lvlm import build_tiny_qwen2vl, torchvision_env
 
     env = torchvision_env(tmp_path / "shim")
     if env is None:

@@ -174,7 +174,7 @@ def test_tensor_parallel_2_matches_the_oracle(tight, tiny_model, bank_path, info
     assert [w["tp"] for w in tight.status()] == [[0, 2], [1, 2]]
     shape = ds.Shape.of(info)
     prompts = ds.token_prompts(tight.get_tokenizer(), PROMPTS[:4])
-    from emosteer.spec import SpecError
+    from emosteer.request.spec import SpecError
 
     def fits(case) -> bool:  # within this engine's 2 slots and 3 rows per pool kind
         if not case.config:

@@ -7,7 +7,7 @@ import json
 import pytest
 from vllm_support import assert_no_slots_held
 
-from emosteer.generate import GenerateConfig, done_ids, generate_jsonl
+from emosteer.apps.generate import GenerateConfig, done_ids, generate_jsonl
 
 pytestmark = pytest.mark.vllm
 
@@ -97,7 +97,7 @@ def test_preset_steers_rows_without_steer(llm, tmp_path):
             {"id": "own", "prompt": ROWS[2]["prompt"], "steer": ROWS[2]["steer"]}]
     src = tmp_path / "in.jsonl"
     _write(src, rows)
-    from emosteer.spec import SteerSpec
+    from emosteer.request.spec import SteerSpec
 
     preset_cfg = SteerSpec.parse(cfg_joy).to_dict()
     out = tmp_path / "preset.jsonl"

@@ -1,11 +1,11 @@
 """Steering, isolation and captures on tiny LVLMs with an image (vLLM vs HF), one case per
-family of emosteer.testing_lvlm.KINDS: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA.
+family of emosteer.models.tiny_lvlm.KINDS: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA.
 
 Needs torchvision (vLLM's Qwen-VL models and the processors import it): installed in the
 environment, or a ``pip install --no-deps --target DIR torchvision==0.28.0`` named by
 ``EMOSTEER_TEST_TORCHVISION=DIR``. Each case runs in its own child process (one engine
 at a time) whose PYTHONPATH holds the torchvision shim
-(emosteer.testing_lvlm.torchvision_env); skipped without torchvision.
+(emosteer.models.tiny_lvlm.torchvision_env); skipped without torchvision.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from emosteer.testing_lvlm import KINDS, torchvision_env
+from emosteer.models.tiny_lvlm import KINDS, torchvision_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from emosteer.bank import ModelInfo, VectorBank  # noqa: E402
-from emosteer.compile import block_identity, compile_request, program_at  # noqa: E402
-from emosteer.spec import SteerSpec  # noqa: E402
+from emosteer.request.bank import ModelInfo, VectorBank  # noqa: E402
+from emosteer.request.compile import block_identity, compile_request, program_at  # noqa: E402
+from emosteer.request.spec import SteerSpec  # noqa: E402
 from emosteer.vllm.patches import prefix_cache  # noqa: E402
 
 BS = 16

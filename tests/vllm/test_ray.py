@@ -15,7 +15,7 @@ from vllm_support import engine_env
 
 pytest.importorskip("ray.data")
 
-from emosteer.generate import GenerateConfig, generate_jsonl  # noqa: E402
+from emosteer.apps.generate import GenerateConfig, generate_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -37,8 +37,8 @@ def test_serve_line_parses(tiny_model, bank_path):
 
 
 def test_curl_block(servers, bank, tmp_path, tiny_model, bank_path):
-    from emosteer.bank import VectorBank
-    from emosteer.controlvec import save_control_vector
+    from emosteer.request.bank import VectorBank
+    from emosteer.request.controlvec import save_control_vector
 
     cached, _ = servers
     joy = bank.get("joy").clone()

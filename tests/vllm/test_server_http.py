@@ -33,14 +33,14 @@ def _upload(server: Server, bank_or_bytes, **params):
 
 
 def _residual(info, seed: int, scale: float = 2.0):
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     g = torch.Generator().manual_seed(seed)
     return torch.randn(info.num_layers, info.hidden_size, generator=g) * scale
 
 
 def _bank(info, name: str, tensor, kind: str = "residual"):
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     b = VectorBank(info)
     b.add(name, kind, tensor)
@@ -211,7 +211,7 @@ def test_n2_captures_per_sample(servers):
 
 
 def test_gguf_control_vector_steers_like_the_same_bank_vector(servers, info, tmp_path):
-    from emosteer.controlvec import save_control_vector
+    from emosteer.request.controlvec import save_control_vector
 
     cached, _ = servers
     vec = _residual(info, 4, scale=2.0)

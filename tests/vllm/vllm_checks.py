@@ -277,7 +277,7 @@ MALFORMED = [
 def check_malformed(llm) -> None:
     """Each bad config is refused naming its field, through emosteer.LLM and through
     plain vLLM's generate with extra_args (the input-processor patch); the engine goes on."""
-    from emosteer.spec import SpecError
+    from emosteer.request.spec import SpecError
 
     for cfg, field in MALFORMED:
         with pytest.raises(SpecError) as e:
@@ -327,7 +327,7 @@ def check_admission_flood(llm, plain_reference) -> None:
 def check_register_vectors(llm, info) -> None:
     """Vectors registered at run time work; re-registering a name with new values
     changes the output (the slot of the old values is not reused)."""
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     cfg = {"steer": [{"vector": "calm", "layers": [0, 1], "scale": 3.0}]}
     outs = []
@@ -387,7 +387,7 @@ def check_position_indexed(llm, tiny_model, bank, info, atol: float = 1e-4) -> N
     logprobs, captures); "last" touches only the last prompt token."""
     from transformers import AutoModelForCausalLM
 
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     L, H, D = info.num_layers, info.num_heads, info.head_dim
     listed = [0, 2, 3]

@@ -2,7 +2,7 @@
 
 vLLM's Qwen2-VL imports torchvision, and ``import vllm`` imports it (through
 transformers) before any plugin runs; the child process therefore starts with the
-``sitecustomize`` shim of ``emosteer.testing_lvlm.torchvision_env`` on PYTHONPATH.
+``sitecustomize`` shim of ``emosteer.models.tiny_lvlm.torchvision_env`` on PYTHONPATH.
 Test-only: the product needs no such shim where torchvision matches torch.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 # The models are built by the package helper, shared with the extraction tests; what is
 # model-specific (config, class, processor, prompt, image token) is its KINDS table.
-from emosteer.testing_lvlm import KINDS, build_tiny_lvlm  # noqa: F401
-from emosteer.testing_lvlm import build_tiny_qwen2vl as build_tiny_qwen2_vl  # noqa: F401
+from emosteer.models.tiny_lvlm import KINDS, build_tiny_lvlm  # noqa: F401
+from emosteer.models.tiny_lvlm import build_tiny_qwen2vl as build_tiny_qwen2_vl  # noqa: F401
 
 IMAGE_PROMPT = KINDS["qwen2_vl"].prompt  # the Qwen2-VL image prompt (placeholder + query)
 

@@ -44,7 +44,7 @@ def engine_env() -> None:
 
 def make_bank(info, seed: int = 0):
     """Random non-zero vectors of every kind the plugin executes."""
-    from emosteer.bank import VectorBank
+    from emosteer.request.bank import VectorBank
 
     g = torch.Generator().manual_seed(seed)
     bank = VectorBank(info)

@@ -33,7 +33,7 @@ def validation_error_class():
     if _error_class is None:
         from vllm.exceptions import VLLMValidationError
 
-        from emosteer.spec import SpecError
+        from emosteer.request.spec import SpecError
 
         class EmosteerValidationError(SpecError, VLLMValidationError):
             def __init__(self, field: str, message: str):
@@ -71,7 +71,7 @@ def check_images(spec, req) -> None:
         return
     mm = getattr(req, "mm_features", None) or ()
     if not any(getattr(f, "modality", None) in ("image", "video") for f in mm):
-        from emosteer.spec import SpecError
+        from emosteer.request.spec import SpecError
 
         raise SpecError(field, "the prompt holds no image: VEE boosts and attention-to-image "
                                "captures act on image tokens; send an image, or drop this field")
@@ -79,7 +79,7 @@ def check_images(spec, req) -> None:
 
 def check_client_salt(salt) -> None:
     """A client's ``cache_salt`` may not contain the plugin's reserved prefix."""
-    from emosteer.spec import SALT_PREFIX
+    from emosteer.request.spec import SALT_PREFIX
 
     if isinstance(salt, str) and SALT_PREFIX in salt:
         raise salt_error_class()(
@@ -127,7 +127,7 @@ def _make(original):
             n_prompt = int(req.prompt_embeds.shape[0])
         else:
             n_prompt = None
-        from emosteer.spec import SpecError
+        from emosteer.request.spec import SpecError
 
         try:
             spec = fe.check(extra["emosteer"], n_prompt, sp.max_tokens)

@@ -54,7 +54,7 @@ def _make_init(original):
     @functools.wraps(original)
     def __init__(self, vllm_config, *args, **kwargs):
         original(self, vllm_config, *args, **kwargs)
-        from emosteer.bank import ModelInfo
+        from emosteer.request.bank import ModelInfo
         from emosteer.vllm.admission import Admission
         from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from emosteer.bank import ModelInfo, VectorBank
-from emosteer.spec import SteerSpec
+from emosteer.request.bank import ModelInfo, VectorBank
+from emosteer.request.spec import SteerSpec
 
 __all__ = ["HFRunner", "VLLMRunner", "make_runner", "format_prompts", "Positions", "MMPrompt",
            "format_image_prompt"]
@@ -321,7 +321,7 @@ class VLLMRunner:
     def _with_capture(spec, layer: int, positions: str) -> SteerSpec:
         from dataclasses import replace
 
-        from emosteer.spec import CaptureItem
+        from emosteer.request.spec import CaptureItem
 
         spec = SteerSpec.parse(spec)
         cap = spec.capture

@@ -296,7 +296,7 @@ class VectorBank:
     def set_preset(self, name: str, config: dict, **meta: Any) -> None:
         """Store a request config under ``name`` (checked like a request: SpecError names
         the field); ``meta`` (JSON) says where it came from."""
-        from emosteer.spec import SteerSpec
+        from emosteer.request.spec import SteerSpec
 
         if not isinstance(name, str) or not name:
             raise BankError(f"preset name must be a non-empty string, got {name!r}")

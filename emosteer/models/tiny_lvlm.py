@@ -1,7 +1,7 @@
 """Tiny random vision-language models (vision tower + 2-layer decoder) built offline, for tests.
 
 Used by the extraction tests and tests/vllm (lvlm_case.py): the byte-level BPE tokenizer
-of ``emosteer.testing`` plus each family's vision special tokens, its processor with a
+of ``emosteer.models.tiny`` plus each family's vision special tokens, its processor with a
 small pixel budget (a 56x56 test image gives a handful of image tokens), random fp32
 weights. Every decoder: 2 layers, 4 heads x 32, 2 KV heads, hidden 128.
 
@@ -229,7 +229,7 @@ def build_tiny_lvlm(kind: str, path: str | os.PathLike, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    from emosteer.testing import build_tokenizer
+    from emosteer.models.tiny import build_tokenizer
 
     spec = KINDS[kind]
     path = Path(path)

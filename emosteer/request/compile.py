@@ -34,8 +34,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from emosteer.bank import ModelInfo, VectorBank, head_shard, shard_entry
-from emosteer.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
+from emosteer.request.bank import ModelInfo, VectorBank, head_shard, shard_entry
+from emosteer.request.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
 
 PHASES = ("prompt", "generated")
 POOL_KINDS = ("res", "head", "neu")

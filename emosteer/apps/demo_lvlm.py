@@ -2,7 +2,7 @@
 
 What runs (one engine, started once; every stage is a batch of requests on the fused path):
 
-1. model      a tiny random Qwen2-VL, built offline once (emosteer.testing_lvlm)
+1. model      a tiny random Qwen2-VL, built offline once (emosteer.models.tiny_lvlm)
 2. pairs      synthetic image pairs: the same scene with an emotional and a neutral face
               (emosteer.data.images.build_synthetic_pairs)
 3. extract    steering vectors from the image pairs (difference of means at the last
@@ -68,12 +68,12 @@ def run_lvlm_demo(out: str | os.PathLike = "emosteer-lvlm-report", emotions: Seq
                   n_pairs: int = 4, backend: str = "vllm", beta: float = 2.0, gamma: float = 2.0,
                   top_heads: int = 3, progress: bool = True) -> Path:
     """Run the LVLM demo; returns the report path (``out/report.md``)."""
-    from emosteer.attribution import attention_attribution, head_types, neuron_attribution
+    from emosteer.analysis.attribution import attention_attribution, head_types, neuron_attribution
     from emosteer.data.images import build_synthetic_pairs
-    from emosteer.demo import close_runner, open_runner
-    from emosteer.emotion import hit_rate
-    from emosteer.extract import extract_vectors
-    from emosteer.testing_lvlm import build_tiny_qwen2vl
+    from emosteer.apps.demo import close_runner, open_runner
+    from emosteer.analysis.emotion import hit_rate
+    from emosteer.analysis.extract import extract_vectors
+    from emosteer.models.tiny_lvlm import build_tiny_qwen2vl
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def run_lvlm_demo(out: str | os.PathLike = "emosteer-lvlm-report", emotions: Seq
         for r in narr:
             f.write(json.dumps(r) + "\n")
     runner.bank.save(out / "bank.safetensors")
-    from emosteer.attribution import AttributionResult
+    from emosteer.analysis.attribution import AttributionResult
 
     for e, a in attn.items():
         AttributionResult(emotion=e, model=str(path), backend=runner.backend, attn=a).plot_attn(out / f"attn_{e}.png")
@@ -212,7 +212,7 @@ def _report(r: dict, mixed: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m emosteer.demo_lvlm --out DIR [--backend B] [--quiet]`` (what the CLI runs)."""
+    """``python -m emosteer.apps.demo_lvlm --out DIR [--backend B] [--quiet]`` (what the CLI runs)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="emosteer demo --lvlm")

@@ -1,6 +1,6 @@
 """The demo report: report.md and its plots, written from a results dict.
 
-``write_report(results, out_dir)`` renders what :mod:`emosteer.demo` measured; it never
+``write_report(results, out_dir)`` renders what :mod:`emosteer.apps.demo` measured; it never
 computes a result itself, so every number in report.md is one the pipeline stored in
 ``results`` (and in results.json beside it). Plots use matplotlib's Agg backend.
 
@@ -76,7 +76,7 @@ def _plt():
 
 def plot_layer_profile(emotions: dict, path: str | Path) -> Path:
     """Layer profile per emotion (one panel each), with the adapt / aggregate / execute
-    bands that emosteer.attribution.stage_bands derived from it."""
+    bands that emosteer.analysis.attribution.stage_bands derived from it."""
     plt = _plt()
     items = [(e, r["layer_profile"]) for e, r in emotions.items()
              if (r.get("layer_profile") or {}).get("layers")]

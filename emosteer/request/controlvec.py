@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emosteer.bank import BankError, ModelInfo, VectorBank
+from emosteer.request.bank import BankError, ModelInfo, VectorBank
 
 GGUF_MAGIC = b"GGUF"
 ARCH = "controlvector"

@@ -18,7 +18,7 @@ text), and ``boost`` (VEE) acts on that image's tokens.
 
 Output row: the input fields plus ``narrative``, ``hit_rate`` (None when the narrative
 holds no emotion word), ``valence``, ``n_tokens`` and three fluency guards
-(``emosteer.fluency``): ``perplexity`` (of the narrative under the unsteered model, given
+(``emosteer.analysis.fluency``): ``perplexity`` (of the narrative under the unsteered model, given
 its prompt; None for image rows or with ``--no-perplexity``), ``repeated_3gram`` (share
 of word 3-grams repeating an earlier one) and ``distinct_2``.
 """
@@ -121,8 +121,8 @@ def _batches(rows: list[dict], n: int) -> Iterator[list[dict]]:
 
 
 def _score(row: dict, text: str) -> dict:
-    from emosteer import emotion
-    from emosteer.fluency import distinct_n, repeated_ngram_share
+    from emosteer.analysis import emotion
+    from emosteer.analysis.fluency import distinct_n, repeated_ngram_share
 
     out = dict(row)
     out["narrative"] = text
@@ -202,10 +202,10 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
 
 
 def _perplexities(llm, done: list) -> list:
-    """``emosteer.fluency.perplexities`` of the text rows' narratives on the same engine
+    """``emosteer.analysis.fluency.perplexities`` of the text rows' narratives on the same engine
     (None for image rows and empty narratives)."""
-    from emosteer.fluency import perplexities
-    from emosteer.runners import VLLMRunner
+    from emosteer.analysis.fluency import perplexities
+    from emosteer.analysis.runners import VLLMRunner
 
     runner = getattr(llm, "_emosteer_ppl_runner", None)
     if runner is None:
@@ -223,7 +223,7 @@ def _perplexities(llm, done: list) -> list:
 
 def _image_prompt(llm, tok, row: dict, chat: bool) -> dict:
     """A vLLM multimodal prompt for an image row (the processor is loaded once per engine)."""
-    from emosteer.runners import _load_image, _load_processor, format_image_prompt
+    from emosteer.analysis.runners import _load_image, _load_processor, format_image_prompt
 
     proc = getattr(llm, "_emosteer_processor", None)
     if proc is None:
@@ -253,7 +253,7 @@ def pending_rows(in_path, out_path) -> tuple[list[dict], list[dict]]:
 
 def check_rows(todo: list[dict]) -> None:
     """Reject a bad config before any generation starts."""
-    from emosteer.spec import SteerSpec
+    from emosteer.request.spec import SteerSpec
 
     for r in todo:
         try:

@@ -4,7 +4,7 @@ Stages (one engine, started once and reused by every stage):
 
 1. model      ensure the default model (SmolLM2-135M-Instruct) or resolve a folder
 2. extract    steering vectors S_l on a subset of the built-in counterfactual pairs,
-              hit-rate filtered (emosteer.extract.extract_vectors)
+              hit-rate filtered (emosteer.analysis.extract.extract_vectors)
 3. layers     layer attribution: α·S_l injected at one layer at a time on neutral
               prompts, every layer in one batched sweep (attribution.layer_attribution)
 4. heads      head map (emotional intention = cosine of the head's o_proj contribution
@@ -74,7 +74,7 @@ def open_runner(model_path: str | Path, backend: str = "auto", batch_size: int =
                 progress: bool = True, max_slots: int = 256):
     """``(runner, note)``: a vLLM runner when ``backend`` is vllm/auto and the plugin
     starts, else the transformers reference runner ("auto" falls back, saying why)."""
-    from emosteer.runners import make_runner
+    from emosteer.analysis.runners import make_runner
 
     if backend not in ("auto", "vllm", "hf"):
         raise ValueError(f"backend must be auto, vllm or hf, got {backend!r}")
@@ -148,7 +148,7 @@ def _rel_scale(bank, emotion: str, layer: int, rel: float) -> float:
 
 
 def _layer_dict(lp, n_prompts: int, max_tokens: int) -> dict:
-    """A LayerProfile (emosteer.attribution) as the report's layer_profile entry."""
+    """A LayerProfile (emosteer.analysis.attribution) as the report's layer_profile entry."""
     d = dict(lp.__dict__)
     d.update(layers=list(range(len(lp.profile))), change=lp.profile, n_prompts=n_prompts,
              max_tokens=max_tokens)
@@ -256,9 +256,9 @@ def steering_stage(runner, bank, emotion: str, prompts, conds: list[dict], max_t
     the largest uplift in the share of narratives carrying the emotion (ties: hit rate)
     among conditions whose fluency guards pass there — and every condition is reported on
     the held-out test half."""
-    from emosteer.emotion import asserts_emotion, hallucination_rate, hit_rate, valence
-    from emosteer.extract import pair_text
-    from emosteer.fluency import distinct_n, guards, perplexities, repeated_ngram_share
+    from emosteer.analysis.emotion import asserts_emotion, hallucination_rate, hit_rate, valence
+    from emosteer.analysis.extract import pair_text
+    from emosteer.analysis.fluency import distinct_n, guards, perplexities, repeated_ngram_share
     from emosteer.report import summarize
 
     texts = [pair_text(p.neutral, p.query) for p in prompts]
@@ -360,7 +360,7 @@ def head_maps_stage(runner, emotions: Sequence[str], n_pairs: int, top: int) -> 
     """Full [layers x heads] patching maps of several emotions (every head its own
     request per pair, one batch per emotion), their significant top heads, and which of
     those are sentiment-specific (one emotion) or emotion-general (all)."""
-    from emosteer import attribution as attr
+    from emosteer.analysis import attribution as attr
     from emosteer.data import load_builtin
 
     maps = {}
@@ -395,7 +395,7 @@ def _stage(name: str, timings: dict, console):
 
 def _provenance(path) -> dict:
     """Where the weights come from, disclosed in every report: the default model is a
-    quantized GGUF dequantized to float32 (emosteer/models.py writes the source)."""
+    quantized GGUF dequantized to float32 (emosteer/models/__init__.py writes the source)."""
     src = Path(path) / "emosteer_source.json"
     if not src.is_file():
         return {}
@@ -426,9 +426,9 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
     ``overrides`` change stage sizes (see ``demo_settings``), e.g. ``n_heldout=8``."""
     from rich.console import Console
 
-    from emosteer import attribution as attr
+    from emosteer.analysis import attribution as attr
     from emosteer.data import load_builtin, load_heldout
-    from emosteer.extract import extract_vectors, pair_text
+    from emosteer.analysis.extract import extract_vectors, pair_text
     from emosteer.models import resolve_model
     from emosteer.report import write_report
 

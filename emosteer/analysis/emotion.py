@@ -84,7 +84,7 @@ NRC_TO_LABEL: dict[str, str | None] = {
 _LABEL_TO_MIKELS: dict[str, tuple[str, ...]] = {**{c: (c,) for c in MIKELS}, "joy": POSITIVE}
 _NEUTRAL = "neutral"
 
-LEXICON_DIR = Path(__file__).resolve().parent / "data" / "lexicon"
+LEXICON_DIR = Path(__file__).resolve().parent.parent / "data" / "lexicon"
 
 _TOKEN = re.compile(r"[a-z]+(?:['\u2019][a-z]+)*|[.,;:!?()\"]")
 _CLAUSE_BREAK = frozenset({".", ",", ";", ":", "!", "?", "(", ")", '"', "and",

@@ -7,7 +7,7 @@ query) run through the model; at the last prompt token, per layer l,
     t_{i,l,h} = z⁺_{i,l,h} − z⁻_{i,l,h}    (head output before o_proj)
 
 Pairs are kept when the model's own narrative for X⁺ (greedy) has a hit rate of at least
-τ for the emotion (``emosteer.emotion.hit_rate``); ``S_l = mean_kept s_{i,l}`` is stored
+τ for the emotion (``emosteer.analysis.emotion.hit_rate``); ``S_l = mean_kept s_{i,l}`` is stored
 as the residual vector ``"<emotion>"`` [L, d] and ``mean_kept t_{i,l,h}`` as the head
 vector ``"<emotion>.h"`` [L, H, D]. When no pair passes (small or untrained models often
 name no emotion at all), every pair is used and the metadata says so
@@ -35,8 +35,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from emosteer.bank import VectorBank
-from emosteer.runners import make_runner
+from emosteer.request.bank import VectorBank
+from emosteer.analysis.runners import make_runner
 
 __all__ = ["ExtractResult", "extract_vectors", "pair_text", "CAPTURE_LAST", "stack_captures"]
 
@@ -133,12 +133,12 @@ def extract_vectors(
     HFSteerer, an ``emosteer.LLM`` (backend "vllm") or a runner. ``pairs``: Pair objects,
     a JSONL path, or None for the built-in text pairs. ``emotions`` restricts the pairs
     (default: every emotion present); ``limit`` takes the first pairs per emotion.
-    ``hit_rate_fn(text, emotion)`` replaces ``emosteer.emotion.hit_rate`` (called once per
+    ``hit_rate_fn(text, emotion)`` replaces ``emosteer.analysis.emotion.hit_rate`` (called once per
     pair, in pair order). ``processor``: the vision-language processor for image pairs
     (default: AutoProcessor from the model folder). Returns the bank (new, or ``bank``
     extended) and the audit.
     """
-    from emosteer.emotion import hit_rate
+    from emosteer.analysis.emotion import hit_rate
 
     runner = make_runner(model, backend, tokenizer=tokenizer, batch_size=batch_size,
                          progress=progress, processor=processor)

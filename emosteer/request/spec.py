@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Union, TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from emosteer.bank import ModelInfo, VectorBank
+    from emosteer.request.bank import ModelInfo, VectorBank
 
 MAX_ABS_SCALE = 1e4
 MAX_GAIN = 100.0  # gamma (neurons) and beta (boost) lie in (0, MAX_GAIN]

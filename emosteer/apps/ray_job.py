@@ -27,7 +27,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from emosteer.generate import GenerateConfig, append_lines, pending_rows, run_batch
+from emosteer.apps.generate import GenerateConfig, append_lines, pending_rows, run_batch
 
 # The engine settings every actor's process needs (the driver's own values win).
 _ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "TOKENIZERS_PARALLELISM",
@@ -38,7 +38,7 @@ class NarrativeWorker:
     """A Ray Data actor: one ``emosteer.LLM``, many batches."""
 
     def __init__(self, cfg: dict):
-        from emosteer.generate import _start_llm
+        from emosteer.apps.generate import _start_llm
 
         self.cfg = GenerateConfig(**cfg)
         # vLLM's Ray executor refuses the CPU platform; inside an actor the engine runs

@@ -67,8 +67,8 @@ def fail(message: str, code: int = USER_ERROR) -> "typer.Exit":
 
 def _user_errors():
     """Exception types that are the user's input, not a bug (message, exit 2)."""
-    from emosteer.bank import BankError
-    from emosteer.spec import SpecError
+    from emosteer.request.bank import BankError
+    from emosteer.request.spec import SpecError
 
     types = [SpecError, BankError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
     try:
@@ -119,7 +119,7 @@ def _out_file(path: Path, param: str) -> Path:
 
 
 def _emotions(emotion: str, param: str = "--emotion") -> list[str]:
-    from emosteer.emotion import normalize_category
+    from emosteer.analysis.emotion import normalize_category
 
     names = [e.strip() for e in emotion.split(",") if e.strip()]
     if not names:
@@ -146,7 +146,7 @@ def _positive(value: float | int, param: str, upper: float | None = None) -> Non
 
 
 def _load_bank(path: Path, param: str = "--bank"):
-    from emosteer.bank import BankError, VectorBank
+    from emosteer.request.bank import BankError, VectorBank
 
     _existing_file(path, param)
     try:
@@ -156,7 +156,7 @@ def _load_bank(path: Path, param: str = "--bank"):
 
 
 def _model_info(path: Path):
-    from emosteer.bank import BankError, ModelInfo
+    from emosteer.request.bank import BankError, ModelInfo
 
     cfg_path = path / "config.json"
     try:
@@ -262,8 +262,8 @@ def bank_import(
 
     `direction.N` lands on emosteer layer N (the output of decoder layer N, 0-based), as
     llama.cpp applies it; see docs/CONTROL_VECTORS.md for the conventions."""
-    from emosteer.bank import BankError
-    from emosteer.controlvec import CONVENTIONS, load_control_vector
+    from emosteer.request.bank import BankError
+    from emosteer.request.controlvec import CONVENTIONS, load_control_vector
 
     _bank_choice(convention, CONVENTIONS, "--convention")
     _existing_file(file, "FILE")
@@ -290,7 +290,7 @@ def bank_import(
             err.print(f"note: replaced entry {name!r} of {into}", highlight=False)
         bank = base
     bank.save(out_path)
-    from emosteer.controlvec import layer_ranges
+    from emosteer.request.controlvec import layer_ranges
 
     hint = meta.get("model_hint")
     if hint is None:
@@ -320,8 +320,8 @@ def bank_export(
 
     llama.cpp cannot steer layer 0: under the llama.cpp convention a non-zero row 0 is
     refused; leave it out with --layers 1-(L-1)."""
-    from emosteer.bank import BankError
-    from emosteer.controlvec import CONVENTIONS, FLAVOURS, save_control_vector
+    from emosteer.request.bank import BankError
+    from emosteer.request.controlvec import CONVENTIONS, FLAVOURS, save_control_vector
 
     _bank_choice(flavour, FLAVOURS, "--flavour")
     _bank_choice(convention, CONVENTIONS, "--convention")
@@ -350,7 +350,7 @@ def schema(
     """Print the JSON schema of a request's emosteer config.
 
     The object goes under extra_args['emosteer'] (offline) or vllm_xargs.emosteer."""
-    from emosteer.spec import json_schema
+    from emosteer.request.spec import json_schema
 
     print(json.dumps(json_schema(), indent=indent))
 
@@ -385,8 +385,8 @@ def extract(
     _out_file(out_path, "--out")
     folder = _model_path(model)
     _engine_env()
-    from emosteer.demo import close_runner, open_runner
-    from emosteer.extract import extract_vectors
+    from emosteer.apps.demo import close_runner, open_runner
+    from emosteer.analysis.extract import extract_vectors
 
     runner, note = open_runner(folder, backend.value)
     err.print(f"backend: {note}", highlight=False)
@@ -458,16 +458,16 @@ def attribute(
         fail(f"--out: {str(out_dir)!r} exists and is not a folder")
     folder = _model_path(model)
     info, _ = _model_info(folder)
-    from emosteer.bank import BankError
+    from emosteer.request.bank import BankError
 
     try:
         b.validate_against(info, check_architecture=False)
     except BankError as e:
         fail(f"--bank: {e}")
     _engine_env()
-    from emosteer.attribution import attribute as run_attribution
+    from emosteer.analysis.attribution import attribute as run_attribution
     from emosteer.data import read_pairs
-    from emosteer.demo import close_runner, open_runner
+    from emosteer.apps.demo import close_runner, open_runner
 
     ps = None
     if pairs is not None:
@@ -533,8 +533,8 @@ def generate(
     Rows already in OUT (by id) are skipped, so an interrupted run resumes. With --ray
     the same job runs on Ray Data (actors hosting the engine, on one machine or a
     cluster); OUT is written by this process, batch by batch, in input order."""
-    from emosteer.generate import GenerateConfig, generate_jsonl, read_rows
-    from emosteer.spec import SpecError, SteerSpec
+    from emosteer.apps.generate import GenerateConfig, generate_jsonl, read_rows
+    from emosteer.request.spec import SpecError, SteerSpec
 
     _existing_file(in_path, "IN")
     _out_file(out_path, "OUT")
@@ -562,7 +562,7 @@ def generate(
     if preset is not None:
         if b is None:
             fail("--preset: needs --bank (the bank that stores the preset)")
-        from emosteer.bank import BankError as _BE
+        from emosteer.request.bank import BankError as _BE
 
         try:
             preset_cfg = b.preset(preset)
@@ -575,7 +575,7 @@ def generate(
     folder = _model_path(model)
     if b is not None:
         info, _ = _model_info(folder)
-        from emosteer.bank import BankError
+        from emosteer.request.bank import BankError
 
         try:
             b.validate_against(info, check_architecture=False)
@@ -596,7 +596,7 @@ def generate(
     try:
         if use_ray:
             try:
-                from emosteer.ray_job import generate_jsonl_ray
+                from emosteer.apps.ray_job import generate_jsonl_ray
             except ImportError as e:
                 fail(f"--ray: Ray Data is not installed ({e}); pip install 'emosteer[ray]'")
             n = generate_jsonl_ray(in_path, out_path, cfg, workers=workers, address=ray_address)
@@ -609,12 +609,12 @@ def generate(
 
 # ------------------------------------------------------------------------------- demo
 def _demo_lvlm(out_dir: Path, backend: str, quiet: bool) -> None:
-    """Run emosteer.demo_lvlm in a child process that can import torchvision (vLLM's
+    """Run emosteer.apps.demo_lvlm in a child process that can import torchvision (vLLM's
     Qwen2-VL needs it; the CPU install keeps it beside the venv, see scripts/install.sh)."""
     import subprocess
     import tempfile
 
-    from emosteer.testing_lvlm import torchvision_env
+    from emosteer.models.tiny_lvlm import torchvision_env
 
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out: {str(out_dir)!r} exists and is not a folder")
@@ -624,7 +624,7 @@ def _demo_lvlm(out_dir: Path, backend: str, quiet: bool) -> None:
         if env is None:
             fail("--lvlm needs torchvision (vLLM's vision models import it): "
                  "pip install --no-deps --target <venv>/torchvision-cpu torchvision==0.28.0")
-        cmd = [sys.executable, "-m", "emosteer.demo_lvlm", "--out", str(out_dir), "--backend", backend]
+        cmd = [sys.executable, "-m", "emosteer.apps.demo_lvlm", "--out", str(out_dir), "--backend", backend]
         if quiet:
             cmd.append("--quiet")
         rc = subprocess.call(cmd, env=env)
@@ -664,7 +664,7 @@ def demo_cmd(
     if model.strip().lower() not in ("default", "smollm2"):
         _model_path(model)
     _engine_env()
-    from emosteer.demo import run_demo
+    from emosteer.apps.demo import run_demo
 
     try:
         report = run_demo(model=model, out=out_dir, emotions=tuple(emotions),

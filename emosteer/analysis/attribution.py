@@ -1,7 +1,7 @@
 """Layer, head and neuron attribution for one emotion (DESIGN §1.4–1.6), batched as requests.
 
 **Metrics.** The method's metric is the hit rate of generated narratives
-(``emosteer.emotion.hit_rate``). Tiny or random models name no emotion at all, and
+(``emosteer.analysis.emotion.hit_rate``). Tiny or random models name no emotion at all, and
 the hit rate of short narratives is coarse, so every step ALSO reports a continuous
 proxy: the log-probability mass the model puts on the target emotion's words,
 
@@ -60,9 +60,9 @@ from typing import Any, Sequence
 
 import torch
 
-from emosteer.bank import VectorBank
-from emosteer.extract import CAPTURE_LAST, _encode_side, pair_text, stack_captures
-from emosteer.runners import make_runner
+from emosteer.request.bank import VectorBank
+from emosteer.analysis.extract import CAPTURE_LAST, _encode_side, pair_text, stack_captures
+from emosteer.analysis.runners import make_runner
 
 __all__ = ["AttributionResult", "LayerProfile", "HeadScores", "NeuronScores", "AttnScores",
            "HeadMap", "attribute", "layer_attribution", "head_attribution", "head_map", "neuron_attribution",
@@ -77,7 +77,7 @@ def target_token_ids(tokenizer, emotion: str, lexicon=None, max_words: int | Non
     tokens of multi-token words only when no word is a single token. Default lexicon: the
     curated ``core`` list (NRC's associations such as "government" -> fear would swamp a
     next-token measure)."""
-    from emosteer.emotion import MIKELS, POSITIVE, load_lexicon, target_set
+    from emosteer.analysis.emotion import MIKELS, POSITIVE, load_lexicon, target_set
 
     lex = lexicon if lexicon is not None else load_lexicon(("core",))
     cats = target_set(emotion)
@@ -106,7 +106,7 @@ def target_logmass(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _hit_rates(texts: Sequence[str], emotion: str, lexicon=None) -> list[float]:
-    from emosteer.emotion import hit_rate
+    from emosteer.analysis.emotion import hit_rate
 
     return [hit_rate(t, emotion, lexicon) or 0.0 for t in texts]
 
@@ -354,7 +354,7 @@ def layer_attribution(runner, emotion: str, prompts: Sequence[str], vector: str 
     hr0, hr, C, relative = float(sum(_hit_rates(texts0, emotion, lexicon)) / n), None, None, True
     emotional_frac = 0.0
     if narratives:
-        from emosteer.emotion import asserts_emotion
+        from emosteer.analysis.emotion import asserts_emotion
 
         _, texts, _ = runner.generate(rows, specs, max_new_tokens=max_new_tokens, desc="layers: sweep")
         hr_rows = torch.tensor(_hit_rates(texts, emotion, lexicon)).view(L, n)
@@ -431,7 +431,7 @@ def _same_layout(a, b) -> bool:
 def _first_difference(a, b) -> int:
     """The first position where two token-id lists differ (0 for image prompts, whose
     ids can match while their pixels differ, and for identical lists)."""
-    from emosteer.runners import MMPrompt
+    from emosteer.analysis.runners import MMPrompt
 
     if isinstance(a, MMPrompt) or isinstance(b, MMPrompt):
         return 0
@@ -727,7 +727,7 @@ def attribute(model: Any = "default", emotion: str = "joy", pairs=None, prompts=
     confirms them with single-head VEE at ``beta``; its heads become ``"<emotion>.vee"``.
     With ``out_dir``: attribution.json, layers.png, heads.png, attn.png, bank.safetensors."""
     from emosteer.data import load_builtin
-    from emosteer.extract import extract_vectors
+    from emosteer.analysis.extract import extract_vectors
 
     if isinstance(bank, (str, os.PathLike)):
         bank = VectorBank.load(bank)

@@ -1,0 +1,1 @@
+"""Applications built on the engine: the demos, batch narrative generation (JSONL, Ray Data)."""
