@@ -21,9 +21,10 @@ from emosteer.request.spec import (
     SpecError,
     SteerItem,
     SteerSpec,
-    act_name,
-    json_schema,
 )
+from emosteer.request.compile import compile_request
+from emosteer.request.positions import block_identity
+from emosteer.request.schema import json_schema
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "steer.schema.json"
 INFO = ModelInfo("LlamaForCausalLM", num_layers=4, hidden_size=64, num_heads=4, head_dim=16,
@@ -204,26 +205,33 @@ def test_parse_full_and_round_trip():
     assert hash(spec) == hash(SteerSpec.parse(FULL))
 
 
-def test_empty_and_predicates():
+def _changes_prompt(spec: SteerSpec, bank: VectorBank, num_prompt: int = 8) -> bool:
+    """Whether the KV of some prompt token differs from the plain model's: the prefix-cache
+    identity of the prompt's block is not the plain one."""
+    ident = compile_request(spec.resolve(INFO), bank, INFO, num_prompt).cache_identity(num_prompt)
+    return block_identity(ident, 0, num_prompt) is not None
+
+
+def test_empty_and_predicates(bank):
     for empty in (None, {}, "{}"):
         spec = SteerSpec.parse(empty)
-        assert spec.is_empty() and not spec.intervenes() and not spec.changes_prompt()
+        assert spec.is_empty() and not spec.intervenes() and not _changes_prompt(spec, bank)
         assert spec.to_dict() == {}
     cap = SteerSpec.parse({"capture": {"residual": 1}})
-    assert not cap.is_empty() and not cap.intervenes() and not cap.changes_prompt()
+    assert not cap.is_empty() and not cap.intervenes() and not _changes_prompt(cap, bank)
     gen = SteerSpec.parse({"steer": [{"vector": "joy", "layers": 0, "scale": 1, "positions": "generated"}]})
-    assert gen.intervenes() and not gen.changes_prompt()
+    assert gen.intervenes() and not _changes_prompt(gen, bank)
     for pos in ("all", "prompt"):
         s = SteerSpec.parse({"heads": [{"layer": 0, "head": 0, "mode": "ablate", "positions": pos}]})
-        assert s.changes_prompt()
-    assert SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2}}).changes_prompt()
+        assert _changes_prompt(s, bank)
+    assert _changes_prompt(SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2}}), bank)
     # a boost that acts only while the narrative is written leaves the prompt's KV alone
     late = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2, "prefill_layers": "none",
                                       "decode_layers": [1]}})
-    assert late.intervenes() and not late.changes_prompt()
+    assert late.intervenes() and not _changes_prompt(late, bank)
     att = SteerSpec.parse({"capture": {"attn_image": [0, 1]}})
-    assert not att.intervenes() and not att.changes_prompt() and not att.is_empty()
-    assert SteerSpec.parse({"neurons": {"set": "x", "gamma": 2, "positions": "prompt"}}).changes_prompt()
+    assert not att.intervenes() and not _changes_prompt(att, bank) and not att.is_empty()
+    assert _changes_prompt(SteerSpec.parse({"neurons": {"set": "joy.ena", "gamma": 2, "positions": "prompt"}}), bank)
 
 
 def test_fingerprint_stability_and_sensitivity(bank):
@@ -333,22 +341,11 @@ def test_resolve():
     assert r.heads == spec.heads and r.resolve(INFO) == r
 
 
-def test_act_name():
-    assert act_name(12, "head_out") == "layers.12.attn.head_out"
-    assert act_name(0, "residual") == "layers.0.residual"
-    assert act_name(3, "mlp_act") == "layers.3.mlp.act"
-    assert act_name(3, "mlp.act") == "layers.3.mlp.act"
-    with pytest.raises(ValueError):
-        act_name(-1, "residual")
-    with pytest.raises(ValueError):
-        act_name(1, "attn")
-
-
 def test_schema_file_matches():
     on_disk = json.loads(SCHEMA_FILE.read_text())
     assert on_disk == json_schema(), (
         "docs/steer.schema.json is stale; regenerate with: python -c \"import json; "
-        "from emosteer.request.spec import json_schema; print(json.dumps(json_schema(), indent=2))\" "
+        "from emosteer.request.schema import json_schema; print(json.dumps(json_schema(), indent=2))\" "
         "> docs/steer.schema.json"
     )
 
@@ -399,7 +396,7 @@ def test_schema_rejects_bad(desc, config):
         jsonschema.validate(config, json_schema())
 
 
-def test_positions_last_and_lists():
+def test_positions_last_and_lists(bank):
     """"last" and explicit prompt positions parse, round-trip, salt the prompt, and are
     checked against the prompt length; overlapping head items are refused."""
     spec = SteerSpec.parse({
@@ -409,7 +406,7 @@ def test_positions_last_and_lists():
     })
     assert spec.steer[0].positions == (1, 3, 5)
     assert SteerSpec.parse(spec.to_dict()) == spec
-    assert spec.changes_prompt()
+    assert _changes_prompt(spec, bank)
     with pytest.raises(SpecError) as e:
         SteerSpec.parse({"heads": [{"layer": 0, "head": 1, "mode": "ablate", "positions": [2, 4]},
                                    {"layer": 0, "head": 1, "mode": "ablate", "positions": [4]}]})

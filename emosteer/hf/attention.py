@@ -87,13 +87,12 @@ def vee_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, :K].float()
     w = torch.softmax(logits, dim=-1)
-    if lp is not None and lp.cap_attn is not None:
-        capm = st.cap_mask(lp.cap_attn)
+    if lp is not None:
+        capm = st.cap_mask("attn_image", layer)
         if capm is not None:
             onehot = torch.nn.functional.one_hot((span + 1).clamp(min=0), MAX_IMAGES + 1)[..., 1:]
             mass = torch.einsum("bhqk,bkn->bqhn", w, onehot.float())  # [B, Q, H, NS]
             st.caps["attn_image"][layer] = mass.reshape(B * Q, H, MAX_IMAGES)[capm].detach().clone()
-            st.cap_rows["attn_image"][layer] = st.tok_row[capm]
     if dropout and module.training:
         w = torch.nn.functional.dropout(w, p=dropout)
     out = torch.matmul(w, v.float()).to(query.dtype).transpose(1, 2).contiguous()

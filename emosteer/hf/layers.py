@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from emosteer.models.decoder import find_layer_list
 from emosteer.request.bank import ModelInfo
 
 __all__ = ["DecoderHandles", "find_decoder", "load_hf_model"]
@@ -61,17 +62,13 @@ def _text_config(config):
 
 def find_decoder(model: nn.Module) -> DecoderHandles:
     """The decoder layers of ``model`` and their hook modules; ``ValueError`` if none."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and all(_is_block(b) for b in mod):
-            if best is None or len(mod) > len(best[1]):
-                best = (name, mod)
-    if best is None:
+    found = find_layer_list(model, _is_block)
+    if found is None:
         raise ValueError(
             f"{type(model).__name__}: found no decoder layer list (a ModuleList whose blocks "
             "have self_attn.o_proj and mlp.down_proj); emosteer.hf supports Llama-like decoders"
         )
-    name, layers = best
+    name, layers, parent = found
     info = ModelInfo.from_hf_config(model.config)
     if info.num_layers != len(layers):
         raise ValueError(
@@ -83,7 +80,6 @@ def find_decoder(model: nn.Module) -> DecoderHandles:
             f"o_proj takes {o0.in_features} features, expected num_heads*head_dim = "
             f"{info.num_heads}*{info.head_dim}"
         )
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     norm = getattr(parent, "norm", None)
     readers = list(layers)[1:] + [norm if isinstance(norm, nn.Module) else None]
     return DecoderHandles(

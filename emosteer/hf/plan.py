@@ -1,7 +1,8 @@
 """Per-slot operator buffers for a batch of SteerSpecs (one spec per batch row).
 
 Each batch row owns two slots, one per phase, because an item may act on prompt tokens
-only, generated tokens only, or both::
+only, generated tokens only, or both, and one more per position group ("last", listed
+prompt positions)::
 
     slot = 2 * row + phase        # phase 0: the token is a prompt token
                                   # phase 1: the token was generated (decode steps)
@@ -16,6 +17,8 @@ out densely. For every layer the plan holds the buffers the hooks read (``a``, `
 for the head affine, ``alpha``, ``u`` for the residual add, ``gamma`` and the mask for the
 neuron gain; the hooks pass them to the ops as a pool whose row s belongs to slot s)
 plus an ``on`` flag per slot; a token's slot at a layer is -1 unless that slot acts there.
+Which slot and which capture row a token gets comes from the per-step builder the vLLM
+worker uses too (``emosteer/request/step.py``); the plan holds its per-batch tables.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from typing import Sequence
 import torch
 
 from emosteer.request.bank import ModelInfo, VectorBank
+import numpy as np
+
 from emosteer.request.compile import PHASES, compile_request, materialize
 from emosteer.request.spec import CaptureItem, SteerSpec
+from emosteer.request.step import BatchTables, StepRow
 
-PHASE_PROMPT, PHASE_GENERATED = 0, 1
 NUM_PHASES = 2
 
-__all__ = ["LayerPlan", "Plan", "PHASE_PROMPT", "PHASE_GENERATED"]
+__all__ = ["LayerPlan", "Plan"]
 
 
 @dataclass
@@ -52,9 +57,6 @@ class LayerPlan:
     boost_beta: torch.Tensor | None = None  # [S, H] float32 VEE boost (1 = none)
     boost_mode: torch.Tensor | None = None  # [S] int64: 0 = weights, 1 = logits
     boost_on: torch.Tensor | None = None  # [S] bool
-    cap_heads: torch.Tensor | None = None  # [B] bool: rows capturing head outputs here
-    cap_res: torch.Tensor | None = None  # [B] bool: rows capturing the residual here
-    cap_attn: torch.Tensor | None = None  # [B] bool: rows capturing attention to image here
 
 
 @dataclass
@@ -64,30 +66,15 @@ class Plan:
     info: ModelInfo
     specs: list[SteerSpec]
     layers: list[LayerPlan]
-    row_on: torch.Tensor  # [B] bool: the row intervenes somewhere
+    tables: BatchTables  # per row: slots of its phases and position groups, its capture
     captures: list[CaptureItem | None] = field(default_factory=list)
-    pos_slot: list[dict[int, int]] = field(default_factory=list)  # row -> prompt position -> slot
-
-    def position_map(self, device) -> torch.Tensor | None:
-        """[B, P] int64: the slot of (row, prompt position) for position groups, -1 else."""
-        if not any(self.pos_slot):
-            return None
-        P = max(max(m) for m in self.pos_slot if m) + 1
-        out = torch.full((len(self.pos_slot), P), -1, dtype=torch.long)
-        for r, m in enumerate(self.pos_slot):
-            for p, sl in m.items():
-                out[r, p] = sl
-        return out.to(device)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.specs)
 
     @property
     def vee(self) -> bool:
         """Some row boosts attention or captures attention to image keys (the attention
         of the decoder then runs emosteer's own eager implementation)."""
-        return any(lp.boost_on is not None or lp.cap_attn is not None for lp in self.layers)
+        return any(lp.boost_on is not None for lp in self.layers) or any(
+            c is not None and bool(c.attn_image) for c in self.captures)
 
     @classmethod
     def build(
@@ -97,15 +84,15 @@ class Plan:
         info: ModelInfo,
         dtype: torch.dtype,
         device: torch.device,
-        prompt_lens: Sequence[int] | None = None,
+        prompt_lens: Sequence[int],
     ) -> "Plan":
-        """``prompt_lens`` (per row) resolves "last" and checks listed positions; specs
-        with such positions need it."""
+        """``prompt_lens`` (per row) resolves "last", checks listed positions and tells
+        prompt tokens from generated ones."""
         B, L, H, D = len(specs), info.num_layers, info.num_heads, info.head_dim
         d, I = info.hidden_size, info.intermediate_size
         specs = [s.resolve(info) for s in specs]
         for i, s in enumerate(specs):
-            s.validate(bank, info, None if prompt_lens is None else int(prompt_lens[i]))
+            s.validate(bank, info, int(prompt_lens[i]))
 
         layers = [LayerPlan() for _ in range(L)]
         f32 = dict(dtype=torch.float32, device=device)
@@ -120,20 +107,23 @@ class Plan:
         # Slots: 2*row + phase for every prompt / generated token, then one per position
         # group ("last", listed positions) of each row.
         progs: list[tuple[int, object]] = []
-        pos_slot: list[dict[int, int]] = [{} for _ in range(B)]
+        step_rows: list[StepRow] = []
         S = NUM_PHASES * B
         for r, spec in enumerate(specs):
-            n = None if prompt_lens is None else int(prompt_lens[r])
+            n = int(prompt_lens[r])
             req = compile_request(spec, bank, info, n)
             for ph, phase in enumerate(PHASES):
                 if req.phases[phase] is not None:
                     progs.append((NUM_PHASES * r + ph, req.phases[phase]))
-            for pos, name in req.positions().items():
-                if pos < 0:
-                    raise ValueError(f"row {r}: positions 'last' needs the prompt lengths (prompt_lens)")
-                pos_slot[r][pos] = S
+            groups = sorted(req.positions().items())
+            for _, name in groups:
                 progs.append((S, req.phases[name]))
                 S += 1
+            on = spec.intervenes()
+            step_rows.append(StepRow(
+                n, NUM_PHASES * r if on else -1, NUM_PHASES * r + 1 if on else -1,
+                np.array([p for p, _ in groups], dtype=np.int64),
+                np.arange(S - len(groups), S, dtype=np.int32), spec.capture))
         for slot, prog in progs:
             for layer, (alpha, key) in prog.res.items():
                 lp = layers[layer]
@@ -175,17 +165,5 @@ class Plan:
                 lp.boost_mode[slot] = prog.boost_mode
                 lp.boost_on[slot] = True
 
-        captures = [s.capture for s in specs]
-        for row, c in enumerate(captures):
-            if c is None:
-                continue
-            for key, sel in (("cap_heads", c.heads), ("cap_res", c.residual), ("cap_attn", c.attn_image)):
-                for layer in sel or ():
-                    lp = layers[layer]
-                    if getattr(lp, key) is None:
-                        setattr(lp, key, torch.zeros(B, dtype=torch.bool, device=device))
-                    getattr(lp, key)[row] = True
-
-        row_on = torch.tensor([s.intervenes() for s in specs], dtype=torch.bool, device=device)
-        return cls(info=info, specs=specs, layers=layers, row_on=row_on, captures=captures,
-                   pos_slot=pos_slot)
+        return cls(info=info, specs=specs, layers=layers, tables=BatchTables.build(step_rows),
+                   captures=[s.capture for s in specs])

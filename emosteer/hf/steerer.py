@@ -29,15 +29,17 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from emosteer import ops
 from emosteer.request.bank import VectorBank
 from emosteer.hf import attention as vee
 from emosteer.hf.layers import DecoderHandles, find_decoder
-from emosteer.hf.plan import NUM_PHASES, PHASE_GENERATED, PHASE_PROMPT, Plan
+from emosteer.hf.plan import Plan
 from emosteer.ops import reference
 from emosteer.request.spec import SteerSpec
+from emosteer.request.step import CAPTURE_KINDS, capture_layout, token_slots
 
 SpecLike = SteerSpec | dict | str | None
 
@@ -45,7 +47,6 @@ __all__ = ["HFSteerer", "GenerateOutput"]
 
 
 _ON = torch.ones(1, dtype=torch.int32)  # the ops' per-layer flag: always on here
-CAPTURE_KINDS = ("heads", "residual", "attn_image")
 
 
 def _own_rows(n: int, device) -> torch.Tensor:
@@ -72,29 +73,29 @@ def _uses_mrope(config) -> bool:
 
 
 class _Step:
-    """Per-forward state the hooks read: which slot and which capture each token has."""
+    """Per-forward state the hooks read: which slot and which capture each token has
+    (from the per-step builder the vLLM worker uses too, ``emosteer/request/step.py``).
 
-    def __init__(self, plan: Plan, mask: torch.Tensor, phase: int, cap_tok: torch.Tensor,
-                 grad: bool, keep: dict[str, set[int]] | None):
-        B, T = mask.shape
+    ``pos`` ``[B, T]``: each token's position in its request (prompt tokens from 0, then
+    the generated ones), -1 for padding."""
+
+    def __init__(self, plan: Plan, pos: torch.Tensor, grad: bool, keep: dict[str, set[int]] | None):
+        B, T = pos.shape
         self.plan, self.B, self.T, self.grad = plan, B, T, grad
         self.keep = keep or {}
-        rows = torch.arange(B, device=mask.device).repeat_interleave(T)  # [N]
-        real = mask.reshape(-1).bool()
-        on = plan.row_on[rows] & real
-        self.tok_row = rows
-        self.base_slot = torch.where(on, NUM_PHASES * rows + phase, torch.full_like(rows, -1))
-        pmap = plan.position_map(mask.device) if phase == PHASE_PROMPT else None
-        if pmap is not None:  # "last" / listed prompt positions take their group's slot
-            pidx = (mask.long().cumsum(1) - 1).reshape(-1)  # prompt index (left padding)
-            P = pmap.shape[1]
-            ov = pmap[rows, pidx.clamp(0, P - 1)]
-            use = real & (pidx < P) & (ov >= 0)
-            self.base_slot = torch.where(use, ov, self.base_slot)
-        self.cap_tok = cap_tok.reshape(-1)  # [N] bool: the token's position is captured
+        device = pos.device
+        p = pos.reshape(-1).cpu().numpy().astype(np.int64)
+        valid = p >= 0
+        qs = np.arange(B + 1, dtype=np.int64) * T
+        row = np.repeat(np.arange(B), T)
+        first = np.where(valid.reshape(B, T), p.reshape(B, T), np.iinfo(np.int64).max).min(axis=1)
+        first = np.where(first == np.iinfo(np.int64).max, 0, first)
+        self.tok_row = torch.from_numpy(row).to(device)
+        self.base_slot = torch.from_numpy(token_slots(plan.tables, row, p, qs, valid)).long().to(device)
+        self.layout = capture_layout(plan.tables, p, qs, first, plan.info.num_layers, None, valid)
         self.acts: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "mlp": {}, "residual": {}}
+        # kind -> layer -> the captured tokens' rows, in token order
         self.caps: dict[str, dict[int, torch.Tensor]] = {k: {} for k in CAPTURE_KINDS}
-        self.cap_rows: dict[str, dict[int, torch.Tensor]] = {k: {} for k in CAPTURE_KINDS}
         self.key_span: torch.Tensor | None = None  # [B, K] image index of each key, -1 = none
 
     def slot(self, on: torch.Tensor | None) -> torch.Tensor | None:
@@ -107,11 +108,10 @@ class _Step:
             return None
         return torch.where(act, s, torch.full_like(s, -1)).to(torch.int32)
 
-    def cap_mask(self, rows_on: torch.Tensor | None) -> torch.Tensor | None:
-        if rows_on is None:
-            return None
-        m = self.cap_tok & rows_on[self.tok_row]
-        return m if bool(m.any()) else None
+    def cap_mask(self, kind: str, layer: int) -> torch.Tensor | None:
+        """bool ``[B*T]``: the tokens whose ``kind`` is captured at ``layer`` (None: none)."""
+        m = self.layout.layer_tokens(kind, layer)
+        return None if m is None else torch.from_numpy(m).to(self.base_slot.device)
 
 
 class HFSteerer:
@@ -221,7 +221,7 @@ class HFSteerer:
             if st is None:
                 return None
             lp = st.plan.layers[l]
-            slot, capm = st.slot(lp.head_on), st.cap_mask(lp.cap_heads)
+            slot, capm = st.slot(lp.head_on), st.cap_mask("heads", l)
             keep = l in st.keep.get("heads", ())
             if slot is None and capm is None and not keep:
                 return None
@@ -250,7 +250,6 @@ class HFSteerer:
                 ops.head_affine_capture(*hargs, impl="torch")
             if capm is not None:
                 st.caps["heads"][l] = cap_buf[:n].detach().clone()
-                st.cap_rows["heads"][l] = st.tok_row[capm]
             if keep:
                 z4 = z.view(st.B, st.T, H, D)
                 z4.retain_grad()
@@ -300,7 +299,7 @@ class HFSteerer:
             if st is None:
                 return None
             lp = st.plan.layers[l]
-            slot, capm = st.slot(lp.res_on), st.cap_mask(lp.cap_res)
+            slot, capm = st.slot(lp.res_on), st.cap_mask("residual", l)
             keep = l in st.keep.get("residual", ())
             if slot is None and capm is None and not keep:
                 return None
@@ -320,7 +319,6 @@ class HFSteerer:
                     )
             if capm is not None and not self._reads(l):
                 st.caps["residual"][l] = r[capm].detach().clone()
-                st.cap_rows["residual"][l] = st.tok_row[capm]
             new = r.view(h.shape)
             if keep:
                 new.retain_grad()
@@ -344,13 +342,12 @@ class HFSteerer:
             st = self._step
             if st is None:
                 return None
-            capm = st.cap_mask(st.plan.layers[l].cap_res)
+            capm = st.cap_mask("residual", l)
             if capm is None:
                 return None
             h = args[0] if args else kwargs.get("hidden_states")
             r = h.reshape(-1, h.shape[-1])
             st.caps["residual"][l] = r[capm].detach().clone()
-            st.cap_rows["residual"][l] = st.tok_row[capm]
             return None
 
         return hook
@@ -407,31 +404,29 @@ class HFSteerer:
         cols = torch.arange(T, device=mask.device).expand_as(mask)
         return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(dim=1).values
 
-    def _prefill_cap(self, plan: Plan, mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] bool: prompt tokens captured by each row's capture positions."""
-        cap = torch.zeros_like(mask, dtype=torch.bool)
-        last = self._last_index(mask)
-        for row, c in enumerate(plan.captures):
-            if c is None:
-                continue
-            if c.positions == "all":
-                cap[row] = mask[row].bool()
-            elif c.positions == "last":
-                cap[row, last[row]] = True
-        return cap
+    @staticmethod
+    def _prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` position of each prompt token in its row (left or right padding),
+        -1 for padding."""
+        m = mask.long()
+        return torch.where(m.bool(), m.cumsum(1) - 1, torch.full_like(m, -1))
 
     @staticmethod
-    def _collect(st: _Step, store: list[dict | None], positions: list[list[int]],
-                 new_pos: list[list[int]]) -> None:
-        """Split the step's captured rows by batch row and append them to ``store``."""
-        for kind in CAPTURE_KINDS:
-            for l, buf in st.caps[kind].items():
-                rows = st.cap_rows[kind][l]
-                for row in rows.unique().tolist():
-                    entry = store[row]
-                    entry[kind].setdefault(l, []).append(buf[rows == row])
-        for row, pos in enumerate(new_pos):
-            positions[row].extend(pos)
+    def _collect(st: _Step, store: list[dict | None], positions: list[list[int]]) -> None:
+        """Hand the step's captured rows to their batch rows (``store``) and append the
+        positions they were captured at."""
+        new: dict[int, set[int]] = {}
+        captures = st.plan.tables.captures
+        for entry, kind, layer, pos, rows in st.layout.records:
+            buf = st.caps[kind].get(layer)
+            if buf is None:
+                continue
+            row = captures[entry][0]
+            local = torch.from_numpy(st.layout.local_rows(kind, layer, rows)).to(buf.device)
+            store[row][kind].setdefault(layer, []).append(buf[local])
+            new.setdefault(row, set()).update(pos.tolist())
+        for row, pos in new.items():
+            positions[row].extend(sorted(pos))
 
     @staticmethod
     def _finish(plan: Plan, store: list[dict | None], positions: list[list[int]],
@@ -466,16 +461,10 @@ class HFSteerer:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.to(input_ids.device)
-        st = _Step(plan, mask, PHASE_PROMPT, self._prefill_cap(plan, mask), grad, keep)
+        st = _Step(plan, self._prompt_positions(mask), grad, keep)
         st.key_span = self._spans(input_ids)
         store = [{k: {} for k in CAPTURE_KINDS} if c is not None else None for c in plan.captures]
         positions: list[list[int]] = [[] for _ in range(B)]
-        lens = mask.sum(1).tolist()
-        new_pos = []
-        for row, c in enumerate(plan.captures):
-            n = int(lens[row])
-            new_pos.append([] if c is None or c.positions == "generated"
-                           else ([n - 1] if c.positions == "last" else list(range(n))))
         self._step = st
         token = vee.CURRENT.set((self, st))
         try:
@@ -485,7 +474,7 @@ class HFSteerer:
         finally:
             self._step = None
             vee.CURRENT.reset(token)
-        self._collect(st, store, positions, new_pos)
+        self._collect(st, store, positions)
         lg = out.logits
         if logits == "last":
             lg = lg[torch.arange(B, device=lg.device), self._last_index(mask)]
@@ -570,18 +559,15 @@ class HFSteerer:
         alive = [True] * B
         cache = DynamicCache(config=self.model.config)
         pos = self._positions(mask)
-        cur_ids, cur_mask = input_ids, mask
-        step_cap = self._prefill_cap(plan, mask)
-        new_pos = [[] if c is None or c.positions == "generated"
-                   else ([n - 1] if c.positions == "last" else list(range(n)))
-                   for c, n in zip(plan.captures, prompt_lens)]
-        phase, full_mask = PHASE_PROMPT, mask
+        cur_ids = input_ids
+        step_pos = self._prompt_positions(mask)  # positions of the tokens fed this step
+        full_mask = mask
         for m in self.model.modules():  # a delta left by an earlier batch must not be reused
             if getattr(m, "rope_deltas", None) is not None:
                 m.rope_deltas = None
         with self._hooks(), self._vee(plan):
             for t in range(max_new_tokens):
-                st = _Step(plan, cur_mask, phase, step_cap, False, None)
+                st = _Step(plan, step_pos, False, None)
                 st.key_span = spans
                 self._step = st
                 token = vee.CURRENT.set((self, st))
@@ -592,7 +578,7 @@ class HFSteerer:
                 finally:
                     self._step = None
                     vee.CURRENT.reset(token)
-                self._collect(st, store, positions, new_pos)
+                self._collect(st, store, positions)
                 logits = out.logits[:, -1].float()
                 nxt = self._pick(logits, temperature, top_p, gen)
                 for row in range(B):
@@ -614,13 +600,8 @@ class HFSteerer:
                     pos = pos[:, -1:] + 1
                 elif self._mrope:
                     pos = self._mrope_next(full_mask)
-                phase = PHASE_GENERATED
-                step_cap = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
-                new_pos = [[] for _ in range(B)]
-                for row, c in enumerate(plan.captures):
-                    if c is not None and alive[row] and c.positions in ("all", "generated"):
-                        step_cap[row, 0] = True
-                        new_pos[row] = [prompt_lens[row] + len(out_ids[row]) - 1]
+                step_pos = torch.tensor([[prompt_lens[r] + len(out_ids[r]) - 1 if alive[r] else -1]
+                                         for r in range(B)], device=self.device)
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]

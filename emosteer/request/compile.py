@@ -34,10 +34,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from emosteer.request.bank import ModelInfo, VectorBank, head_shard, shard_entry
+from emosteer.request import positions as pos_model
+from emosteer.request.bank import ModelInfo, VectorBank, shard_entry
+from emosteer.request.positions import PHASES
 from emosteer.request.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
 
-PHASES = ("prompt", "generated")
 POOL_KINDS = ("res", "head", "neu")
 
 __all__ = [
@@ -50,17 +51,13 @@ __all__ = [
     "compile_request",
     "key_kind",
     "materialize",
-    "program_at",
-    "block_identity",
 ]
 
 
 def phase_spec(spec: SteerSpec, phase: str) -> SteerSpec:
     """The interventions of ``spec`` in effect at every ``phase`` token (no capture;
     items at "last" or listed positions act only in their position groups)."""
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-    keep = lambda item: isinstance(item.positions, str) and item.positions in ("all", phase)  # noqa: E731
+    keep = lambda item: pos_model.in_phase(item.positions, phase)  # noqa: E731
     neurons = spec.neurons if spec.neurons is not None and keep(spec.neurons) else None
     return SteerSpec(
         steer=tuple(s for s in spec.steer if keep(s)),
@@ -197,7 +194,7 @@ class RequestProgram:
 
     def cache_identity(self, num_prompt: int | None) -> dict | None:
         """What the KV cache of each position depends on, for the prefix cache (msgpack
-        safe; None when no position is intervened on). ``program_at`` reads it.
+        safe; None when no position is intervened on). ``positions.program_at`` reads it.
 
         ``{"P": prompt length, "prompt": fp, "generated": fp, "at": [[position, fp], ...]}``
         with ``fp`` the fingerprint of the program in effect (None = no intervention).
@@ -229,60 +226,6 @@ class RequestProgram:
         }
 
 
-def program_at(identity: dict | None, position: int) -> str | None:
-    """The fingerprint of the program a request applies at ``position`` (None: nothing):
-    a listed or "last" prompt position takes its group's program, other prompt positions
-    the prompt phase's, later positions the generated phase's. The worker's per-step
-    slot choice follows the same rule (``emosteer/vllm/worker.py``, ``prepare_step``)."""
-    if identity is None:
-        return None
-    for pos, fp in identity["at"]:
-        if pos == position:
-            return fp
-    return identity["prompt"] if position < identity["P"] else identity["generated"]
-
-
-def block_identity(identity: dict | None, start: int, end: int) -> str | None:
-    """The prefix-cache key of the KV block of positions ``[start, end)``: the program at
-    each of its positions, run-length encoded (``"<offset>+<length>=<fp or ->"``), or
-    None when no position of the block is intervened on (its KV is the plain model's,
-    shared with everyone). Earlier positions are covered by the parent block's hash
-    (vLLM chains them); later ones cannot change this block's KV (attention is causal).
-
-    So a block is shared exactly when every one of its positions was computed under the
-    same program: blocks inside the prompt of a config that acts the same on every
-    prompt token are shared between prompts of different lengths; the block holding the
-    end of the prompt (where "prompt" items stop, "generated" ones start and "last"
-    acts) is shared only with a request whose prompt ends at the same place."""
-    if identity is None:
-        return None
-    cuts = {start, end}
-    P = identity["P"]
-    if start < P < end:
-        cuts.add(P)
-    for pos, _ in identity["at"]:
-        if start <= pos < end:
-            cuts.update((pos, pos + 1))
-    edges = sorted(cuts)
-    runs, any_fp = [], False
-    for lo, hi in zip(edges, edges[1:]):
-        fp = program_at(identity, lo)
-        any_fp = any_fp or fp is not None
-        if runs and runs[-1][2] == fp:
-            runs[-1][1] += hi - lo
-        else:
-            runs.append([lo - start, hi - lo, fp])
-    if not any_fp:
-        return None
-    return ",".join(f"{off}+{n}={fp or '-'}" for off, n, fp in runs)
-
-
-def _covers(positions, p: int, last: int) -> bool:
-    if isinstance(positions, tuple):
-        return p in positions
-    return positions in ("all", "prompt") or (positions == "last" and p == last)
-
-
 def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | None) -> dict[int, SteerSpec]:
     """Prompt position -> the spec in effect there, for every position named by an item
     ("last" = ``num_prompt - 1``; -1 while the prompt length is unknown) or listed.
@@ -291,23 +234,15 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
     as ``positions: "all"``, so a group's fingerprint does not depend on where it acts:
     a patch listing 40 positions with one vector is one slot; with a "head_positions"
     vector (one per position) each position reads its own row (``HeadItem.at``)."""
-    from dataclasses import replace
-
-    last = num_prompt - 1 if num_prompt is not None else -1
     items = [*spec.steer, *spec.heads, *([spec.neurons] if spec.neurons is not None else [])]
-    listed: set[int] = set()
-    for it in items:
-        if isinstance(it.positions, tuple):
-            listed.update(it.positions)
-        elif it.positions == "last":
-            listed.add(last)
+    covers = pos_model.covers
     out: dict[int, SteerSpec] = {}
-    for p in sorted(listed):
-        steer = tuple(replace(s, positions="all") for s in spec.steer if _covers(s.positions, p, last))
+    for p in pos_model.groups((it.positions for it in items), num_prompt):
+        steer = tuple(replace(s, positions="all") for s in spec.steer if covers(s.positions, p, num_prompt))
         heads = []
         seen: dict[tuple[int, int], int] = {}
         for i, hd in enumerate(spec.heads):
-            if not _covers(hd.positions, p, last):
+            if not covers(hd.positions, p, num_prompt):
                 continue
             if (hd.layer, hd.head) in seen:
                 raise SpecError(
@@ -323,7 +258,7 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
             heads.append(replace(hd, positions="all", at=at))
         neurons = spec.neurons
         if neurons is not None:
-            if _covers(neurons.positions, p, last):
+            if covers(neurons.positions, p, num_prompt):
                 neurons = replace(neurons, positions="all")
             else:
                 neurons = None
@@ -381,7 +316,3 @@ def materialize(
         mask = shard_entry(entry(name, hsh, "neurons"), "neurons", tp_size, tp_rank)
         return mask[layer].float()
     raise ValueError(f"not a pool key: {key!r}")
-
-
-def local_heads(info: ModelInfo, tp_size: int, tp_rank: int) -> range:
-    return head_shard(info.num_heads, tp_size, tp_rank)

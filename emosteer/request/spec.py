@@ -2,176 +2,34 @@
 
 A ``SteerSpec`` is parsed from the JSON object a request carries (docs/DESIGN.md §4), checked
 strictly (unknown keys, wrong types, NaN/inf and absurd values raise ``SpecError`` whose
-``.field`` names the culprit, e.g. ``"steer[0].scale"``), validated against a vector
+``.field`` names the culprit, e.g. ``"steer[0].scale"``; the field parsers are in
+``fields.py``, what a position means in ``positions.py``), validated against a vector
 bank and a model, and fingerprinted so that identical configs share one device slot.
-``json_schema()`` is the published schema of the same object (docs/steer.schema.json).
+``emosteer.request.schema.json_schema()`` is the published schema of the same object.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import dataclass
-from typing import Union, TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from emosteer.request import fields as F
+from emosteer.request import positions as pos_model
+from emosteer.request.fields import MAX_ABS_SCALE, MAX_GAIN, SpecError
+from emosteer.request.positions import CAPTURE_POSITIONS, MAX_POSITIONS, POSITIONS, Positions
 
 if TYPE_CHECKING:
     from emosteer.request.bank import ModelInfo, VectorBank
 
-MAX_ABS_SCALE = 1e4
-MAX_GAIN = 100.0  # gamma (neurons) and beta (boost) lie in (0, MAX_GAIN]
 MAX_CAPTURE_ROWS = 4096
 MAX_STEER_ITEMS = 1024  # steer items per request
 MAX_HEAD_ITEMS = 65536  # head items per request after expanding "head" lists
 FINGERPRINT_VERSION = 1
 
-POSITIONS = ("all", "prompt", "generated", "last")
 SALT_PREFIX = "emosteer@"  # reserved: a client cache_salt containing it is refused
-MAX_POSITIONS = 4096  # explicit prompt positions per item
-CAPTURE_POSITIONS = ("last", "all", "generated")
 HEAD_MODES = ("add", "patch", "ablate", "scale")
-COMPONENTS = {"head_out": "attn.head_out", "residual": "residual", "mlp_act": "mlp.act"}
-
-# "all" | "prompt" | "generated" | "last" (the last prompt token) | explicit prompt token
-# indices (a sorted tuple of ints; the JSON form is a list)
-Positions = Union[str, tuple[int, ...]]
-
-
-def _positions(value: Any, field: str) -> "Positions":
-    if isinstance(value, str):
-        return _choice(value, field, POSITIONS)
-    if not isinstance(value, list) or not value:
-        raise SpecError(field, f"must be one of {list(POSITIONS)} or a non-empty list of prompt "
-                        f"token indices, got {_tname(value)}")
-    if len(value) > MAX_POSITIONS:
-        raise SpecError(field, f"lists {len(value)} positions; the limit is {MAX_POSITIONS}")
-    out = [_int(v, f"{field}[{i}]") for i, v in enumerate(value)]
-    if len(set(out)) != len(out):
-        raise SpecError(field, "lists a position twice")
-    return tuple(sorted(out))
-
-
-def position_kind(positions: "Positions") -> set[str]:
-    """Which token classes an item's positions touch: "P" (every prompt token), "G"
-    (generated tokens), "L" (the last prompt token), "X" (listed prompt tokens)."""
-    if isinstance(positions, tuple):
-        return {"X"}
-    return {"all": {"P", "G"}, "prompt": {"P"}, "generated": {"G"}, "last": {"L"}}[positions]
-
-
-def positions_overlap(p: "Positions", q: "Positions") -> bool:
-    """Whether two items' positions can share a token (a listed position and "last"
-    are checked later, once the prompt length is known)."""
-    a, b = position_kind(p), position_kind(q)
-    if "P" in a and b & {"P", "L", "X"} or "P" in b and a & {"P", "L", "X"}:
-        return True
-    if a & b & {"G", "L"}:
-        return True
-    if isinstance(p, tuple) and isinstance(q, tuple):
-        return bool(set(p) & set(q))
-    return False
-
-
-class SpecError(ValueError):
-    """A malformed or unservable request config; ``field`` is its dotted path."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}" if field else message)
-
-
-def act_name(layer: int, component: str) -> str:
-    """Dotted activation name: ``act_name(12, "head_out") == "layers.12.attn.head_out"``.
-    ``component`` is one of head_out, residual, mlp_act (or the dotted suffix itself)."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise ValueError(f"layer must be a non-negative int, got {layer!r}")
-    suffix = COMPONENTS.get(component)
-    if suffix is None:
-        if component in COMPONENTS.values():
-            suffix = component
-        else:
-            raise ValueError(f"unknown component {component!r}; expected one of {sorted(COMPONENTS)}")
-    return f"layers.{layer}.{suffix}"
-
-
-# -- field checks ---------------------------------------------------------------------
-def _obj(value: Any, field: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
-    if not isinstance(value, dict):
-        raise SpecError(field or "spec", f"must be an object, got {_tname(value)}")
-    for key in value:
-        if key not in allowed:
-            where = f"{field}.{key}" if field else str(key)
-            raise SpecError(where, f"unknown key {key!r}; allowed: {', '.join(allowed)}")
-    for key in required:
-        if key not in value:
-            raise SpecError(f"{field}.{key}" if field else key, "is required")
-    return value
-
-
-def _tname(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _int(value: Any, field: str) -> int:
-    # JSON (and its schema) does not tell 1 from 1.0, so an integral float is an int
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(field, f"must be an integer, got {_tname(value)} {value!r}")
-    if value < 0:
-        raise SpecError(field, f"must be >= 0, got {value}")
-    return value
-
-
-def _num(value: Any, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(field, f"must be a number, got {_tname(value)} {value!r}")
-    value = float(value) + 0.0  # -0.0 -> 0.0, so equal configs print alike
-    if not math.isfinite(value):
-        raise SpecError(field, f"must be finite, got {value}")
-    return value
-
-
-def _scale(value: Any, field: str) -> float:
-    value = _num(value, field)
-    if abs(value) > MAX_ABS_SCALE:
-        raise SpecError(field, f"|scale| must be <= {MAX_ABS_SCALE:g}, got {value:g}")
-    return value
-
-
-def _gain(value: Any, field: str) -> float:
-    value = _num(value, field)
-    if not 0.0 < value <= MAX_GAIN:
-        raise SpecError(field, f"must be in (0, {MAX_GAIN:g}], got {value:g}")
-    return value
-
-
-def _name(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise SpecError(field, f"must be a non-empty vector name, got {value!r}")
-    return value
-
-
-def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
-    if value not in choices or not isinstance(value, str):
-        raise SpecError(field, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _layers(value: Any, field: str, allow_all: bool = True) -> tuple[int, ...] | None:
-    """int | [int, ...] | "all" -> sorted tuple, or None for "all"."""
-    if value == "all" and allow_all:
-        return None
-    if isinstance(value, list):
-        if not value:
-            raise SpecError(field, "must not be an empty list")
-        out = [_int(v, f"{field}[{i}]") for i, v in enumerate(value)]
-        if len(set(out)) != len(out):
-            raise SpecError(field, f"lists a layer twice: {value}")
-        return tuple(sorted(out))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (_int(value, field),)
-    raise SpecError(field, f'must be an integer, a list of integers or "all", got {value!r}')
 
 
 # -- items ----------------------------------------------------------------------------
@@ -190,7 +48,7 @@ class SteerItem:
             "vector": self.vector,
             "layers": "all" if self.layers is None else list(self.layers),
             "scale": self.scale,
-            "positions": _pos_json(self.positions),
+            "positions": pos_model.to_json(self.positions),
         }
 
 
@@ -224,7 +82,7 @@ class HeadItem:
             d["vector"] = self.vector
         if self.mode in ("add", "scale"):
             d["scale"] = self.scale
-        d["positions"] = _pos_json(self.positions)
+        d["positions"] = pos_model.to_json(self.positions)
         if self.at is not None:
             d["at"] = self.at
         return d
@@ -239,7 +97,7 @@ class NeuronItem:
     positions: Positions = "all"
 
     def to_dict(self) -> dict:
-        return {"set": self.set, "gamma": self.gamma, "positions": _pos_json(self.positions)}
+        return {"set": self.set, "gamma": self.gamma, "positions": pos_model.to_json(self.positions)}
 
 
 BOOST_MODES = ("weight", "logit")
@@ -277,7 +135,7 @@ class BoostItem:
 def _phase_layers(value: Any, field: str) -> tuple[int, ...] | None:
     if value == "none":
         return ()
-    return _layers(value, field)
+    return F.layers(value, field)
 
 
 @dataclass(frozen=True)
@@ -312,59 +170,55 @@ class CaptureItem:
         return count * num_tokens
 
 
-def _pos_json(positions: "Positions"):
-    return list(positions) if isinstance(positions, tuple) else positions
-
-
 def _parse_steer(value: Any, field: str) -> SteerItem:
-    _obj(value, field, ("vector", "layers", "scale", "positions"), ("vector", "layers", "scale"))
+    F.obj(value, field, ("vector", "layers", "scale", "positions"), ("vector", "layers", "scale"))
     return SteerItem(
-        vector=_name(value["vector"], f"{field}.vector"),
-        layers=_layers(value["layers"], f"{field}.layers"),
-        scale=_scale(value["scale"], f"{field}.scale"),
-        positions=_positions(value.get("positions", "all"), f"{field}.positions"),
+        vector=F.name(value["vector"], f"{field}.vector"),
+        layers=F.layers(value["layers"], f"{field}.layers"),
+        scale=F.scale(value["scale"], f"{field}.scale"),
+        positions=pos_model.parse(value.get("positions", "all"), f"{field}.positions"),
     )
 
 
 def _parse_heads(value: Any, field: str) -> list[HeadItem]:
-    _obj(value, field, ("layer", "head", "mode", "vector", "scale", "positions"), ("layer", "head", "mode"))
-    layer = _int(value["layer"], f"{field}.layer")
-    mode = _choice(value["mode"], f"{field}.mode", HEAD_MODES)
-    heads = _layers(value["head"], f"{field}.head", allow_all=False)
+    F.obj(value, field, ("layer", "head", "mode", "vector", "scale", "positions"), ("layer", "head", "mode"))
+    layer = F.integer(value["layer"], f"{field}.layer")
+    mode = F.choice(value["mode"], f"{field}.mode", HEAD_MODES)
+    heads = F.layers(value["head"], f"{field}.head", allow_all=False)
     assert heads is not None
     vector = None
     if mode in ("add", "patch"):
         if "vector" not in value:
             raise SpecError(f"{field}.vector", f"is required for mode {mode!r}")
-        vector = _name(value["vector"], f"{field}.vector")
+        vector = F.name(value["vector"], f"{field}.vector")
     elif "vector" in value:
         raise SpecError(f"{field}.vector", f"is not allowed for mode {mode!r}")
     scale = 1.0
     if mode == "scale":
         if "scale" not in value:
             raise SpecError(f"{field}.scale", "is required for mode 'scale'")
-        scale = _scale(value["scale"], f"{field}.scale")
+        scale = F.scale(value["scale"], f"{field}.scale")
     elif mode == "add":
-        scale = _scale(value.get("scale", 1.0), f"{field}.scale")
+        scale = F.scale(value.get("scale", 1.0), f"{field}.scale")
     elif "scale" in value:
         raise SpecError(f"{field}.scale", f"is not allowed for mode {mode!r}")
-    positions = _positions(value.get("positions", "all"), f"{field}.positions")
+    positions = pos_model.parse(value.get("positions", "all"), f"{field}.positions")
     return [HeadItem(layer, h, mode, vector, scale, positions) for h in heads]
 
 
 def _parse_capture(value: Any, field: str) -> CaptureItem:
-    _obj(value, field, ("heads", "residual", "attn_image", "positions"))
+    F.obj(value, field, ("heads", "residual", "attn_image", "positions"))
     sel = {}
     for key in ("heads", "residual", "attn_image"):
         if key not in value:
             sel[key] = None
         else:
             raw = value[key]
-            parsed = _layers(raw, f"{field}.{key}")
+            parsed = F.layers(raw, f"{field}.{key}")
             sel[key] = "all" if parsed is None else parsed
     if sel["heads"] is None and sel["residual"] is None and sel["attn_image"] is None:
         raise SpecError(field, 'captures nothing; give "heads", "residual" and/or "attn_image"')
-    positions = _choice(value.get("positions", "last"), f"{field}.positions", CAPTURE_POSITIONS)
+    positions = F.choice(value.get("positions", "last"), f"{field}.positions", CAPTURE_POSITIONS)
     return CaptureItem(sel["heads"], sel["residual"], positions, sel["attn_image"])
 
 
@@ -393,18 +247,18 @@ class SteerSpec:
                 raise SpecError("spec", f"is not valid JSON: {e}") from None
             except RecursionError:
                 raise SpecError("spec", "is nested too deeply") from None
-        _obj(obj, "", ("steer", "heads", "neurons", "boost", "capture"))
+        F.obj(obj, "", ("steer", "heads", "neurons", "boost", "capture"))
         steer: list[SteerItem] = []
         if "steer" in obj:
             if not isinstance(obj["steer"], list):
-                raise SpecError("steer", f"must be a list of objects, got {_tname(obj['steer'])}")
+                raise SpecError("steer", f"must be a list of objects, got {F.type_name(obj['steer'])}")
             if len(obj["steer"]) > MAX_STEER_ITEMS:
                 raise SpecError("steer", f"has {len(obj['steer'])} items; the limit is {MAX_STEER_ITEMS}")
             steer = [_parse_steer(v, f"steer[{i}]") for i, v in enumerate(obj["steer"])]
         heads: list[HeadItem] = []
         if "heads" in obj:
             if not isinstance(obj["heads"], list):
-                raise SpecError("heads", f"must be a list of objects, got {_tname(obj['heads'])}")
+                raise SpecError("heads", f"must be a list of objects, got {F.type_name(obj['heads'])}")
             # one (a, b, v) per head and token: a head may be set twice only for disjoint
             # positions ("prompt" and "generated")
             seen: dict[tuple[int, int], list[tuple[str, int]]] = {}
@@ -412,11 +266,11 @@ class SteerSpec:
                 for item in _parse_heads(v, f"heads[{i}]"):
                     key = (item.layer, item.head)
                     for pos, j in seen.get(key, ()):
-                        if positions_overlap(pos, item.positions):
+                        if pos_model.overlap(pos, item.positions):
                             raise SpecError(
                                 f"heads[{i}].head",
                                 f"layer {key[0]} head {key[1]} is already set by heads[{j}] for "
-                                f"positions {_pos_json(pos)!r}; one intervention per head and position",
+                                f"positions {pos_model.to_json(pos)!r}; one intervention per head and position",
                             )
                     seen.setdefault(key, []).append((item.positions, i))
                     heads.append(item)
@@ -424,19 +278,19 @@ class SteerSpec:
                     raise SpecError("heads", f"expands to more than {MAX_HEAD_ITEMS} (layer, head) items")
         neurons = boost = capture = None
         if "neurons" in obj:
-            v = _obj(obj["neurons"], "neurons", ("set", "gamma", "positions"), ("set", "gamma"))
+            v = F.obj(obj["neurons"], "neurons", ("set", "gamma", "positions"), ("set", "gamma"))
             neurons = NeuronItem(
-                _name(v["set"], "neurons.set"),
-                _gain(v["gamma"], "neurons.gamma"),
-                _positions(v.get("positions", "all"), "neurons.positions"),
+                F.name(v["set"], "neurons.set"),
+                F.gain(v["gamma"], "neurons.gamma"),
+                pos_model.parse(v.get("positions", "all"), "neurons.positions"),
             )
         if "boost" in obj:
-            v = _obj(obj["boost"], "boost", ("heads", "beta", "mode", "prefill_layers", "decode_layers"),
+            v = F.obj(obj["boost"], "boost", ("heads", "beta", "mode", "prefill_layers", "decode_layers"),
                      ("heads", "beta"))
             boost = BoostItem(
-                _name(v["heads"], "boost.heads"),
-                _gain(v["beta"], "boost.beta"),
-                _choice(v.get("mode", "weight"), "boost.mode", BOOST_MODES),
+                F.name(v["heads"], "boost.heads"),
+                F.gain(v["beta"], "boost.beta"),
+                F.choice(v.get("mode", "weight"), "boost.mode", BOOST_MODES),
                 _phase_layers(v.get("prefill_layers", "all"), "boost.prefill_layers"),
                 _phase_layers(v.get("decode_layers", "all"), "boost.decode_layers"),
             )
@@ -505,11 +359,10 @@ class SteerSpec:
             items += [(f"heads[{i}]", h) for i, h in enumerate(self.heads)]
             items += [("neurons", self.neurons)] if self.neurons is not None else []
             for field, item in items:
-                if isinstance(item.positions, tuple) and item.positions[-1] >= num_prompt_tokens:
-                    raise SpecError(
-                        f"{field}.positions",
-                        f"position {item.positions[-1]} is past the prompt ({num_prompt_tokens} tokens)",
-                    )
+                past = pos_model.past_prompt(item.positions, num_prompt_tokens)
+                if past is not None:
+                    raise SpecError(f"{field}.positions",
+                                    f"position {past} is past the prompt ({num_prompt_tokens} tokens)")
         if self.boost is not None:
             vec(self.boost.heads, "heads", "boost.heads")
             layers_ok(self.boost.prefill_layers, "boost.prefill_layers")
@@ -519,9 +372,7 @@ class SteerSpec:
             layers_ok(c.heads, "capture.heads")
             layers_ok(c.residual, "capture.residual")
             layers_ok(c.attn_image, "capture.attn_image")
-            tokens = {"last": 1, "all": num_prompt_tokens, "generated": max_new_tokens}[c.positions]
-            if c.positions == "all" and tokens is not None:
-                tokens += max_new_tokens or 0
+            tokens = pos_model.capture_tokens(c.positions, num_prompt_tokens, max_new_tokens)
             if tokens is not None and c.rows(L, tokens) > MAX_CAPTURE_ROWS:
                 raise SpecError(
                     "capture.positions",
@@ -546,8 +397,6 @@ class SteerSpec:
             )
         boost = self.boost
         if boost is not None:
-            from dataclasses import replace
-
             boost = replace(
                 boost,
                 prefill_layers=every if boost.prefill_layers is None else boost.prefill_layers,
@@ -561,15 +410,6 @@ class SteerSpec:
 
     def is_empty(self) -> bool:
         return not self.intervenes() and self.capture is None
-
-    def changes_prompt(self) -> bool:
-        """True when an intervention touches prompt positions, so the prompt's KV cache
-        differs from an unsteered one (the prefix-cache key must change). A boost does
-        unless it acts in decode only."""
-        items = (*self.steer, *self.heads, *([self.neurons] if self.neurons else []))
-        return (self.boost is not None and self.boost.prefill_layers != ()) or any(
-            isinstance(it.positions, tuple) or it.positions in ("all", "prompt", "last") for it in items
-        )
 
     def vector_names(self) -> list[str]:
         """Every bank entry the interventions use (sorted, unique)."""
@@ -616,89 +456,9 @@ class SteerSpec:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-# -- the published schema ---------------------------------------------------------------
-def json_schema() -> dict:
-    """JSON Schema (draft 2020-12) of the request object. It mirrors ``parse`` except
-    for checks that need a model or a bank, and (layer, head) set twice."""
-    layer = {"type": "integer", "minimum": 0}
-    layer_list = {"type": "array", "items": layer, "minItems": 1, "uniqueItems": True}
-    name = {"type": "string", "minLength": 1}
-    scale = {"type": "number", "minimum": -MAX_ABS_SCALE, "maximum": MAX_ABS_SCALE}
-    gain = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_GAIN}
-    positions = {
-        "description": "'all', 'prompt', 'generated', 'last' (the last prompt token) or a list of "
-        "prompt token indices",
-        "default": "all",
-        "oneOf": [
-            {"enum": list(POSITIONS)},
-            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
-             "maxItems": MAX_POSITIONS, "uniqueItems": True},
-        ],
-    }
-    selection = {"$ref": "#/$defs/layer_selection"}
-    phase_selection = {"description": "layers of this phase; 'all' (default) or 'none'",
-                       "default": "all", "oneOf": [selection, {"const": "none"}]}
-
-    def entry(kind: str) -> dict:
-        return {**name, "description": f"name of a bank entry of kind {kind}"}
-
-    def obj(required: list[str], properties: dict, **extra: Any) -> dict:
-        out = {"type": "object", "additionalProperties": False, "properties": properties}
-        return {**out, "required": required, **extra} if required else {**out, **extra}
-
-    def mode_rule(mode: str, require: list[str], forbid: list[str]) -> dict:
-        then: dict[str, Any] = {"required": require} if require else {}
-        if forbid:
-            then["not"] = {"anyOf": [{"required": [k]} for k in forbid]}
-        return {"if": {"properties": {"mode": {"const": mode}}}, "then": then}
-
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "emosteer request config",
-        "description": "The object under extra_args['emosteer'] (offline) or vllm_xargs.emosteer (server).",
-        **obj([], {
-            "steer": {"type": "array", "items": {"$ref": "#/$defs/steer_item"}, "maxItems": MAX_STEER_ITEMS},
-            "heads": {"type": "array", "items": {"$ref": "#/$defs/head_item"}, "maxItems": MAX_HEAD_ITEMS},
-            "neurons": {"$ref": "#/$defs/neurons"},
-            "boost": {"$ref": "#/$defs/boost"},
-            "capture": {"$ref": "#/$defs/capture"},
-        }),
-        "$defs": {
-            "layer_selection": {"oneOf": [layer, layer_list, {"const": "all"}]},
-            "steer_item": obj(["vector", "layers", "scale"], {
-                "vector": entry("residual [L, d]"), "layers": selection, "scale": scale,
-                "positions": positions,
-            }),
-            "head_item": obj(["layer", "head", "mode"], {
-                "layer": layer, "head": {"oneOf": [layer, layer_list]},
-                "mode": {"enum": list(HEAD_MODES)}, "vector": entry("head [L, H, D]"),
-                "scale": scale, "positions": positions,
-            }, allOf=[
-                mode_rule("add", ["vector"], []),
-                mode_rule("patch", ["vector"], ["scale"]),
-                mode_rule("ablate", [], ["vector", "scale"]),
-                mode_rule("scale", ["scale"], ["vector"]),
-            ]),
-            "neurons": obj(["set", "gamma"], {
-                "set": entry("neurons [L, I] (0/1 mask)"), "gamma": gain, "positions": positions,
-            }),
-            "boost": obj(["heads", "beta"], {
-                "heads": entry("heads [L, H] (0/1 mask)"), "beta": gain,
-                "mode": {"enum": list(BOOST_MODES), "default": "weight"},
-                "prefill_layers": phase_selection, "decode_layers": phase_selection,
-            }, **{"not": {"required": ["prefill_layers", "decode_layers"], "properties": {
-                "prefill_layers": {"const": "none"}, "decode_layers": {"const": "none"}}}}),
-            "capture": obj([], {
-                "heads": selection, "residual": selection, "attn_image": selection,
-                "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},
-            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}, {"required": ["attn_image"]}]),
-        },
-    }  # fmt: skip
-
-
 __all__ = [
-    "BOOST_MODES", "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN", "MAX_HEAD_ITEMS", "MAX_IMAGES",
-    "MAX_STEER_ITEMS",
-    "BoostItem", "CaptureItem", "HeadItem", "NeuronItem", "SpecError", "SteerItem",
-    "SteerSpec", "act_name", "json_schema",
+    "BOOST_MODES", "CAPTURE_POSITIONS", "HEAD_MODES", "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN",
+    "MAX_HEAD_ITEMS", "MAX_IMAGES", "MAX_POSITIONS", "MAX_STEER_ITEMS", "POSITIONS", "SALT_PREFIX",
+    "BoostItem", "CaptureItem", "HeadItem", "NeuronItem", "Positions", "SpecError", "SteerItem",
+    "SteerSpec",
 ]  # fmt: skip

@@ -22,6 +22,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
+from emosteer.request import positions as pos_model
 from emosteer.request.bank import ModelInfo, VectorBank
 from emosteer.request.spec import SpecError, SteerSpec
 from emosteer.request.compile import compile_request
@@ -64,8 +65,7 @@ def capture_rows_per_step(spec: SteerSpec, num_prompt_tokens: int | None, num_la
         return 0
     layers = max(num_layers if v == "all" else len(v) for v in (c.heads, c.residual, c.attn_image)
                  if v is not None)
-    tokens = (num_prompt_tokens or 1) if c.positions == "all" else 1
-    return layers * tokens
+    return layers * pos_model.capture_tokens_per_step(c.positions, num_prompt_tokens)
 
 
 class FrontendSteering:
@@ -159,7 +159,7 @@ class FrontendSteering:
     def skips_prefix_cache(spec: SteerSpec) -> bool:
         """Captures at every position must compute every prompt token: such a request
         never reads the prefix cache (its own KV is valid and may be cached for others)."""
-        return spec.capture is not None and spec.capture.positions == "all"
+        return spec.capture is not None and pos_model.computes_every_prompt_token(spec.capture.positions)
 
 
 _lock = threading.Lock()

@@ -18,7 +18,8 @@ import torch
 pytest.importorskip("vllm")
 
 from emosteer.request.bank import ModelInfo, VectorBank  # noqa: E402
-from emosteer.request.compile import block_identity, compile_request, program_at  # noqa: E402
+from emosteer.request.compile import compile_request  # noqa: E402
+from emosteer.request.positions import block_identity, program_at  # noqa: E402
 from emosteer.request.spec import SteerSpec  # noqa: E402
 from emosteer.vllm.patches import prefix_cache  # noqa: E402
 

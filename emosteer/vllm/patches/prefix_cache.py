@@ -6,7 +6,7 @@ Replaces: the function in ``kv_cache_utils`` and the names ``block_pool`` and
 What it does: a steered request carries its *cache identity* in its admission plan
 (``SamplingParams.extra_args["emosteer_plan"]["cache"]``, written by the front end from
 the compiled program; clients cannot set that key). For each block ``[start, end)`` the
-hasher appends ``("emosteer", emosteer.request.compile.block_identity(identity, start, end))``:
+hasher appends ``("emosteer", emosteer.request.positions.block_identity(identity, start, end))``:
 the program in effect at every position of the block. Blocks whose positions are all
 unsteered get no key and stay shared with everyone (attention is causal: the KV before
 the first steered position is the plain model's); a block is reused only by a request
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from emosteer.request.compile import block_identity
+from emosteer.request.positions import block_identity
 from emosteer.vllm.patches import Swap
 
 _swaps: list[Swap] = []

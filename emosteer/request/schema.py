@@ -1,0 +1,95 @@
+"""The published JSON Schema of a request config (docs/steer.schema.json).
+
+It mirrors ``SteerSpec.parse`` except for checks that need a model or a bank, and a
+(layer, head) set twice; ``tests/test_spec.py`` keeps the file and this function equal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emosteer.request.spec import (
+    BOOST_MODES, CAPTURE_POSITIONS, HEAD_MODES, MAX_ABS_SCALE, MAX_GAIN, MAX_HEAD_ITEMS, MAX_POSITIONS,
+    MAX_STEER_ITEMS, POSITIONS,
+)  # fmt: skip
+
+__all__ = ["json_schema"]
+
+
+def json_schema() -> dict:
+    """JSON Schema (draft 2020-12) of the request object. It mirrors ``parse`` except
+    for checks that need a model or a bank, and (layer, head) set twice."""
+    layer = {"type": "integer", "minimum": 0}
+    layer_list = {"type": "array", "items": layer, "minItems": 1, "uniqueItems": True}
+    name = {"type": "string", "minLength": 1}
+    scale = {"type": "number", "minimum": -MAX_ABS_SCALE, "maximum": MAX_ABS_SCALE}
+    gain = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_GAIN}
+    positions = {
+        "description": "'all', 'prompt', 'generated', 'last' (the last prompt token) or a list of "
+        "prompt token indices",
+        "default": "all",
+        "oneOf": [
+            {"enum": list(POSITIONS)},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1,
+             "maxItems": MAX_POSITIONS, "uniqueItems": True},
+        ],
+    }
+    selection = {"$ref": "#/$defs/layer_selection"}
+    phase_selection = {"description": "layers of this phase; 'all' (default) or 'none'",
+                       "default": "all", "oneOf": [selection, {"const": "none"}]}
+
+    def entry(kind: str) -> dict:
+        return {**name, "description": f"name of a bank entry of kind {kind}"}
+
+    def obj(required: list[str], properties: dict, **extra: Any) -> dict:
+        out = {"type": "object", "additionalProperties": False, "properties": properties}
+        return {**out, "required": required, **extra} if required else {**out, **extra}
+
+    def mode_rule(mode: str, require: list[str], forbid: list[str]) -> dict:
+        then: dict[str, Any] = {"required": require} if require else {}
+        if forbid:
+            then["not"] = {"anyOf": [{"required": [k]} for k in forbid]}
+        return {"if": {"properties": {"mode": {"const": mode}}}, "then": then}
+
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "emosteer request config",
+        "description": "The object under extra_args['emosteer'] (offline) or vllm_xargs.emosteer (server).",
+        **obj([], {
+            "steer": {"type": "array", "items": {"$ref": "#/$defs/steer_item"}, "maxItems": MAX_STEER_ITEMS},
+            "heads": {"type": "array", "items": {"$ref": "#/$defs/head_item"}, "maxItems": MAX_HEAD_ITEMS},
+            "neurons": {"$ref": "#/$defs/neurons"},
+            "boost": {"$ref": "#/$defs/boost"},
+            "capture": {"$ref": "#/$defs/capture"},
+        }),
+        "$defs": {
+            "layer_selection": {"oneOf": [layer, layer_list, {"const": "all"}]},
+            "steer_item": obj(["vector", "layers", "scale"], {
+                "vector": entry("residual [L, d]"), "layers": selection, "scale": scale,
+                "positions": positions,
+            }),
+            "head_item": obj(["layer", "head", "mode"], {
+                "layer": layer, "head": {"oneOf": [layer, layer_list]},
+                "mode": {"enum": list(HEAD_MODES)}, "vector": entry("head [L, H, D]"),
+                "scale": scale, "positions": positions,
+            }, allOf=[
+                mode_rule("add", ["vector"], []),
+                mode_rule("patch", ["vector"], ["scale"]),
+                mode_rule("ablate", [], ["vector", "scale"]),
+                mode_rule("scale", ["scale"], ["vector"]),
+            ]),
+            "neurons": obj(["set", "gamma"], {
+                "set": entry("neurons [L, I] (0/1 mask)"), "gamma": gain, "positions": positions,
+            }),
+            "boost": obj(["heads", "beta"], {
+                "heads": entry("heads [L, H] (0/1 mask)"), "beta": gain,
+                "mode": {"enum": list(BOOST_MODES), "default": "weight"},
+                "prefill_layers": phase_selection, "decode_layers": phase_selection,
+            }, **{"not": {"required": ["prefill_layers", "decode_layers"], "properties": {
+                "prefill_layers": {"const": "none"}, "decode_layers": {"const": "none"}}}}),
+            "capture": obj([], {
+                "heads": selection, "residual": selection, "attn_image": selection,
+                "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},
+            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}, {"required": ["attn_image"]}]),
+        },
+    }  # fmt: skip
