@@ -128,7 +128,7 @@ def test_layer_profile_and_outputs(result):
     # injecting S_1 (which carries the planted head's write) raises the target mass
     assert lp.proxy_change[1] > 0
     bank = res.bank
-    assert bank.get("joy.vee", "heads")[HEAD] == 1 and bank.get("joy.vee").sum() == 3
+    assert bank.get("joy.vee", "head_mask")[HEAD] == 1 and bank.get("joy.vee").sum() == 3
     assert bank.get("joy.ena", "neurons")[NEURON] == 1 and bank.get("joy.ena").sum() == 4
     assert not [n for n in bank.names() if n.startswith("_attr.")]
     data = json.loads((out / "attribution.json").read_text())

@@ -32,7 +32,7 @@ def make_bank(info: ModelInfo = INFO) -> VectorBank:
              layers=[0, 2], created="2026-11-25T18:00:00Z")  # fmt: skip
     bank.add("joy.h", "head", torch.randn(L, H, D, generator=g, dtype=torch.float64), emotion="joy")
     bank.add("joy.ena", "neurons", torch.rand(L, inter, generator=g) > 0.7)
-    bank.add("joy.vee", "heads", torch.randint(0, 2, (L, H), generator=g))
+    bank.add("joy.vee", "head_mask", torch.randint(0, 2, (L, H), generator=g))
     return bank
 
 
@@ -260,7 +260,7 @@ def test_shard_entry():
     parts = [shard_entry(head, "head", 3, r) for r in range(3)]
     assert all(p.shape == (3, 2, 8) for p in parts)
     assert torch.equal(torch.cat(parts, dim=1), head)
-    assert torch.equal(shard_entry(heads, "heads", 2, 1), heads[:, 3:6])
+    assert torch.equal(shard_entry(heads, "head_mask", 2, 1), heads[:, 3:6])
     assert torch.equal(shard_entry(neurons, "neurons", 2, 0), neurons[:, :20])
     assert shard_entry(resid, "residual", 2, 1) is resid  # the residual stream is replicated
     with pytest.raises(BankError, match="not divisible"):
@@ -326,3 +326,20 @@ def test_presets_round_trip_and_errors(tmp_path):
     d = VectorBank(info)
     d.update(c)
     assert d.preset("joy.preset") == c.preset("joy.preset")
+
+
+def test_format_1_files_read_their_head_masks_as_head_mask(tmp_path):
+    """Format 1 called the [L, H] 0/1 head mask "heads" (one letter from "head"); such
+    files load with the kind's new name, and adding under the old name says the new one."""
+    mask = torch.zeros(INFO.num_layers, INFO.num_heads)
+    mask[1, 2] = 1
+    path = _write(tmp_path / "old.safetensors", {"m": mask},
+                  _header(format_version=1, entries={"m": {"kind": "heads"}}))
+    bank = VectorBank.load(path)
+    assert bank.kind("m") == "head_mask" and torch.equal(bank.get("m", "head_mask"), mask)
+    with pytest.raises(BankError, match="now called 'head_mask'"):
+        VectorBank(INFO).add("m", "heads", mask)
+    # a file with "heads" under the current format is refused, naming the kind
+    bad = _write(tmp_path / "bad.safetensors", {"m": mask}, _header(entries={"m": {"kind": "heads"}}))
+    with pytest.raises(BankError, match="unknown kind 'heads'"):
+        VectorBank.load(bad)

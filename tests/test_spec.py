@@ -51,7 +51,7 @@ def bank() -> VectorBank:
     b.add("joy", "residual", torch.randn(4, 64, generator=g))
     b.add("joy.h", "head", torch.randn(4, 4, 16, generator=g))
     b.add("joy.ena", "neurons", (torch.rand(4, 96, generator=g) > 0.8).float())
-    b.add("joy.vee", "heads", torch.eye(4))
+    b.add("joy.vee", "head_mask", torch.eye(4))
     return b
 
 
@@ -429,7 +429,7 @@ def test_boost_compiles_per_phase():
     bank = VectorBank(info)
     mask = torch.zeros(4, 3)
     mask[0, 1] = mask[2, 0] = mask[3, 2] = 1
-    bank.add("joy.vee", "heads", mask)
+    bank.add("joy.vee", "head_mask", mask)
     bank.add("joy", "residual", torch.ones(4, 8))
     spec = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0, "mode": "logit",
                                       "prefill_layers": [0, 1], "decode_layers": [2, 3]},

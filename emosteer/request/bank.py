@@ -19,7 +19,11 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Kinds renamed since an earlier file format: files of that version are read with the
+# new name; ``VectorBank.add`` names the new one. (Format 1 called "head_mask" "heads",
+# one letter from "head".)
+RENAMED_KINDS = {1: {"heads": "head_mask"}}
 METADATA_KEY = "emosteer"
 
 # kind -> (shape as names of ModelInfo fields, is a 0/1 mask)
@@ -27,7 +31,7 @@ KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "residual": (("num_layers", "hidden_size"), False),  # [L, d]: S_l per layer
     "head": (("num_layers", "num_heads", "head_dim"), False),  # [L, H, D]
     "neurons": (("num_layers", "intermediate_size"), True),  # [L, I] 0/1
-    "heads": (("num_layers", "num_heads"), True),  # [L, H] 0/1
+    "head_mask": (("num_layers", "num_heads"), True),  # [L, H] 0/1: heads VEE boosts
     # [N, L, H, D]: one head vector per listed prompt position (position-aligned patching)
     "head_positions": (("positions", "num_layers", "num_heads", "head_dim"), False),
 }
@@ -195,7 +199,9 @@ class VectorBank:
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise BankError(f"entry name must be a non-empty string, got {name!r}")
         if kind not in KINDS:
-            raise BankError(f"{name}: unknown kind {kind!r}; expected one of {sorted(KINDS)}")
+            renamed = {old: new for m in RENAMED_KINDS.values() for old, new in m.items()}
+            hint = f" (kind {kind!r} is now called {renamed[kind]!r})" if kind in renamed else ""
+            raise BankError(f"{name}: unknown kind {kind!r}{hint}; expected one of {sorted(KINDS)}")
         if not isinstance(tensor, torch.Tensor):
             raise BankError(f"{name}: tensor must be a torch.Tensor, got {type(tensor).__name__}")
         _json_safe(meta, f"{name}: metadata")
@@ -368,7 +374,7 @@ class VectorBank:
         if not isinstance(header, dict):
             raise BankError(f"{path}: {METADATA_KEY!r} metadata must be a JSON object")
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION and version not in RENAMED_KINDS:
             raise BankError(
                 f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
             )
@@ -400,8 +406,9 @@ class VectorBank:
             if not isinstance(entry, dict) or "kind" not in entry:
                 raise BankError(f"{path}: entries.{name} must be an object with a 'kind'")
             meta = {k: v for k, v in entry.items() if k != "kind"}
+            kind = RENAMED_KINDS.get(version, {}).get(entry["kind"], entry["kind"])
             try:
-                bank.add(name, entry["kind"], tensors[name], **meta)
+                bank.add(name, kind, tensors[name], **meta)
             except BankError as e:
                 raise BankError(f"{path}: {e}") from None
         return bank
@@ -470,7 +477,7 @@ def shard_entry(tensor: torch.Tensor, kind: str, tp_size: int, tp_rank: int) -> 
     if kind == "residual":
         _contiguous_shard(tp_size, tp_size, tp_rank, "tp_size")  # checks the tp arguments
         return tensor
-    if kind in ("head", "heads"):
+    if kind in ("head", "head_mask"):
         r = head_shard(tensor.shape[1], tp_size, tp_rank)
     elif kind == "head_positions":
         r = head_shard(tensor.shape[2], tp_size, tp_rank)

@@ -169,7 +169,7 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
         bo = spec.boost
         if bo.prefill_layers is None:
             raise SpecError("boost.prefill_layers", "resolve the spec (SteerSpec.resolve) before compiling")
-        mask = bank.get(bo.heads, "heads") if bank is not None else None
+        mask = bank.get(bo.heads, "head_mask") if bank is not None else None
         for layer in bo.prefill_layers:  # (phase-cut: both selections are this phase's)
             heads = (range(info.num_heads) if mask is None
                      else [int(x) for x in torch.nonzero(mask[layer] > 0).flatten()])

@@ -82,7 +82,7 @@ def json_schema() -> dict:
                 "set": entry("neurons [L, I] (0/1 mask)"), "gamma": gain, "positions": positions,
             }),
             "boost": obj(["heads", "beta"], {
-                "heads": entry("heads [L, H] (0/1 mask)"), "beta": gain,
+                "heads": entry("head_mask [L, H] (0/1 mask)"), "beta": gain,
                 "mode": {"enum": list(BOOST_MODES), "default": "weight"},
                 "prefill_layers": phase_selection, "decode_layers": phase_selection,
             }, **{"not": {"required": ["prefill_layers", "decode_layers"], "properties": {

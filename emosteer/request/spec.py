@@ -364,7 +364,7 @@ class SteerSpec:
                     raise SpecError(f"{field}.positions",
                                     f"position {past} is past the prompt ({num_prompt_tokens} tokens)")
         if self.boost is not None:
-            vec(self.boost.heads, "heads", "boost.heads")
+            vec(self.boost.heads, "head_mask", "boost.heads")
             layers_ok(self.boost.prefill_layers, "boost.prefill_layers")
             layers_ok(self.boost.decode_layers, "boost.decode_layers")
         if self.capture is not None:

@@ -9,7 +9,7 @@ without its interventions.
 
 The scheduler is the single owner of both tables. It hands the ids it grants to the
 workers inside the request's ``SamplingParams.extra_args[GRANT_KEY]``; a worker only
-writes what it is told into its device buffers (``emosteer/vllm/worker.py``)::
+writes what it is told into its device buffers (``emosteer/vllm/worker/``)::
 
     front end    compile_request(spec)  -> extra_args["emosteer_plan"]
                  = {"slots": {"prompt": {"fp": "3a..", "keys": ['["res",[["joy","9f..",1.0]],3]', ...]}},
@@ -166,9 +166,6 @@ class Admission:
         with self._lock:
             out, self._refused = self._refused, {}
             return out
-
-    def grant_of(self, req_id: str) -> dict | None:
-        return self._grants.get(req_id)
 
     def try_admit(self, req_id: str, plan: dict) -> dict | None:
         """The grant for ``req_id`` (the same one on every call once admitted), or None

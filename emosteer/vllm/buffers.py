@@ -48,12 +48,14 @@ from dataclasses import dataclass
 
 import torch
 
-FLAG_HEADS, FLAG_RES, FLAG_NEU, FLAG_RESCAP, FLAG_ATTN = 0, 1, 2, 3, 4
+FLAG_HEADS, FLAG_RESIDUAL, FLAG_NEURONS, FLAG_RESIDUAL_CAPTURE, FLAG_ATTENTION = 0, 1, 2, 3, 4
 NUM_FLAGS = 5
 
 
-class AttnSite:
-    """What a patched ``Attention`` reads: its layer's views of the head buffers."""
+class AttentionSite:
+    """What a patched ``Attention`` reads: its layer's views of the buffers of two sites,
+    the heads (head affine + head capture) and the attention to image keys (VEE boost +
+    attention-to-image capture)."""
 
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
         self.layer = layer
@@ -70,12 +72,12 @@ class AttnSite:
         self.beta, self.bmode = bufs.beta[layer], bufs.bmode
         self.token_row, self.token_pos, self.spans = bufs.token_row, bufs.token_pos, bufs.spans
         self.mass_cap, self.mass_buf = bufs.mass_cap[layer], bufs.mass_buf
-        self.attn_flag = bufs.flags[FLAG_ATTN, layer]
+        self.attn_flag = bufs.flags[FLAG_ATTENTION, layer]
         self.attn_impl = impl
         self.sm_scale: torch.Tensor | None = None
 
 
-class NormSite:
+class ResidualSite:
     """What a patched ``RMSNorm`` reads: steering and capture of the residual entering
     it, i.e. the output of decoder layer ``layer`` (the next layer's input norm, or the
     final norm for the last layer)."""
@@ -85,10 +87,10 @@ class NormSite:
         self.token_slot = bufs.token_slot
         self.alpha, self.urow = bufs.alpha[layer], bufs.urow[layer]
         self.pool = bufs.res_pool
-        self.flag = bufs.flags[FLAG_RES, layer]
+        self.flag = bufs.flags[FLAG_RESIDUAL, layer]
         self.cap_index = bufs.res_cap[layer]
         self.cap_buf = bufs.res_buf
-        self.cap_flag = bufs.flags[FLAG_RESCAP, layer]
+        self.cap_flag = bufs.flags[FLAG_RESIDUAL_CAPTURE, layer]
         # Capture-only use of head_affine_capture: slot -1 everywhere, identity table.
         self.no_slot = bufs.no_slot
         self.one_a, self.zero_b, self.no_row = bufs.one_a, bufs.zero_b, bufs.no_row
@@ -96,7 +98,7 @@ class NormSite:
         self.impl = impl
 
 
-class ActSite:
+class NeuronSite:
     """What a patched ``SiluAndMul`` reads: its layer's neuron gains."""
 
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
@@ -104,7 +106,7 @@ class ActSite:
         self.token_slot = bufs.token_slot
         self.gamma, self.nrow = bufs.gamma[layer], bufs.nrow[layer]
         self.pool = bufs.neu_pool
-        self.flag = bufs.flags[FLAG_NEU, layer]
+        self.flag = bufs.flags[FLAG_NEURONS, layer]
         self.impl = impl
 
 

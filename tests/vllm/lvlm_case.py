@@ -46,7 +46,7 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     bank = make_bank(info)
     vee_mask = torch.zeros(info.num_layers, info.num_heads)
     vee_mask[0, 1] = vee_mask[1, 0] = vee_mask[1, 3] = 1
-    bank.add("joy.vee", "heads", vee_mask)
+    bank.add("joy.vee", "head_mask", vee_mask)
     # max_slots=4: the mixed batch below needs more distinct slots than that, so boost
     # configs wait for admission like any other (and still give their solo answers).
     llm = emosteer.LLM(str(path), bank=bank, dtype="float32", enforce_eager=True, max_model_len=256, max_slots=4,

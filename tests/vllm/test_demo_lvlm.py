@@ -69,7 +69,7 @@ def test_generate_image_rows_with_vee(engines, tmp_path):
     bank = VectorBank(info)
     vee = torch.zeros(info.num_layers, info.num_heads)
     vee[0, 1] = vee[1, 2] = 1
-    bank.add("joy.vee", "heads", vee)
+    bank.add("joy.vee", "head_mask", vee)
     bank.add("joy.ena", "neurons", (torch.rand(info.num_layers, info.intermediate_size,
                                                generator=torch.Generator().manual_seed(0)) < 0.2).float())
     bank.save(tmp_path / "bank.safetensors")

@@ -23,7 +23,7 @@ def _no_slot_left(llm):
 def test_engine_uses_a_compiled_kernel(llm):
     # Never the interpreted Triton path (tests/ops sets TRITON_INTERPRET per test).
     st = llm.status()[0]
-    assert st["impl"] in ("cpp", "torch") and st["features"] == ["heads", "residual", "neurons", "vee"]
+    assert st["impl"] in ("cpp", "torch") and st["features"] == ["heads", "residual", "neurons", "attention"]
     assert st["attn_impl"] in ("cpp", "torch")
     assert {"joy", "sad", "joy.h", "joy.ena"} <= set(st["bank"])  # loaded at start-up (EMOSTEER_BANK)
 

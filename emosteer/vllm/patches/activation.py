@@ -1,5 +1,8 @@
 """Patch ``vllm.model_executor.layers.activation.SiluAndMul.forward``.
 
+Runs in: each worker process, inside the model's forward (in the compiled graph).
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/model_executor/layers/activation.py
+
 Replaces: ``SiluAndMul.forward`` (``silu(gate) * up``, the MLP activation whose output
 is the input of ``down_proj``: the "neurons"). On MLPs where emosteer installed a site,
 the patched forward runs the original and then scales each token's neurons by its slot's

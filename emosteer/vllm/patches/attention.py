@@ -1,5 +1,8 @@
 """Patch ``vllm.model_executor.layers.attention.attention.Attention.forward``.
 
+Runs in: each worker process, inside the model's forward (in the compiled graph).
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/model_executor/layers/attention/attention.py
+
 Replaces: ``Attention.forward`` (returns the attention output ``[T, H*D]``, the input of
 the model's ``o_proj``). The patched forward runs the original, then, on layers where
 emosteer installed a site:

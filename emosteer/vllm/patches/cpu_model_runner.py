@@ -1,5 +1,8 @@
 """Patch ``vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model``.
 
+Runs in: each worker process (the CPU model runner), once at model load.
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/worker/cpu_model_runner.py
+
 Replaces: the CPU runner's own ``load_model`` (it does not call the GPU runner's), to
 install emosteer on the loaded model exactly as ``patches/gpu_model_runner.py`` does.
 Why: the CPU runner overrides ``load_model``; everything else it inherits.

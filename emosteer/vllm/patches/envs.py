@@ -1,5 +1,8 @@
 """Patch ``vllm.envs.compile_factors``: add emosteer's code hash to the compile-cache key.
 
+Runs in: each worker process, when the model is compiled.
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/envs.py
+
 Replaces: ``compile_factors()`` (env vars hashed into the torch.compile cache key, both
 the AOT artifact key in ``compilation/caching.py`` and the inductor cache dir in
 ``compilation/backends.py``).

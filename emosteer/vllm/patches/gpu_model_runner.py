@@ -1,5 +1,8 @@
 """Patch ``vllm.v1.worker.gpu_model_runner.GPUModelRunner`` (also the CPU runner's base).
 
+Runs in: each worker process (the model runner), at model load and around every step.
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/worker/gpu_model_runner.py
+
 Replaces:
 - ``load_model``: after the original, install emosteer on the model
   (``WorkerSteering``: buffers at fixed addresses, a site on every patched module),

@@ -1,5 +1,8 @@
 """Patch ``vllm.v1.engine.input_processor.InputProcessor.process_inputs``.
 
+Runs in: the front-end process (the API server, or the process that made ``vllm.LLM``).
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/engine/input_processor.py
+
 Replaces: ``process_inputs`` (turns a prompt + params into the ``EngineCoreRequest``
 sent to the engine). After the original, a request whose ``extra_args`` hold an
 ``"emosteer"`` config is checked (``SpecError`` naming the field, raised before the

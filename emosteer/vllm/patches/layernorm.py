@@ -1,5 +1,8 @@
 """Patch ``vllm.model_executor.layers.layernorm.RMSNorm.forward``.
 
+Runs in: each worker process, inside the model's forward (in the compiled graph).
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/model_executor/layers/layernorm.py
+
 Replaces: ``RMSNorm.forward(x, residual)``, vLLM's fused residual add + RMSNorm that
 decoders (Llama, Qwen2/3, Mistral, Qwen2-VL's text model ...) run at the start of each
 layer and as the final norm: ``residual = x + residual; x = norm(residual)``. Its input

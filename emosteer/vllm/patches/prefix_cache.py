@@ -1,6 +1,9 @@
 """Patch ``generate_block_hash_extra_keys`` (``vllm.v1.core.kv_cache_utils``): key every
 KV block by the interventions applied at its positions.
 
+Runs in: the engine-core process (block hashes are computed when a request enters the scheduler).
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/core/kv_cache_utils.py
+
 Replaces: the function in ``kv_cache_utils`` and the names ``block_pool`` and
 ``simple_kv_offload.manager`` imported from it (each block's extra hash keys).
 What it does: a steered request carries its *cache identity* in its admission plan

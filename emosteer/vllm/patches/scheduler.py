@@ -1,5 +1,9 @@
 """Patch ``vllm.v1.core.sched.scheduler.Scheduler``: admission of steered requests.
 
+Runs in: the engine-core process (the scheduler and ``EngineCore`` itself).
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/core/sched/scheduler.py
+and https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/engine/core.py
+
 Replaces (each calls through to vLLM's own code):
 - ``__init__``: after the original, attach an ``Admission`` (``emosteer/vllm/admission.py``)
   sized from the plugin settings, the model and the tensor-parallel size.

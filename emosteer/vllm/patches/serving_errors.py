@@ -1,5 +1,8 @@
 """Patch ``vllm.entrypoints.generate.base.serving.GenerateBaseServing._raise_if_error``.
 
+Runs in: the front-end process of the OpenAI server.
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/entrypoints/generate/base/serving.py
+
 Replaces: ``_raise_if_error(finish_reason, request_id)``, which the OpenAI server's
 completion and chat handlers call for every output and which turns
 ``finish_reason == "error"`` into ``GenerationError("Internal server error")`` (HTTP 500).

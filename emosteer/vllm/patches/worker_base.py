@@ -1,5 +1,8 @@
 """Patch ``vllm.v1.worker.worker_base.WorkerBase``: add the method ``emosteer_rpc``.
 
+Runs in: each worker process, on the engine core's collective RPC.
+Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/v1/worker/worker_base.py
+
 Adds (replaces nothing): ``WorkerBase.emosteer_rpc(op, payload)``, reached with
 ``LLM.collective_rpc("emosteer_rpc", args=(op, payload))``. Ops: ``"ready"`` -> ``{"ok", "why"}`` (the
 start-up handshake, ``patches/scheduler.py``); ``"register"``

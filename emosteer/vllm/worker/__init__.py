@@ -29,7 +29,7 @@ import torch
 
 from emosteer.request.bank import ModelInfo, VectorBank
 from emosteer.request.spec import MAX_IMAGES
-from emosteer.vllm.buffers import ActSite, AttnSite, NormSite, Shape, SteerBuffers
+from emosteer.vllm.buffers import NeuronSite, AttentionSite, ResidualSite, Shape, SteerBuffers
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.patches import attention as attention_patch
 from emosteer.vllm.worker.model import decoder_layers, pick_impl, vee_unsupported
@@ -112,17 +112,17 @@ class WorkerSteering(RequestsMixin, StepsMixin):
         )
         self.bufs = SteerBuffers(self.shape, runner.model_config.dtype, self.device)
         for i, m in attns.items():
-            m._emosteer_site = AttnSite(self.bufs, i, self.impl)
+            m._emosteer_site = AttentionSite(self.bufs, i, self.impl)
         if self.features["residual"]:
             for i, m in norms.items():
-                m._emosteer_site = NormSite(self.bufs, i, self.impl)
+                m._emosteer_site = ResidualSite(self.bufs, i, self.impl)
         if self.features["neurons"]:
             for i, m in acts.items():
-                m._emosteer_site = ActSite(self.bufs, i, self.impl)
+                m._emosteer_site = NeuronSite(self.bufs, i, self.impl)
         self.vee_why = vee_unsupported(runner, attns)
-        self.features["vee"] = len(attns) == L and self.vee_why is None
+        self.features["attention"] = len(attns) == L and self.vee_why is None
         self.attn_impl = None
-        if self.features["vee"]:
+        if self.features["attention"]:
             self.attn_impl = pick_impl(self.settings.impl, self.device, "attn_image_boost")
             backend = attn0.attn_backend.get_name()
             for m in attns.values():

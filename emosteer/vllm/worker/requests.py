@@ -157,7 +157,7 @@ class RequestsMixin:
     def _check_features(self, spec: SteerSpec) -> None:
         want_attn = [f for f, on in (("boost", spec.boost is not None),
                                      ("capture.attn_image", bool(spec.capture and spec.capture.attn_image))) if on]
-        if want_attn and not self.features["vee"]:
+        if want_attn and not self.features["attention"]:
             raise SpecError(want_attn[0], f"VEE and attention-to-image captures are unavailable in this "
                             f"engine: {self.vee_why or 'the decoder layers hold no vLLM Attention module'}")
         need = {"steer": "residual", "heads": "heads", "neurons": "neurons"}

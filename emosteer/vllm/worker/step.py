@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from emosteer.request.step import BatchTables, capture_layout, token_positions, token_slots
-from emosteer.vllm.buffers import FLAG_ATTN, FLAG_HEADS, FLAG_RESCAP, NUM_FLAGS
+from emosteer.vllm.buffers import FLAG_ATTENTION, FLAG_HEADS, FLAG_RESIDUAL_CAPTURE, NUM_FLAGS
 from emosteer.vllm.worker.requests import RequestState
 
 logger = logging.getLogger("emosteer.vllm")
 
-CAPTURE_FLAGS = {"heads": FLAG_HEADS, "residual": FLAG_RESCAP, "attn_image": FLAG_ATTN}
+CAPTURE_FLAGS = {"heads": FLAG_HEADS, "residual": FLAG_RESIDUAL_CAPTURE, "attn_image": FLAG_ATTENTION}
 
 
 @dataclass
@@ -85,7 +85,7 @@ class StepsMixin:
         if batch.any_slot:
             self._h2d(b.token_slot[:T], token_slots(t, row, pos, qs))
             flags[:3] = batch.layer_flags[:3]
-            flags[FLAG_ATTN] = batch.layer_flags[3]
+            flags[FLAG_ATTENTION] = batch.layer_flags[3]
         layout = capture_layout(t, pos, qs, computed, L, self.shape.capture_rows)
         for entry in layout.overflow:
             # Only this request's captures are lost; its text and the others' are not.
@@ -104,7 +104,7 @@ class StepsMixin:
                 flags[CAPTURE_FLAGS[kind]] |= (idx >= 0).any(axis=1)
         records = [(batch.states[t.captures[e][0]], kind, layer, p, r)
                    for e, kind, layer, p, r in layout.records]
-        attn = bool(flags[FLAG_ATTN].any())
+        attn = bool(flags[FLAG_ATTENTION].any())
         if attn:
             # The attention op reads each token's batch row and position, and the rows'
             # image spans (empty for requests without images or without VEE).
@@ -116,7 +116,7 @@ class StepsMixin:
                     self._h2d(b.spans[:n], batch.spans)
                 self._spans_written = True
             for site in self.attn_sites:
-                site.host_on = bool(flags[FLAG_ATTN, site.layer])
+                site.host_on = bool(flags[FLAG_ATTENTION, site.layer])
         self._h2d(b.flags, flags.reshape(NUM_FLAGS, L, 1))
         self._step = {"T": T, "records": records, "rows": layout.rows, "slots": batch.any_slot,
                       "attn": attn}
