@@ -29,7 +29,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from emosteer import ops
@@ -37,9 +36,10 @@ from emosteer.request.bank import VectorBank
 from emosteer.hf import attention as vee
 from emosteer.hf.layers import DecoderHandles, find_decoder
 from emosteer.hf.plan import Plan
+from emosteer.hf.step import Step, collect, finish, prompt_positions
 from emosteer.ops import reference
 from emosteer.request.spec import SteerSpec
-from emosteer.request.step import CAPTURE_KINDS, capture_layout, token_slots
+from emosteer.request.step import CAPTURE_KINDS
 
 SpecLike = SteerSpec | dict | str | None
 
@@ -72,48 +72,6 @@ def _uses_mrope(config) -> bool:
     return False
 
 
-class _Step:
-    """Per-forward state the hooks read: which slot and which capture each token has
-    (from the per-step builder the vLLM worker uses too, ``emosteer/request/step.py``).
-
-    ``pos`` ``[B, T]``: each token's position in its request (prompt tokens from 0, then
-    the generated ones), -1 for padding."""
-
-    def __init__(self, plan: Plan, pos: torch.Tensor, grad: bool, keep: dict[str, set[int]] | None):
-        B, T = pos.shape
-        self.plan, self.B, self.T, self.grad = plan, B, T, grad
-        self.keep = keep or {}
-        device = pos.device
-        p = pos.reshape(-1).cpu().numpy().astype(np.int64)
-        valid = p >= 0
-        qs = np.arange(B + 1, dtype=np.int64) * T
-        row = np.repeat(np.arange(B), T)
-        first = np.where(valid.reshape(B, T), p.reshape(B, T), np.iinfo(np.int64).max).min(axis=1)
-        first = np.where(first == np.iinfo(np.int64).max, 0, first)
-        self.tok_row = torch.from_numpy(row).to(device)
-        self.base_slot = torch.from_numpy(token_slots(plan.tables, row, p, qs, valid)).long().to(device)
-        self.layout = capture_layout(plan.tables, p, qs, first, plan.info.num_layers, None, valid)
-        self.acts: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "mlp": {}, "residual": {}}
-        # kind -> layer -> the captured tokens' rows, in token order
-        self.caps: dict[str, dict[int, torch.Tensor]] = {k: {} for k in CAPTURE_KINDS}
-        self.key_span: torch.Tensor | None = None  # [B, K] image index of each key, -1 = none
-
-    def slot(self, on: torch.Tensor | None) -> torch.Tensor | None:
-        """int32 token_slot for a layer whose acting slots are ``on`` (None: no op)."""
-        if on is None:
-            return None
-        s = self.base_slot
-        act = (s >= 0) & on[s.clamp(min=0)]
-        if not bool(act.any()):
-            return None
-        return torch.where(act, s, torch.full_like(s, -1)).to(torch.int32)
-
-    def cap_mask(self, kind: str, layer: int) -> torch.Tensor | None:
-        """bool ``[B*T]``: the tokens whose ``kind`` is captured at ``layer`` (None: none)."""
-        m = self.layout.layer_tokens(kind, layer)
-        return None if m is None else torch.from_numpy(m).to(self.base_slot.device)
-
-
 class HFSteerer:
     """Apply one SteerSpec per batch row to a transformers model.
 
@@ -133,7 +91,7 @@ class HFSteerer:
         self.bank = bank
         self.tokenizer = tokenizer
         self._handles: list[Any] = []
-        self._step: _Step | None = None
+        self._step: Step | None = None
         self._depth = 0
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -404,64 +362,13 @@ class HFSteerer:
         cols = torch.arange(T, device=mask.device).expand_as(mask)
         return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).max(dim=1).values
 
-    @staticmethod
-    def _prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` position of each prompt token in its row (left or right padding),
-        -1 for padding."""
-        m = mask.long()
-        return torch.where(m.bool(), m.cumsum(1) - 1, torch.full_like(m, -1))
-
-    @staticmethod
-    def _collect(st: _Step, store: list[dict | None], positions: list[list[int]]) -> None:
-        """Hand the step's captured rows to their batch rows (``store``) and append the
-        positions they were captured at."""
-        new: dict[int, set[int]] = {}
-        captures = st.plan.tables.captures
-        for entry, kind, layer, pos, rows in st.layout.records:
-            buf = st.caps[kind].get(layer)
-            if buf is None:
-                continue
-            row = captures[entry][0]
-            local = torch.from_numpy(st.layout.local_rows(kind, layer, rows)).to(buf.device)
-            store[row][kind].setdefault(layer, []).append(buf[local])
-            new.setdefault(row, set()).update(pos.tolist())
-        for row, pos in new.items():
-            positions[row].extend(sorted(pos))
-
-    @staticmethod
-    def _finish(plan: Plan, store: list[dict | None], positions: list[list[int]],
-                spans: torch.Tensor | None = None) -> list[dict | None]:
-        """Per row: captures in the vLLM layout; ``spans`` ([B, K] image index per key)
-        trims attention-to-image rows to each row's own images."""
-        out: list[dict | None] = []
-        info = plan.info
-        for row, c in enumerate(plan.captures):
-            if c is None:
-                out.append(None)
-                continue
-            e = store[row]
-            res = {"heads": {}, "residual": {}, "attn_image": {}, "positions": positions[row]}
-            n_img = int(spans[row].max()) + 1 if spans is not None and spans.numel() else 0
-            empty = {"heads": (0, info.num_heads, info.head_dim), "residual": (0, info.hidden_size),
-                     "attn_image": (0, info.num_heads, n_img)}
-            for kind, sel in (("heads", c.heads), ("residual", c.residual), ("attn_image", c.attn_image)):
-                for l in sel or ():
-                    parts = e[kind].get(l, [])
-                    if parts:
-                        t = torch.cat(parts, dim=0)
-                        res[kind][l] = t[:, :, :n_img] if kind == "attn_image" else t
-                    else:
-                        res[kind][l] = torch.empty(empty[kind])
-            out.append(res)
-        return out
-
     # ------------------------------------------------------------------------ API
     def _forward(self, input_ids, attention_mask, plan, grad, keep, logits, model_kwargs):
         B = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.to(input_ids.device)
-        st = _Step(plan, self._prompt_positions(mask), grad, keep)
+        st = Step(plan, prompt_positions(mask), grad, keep)
         st.key_span = self._spans(input_ids)
         store = [{k: {} for k in CAPTURE_KINDS} if c is not None else None for c in plan.captures]
         positions: list[list[int]] = [[] for _ in range(B)]
@@ -474,13 +381,13 @@ class HFSteerer:
         finally:
             self._step = None
             vee.CURRENT.reset(token)
-        self._collect(st, store, positions)
+        collect(st, store, positions)
         lg = out.logits
         if logits == "last":
             lg = lg[torch.arange(B, device=lg.device), self._last_index(mask)]
         elif logits != "all":
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-        return lg, self._finish(plan, store, positions, st.key_span), st
+        return lg, finish(plan, store, positions, st.key_span), st
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
             specs: SpecLike | Sequence[SpecLike] = None, logits: str = "all", **model_kwargs):
@@ -560,14 +467,14 @@ class HFSteerer:
         cache = DynamicCache(config=self.model.config)
         pos = self._positions(mask)
         cur_ids = input_ids
-        step_pos = self._prompt_positions(mask)  # positions of the tokens fed this step
+        step_pos = prompt_positions(mask)  # positions of the tokens fed this step
         full_mask = mask
         for m in self.model.modules():  # a delta left by an earlier batch must not be reused
             if getattr(m, "rope_deltas", None) is not None:
                 m.rope_deltas = None
         with self._hooks(), self._vee(plan):
             for t in range(max_new_tokens):
-                st = _Step(plan, step_pos, False, None)
+                st = Step(plan, step_pos, False, None)
                 st.key_span = spans
                 self._step = st
                 token = vee.CURRENT.set((self, st))
@@ -578,7 +485,7 @@ class HFSteerer:
                 finally:
                     self._step = None
                     vee.CURRENT.reset(token)
-                self._collect(st, store, positions)
+                collect(st, store, positions)
                 logits = out.logits[:, -1].float()
                 nxt = self._pick(logits, temperature, top_p, gen)
                 for row in range(B):
@@ -605,7 +512,7 @@ class HFSteerer:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
-        return GenerateOutput(out_ids, texts, self._finish(plan, store, positions, spans), prompt_lens)
+        return GenerateOutput(out_ids, texts, finish(plan, store, positions, spans), prompt_lens)
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator):
