@@ -37,7 +37,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VPY) benchmarks/bench_sweep.py --pairs 1 --rounds 5 --hf-rounds 3
 	$(VPY) benchmarks/bench_narratives.py --prompts 32 --max-tokens 32 --skip-hooks-after 8
-	$(VPY) benchmarks/bench_vee.py
+	$(VPY) benchmarks/bench_attn_image_boost.py
 	$(VPY) benchmarks/readme_tables.py
 
 clean:

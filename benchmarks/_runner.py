@@ -1,7 +1,7 @@
-"""The one benchmark runner: each benchmark supplies only its cases (an op, an
+"""The one kernel-benchmark runner: each benchmark supplies only its cases (an op, an
 implementation, inputs and the bytes the op must move); the runner checks the result
-against the torch reference, times it with warm-up, appends one row per case to a long
-CSV and draws a plot per benchmark.
+against the torch reference, times it with warm-up and returns one CSV row per case
+(appended with ``_common.append_csv``); ``plot`` draws them.
 
 CSV columns (benchmarks/results/*.csv)::
 
@@ -14,23 +14,20 @@ bytes over the op's time (1.0 = as fast as a plain copy of that traffic).
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import os
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from _common import device_name, pyplot, save_figure, version_string
+
 COLUMNS = (
     "op", "impl", "device", "dtype", "shape", "tokens", "median_ms", "p20_ms", "p80_ms",
     "gbps", "frac_of_copy", "version", "timestamp",
 )
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Tolerances for the pre-timing check: a few ulps of each dtype (as tests/utils.py).
 CHECK_TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -59,30 +56,6 @@ class Case:
     mutated: Sequence[int]
     bytes_moved: int
     extra: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------ environment
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{torch.get_num_threads()}t-{platform.machine()}"
-
-
-def version_string() -> str:
-    try:
-        from importlib.metadata import version
-
-        ver = version("emosteer")
-    except Exception:  # noqa: BLE001 - not installed: still benchmark the source tree
-        ver = "src"
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"emosteer-{ver}{'+' + sha if sha else ''}/torch-{torch.__version__}"
 
 
 # ------------------------------------------------------------------ timing
@@ -205,25 +178,9 @@ def run_cases(
     return rows
 
 
-def append_csv(rows: Sequence[dict], path: str, columns: Sequence[str] = COLUMNS) -> None:
-    """Append rows to the long CSV at ``path`` (header written when the file is new);
-    every benchmark writes its results through this one function."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows: Sequence[dict], path: str, title: str, y: str = "gbps") -> None:
     """One panel per (op, shape): ``y`` against tokens, a line per (impl, dtype)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ops = list(dict.fromkeys(r["op"] for r in rows))
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(
@@ -250,7 +207,4 @@ def plot(rows: Sequence[dict], path: str, title: str, y: str = "gbps") -> None:
             if sel:
                 ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9, wrap=True)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -18,16 +18,16 @@ shows tokens/s per provider and the ratio to plain vLLM measured in the same run
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS_DIR, append_csv, machine_info, pyplot, save_figure  # noqa: E402
+
 PROVIDERS = ("vllm_plain", "emosteer_idle", "emosteer_one", "emosteer_distinct",
              "emosteer_capture", "hf_hooks")
 COLUMNS = ("provider", "model", "device", "n_prompts", "max_tokens", "tokens", "seconds",
@@ -135,8 +135,8 @@ def main() -> None:
 
     import emosteer
 
-    device = f"cpu-{os.cpu_count()}c-{platform.machine()}" if not torch.cuda.is_available() \
-        else torch.cuda.get_device_name()
+    mach = machine_info()
+    device = mach["device"]
     version = f"emosteer-{getattr(emosteer, '__version__', '0.1.0')}/vllm-{vllm.__version__}/torch-{torch.__version__}"
     rows, plain = [], None
     for prov in args.providers.split(","):
@@ -169,25 +169,15 @@ def main() -> None:
             "version": version, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         })
         print(f"[bench_e2e] {prov}: {tps:.1f} tok/s", flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "e2e.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    _plot(rows, os.path.join(RESULTS, f"e2e_{device.replace(' ', '_')}.png"))
+    append_csv(rows, os.path.join(RESULTS_DIR, "e2e.csv"), COLUMNS)
+    _plot(rows, os.path.join(RESULTS_DIR, f"e2e_{mach['tag']}.png"))
 
 
 def _plot(rows: list[dict], path: str) -> None:
+    """Bars of tokens/s per provider, each annotated with its ratio to plain vLLM."""
     if not rows:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     names = [r["provider"] for r in rows]
     vals = [r["tok_per_s"] for r in rows]
@@ -201,9 +191,7 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.set_title(f"{r0['model']} on {r0['device']}: {r0['n_prompts']} prompts × {r0['max_tokens']} tokens"
                  f"{' (eager)' if r0['eager'] else ''}", fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

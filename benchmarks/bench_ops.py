@@ -3,8 +3,8 @@ by side, over tokens 1..8192 and the head shapes of real models.
 
 Shapes (heads x head_dim, with the model's hidden size d and MLP width I):
 32x128 (Llama-2-7B: d 4096, I 11008), 28x128 (Qwen2-7B: d 3584, I 18944),
-9x64 (SmolLM2-135M: d 576, I 1536). head_affine runs on [T, H, D]; the residual ops on
-[T, d]; neuron_gain on [T, I]. Every token holds one of 4 slots, each naming its own
+9x64 (SmolLM2-135M: d 576, I 1536). head_affine_capture runs on [T, H, D]; residual_add
+on [T, d]; neuron_gain on [T, I]. Every token holds one of 4 slots, each naming its own
 pool row for every head / its vector / its mask (the heaviest case: no token or head
 skips), no capture rows, the flag on. Bytes moved count every element the op must read
 or write once: the activations, plus the pool rows and slot-table entries actually used.
@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runner import RESULTS_DIR, Case, append_csv, plot, run_cases  # noqa: E402
+from _common import RESULTS_DIR, append_csv  # noqa: E402
+from _runner import COLUMNS, Case, plot, run_cases  # noqa: E402
 
 from emosteer.ops import _dispatch, reference  # noqa: E402
 
@@ -40,7 +41,7 @@ QUICK_TOKENS = (1, 16, 128, 1024)
 QUICK_SHAPES = ("9x64", "32x128")
 QUICK_DTYPES = ("float32", "bfloat16")
 SLOTS = 4
-OPS = _dispatch.CORE_OPS  # the attention op has its own benchmark (bench_vee.py)
+OPS = _dispatch.CORE_OPS  # the attention op has its own benchmark (bench_attn_image_boost.py)
 
 
 MUTATED = {
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
         for op in args.ops for shape in shapes for dtype in dtypes for t in tokens for impl in impls
     ]
     rows = run_cases(cases, device)
-    append_csv(rows, args.csv)
+    append_csv(rows, args.csv, COLUMNS)
     print(f"appended {len(rows)} rows to {args.csv}")
     if not args.no_plot:
         path = args.plot or os.path.join(RESULTS_DIR, f"ops_{device.type}.png")

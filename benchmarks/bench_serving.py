@@ -3,7 +3,8 @@
 For every (dtype, mode) pair two engine processes start and stay alive for the whole
 run: one plain vLLM with the plugin excluded (``VLLM_PLUGINS=none``), one ``emosteer.LLM``.
 The parent drives them over a JSON-lines protocol (a request on the worker's stdin, one
-reply line on a private copy of its stdout; everything vLLM prints goes to a log file).
+reply line on a private copy of its stdout; everything vLLM prints goes to a log file;
+``serving_engine.py``).
 Conditions:
 
     plain             plain vLLM (its own process, plugin excluded)
@@ -31,27 +32,30 @@ exits 1 otherwise); in bfloat16 a difference is only recorded (``idle_equals_pla
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import math
 import os
-import platform
-import select
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:  # bench_e2e's prompt and bank helpers (also when imported by tests)
+if HERE not in sys.path:  # _common, serving_engine, bench_e2e (also when imported by tests)
     sys.path.insert(0, HERE)
 
-RESULTS = os.path.join(HERE, "results")
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    append_csv,
+    git_commit,
+    machine_info,
+    pyplot,
+    save_figure,
+)
+from serving_engine import Worker  # noqa: E402
+
 CONDITIONS = ("plain", "idle", "shared", "distinct", "distinct_capture")
 TARGETS = {"idle": 0.99, "distinct": 0.95}  # median throughput ratio to plain to reach
 COLUMNS = (
@@ -62,8 +66,6 @@ COLUMNS = (
     "machine", "cores", "core_setting", "kvcache_gib",
     "vllm", "torch", "emosteer", "git_commit", "timestamp", "notes",
 )
-STARTUP_TIMEOUT_S = 3600.0  # compiling on a small CPU takes a while
-REQUEST_TIMEOUT_S = 3600.0
 
 
 def log(msg: str) -> None:
@@ -112,51 +114,6 @@ def round_order(conditions: list[str], r: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ environment
-def machine_info() -> dict:
-    """``machine`` (CPU model or GPU name), ``cores`` and a short file-name tag."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ncpu = os.cpu_count() or 1
-    try:
-        avail = len(os.sched_getaffinity(0))
-    except AttributeError:
-        avail = ncpu
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - no torch: describe the CPU
-        pass
-    if gpu:
-        tag = gpu.replace(" ", "_")
-        return {"machine": gpu, "cores": f"{avail}/{ncpu}", "tag": tag}
-    # Same tag as bench_e2e's plot (e2e_cpu-2c-x86_64.png).
-    return {"machine": cpu, "cores": f"{avail}/{ncpu}",
-            "tag": f"cpu-{ncpu}c-{platform.machine()}"}
-
-
-def git_commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
-                              cwd=HERE).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return sha + ("-dirty" if dirty and sha else "")
-
-
 def kvcache_gib(model: str, dtype: str, n_prompts: int, max_model_len: int) -> int:
     """GiB of KV cache that hold every prompt at full length (+25%), at least 1 and at
     most a quarter of the machine's memory (two engines are alive at once)."""
@@ -186,201 +143,6 @@ def core_setting(env: dict, ld_preload: str | None = None) -> str:
             f"omp_bind={env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')};"
             f"OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')};"
             f"LD_PRELOAD={'+'.join(libs) if libs else 'none'}")
-
-
-# ------------------------------------------------------------------ worker (child process)
-def worker_main(args) -> None:
-    """One engine: reads JSON requests from stdin, answers one line each on the private
-    protocol fd (the original stdout); stdout itself goes to stderr (vLLM's chatter)."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)  # os.dup: not inherited by children
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    def send(obj):
-        proto.write(json.dumps(obj) + "\n")
-        proto.flush()
-
-    try:
-        run = _start_engine(args)
-    except BaseException as e:  # noqa: BLE001 - report, then exit
-        send({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
-        return
-    send({"ok": True, **run.hello})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        if req.get("op") == "quit":
-            break
-        try:
-            send({"ok": True, **run(req["condition"], req["n"], req["max_tokens"])})
-        except BaseException as e:  # noqa: BLE001 - the parent decides
-            send({"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()})
-    proto.close()
-    run.shutdown()
-
-
-class _Engine:
-    def __init__(self, gen, hello, info, llm):
-        self.gen, self.hello, self.info, self.llm = gen, hello, info, llm
-        self._prompts: list[str] = []
-
-    def shutdown(self) -> None:
-        """Stop vLLM's engine-core process(es) before this process exits."""
-        try:
-            self.llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - the parent kills the process group if need be
-            pass
-
-    def __call__(self, condition: str, n: int, max_tokens: int) -> dict:
-        from bench_e2e import _prompts
-        from vllm import SamplingParams
-
-        if len(self._prompts) < n:
-            self._prompts = _prompts(n)
-        prompts = self._prompts[:n]
-        cfgs = condition_configs(condition, n, self.info["num_layers"], self.info["num_heads"])
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        t0 = time.perf_counter()
-        outs = self.gen(prompts, sp, cfgs)
-        secs = time.perf_counter() - t0
-        ids = [list(o.outputs[0].token_ids) for o in outs]
-        caps = sum(getattr(o, "emosteer_captures", None) is not None for o in outs)
-        return {"tokens": sum(map(len, ids)), "seconds": secs, "token_ids": ids, "captures": caps}
-
-
-def _start_engine(args) -> _Engine:
-    import torch
-    import vllm
-    from transformers import AutoConfig
-
-    from emosteer import __version__ as emo_version
-    from emosteer.request.bank import ModelInfo
-
-    info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(args.model_path))
-    common = dict(dtype=args.worker_dtype, seed=0, max_model_len=args.max_model_len,
-                  enforce_eager=args.worker_eager, enable_prefix_caching=args.prefix_caching)
-    ld_before = os.environ.get("LD_PRELOAD", "")
-    hello = {"vllm": vllm.__version__, "torch": torch.__version__, "emosteer": emo_version,
-             "max_slots": "", "impl": ""}
-    if args.worker == "plain":
-        llm = vllm.LLM(args.model_path, **common)
-
-        def gen(prompts, sp, cfgs):
-            return llm.generate(prompts, sp, use_tqdm=False)
-
-        reg = sys.modules.get("emosteer.vllm")
-        hello["plugin_loaded"] = bool(reg is not None and getattr(reg, "_registered", False))
-    else:
-        import emosteer
-        from bench_e2e import _bank
-
-        bank, _ = _bank(args.model_path)
-        kw = {} if args.max_slots is None else {"max_slots": args.max_slots}
-        ellm = emosteer.LLM(args.model_path, bank=bank, **kw, **common)
-
-        def gen(prompts, sp, cfgs):
-            steer = None if all(c is None for c in cfgs) else cfgs
-            return ellm.generate(prompts, sp, steer=steer, use_tqdm=False)
-
-        hello["max_slots"] = getattr(ellm, "max_slots", args.max_slots or "")
-        try:
-            hello["impl"] = str(ellm.status()[0].get("impl", ""))
-        except Exception:  # noqa: BLE001 - informational only
-            pass
-        hello["plugin_loaded"] = True
-    # vLLM's CPU platform adds libgomp/tcmalloc to LD_PRELOAD for its engine processes.
-    hello["ld_preload"] = os.environ.get("LD_PRELOAD", ld_before)
-    hello["torch_threads"] = torch.get_num_threads()
-    engine = llm if args.worker == "plain" else ellm.llm
-    return _Engine(gen, hello, {"num_layers": info.num_layers, "num_heads": info.num_heads}, engine)
-
-
-# ------------------------------------------------------------------ parent side
-class Worker:
-    """A child engine process and its JSON-lines channel."""
-
-    def __init__(self, kind: str, model: str, dtype: str, eager: bool, args, env: dict,
-                 log_dir: str | None):
-        self.kind = f"{kind}/{dtype}/{'eager' if eager else 'compiled'}"
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind,
-               "--model-path", model, "--worker-dtype", dtype,
-               "--max-model-len", str(args.max_model_len)]
-        cmd += ["--worker-eager"] if eager else []
-        cmd += ["--prefix-caching"] if args.prefix_caching else []
-        cmd += [] if args.max_slots is None else ["--max-slots", str(args.max_slots)]
-        env = dict(env)
-        if kind == "plain":
-            env["VLLM_PLUGINS"] = "none"  # an allow-list naming no plugin: emosteer is excluded
-        self.log_path = None
-        err = None
-        if log_dir:
-            self.log_path = os.path.join(log_dir, f"{kind}_{dtype}_{'eager' if eager else 'compiled'}.log")
-            err = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=err, text=True, bufsize=1,
-                                     cwd=os.path.dirname(HERE), start_new_session=True)
-        if err is not None:
-            err.close()
-        self.hello: dict | None = None
-
-    def _fail(self, msg: str) -> RuntimeError:
-        tail = ""
-        if self.log_path and os.path.exists(self.log_path):
-            with open(self.log_path, errors="replace") as f:
-                lines = f.read().splitlines()
-            keep = [x for x in lines if "Error" in x or "error" in x or "Traceback" in x][-8:]
-            tail = "\n".join(keep or lines[-15:])
-            tail = f"\n--- {self.log_path} (excerpt) ---\n{tail}"
-        return RuntimeError(f"{self.kind}: {msg}{tail}")
-
-    def recv(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._fail(f"no reply within {timeout:.0f} s")
-            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 5.0))
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    self.proc.wait(timeout=30)
-                    raise self._fail(f"exited (code {self.proc.returncode})")
-                msg = json.loads(line)
-                if not msg.get("ok"):
-                    raise self._fail(f"{msg.get('error')}\n{msg.get('trace', '')}")
-                return msg
-            if self.proc.poll() is not None:
-                raise self._fail(f"exited (code {self.proc.returncode})")
-
-    def ready(self) -> dict:
-        if self.hello is None:
-            self.hello = self.recv(STARTUP_TIMEOUT_S)
-        return self.hello
-
-    def request(self, condition: str, n: int, max_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"op": "run", "condition": condition, "n": n,
-                                          "max_tokens": max_tokens}) + "\n")
-        self.proc.stdin.flush()
-        return self.recv(REQUEST_TIMEOUT_S)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired, ValueError):
-                pass
-        self.kill()  # also any engine process left behind in the worker's group
-
-    def kill(self) -> None:
-        """SIGKILL this worker's process group (it and the engine processes it spawned)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
 
 
 def summarize(condition: str, tps: list[float], plain_tps: list[float] | None) -> dict:
@@ -476,20 +238,10 @@ def run_group(model: str, dtype: str, eager: bool, conditions: list[str], args,
     return rows
 
 
-def append_csv(rows, path: str) -> None:
-    from _runner import append_csv as _append
-
-    _append(rows, path, COLUMNS)
-
-
 def plot(rows: list[dict], path: str, title: str) -> None:
     """Bars of the median ratio to plain per condition (error bars: min..max of the
     per-round ratios), one group per dtype x mode; 1.0 dashed, targets marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = list(dict.fromkeys((r["dtype"], r["mode"]) for r in rows))
     conds = [c for c in CONDITIONS if any(r["condition"] == c for r in rows)]
     colors = {"plain": "#999999", "idle": "#4c72b0", "shared": "#55a868",
@@ -529,10 +281,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.grid(True, axis="y", alpha=0.3, zorder=0)
     ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.set_title(title, fontsize=8, wrap=True)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(rows: list[dict]) -> str:
@@ -586,22 +335,15 @@ def parse_args(argv=None):
                     help="keep vLLM's prefix cache on (off by default: the same prompts come back "
                          "every round, and steered requests get their own cache salt, so the "
                          "conditions would hit the cache unequally)")
-    ap.add_argument("--out-dir", default=None, help=f"CSV and plot folder (default {RESULTS})")
+    ap.add_argument("--out-dir", default=None, help=f"CSV and plot folder (default {RESULTS_DIR})")
     ap.add_argument("--verbose", action="store_true", help="engine logs to stderr, not log files")
     ap.add_argument("--smoke", action="store_true",
                     help="quick check: tiny offline Llama, 8 prompts x 8 tokens, 1 round, eager, temp dir")
-    ap.add_argument("--worker", choices=("plain", "plugin"), help=argparse.SUPPRESS)
-    ap.add_argument("--model-path", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-dtype", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-eager", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        worker_main(args)
-        return 0
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
@@ -622,7 +364,7 @@ def main(argv=None) -> int:
         if args.rounds < 3:
             sys.exit("bench_serving: --rounds must be >= 3 (use --smoke for a quick check)")
         model = resolve_model_arg(args.model)
-    out_dir = args.out_dir or RESULTS
+    out_dir = args.out_dir or RESULTS_DIR
     dtypes = list(dict.fromkeys(args.dtype or ["float32"]))
     modes = ([True] if args.eager else []) + ([False] if args.compiled or not args.eager else [])
     env = dict(os.environ)
@@ -653,7 +395,7 @@ def main(argv=None) -> int:
     if rows:
         csv_path = os.path.join(out_dir, "serving.csv")
         png_path = os.path.join(out_dir, f"serving_{mach['tag']}.png")
-        append_csv(rows, csv_path)
+        append_csv(rows, csv_path, COLUMNS)
         r0 = rows[0]
         title = (f"{r0['model']} on {mach['machine']} ({mach['cores']} cores): {args.prompts} prompts "
                  f"x {args.max_tokens} tokens, {args.rounds} round(s) + warm-up, greedy, prefix cache "

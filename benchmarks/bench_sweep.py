@@ -35,10 +35,8 @@ benchmarks/results/sweep.png; ``--table`` prints the README table of the latest 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,10 +45,17 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _runner import append_csv, version_string  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    append_csv,
+    machine_info,
+    pyplot,
+    read_csv,
+    save_figure,
+    version_string,
+)
 
-RESULTS = os.path.join(HERE, "results")
-CSV = os.path.join(RESULTS, "sweep.csv")
+CSV = os.path.join(RESULTS_DIR, "sweep.csv")
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
            "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
            "timestamp")
@@ -58,7 +63,9 @@ METHODS = ("emosteer_vllm", "plain_vllm", "hf_hooks")
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
+    """The sweep's machine column: architecture, core count and torch version."""
+    mach = machine_info()
+    return f"{mach['arch']} {mach['ncpu']} cores, torch {torch.__version__}"
 
 
 def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id):
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--block-size", type=int, default=32, help="KV cache block size (tokens)")
     p.add_argument("--table", action="store_true", help="print the README table of the latest run")
-    p.add_argument("--out-dir", default=RESULTS, help="where sweep.csv / sweep.png go")
+    p.add_argument("--out-dir", default=RESULTS_DIR, help="where sweep.csv / sweep.png go")
     p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.hf_child:
@@ -219,8 +226,8 @@ def hf_child(job_path: str) -> int:
 
 
 def read_rows() -> list[dict]:
-    with open(CSV, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """The rows of the latest run in sweep.csv."""
+    rows = read_csv(CSV)
     last = rows[-1]["run"]
     return [r for r in rows if r["run"] == last]
 
@@ -260,11 +267,8 @@ def table(rows) -> str:
 
 
 def plot(rows, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Bars of tokens/s per method (medians over rounds), each with its ratio to plain."""
+    plt = pyplot()
     med = _medians(rows)
     tok = int(rows[0]["tokens"])
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
@@ -278,9 +282,7 @@ def plot(rows, path: str) -> None:
     r0 = rows[0]
     ax.set_title(f"Full head-patching sweep: {r0['layers']}×{r0['heads']} heads × {r0['pairs']} pairs "
                  f"({r0['model']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

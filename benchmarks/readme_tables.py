@@ -30,10 +30,11 @@ def tables() -> dict[str, str]:
 
         out["serving"] = serving_table.table()
     if os.path.exists(os.path.join(HERE, "results", "narratives.csv")):
-        import bench_narratives
+        import narratives_report
+        from _common import read_csv
 
-        out["narratives"] = bench_narratives.table(bench_narratives.latest_run(
-            bench_narratives.read_csv(os.path.join(HERE, "results", "narratives.csv"))))
+        out["narratives"] = narratives_report.table(narratives_report.latest_run(
+            read_csv(os.path.join(HERE, "results", "narratives.csv"))))
     if os.path.exists(os.path.join(HERE, "results", "sweep.csv")):
         import bench_sweep
 

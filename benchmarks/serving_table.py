@@ -4,11 +4,12 @@ draws those runs in one figure (with bench_serving's plot)."""
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 
-CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serving.csv")
+from _common import RESULTS_DIR, read_csv
+
+CSV = os.path.join(RESULTS_DIR, "serving.csv")
 LABELS = {
     "plain": "plain vLLM (plugin excluded, own process)",
     "idle": "plugin loaded, no request steered",
@@ -19,8 +20,8 @@ LABELS = {
 
 
 def latest_rows(path: str = CSV) -> tuple[list[dict], dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    """The rows of the latest run of each (dtype, mode), and those runs' timestamps."""
+    rows = read_csv(path)
     latest: dict[tuple[str, str], str] = {}
     for r in rows:
         k = (r["dtype"], r["mode"])
@@ -52,7 +53,6 @@ def table(path: str = CSV) -> str:
 if __name__ == "__main__":
     sys.stdout.write(table() + "\n")
     if len(sys.argv) == 3 and sys.argv[1] == "--plot":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_serving import plot
 
         rows, _ = latest_rows()

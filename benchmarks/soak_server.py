@@ -32,6 +32,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine_info  # noqa: E402
+
 PROMPTS = [
     "The child laughs with joy at the bright sunny beach.",
     "A man sits alone in the rain, quiet and sad.",
@@ -313,9 +316,10 @@ def main(argv=None) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
+    mach = machine_info()
     out = asdict(res)
     out.update(ok=res.ok, model=os.path.basename(model.rstrip("/")), max_slots=args.max_slots,
-               machine=f"{platform.machine()} {os.cpu_count()} cores", python=platform.python_version(),
+               machine=f"{mach['arch']} {mach['ncpu']} cores", python=platform.python_version(),
                date=time.strftime("%Y-%m-%d %H:%M"))
     print(json.dumps({k: v for k, v in out.items() if k != "unexpected"}, indent=1))
     for u in res.unexpected[:20]:

@@ -26,7 +26,7 @@ EMOSTEER_DECLARE_OPS(cuda)
 #undef EMOSTEER_DECLARE_OPS
 
 // VEE inside attention over the paged KV cache: CPU only. On a GPU this op runs as the
-// Triton kernel (emosteer/ops/attn_boost.py); there is no CUDA C++ twin, so it is not
+// Triton kernel (emosteer/ops/triton/attn_image_boost.py); there is no CUDA C++ twin, so it is not
 // in the macro above and bindings_cuda.cpp does not bind it.
 void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_table,

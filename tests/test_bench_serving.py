@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
+import sys
 
 import pytest
 
 from emosteer.request.spec import SteerSpec
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_serving.py")
-_spec = importlib.util.spec_from_file_location("bench_serving", _PATH)
-bs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bs)
+_BENCH = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+if _BENCH not in sys.path:
+    sys.path.insert(0, _BENCH)
+import _common  # noqa: E402
+import bench_serving as bs  # noqa: E402
 
 
 def test_configs_parse_and_fingerprints():
@@ -69,8 +70,8 @@ def _rows():
 def test_csv_plot_table(tmp_path):
     rows = _rows()
     path = tmp_path / "serving.csv"
-    bs.append_csv(rows, str(path))
-    bs.append_csv(rows[:1], str(path))
+    _common.append_csv(rows, str(path), bs.COLUMNS)
+    _common.append_csv(rows[:1], str(path), bs.COLUMNS)
     with open(path) as f:
         got = list(csv.DictReader(f))
     assert len(got) == len(rows) + 1 and list(got[0]) == list(bs.COLUMNS)

@@ -233,7 +233,7 @@ def test_isolated_wheel_builds_on_cpu(isolated_wheel):
 
 @pytest.mark.slow
 def test_isolated_wheel_contents(isolated_wheel, tmp_path):
-    from emosteer.ops import _build, _jit
+    from emosteer.ops import _build, _dispatch, _jit
 
     path, _ = isolated_wheel
     with zipfile.ZipFile(path) as zf:
@@ -244,7 +244,8 @@ def test_isolated_wheel_contents(isolated_wheel, tmp_path):
         zf.extractall(tmp_path)
     for mod in ("emosteer/__init__.py", "emosteer/cli/__init__.py", "emosteer/ops/_dispatch.py",
                 "emosteer/ops/_jit.py", "emosteer/ops/_build.py", "emosteer/vllm/__init__.py",
-                "emosteer/hf/__init__.py"):
+                "emosteer/hf/__init__.py", "emosteer/ops/triton/_launch.py",
+                *(f"emosteer/ops/triton/{op}.py" for op in _dispatch.OPS)):
         assert mod in names, mod
     assert any(n.startswith("emosteer/data/builtin/") and n.endswith(".jsonl") for n in names)
     # The C++ sources of the first-use build: the whole csrc/ tree, nothing else.

@@ -16,7 +16,7 @@
 #include "common.h"
 
 namespace emosteer {
-namespace neuron {
+namespace neuron_gain {
 
 EMOSTEER_HD bool is_identity(float g) { return g == 1.0f; }
 
@@ -75,5 +75,5 @@ inline int64_t check_neuron_gain(const at::Tensor& m, const at::Tensor& token_sl
 }
 #endif
 
-}  // namespace neuron
+}  // namespace neuron_gain
 }  // namespace emosteer

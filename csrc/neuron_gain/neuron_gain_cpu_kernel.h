@@ -6,7 +6,7 @@
 #include "neuron_gain/neuron_gain.h"
 
 namespace emosteer {
-namespace neuron {
+namespace neuron_gain {
 namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
@@ -52,5 +52,5 @@ template void tokens<c10::Half>(const CpuArgs&, int64_t, int64_t);
 template void tokens<c10::BFloat16>(const CpuArgs&, int64_t, int64_t);
 
 }  // namespace CPU_CAPABILITY
-}  // namespace neuron
+}  // namespace neuron_gain
 }  // namespace emosteer

@@ -36,8 +36,8 @@ __global__ void neuron_gain_kernel(scalar_t* __restrict__ m,                // [
     bool changed = false;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float g = neuron::gain(gm1, krow[p * VEC + i]);
-      if (!neuron::is_identity(g)) {
+      const float g = neuron_gain::gain(gm1, krow[p * VEC + i]);
+      if (!neuron_gain::is_identity(g)) {
         mp.v[i] = static_cast<scalar_t>(mul_rn(static_cast<float>(mp.v[i]), g));
         changed = true;
       }
@@ -51,7 +51,7 @@ __global__ void neuron_gain_kernel(scalar_t* __restrict__ m,                // [
 void neuron_gain_cuda(at::Tensor& m, const at::Tensor& token_slot, const at::Tensor& gamma,
                       const at::Tensor& nrow, const at::Tensor& masks, const at::Tensor& flag) {
   TORCH_CHECK(m.is_cuda(), "m must be a CUDA tensor for the CUDA kernel");
-  const int64_t S = neuron::check_neuron_gain(m, token_slot, gamma, nrow, masks, flag);
+  const int64_t S = neuron_gain::check_neuron_gain(m, token_slot, gamma, nrow, masks, flag);
   if (m.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(m.device());
   const int64_t T = m.size(0), I = m.size(1);

@@ -15,7 +15,7 @@
 #include "common.h"
 
 namespace emosteer {
-namespace residual {
+namespace residual_add {
 
 // `r + alpha*u`, the product rounded before the sum as in the torch reference; F is
 // float (CUDA) or a vector of floats (CPU).
@@ -72,5 +72,5 @@ inline int64_t check_residual_add(const at::Tensor& r, const at::Tensor& token_s
 }
 #endif
 
-}  // namespace residual
+}  // namespace residual_add
 }  // namespace emosteer

@@ -13,19 +13,19 @@ namespace emosteer {
 void residual_add_cpu(at::Tensor& r, const at::Tensor& token_slot, const at::Tensor& alpha,
                       const at::Tensor& urow, const at::Tensor& pool, const at::Tensor& flag) {
   TORCH_CHECK(r.device().is_cpu(), "r must be a CPU tensor for the CPU kernel");
-  const int64_t S = residual::check_residual_add(r, token_slot, alpha, urow, pool, flag);
+  const int64_t S = residual_add::check_residual_add(r, token_slot, alpha, urow, pool, flag);
   if (flag.data_ptr<int32_t>()[0] == 0) return;  // read once: the whole op is off
   if (r.numel() == 0) return;
   const int64_t T = r.size(0), d = r.size(1);
   check_index_values(token_slot.data_ptr<int32_t>(), T, S, "token_slot", "slots");
   check_index_values(urow.data_ptr<int32_t>(), S, pool.size(0), "urow", "pool rows");
-  const residual::CpuArgs args{r.data_ptr(), token_slot.data_ptr<int32_t>(),
+  const residual_add::CpuArgs args{r.data_ptr(), token_slot.data_ptr<int32_t>(),
                                alpha.data_ptr<float>(), urow.data_ptr<int32_t>(),
                                pool.data_ptr(), d};
   EMOSTEER_DISPATCH_FLOAT_TYPES(r.scalar_type(), "residual_add_cpu", [&] {
-    auto* tokens = &residual::DEFAULT::tokens<scalar_t>;
+    auto* tokens = &residual_add::DEFAULT::tokens<scalar_t>;
 #if EMOSTEER_HAVE_AVX2_BUILD
-    if (cpu_use_avx2()) tokens = &residual::AVX2::tokens<scalar_t>;
+    if (cpu_use_avx2()) tokens = &residual_add::AVX2::tokens<scalar_t>;
 #endif
     at::parallel_for(0, T, grain_for(d),
                      [&](int64_t begin, int64_t end) { tokens(args, begin, end); });

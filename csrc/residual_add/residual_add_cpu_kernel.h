@@ -6,7 +6,7 @@
 #include "residual_add/residual_add.h"
 
 namespace emosteer {
-namespace residual {
+namespace residual_add {
 namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
@@ -38,5 +38,5 @@ template void tokens<c10::Half>(const CpuArgs&, int64_t, int64_t);
 template void tokens<c10::BFloat16>(const CpuArgs&, int64_t, int64_t);
 
 }  // namespace CPU_CAPABILITY
-}  // namespace residual
+}  // namespace residual_add
 }  // namespace emosteer

@@ -35,7 +35,7 @@ __global__ void residual_add_kernel(scalar_t* __restrict__ r,                // 
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       rp.v[i] = static_cast<scalar_t>(
-          residual::steer(static_cast<float>(rp.v[i]), al, static_cast<float>(up.v[i])));
+          residual_add::steer(static_cast<float>(rp.v[i]), al, static_cast<float>(up.v[i])));
     }
     rrow[p] = rp;
   }
@@ -60,7 +60,7 @@ void launch_residual_add(at::Tensor& r, const at::Tensor& token_slot, const at::
 void residual_add_cuda(at::Tensor& r, const at::Tensor& token_slot, const at::Tensor& alpha,
                        const at::Tensor& urow, const at::Tensor& pool, const at::Tensor& flag) {
   TORCH_CHECK(r.is_cuda(), "r must be a CUDA tensor for the CUDA kernel");
-  const int64_t S = residual::check_residual_add(r, token_slot, alpha, urow, pool, flag);
+  const int64_t S = residual_add::check_residual_add(r, token_slot, alpha, urow, pool, flag);
   if (r.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(r.device());
   EMOSTEER_DISPATCH_FLOAT_TYPES(r.scalar_type(), "residual_add_cuda", [&] {

@@ -29,12 +29,12 @@ OPS = (
 # The ops every backend implements; ``available_impls(device)`` without an op answers
 # for these. The attention op has a Triton kernel, a C++ CPU kernel and no CUDA C++ one.
 CORE_OPS = OPS[:3]
-# Module holding each op's Triton launcher (one file per op stem).
+# Module holding each op's Triton launcher (emosteer/ops/triton/<op>.py).
 _TRITON_MODULE = {
-    "head_affine_capture": "emosteer.ops.head_affine",
-    "residual_add": "emosteer.ops.residual_add",
-    "neuron_gain": "emosteer.ops.neuron_gain",
-    "attn_image_boost": "emosteer.ops.attn_boost",
+    "head_affine_capture": "emosteer.ops.triton.head_affine_capture",
+    "residual_add": "emosteer.ops.triton.residual_add",
+    "neuron_gain": "emosteer.ops.triton.neuron_gain",
+    "attn_image_boost": "emosteer.ops.triton.attn_image_boost",
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32,)

@@ -7,7 +7,7 @@ under tests/ops and restores the previous value afterwards, so it never leaks in
 other test directories or into vLLM engine processes they spawn (an engine that saw it
 would pick the slow interpreted kernels). That works because emosteer's launchers pick
 the interpreted or compiled kernel per call from the tensors' device
-(``emosteer/ops/_triton_launch.py``), not from the variable at import time.
+(``emosteer/ops/triton/_launch.py``), not from the variable at import time.
 Parametrization over implementations uses ``tests.utils.kernel_impls``, which sets the
 variable only while it asks the dispatcher.
 """

@@ -113,6 +113,6 @@ def test_only_avx2_namespaces_hold_avx_instructions():
     outside = sorted(n for n in with_avx if "::AVX2::" not in n)
     assert not outside, "AVX instructions outside the AVX2 builds:\n" + "\n".join(outside)
     loops = {n.split("(")[0] for n in with_avx}
-    for ns in ("head_affine", "residual", "neuron"):
+    for ns in ("head_affine_capture", "residual_add", "neuron_gain"):
         for t in ("float", "c10::Half", "c10::BFloat16"):
             assert f"void emosteer::{ns}::AVX2::tokens<{t}>" in loops, (ns, t, sorted(loops))

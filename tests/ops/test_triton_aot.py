@@ -19,21 +19,22 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from emosteer.ops._triton_launch import LAUNCH_OPTIONS, for_device  # noqa: E402
+from emosteer.ops._dispatch import OPS  # noqa: E402
+from emosteer.ops.triton._launch import LAUNCH_OPTIONS, for_device  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _kernel(module: str, name: str):
     """The compiled-mode (JITFunction) form of a kernel, whatever TRITON_INTERPRET says."""
-    kernel = getattr(importlib.import_module(f"emosteer.ops.{module}"), name)
+    kernel = getattr(importlib.import_module(f"emosteer.ops.triton.{module}"), name)
     return for_device(kernel, torch.device("cuda"))
 
 
 def _specs(t: str):
     """(module, kernel, signature, constexprs, num_warps) for activations of type ``t``."""
     return [
-        ("head_affine", "_head_affine_capture_kernel",
+        ("head_affine_capture", "_head_affine_capture_kernel",
          {"z_ptr": f"*{t}", "slot_ptr": "*i32", "a_ptr": "*fp32", "b_ptr": "*fp32",
           "vrow_ptr": "*i32", "pool_ptr": f"*{t}", "cap_index_ptr": "*i32", "cap_ptr": f"*{t}",
           "flag_ptr": "*i32", "H": "i32", "D": "i32", "BLOCK_H": "constexpr",
@@ -48,7 +49,7 @@ def _specs(t: str):
           "masks_ptr": "*fp32", "flag_ptr": "*i32", "I": "i32", "BLOCK": "constexpr"},
          {"BLOCK": 2048}, 4),
         # GPU cache layout [NB, 16, 8, 128] contiguous, 32 query heads (GQA group 4).
-        ("attn_boost", "_attn_image_boost_kernel",
+        ("attn_image_boost", "_attn_image_boost_kernel",
          {"out_ptr": f"*{t}", "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}",
           "bt_ptr": "*i32", "row_ptr": "*i32", "pos_ptr": "*i32", "slot_ptr": "*i32",
           "beta_ptr": "*fp32", "mode_ptr": "*i32", "spans_ptr": "*i32",
@@ -95,7 +96,7 @@ def test_kernel_compiles_for_gpu(kernel, dtype, cc):
 def test_every_kernel_is_covered():
     """A new @triton.jit kernel in an op module must be added to this file."""
     found = set()
-    for module in ("head_affine", "residual_add", "neuron_gain", "attn_boost"):
-        mod = importlib.import_module(f"emosteer.ops.{module}")
+    for module in OPS:  # each op's kernels live in emosteer/ops/triton/<op>.py
+        mod = importlib.import_module(f"emosteer.ops.triton.{module}")
         found |= {n for n, v in vars(mod).items() if n.endswith("_kernel") and hasattr(v, "fn")}
     assert found == set(KERNELS)

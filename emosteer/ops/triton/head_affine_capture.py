@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from emosteer.ops._triton_launch import LAUNCH_OPTIONS, for_device
+from emosteer.ops.triton._launch import LAUNCH_OPTIONS, for_device
 
 
 @triton.jit

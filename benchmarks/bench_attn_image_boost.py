@@ -13,10 +13,11 @@ heaviest case), GQA shapes of real models: 32x128 with 8 KV heads (Qwen3-VL-8B t
 on a small case of each kind before timing. The CPU layout of vLLM's cache (keys stored
 transposed per block) is used on the CPU, the plain one on a GPU.
 
-    python benchmarks/bench_vee.py            # quick set (CPU)
-    python benchmarks/bench_vee.py --full     # more sizes (GPU)
+    python benchmarks/bench_attn_image_boost.py            # quick set (CPU)
+    python benchmarks/bench_attn_image_boost.py --full     # more sizes (GPU)
 
-Rows are appended to benchmarks/results/vee.csv; the plot goes to results/vee_<device>.png.
+Rows are appended to benchmarks/results/attn_image_boost.csv; the plot goes to
+results/attn_image_boost_<device>.png.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _runner import RESULTS_DIR, append_csv, device_name, quantiles, time_ms, version_string  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR,
+    append_csv,
+    device_name,
+    pyplot,
+    save_figure,
+    version_string,
+)
+from _runner import quantiles, time_ms  # noqa: E402
 
 from emosteer.ops import _dispatch, reference  # noqa: E402
 
@@ -146,19 +155,17 @@ def main(argv=None) -> int:
                                          timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")))
                         print(f"{impl:6s} {dt:8s} {shape:9s} {kind:7s} n={n:<5d} C={C:<5d} "
                               f"{med:9.3f} ms  sdpa {sd:9.3f} ms  x{med / sd:.2f}")
-    path = os.path.join(RESULTS_DIR, "vee.csv")
+    path = os.path.join(RESULTS_DIR, "attn_image_boost.csv")
     append_csv(rows, path, COLUMNS)
-    _plot(rows, os.path.join(RESULTS_DIR, f"vee_{device.type}.png"), dev_name)
+    _plot(rows, os.path.join(RESULTS_DIR, f"attn_image_boost_{device.type}.png"), dev_name)
     print(f"appended {len(rows)} rows to {path}")
     return 0
 
 
 def _plot(rows, path: str, dev: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One panel per (kind, shape): the op's time over plain SDPA's per size, a line per
+    (impl, dtype)."""
+    plt = pyplot()
     kinds = ["decode", "prefill"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(len(kinds), len(shapes), figsize=(4.4 * len(shapes), 3.0 * len(kinds)),
@@ -178,9 +185,7 @@ def _plot(rows, path: str, dev: str) -> None:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
     fig.suptitle(f"VEE attention (every token and head boosted) vs plain attention: {dev}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 // CPU twin of the head affine + capture kernel: checks, then at::parallel_for over
 // tokens (for large batches only) of the vectorized token loop in
-// head_affine_cpu_kernel.h, AVX2 build where the CPU has it (head_affine_avx2_cpu.cpp),
-// else the portable build compiled here. One pass over z.
+// head_affine_capture_cpu_kernel.h, AVX2 build where the CPU has it
+// (head_affine_capture_avx2_cpu.cpp), else the portable build compiled here. One pass
+// over z.
 #include "cpu_vec.h"  // first: this file holds the portable (DEFAULT) build
 
 #include <ATen/Parallel.h>
 
-#include "head_affine/head_affine.h"
-#include "head_affine/head_affine_cpu_kernel.h"
+#include "head_affine_capture/head_affine_capture.h"
+#include "head_affine_capture/head_affine_capture_cpu_kernel.h"
 
 namespace emosteer {
 
@@ -17,7 +18,7 @@ void head_affine_capture_cpu(at::Tensor& z, const at::Tensor& token_slot, const 
                              const at::Tensor& flag) {
   TORCH_CHECK(z.device().is_cpu(), "z must be a CPU tensor for the CPU kernel");
   const int64_t S =
-      head_affine::check_args(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag);
+      head_affine_capture::check_args(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag);
   if (flag.data_ptr<int32_t>()[0] == 0) return;  // read once: the whole op is off
   const int64_t T = z.size(0), H = z.size(1), D = z.size(2);
   if (z.numel() == 0) return;
@@ -26,15 +27,20 @@ void head_affine_capture_cpu(at::Tensor& z, const at::Tensor& token_slot, const 
   check_index_values(cap_index.data_ptr<int32_t>(), T, cap_buf.size(0), "cap_index",
                      "capture rows");
   check_index_values(vrow.data_ptr<int32_t>(), S * H, pool.size(0), "vrow", "pool rows");
-  const head_affine::CpuArgs args{z.data_ptr(),           token_slot.data_ptr<int32_t>(),
-                                  a.data_ptr<float>(),    b.data_ptr<float>(),
-                                  vrow.data_ptr<int32_t>(), pool.data_ptr(),
-                                  cap_index.data_ptr<int32_t>(), cap_buf.data_ptr(),
-                                  H,                      D};
+  const head_affine_capture::CpuArgs args{z.data_ptr(),
+                                          token_slot.data_ptr<int32_t>(),
+                                          a.data_ptr<float>(),
+                                          b.data_ptr<float>(),
+                                          vrow.data_ptr<int32_t>(),
+                                          pool.data_ptr(),
+                                          cap_index.data_ptr<int32_t>(),
+                                          cap_buf.data_ptr(),
+                                          H,
+                                          D};
   EMOSTEER_DISPATCH_FLOAT_TYPES(z.scalar_type(), "head_affine_capture_cpu", [&] {
-    auto* tokens = &head_affine::DEFAULT::tokens<scalar_t>;
+    auto* tokens = &head_affine_capture::DEFAULT::tokens<scalar_t>;
 #if EMOSTEER_HAVE_AVX2_BUILD
-    if (cpu_use_avx2()) tokens = &head_affine::AVX2::tokens<scalar_t>;
+    if (cpu_use_avx2()) tokens = &head_affine_capture::AVX2::tokens<scalar_t>;
 #endif
     at::parallel_for(0, T, grain_for(H * D),
                      [&](int64_t begin, int64_t end) { tokens(args, begin, end); });

@@ -1,15 +1,15 @@
 // The CPU token loop of head_affine_capture, vectorized over head_dim with
 // at::vec::Vectorized<float>. Compiled once per ISA (see cpu_vec.h): included by
-// head_affine_cpu.cpp (portable build) and head_affine_avx2_cpu.cpp (AVX2 build), each
-// of which has included cpu_vec.h first.
+// head_affine_capture_cpu.cpp (portable build) and head_affine_capture_avx2_cpu.cpp
+// (AVX2 build), each of which has included cpu_vec.h first.
 #pragma once
 
 #include <cstring>
 
-#include "head_affine/head_affine.h"
+#include "head_affine_capture/head_affine_capture.h"
 
 namespace emosteer {
-namespace head_affine {
+namespace head_affine_capture {
 namespace CPU_CAPABILITY {
 
 template <typename scalar_t>
@@ -50,5 +50,5 @@ template void tokens<c10::Half>(const CpuArgs&, int64_t, int64_t);
 template void tokens<c10::BFloat16>(const CpuArgs&, int64_t, int64_t);
 
 }  // namespace CPU_CAPABILITY
-}  // namespace head_affine
+}  // namespace head_affine_capture
 }  // namespace emosteer

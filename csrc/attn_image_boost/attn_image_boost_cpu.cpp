@@ -1,8 +1,8 @@
 // CPU kernel of attn_image_boost: checks (dims and dtypes, then every index value the
 // kernel will read), the list of work items, one per (token, KV head) that has a head to
 // rewrite or a capture, and at::parallel_for over them of the loop in
-// attn_boost_cpu_kernel.h, AVX2 build where the CPU has it (attn_boost_avx2_cpu.cpp),
-// else the portable build compiled here.
+// attn_image_boost_cpu_kernel.h, AVX2 build where the CPU has it
+// (attn_image_boost_avx2_cpu.cpp), else the portable build compiled here.
 #include "cpu_vec.h"  // first: this file holds the portable (DEFAULT) build
 
 #include <ATen/Parallel.h>
@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "attn_boost/attn_boost.h"
-#include "attn_boost/attn_boost_cpu_kernel.h"
+#include "attn_image_boost/attn_image_boost.h"
+#include "attn_image_boost/attn_image_boost_cpu_kernel.h"
 
 namespace emosteer {
 
@@ -23,9 +23,9 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
                           const at::Tensor& cap_index, at::Tensor& mass_buf,
                           const at::Tensor& sm_scale, const at::Tensor& flag) {
   TORCH_CHECK(out.device().is_cpu(), "out must be a CPU tensor for the CPU kernel");
-  attn_boost::check_args(out, query, key_cache, value_cache, block_table, token_row, token_pos,
-                         token_slot, beta, logit_mode, spans, cap_index, mass_buf, sm_scale,
-                         flag);
+  attn_image_boost::check_args(out, query, key_cache, value_cache, block_table, token_row,
+                               token_pos, token_slot, beta, logit_mode, spans, cap_index,
+                               mass_buf, sm_scale, flag);
   if (flag.data_ptr<int32_t>()[0] == 0) return;  // read once: the whole op is off
   const int64_t T = out.size(0), H = out.size(1), D = out.size(2);
   if (T == 0 || H == 0) return;
@@ -78,7 +78,7 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
     bool sees = false;
     for (int64_t k = 0; k < NS && !sees; ++k) {
       int64_t lo, hi;
-      attn_boost::visible_span(sp[(r * NS + k) * 2], sp[(r * NS + k) * 2 + 1], p + 1, lo, hi);
+      attn_image_boost::visible_span(sp[(r * NS + k) * 2], sp[(r * NS + k) * 2 + 1], p + 1, lo, hi);
       sees = lo < hi;
     }
     if (!sees && c < 0) continue;  // nothing is rewritten without a visible image key
@@ -97,7 +97,7 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
   }
   if (items.empty()) return;
 
-  const attn_boost::CpuArgs args{
+  const attn_image_boost::CpuArgs args{
       out.data_ptr(),
       query.data_ptr(),
       key_cache.data_ptr(),
@@ -128,20 +128,20 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t lanes = std::max<int64_t>(
       1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n_items, work / 32768}));
-  const size_t floats = static_cast<size_t>(attn_boost::scratch_floats(group, D, BS, n_max));
+  const size_t floats = static_cast<size_t>(attn_image_boost::scratch_floats(group, D, BS, n_max));
   EMOSTEER_DISPATCH_FLOAT_TYPES(out.scalar_type(), "attn_image_boost_cpu", [&] {
-    auto* item = &attn_boost::DEFAULT::item<scalar_t>;
+    auto* item = &attn_image_boost::DEFAULT::item<scalar_t>;
 #if EMOSTEER_HAVE_AVX2_BUILD
-    if (cpu_use_avx2()) item = &attn_boost::AVX2::item<scalar_t>;
+    if (cpu_use_avx2()) item = &attn_image_boost::AVX2::item<scalar_t>;
 #endif
     at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> f(floats);
       std::vector<uint8_t> img(static_cast<size_t>(n_max + group));
       std::vector<int32_t> heads(static_cast<size_t>(group));
       float* q = f.data();
-      const attn_boost::Scratch w{q, q + group * D, q + 2 * group * D,
-                                  q + 2 * group * D + BS * D, img.data(), heads.data(),
-                                  img.data() + n_max};
+      const attn_image_boost::Scratch w{q, q + group * D, q + 2 * group * D,
+                                        q + 2 * group * D + BS * D, img.data(), heads.data(),
+                                        img.data() + n_max};
       for (int64_t lane = begin; lane < end; ++lane) {
         for (int64_t i = lane; i < n_items; i += lanes) {
           item(args, items[i] / KVH, items[i] % KVH, w);

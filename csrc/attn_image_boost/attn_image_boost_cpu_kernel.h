@@ -1,7 +1,7 @@
 // The CPU loop of attn_image_boost for one (token, KV head) work item, vectorized over
 // head_dim with at::vec::Vectorized<float>. Compiled once per ISA (see cpu_vec.h):
-// included by attn_boost_cpu.cpp (portable build) and attn_boost_avx2_cpu.cpp (AVX2
-// build), each of which has included cpu_vec.h first.
+// included by attn_image_boost_cpu.cpp (portable build) and
+// attn_image_boost_avx2_cpu.cpp (AVX2 build), each of which has included cpu_vec.h first.
 //
 // Per item, for the group's active query heads (rewritten, or all of them when the
 // token is captured): the keys are read block by block (one gather into a float tile
@@ -12,10 +12,10 @@
 #include <cstring>
 #include <limits>
 
-#include "attn_boost/attn_boost.h"
+#include "attn_image_boost/attn_image_boost.h"
 
 namespace emosteer {
-namespace attn_boost {
+namespace attn_image_boost {
 namespace CPU_CAPABILITY {
 
 using emosteer::cpu::CPU_CAPABILITY::fVec;
@@ -229,5 +229,5 @@ template void item<c10::Half>(const CpuArgs&, int64_t, int64_t, const Scratch&);
 template void item<c10::BFloat16>(const CpuArgs&, int64_t, int64_t, const Scratch&);
 
 }  // namespace CPU_CAPABILITY
-}  // namespace attn_boost
+}  // namespace attn_image_boost
 }  // namespace emosteer

@@ -1,6 +1,7 @@
 // VEE inside attention (attn_image_boost), shared by the CPU launcher and its two ISA
 // builds of the per-(token, KV head) loop. There is no CUDA C++ twin: the GPU path is
-// the Triton kernel (emosteer/ops/attn_boost.py). Semantics (emosteer/ops/reference.py):
+// the Triton kernel (emosteer/ops/triton/attn_image_boost.py). Semantics
+// (emosteer/ops/reference.py):
 //
 //   if flag[0] == 0: nothing at all
 //   token t, r = token_row[t] >= 0, n = token_pos[t] + 1 keys j = 0..n-1, key j read from
@@ -26,7 +27,7 @@
 #include "common.h"
 
 namespace emosteer {
-namespace attn_boost {
+namespace attn_image_boost {
 
 // The additive boost, log(b) rounded once to float: the reference adds the Python float
 // math.log(b) to a float32 tensor, which rounds the double to float first.
@@ -155,5 +156,5 @@ inline void check_args(const at::Tensor& out, const at::Tensor& query,
 }
 #endif
 
-}  // namespace attn_boost
+}  // namespace attn_image_boost
 }  // namespace emosteer

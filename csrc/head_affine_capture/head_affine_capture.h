@@ -14,7 +14,7 @@
 #include "common.h"
 
 namespace emosteer {
-namespace head_affine {
+namespace head_affine_capture {
 
 // A head with a == 1 and b == 0 is left bit-identical (also -0.0 and NaN in z).
 EMOSTEER_HD bool is_identity(float a, float b) { return a == 1.0f && b == 0.0f; }
@@ -94,5 +94,5 @@ inline int64_t check_args(const at::Tensor& z, const at::Tensor& token_slot,
 }
 #endif
 
-}  // namespace head_affine
+}  // namespace head_affine_capture
 }  // namespace emosteer

@@ -4,7 +4,7 @@
 // row exits at once; z is read once and written once, v comes from the pool row that
 // the slot's table names for the head (none: v = 0).
 #include "cuda_utils.cuh"
-#include "head_affine/head_affine.h"
+#include "head_affine_capture/head_affine_capture.h"
 
 namespace emosteer {
 namespace {
@@ -40,7 +40,7 @@ __global__ void head_affine_capture_kernel(
     const int64_t h = (p * VEC) / D;
     const float ah = a[s * H + h];
     const float bh = b[s * H + h];
-    if (head_affine::is_identity(ah, bh)) continue;
+    if (head_affine_capture::is_identity(ah, bh)) continue;
     const int64_t vr = vrow[s * H + h];
     CUDA_KERNEL_ASSERT(vr < P);
     P_ vp;
@@ -54,8 +54,8 @@ __global__ void head_affine_capture_kernel(
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      zp.v[i] = static_cast<scalar_t>(head_affine::affine(static_cast<float>(zp.v[i]), ah, bh,
-                                                          static_cast<float>(vp.v[i])));
+      zp.v[i] = static_cast<scalar_t>(head_affine_capture::affine(
+          static_cast<float>(zp.v[i]), ah, bh, static_cast<float>(vp.v[i])));
     }
     zrow[p] = zp;
   }
@@ -85,7 +85,7 @@ void head_affine_capture_cuda(at::Tensor& z, const at::Tensor& token_slot, const
                               const at::Tensor& flag) {
   TORCH_CHECK(z.is_cuda(), "z must be a CUDA tensor for the CUDA kernel");
   const int64_t S =
-      head_affine::check_args(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag);
+      head_affine_capture::check_args(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag);
   if (z.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(z.device());
   EMOSTEER_DISPATCH_FLOAT_TYPES(z.scalar_type(), "head_affine_capture_cuda", [&] {

@@ -26,9 +26,9 @@ its grid, ``(T, H)``, depends on shapes only.
 
 Reductions go through the builtin ``tl.reduce`` with ``tl.standard``'s own combine
 functions rather than ``tl.sum`` / ``tl.max``: those are ``@triton.jit`` library
-functions frozen in one form when ``triton.language`` is imported (see
-``_triton_launch``), whereas the combine functions are resolved while the kernel runs
-(the interpreter recognises them and reduces with numpy) or compiles.
+functions frozen in one form when ``triton.language`` is imported (see ``_launch``),
+whereas the combine functions are resolved while the kernel runs (the interpreter
+recognises them and reduces with numpy) or compiles.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from emosteer.ops._triton_launch import LAUNCH_OPTIONS, for_device
+from emosteer.ops.triton._launch import LAUNCH_OPTIONS, for_device
 
 
 @triton.jit
