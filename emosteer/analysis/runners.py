@@ -245,24 +245,13 @@ class _LMHead:
     """Final RMSNorm + LM head of a Llama-like model folder, for logits from captures."""
 
     def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
+        from emosteer.models.weights import final_norm_and_head
 
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
         cfg = cfg.get("text_config", cfg)
         self.eps = float(cfg.get("rms_norm_eps", 1e-6))
-        want = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    if k.endswith("norm.weight") and "layers." not in k and "vision" not in k:
-                        want["norm"] = st.get_tensor(k)
-                    elif k.endswith("lm_head.weight"):
-                        want["head"] = st.get_tensor(k)
-                    elif k.endswith("embed_tokens.weight") and "head" not in want:
-                        want["embed"] = st.get_tensor(k)
-        self.norm = want["norm"].float()
-        self.head = want.get("head", want.get("embed")).float()
+        self.norm, self.head = final_norm_and_head(folder)
 
     def __call__(self, resid: torch.Tensor) -> torch.Tensor:
         h = resid.float()
