@@ -220,6 +220,7 @@ def test_demo_bad_input(tmp_path):
     assert_user_error(run("demo", "--out", f), "--out")
     assert_user_error(run("demo", "--model", tmp_path / "nomodel"), "--model")
     assert_user_error(run("demo", "--backend", "gpu"), "--backend")
+    assert_user_error(run("demo", "--quick", "--full"), "--full")
 
 
 # ---------------------------------------------------------------- a real run (HF, tiny)
@@ -261,7 +262,7 @@ def test_serve_dry_run_builds_the_vllm_command(model_dir, bank_file, monkeypatch
 
 
 def test_serve_keeps_the_users_plugin_list(model_dir):
-    from emosteer.cli import serve_command
+    from emosteer.cli.serve import serve_command
 
     _, env = serve_command(str(model_dir), None, {}, [], environ={"VLLM_PLUGINS": "mine"})
     assert env["VLLM_PLUGINS"] == "mine,emosteer" and "EMOSTEER_BANK" not in env

@@ -108,11 +108,13 @@ def test_demo_quick_hf(tiny, tmp_path):
     from emosteer.apps.demo import run_demo
 
     out = tmp_path / "report"
-    report = run_demo(model=str(tiny), out=out, emotions=("joy",), backend="hf", quick=True,
+    report = run_demo(model=str(tiny), out=out, emotions=("joy",), backend="hf", size="quick",
                       progress=False)
     assert report == out / "report.md"
     res = _check_report(out, "hf")
-    assert res["quick"] is True
+    assert res["quick"] is True and res["size"] == "quick"
+    # the engine's own output went to the log, not to the console
+    assert res["engine_log"] == str(out / "engine.log") and (out / "engine.log").is_file()
     assert set(res["timings"]) >= {"model", "engine start", "joy: extract", "report"}
 
 
@@ -120,8 +122,8 @@ def test_demo_settings_reject_unknown():
     from emosteer.apps.demo import demo_settings
 
     with pytest.raises(ValueError, match="n_pears"):
-        demo_settings(True, n_pears=3)
-    assert demo_settings(True, n_heldout=3)["n_heldout"] == 3
+        demo_settings("quick", n_pears=3)
+    assert demo_settings("quick", n_heldout=3)["n_heldout"] == 3
 
 
 def test_bootstrap_ci_brackets_mean():
@@ -159,7 +161,7 @@ def test_demo_quick_vllm(tmp_path, monkeypatch):
 
     out = tmp_path / "report"
     run_demo(model=str(_stable_tiny()), out=out, emotions=("joy",), backend="vllm",
-             quick=True, progress=False)
+             size="quick", progress=False)
     _check_report(out, "vllm")
 
 

@@ -6,12 +6,16 @@ logits at chosen positions, or generated narratives. ``HFRunner`` drives
 request to ``emosteer.LLM`` (a whole sweep is one ``generate`` call) and, since vLLM
 returns no full-vocabulary logits, gets them from the captured last-layer residual
 through the model's own final norm and LM head (the same weights, read from the folder).
+``make_runner`` is the one way to get a runner from a model name or folder (backend "hf",
+"vllm" or "auto"); every runner says what it runs on (``note``) and stops what it started
+(``close``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,23 +24,29 @@ import torch
 from emosteer.request.bank import ModelInfo, VectorBank
 from emosteer.request.spec import SteerSpec
 
-__all__ = ["HFRunner", "VLLMRunner", "make_runner", "format_prompts", "Positions", "MMPrompt",
-           "format_image_prompt"]
+__all__ = ["HFRunner", "VLLMRunner", "make_runner", "cpu_engine_env", "format_prompts", "Positions",
+           "MMPrompt", "format_image_prompt"]
 
 # Per row: "last" (the last prompt token) or explicit 0-based token positions.
 Positions = str | Sequence[Sequence[int]]
 
 
-def format_prompts(tokenizer, texts: Sequence[str], chat: bool = True,
+def format_prompts(tokenizer, prompts: Sequence[str | Sequence[dict]], chat: bool = True,
                    system: str | None = None) -> list[str]:
-    """Apply the tokenizer's chat template (a user turn + generation prompt) to each text."""
-    if not chat or not getattr(tokenizer, "chat_template", None):
-        return list(texts)
+    """The text the model is fed for each prompt: a plain text becomes a user turn (after a
+    ``system`` turn when given), a list of ``{"role", "content"}`` messages is taken as is;
+    with ``chat`` and a tokenizer that has a chat template, the template renders the turns
+    and the generation prompt, otherwise the turns' contents are joined by newlines (a
+    plain text stays unchanged)."""
     out = []
-    for t in texts:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": t}]
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    for p in prompts:
+        if isinstance(p, str):
+            p = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": p}]
+        if chat and getattr(tokenizer, "chat_template", None):
+            out.append(tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True))
+        else:
+            out.append("\n".join(m["content"] for m in p))
     return out
 
 
@@ -105,15 +115,26 @@ def _merge_bank(bank: VectorBank | None, other: VectorBank | None, info: ModelIn
     return bank
 
 
-def _batches(n: int, size: int, progress: bool, desc: str):
+def _batches(n: int, size: int, progress, desc: str):
+    """Start offsets of the ``size``-row batches of ``n`` rows. ``progress``: False, True
+    (a tqdm bar when there is more than one batch) or a tqdm-like factory, called as
+    ``progress(total=n, desc=desc)`` and updated by rows (the demo's stage bar)."""
     from tqdm.auto import tqdm
 
     starts = range(0, n, size)
-    return tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False)
+    if not callable(progress):
+        yield from tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False)
+        return
+    bar = progress(total=n, desc=desc)
+    for s in starts:
+        yield s
+        bar.update(min(size, n - s))
+    bar.close()
 
 
 class HFRunner:
-    """Backend "hf": a transformers model driven by HFSteerer, ``batch_size`` rows at a time."""
+    """Backend "hf": a transformers model driven by HFSteerer, ``batch_size`` rows at a time.
+    ``progress``: as ``_batches`` takes it (a bool or a tqdm-like factory)."""
 
     backend = "hf"
 
@@ -129,6 +150,11 @@ class HFRunner:
         self.batch_size, self.progress = batch_size, progress
         self.name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self._processor = processor
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.note = f"transformers reference backend (HFSteerer, {dtype}, batch {batch_size})"
+
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process and goes with the runner."""
 
     @property
     def processor(self):
@@ -260,7 +286,8 @@ class _LMHead:
 
 
 class VLLMRunner:
-    """Backend "vllm": one request per row through ``emosteer.LLM``."""
+    """Backend "vllm": one request per row through ``emosteer.LLM``. ``progress``: vLLM's
+    ``use_tqdm`` (a bool, or a tqdm-like factory such as the demo's stage bar)."""
 
     backend = "vllm"
 
@@ -279,6 +306,20 @@ class VLLMRunner:
         self._head: _LMHead | None = None
         self.model = None
         self._processor = None
+        import vllm
+
+        dtype = str(llm.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        self.note = (f"vLLM {vllm.__version__} with the emosteer plugin (emosteer.LLM, {dtype}, "
+                     f"max_slots={llm.max_slots}; per-request specs in one batch)")
+
+    def close(self) -> None:
+        """Stop the engine (its engine-core process). Call it only on a runner that started
+        its engine (``make_runner`` from a model name or folder), not on one wrapping an
+        ``emosteer.LLM`` someone else still uses."""
+        try:
+            self.llm.llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # noqa: BLE001 - best effort at the end of a run
+            warnings.warn(f"emosteer: engine shutdown failed: {e}")
 
     @property
     def processor(self):
@@ -365,16 +406,66 @@ class VLLMRunner:
         return toks, texts, caps
 
 
+def cpu_engine_env() -> None:
+    """vLLM-on-CPU defaults for this process and the engine processes it starts (set before
+    the engine starts; the user's own settings win): a 1 GiB KV cache (plenty for a small
+    model, where vLLM's default would take a large share of the memory), every core for
+    the model (vLLM reserves one otherwise: half of a 2-core machine), and no tokenizer
+    threads competing with the model's."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _engine_defaults(path: Path, kwargs: dict) -> dict:
+    """``kwargs`` for ``emosteer.LLM`` with the analysis defaults filled in where the caller
+    set none: float32, seed 0, a context of at most 1024 tokens (the prompts here are
+    short; a smaller context is a smaller KV cache), and on the CPU 32-token KV blocks
+    (its default, 128, holds no full block of these prompts): a last-token patch then
+    reuses the unsteered prompt's earlier blocks (its salt sits in the block of the last
+    token), so a head sweep computes the shared prompt once rather than once per head."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("seed", 0)
+    kwargs.setdefault("max_model_len", min(1024, int(cfg.get("max_position_embeddings") or 1024)))
+    if not torch.cuda.is_available():
+        kwargs.setdefault("block_size", 32)
+    return kwargs
+
+
 def make_runner(model: Any = "default", backend: str = "hf", tokenizer=None,
-                bank: VectorBank | None = None, batch_size: int = 16, progress: bool = True,
+                bank: VectorBank | None = None, batch_size: int = 16, progress: Any = True,
                 processor=None, **engine_kwargs):
-    """A runner for ``backend`` ("hf" | "vllm"). ``model`` is a runner (returned as is), an
-    HFSteerer / transformers model (with ``tokenizer``), an ``emosteer.LLM``, or a model
-    name/folder ("default" = SmolLM2-135M-Instruct) loaded for the backend."""
+    """A runner for ``backend``: "hf", "vllm", or "auto" (vLLM when its engine starts, else
+    the transformers reference backend, with a warning that says why; the runner's
+    ``note`` says it too). ``model`` is a runner (returned as is), an HFSteerer /
+    transformers model (with ``tokenizer``), an ``emosteer.LLM``, or a model name/folder
+    ("default" = SmolLM2-135M-Instruct) loaded for the backend; a vLLM engine started here
+    gets ``engine_kwargs`` over the analysis defaults (``_engine_defaults``) and is stopped
+    by ``runner.close()``. ``progress``: a bool, or a tqdm-like factory that every batch
+    of the runner reports to."""
     if isinstance(model, (HFRunner, VLLMRunner)):
         if bank is not None:
             model.register(bank)
         return model
+    if backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"backend must be 'auto', 'hf' or 'vllm', got {backend!r}")
+    if backend == "auto":
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError("backend 'auto' takes a model name or folder; pass a model object "
+                             "with backend 'hf' or 'vllm'")
+        try:
+            return make_runner(model, "vllm", tokenizer, bank, batch_size, progress, processor,
+                               **engine_kwargs)
+        except Exception as e:  # noqa: BLE001 - any start-up failure falls back
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            warnings.warn(f"emosteer: vLLM backend unavailable ({reason}); using the transformers "
+                          "reference backend")
+        runner = make_runner(model, "hf", tokenizer, bank, batch_size, progress, processor)
+        runner.note += f"; vLLM was not used because: {reason}"
+        return runner
     if backend == "hf":
         from emosteer.hf import HFSteerer, load_hf_model
 
@@ -389,16 +480,14 @@ def make_runner(model: Any = "default", backend: str = "hf", tokenizer=None,
             raise ValueError("backend 'hf' with a model object needs its tokenizer")
         return HFRunner(model, tokenizer, bank, batch_size=batch_size, progress=progress,
                         processor=processor)
-    if backend == "vllm":
-        import emosteer
+    import emosteer
 
-        if isinstance(model, (str, os.PathLike)):
-            from emosteer.models import resolve_model
+    if isinstance(model, (str, os.PathLike)):
+        from emosteer.models import resolve_model
 
-            path = resolve_model(model)
-            engine_kwargs.setdefault("dtype", "float32")
-            model = emosteer.LLM(str(path), bank=bank, **engine_kwargs)
-        runner = VLLMRunner(model, tokenizer, bank, progress=progress)
-        runner._processor = processor
-        return runner
-    raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+        cpu_engine_env()
+        path = resolve_model(model)
+        model = emosteer.LLM(str(path), bank=bank, **_engine_defaults(path, engine_kwargs))
+    runner = VLLMRunner(model, tokenizer, bank, progress=progress)
+    runner._processor = processor
+    return runner

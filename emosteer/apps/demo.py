@@ -20,6 +20,13 @@ Stages (one engine, started once and reused by every stage):
 7. report     report.md, layer_profile.png, head_map.png, results.json,
               narratives.jsonl, bank.safetensors
 
+Three sizes (``SIZES``): "short", the default, one pass through every stage on few
+prompts (a few minutes on 2 CPU cores, so that a first run shows the whole pipeline
+quickly); "full", the study (every steering condition on 48 held-out prompts, head maps
+of four emotions); "quick", smoke-test sizes. The console gets one line per stage and
+one progress bar while a stage runs; vLLM's logging and the engine process's output go
+to ``<out>/engine.log`` (``emosteer.apps.console``).
+
 Every number in the report is measured in the run; nothing is hard-coded.
 """
 
@@ -30,92 +37,60 @@ import os
 import platform
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["run_demo", "demo_settings", "open_runner", "close_runner", "steering_stage", "split_dev_test",
-           "preset_candidates", "steer_band", "carries"]
+__all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_test", "preset_candidates",
+           "steer_band", "carries"]
 
-# Sized for SmolLM2-135M on 2 CPU cores: joy alone about 18 min (engine start 3, the 11
-# steering candidates on 48 prompts 5.5, the four full head maps 7).
-# alpha and strengths are ‖added vector‖ / ‖residual‖ at the layer (DESIGN: α ≈ 0.1);
-# SmolLM2's own emotional shift ‖S_l‖/‖h_l‖ is ≈ 0.06, and 0.25+ degrades the text.
+# Sized for SmolLM2-135M on 2 CPU cores. alpha and strengths are ‖added vector‖ / ‖residual‖
+# at the layer (DESIGN: α ≈ 0.1); SmolLM2's own emotional shift ‖S_l‖/‖h_l‖ is ≈ 0.06, and
+# 0.25+ degrades the text. map_emotions None: the head maps of the run's own emotions.
+# eager: vLLM without torch.compile. On this CPU it decodes within a few percent of the
+# compiled engine (README, plugin overhead table) and starts in about 70 s rather than the
+# compiled engine's 150 s on a first run.
+#
+# full: joy alone about 18 min (engine start 3, the 11 steering candidates on 48 prompts
+# 5.5, the four full head maps 7).
 FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=16, layer_tokens=32,
             alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
             ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
             n_samples=4, batch_size=16, band_k=4, band_strengths=(0.1, 0.2, 0.3),
             gen_strengths=(0.2, 0.3), head_scales=(2.0, 4.0),
-            map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5)
+            map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5, eager=False)
+# short (the default): every stage once on few prompts; five steering candidates (the peak
+# layer at two strengths, generated tokens only, the top heads, ENA) on 16 held-out
+# prompts (8 dev, 8 test); the head map of the run's emotions only.
+SHORT = dict(n_pairs=16, tau=0.5, extract_tokens=24, n_layer_prompts=4, layer_tokens=24,
+             alpha=0.1, proxy="next", top_heads=3, n_patch_prompts=4, neurons_k=32,
+             ena_gamma=2.0, n_heldout=16, heldout_tokens=32, strengths=(0.1, 0.2), n_samples=3,
+             batch_size=16, band_k=4, band_strengths=(), gen_strengths=(0.2,), head_scales=(4.0,),
+             map_emotions=None, n_map_pairs=4, map_top=5, eager=True)
+# quick: smoke-test sizes (the tests); its numbers mean nothing.
 QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
              alpha=0.1, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
              ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.1, 0.2), n_samples=2,
              batch_size=8, band_k=3, band_strengths=(0.2,), gen_strengths=(0.2,), head_scales=(4.0,),
-             map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2)
+             map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2, eager=True)
+SIZES = {"short": SHORT, "full": FULL, "quick": QUICK}
 
 
-def demo_settings(quick: bool = False, **overrides) -> dict:
-    """The stage sizes (FULL or QUICK) with ``overrides`` applied."""
-    s = dict(QUICK if quick else FULL)
+def demo_settings(size: str = "short", **overrides) -> dict:
+    """The stage sizes of ``size`` (a key of ``SIZES``) with ``overrides`` applied."""
+    if size not in SIZES:
+        raise ValueError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
+    s = dict(SIZES[size])
     unknown = sorted(set(overrides) - set(s))
     if unknown:
         raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(s)}")
     s.update(overrides)
     for k in ("strengths", "band_strengths", "gen_strengths", "head_scales"):
         s[k] = tuple(s[k])
-    s["map_emotions"] = tuple(s["map_emotions"])
+    if s["map_emotions"] is not None:
+        s["map_emotions"] = tuple(s["map_emotions"])
     return s
-
-
-# ------------------------------------------------------------------------------ engine
-def open_runner(model_path: str | Path, backend: str = "auto", batch_size: int = 16,
-                progress: bool = True, max_slots: int = 256):
-    """``(runner, note)``: a vLLM runner when ``backend`` is vllm/auto and the plugin
-    starts, else the transformers reference runner ("auto" falls back, saying why)."""
-    from emosteer.analysis.runners import make_runner
-
-    if backend not in ("auto", "vllm", "hf"):
-        raise ValueError(f"backend must be auto, vllm or hf, got {backend!r}")
-    if backend in ("auto", "vllm"):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        cfg = json.loads((Path(model_path) / "config.json").read_text())
-        cfg = cfg.get("text_config", cfg)
-        max_len = min(1024, int(cfg.get("max_position_embeddings") or 1024))
-        # 32-token KV blocks on the CPU (its default, 128, holds no full block of these
-        # prompts): a last-token patch then reuses the unsteered prompt's earlier blocks
-        # (its salt sits in the block of the last token), so a head sweep computes the
-        # shared prompt once rather than once per head.
-        kw = {} if torch.cuda.is_available() else {"block_size": 32}
-        try:
-            r = make_runner(str(model_path), "vllm", progress=False, max_slots=max_slots,
-                            max_model_len=max_len, seed=0, **kw)
-            return r, (f"vLLM {_version('vllm')} with the emosteer plugin (emosteer.LLM, "
-                       f"float32, max_slots={max_slots}; per-request specs in one batch)")
-        except Exception as e:  # noqa: BLE001 - any start-up failure falls back
-            if backend == "vllm":
-                raise
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            warnings.warn(f"emosteer demo: vLLM backend unavailable ({reason}); using HF")
-            note = (f"transformers reference backend (HFSteerer, float32, batch {batch_size}); "
-                    f"vLLM was not used because: {reason}")
-    else:
-        note = f"transformers reference backend (HFSteerer, float32, batch {batch_size}), as asked"
-    r = make_runner(str(model_path), "hf", batch_size=batch_size, progress=progress)
-    return r, note
-
-
-def close_runner(runner) -> None:
-    """Stop a vLLM engine (its engine-core process) if the runner holds one."""
-    llm = getattr(getattr(runner, "llm", None), "llm", None)  # emosteer.LLM -> vllm.LLM
-    if llm is None:
-        return
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception as e:  # noqa: BLE001 - best effort at exit
-        warnings.warn(f"emosteer demo: engine shutdown failed: {e}")
 
 
 def _version(pkg: str) -> str:
@@ -384,15 +359,6 @@ def head_maps_stage(runner, emotions: Sequence[str], n_pairs: int, top: int) -> 
 
 
 # ------------------------------------------------------------------------------ demo
-@contextmanager
-def _stage(name: str, timings: dict, console):
-    console.print(f"[bold cyan]▶ {name}[/]")
-    t = time.perf_counter()
-    yield
-    timings[name] = time.perf_counter() - t
-    console.print(f"  [dim]{name}: {timings[name]:.1f} s[/]")
-
-
 def _provenance(path) -> dict:
     """Where the weights come from, disclosed in every report: the default model is a
     quantized GGUF dequantized to float32 (emosteer/models/__init__.py writes the source)."""
@@ -418,131 +384,165 @@ def _machine() -> dict:
                                                     "VLLM_CPU_NUM_OF_RESERVED_CPU")}}
 
 
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
-             emotions: Sequence[str] = ("joy",), backend: str = "auto", quick: bool = False,
-             progress: bool = True, **overrides) -> Path:
+             emotions: Sequence[str] = ("joy",), backend: str = "auto", size: str = "short",
+             progress: bool = True, verbose: bool = False, **overrides) -> Path:
     """Run every stage and write the report folder; returns the path of report.md.
 
-    ``overrides`` change stage sizes (see ``demo_settings``), e.g. ``n_heldout=8``."""
-    from rich.console import Console
-
+    ``size``: "short", "full" or "quick" (``SIZES``); ``overrides`` change stage sizes (see
+    ``demo_settings``), e.g. ``n_heldout=8``. ``progress``: the stage lines and the bar on
+    the console (stderr); ``verbose``: vLLM's logging and the engine's output there too,
+    instead of in ``<out>/engine.log``."""
     from emosteer.analysis import attribution as attr
-    from emosteer.data import load_builtin, load_heldout
     from emosteer.analysis.extract import extract_vectors, pair_text
+    from emosteer.analysis.runners import make_runner
+    from emosteer.apps.console import StageConsole
+    from emosteer.data import load_builtin, load_heldout
     from emosteer.models import resolve_model
     from emosteer.report import write_report
 
-    console = Console(stderr=True, quiet=not progress)
-    cfg = demo_settings(quick, **overrides)
+    cfg = demo_settings(size, **overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(emotions, str):
         emotions = (emotions,)
-    timings: dict[str, float] = {}
+    map_emotions = cfg["map_emotions"] or tuple(emotions)
+    log = out / "engine.log"
+    if not verbose:
+        log.write_text("")  # this run's output only
     t0 = time.perf_counter()
-    with _stage("model", timings, console):
-        path = resolve_model(model)
-    with _stage("engine start", timings, console):
-        runner, note = open_runner(path, backend, batch_size=cfg["batch_size"], progress=progress)
-    console.print(f"  backend: {runner.backend} — {note}")
-    info = runner.info
-    results: dict[str, Any] = {
-        "model": {"name": model, "path": str(path), "info": info.to_dict(), **_provenance(path)},
-        "machine": _machine(), "backend": runner.backend, "backend_note": note,
-        "quick": quick, "settings": {**cfg, "emotions": list(emotions)}, "emotions": {}}
-    narr_path = out / "narratives.jsonl"
-    narr_path.write_text("")
-    heldout = load_heldout()[:cfg["n_heldout"]]
-    try:
-        for emo in emotions:
-            res: dict[str, Any] = {}
-            pairs = load_builtin(emo)[:cfg["n_pairs"]]
-            with _stage(f"{emo}: extract", timings, console):
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    ex = extract_vectors(runner, pairs, [emo], backend=runner.backend,
-                                         tau=cfg["tau"], max_new_tokens=cfg["extract_tokens"],
-                                         progress=progress)
-                meta, bank = ex.meta[emo], runner.bank
-                ratio = bank.get(emo).norm(dim=-1) / torch.tensor(meta["residual_norm"]).clamp_min(1e-6)
-                res["extraction"] = {
-                    "n_pairs": meta["n_pairs"], "n_kept": meta["n_kept"], "tau": cfg["tau"],
-                    "filter": meta["filter"], "hit_rate_mean": _mean(ex.hit_rates[emo]),
-                    "hit_rates": ex.hit_rates[emo], "norm_ratio": ratio.tolist(),
-                    "mean_norm_ratio": float(ratio.mean()),
-                    "note": "; ".join(str(w.message) for w in caught
-                                      if "extract" in str(w.message)) or None}
-            kept = [p for p, k in zip(pairs, ex.kept[emo]) if k] or pairs
-            tids = attr.target_token_ids(runner.tokenizer, emo)
-            prompts = [pair_text(p.neutral, p.query) for p in pairs[:cfg["n_layer_prompts"]]]
-            with _stage(f"{emo}: layer attribution", timings, console):
-                lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
-                                            max_new_tokens=cfg["layer_tokens"],
-                                            proxy=cfg["proxy"], tids=tids)
-                res["layer_profile"] = _layer_dict(lp, len(prompts), cfg["layer_tokens"])
-            best = _best_layer(lp)
-            patch_pairs = kept[:cfg["n_patch_prompts"]]
-            with _stage(f"{emo}: heads", timings, console):
-                hs = attr.head_attribution(runner, emo, patch_pairs, top_k=cfg["top_heads"],
-                                           tids=tids)
-                res["heads"] = _head_dict(hs, info)
-                mask = torch.zeros(info.num_layers, info.num_heads)
-                for l, h in hs.top:
-                    mask[l, h] = 1
-                bank.add(f"{emo}.vee", "heads", mask, emotion=emo, method="intention+patching",
-                         confirmed=hs.confirmed, top=[list(c) for c in hs.top])
-            with _stage(f"{emo}: neurons", timings, console):
-                ns = attr.neuron_attribution(runner, emo, patch_pairs, top_k=cfg["neurons_k"],
-                                             tids=tids)
-                res["neurons"] = _neuron_dict(ns)
-                mask = torch.zeros(info.num_layers, info.intermediate_size)
-                for l, i in ns.top:
-                    mask[l, i] = 1
-                bank.add(f"{emo}.ena", "neurons", mask, emotion=emo, method=ns.method,
-                         top_k=cfg["neurons_k"])
-                res["neurons"]["bank_name"] = f"{emo}.ena"
-            for name in [n for n in bank.names() if n.startswith("_attr.")]:
-                bank.remove(name)
-            runner.register(bank)
-            with _stage(f"{emo}: steered narratives", timings, console):
-                conds = preset_candidates(bank, emo, best, cfg["strengths"],
-                                          band=steer_band(lp, cfg["band_k"]),
-                                          band_strengths=cfg["band_strengths"],
-                                          gen_strengths=cfg["gen_strengths"], top_heads=hs.top,
-                                          head_scales=cfg["head_scales"], ena_gamma=cfg["ena_gamma"])
-                st, samples = steering_stage(runner, bank, emo, heldout, conds, cfg["heldout_tokens"],
-                                             narr_path, cfg["n_samples"])
-                res["steering"], res["samples"] = st, samples
-                if st.get("best"):
-                    # The operating point chosen on dev, with its held-out numbers: what
-                    # `emosteer generate --preset <emotion>.preset` steers with.
-                    b = st["best"]
-                    bank.set_preset(f"{emo}.preset", b["spec"], chosen_on="dev", condition=b["label"],
-                                    strength=b["scale"],
-                                    test_uplift=(b.get("delta") or {}).get("mean"),
-                                    test_share_uplift=(b.get("share_delta") or {}).get("mean"),
-                                    fluency=b.get("fluency"))
-                    res["preset"] = {"name": f"{emo}.preset", "config": bank.preset(f"{emo}.preset")}
-                if "ena" in st:
-                    e = st["ena"]
-                    res["neurons"]["gain_check"] = {
-                        "gamma": cfg["ena_gamma"], "base": st["baseline"]["hit_rate_mean"],
-                        "gain": e["hit_rate_mean"], "delta": e["delta"],
-                        "hallucination_rate": e["hallucination_rate"]}
-            results["emotions"][emo] = res
-        with _stage("head maps", timings, console):
-            results["head_maps"] = head_maps_stage(runner, cfg["map_emotions"], cfg["n_map_pairs"],
-                                                   cfg["map_top"])
-        runner.bank.save(out / "bank.safetensors")
-        (out / "bank.safetensors").chmod(0o644)
-    finally:
-        close_runner(runner)
-    t = time.perf_counter()
-    results["timings"] = timings
-    results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    write_report(results, out)
-    timings["report"] = time.perf_counter() - t
-    results["total_seconds"] = time.perf_counter() - t0
-    report = write_report(results, out)  # again, with the report stage's own time
-    console.print(f"[bold green]done[/] in {results['total_seconds']:.0f} s: {report}")
+    with StageConsole(log, verbose=verbose, show=progress) as con:
+        what = {"short": "short run; --full: the whole study", "full": "the whole study",
+                "quick": "smoke-test sizes"}[size]
+        where = "" if verbose else f"; engine output: {log}"
+        con.print(f"[bold]emosteer demo[/]: {', '.join(emotions)} on {model} ({what}){where}")
+        with con.stage("model") as st:
+            path = resolve_model(model)
+            st.note = str(path)
+        with con.stage("engine start") as st:
+            runner = make_runner(path, backend, batch_size=cfg["batch_size"], progress=con.feed,
+                                 enforce_eager=cfg["eager"])
+            st.note = runner.note
+        info = runner.info
+        results: dict[str, Any] = {
+            "model": {"name": model, "path": str(path), "info": info.to_dict(), **_provenance(path)},
+            "machine": _machine(), "backend": runner.backend, "backend_note": runner.note,
+            "size": size, "quick": size == "quick", "settings": {**cfg, "emotions": list(emotions)},
+            "engine_log": None if verbose else str(log), "emotions": {}}
+        narr_path = out / "narratives.jsonl"
+        narr_path.write_text("")
+        heldout = load_heldout()[:cfg["n_heldout"]]
+        try:
+            for emo in emotions:
+                res: dict[str, Any] = {}
+                pairs = load_builtin(emo)[:cfg["n_pairs"]]
+                with con.stage(f"{emo}: extract") as st:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        ex = extract_vectors(runner, pairs, [emo], backend=runner.backend,
+                                             tau=cfg["tau"], max_new_tokens=cfg["extract_tokens"],
+                                             progress=False)
+                    meta, bank = ex.meta[emo], runner.bank
+                    ratio = bank.get(emo).norm(dim=-1) / torch.tensor(meta["residual_norm"]).clamp_min(1e-6)
+                    res["extraction"] = {
+                        "n_pairs": meta["n_pairs"], "n_kept": meta["n_kept"], "tau": cfg["tau"],
+                        "filter": meta["filter"], "hit_rate_mean": _mean(ex.hit_rates[emo]),
+                        "hit_rates": ex.hit_rates[emo], "norm_ratio": ratio.tolist(),
+                        "mean_norm_ratio": float(ratio.mean()),
+                        "note": "; ".join(str(w.message) for w in caught
+                                          if "extract" in str(w.message)) or None}
+                    st.note = f"{meta['n_kept']}/{meta['n_pairs']} pairs kept (hit rate ≥ {cfg['tau']})"
+                kept = [p for p, k in zip(pairs, ex.kept[emo]) if k] or pairs
+                tids = attr.target_token_ids(runner.tokenizer, emo)
+                prompts = [pair_text(p.neutral, p.query) for p in pairs[:cfg["n_layer_prompts"]]]
+                with con.stage(f"{emo}: layer attribution") as st:
+                    lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
+                                                max_new_tokens=cfg["layer_tokens"],
+                                                proxy=cfg["proxy"], tids=tids)
+                    res["layer_profile"] = _layer_dict(lp, len(prompts), cfg["layer_tokens"])
+                    best = _best_layer(lp)
+                    st.note = f"peak layer {best} of {info.num_layers} (profile from {lp.profile_source})"
+                patch_pairs = kept[:cfg["n_patch_prompts"]]
+                with con.stage(f"{emo}: heads") as st:
+                    hs = attr.head_attribution(runner, emo, patch_pairs, top_k=cfg["top_heads"],
+                                               tids=tids)
+                    res["heads"] = _head_dict(hs, info)
+                    mask = torch.zeros(info.num_layers, info.num_heads)
+                    for l, h in hs.top:
+                        mask[l, h] = 1
+                    bank.add(f"{emo}.vee", "head_mask", mask, emotion=emo, method="intention+patching",
+                             confirmed=hs.confirmed, top=[list(c) for c in hs.top])
+                    st.note = "top " + ", ".join(f"L{l}H{h}" for l, h in hs.top)
+                with con.stage(f"{emo}: neurons") as st:
+                    ns = attr.neuron_attribution(runner, emo, patch_pairs, top_k=cfg["neurons_k"],
+                                                 tids=tids)
+                    res["neurons"] = _neuron_dict(ns)
+                    mask = torch.zeros(info.num_layers, info.intermediate_size)
+                    for l, i in ns.top:
+                        mask[l, i] = 1
+                    bank.add(f"{emo}.ena", "neurons", mask, emotion=emo, method=ns.method,
+                             top_k=cfg["neurons_k"])
+                    res["neurons"]["bank_name"] = f"{emo}.ena"
+                    st.note = f"{len(ns.top)} neurons ({ns.method})"
+                for name in [n for n in bank.names() if n.startswith("_attr.")]:
+                    bank.remove(name)
+                runner.register(bank)
+                with con.stage(f"{emo}: steered narratives") as st:
+                    conds = preset_candidates(bank, emo, best, cfg["strengths"],
+                                              band=steer_band(lp, cfg["band_k"]),
+                                              band_strengths=cfg["band_strengths"],
+                                              gen_strengths=cfg["gen_strengths"], top_heads=hs.top,
+                                              head_scales=cfg["head_scales"], ena_gamma=cfg["ena_gamma"])
+                    steer, samples = steering_stage(runner, bank, emo, heldout, conds,
+                                                    cfg["heldout_tokens"], narr_path, cfg["n_samples"])
+                    res["steering"], res["samples"] = steer, samples
+                    if steer.get("best"):
+                        # The operating point chosen on dev, with its held-out numbers: what
+                        # `emosteer generate --preset <emotion>.preset` steers with.
+                        b = steer["best"]
+                        bank.set_preset(f"{emo}.preset", b["spec"], chosen_on="dev", condition=b["label"],
+                                        strength=b["scale"],
+                                        test_uplift=(b.get("delta") or {}).get("mean"),
+                                        test_share_uplift=(b.get("share_delta") or {}).get("mean"),
+                                        fluency=b.get("fluency"))
+                        res["preset"] = {"name": f"{emo}.preset", "config": bank.preset(f"{emo}.preset")}
+                    if "ena" in steer:
+                        e = steer["ena"]
+                        res["neurons"]["gain_check"] = {
+                            "gamma": cfg["ena_gamma"], "base": steer["baseline"]["hit_rate_mean"],
+                            "gain": e["hit_rate_mean"], "delta": e["delta"],
+                            "hallucination_rate": e["hallucination_rate"]}
+                    st.note = _steering_note(steer, emo, len(conds) - 1)
+                results["emotions"][emo] = res
+            with con.stage("head maps") as st:
+                results["head_maps"] = head_maps_stage(runner, map_emotions, cfg["n_map_pairs"],
+                                                       cfg["map_top"])
+                st.note = (f"{', '.join(map_emotions)}: every head patched on {cfg['n_map_pairs']} "
+                           "pairs")
+            runner.bank.save(out / "bank.safetensors")
+            (out / "bank.safetensors").chmod(0o644)
+        finally:
+            runner.close()
+        with con.stage("report") as st:
+            results["timings"] = con.timings  # the report stage's own time lands here too
+            results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            report = write_report(results, out)
+            st.note = str(report)
+        results["total_seconds"] = time.perf_counter() - t0
+        report = write_report(results, out)  # again, with the report stage's time and the total
+        con.print(f"[bold green]done[/] in {_duration(results['total_seconds'])}")
     return report
+
+
+def _steering_note(steer: dict, emotion: str, n_candidates: int) -> str:
+    """The steering stage's line: the operating point chosen on dev and its effect on test."""
+    best, base = steer.get("best"), steer["baseline"]
+    if best is None:
+        return f"{n_candidates} candidates; none passed the fluency guards on dev"
+    return (f"{n_candidates} candidates; chosen on dev: {best['label']}; carrying {emotion} on "
+            f"test {base['share_mean']:.0%} → {best['share_mean']:.0%}")

