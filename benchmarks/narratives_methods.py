@@ -71,7 +71,7 @@ def prompt_texts(n: int) -> list[str]:
 
 def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Chat template (a user turn + generation prompt), tokenized once for every method."""
-    from emosteer.analysis.runners import format_prompts
+    from emosteer.models.chat import format_prompts
 
     return [tokenizer(p, add_special_tokens=False)["input_ids"]
             for p in format_prompts(tokenizer, texts, chat=True)]

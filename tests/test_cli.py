@@ -77,7 +77,7 @@ def test_no_args_shows_help():
 
 
 def test_schema_is_the_published_schema():
-    from emosteer.request.spec import json_schema
+    from emosteer.request.schema import json_schema
 
     res = run("schema")
     assert res.exit_code == 0

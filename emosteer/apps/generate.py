@@ -172,7 +172,7 @@ def run_batch(llm, batch: list[dict], cfg: GenerateConfig) -> tuple[list[dict], 
     rerun of the job retries exactly those). The local and the Ray path both call it."""
     from vllm import SamplingParams
 
-    from emosteer.analysis.runners import format_prompts
+    from emosteer.models.chat import format_prompts
 
     tok = llm.llm.get_tokenizer()
     sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
@@ -217,7 +217,8 @@ def _perplexities(llm, done: list) -> list:
 
 def _image_prompt(llm, tok, row: dict, chat: bool) -> dict:
     """A vLLM multimodal prompt for an image row (the processor is loaded once per engine)."""
-    from emosteer.analysis.runners import _load_image, _load_processor, format_image_prompt
+    from emosteer.analysis.runners import _load_image, _load_processor
+    from emosteer.models.chat import format_image_prompt
 
     proc = getattr(llm, "_emosteer_processor", None)
     if proc is None:

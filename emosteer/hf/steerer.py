@@ -37,6 +37,7 @@ from emosteer.hf import attention as vee
 from emosteer.hf.layers import DecoderHandles, find_decoder
 from emosteer.hf.plan import Plan
 from emosteer.hf.step import Step, collect, finish, prompt_positions
+from emosteer.models.chat import format_prompts
 from emosteer.ops import reference
 from emosteer.request.spec import SteerSpec
 from emosteer.request.step import CAPTURE_KINDS
@@ -334,12 +335,7 @@ class HFSteerer:
         tok = self.tokenizer
         if tok is None:
             raise ValueError("HFSteerer.encode needs a tokenizer (HFSteerer(model, bank, tokenizer))")
-        texts = list(prompts)
-        if chat and getattr(tok, "chat_template", None):
-            msgs = lambda p: ([{"role": "system", "content": system}] if system else []) + [  # noqa: E731
-                {"role": "user", "content": p}]
-            texts = [tok.apply_chat_template(msgs(p), tokenize=False, add_generation_prompt=True)
-                     for p in texts]
+        texts = format_prompts(tok, list(prompts), chat, system)
         old = tok.padding_side
         tok.padding_side = "left"
         if tok.pad_token is None:
