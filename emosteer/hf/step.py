@@ -65,6 +65,7 @@ def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
     m = mask.long()
     return torch.where(m.bool(), m.cumsum(1) - 1, torch.full_like(m, -1))
 
+
 def collect(st: Step, store: list[dict | None], positions: list[list[int]]) -> None:
     """Hand the step's captured rows to their batch rows (``store``) and append the
     positions they were captured at."""
@@ -81,8 +82,9 @@ def collect(st: Step, store: list[dict | None], positions: list[list[int]]) -> N
     for row, pos in new.items():
         positions[row].extend(sorted(pos))
 
+
 def finish(plan: Plan, store: list[dict | None], positions: list[list[int]],
-            spans: torch.Tensor | None = None) -> list[dict | None]:
+           spans: torch.Tensor | None = None) -> list[dict | None]:
     """Per row: captures in the vLLM layout; ``spans`` ([B, K] image index per key)
     trims attention-to-image rows to each row's own images."""
     out: list[dict | None] = []

@@ -17,8 +17,9 @@ overlap check of the spec (``spec.py``), the compiler's position groups
 row budget of the front end and the prefix-cache identity of a KV block (vLLM's block
 hasher, ``emosteer/vllm/patches/prefix_cache.py``). The one rule that picks what acts at
 a position is ``choose``: a position group ("last" or listed) wins over the phase,
-then ``pos < P`` is the prompt phase and the rest the generated phase. The worker's
-token → slot table and the prefix cache's position → program map are both ``choose``.
+then ``pos < P`` is the prompt phase and the rest the generated phase. The step
+tables (token → slot) are ``choose``; the prefix cache's position → program map is
+``program_at``, the same rule for one position (a test holds the two equal).
 """
 
 from __future__ import annotations
@@ -184,16 +185,16 @@ def choose(pos: np.ndarray, num_prompt: np.ndarray, prompt: np.ndarray, generate
 
 def program_at(identity: dict | None, position: int) -> str | None:
     """The fingerprint of the program a request applies at ``position`` (None: nothing),
-    from its cache identity (``RequestProgram.cache_identity``); ``choose`` on one token."""
+    from its cache identity (``RequestProgram.cache_identity``): ``choose`` for one
+    position, in plain Python because the block hasher asks it for every block of every
+    steered request on the engine core's admission path, where numpy's per-call cost is
+    ten times the work (tests/test_positions.py holds the two equal)."""
     if identity is None:
         return None
-    at = identity["at"]
-    group_pos = np.array([p for p, _ in at], dtype=np.int64)
-    group_val = np.array([fp for _, fp in at] or [None], dtype=object)
-    got = choose(np.array([position]), np.array([identity["P"]]),
-                 np.array([identity["prompt"]], dtype=object),
-                 np.array([identity["generated"]], dtype=object), group_pos, group_val)
-    return got[0]
+    for pos, fp in identity["at"]:
+        if pos == position:
+            return fp
+    return identity["prompt"] if position < identity["P"] else identity["generated"]
 
 
 def block_identity(identity: dict | None, start: int, end: int) -> str | None:
