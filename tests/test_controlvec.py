@@ -1,14 +1,13 @@
 """GGUF control vectors (llama.cpp / repeng / EasySteer) in and out of the vector bank.
 
-Files are written here the way the tools write them (their writer logic copied from the
-source, cited at each helper) and read back with ``gguf.GGUFReader`` directly, so the
+Files are written the way the tools write them (``tests/controlvec_files.py``: their
+writer logic copied from the source, cited at each helper) and read back with ``gguf.GGUFReader`` directly, so the
 layout is checked independently of emosteer's own reader. No model, no engine.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
-import json
 import os
 import sys
 import types
@@ -17,9 +16,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from emosteer.request.bank import BankError, ModelInfo, VectorBank
+from emosteer.request.bank import BankError
 from emosteer.request.controlvec import (
     CONVENTIONS,
     direction_index,
@@ -28,110 +26,20 @@ from emosteer.request.controlvec import (
     load_control_vector,
     save_control_vector,
 )
-
-L, D = 6, 16
-INFO = ModelInfo("LlamaForCausalLM", num_layers=L, hidden_size=D, num_heads=2, head_dim=8,
-                 intermediate_size=32, num_kv_heads=1)  # fmt: skip
-
-
-def rand_rows(rows, seed=0) -> torch.Tensor:
-    """[L, D] float32 with random non-zero values on ``rows``, zeros elsewhere."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(L, D)
-    for r in rows:
-        x[r] = torch.randn(D, generator=g) + 0.01  # never an all-zero row
-    return x
-
-
-def bank_with(x: torch.Tensor, name="joy", **meta) -> VectorBank:
-    b = VectorBank(INFO)
-    b.add(name, "residual", x, **meta)
-    return b
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
-def field(reader: gguf.GGUFReader, key: str):
-    f = reader.get_field(key)
-    assert f is not None, f"{key} missing; fields: {list(reader.fields)}"
-    return f.contents(), f.types[0]
-
-
-# ------------------------------------------------------------ writers of the tools
-def write_repeng_style(path, model_type: str, directions: dict[int, np.ndarray]) -> None:
-    """What repeng writes: vgel/repeng repeng/extract.py ``ControlVector.export_gguf``
-    (the same in release 0.4.0 and at the repository's head), copied line for line."""
-    arch = "controlvector"
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_string(f"{arch}.model_hint", model_type)
-    writer.add_uint32(f"{arch}.layer_count", len(directions))
-    for layer in directions.keys():
-        writer.add_tensor(f"direction.{layer}", directions[layer])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def write_easysteer_style(path, method: str, directions: dict[int, np.ndarray],
-                          metadata: dict, model_type: str = "unknown") -> None:
-    """What EasySteer writes: ZJU-REAL/EasySteer easysteer/steer/utils.py
-    ``StatisticalControlVector.export_gguf`` (numbers as float32, strings, one level of
-    nested numeric dicts as ``key.subkey``), copied."""
-    arch = "controlvector"
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_string(f"{arch}.model_hint", model_type)
-    writer.add_string(f"{arch}.method", method)
-    writer.add_uint32(f"{arch}.layer_count", len(directions))
-    for key, value in metadata.items():
-        if isinstance(value, (int, float)):
-            writer.add_float32(f"{arch}.{key}", float(value))
-        elif isinstance(value, str):
-            writer.add_string(f"{arch}.{key}", value)
-        elif isinstance(value, dict):
-            for subkey, subvalue in value.items():
-                if isinstance(subvalue, (int, float)):
-                    writer.add_float32(f"{arch}.{key}.{subkey}", float(subvalue))
-    for layer in directions.keys():
-        writer.add_tensor(f"direction.{layer}", directions[layer])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def write_cvector_generator_style(path, model_hint: str, v_final: list[np.ndarray]) -> None:
-    """What llama.cpp's cvector-generator writes (tools/cvector-generator
-    cvector-generator.cpp ``export_gguf``: ``layer_count`` as int32; pca.hpp /
-    mean.hpp name the vector of ``l_out`` layer ``il`` ``direction.{il+1}``)."""
-    writer = gguf.GGUFWriter(path, "controlvector")
-    writer.add_string("controlvector.model_hint", model_hint)
-    writer.add_int32("controlvector.layer_count", len(v_final))
-    for il, v in enumerate(v_final):
-        writer.add_tensor(f"direction.{il + 1}", v)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def write_gguf(path, tensors: dict[str, np.ndarray], arch: str = "controlvector") -> None:
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_string(f"{arch}.model_hint", "llama")
-    for name, t in tensors.items():
-        writer.add_tensor(name, t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def vec(n=D, value=None, dtype=np.float32, seed=0) -> np.ndarray:
-    if value is not None:
-        return np.full(n, value, dtype=dtype)
-    return np.random.default_rng(seed).standard_normal(n).astype(dtype)
+from tests.controlvec_files import (
+    INFO,
+    L,
+    D,
+    bank_with,
+    bits,
+    field,
+    rand_rows,
+    vec,
+    write_cvector_generator_style,
+    write_easysteer_style,
+    write_gguf,
+    write_repeng_style,
+)
 
 
 # ----------------------------------------------------------------------- round trip
@@ -511,122 +419,3 @@ def test_against_real_repeng(tmp_path, repeng):
     assert cv.model_type == "llama" and sorted(cv.directions) == [1, 3, 5]
     for layer in (1, 3, 5):
         assert np.array_equal(np.asarray(cv.directions[layer]), x[layer].numpy())
-
-
-# --------------------------------------------------------------------------------- CLI
-CLI_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D,
-    "intermediate_size": 32, "num_hidden_layers": L, "num_attention_heads": 2,
-    "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 64, "torch_dtype": "float32",
-}
-runner = CliRunner()
-
-
-def run(*args):
-    from emosteer.cli import app
-
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(res, *needles):
-    assert res.exit_code == 2, f"exit {res.exit_code}: {res.output}"
-    assert "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in res.output, f"{n!r} not in: {res.output}"
-
-
-@pytest.fixture()
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(CLI_CONFIG))
-    assert ModelInfo.from_hf_config(CLI_CONFIG) == INFO
-    return d
-
-
-def test_cli_import_export(tmp_path, model_dir):
-    src = tmp_path / "repeng.gguf"
-    write_repeng_style(src, "llama", {1: vec(seed=1), 4: vec(seed=4)})
-    bank_path = tmp_path / "bank.safetensors"
-    res = run("bank", "import", src, "--name", "calm", "--model", model_dir, "--out", bank_path)
-    assert res.exit_code == 0, res.output
-    assert "calm" in res.output and "1,4" in res.output and "model hint 'llama'" in res.output
-    bank = VectorBank.load(bank_path)
-    assert bank.names() == ["calm"]
-    assert np.array_equal(bank.get("calm")[4].numpy(), vec(seed=4))
-    assert bank.meta("calm")["layer_convention"] == "llama.cpp"
-
-    # --into keeps what the bank held; --scale and --convention reach the loader
-    res = run("bank", "import", src, "--name", "calm2", "--model", model_dir, "--out", bank_path,
-              "--into", bank_path, "--scale", "2", "--convention", "cvector-generator")
-    assert res.exit_code == 0, res.output
-    bank = VectorBank.load(bank_path)
-    assert bank.names() == ["calm", "calm2"]
-    assert np.array_equal(bank.get("calm2")[3].numpy(), vec(seed=4) * np.float32(2))
-
-    res = run("bank", "show", bank_path)
-    assert res.exit_code == 0 and "calm2" in res.output
-
-    out = tmp_path / "calm.gguf"
-    res = run("bank", "export", bank_path, "--name", "calm", "--out", out)
-    assert res.exit_code == 0, res.output
-    assert "direction.1" in res.output and "direction.4" in res.output
-    r = gguf.GGUFReader(out)
-    assert [t.name for t in r.tensors] == ["direction.1", "direction.4"]
-    assert field(r, "controlvector.model_hint")[0] == "llama"
-
-    res = run("bank", "export", bank_path, "--name", "calm", "--out", out, "--flavour",
-              "easysteer", "--method", "pca", "--model-hint", "my-llama", "--layers", "4")
-    assert res.exit_code == 0, res.output
-    r = gguf.GGUFReader(out)
-    assert field(r, "controlvector.method")[0] == "pca"
-    assert field(r, "controlvector.model_hint")[0] == "my-llama"
-    assert [t.name for t in r.tensors] == ["direction.4"]
-
-
-def test_cli_errors(tmp_path, model_dir):
-    bank_path = tmp_path / "bank.safetensors"
-    not_gguf = tmp_path / "notes.gguf"
-    not_gguf.write_text("these are not the vectors you are looking for")
-    assert_user_error(run("bank", "import", not_gguf, "--name", "x", "--model", model_dir,
-                          "--out", bank_path), "FILE", "not a GGUF file")
-    assert not bank_path.exists()
-    assert_user_error(run("bank", "import", tmp_path / "missing.gguf", "--name", "x", "--model",
-                          model_dir, "--out", bank_path), "FILE", "does not exist")
-    src = tmp_path / "v.gguf"
-    write_gguf(src, {"direction.1": vec(D + 4)})
-    assert_user_error(run("bank", "import", src, "--name", "x", "--model", model_dir,
-                          "--out", bank_path), "FILE", "length 20", "hidden_size is 16")
-    write_repeng_style(src, "llama", {1: vec()})
-    assert_user_error(run("bank", "import", src, "--name", "x", "--model", model_dir, "--out",
-                          bank_path, "--convention", "llamacpp"), "--convention", "llama.cpp")
-    assert_user_error(run("bank", "import", src, "--name", "x", "--model", model_dir, "--out",
-                          tmp_path / "no" / "b.safetensors"), "--out", "does not exist")
-    assert_user_error(run("bank", "import", src, "--name", "x", "--model", tmp_path / "nomodel",
-                          "--out", bank_path), "--model")
-    assert_user_error(run("bank", "import", src, "--name", "x", "--model", model_dir, "--out",
-                          bank_path, "--into", not_gguf), "--into")
-
-    # export: row 0 is refused under llama.cpp, with the way out named
-    bank = VectorBank(INFO)
-    bank.add("joy", "residual", rand_rows(range(L)))
-    bank.add("joy.h", "head", torch.randn(L, 2, 8))
-    bank.save(bank_path)
-    out = tmp_path / "joy.gguf"
-    assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out),
-                      "row(s) 0", "--layers")
-    assert not out.exists()
-    res = run("bank", "export", bank_path, "--name", "joy", "--out", out, "--layers", "1-5")
-    assert res.exit_code == 0, res.output
-    assert len(gguf.GGUFReader(out).tensors) == 5
-    assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out,
-                          "--layers", "1-9"), "--layers", "6 is not a layer", "0..5")
-    assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out,
-                          "--layers", "a-b"), "--layers")
-    assert_user_error(run("bank", "export", bank_path, "--name", "joy.h", "--out", out),
-                      "--name", "residual")
-    assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out,
-                          "--flavour", "gguf"), "--flavour")
-    assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out,
-                          "--method", "pca", "--layers", "1"), "--method")
-    assert_user_error(run("bank", "export", src, "--name", "joy", "--out", out), "FILE")
