@@ -64,6 +64,11 @@ ADD_BAD = [
     ("x", "residual", torch.full((3, 48), float("nan")), {}, "NaN"),
     ("x", "neurons", torch.full((3, 40), 0.5), {}, "0/1 mask"),
     ("x", "residual", torch.zeros(3, 48), {"when": object()}, "JSON"),
+    ("x", "probe", torch.zeros(3, 48), {}, r"axis 1 \(hidden_size\+1\) is 48, model has 49"),
+    ("x", "probe", torch.zeros(2, 49), {}, r"axis 0 \(num_layers\) is 2"),
+    ("x", "probe", torch.zeros(49), {}, r"2-d tensor \[num_layers, hidden_size\+1\]"),
+    ("x", "probe", torch.zeros(3, 49, dtype=torch.int64), {}, "probe.*floating"),
+    ("x", "probe", torch.full((3, 49), float("inf")), {}, "NaN or inf"),
 ]
 
 
@@ -343,3 +348,37 @@ def test_format_1_files_read_their_head_masks_as_head_mask(tmp_path):
     bad = _write(tmp_path / "bad.safetensors", {"m": mask}, _header(entries={"m": {"kind": "heads"}}))
     with pytest.raises(BankError, match="unknown kind 'heads'"):
         VectorBank.load(bad)
+
+
+def test_probe_kind(tmp_path):
+    """A probe [L, d + 1] (row l = weights, bias) is a float entry like a residual vector:
+    added, saved, loaded, hashed, listed and replicated across tensor-parallel ranks."""
+    assert INFO.shape_of("probe") == (3, 49)
+    bank = make_bank()
+    w = torch.nn.functional.normalize(torch.randn(3, 48), dim=-1)
+    probe = torch.cat([w, torch.tensor([[0.5], [-1.0], [2.0]])], dim=-1)
+    acc = [0.5, 0.75, 1.0]
+    bank.add("joy.probe", "probe", probe, emotion="joy", heldout_accuracy=acc, best_layer=2)
+    assert bank.names("probe") == ["joy.probe"] and bank.kind("joy.probe") == "probe"
+    assert torch.equal(bank.get("joy.probe", "probe")[1, :48], w[1])
+    assert float(bank.get("joy.probe", "probe")[1, 48]) == -1.0
+    with pytest.raises(BankError, match="kind 'probe', expected 'residual'"):
+        bank.get("joy.probe", "residual")
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = VectorBank.load(path)
+    assert loaded.kind("joy.probe") == "probe" and torch.equal(loaded.get("joy.probe"), probe)
+    assert loaded.meta("joy.probe") == {"emotion": "joy", "heldout_accuracy": acc, "best_layer": 2}
+    assert loaded.content_hash("joy.probe") == bank.content_hash("joy.probe")
+    loaded.validate_against(INFO)
+    # the hash covers the kind: the same numbers as another kind hash differently
+    other = VectorBank()
+    other.add("joy.probe", "residual", probe)
+    assert other.content_hash("joy.probe") != bank.content_hash("joy.probe")
+    assert shard_entry(probe, "probe", 2, 1) is probe
+    with pytest.raises(BankError, match="hidden_size is 48 in the bank, 64 in the model"):
+        loaded.validate_against(dataclasses.replace(INFO, hidden_size=64))
+    no_info = VectorBank()
+    no_info.add("p", "probe", probe)
+    with pytest.raises(BankError, match=r"p: shape \(3, 49\) does not fit the model \(probe needs \(3, 65\)\)"):
+        no_info.validate_against(dataclasses.replace(INFO, hidden_size=64))

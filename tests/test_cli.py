@@ -91,6 +91,21 @@ def test_bank_show(bank_file):
         assert needle in res.output, needle
 
 
+def test_bank_show_probe(tmp_path):
+    """A probe lists its best layer and that layer's held-out accuracy."""
+    from emosteer.request.bank import ModelInfo, VectorBank
+
+    bank = VectorBank(ModelInfo.from_hf_config(TINY_CONFIG))
+    bank.add("joy.probe", "probe", torch.randn(2, 129), heldout_accuracy=[0.625, 0.875],
+             best_layer=1, n_heldout=4)
+    bank.add("sad.probe", "probe", torch.randn(2, 129), heldout_accuracy=None, best_layer=0)
+    bank.save(tmp_path / "b.safetensors")
+    res = run("bank", "show", tmp_path / "b.safetensors")
+    assert res.exit_code == 0, res.output
+    for needle in ("joy.probe", "probe", "2×129", "best layer 1: 0.875", "best layer 0: no"):
+        assert needle in res.output, needle
+
+
 def test_model_info(model_dir):
     res = run("model", "info", model_dir)
     assert res.exit_code == 0, res.output
@@ -234,7 +249,8 @@ def test_extract_then_attribute_on_tiny_model(tmp_path):
     res = run("extract", "--model", model, "--emotion", "joy", "--backend", "hf",
               "--max-pairs", "4", "--max-tokens", "4", "--out", bank)
     assert res.exit_code == 0, res.output
-    assert {"joy", "joy.h"} <= set(VectorBank.load(bank).names())
+    assert {"joy", "joy.h", "joy.probe"} <= set(VectorBank.load(bank).names())
+    assert "probe 'joy.probe' [L, d+1]: best layer" in res.output
     assert (tmp_path / "bank.safetensors.extract.json").is_file()
     assert run("bank", "show", bank).exit_code == 0
     out = tmp_path / "attr"
@@ -245,6 +261,10 @@ def test_extract_then_attribute_on_tiny_model(tmp_path):
     for name in ("attribution.json", "layers.png", "heads.png", "bank.safetensors"):
         assert (out / name).is_file(), name
     assert {"joy.vee", "joy.ena"} <= set(VectorBank.load(out / "bank.safetensors").names())
+    res = run("extract", "--model", model, "--emotion", "joy", "--backend", "hf", "--no-probes",
+              "--max-pairs", "2", "--max-tokens", "2", "--out", tmp_path / "np.safetensors")
+    assert res.exit_code == 0, res.output
+    assert VectorBank.load(tmp_path / "np.safetensors").names() == ["joy", "joy.h"]
 
 
 # ------------------------------------------------------------------------------ serve

@@ -350,6 +350,9 @@ def test_export_refusals(tmp_path):
         save_control_vector(bank_with(rand_rows([4, 5])), "joy", path, convention="cvector-generator")
     with pytest.raises(BankError, match="kind 'head', expected 'residual'"):
         save_control_vector(bank, "joy.h", path)
+    bank.add("joy.probe", "probe", torch.randn(L, D + 1))  # a classifier, not a direction
+    with pytest.raises(BankError, match="joy.probe: kind 'probe' is a classifier.*only residual"):
+        save_control_vector(bank, "joy.probe", path)
     with pytest.raises(BankError, match="no vector named 'sad'"):
         save_control_vector(bank, "sad", path)
     with pytest.raises(BankError, match="every selected row is zero"):

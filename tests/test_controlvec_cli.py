@@ -110,6 +110,7 @@ def test_cli_errors(tmp_path, model_dir):
     bank = VectorBank(INFO)
     bank.add("joy", "residual", rand_rows(range(L)))
     bank.add("joy.h", "head", torch.randn(L, 2, 8))
+    bank.add("joy.probe", "probe", torch.randn(L, D + 1))
     bank.save(bank_path)
     out = tmp_path / "joy.gguf"
     assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out),
@@ -124,6 +125,8 @@ def test_cli_errors(tmp_path, model_dir):
                           "--layers", "a-b"), "--layers")
     assert_user_error(run("bank", "export", bank_path, "--name", "joy.h", "--out", out),
                       "--name", "residual")
+    assert_user_error(run("bank", "export", bank_path, "--name", "joy.probe", "--out", out),
+                      "--name", "is a probe", "residual entries only")
     assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out,
                           "--flavour", "gguf"), "--flavour")
     assert_user_error(run("bank", "export", bank_path, "--name", "joy", "--out", out,

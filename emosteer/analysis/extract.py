@@ -23,6 +23,14 @@ narratives for the filter come from the model's own unsteered ``generate`` (HFSt
 hooked generation takes no image inputs) and the X⁺ captures from a separate forward
 pass (same last-prompt-token residual and heads). On "vllm", requests carry the prompt
 text and ``multi_modal_data={"image": ...}`` (untested).
+
+Probes (``probes=True``, the default): from the same residuals h⁺ / h⁻ of the same pairs
+(the kept ones, or all on the fallback), split into train and held-out pairs by
+``emosteer.data.split_pairs`` (seeded, grouped by scene; ungrouped when that holds
+nothing out), ``"<emotion>.probe"`` [L, d + 1] holds per layer the unit direction
+w_l = (μ⁺ − μ⁻)/‖μ⁺ − μ⁻‖ and the bias b_l = −w_l·(μ⁺ + μ⁻)/2 of the train pairs' class
+means: ``w_l·h + b_l > 0`` reads "emotional". Its accuracy on the held-out pairs' 2n
+residuals per layer is in the metadata and in ``ExtractResult.probes``.
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ import torch
 from emosteer.request.bank import VectorBank
 from emosteer.analysis.runners import make_runner
 
-__all__ = ["ExtractResult", "extract_vectors", "pair_text", "CAPTURE_LAST", "stack_captures"]
+__all__ = ["ExtractResult", "extract_vectors", "fit_probe", "pair_text", "CAPTURE_LAST",
+           "stack_captures"]
 
 CAPTURE_LAST = {"capture": {"heads": "all", "residual": "all", "positions": "last"}}
 METHOD = "diff_of_means"
+PROBE_FIT = "diff_of_means_midpoint"
 
 
 def pair_text(stimulus, query: str) -> str:
@@ -74,6 +84,89 @@ def stack_captures(caps: Sequence[dict], num_layers: int) -> tuple[torch.Tensor,
     return res, heads
 
 
+def fit_probe(h_pos: torch.Tensor, h_neg: torch.Tensor, train: Sequence[int],
+              heldout: Sequence[int]) -> tuple[torch.Tensor, dict]:
+    """Per-layer linear probe ``[L, d + 1]`` (rows ``(w_l, b_l)``) from the ``train`` rows
+    of the residuals ``h_pos`` / ``h_neg`` ``[N, L, d]`` (emotional / neutral side):
+    ``w_l`` the unit difference of the class means, ``b_l`` puts their midpoint at score
+    0 (a layer whose means coincide gets ``w_l = 0, b_l = 0``). Returns it with its
+    per-layer accuracies (train, held-out), scored with the float32 tensor returned:
+    ``heldout_margin`` is the mean of ``y·s/‖h‖`` (y = ±1) over the held-out residuals,
+    ``best_layer`` the layer of best held-out (else train) accuracy, ties to the larger
+    margin (chosen on the held-out pairs: ``best_accuracy`` is slightly optimistic).
+    Held-out fields are None when ``heldout`` is empty."""
+    hp, hn = h_pos.double(), h_neg.double()
+    train = list(train)
+    mu_p, mu_n = hp[train].mean(0), hn[train].mean(0)  # [L, d]
+    diff = mu_p - mu_n
+    norm = diff.norm(dim=-1, keepdim=True)
+    w = torch.where(norm > 0, diff / norm.clamp_min(1e-300), torch.zeros_like(diff))
+    b = -(w * (mu_p + mu_n) / 2).sum(-1)
+    probe = torch.cat([w, b[:, None]], dim=-1).to(torch.float32)
+    w32, b32 = probe[:, :-1].double(), probe[:, -1].double()
+
+    def scores(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = torch.cat([hp[rows], hn[rows]])  # [2n, L, d]
+        y = torch.cat([torch.ones(len(rows)), -torch.ones(len(rows))]).double()[:, None]
+        return torch.einsum("nld,ld->nl", h, w32) + b32, y, h.norm(dim=-1).clamp_min(1e-12)
+
+    def accuracy(rows: list[int]) -> list[float]:
+        s, y, _ = scores(rows)
+        return [round(float(a), 6) for a in ((s > 0) == (y > 0)).double().mean(0)]
+
+    held = list(heldout)
+    info: dict[str, Any] = {"train_accuracy": accuracy(train), "heldout_accuracy": None,
+                            "heldout_margin": None}
+    rows = held or train
+    s, y, hnorm = scores(rows)
+    margin = [round(float(m), 6) for m in (y * s / hnorm).mean(0)]
+    if held:
+        info["heldout_accuracy"], info["heldout_margin"] = accuracy(held), margin
+    acc = info["heldout_accuracy"] or info["train_accuracy"]
+    best = max(range(len(acc)), key=lambda l: (acc[l], margin[l]))
+    info["best_layer"] = best
+    info["best_accuracy"] = info["heldout_accuracy"][best] if held else None
+    return probe, info
+
+
+def _probe_split(pool: list, holdout: float, seed: int) -> tuple[list[int], list[int], str]:
+    """Indices (train, held-out) into ``pool`` by ``split_pairs``: grouped by scene, or
+    pair by pair when grouping holds nothing out; a single pair trains alone."""
+    from types import SimpleNamespace
+
+    from emosteer.data import split_pairs
+
+    if len(pool) < 2:
+        return list(range(len(pool))), [], "none (a single pair: fitted on it, nothing held out)"
+    # split_pairs reads .emotion and .meta; the stand-ins carry their index into pool
+    rows = [SimpleNamespace(emotion=p.emotion, meta=p.meta or {}, i=i) for i, p in enumerate(pool)]
+    for key in ("scene", None):
+        train, test = split_pairs(rows, holdout, seed, group_key=key)
+        if test:
+            break
+    how = f"split_pairs(test_fraction={holdout}, seed={seed}, group_key={key!r})"
+    return [r.i for r in train], [r.i for r in test], how
+
+
+def _probe_entry(emotion, group, keep, h_pos, h_neg, holdout, seed) -> tuple[torch.Tensor, dict, dict]:
+    """The ``<emotion>.probe`` tensor, its bank metadata and its report (with pair ids)."""
+    kept = [i for i, k in enumerate(keep) if k]
+    train, held, how = _probe_split([group[i] for i in kept], holdout, seed)
+    train, held = [kept[i] for i in train], [kept[i] for i in held]
+    probe, fit = fit_probe(h_pos, h_neg, train, held)
+    meta = {"component": "probe", "probe_fit": PROBE_FIT,
+            "score": "w.h + b > 0: emotion present (h: output residual of decoder layer l)",
+            **fit, "n_train": len(train), "n_heldout": len(held), "split": how,
+            "few_pairs": len(held) < 4}
+    if meta["few_pairs"]:
+        meta["note"] = (f"only {len(held)} held-out pair(s) ({2 * len(held)} residuals): "
+                        "the held-out accuracy is coarse" if held else
+                        "no held-out pair: heldout_accuracy is null")
+    report = {**meta, "name": f"{emotion}.probe", "train_ids": [group[i].id for i in train],
+              "heldout_ids": [group[i].id for i in held]}
+    return probe, meta, report
+
+
 @dataclass
 class ExtractResult:
     """The bank plus everything needed to audit the filter."""
@@ -85,11 +178,14 @@ class ExtractResult:
     narratives: dict[str, list[str]] = field(default_factory=dict)
     pair_ids: dict[str, list[str]] = field(default_factory=dict)
     meta: dict[str, dict] = field(default_factory=dict)
+    # emotion -> the probe's metadata plus its train / held-out pair ids
+    probes: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps({
             "emotions": self.emotions, "meta": self.meta, "hit_rates": self.hit_rates,
             "kept": self.kept, "pair_ids": self.pair_ids, "narratives": self.narratives,
+            "probes": self.probes,
         }, indent=indent)
 
     def save(self, bank_path: str | os.PathLike, report_path: str | os.PathLike | None = None) -> None:
@@ -126,8 +222,13 @@ def extract_vectors(
     lexicon=None,
     hit_rate_fn: Callable[[str, str], float | None] | None = None,
     processor=None,
+    probes: bool = True,
+    probe_holdout: float = 0.25,
+    probe_seed: int = 0,
 ) -> ExtractResult:
-    """Extract ``"<emotion>"`` (residual) and ``"<emotion>.h"`` (head) vectors.
+    """Extract ``"<emotion>"`` (residual) and ``"<emotion>.h"`` (head) vectors, and with
+    ``probes`` the ``"<emotion>.probe"`` probes (``probe_holdout`` of the pairs, split
+    with ``probe_seed``, measure their accuracy; see the module docstring).
 
     ``model``: "default", a model folder, a transformers model (+ ``tokenizer``), an
     HFSteerer, an ``emosteer.LLM`` (backend "vllm") or a runner. ``pairs``: Pair objects,
@@ -140,6 +241,8 @@ def extract_vectors(
     """
     from emosteer.analysis.emotion import hit_rate
 
+    if not 0.0 < probe_holdout < 1.0:
+        raise ValueError(f"probe_holdout must be in (0, 1), got {probe_holdout}")
     runner = make_runner(model, backend, tokenizer=tokenizer, batch_size=batch_size,
                          progress=progress, processor=processor)
     info = runner.info
@@ -201,6 +304,11 @@ def extract_vectors(
         }
         out.add(emotion, "residual", S.to(torch.float32), **meta)
         out.add(f"{emotion}.h", "head", Sh.to(torch.float32), **{**meta, "component": "head_out"})
+        if probes:
+            probe, pmeta, report = _probe_entry(emotion, group, keep, h_pos, h_neg,
+                                                probe_holdout, probe_seed)
+            out.add(f"{emotion}.probe", "probe", probe, **{**meta, **pmeta})
+            result.probes[emotion] = report
         result.hit_rates[emotion] = rates
         result.kept[emotion] = keep
         result.narratives[emotion] = texts

@@ -24,12 +24,17 @@ def extract(
     max_pairs: int = typer.Option(0, "--max-pairs", help="Use at most this many pairs per emotion (0: all)."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
     max_tokens: int = typer.Option(48, "--max-tokens", help="Narrative length for the hit-rate filter."),
+    probes: bool = typer.Option(True, "--probes/--no-probes",
+                                help="Also fit the linear probes `EMOTION.probe` [L, d+1]."),
 ):
     """Extract steering vectors into a vector bank (safetensors).
 
     S_l = mean over kept pairs of h⁺ − h⁻ at the last prompt token, every layer; a pair
     is kept when the model's narrative for its emotional side has hit rate ≥ tau. Also
-    writes the head-space vector `EMOTION.h` and an audit JSON beside the bank."""
+    writes the head-space vector `EMOTION.h`, the probe `EMOTION.probe` (per layer a unit
+    direction and bias from a train part of the kept pairs, w·h + b > 0 reads emotional;
+    its accuracy on the held-out pairs goes in the metadata) and an audit JSON beside
+    the bank."""
     emotions = parse_emotions(emotion)
     if not 0.0 <= tau < 1.0:
         fail(f"--tau: must be in [0, 1), got {tau}")
@@ -51,7 +56,7 @@ def extract(
     try:
         ex = extract_vectors(runner, str(pairs) if pairs else None, emotions,
                              backend=runner.backend, tau=tau, max_new_tokens=max_tokens,
-                             limit=max_pairs or None)
+                             limit=max_pairs or None, probes=probes)
     except user_errors() as e:
         fail(str(e))
     except ValueError as e:  # e.g. no pairs for the emotion in --pairs
@@ -65,6 +70,12 @@ def extract(
         if m["filter"] != "hit_rate":
             kept = f"no pair passed tau={tau}: all {m['n_pairs']} pairs used"
         out.print(f"[green]{emo}[/]: {kept}; vectors '{emo}' [L, d] and '{emo}.h' [L, H, D]")
+        p = ex.probes.get(emo)
+        if p is not None:
+            acc = (f"held-out accuracy {p['best_accuracy']:.3f} on {p['n_heldout']} pairs"
+                   if p["best_accuracy"] is not None else "no held-out pair")
+            out.print(f"  probe '{p['name']}' [L, d+1]: best layer {p['best_layer']}, {acc}",
+                      highlight=False)
     out.print(f"wrote {out_path} and {audit}")
 
 

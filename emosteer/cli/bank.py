@@ -19,7 +19,8 @@ app = typer.Typer(help="Inspect vector banks; import and export GGUF control vec
 
 @app.command("show")
 def bank_show(file: Path = typer.Argument(..., help="A bank .safetensors file.")):
-    """List the entries of a vector bank: name, kind, shape, norm, metadata."""
+    """List the entries of a vector bank: name, kind, shape, norm (masks: count set;
+    probes: best layer and its held-out accuracy), metadata."""
     bank = load_bank(file, "FILE")
     info = bank.info
     title = f"{file} — {len(bank)} entries"
@@ -27,16 +28,31 @@ def bank_show(file: Path = typer.Argument(..., help="A bank .safetensors file.")
         title += (f" — model {info.architecture} L={info.num_layers} d={info.hidden_size} "
                   f"H={info.num_heads}×{info.head_dim} I={info.intermediate_size}")
     t = Table(title=title)
-    for col in ("name", "kind", "shape", "norm / count", "metadata"):
+    for col in ("name", "kind", "shape", "norm / count / probe", "metadata"):
         t.add_column(col, overflow="fold")
     for name in bank.names():
         x, kind = bank.get(name), bank.kind(name)
         size = (f"{int(x.sum().item())} set" if kind in ("neurons", "head_mask")
+                else _probe_summary(bank.meta(name)) if kind == "probe"
                 else f"{float(x.float().norm()):.4g}")
         meta = json.dumps(bank.meta(name), sort_keys=True)
         t.add_row(name, kind, "×".join(map(str, x.shape)), size,
                   meta if len(meta) < 160 else meta[:157] + "...")
     out.print(t)
+
+
+def _probe_summary(meta: dict) -> str:
+    """``best layer 5: 0.875 held-out`` from a probe's metadata (what extract writes)."""
+    acc = meta.get("heldout_accuracy")
+    if isinstance(acc, list) and acc and all(isinstance(a, (int, float)) for a in acc):
+        best = meta.get("best_layer")
+        if not isinstance(best, int) or not 0 <= best < len(acc):
+            best = max(range(len(acc)), key=acc.__getitem__)
+        n = meta.get("n_heldout")
+        return f"best layer {best}: {acc[best]:.3f} held-out" + (f" ({n} pairs)" if n else "")
+    if isinstance(meta.get("best_layer"), int):
+        return f"best layer {meta['best_layer']}: no held-out accuracy"
+    return "no held-out accuracy"
 
 
 def _bank_layers(text: str, param: str) -> list[int]:
@@ -145,6 +161,9 @@ def bank_export(
     selected = _bank_layers(layers, "--layers") if layers is not None else None
     bank = load_bank(file, "FILE")
     out_file(out_path, "--out")
+    if name in bank and bank.kind(name) == "probe":
+        fail(f"--name: {name!r} is a probe (a classifier [L, d+1]), not a steering direction; "
+             f"GGUF control vectors hold residual entries only: {bank.names('residual')}")
     if name not in bank or bank.kind(name) != "residual":
         fail(f"--name: no residual entry named {name!r} in {file}; it holds "
              f"{bank.names('residual')}")

@@ -1,4 +1,4 @@
-"""The vector bank: named steering vectors and masks, with the model shape they fit.
+"""The vector bank: named steering vectors, masks and probes, with the model shape they fit.
 
 A request never carries tensors; it names entries of a bank (``SteerSpec`` →
 ``VectorBank``). A bank is one safetensors file: tensors keyed by name, and one header
@@ -26,7 +26,8 @@ FORMAT_VERSION = 2
 RENAMED_KINDS = {1: {"heads": "head_mask"}}
 METADATA_KEY = "emosteer"
 
-# kind -> (shape as names of ModelInfo fields, is a 0/1 mask)
+# kind -> (shape as names of ModelInfo fields, is a 0/1 mask); "<field>+1" is that field
+# plus one (a probe row holds d weights and a bias)
 KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "residual": (("num_layers", "hidden_size"), False),  # [L, d]: S_l per layer
     "head": (("num_layers", "num_heads", "head_dim"), False),  # [L, H, D]
@@ -34,6 +35,9 @@ KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
     "head_mask": (("num_layers", "num_heads"), True),  # [L, H] 0/1: heads VEE boosts
     # [N, L, H, D]: one head vector per listed prompt position (position-aligned patching)
     "head_positions": (("positions", "num_layers", "num_heads", "head_dim"), False),
+    # [L, d + 1]: a linear probe per layer, row l = (w_l, b_l); it scores the output
+    # residual h of decoder layer l as w_l . h + b_l (> 0: the emotion is present)
+    "probe": (("num_layers", "hidden_size+1"), False),
 }
 
 
@@ -130,7 +134,14 @@ class ModelInfo:
         """The tensor shape an entry of ``kind`` must have for this model."""
         if kind not in KINDS:
             raise BankError(f"unknown kind {kind!r}; expected one of {sorted(KINDS)}")
-        return tuple(getattr(self, n) if n != "positions" else None for n in KINDS[kind][0])
+        return tuple(self._dim(n) for n in KINDS[kind][0])
+
+    def _dim(self, name: str) -> int | None:
+        if name == "positions":  # any number of positions
+            return None
+        if name.endswith("+1"):
+            return getattr(self, name[:-2]) + 1
+        return getattr(self, name)
 
 
 def _json_safe(value: Any, where: str) -> None:
@@ -141,7 +152,7 @@ def _json_safe(value: Any, where: str) -> None:
 
 
 class VectorBank:
-    """Named tensors of four kinds, each shaped for one model (see ``KINDS``).
+    """Named tensors of the kinds in ``KINDS``, each shaped for one model.
 
     Re-adding a name replaces the entry; its ``content_hash`` changes, so a spec
     fingerprint that mixes the bank in (``SteerSpec.fingerprint(bank)``) changes too and
@@ -469,12 +480,13 @@ def neuron_shard(intermediate_size: int, tp_size: int, tp_rank: int) -> range:
 
 def shard_entry(tensor: torch.Tensor, kind: str, tp_size: int, tp_rank: int) -> torch.Tensor:
     """The part of a bank entry that ``tp_rank`` needs: head kinds sliced by head,
-    neuron masks by neuron, residual vectors whole (the residual stream is replicated)."""
+    neuron masks by neuron, residual vectors and probes whole (the residual stream is
+    replicated)."""
     if kind not in KINDS:
         raise BankError(f"unknown kind {kind!r}; expected one of {sorted(KINDS)}")
     if tensor.dim() != len(KINDS[kind][0]):
         raise BankError(f"kind {kind!r} needs a {len(KINDS[kind][0])}-d tensor, got {tuple(tensor.shape)}")
-    if kind == "residual":
+    if kind in ("residual", "probe"):
         _contiguous_shard(tp_size, tp_size, tp_rank, "tp_size")  # checks the tp arguments
         return tensor
     if kind in ("head", "head_mask"):

@@ -13,7 +13,9 @@ loader reads only the tensors and ignores every key.
 
 emosteer's entry of kind ``"residual"`` is ``[num_layers, hidden_size]``; row ``l`` is
 added to the output of decoder layer ``l`` (0-based), the residual stream after block
-``l`` (HF ``hidden_states[l + 1]``, docs/INTERFACES.md).
+``l`` (HF ``hidden_states[l + 1]``, docs/INTERFACES.md). Imports make residual
+entries only; export writes residual entries only and refuses a ``"probe"`` (a
+classifier ``[L, d + 1]``, not a direction to add) by name.
 
 Layer conventions (``convention=``), L = the model's number of layers:
 
@@ -423,6 +425,9 @@ def save_control_vector(
     for what, value in (("model_hint", model_hint), ("method", method)):
         if value is not None and not isinstance(value, str):
             raise BankError(f"{what} must be a string, got {type(value).__name__}")
+    if name in bank and bank.kind(name) == "probe":
+        raise BankError(f"{name}: kind 'probe' is a classifier [L, d+1] (weights and a bias per "
+                        "layer), not a steering direction; only residual entries export to GGUF")
     x = bank.get(name, "residual").to(torch.float32)
     meta = bank.meta(name)
     L = x.shape[0]
