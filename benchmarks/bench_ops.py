@@ -1,13 +1,17 @@
-"""Kernel benchmark of the three fused steering ops, every available implementation side
+"""Kernel benchmark of the four core steering ops, every available implementation side
 by side, over tokens 1..8192 and the head shapes of real models.
 
 Shapes (heads x head_dim, with the model's hidden size d and MLP width I):
 32x128 (Llama-2-7B: d 4096, I 11008), 28x128 (Qwen2-7B: d 3584, I 18944),
-9x64 (SmolLM2-135M: d 576, I 1536). head_affine_capture runs on [T, H, D]; residual_add
-on [T, d]; neuron_gain on [T, I]. Every token holds one of 4 slots, each naming its own
-pool row for every head / its vector / its mask (the heaviest case: no token or head
-skips), no capture rows, the flag on. Bytes moved count every element the op must read
-or write once: the activations, plus the pool rows and slot-table entries actually used.
+9x64 (SmolLM2-135M: d 576, I 1536). head_affine_capture runs on [T, H, D];
+residual_steer and probe_gate on [T, d]; neuron_gain on [T, I]. Every token holds one
+of 4 slots, each naming its own pool row for every head / its vectors / its mask / its
+probe (the heaviest case: no token or head skips), no capture rows but for probe scores
+(every token's), the flag on. residual_steer runs two terms per slot, an absolute add
+and a clamp (so both passes over the row); probe_gate's gate always holds and latches
+(the slots survive the repeated calls), one request per slot. Bytes moved count every
+element the op must read or write once: the activations, plus the pool rows and
+slot-table entries actually used.
 
     python benchmarks/bench_ops.py            # CPU: quick set; GPU: full set
     python benchmarks/bench_ops.py --full     # all sizes (slow on a CPU)
@@ -46,8 +50,9 @@ OPS = _dispatch.CORE_OPS  # the attention op has its own benchmark (bench_attn_i
 
 MUTATED = {
     "head_affine_capture": (0, 7),
-    "residual_add": (0,),
+    "residual_steer": (0,),
     "neuron_gain": (0,),
+    "probe_gate": (1, 8, 10),
 }
 
 
@@ -79,8 +84,19 @@ def make_inputs(op: str, dtype: torch.dtype, shape: str, tokens: int, device: to
                 rows[:, None].expand(S, H).contiguous(), randn(S, H, D),
                 torch.full((T,), -1, dtype=torch.int32, device=device),
                 torch.zeros(1, H, D, dtype=dtype, device=device), flag]
-    if op == "residual_add":
-        return [randn(T, d), slot, uni(S, hi=1e-3, dt=f32), rows, randn(S, d), flag]
+    if op == "residual_steer":  # term 0 an absolute add of near 0, term 1 a clamp to 0.5
+        pool = torch.nn.functional.normalize(torch.randn(2 * S, d, generator=gen), dim=1)
+        coef = torch.stack([uni(S, hi=1e-3, dt=f32), torch.full((S,), 0.5, device=device)], 1)
+        mode = torch.tensor([[reference.RES_ADD, reference.RES_CLAMP]] * S, dtype=torch.int32,
+                            device=device)
+        return [randn(T, d), slot, coef, mode, torch.stack([rows, rows + S], 1),
+                pool.to(dtype).to(device), flag]
+    if op == "probe_gate":  # always holds (threshold -inf), latched; every score captured
+        i32 = dict(dtype=torch.int32, device=device)
+        return [randn(T, d), slot, rows, uni(S, d, lo=-0.1, hi=0.1, dt=f32),
+                uni(S, dt=f32), torch.full((S,), -float("inf"), device=device),
+                torch.full((S,), 2, **i32), slot.clone(), torch.zeros(S, **i32),
+                torch.arange(T, **i32), torch.zeros(T, dtype=f32, device=device), flag]
     if op == "neuron_gain":
         return [randn(T, inter), slot, uni(S, lo=1.0005, hi=1.001, dt=f32), rows,
                 uni(S, inter, lo=0.5, hi=1.0, dt=f32), flag]
@@ -96,8 +112,11 @@ def bytes_moved(op: str, dtype: torch.dtype, shape: str, tokens: int) -> int:
     idx = 4 * T
     if op == "head_affine_capture":  # z read + written, pool rows, a, b, vrow, slot + cap index
         return 2 * T * H * D * es + used * (H * D * es + 12 * H) + 2 * idx
-    if op == "residual_add":  # r read + written, pool rows, alpha + urow
-        return 2 * T * d * es + used * (d * es + 8) + idx
+    if op == "residual_steer":  # r read + written, 2 pool rows a slot, coef + mode + urow
+        return 2 * T * d * es + used * 2 * (d * es + 12) + idx
+    if op == "probe_gate":  # h read, fp32 probe rows, per-slot scalars, slot read + written,
+        # state rows and score indices read, scores written, state
+        return T * d * es + used * (d * 4 + 16) + 5 * idx + 4 * used
     if op == "neuron_gain":  # m read + written, fp32 mask rows, gamma + nrow
         return 2 * T * inter * es + used * (inter * 4 + 8) + idx
     raise ValueError(f"unknown op {op!r}")

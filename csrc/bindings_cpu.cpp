@@ -16,11 +16,15 @@ TORCH_LIBRARY(emosteer_C, m) {
       "head_affine_capture(Tensor(a!) z, Tensor token_slot, Tensor a, Tensor b, Tensor vrow, "
       "Tensor pool, Tensor cap_index, Tensor(b!) cap_buf, Tensor flag) -> ()");
   m.def(
-      "residual_add(Tensor(a!) r, Tensor token_slot, Tensor alpha, Tensor urow, Tensor pool, "
-      "Tensor flag) -> ()");
+      "residual_steer(Tensor(a!) r, Tensor token_slot, Tensor coef, Tensor mode, Tensor urow, "
+      "Tensor pool, Tensor flag) -> ()");
   m.def(
       "neuron_gain(Tensor(a!) m, Tensor token_slot, Tensor gamma, Tensor nrow, Tensor masks, "
       "Tensor flag) -> ()");
+  m.def(
+      "probe_gate(Tensor h, Tensor(a!) token_slot, Tensor prow, Tensor probes, Tensor bias, "
+      "Tensor thresh, Tensor gmode, Tensor state_row, Tensor(b!) state, Tensor score_index, "
+      "Tensor(c!) score_buf, Tensor flag) -> ()");
   // CPU kernel only (ops.h); the GPU path is Triton.
   m.def(
       "attn_image_boost(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
@@ -31,8 +35,9 @@ TORCH_LIBRARY(emosteer_C, m) {
 
 TORCH_LIBRARY_IMPL(emosteer_C, CPU, m) {
   m.impl("head_affine_capture", &emosteer::head_affine_capture_cpu);
-  m.impl("residual_add", &emosteer::residual_add_cpu);
+  m.impl("residual_steer", &emosteer::residual_steer_cpu);
   m.impl("neuron_gain", &emosteer::neuron_gain_cpu);
+  m.impl("probe_gate", &emosteer::probe_gate_cpu);
   m.impl("attn_image_boost", &emosteer::attn_image_boost_cpu);
 }
 
@@ -41,10 +46,13 @@ namespace {
 void head_affine_capture_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, at::Tensor&, const at::Tensor&) {}
-void residual_add_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, const at::Tensor&) {}
+void residual_steer_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
 void neuron_gain_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&) {}
+void probe_gate_meta(const at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     at::Tensor&, const at::Tensor&, at::Tensor&, const at::Tensor&) {}
 void attn_image_boost_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -54,8 +62,9 @@ void attn_image_boost_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, co
 
 TORCH_LIBRARY_IMPL(emosteer_C, Meta, m) {
   m.impl("head_affine_capture", &head_affine_capture_meta);
-  m.impl("residual_add", &residual_add_meta);
+  m.impl("residual_steer", &residual_steer_meta);
   m.impl("neuron_gain", &neuron_gain_meta);
+  m.impl("probe_gate", &probe_gate_meta);
   m.impl("attn_image_boost", &attn_image_boost_meta);
 }
 

@@ -7,8 +7,9 @@
 
 TORCH_LIBRARY_IMPL(emosteer_C, CUDA, m) {
   m.impl("head_affine_capture", &emosteer::head_affine_capture_cuda);
-  m.impl("residual_add", &emosteer::residual_add_cuda);
+  m.impl("residual_steer", &emosteer::residual_steer_cuda);
   m.impl("neuron_gain", &emosteer::neuron_gain_cuda);
+  m.impl("probe_gate", &emosteer::probe_gate_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

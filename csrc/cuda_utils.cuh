@@ -1,5 +1,5 @@
 // CUDA-only helpers shared by the kernels: 16-byte packs for vectorized loads, the
-// launch shape and the current stream. Only c10/cuda headers are
+// launch shape, a block-wide sum and the current stream. Only c10/cuda headers are
 // used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS headers).
 #pragma once
 
@@ -49,6 +49,29 @@ inline int threads_for(int64_t packs) {
   // A whole number of warps, at least one, at most kThreads.
   const int64_t warps = std::min<int64_t>((packs + 31) / 32, kThreads / 32);
   return static_cast<int>(std::max<int64_t>(warps, 1) * 32);
+}
+
+constexpr int kWarp = 32;
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024), returned to
+// every thread: warp shuffles, then one step through shared memory. Every thread of the
+// block must call it. red: kWarp + 1 floats of shared memory, free again on return.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / kWarp) ? red[lane] : 0.0f;
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) red[kWarp] = v;
+  }
+  __syncthreads();
+  const float out = red[kWarp];
+  __syncthreads();  // red may be reused at once
+  return out;
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

@@ -14,11 +14,19 @@ namespace emosteer {
                                  const at::Tensor& vrow, const at::Tensor& pool,               \
                                  const at::Tensor& cap_index, at::Tensor& cap_buf,             \
                                  const at::Tensor& flag);                                      \
-  void residual_add_##DEV(at::Tensor& r, const at::Tensor& token_slot, const at::Tensor& alpha, \
-                          const at::Tensor& urow, const at::Tensor& pool,                      \
-                          const at::Tensor& flag);                                             \
-  void neuron_gain_##DEV(at::Tensor& m, const at::Tensor& token_slot, const at::Tensor& gamma, \
-                         const at::Tensor& nrow, const at::Tensor& masks, const at::Tensor& flag);
+  void residual_steer_##DEV(at::Tensor& r, const at::Tensor& token_slot,                       \
+                            const at::Tensor& coef, const at::Tensor& mode,                    \
+                            const at::Tensor& urow, const at::Tensor& pool,                    \
+                            const at::Tensor& flag);                                           \
+  void neuron_gain_##DEV(at::Tensor& m, const at::Tensor& token_slot,                          \
+                         const at::Tensor& gamma, const at::Tensor& nrow,                      \
+                         const at::Tensor& masks, const at::Tensor& flag);                     \
+  void probe_gate_##DEV(const at::Tensor& h, at::Tensor& token_slot,                           \
+                        const at::Tensor& prow, const at::Tensor& probes,                      \
+                        const at::Tensor& bias, const at::Tensor& thresh,                      \
+                        const at::Tensor& gmode, const at::Tensor& state_row,                  \
+                        at::Tensor& state, const at::Tensor& score_index,                      \
+                        at::Tensor& score_buf, const at::Tensor& flag);
 
 EMOSTEER_DECLARE_OPS(cpu)
 EMOSTEER_DECLARE_OPS(cuda)

@@ -22,11 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 pytestmark = pytest.mark.skipif("cpp" not in kernel_impls("cpu"), reason="emosteer._C is not built")
 
 # Every op, every dtype, odd shapes (tails below one vector step included), pool rows
-# -1 and shared, against the reference bit for bit; prints the build that ran.
+# -1 and shared, against the reference bit for bit (where the op sums in an order of its
+# own -- probe scores, residual terms other than absolute adds -- within a bound);
+# prints the build that ran.
 _SCRIPT = r"""
 import torch
 import emosteer._C as C
 from emosteer.ops import _dispatch, reference
+from tests.ops.test_csrc_build import _assert_outputs, _inputs
 
 def same(x, y):
     ints = {2: torch.int16, 4: torch.int32}[x.element_size()]
@@ -49,8 +52,10 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         masks = torch.where(torch.rand(P, d, generator=g) < 0.5, 0.0, torch.rand(P, d, generator=g))
         cases = {
             "head_affine_capture": (args, (0, 7)),
-            "residual_add": ([torch.randn(T, d, generator=g).to(dt), slot, torch.randn(S, generator=g),
-                              rows(S), torch.randn(P, d, generator=g).to(dt), on], (0,)),
+            # Absolute adds and every mode at once (the latter with a bound: sums).
+            "residual_steer": ([torch.randn(T, d, generator=g).to(dt), slot,
+                                torch.randn(S, 3, generator=g), torch.zeros(S, 3, dtype=torch.int32),
+                                rows(S, 3), torch.randn(P, d, generator=g).to(dt), on], (0,)),
             "neuron_gain": ([torch.randn(T, d, generator=g).to(dt), slot,
                              torch.rand(S, generator=g) * 3, rows(S), masks, on], (0,)),
         }
@@ -61,6 +66,24 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
             _dispatch.backend_fn("cpp", op)(*got)
             for i in mutated:
                 assert same(got[i], want[i]), (op, dt, (T, H, D), i)
+        # probe_gate: exact decisions, scores within a reordered sum's bound.
+        xs = _inputs("probe_gate", dt, (T, H, D), g)
+        want, got = [x.clone() for x in xs], [x.clone() for x in xs]
+        reference.probe_gate(*want)
+        _dispatch.backend_fn("cpp", "probe_gate")(*got)
+        _assert_outputs("probe_gate", got, want, f" {dt} {(T, H, D)}")
+        # residual_steer with clamp / project_out / relative terms (sums in another
+        # order): within 4 ulps of the dtype plus 1e-5 of the reference's result.
+        xs = cases["residual_steer"][0]
+        xs[3] = torch.tensor([0, 1, 2, 4, 5], dtype=torch.int32)[
+            torch.randint(0, 5, (S, 3), generator=g)]
+        xs[5] = torch.nn.functional.normalize(xs[5].float(), dim=1).to(dt)
+        want, got = [x.clone() for x in xs], [x.clone() for x in xs]
+        reference.residual_steer(*want)
+        _dispatch.backend_fn("cpp", "residual_steer")(*got)
+        ref = want[0].double().abs()
+        err = (got[0].double() - want[0].double()).abs()
+        assert bool((err <= 4 * torch.finfo(dt).eps * ref + 1e-5 * (1 + ref)).all()), (dt, err.max())
 print(C.cpu_isa())
 """
 
@@ -113,6 +136,8 @@ def test_only_avx2_namespaces_hold_avx_instructions():
     outside = sorted(n for n in with_avx if "::AVX2::" not in n)
     assert not outside, "AVX instructions outside the AVX2 builds:\n" + "\n".join(outside)
     loops = {n.split("(")[0] for n in with_avx}
-    for ns in ("head_affine_capture", "residual_add", "neuron_gain"):
+    loop_of = {"head_affine_capture": "tokens", "residual_steer": "tokens",
+               "neuron_gain": "tokens", "probe_gate": "scores"}
+    for ns, fn in loop_of.items():
         for t in ("float", "c10::Half", "c10::BFloat16"):
-            assert f"void emosteer::{ns}::AVX2::tokens<{t}>" in loops, (ns, t, sorted(loops))
+            assert f"void emosteer::{ns}::AVX2::{fn}<{t}>" in loops, (ns, t, sorted(loops))

@@ -104,12 +104,13 @@ def test_head_affine_bad_arguments(arg, over, exc, msg):
         assert_equal(args["z"], z_before, "z after a rejected call")
 
 
-def residual_args(**over):
+def steer_args(**over):
     args = dict(
         r=randn_nonzero(3, 6),
         token_slot=i32(0, -1, 1),
-        alpha=torch.ones(2),
-        urow=i32(1, -1),
+        coef=torch.ones(2, 2),
+        mode=torch.tensor([[0, 1], [2, 4]], dtype=torch.int32),
+        urow=torch.tensor([[1, -1], [0, 2]], dtype=torch.int32),
         pool=randn_nonzero(P, 6),
         flag=torch.ones(1, dtype=torch.int32),
     )
@@ -117,16 +118,26 @@ def residual_args(**over):
     return args
 
 
-BAD_RESIDUAL_ARGS = [
+def i32_2d(*rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+BAD_STEER_ARGS = [
     ("r", dict(r=randn_nonzero(6, 3).t()), ValueError, "r must be contiguous"),
     ("r", dict(r=randn_nonzero(3, 6).long()), TypeError, "r must have dtype"),
-    ("alpha", dict(alpha=torch.ones(2).double()), TypeError, "alpha must have dtype"),
-    ("alpha", dict(alpha=torch.ones(2, 1)), ValueError, "alpha must have 1 dimensions"),
-    ("urow", dict(urow=i32(1, -1, 0)), ValueError, "urow has shape"),
-    ("urow", dict(urow=torch.zeros(2, dtype=torch.int64)), TypeError, "urow must have dtype"),
-    ("urow", dict(urow=i32(P, 0)), IndexError,
+    ("coef", dict(coef=torch.ones(2, 2).double()), TypeError, "coef must have dtype"),
+    ("coef", dict(coef=torch.ones(2)), ValueError, "coef must have 2 dimensions"),
+    ("mode", dict(mode=i32_2d([0, 0, 0], [0, 0, 0])), ValueError, "mode has shape"),
+    ("mode", dict(mode=torch.zeros(2, 2, dtype=torch.int64)), TypeError, "mode must have dtype"),
+    ("mode", dict(mode=i32_2d([0, 3], [0, 0])), ValueError, "mode holds values"),
+    ("mode", dict(mode=i32_2d([0, 8], [0, 0])), ValueError, "mode holds values"),
+    ("mode", dict(mode=i32_2d([0, -1], [0, 0])), ValueError, "mode holds values"),
+    ("urow", dict(urow=i32_2d([1, -1, 0], [0, 0, 0])), ValueError, "urow has shape"),
+    ("urow", dict(urow=i32(1, -1)), ValueError, "urow must have 2 dimensions"),
+    ("urow", dict(urow=torch.zeros(2, 2, dtype=torch.int64)), TypeError, "urow must have dtype"),
+    ("urow", dict(urow=i32_2d([P, 0], [0, 0])), IndexError,
      "urow holds values in [0, 3] but must be -1 or in [0, 3) (3 pool rows)"),
-    ("urow", dict(urow=i32(-2, 0)), IndexError, "urow holds values in [-2, 0]"),
+    ("urow", dict(urow=i32_2d([-2, 0], [0, 0])), IndexError, "urow holds values in [-2, 0]"),
     ("pool", dict(pool=randn_nonzero(P, 7)), ValueError, "pool has shape"),
     ("pool", dict(pool=randn_nonzero(P, 6).half()), TypeError, "pool must have dtype"),
     ("pool", dict(pool=randn_nonzero(P, 6, 1)), ValueError, "pool must have 2 dimensions"),
@@ -137,15 +148,73 @@ BAD_RESIDUAL_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("arg,over,exc,msg", BAD_RESIDUAL_ARGS,
-                         ids=[f"{i}-{c[0]}" for i, c in enumerate(BAD_RESIDUAL_ARGS)])
-def test_residual_add_bad_arguments(arg, over, exc, msg):
-    args = residual_args(**over)
+@pytest.mark.parametrize("arg,over,exc,msg", BAD_STEER_ARGS,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(BAD_STEER_ARGS)])
+def test_residual_steer_bad_arguments(arg, over, exc, msg):
+    args = steer_args(**over)
     before = args["r"].clone()
     with pytest.raises(exc, match=re.escape(msg)) as e:
-        ops.residual_add(**args, impl="torch")
+        ops.residual_steer(**args, impl="torch")
     assert arg in str(e.value)
     assert_equal(args["r"], before, "r after a rejected call")
+
+
+def gate_args(**over):
+    args = dict(
+        h=randn_nonzero(3, 6),
+        token_slot=i32(0, -1, 1),
+        prow=i32(1, -1),
+        probes=randn_nonzero(P, 6),
+        bias=torch.zeros(2),
+        thresh=torch.zeros(2),
+        gmode=i32(2, 0),
+        state_row=i32(0, -1, 1),
+        state=i32(0, 0),
+        score_index=i32(-1, 0, 1),
+        score_buf=torch.zeros(2),
+        flag=torch.ones(1, dtype=torch.int32),
+    )
+    args.update(over)
+    return args
+
+
+BAD_GATE_ARGS = [
+    ("h", dict(h=randn_nonzero(6, 3).t()), ValueError, "h must be contiguous"),
+    ("h", dict(h=randn_nonzero(3, 6).double()), TypeError, "h must have dtype"),
+    ("prow", dict(prow=torch.zeros(2, dtype=torch.int64)), TypeError, "prow must have dtype"),
+    ("prow", dict(prow=i32(P, 0)), IndexError,
+     "prow holds values in [0, 3] but must be -1 or in [0, 3) (3 probe rows)"),
+    ("probes", dict(probes=randn_nonzero(P, 6).half()), TypeError, "probes must have dtype"),
+    ("probes", dict(probes=randn_nonzero(P, 5)), ValueError, "probes has shape"),
+    ("bias", dict(bias=torch.zeros(3)), ValueError, "bias has shape"),
+    ("thresh", dict(thresh=torch.zeros(2).double()), TypeError, "thresh must have dtype"),
+    ("gmode", dict(gmode=i32(0)), ValueError, "gmode has shape"),
+    ("state_row", dict(state_row=i32(0, 2, 0)), IndexError,
+     "state_row holds values in [0, 2] but must be -1 or in [0, 2) (2 state rows)"),
+    ("state_row", dict(state_row=i32(0, 0)), ValueError, "state_row has shape"),
+    ("state", dict(state=torch.zeros(2)), TypeError, "state must have dtype"),
+    ("score_index", dict(score_index=i32(-1, 2, 0)), IndexError, "score_index holds values"),
+    ("score_buf", dict(score_buf=torch.zeros(2, 1)), ValueError,
+     "score_buf must have 1 dimensions"),
+    ("token_slot", dict(token_slot=i32(0, 2, 1)), IndexError, "token_slot holds values"),
+    ("flag", dict(flag=torch.ones(2, dtype=torch.int32)), ValueError, "flag has shape"),
+]
+
+
+@pytest.mark.parametrize("arg,over,exc,msg", BAD_GATE_ARGS,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(BAD_GATE_ARGS)])
+def test_probe_gate_bad_arguments(arg, over, exc, msg):
+    args = gate_args(**over)
+    before = clone_args(args)
+    with pytest.raises(exc, match=re.escape(msg)) as e:
+        ops.probe_gate(**args, impl="torch")
+    assert arg in str(e.value)
+    for name in ("token_slot", "state", "score_buf"):
+        assert_equal(args[name], before[name], f"{name} after a rejected call")
+
+
+def clone_args(args):
+    return {k: v.clone() for k, v in args.items()}
 
 
 def gain_args(**over):
@@ -198,8 +267,16 @@ def test_cpp_launchers_check_row_values():
         ns.head_affine_capture(*args.values())
     assert_equal(args["z"], before[0], "z")
     assert_equal(args["cap_buf"], before[1], "cap_buf")
-    with pytest.raises(RuntimeError, match=re.escape("urow[0] = 3")):
-        ns.residual_add(*residual_args(urow=i32(P, 0)).values())
+    with pytest.raises(RuntimeError, match=re.escape("urow[2] = 3")):
+        ns.residual_steer(*steer_args(urow=i32_2d([0, -1], [P, 0])).values())
+    gate = gate_args(state_row=i32(0, -1, 2))
+    before = clone_args(gate)
+    with pytest.raises(RuntimeError, match=re.escape("state_row[2] = 2")):
+        ns.probe_gate(*gate.values())
+    for name in ("token_slot", "state", "score_buf"):
+        assert_equal(gate[name], before[name], name)
+    with pytest.raises(RuntimeError, match=re.escape("prow[0] = -3")):
+        ns.probe_gate(*gate_args(prow=i32(-3, 0)).values())
     with pytest.raises(RuntimeError, match=re.escape("nrow[1] = -2")):
         ns.neuron_gain(*gain_args(nrow=i32(0, -2)).values())
     with pytest.raises(RuntimeError, match="flag has shape"):
@@ -257,12 +334,16 @@ def test_custom_ops_registered_with_fake_impl():
 
 
 # ----------------------------------------------------------------------- compile
-def _steer_block(z, r, m_in, slot, a, b, vrow, hpool, cap, cap_buf, alpha, urow, rpool, gamma,
-                 nrow, masks, flag, impl: str):
-    """A tiny 'layer': head steering with capture, the residual add, MLP gains."""
+def _steer_block(h, z, r, m_in, slot, prow, probes, bias, thresh, gmode, state_row, state,
+                 score_index, score_buf, a, b, vrow, hpool, cap, cap_buf, coef, mode, urow, rpool,
+                 gamma, nrow, masks, flag, impl: str):
+    """A tiny 'layer': the probe gate (which closes slots for what follows), head steering
+    with capture, the residual terms, MLP gains."""
+    ops.probe_gate(h, slot, prow, probes, bias, thresh, gmode, state_row, state, score_index,
+                   score_buf, flag, impl=impl)
     ops.head_affine_capture(z, slot, a, b, vrow, hpool, cap, cap_buf, flag, impl=impl)
     r.add_(z.view(z.shape[0], -1))
-    ops.residual_add(r, slot, alpha, urow, rpool, flag, impl=impl)
+    ops.residual_steer(r, slot, coef, mode, urow, rpool, flag, impl=impl)
     m = torch.nn.functional.silu(m_in * r.sum(-1, keepdim=True))
     ops.neuron_gain(m, slot, gamma, nrow, masks, flag, impl=impl)
     return m * 2
@@ -274,16 +355,29 @@ def test_ops_inside_torch_compile(impl, on, gen):
     T_, H_, D_, I = 6, 2, 8, 8
     d = H_ * D_
     slot = torch.tensor([0, -1, 1, 1, -1, 0], dtype=torch.int32)
+    probes = torch.zeros(1, d)
+    probes[0, 0] = 1.0
+    h = randn_nonzero(T_, d, gen=gen)
+    h[:, 0] = torch.tensor([2.0, 2.0, -1.0, 2.0, 2.0, -1.0])  # the scores
     inputs = dict(
-        z=randn_nonzero(T_, H_, D_, gen=gen), r=randn_nonzero(T_, d, gen=gen),
+        h=h, z=randn_nonzero(T_, H_, D_, gen=gen), r=randn_nonzero(T_, d, gen=gen),
         m_in=randn_nonzero(T_, I, gen=gen), slot=slot,
+        # Slot 0 gated without latch (token 5 closes), slot 1 latched (token 3 opens it).
+        prow=torch.tensor([0, 0], dtype=torch.int32), probes=probes, bias=torch.zeros(2),
+        thresh=torch.zeros(2), gmode=torch.tensor([0, 2], dtype=torch.int32),
+        state_row=torch.tensor([0, -1, 1, 1, -1, 0], dtype=torch.int32),
+        state=torch.zeros(2, dtype=torch.int32),
+        score_index=torch.tensor([-1, -1, 0, 1, -1, 2], dtype=torch.int32),
+        score_buf=torch.zeros(3),
         a=randn_nonzero(2, H_, gen=gen), b=randn_nonzero(2, H_, gen=gen),
         vrow=torch.tensor([[1, -1], [0, 1]], dtype=torch.int32),
         hpool=randn_nonzero(2, H_, D_, gen=gen),
         cap=torch.tensor([-1, 0, -1, -1, 1, -1], dtype=torch.int32),
         cap_buf=torch.zeros(2, H_, D_),
-        alpha=randn_nonzero(2, gen=gen), urow=torch.tensor([2, 0], dtype=torch.int32),
-        rpool=randn_nonzero(3, d, gen=gen),
+        coef=randn_nonzero(2, 2, gen=gen),
+        mode=torch.tensor([[0, 1], [2, 0]], dtype=torch.int32),
+        urow=torch.tensor([[2, 0], [1, -1]], dtype=torch.int32),
+        rpool=torch.nn.functional.normalize(randn_nonzero(3, d, gen=gen), dim=1),
         gamma=torch.tensor([1.5, 0.25]), nrow=torch.tensor([0, 0], dtype=torch.int32),
         masks=(torch.arange(I) % 2).float().unsqueeze(0),
         flag=torch.tensor([1 if on else 0], dtype=torch.int32),
@@ -308,13 +402,16 @@ def test_ops_inside_torch_compile(impl, on, gen):
 
     # One graph (fullgraph), every op in it, also after functionalization (AOT).
     assert len(dynamo_graphs) == 1 and len(aot_graphs) == 1
-    for op in ("head_affine_capture", "residual_add", "neuron_gain"):
+    for op in ("probe_gate", "head_affine_capture", "residual_steer", "neuron_gain"):
         assert f"emosteer.{op}" in dynamo_graphs[0], f"{op} missing from the Dynamo graph"
         assert f"emosteer.{op}" in aot_graphs[0], f"{op} missing from the AOT graph"
     # Mutations happened in place on the caller's tensors, as in eager mode.
-    for name in ("z", "r", "cap_buf"):
+    for name in ("z", "r", "cap_buf", "slot", "state", "score_buf"):
         torch.testing.assert_close(got[name], eager[name], rtol=0, atol=0, msg=name)
     torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
-    if not on:  # the flag is data: the same graph, and nothing steered or captured
-        assert_equal(got["z"], inputs["z"], "z with flag 0")
-        assert_equal(got["cap_buf"], inputs["cap_buf"], "cap_buf with flag 0")
+    if on:  # the gate closed tokens 2 and 5 before the other ops ran
+        assert got["slot"].tolist() == [0, -1, -1, 1, -1, -1]
+        assert got["state"].tolist() == [0, 1]
+    else:  # the flag is data: the same graph, and nothing steered or captured
+        for name in ("z", "cap_buf", "slot", "state", "score_buf"):
+            assert_equal(got[name], inputs[name], f"{name} with flag 0")
