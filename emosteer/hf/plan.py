@@ -14,7 +14,7 @@ prompt positions)::
 The interventions of each (row, phase) come from the one spec compiler
 (``emosteer/request/compile.py``) that the vLLM worker uses too; the plan lays its slot programs
 out densely. For every layer the plan holds the buffers the hooks read (``a``, ``b``, ``v``
-for the head affine, ``alpha``, ``u`` for the residual add, ``gamma`` and the mask for the
+for the head affine, ``coef``, ``mode``, ``u`` for the residual terms, ``gamma`` and the mask for the
 neuron gain; the hooks pass them to the ops as a pool whose row s belongs to slot s)
 plus an ``on`` flag per slot; a token's slot at a layer is -1 unless that slot acts there.
 Which slot and which capture row a token gets comes from the per-step builder the vLLM
@@ -31,7 +31,7 @@ import torch
 from emosteer.request.bank import ModelInfo, VectorBank
 import numpy as np
 
-from emosteer.request.compile import PHASES, compile_request, materialize
+from emosteer.request.compile import MAX_RES_TERMS, PHASES, compile_request, materialize
 from emosteer.request.spec import CaptureItem, SteerSpec
 from emosteer.request.step import BatchTables, StepRow
 
@@ -48,9 +48,12 @@ class LayerPlan:
     head_b: torch.Tensor | None = None  # [S, H] float32
     head_v: torch.Tensor | None = None  # [S, H, D] model dtype
     head_on: torch.Tensor | None = None  # [S] bool
-    res_alpha: torch.Tensor | None = None  # [S] float32
-    res_u: torch.Tensor | None = None  # [S, d] model dtype
+    res_coef: torch.Tensor | None = None  # [S, K] float32 residual terms (ops.residual_steer)
+    res_mode: torch.Tensor | None = None  # [S, K] int32
+    res_row: torch.Tensor | None = None  # [S, K] int32 row of res_u (s*K + k), -1 = none
+    res_u: torch.Tensor | None = None  # [S*K, d] model dtype
     res_on: torch.Tensor | None = None  # [S] bool
+    gate_row: torch.Tensor | None = None  # [S] int32 row of Plan.probes, -1 = no gate here
     gain_gamma: torch.Tensor | None = None  # [S] float32
     gain_mask: torch.Tensor | None = None  # [S, I] float32 neuron masks
     gain_on: torch.Tensor | None = None  # [S] bool
@@ -68,6 +71,13 @@ class Plan:
     layers: list[LayerPlan]
     tables: BatchTables  # per row: slots of its phases and position groups, its capture
     captures: list[CaptureItem | None] = field(default_factory=list)
+    # The probe gates (ops.probe_gate): per slot its probe direction, bias, threshold and
+    # mode, and per batch row the latch state, carried over the steps of one generation.
+    probes: torch.Tensor | None = None  # [S, d] float32
+    gate_bias: torch.Tensor | None = None  # [S] float32
+    gate_thresh: torch.Tensor | None = None  # [S] float32
+    gate_mode: torch.Tensor | None = None  # [S] int32
+    gate_state: torch.Tensor | None = None  # [B] int32
 
     @property
     def vee(self) -> bool:
@@ -123,17 +133,26 @@ class Plan:
             step_rows.append(StepRow(
                 n, NUM_PHASES * r if on else -1, NUM_PHASES * r + 1 if on else -1,
                 np.array([p for p, _ in groups], dtype=np.int64),
-                np.arange(S - len(groups), S, dtype=np.int32), spec.capture))
+                np.arange(S - len(groups), S, dtype=np.int32), spec.capture,
+                spec.when.layer if spec.when is not None else -1))
+        K = MAX_RES_TERMS
+        gates = {}
         for slot, prog in progs:
-            for layer, (alpha, key) in prog.res.items():
+            for layer, terms in prog.res.items():
                 lp = layers[layer]
-                if lp.res_alpha is None:
-                    lp.res_alpha = torch.zeros(S, **f32)
-                    lp.res_u = torch.zeros(S, d, dtype=dtype, device=device)
+                if lp.res_coef is None:
+                    lp.res_coef = torch.zeros(S, K, **f32)
+                    lp.res_mode = torch.zeros(S, K, dtype=torch.int32, device=device)
+                    lp.res_row = torch.full((S, K), -1, dtype=torch.int32, device=device)
+                    lp.res_u = torch.zeros(S * K, d, dtype=dtype, device=device)
                     lp.res_on = torch.zeros(S, dtype=torch.bool, device=device)
-                lp.res_alpha[slot] = alpha
-                lp.res_u[slot] = row(key).to(device=device, dtype=dtype)
+                for k, (coef, mode, key) in enumerate(terms):
+                    lp.res_coef[slot, k], lp.res_mode[slot, k] = coef, mode
+                    lp.res_row[slot, k] = slot * K + k
+                    lp.res_u[slot * K + k] = row(key).to(device=device, dtype=dtype)
                 lp.res_on[slot] = True
+            if prog.gate is not None:
+                gates[slot] = prog.gate
             for (layer, head), (a, b, key) in prog.heads.items():
                 lp = layers[layer]
                 if lp.head_a is None:
@@ -165,5 +184,18 @@ class Plan:
                 lp.boost_mode[slot] = prog.boost_mode
                 lp.boost_on[slot] = True
 
-        return cls(info=info, specs=specs, layers=layers, tables=BatchTables.build(step_rows),
+        plan = cls(info=info, specs=specs, layers=layers, tables=BatchTables.build(step_rows),
                    captures=[s.capture for s in specs])
+        if gates:
+            plan.probes = torch.zeros(S, d, **f32)
+            plan.gate_bias, plan.gate_thresh = torch.zeros(S, **f32), torch.zeros(S, **f32)
+            plan.gate_mode = torch.zeros(S, dtype=torch.int32, device=device)
+            plan.gate_state = torch.zeros(B, dtype=torch.int32, device=device)
+            for slot, (layer, key, bias, thresh, gmode) in gates.items():
+                lp = layers[layer]
+                if lp.gate_row is None:
+                    lp.gate_row = torch.full((S,), -1, dtype=torch.int32, device=device)
+                lp.gate_row[slot] = slot
+                plan.probes[slot] = row(key).to(device)
+                plan.gate_bias[slot], plan.gate_thresh[slot], plan.gate_mode[slot] = bias, thresh, gmode
+        return plan

@@ -260,24 +260,23 @@ class HFSteerer:
             lp = st.plan.layers[l]
             slot, capm = st.slot(lp.res_on), st.cap_mask("residual", l)
             keep = l in st.keep.get("residual", ())
-            if slot is None and capm is None and not keep:
+            gate = lp.gate_row is not None and not self._reads(l)
+            if slot is None and capm is None and not keep and not gate:
                 return None
             h = output[0] if isinstance(output, tuple) else output
             r = h.reshape(-1, h.shape[-1])
             if st.grad or r.data_ptr() != h.data_ptr() or not r.is_contiguous():
                 r = r.clone()
             if slot is not None:
+                rargs = (r, slot, lp.res_coef, lp.res_mode, lp.res_row, lp.res_u, _ON.to(r.device))
                 if st.grad:
-                    reference.residual_add(
-                        r, slot, lp.res_alpha, _own_rows(lp.res_alpha.shape[0], r.device), lp.res_u, _ON.to(r.device)
-                    )
+                    reference.residual_steer(*rargs)
                 else:
-                    ops.residual_add(
-                        r, slot, lp.res_alpha, _own_rows(lp.res_alpha.shape[0], r.device), lp.res_u,
-                        _ON.to(r.device), impl="torch",
-                    )
+                    ops.residual_steer(*rargs, impl="torch")
             if capm is not None and not self._reads(l):
                 st.caps["residual"][l] = r[capm].detach().clone()
+            if gate:
+                self._gate(st, l, r)
             new = r.view(h.shape)
             if keep:
                 new.retain_grad()
@@ -302,14 +301,38 @@ class HFSteerer:
             if st is None:
                 return None
             capm = st.cap_mask("residual", l)
-            if capm is None:
+            gate = st.plan.layers[l].gate_row is not None
+            if capm is None and not gate:
                 return None
             h = args[0] if args else kwargs.get("hidden_states")
             r = h.reshape(-1, h.shape[-1])
-            st.caps["residual"][l] = r[capm].detach().clone()
+            if capm is not None:
+                st.caps["residual"][l] = r[capm].detach().clone()
+            if gate:
+                self._gate(st, l, r)
             return None
 
         return hook
+
+    def _gate(self, st, l: int, r: torch.Tensor) -> None:
+        """The probe gates at layer l, on the residual the capture reads (as in the vLLM
+        path): tokens whose gate stays closed lose their slot for the later layers, and
+        captured scores go to ``st.caps["probe"][l]``."""
+        plan = st.plan
+        slot = st.base_slot.to(torch.int32)
+        capm = st.cap_mask("probe", l)
+        n = int(capm.sum()) if capm is not None else 0
+        score_index = torch.full_like(slot, -1)
+        if capm is not None:
+            score_index[capm] = torch.arange(n, dtype=torch.int32, device=slot.device)
+        scores = torch.full((max(n, 1),), float("nan"), dtype=torch.float32, device=slot.device)
+        state_row = st.tok_row.to(torch.int32)
+        reference.probe_gate(r.detach(), slot, plan.layers[l].gate_row, plan.probes, plan.gate_bias,
+                             plan.gate_thresh, plan.gate_mode, state_row, plan.gate_state, score_index,
+                             scores, _ON.to(slot.device))
+        st.base_slot = slot.long()
+        if capm is not None:
+            st.caps["probe"][l] = scores[:n].clone()
 
     # -------------------------------------------------------------------- helpers
     def _specs(self, specs: SpecLike | Sequence[SpecLike], batch: int) -> list[SteerSpec]:

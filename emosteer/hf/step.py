@@ -94,11 +94,14 @@ def finish(plan: Plan, store: list[dict | None], positions: list[list[int]],
             out.append(None)
             continue
         e = store[row]
-        res = {"heads": {}, "residual": {}, "attn_image": {}, "positions": positions[row]}
+        res = {"heads": {}, "residual": {}, "attn_image": {}, "probe": {}, "positions": positions[row]}
         n_img = int(spans[row].max()) + 1 if spans is not None and spans.numel() else 0
         empty = {"heads": (0, info.num_heads, info.head_dim), "residual": (0, info.hidden_size),
-                 "attn_image": (0, info.num_heads, n_img)}
-        for kind, sel in (("heads", c.heads), ("residual", c.residual), ("attn_image", c.attn_image)):
+                 "attn_image": (0, info.num_heads, n_img), "probe": (0,)}
+        when = plan.specs[row].when
+        gate = (when.layer,) if c.probe and when is not None else None
+        for kind, sel in (("heads", c.heads), ("residual", c.residual), ("attn_image", c.attn_image),
+                          ("probe", gate)):
             for l in sel or ():
                 parts = e[kind].get(l, [])
                 if parts:

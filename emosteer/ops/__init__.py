@@ -17,8 +17,9 @@ from emosteer.ops._dispatch import (
     available_impls,
     head_affine_capture,
     neuron_gain,
+    probe_gate,
     resolve_impl,
-    residual_add,
+    residual_steer,
 )
 
 __all__ = [
@@ -26,7 +27,8 @@ __all__ = [
     "available_impls",
     "resolve_impl",
     "head_affine_capture",
-    "residual_add",
+    "residual_steer",
     "neuron_gain",
+    "probe_gate",
     "attn_image_boost",
 ]

@@ -22,18 +22,20 @@ from emosteer.ops import reference
 IMPLS = ("torch", "triton", "cpp", "cuda")
 OPS = (
     "head_affine_capture",
-    "residual_add",
+    "residual_steer",
     "neuron_gain",
+    "probe_gate",
     "attn_image_boost",
 )
 # The ops every backend implements; ``available_impls(device)`` without an op answers
 # for these. The attention op has a Triton kernel, a C++ CPU kernel and no CUDA C++ one.
-CORE_OPS = OPS[:3]
+CORE_OPS = OPS[:4]
 # Module holding each op's Triton launcher (emosteer/ops/triton/<op>.py).
 _TRITON_MODULE = {
     "head_affine_capture": "emosteer.ops.triton.head_affine_capture",
-    "residual_add": "emosteer.ops.triton.residual_add",
+    "residual_steer": "emosteer.ops.triton.residual_steer",
     "neuron_gain": "emosteer.ops.triton.neuron_gain",
+    "probe_gate": "emosteer.ops.triton.probe_gate",
     "attn_image_boost": "emosteer.ops.triton.attn_image_boost",
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -169,6 +171,15 @@ def backend_fn(impl: str, op: str) -> Callable[..., None]:
 
 
 # ------------------------------------------------------------------- custom-op layer
+# Argument names the custom ops' schemas must not use: torch.compile's functionalization
+# (auto_functionalized) passes an op's arguments by keyword to implementations whose own
+# leading parameters are `mode` / `ctx`, so an argument of that name fails there with
+# "got multiple values for argument 'mode'". The schema names such an argument
+# `<name>_` (residual_steer's `mode` is `mode_` in torch.ops.emosteer.residual_steer);
+# the public wrappers and the vLLM plugin pass every argument positionally.
+_SCHEMA_RENAMES = {"mode": "mode_", "ctx": "ctx_"}
+
+
 def _register(op: str, mutates: Sequence[str]):
     fn_ref = getattr(reference, op)
 
@@ -178,7 +189,8 @@ def _register(op: str, mutates: Sequence[str]):
 
     # Build a wrapper with the reference's annotated signature + `impl: str`.
     sig = inspect.signature(fn_ref)
-    params = list(sig.parameters.values()) + [
+    params = [p.replace(name=_SCHEMA_RENAMES.get(p.name, p.name))
+              for p in sig.parameters.values()] + [
         inspect.Parameter("impl", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)
     ]
     hints = {p.name: _annotation(p.name, op) for p in params}
@@ -193,7 +205,8 @@ def _register(op: str, mutates: Sequence[str]):
     body.__signature__ = inspect.Signature(params, return_annotation=None)
     body.__annotations__ = {**hints, "return": None}
     body.__name__ = op
-    custom = torch.library.custom_op(f"emosteer::{op}", mutates_args=tuple(mutates))(body)
+    mutates = tuple(_SCHEMA_RENAMES.get(name, name) for name in mutates)
+    custom = torch.library.custom_op(f"emosteer::{op}", mutates_args=mutates)(body)
 
     def fake(*args, **kwargs):
         return None
@@ -211,8 +224,9 @@ def _annotation(name: str, op: str):
 
 _MUTATES = {
     "head_affine_capture": ("z", "cap_buf"),
-    "residual_add": ("r",),
+    "residual_steer": ("r",),
     "neuron_gain": ("m",),
+    "probe_gate": ("token_slot", "state", "score_buf"),
     "attn_image_boost": ("out", "mass_buf"),
 }
 CUSTOM_OPS = {op: _register(op, _MUTATES[op]) for op in OPS}
@@ -302,28 +316,77 @@ def head_affine_capture(
     )
 
 
-def residual_add(
+def residual_steer(
     r: torch.Tensor,  # [T, d]
     token_slot: torch.Tensor,  # [T] int32
-    alpha: torch.Tensor,  # [S] float32
-    urow: torch.Tensor,  # [S] int32 rows of pool, -1 = no vector
+    coef: torch.Tensor,  # [S, K] float32
+    mode: torch.Tensor,  # [S, K] int32
+    urow: torch.Tensor,  # [S, K] int32 rows of pool, -1 = no term
     pool: torch.Tensor,  # [P, d] r.dtype
     flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: ``r[t] = r[t] + alpha[s]*pool[urow[s]]``; nothing while ``flag[0] == 0``."""
+    """In place: add / clamp / project-out terms on the residual of steered tokens
+    (``r[t] = x + sum_k w_k * pool[urow[s, k]]``, see ``reference.residual_steer``);
+    nothing while ``flag[0] == 0``."""
     _check(r, "r", ndim=2, dtypes=FLOAT_DTYPES)
     T, d = r.shape
     dev = r.device
-    _check(alpha, "alpha", ndim=1, dtypes=(torch.float32,), device=dev)
-    S = alpha.shape[0]
-    _check(urow, "urow", ndim=1, dtypes=INDEX_DTYPES, shape=(S,), device=dev)
+    _check(coef, "coef", ndim=2, dtypes=(torch.float32,), device=dev)
+    S, K = coef.shape
+    _check(mode, "mode", ndim=2, dtypes=INDEX_DTYPES, shape=(S, K), device=dev)
+    _check(urow, "urow", ndim=2, dtypes=INDEX_DTYPES, shape=(S, K), device=dev)
     _check(pool, "pool", ndim=2, dtypes=(r.dtype,), shape=(None, d), device=dev)
     P = pool.shape[0]
     _check_flag(flag, dev)
     _check_slots(token_slot, T, S, dev)
     _check_index(urow, "urow", P, f"{P} pool rows")
-    torch.ops.emosteer.residual_add(r, token_slot, alpha, urow, pool, flag, resolve_impl(impl, dev))
+    if _can_read_values() and mode.numel():
+        base = mode & 3
+        if bool(((mode < 0) | (mode > 7) | (base == 3)).any()):
+            raise ValueError("mode holds values that are not add (0), clamp (1) or project_out (2), "
+                             "plus 4 for a relative scale")
+    torch.ops.emosteer.residual_steer(r, token_slot, coef, mode, urow, pool, flag,
+                                      resolve_impl(impl, dev))
+
+
+def probe_gate(
+    h: torch.Tensor,  # [T, d]
+    token_slot: torch.Tensor,  # [T] int32, mutated
+    prow: torch.Tensor,  # [S] int32 rows of probes, -1 = no gate
+    probes: torch.Tensor,  # [P, d] float32
+    bias: torch.Tensor,  # [S] float32
+    thresh: torch.Tensor,  # [S] float32
+    gmode: torch.Tensor,  # [S] int32
+    state_row: torch.Tensor,  # [T] int32
+    state: torch.Tensor,  # [R] int32, mutated
+    score_index: torch.Tensor,  # [T] int32
+    score_buf: torch.Tensor,  # [C] float32, mutated
+    flag: torch.Tensor,  # [1] int32, 0 = off
+    impl: Optional[str] = None,
+) -> None:
+    """In place: close the slot of tokens whose probe score fails the gate (``token_slot
+    [t] = -1``), latch per request, capture scores; see ``reference.probe_gate``."""
+    _check(h, "h", ndim=2, dtypes=FLOAT_DTYPES)
+    T, d = h.shape
+    dev = h.device
+    _check(prow, "prow", ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    S = prow.shape[0]
+    _check(probes, "probes", ndim=2, dtypes=(torch.float32,), shape=(None, d), device=dev)
+    for name, t in (("bias", bias), ("thresh", thresh)):
+        _check(t, name, ndim=1, dtypes=(torch.float32,), shape=(S,), device=dev)
+    _check(gmode, "gmode", ndim=1, dtypes=INDEX_DTYPES, shape=(S,), device=dev)
+    _check(state, "state", ndim=1, dtypes=INDEX_DTYPES, device=dev)
+    _check(score_buf, "score_buf", ndim=1, dtypes=(torch.float32,), device=dev)
+    for name, t in (("state_row", state_row), ("score_index", score_index)):
+        _check(t, name, ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=dev)
+    _check_flag(flag, dev)
+    _check_slots(token_slot, T, S, dev)
+    _check_index(prow, "prow", probes.shape[0], f"{probes.shape[0]} probe rows")
+    _check_index(state_row, "state_row", state.shape[0], f"{state.shape[0]} state rows")
+    _check_index(score_index, "score_index", score_buf.shape[0], f"{score_buf.shape[0]} score rows")
+    torch.ops.emosteer.probe_gate(h, token_slot, prow, probes, bias, thresh, gmode, state_row, state,
+                                  score_index, score_buf, flag, resolve_impl(impl, dev))
 
 
 def neuron_gain(

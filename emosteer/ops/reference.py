@@ -21,7 +21,7 @@ Index layout, a running example with 4 tokens from 3 requests::
 There is no fused add + RMSNorm or SiluAndMul variant any more (there were
 ``fused_add_rms_norm_steer`` and ``silu_and_mul_gain``): their slot -1 output is not
 guaranteed bit-equal to vLLM's own fused add+RMSNorm / SiluAndMul kernels on each
-platform, so the plugin runs the un-fused in-place ops (``residual_add``,
+platform, so the plugin runs the un-fused in-place ops (``residual_steer``,
 ``neuron_gain``) right after vLLM's own; dead fused variants are deleted rather than
 kept.
 """
@@ -34,9 +34,10 @@ import torch
 
 __all__ = [
     "head_affine_capture",
-    "residual_add",
+    "residual_steer",
     "neuron_gain",
     "attn_image_boost",
+    "probe_gate",
 ]
 
 
@@ -84,29 +85,132 @@ def head_affine_capture(
     z[sel] = torch.where(keep, z[sel], out.to(z.dtype))
 
 
-def residual_add(
+# Term modes of ``residual_steer`` (``mode[s, k]``): the low bits pick the rule, bit 2
+# makes the scale relative to the norm of the residual being steered.
+RES_ADD, RES_CLAMP, RES_PROJECT_OUT = 0, 1, 2
+RES_RELATIVE = 4
+RES_MODES = {"add": RES_ADD, "clamp": RES_CLAMP, "project_out": RES_PROJECT_OUT}
+
+
+def residual_steer(
     r: torch.Tensor,  # [T, d] residual stream, mutated
     token_slot: torch.Tensor,  # [T] int32, -1 = no intervention
-    alpha: torch.Tensor,  # [S] float32 scale
-    urow: torch.Tensor,  # [S] int32 pool row per slot, -1 = no vector
-    pool: torch.Tensor,  # [P, d] r.dtype steering vectors
+    coef: torch.Tensor,  # [S, K] float32 scale (add), target (clamp) per term
+    mode: torch.Tensor,  # [S, K] int32 RES_ADD | RES_CLAMP | RES_PROJECT_OUT, + RES_RELATIVE
+    urow: torch.Tensor,  # [S, K] int32 pool row per term, -1 = no term
+    pool: torch.Tensor,  # [P, d] r.dtype vectors (unit length for clamp / project_out / relative)
     flag: torch.Tensor,  # [1] int32, 0 = the op does nothing at all
 ) -> None:
-    """``r[t] = r[t] + alpha[s]*pool[urow[s]]`` with ``s = token_slot[t] >= 0`` and
-    ``urow[s] >= 0``; every other token is left bit-identical."""
+    """Steer the residual of each token ``t`` whose slot ``s = token_slot[t] >= 0`` has
+    terms (``urow[s, k] >= 0``): with ``x = r[t]`` as it enters the op (float32),
+    ``n = ||x||`` and, per term, ``u_k = pool[urow[s, k]]`` and ``c_k = x . u_k``::
+
+        w_k = coef            (add)          coef * n            (add, relative)
+              coef - c_k      (clamp)        coef * n - c_k      (clamp, relative)
+              -c_k            (project_out)
+        r[t] = x + w_0 * u_0 + w_1 * u_1 + ...   (terms in k order, -1 rows skipped)
+
+    Every term reads the residual entering the op, so ``project_out`` over k orthonormal
+    rows removes their span and a clamp sets the component along ``u`` (unit) to its
+    target. Float32 math, each product rounded before its sum, one rounding to r's
+    dtype; tokens without a slot or without terms are left bit-identical. A single add
+    term is ``r + coef * u``, the plain steering add.
+    """
     if _off(flag):
         return
     sel = token_slot >= 0
     if not bool(sel.any()):
         return
-    rows = torch.full_like(token_slot, -1)
-    rows[sel] = urow[token_slot[sel].long()]
-    sel = rows >= 0
-    if not bool(sel.any()):
+    tok = torch.nonzero(sel).flatten()
+    s = token_slot[tok].long()
+    rows = urow[s]  # [n, K]
+    has = (rows >= 0).any(1)
+    tok, s, rows = tok[has], s[has], rows[has]
+    if tok.numel() == 0:
         return
-    s = token_slot[sel].long()
-    out = r[sel].float() + alpha[s].float().unsqueeze(-1) * pool[rows[sel].long()].float()
-    r[sel] = out.to(r.dtype)
+    x = r[tok].float()  # [n, d]
+    base = mode[s] & 3
+    rel = (mode[s] & RES_RELATIVE) != 0
+    norm = torch.linalg.vector_norm(x, dim=1)  # [n]
+    out = x.clone()
+    for k in range(rows.shape[1]):
+        on = rows[:, k] >= 0
+        if not bool(on.any()):
+            continue
+        u = pool[rows[:, k].clamp(min=0).long()].float()  # [n, d]
+        c = (x * u).sum(1)
+        a = coef[s, k].float()
+        target = torch.where(rel[:, k], a * norm, a)
+        w = torch.where(base[:, k] == RES_ADD, target,
+                        torch.where(base[:, k] == RES_CLAMP, target - c, -c))
+        step = w.unsqueeze(1) * u
+        out = torch.where(on.unsqueeze(1), out + step, out)
+    r[tok] = out.to(r.dtype)
+
+
+def probe_gate(
+    h: torch.Tensor,  # [T, d] residual stream the probe reads
+    token_slot: torch.Tensor,  # [T] int32, mutated: -1 where the gate is closed
+    prow: torch.Tensor,  # [S] int32 probe row per slot at this layer, -1 = no gate here
+    probes: torch.Tensor,  # [P, d] float32 probe directions w
+    bias: torch.Tensor,  # [S] float32 probe bias b
+    thresh: torch.Tensor,  # [S] float32 threshold
+    gmode: torch.Tensor,  # [S] int32 bit 0: 1 = open below the threshold (else above); bit 1: latch
+    state_row: torch.Tensor,  # [T] int32 latch-state row of each token's request, -1 = none
+    state: torch.Tensor,  # [R] int32 latch state per request (1 = has held), mutated
+    score_index: torch.Tensor,  # [T] int32 row of score_buf, -1 = no capture
+    score_buf: torch.Tensor,  # [C] float32 captured scores, mutated
+    flag: torch.Tensor,  # [1] int32, 0 = the op does nothing at all
+) -> None:
+    """Probe-gated steering: for each token ``t`` whose slot ``s = token_slot[t] >= 0``
+    has a probe here (``prow[s] >= 0``) the score ``p = h[t] . probes[prow[s]] + bias[s]``
+    (float32) decides whether the slot keeps acting on ``t`` in the later layers. It
+    *holds* when ``p > thresh[s]`` (``p < thresh[s]`` with bit 0 of ``gmode[s]``). The
+    gate is open where it holds; with the latch bit (and ``g = state_row[t] >= 0``) it is
+    open where it holds at ``t`` or held at an earlier token of the same request: in an
+    earlier step (``state[g] == 1``) or earlier in this step (tokens of a request are
+    contiguous and in position order), and ``state[g]`` becomes 1 once it holds. Where
+    the gate is closed ``token_slot[t]`` is set to -1, so every op of the later layers
+    leaves the token alone. ``score_buf[score_index[t]]`` receives ``p`` where
+    ``score_index[t] >= 0`` (whether or not the gate opens). Other tokens are untouched.
+    """
+    if _off(flag):
+        return
+    T = token_slot.shape[0]
+    if T == 0:
+        return
+    slot = token_slot.clone()
+    active = slot >= 0
+    rows = torch.full_like(slot, -1)
+    rows[active] = prow[slot[active].long()]
+    gated = rows >= 0
+    if not bool(gated.any()):
+        return
+    tok = torch.nonzero(gated).flatten()
+    s = slot[tok].long()
+    w = probes[rows[tok].long()].float()
+    p = (h[tok].float() * w).sum(1) + bias[s]
+    cap = score_index[tok]
+    if bool((cap >= 0).any()):
+        score_buf[cap[cap >= 0].long()] = p[cap >= 0]
+    below = (gmode[s] & 1) != 0
+    hold = torch.where(below, p < thresh[s], p > thresh[s])
+    latch = ((gmode[s] & 2) != 0) & (state_row[tok] >= 0)
+    opened = hold.clone()
+    seen: dict[int, bool] = {}
+    for i in range(tok.numel()):  # the latch: a running OR per request, in token order
+        if not bool(latch[i]):
+            continue
+        g = int(state_row[tok[i]])
+        was = seen.get(g, bool(state[g] != 0))
+        now = was or bool(hold[i])
+        seen[g] = now
+        opened[i] = now
+    for g, now in seen.items():
+        if now:
+            state[g] = 1
+    closed = tok[~opened]
+    token_slot[closed] = -1
 
 
 def neuron_gain(

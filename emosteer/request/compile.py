@@ -13,6 +13,13 @@ indices; the vectors themselves live once in a *vector pool* (see
 ``emosteer/vllm/pool.py``), one row per (vector contents, layer):
 
     residual  ["res", [[name, hash, scale], ...], layer]  row [d] = sum scale*vec[layer]
+              ["res", [[name, hash, scale], ...], layer, "unit"]
+                                                          row [d] = sum scale*unit(vec[layer])
+              ["res", [[name, hash, 1.0], ...], layer, "basis", j]
+                                                          row [d] = the j-th vector of an
+                                                          orthonormal basis of their span
+                                                          (zeros past its rank)
+    probe     ["probe", name, hash, layer]                row [d] = w of the probe at layer
     head      ["head", name, hash, layer]                 row [H, D] = vec[layer]
               ["head", name, hash, layer, k]              row [H, D] = vec[k, layer] (per position)
     neurons   ["neu", name, hash, layer]                  row [I] = mask[layer] (0/1)
@@ -39,7 +46,13 @@ from emosteer.request.bank import ModelInfo, VectorBank, shard_entry
 from emosteer.request.positions import PHASES
 from emosteer.request.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
 
-POOL_KINDS = ("res", "head", "neu")
+POOL_KINDS = ("res", "head", "neu", "probe")
+MAX_RES_TERMS = 8  # residual terms (add / clamp / project-out rows) per slot and layer
+# The term modes of the residual op (the same numbers as ``emosteer.ops.reference.RES_*``;
+# tests/test_spec.py holds them equal): the rule, plus RES_RELATIVE for a scale relative
+# to the residual's norm.
+RES_MODES = {"add": 0, "clamp": 1, "project_out": 2}
+RES_RELATIVE = 4
 
 __all__ = [
     "PHASES",
@@ -64,6 +77,7 @@ def phase_spec(spec: SteerSpec, phase: str) -> SteerSpec:
         heads=tuple(h for h in spec.heads if keep(h)),
         neurons=neurons,
         boost=_phase_boost(spec.boost, phase),
+        when=spec.when,
     )
 
 
@@ -83,7 +97,7 @@ def _key(*parts) -> str:
 
 
 def key_kind(key: str) -> str:
-    """"res", "head" or "neu" for a pool key."""
+    """"res", "head", "neu" or "probe" for a pool key."""
     kind = json.loads(key)[0]
     if kind not in POOL_KINDS:
         raise ValueError(f"not a pool key: {key!r}")
@@ -94,25 +108,30 @@ def key_kind(key: str) -> str:
 class SlotProgram:
     """One slot's contents: scalars and pool keys (no tensors).
 
-    ``res[layer] = (alpha, key)``: ``r += alpha * pool_res[row(key)]``;
+    ``res[layer] = ((coef, mode, key), ...)``: the terms of ``residual_steer`` (mode:
+    ``ops.reference.RES_*``), e.g. ``((4.0, 0, key),)`` = ``r += 4 * pool_res[row(key)]``;
     ``heads[(layer, head)] = (a, b, key | None)``: ``z = a*z + b*pool_head[row(key)][head]``;
     ``neu[layer] = (gamma, key)``: ``m *= 1 + (gamma-1) * pool_neu[row(key)]``;
     ``boost[layer] = {head: beta}``: attention to image keys boosted by beta (VEE), the
-    way ``boost_mode`` says (0 = softmax weights, 1 = logits).
+    way ``boost_mode`` says (0 = softmax weights, 1 = logits);
+    ``gate = (layer, key, bias, threshold, gmode)``: the probe gate (``ops.probe_gate``).
     """
 
     fingerprint: str
-    res: dict[int, tuple[float, str]] = field(default_factory=dict)
+    res: dict[int, tuple[tuple[float, int, str], ...]] = field(default_factory=dict)
     heads: dict[tuple[int, int], tuple[float, float, str | None]] = field(default_factory=dict)
     neu: dict[int, tuple[float, str]] = field(default_factory=dict)
     boost: dict[int, dict[int, float]] = field(default_factory=dict)
     boost_mode: int = 0
+    gate: tuple[int, str, float, float, int] | None = None
 
     def keys(self) -> list[str]:
         """Every pool key this slot reads (unique, stable order)."""
-        out = [k for _, k in self.res.values()]
+        out = [k for terms in self.res.values() for _, _, k in terms]
         out += [k for _, _, k in self.heads.values() if k is not None]
         out += [k for _, k in self.neu.values()]
+        if self.gate is not None:
+            out.append(self.gate[1])
         return list(dict.fromkeys(out))
 
     def layers(self) -> dict[str, set[int]]:
@@ -122,33 +141,66 @@ class SlotProgram:
             "head": {layer for layer, _ in self.heads},
             "neu": set(self.neu),
             "boost": set(self.boost),
+            "gate": {self.gate[0]} if self.gate is not None else set(),
         }
 
 
 def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> SlotProgram | None:
     """The slot program of an already phase-cut, resolved spec; None if it does nothing.
 
-    Residual items on the same layer add up: one item keeps ``alpha = scale`` over the
-    row ``vec[layer]`` (rows shared across scales); several are folded into one row
-    ``sum(scale_i * vec_i[layer])`` with ``alpha = 1``.
+    Residual items on one layer become at most ``MAX_RES_TERMS`` terms: absolute adds
+    fold into one (one item keeps ``coef = scale`` over the row ``vec[layer]``, shared
+    across scales; several fold into ``sum(scale_i * vec_i[layer])`` with ``coef = 1``),
+    relative adds into another (over unit vectors), then one term per clamp and one per
+    basis vector of each project-out.
     """
     if not spec.intervenes():
         return None
     h = (lambda name: bank.content_hash(name)) if bank is not None else (lambda name: "")
     prog = SlotProgram(fingerprint=spec.fingerprint(bank))
-    per_layer: dict[int, list[tuple[str, float]]] = {}
+    adds: dict[tuple[int, bool], list[tuple[str, float]]] = {}
+    others: dict[int, list[tuple[float, int, str]]] = {}
     for s in spec.steer:
         if s.layers is None:
             raise SpecError("steer.layers", "resolve the spec (SteerSpec.resolve) before compiling")
+        rel = s.scale_mode == "relative"
         for layer in s.layers:
-            per_layer.setdefault(layer, []).append((s.vector, float(s.scale)))
-    for layer, items in sorted(per_layer.items()):
+            if s.mode == "add":
+                adds.setdefault((layer, rel), []).append((s.vector, float(s.scale)))
+            elif s.mode == "clamp":
+                mode = RES_MODES["clamp"] | (RES_RELATIVE if rel else 0)
+                coef = float(s.scale) if rel else float(s.value)
+                others.setdefault(layer, []).append(
+                    (coef, mode, _key("res", [[s.vector, h(s.vector), 1.0]], layer, "unit")))
+            else:  # project_out: one term per basis vector of the items' span
+                terms = [[n, h(n), 1.0] for n in s.names()]
+                for j in range(len(terms)):
+                    others.setdefault(layer, []).append(
+                        (0.0, RES_MODES["project_out"], _key("res", terms, layer, "basis", j)))
+    res: dict[int, list[tuple[float, int, str]]] = {}
+    for (layer, rel), items in sorted(adds.items()):
+        tail = ("unit",) if rel else ()
+        mode = RES_MODES["add"] | (RES_RELATIVE if rel else 0)
         if len(items) == 1:
             name, scale = items[0]
-            prog.res[layer] = (scale, _key("res", [[name, h(name), 1.0]], layer))
+            res.setdefault(layer, []).append((scale, mode, _key("res", [[name, h(name), 1.0]], layer, *tail)))
         else:
             terms = sorted([name, h(name), scale] for name, scale in items)
-            prog.res[layer] = (1.0, _key("res", terms, layer))
+            res.setdefault(layer, []).append((1.0, mode, _key("res", terms, layer, *tail)))
+    for layer, terms in others.items():
+        res.setdefault(layer, []).extend(terms)
+    for layer, terms in sorted(res.items()):
+        if len(terms) > MAX_RES_TERMS:
+            raise SpecError("steer", f"layer {layer} needs {len(terms)} residual terms (adds, clamps, "
+                            f"project-out vectors); at most {MAX_RES_TERMS} per layer")
+        prog.res[layer] = tuple(terms)
+    if spec.when is not None:
+        g = spec.when
+        bias = 0.0
+        if bank is not None:
+            bias = float(bank.get(g.probe, "probe")[g.layer, -1])
+        prog.gate = (g.layer, _key("probe", g.probe, h(g.probe), g.layer), bias, float(g.threshold),
+                     int(g.below) | (2 if g.latch else 0))
     for item in spec.heads:
         a, b = item.affine()
         key = None
@@ -297,12 +349,21 @@ def materialize(
         return bank.get(name, kind_name)
 
     if kind == "res":
-        _, terms, layer = parts
+        _, terms, layer, *form = parts
+        if form and form[0] == "basis":
+            vecs = [entry(name, hsh, "residual")[layer] for name, hsh, _ in terms]
+            return orthonormal_basis(vecs)[form[1]]
+        unit = bool(form) and form[0] == "unit"
         row = torch.zeros(info.hidden_size)
         for name, hsh, scale in terms:
             vec = entry(name, hsh, "residual")[layer].float()
+            if unit:
+                vec = unit_vector(vec, name, layer)
             row = vec.clone() if (len(terms) == 1 and scale == 1.0) else row + scale * vec
         return row
+    if kind == "probe":
+        _, name, hsh, layer = parts
+        return entry(name, hsh, "probe")[layer, :-1].float()
     if kind == "head":
         if len(parts) == 5:  # a per-position entry [N, L, H, D]: row `at`
             _, name, hsh, layer, at = parts
@@ -316,3 +377,30 @@ def materialize(
         mask = shard_entry(entry(name, hsh, "neurons"), "neurons", tp_size, tp_rank)
         return mask[layer].float()
     raise ValueError(f"not a pool key: {key!r}")
+
+
+def unit_vector(vec: torch.Tensor, name: str, layer: int) -> torch.Tensor:
+    """``vec / |vec|`` (float32, normalised in float64)."""
+    v = vec.double()
+    n = float(v.norm())
+    if not n > 0:
+        raise SpecError("steer", f"vector {name!r} is zero at layer {layer}: it has no direction")
+    return (v / n).float()
+
+
+def orthonormal_basis(vecs: list[torch.Tensor], rtol: float = 1e-6) -> torch.Tensor:
+    """``[k, d]`` float32: an orthonormal basis of the span of ``vecs`` (modified
+    Gram-Schmidt in float64, twice), rows past the span's rank are zeros."""
+    out = torch.zeros(len(vecs), vecs[0].numel(), dtype=torch.float64)
+    scale = max(float(v.double().norm()) for v in vecs)
+    j = 0
+    for v in vecs:
+        w = v.double().flatten().clone()
+        for _ in range(2):
+            for i in range(j):
+                w -= (w @ out[i]) * out[i]
+        n = float(w.norm())
+        if n > rtol * scale and n > 0:
+            out[j] = w / n
+            j += 1
+    return out.float()

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from emosteer.request import fields as F
 from emosteer.request import positions as pos_model
 from emosteer.request.fields import MAX_ABS_SCALE, MAX_GAIN, SpecError
+from emosteer.request.items import (
+    MAX_BASIS, SCALE_MODES, STEER_MODES, GateItem, SteerItem, parse_steer, parse_when,
+)  # fmt: skip
 from emosteer.request.positions import CAPTURE_POSITIONS, MAX_POSITIONS, POSITIONS, Positions
 
 if TYPE_CHECKING:
@@ -33,25 +36,6 @@ HEAD_MODES = ("add", "patch", "ablate", "scale")
 
 
 # -- items ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SteerItem:
-    """Add ``scale * bank[vector][l]`` to the residual output of each layer l
-    (``layers=None`` = every layer). Several items on one layer add up."""
-
-    vector: str
-    layers: tuple[int, ...] | None
-    scale: float
-    positions: Positions = "all"
-
-    def to_dict(self) -> dict:
-        return {
-            "vector": self.vector,
-            "layers": "all" if self.layers is None else list(self.layers),
-            "scale": self.scale,
-            "positions": pos_model.to_json(self.positions),
-        }
-
-
 @dataclass(frozen=True)
 class HeadItem:
     """``z[l,h] <- a*z + b*v`` on the head output: add (a=1, b=scale, v=vec[l,h]),
@@ -150,6 +134,8 @@ class CaptureItem:
     # Layers whose attention mass on the request's image keys is returned, per captured
     # position, head and image ([P, H, images]).
     attn_image: tuple[int, ...] | Literal["all"] | None = None
+    # The gate's probe score per captured position (needs "when").
+    probe: bool = False
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {}
@@ -157,6 +143,8 @@ class CaptureItem:
             value = getattr(self, key)
             if value is not None:
                 d[key] = value if value == "all" else list(value)
+        if self.probe:
+            d["probe"] = True
         d["positions"] = self.positions
         return d
 
@@ -167,17 +155,7 @@ class CaptureItem:
         for value in (self.heads, self.residual, self.attn_image):
             if value is not None:
                 count += num_layers if value == "all" else len(value)
-        return count * num_tokens
-
-
-def _parse_steer(value: Any, field: str) -> SteerItem:
-    F.obj(value, field, ("vector", "layers", "scale", "positions"), ("vector", "layers", "scale"))
-    return SteerItem(
-        vector=F.name(value["vector"], f"{field}.vector"),
-        layers=F.layers(value["layers"], f"{field}.layers"),
-        scale=F.scale(value["scale"], f"{field}.scale"),
-        positions=pos_model.parse(value.get("positions", "all"), f"{field}.positions"),
-    )
+        return (count + int(self.probe)) * num_tokens
 
 
 def _parse_heads(value: Any, field: str) -> list[HeadItem]:
@@ -207,7 +185,7 @@ def _parse_heads(value: Any, field: str) -> list[HeadItem]:
 
 
 def _parse_capture(value: Any, field: str) -> CaptureItem:
-    F.obj(value, field, ("heads", "residual", "attn_image", "positions"))
+    F.obj(value, field, ("heads", "residual", "attn_image", "probe", "positions"))
     sel = {}
     for key in ("heads", "residual", "attn_image"):
         if key not in value:
@@ -216,10 +194,13 @@ def _parse_capture(value: Any, field: str) -> CaptureItem:
             raw = value[key]
             parsed = F.layers(raw, f"{field}.{key}")
             sel[key] = "all" if parsed is None else parsed
-    if sel["heads"] is None and sel["residual"] is None and sel["attn_image"] is None:
-        raise SpecError(field, 'captures nothing; give "heads", "residual" and/or "attn_image"')
+    probe = value.get("probe", False)
+    if not isinstance(probe, bool):
+        raise SpecError(f"{field}.probe", f"must be true or false, got {probe!r}")
+    if sel["heads"] is None and sel["residual"] is None and sel["attn_image"] is None and not probe:
+        raise SpecError(field, 'captures nothing; give "heads", "residual", "attn_image" and/or "probe"')
     positions = F.choice(value.get("positions", "last"), f"{field}.positions", CAPTURE_POSITIONS)
-    return CaptureItem(sel["heads"], sel["residual"], positions, sel["attn_image"])
+    return CaptureItem(sel["heads"], sel["residual"], positions, sel["attn_image"], probe)
 
 
 # -- the request ----------------------------------------------------------------------
@@ -232,6 +213,7 @@ class SteerSpec:
     neurons: NeuronItem | None = None
     boost: BoostItem | None = None
     capture: CaptureItem | None = None
+    when: GateItem | None = None
 
     @classmethod
     def parse(cls, obj: "dict | str | SteerSpec | None") -> "SteerSpec":
@@ -247,14 +229,14 @@ class SteerSpec:
                 raise SpecError("spec", f"is not valid JSON: {e}") from None
             except RecursionError:
                 raise SpecError("spec", "is nested too deeply") from None
-        F.obj(obj, "", ("steer", "heads", "neurons", "boost", "capture"))
+        F.obj(obj, "", ("steer", "heads", "neurons", "boost", "capture", "when"))
         steer: list[SteerItem] = []
         if "steer" in obj:
             if not isinstance(obj["steer"], list):
                 raise SpecError("steer", f"must be a list of objects, got {F.type_name(obj['steer'])}")
             if len(obj["steer"]) > MAX_STEER_ITEMS:
                 raise SpecError("steer", f"has {len(obj['steer'])} items; the limit is {MAX_STEER_ITEMS}")
-            steer = [_parse_steer(v, f"steer[{i}]") for i, v in enumerate(obj["steer"])]
+            steer = [parse_steer(v, f"steer[{i}]") for i, v in enumerate(obj["steer"])]
         heads: list[HeadItem] = []
         if "heads" in obj:
             if not isinstance(obj["heads"], list):
@@ -298,7 +280,25 @@ class SteerSpec:
                 raise SpecError("boost", 'acts nowhere: prefill_layers and decode_layers are both "none"')
         if "capture" in obj:
             capture = _parse_capture(obj["capture"], "capture")
-        return cls(tuple(steer), tuple(heads), neurons, boost, capture)
+        when = parse_when(obj["when"], "when") if "when" in obj else None
+        if capture is not None and capture.probe and when is None:
+            raise SpecError("capture.probe", 'needs a gate ("when") whose probe score it returns')
+        out = cls(tuple(steer), tuple(heads), neurons, boost, capture, when)
+        if when is not None and not out.acts_after(when.layer):
+            raise SpecError("when.layer", f"no intervention acts after layer {when.layer}: the gate "
+                            "would change nothing (it gates the interventions of later layers)")
+        return out
+
+    def acts_after(self, layer: int) -> bool:
+        """Whether some intervention acts at a layer after ``layer`` (neurons and "all"
+        layer selections: assumed to, as the model's depth is not known here)."""
+        if any(s.layers is None or max(s.layers) > layer for s in self.steer):
+            return True
+        if any(h.layer > layer for h in self.heads) or self.neurons is not None:
+            return True
+        b = self.boost
+        return b is not None and any(sel is None or (sel and max(sel) > layer)
+                                     for sel in (b.prefill_layers, b.decode_layers))
 
     # -- checks against a model --------------------------------------------------------
     def validate(
@@ -331,8 +331,18 @@ class SteerSpec:
                     raise SpecError(field, f"layer {layer} out of range; the model has {L} layers (0..{L - 1})")
 
         for i, s in enumerate(self.steer):
-            vec(s.vector, "residual", f"steer[{i}].vector")
+            for j, n in enumerate(s.names()):
+                vec(n, "residual", f"steer[{i}].vector" + (f"[{j}]" if isinstance(s.vector, tuple) else ""))
             layers_ok(s.layers, f"steer[{i}].layers")
+            if bank is not None and s.mode != "project_out" and (s.mode == "clamp" or s.scale_mode == "relative"):
+                norms = bank.get(s.vector).float().norm(dim=-1)
+                zero = [layer for layer in (s.layers or range(L)) if not float(norms[layer]) > 0]
+                if zero:
+                    raise SpecError(f"steer[{i}].vector", f"vector {s.vector!r} is zero at layer {zero[0]}: "
+                                    f"it has no direction to {'clamp along' if s.mode == 'clamp' else 'scale'}")
+        if self.when is not None:
+            vec(self.when.probe, "probe", "when.probe")
+            layers_ok((self.when.layer,), "when.layer")
         for i, h in enumerate(self.heads):
             layers_ok((h.layer,), f"heads[{i}].layer")
             if h.head >= H:
@@ -383,17 +393,14 @@ class SteerSpec:
     def resolve(self, info: "ModelInfo") -> "SteerSpec":
         """Make every ``"all"`` layer selection explicit for ``info``."""
         every = tuple(range(info.num_layers))
-        steer = tuple(
-            SteerItem(s.vector, every if s.layers is None else s.layers, s.scale, s.positions)
-            for s in self.steer
-        )
+        steer = tuple(replace(s, layers=every) if s.layers is None else s for s in self.steer)
         capture = self.capture
         if capture is not None:
-            capture = CaptureItem(
-                every if capture.heads == "all" else capture.heads,
-                every if capture.residual == "all" else capture.residual,
-                capture.positions,
-                every if capture.attn_image == "all" else capture.attn_image,
+            capture = replace(
+                capture,
+                heads=every if capture.heads == "all" else capture.heads,
+                residual=every if capture.residual == "all" else capture.residual,
+                attn_image=every if capture.attn_image == "all" else capture.attn_image,
             )
         boost = self.boost
         if boost is not None:
@@ -402,7 +409,7 @@ class SteerSpec:
                 prefill_layers=every if boost.prefill_layers is None else boost.prefill_layers,
                 decode_layers=every if boost.decode_layers is None else boost.decode_layers,
             )
-        return SteerSpec(steer, self.heads, self.neurons, boost, capture)
+        return SteerSpec(steer, self.heads, self.neurons, boost, capture, self.when)
 
     # -- predicates --------------------------------------------------------------------
     def intervenes(self) -> bool:
@@ -413,12 +420,14 @@ class SteerSpec:
 
     def vector_names(self) -> list[str]:
         """Every bank entry the interventions use (sorted, unique)."""
-        names = {s.vector for s in self.steer}
+        names = {n for s in self.steer for n in s.names()}
         names |= {h.vector for h in self.heads if h.vector is not None}
         if self.neurons is not None:
             names.add(self.neurons.set)
         if self.boost is not None:
             names.add(self.boost.heads)
+        if self.when is not None:
+            names.add(self.when.probe)
         return sorted(names)
 
     # -- identity ----------------------------------------------------------------------
@@ -434,6 +443,8 @@ class SteerSpec:
             d["boost"] = self.boost.to_dict()
         if self.capture is not None:
             d["capture"] = self.capture.to_dict()
+        if self.when is not None:
+            d["when"] = self.when.to_dict()
         return d
 
     def fingerprint(self, bank: "VectorBank | None" = None) -> str:
@@ -457,7 +468,7 @@ class SteerSpec:
 
 
 __all__ = [
-    "BOOST_MODES", "CAPTURE_POSITIONS", "HEAD_MODES", "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN",
+    "BOOST_MODES", "CAPTURE_POSITIONS", "MAX_BASIS", "SCALE_MODES", "STEER_MODES", "GateItem", "HEAD_MODES", "MAX_ABS_SCALE", "MAX_CAPTURE_ROWS", "MAX_GAIN",
     "MAX_HEAD_ITEMS", "MAX_IMAGES", "MAX_POSITIONS", "MAX_STEER_ITEMS", "POSITIONS", "SALT_PREFIX",
     "BoostItem", "CaptureItem", "HeadItem", "NeuronItem", "Positions", "SpecError", "SteerItem",
     "SteerSpec",

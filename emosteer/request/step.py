@@ -9,7 +9,8 @@ position model (``positions.choose`` and ``positions.captured``) to answer:
 * ``token_slots``: the slot whose program acts on each token (-1: none). A token at a
   position group ("last" or a listed prompt position) takes its group's slot, other
   prompt tokens the prompt slot, later tokens the generated slot.
-* ``capture_layout``: per capture kind ("heads", "residual", "attn_image") a
+* ``capture_layout``: per capture kind ("heads", "residual", "attn_image", "probe": the
+  gate's score, at the gate's layer) a
   ``[num_layers, T]`` table of capture-buffer rows (-1: not captured), and the records
   that say which request, layer and positions each run of rows belongs to.
 
@@ -31,7 +32,7 @@ import numpy as np
 from emosteer.request import positions as pos_model
 from emosteer.request.spec import CaptureItem
 
-CAPTURE_KINDS = ("heads", "residual", "attn_image")
+CAPTURE_KINDS = ("heads", "residual", "attn_image", "probe")
 
 __all__ = ["CAPTURE_KINDS", "StepRow", "BatchTables", "CaptureLayout", "token_positions",
            "token_slots", "capture_layout"]
@@ -47,6 +48,7 @@ class StepRow:
     group_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
     group_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     capture: CaptureItem | None = None
+    gate_layer: int = -1  # the layer of the request's probe gate (its score capture), -1 none
 
 
 @dataclass
@@ -59,6 +61,7 @@ class BatchTables:
     groups: list[tuple[int, np.ndarray, np.ndarray]]  # (row, group positions, their slots)
     captures: list[tuple[int, CaptureItem]]  # (row, capture) of the capturing rows
     capture_last: np.ndarray  # per capture: the one position it records, -1 if more
+    capture_gate: np.ndarray  # per capture: the layer of its gate (probe scores), -1 none
 
     @classmethod
     def build(cls, rows: Sequence[StepRow]) -> "BatchTables":
@@ -70,7 +73,8 @@ class BatchTables:
         caps = [(i, r.capture) for i, r in enumerate(rows) if r.capture is not None]
         last = np.array([pos_model.capture_only_at(c.positions, rows[i].num_prompt) for i, c in caps],
                         dtype=np.int64)
-        return cls(npr, ps, gs, groups, caps, last)
+        gate = np.array([rows[i].gate_layer for i, _ in caps], dtype=np.int64)
+        return cls(npr, ps, gs, groups, caps, last, gate)
 
     def used_slots(self) -> np.ndarray:
         """Every slot some token of the batch can take (sorted, unique)."""
@@ -156,7 +160,9 @@ def capture_layout(t: BatchTables, pos: np.ndarray, query_start: np.ndarray, com
         idx = np.nonzero(want)[0]
         if idx.size == 0:
             continue
-        sel = {"heads": cap.heads, "residual": cap.residual, "attn_image": cap.attn_image}
+        gate = int(t.capture_gate[entry])
+        sel = {"heads": cap.heads, "residual": cap.residual, "attn_image": cap.attn_image,
+               "probe": (gate,) if cap.probe and gate >= 0 else None}
         need = idx.size * max(len(v or ()) for v in sel.values())
         if capacity is not None and max(out.rows.values()) + need > capacity:
             out.overflow.append(entry)

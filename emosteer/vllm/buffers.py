@@ -7,17 +7,25 @@ P = pool rows per kind)::
     token_slot  [Tm]        int32  slot of each token this step, -1 = none
     a, b        [L, S, Hl]  fp32   head affine z <- a*z + b*head_pool[vrow][h] (a=1, b=0: identity)
     vrow        [L, S, Hl]  int32  head-pool row, -1 = none
-    alpha       [L, S]      fp32   residual add r <- r + alpha*res_pool[urow]
-    urow        [L, S]      int32  residual-pool row, -1 = none
+    coef, rmode [L, S, K]   fp32 / int32  residual terms (add / clamp / project-out,
+                                   absolute or relative; ops.residual_steer)
+    urow        [L, S, K]   int32  residual-pool row of each term, -1 = none
     gamma       [L, S]      fp32   neuron gain m <- (1 + (gamma-1)*neu_pool[nrow]) * m
     nrow        [L, S]      int32  neuron-pool row, -1 = none
     head_pool   [P, Hl, D]  model dtype   one row = one head vector at one layer
     res_pool    [P, d]      model dtype   one row = one residual vector at one layer
     neu_pool    [P, Il]     fp32          one row = one neuron mask at one layer
+    probe_pool  [P, d]      fp32          one row = one probe direction at one layer
+    prow        [L, S]      int32  probe-pool row of the slot's gate at this layer, -1 = none
+    pbias, thresh, gmode [S]       the gate's bias, threshold and mode (ops.probe_gate)
+    gate_row    [Tm]        int32  latch-state row of each token's request, -1 = none
+    gate_state  [R]         int32  per request: the latched gate has held (1)
+    score_cap   [Tm]        int32  row of score_buf for each token's probe score, -1 = none
+    score_buf   [C]         fp32   captured probe scores
     beta        [L, S, Hl]  fp32   VEE boost of image keys per head (1 = none)
     bmode       [S]         int32  0 = boost softmax weights, 1 = boost logits
-    flags       [5, L, 1]   int32  per op kind (heads, residual, neurons, residual
-                                   capture, attention) and layer: 1 = some token of this
+    flags       [6, L, 1]   int32  per op kind (heads, residual, neurons, residual
+                                   capture, attention, gate) and layer: 1 = some token of this
                                    step needs the op here; 0 = the kernel returns at once
     token_row   [Tm]        int32  batch row of each token (-1 = none; written only in
                                    steps where the attention op has work)
@@ -48,8 +56,9 @@ from dataclasses import dataclass
 
 import torch
 
-FLAG_HEADS, FLAG_RESIDUAL, FLAG_NEURONS, FLAG_RESIDUAL_CAPTURE, FLAG_ATTENTION = 0, 1, 2, 3, 4
-NUM_FLAGS = 5
+FLAG_HEADS, FLAG_RESIDUAL, FLAG_NEURONS, FLAG_RESIDUAL_CAPTURE, FLAG_ATTENTION, FLAG_GATE = 0, 1, 2, 3, 4, 5
+NUM_FLAGS = 6
+MAX_RES_TERMS = 8  # K: residual terms per slot and layer (request.compile.MAX_RES_TERMS)
 
 
 class AttentionSite:
@@ -85,9 +94,15 @@ class ResidualSite:
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
         self.layer = layer
         self.token_slot = bufs.token_slot
-        self.alpha, self.urow = bufs.alpha[layer], bufs.urow[layer]
+        self.coef, self.rmode, self.urow = bufs.coef[layer], bufs.rmode[layer], bufs.urow[layer]
         self.pool = bufs.res_pool
         self.flag = bufs.flags[FLAG_RESIDUAL, layer]
+        # The probe gate read from this residual (ops.probe_gate).
+        self.prow, self.probe_pool = bufs.prow[layer], bufs.probe_pool
+        self.pbias, self.thresh, self.gmode = bufs.pbias, bufs.thresh, bufs.gmode
+        self.gate_row, self.gate_state = bufs.gate_row, bufs.gate_state
+        self.score_cap, self.score_buf = bufs.score_cap, bufs.score_buf
+        self.gate_flag = bufs.flags[FLAG_GATE, layer]
         self.cap_index = bufs.res_cap[layer]
         self.cap_buf = bufs.res_buf
         self.cap_flag = bufs.flags[FLAG_RESIDUAL_CAPTURE, layer]
@@ -120,7 +135,7 @@ class Shape:
     neurons: int  # on this TP rank
     max_tokens: int
     capture_rows: int
-    pool_rows: dict  # kind ("res", "head", "neu") -> rows
+    pool_rows: dict  # kind ("res", "head", "neu", "probe") -> rows
     max_reqs: int = 1  # batch rows per step
     max_images: int = 8  # image spans per request (NS)
 
@@ -140,13 +155,24 @@ class SteerBuffers:
         self.a = torch.ones((L, S, s.heads), **f32)
         self.b = torch.zeros((L, S, s.heads), **f32)
         self.vrow = torch.full((L, S, s.heads), -1, **i32)
-        self.alpha = torch.zeros((L, S), **f32)
-        self.urow = torch.full((L, S), -1, **i32)
+        K = MAX_RES_TERMS
+        self.coef = torch.zeros((L, S, K), **f32)
+        self.rmode = torch.zeros((L, S, K), **i32)
+        self.urow = torch.full((L, S, K), -1, **i32)
+        self.prow = torch.full((L, S), -1, **i32)
+        self.pbias = torch.zeros((S,), **f32)
+        self.thresh = torch.zeros((S,), **f32)
+        self.gmode = torch.zeros((S,), **i32)
+        self.gate_row = torch.full((s.max_tokens,), -1, **i32)
+        self.gate_state = torch.zeros((max(1, s.max_reqs),), **i32)
+        self.score_cap = torch.full((s.max_tokens,), -1, **i32)
+        self.score_buf = torch.zeros((s.capture_rows,), **f32)
         self.gamma = torch.ones((L, S), **f32)
         self.nrow = torch.full((L, S), -1, **i32)
         self.head_pool = torch.zeros((P["head"], s.heads, s.head_dim), **act)
         self.res_pool = torch.zeros((P["res"], s.hidden), **act)
         self.neu_pool = torch.zeros((P["neu"], s.neurons), **f32)
+        self.probe_pool = torch.zeros((P["probe"], s.hidden), **f32)
         self.beta = torch.ones((L, S, s.heads), **f32)
         self.bmode = torch.zeros((S,), **i32)
         self.flags = torch.zeros((NUM_FLAGS, L, 1), **i32)
@@ -163,13 +189,14 @@ class SteerBuffers:
         self.zero_b = torch.zeros((1, 1), **f32)
         self.no_row = torch.full((1, 1), -1, **i32)
         self.zero_pool = torch.zeros((1, 1, s.hidden), **act)
-        self.pools = {"head": self.head_pool, "res": self.res_pool, "neu": self.neu_pool}
+        self.pools = {"head": self.head_pool, "res": self.res_pool, "neu": self.neu_pool,
+                      "probe": self.probe_pool}
 
     def nbytes(self, which: str = "all") -> int:
         """Bytes of every buffer, or of ``"slots"`` (the per-slot tables) or ``"pool"``."""
-        slots = (self.a, self.b, self.vrow, self.alpha, self.urow, self.gamma, self.nrow,
-                 self.beta, self.bmode)
-        pools = (self.head_pool, self.res_pool, self.neu_pool)
+        slots = (self.a, self.b, self.vrow, self.coef, self.rmode, self.urow, self.gamma, self.nrow,
+                 self.beta, self.bmode, self.prow, self.pbias, self.thresh, self.gmode)
+        pools = (self.head_pool, self.res_pool, self.neu_pool, self.probe_pool)
         if which == "slots":
             ts = slots
         elif which == "pool":

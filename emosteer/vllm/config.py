@@ -76,7 +76,7 @@ def capacity_for(settings: PluginSettings, info: Any, dtype: Any, tp_size: int =
 
     The pool's bytes are split so that each kind gets the same number of rows: a row of
     each kind costs ``d`` (residual) + ``H/tp * D`` (head) elements of the model dtype and
-    ``I/tp`` float32 (neuron mask).
+    ``I/tp`` float32 (neuron mask) and ``d`` float32 (probe).
     """
     import torch
 
@@ -84,7 +84,8 @@ def capacity_for(settings: PluginSettings, info: Any, dtype: Any, tp_size: int =
 
     el = torch.empty((), dtype=dtype).element_size()
     per = info.hidden_size * el + (info.num_heads // tp_size) * info.head_dim * el
-    per += (info.intermediate_size // tp_size) * 4
+    per += (info.intermediate_size // tp_size) * 4 + info.hidden_size * 4  # + a probe row
     rows = settings.pool_rows or max(1, (settings.pool_mib * 2**20) // per)
-    return Capacity(max_slots=settings.max_slots, rows={"res": rows, "head": rows, "neu": rows},
+    return Capacity(max_slots=settings.max_slots,
+                    rows={"res": rows, "head": rows, "neu": rows, "probe": rows},
                     capture_rows=settings.capture_rows or DEFAULT_CAPTURE_ROWS)

@@ -157,8 +157,11 @@ class FrontendSteering:
 
     @staticmethod
     def skips_prefix_cache(spec: SteerSpec) -> bool:
-        """Captures at every position must compute every prompt token: such a request
-        never reads the prefix cache (its own KV is valid and may be cached for others)."""
+        """Captures at every position must compute every prompt token, and a latched gate
+        must see every token to know whether it has held: such a request never reads the
+        prefix cache (its own KV is valid and may be cached for others)."""
+        if spec.when is not None and spec.when.latch:
+            return True
         return spec.capture is not None and pos_model.computes_every_prompt_token(spec.capture.positions)
 
 

@@ -4,8 +4,9 @@ HTTP route (``GET /v1/emosteer/captures/{key}``).
 
 A worker returns, per result key, ``{"error", "positions", "tensors"}`` with the tensors
 as one safetensors blob named ``heads.<layer>`` ([P, H/tp, D]), ``residual.<layer>``
-([P, d]) and ``attn_image.<layer>`` ([P, H/tp, images]: attention mass on each image's
-keys). Heads are concatenated in rank order (global head order); the residual is
+([P, d]), ``attn_image.<layer>`` ([P, H/tp, images]: attention mass on each image's
+keys) and ``probe.<layer>`` ([P] float32: the gate's probe score at its layer, NaN where
+the gate did not score the token). Heads are concatenated in rank order (global head order); the residual is
 replicated over ranks, so rank 0's is taken.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 
-KINDS = ("heads", "residual", "attn_image")
+KINDS = ("heads", "residual", "attn_image", "probe")
 
 
 def merge_results(per_rank: list[dict], keys: dict[str, str]) -> dict[str, dict]:

@@ -7,11 +7,12 @@ Replaces: ``RMSNorm.forward(x, residual)``, vLLM's fused residual add + RMSNorm 
 decoders (Llama, Qwen2/3, Mistral, Qwen2-VL's text model ...) run at the start of each
 layer and as the final norm: ``residual = x + residual; x = norm(residual)``. Its input
 ``x + residual`` is the output of the previous decoder layer. On norms where emosteer
-installed a site, the patched forward first adds ``alpha[s] * res_pool[urow[s]]`` to ``residual``
-(``torch.ops.emosteer.residual_add``, in place; slot -1 tokens untouched, so unsteered
+installed a site, the patched forward first steers ``residual`` (add / clamp / project-out
+terms of the token's slot, ``torch.ops.emosteer.residual_steer``, in place; slot -1 tokens untouched, so unsteered
 tokens get vLLM's own fused op bit for bit), runs the original, then copies the rows
 asked for capture out of the summed residual (``head_affine_capture`` in capture-only
-form, slot -1 everywhere).
+form, slot -1 everywhere) and runs the probe gate of this layer (``probe_gate``: sets the
+slot of tokens whose probe score fails the gate to -1 for the later layers).
 Why: steering "at layer l" adds to layer l's output; that sum is formed only here.
 When it can go: when vLLM exposes a per-request residual hook in decoder layers.
 """
@@ -34,8 +35,8 @@ def _make(original):
         if site is None or residual is None:
             return original(self, x, residual)
         T = x.shape[0]
-        torch.ops.emosteer.residual_add(
-            residual, site.token_slot[:T], site.alpha, site.urow, site.pool, site.flag, site.impl
+        torch.ops.emosteer.residual_steer(
+            residual, site.token_slot[:T], site.coef, site.rmode, site.urow, site.pool, site.flag, site.impl
         )
         x_out, res_out = original(self, x, residual)
         torch.ops.emosteer.head_affine_capture(
@@ -49,6 +50,13 @@ def _make(original):
             site.cap_buf,
             site.cap_flag,
             site.impl,
+        )
+        # The probe gate at this layer: closes the slot of tokens whose score fails it,
+        # for every op of the later layers (they all read token_slot).
+        torch.ops.emosteer.probe_gate(
+            res_out, site.token_slot[:T], site.prow, site.probe_pool, site.pbias, site.thresh,
+            site.gmode, site.gate_row[:T], site.gate_state, site.score_cap[:T], site.score_buf,
+            site.gate_flag, site.impl,
         )
         return x_out, res_out
 

@@ -137,8 +137,10 @@ class WorkerSteering(RequestsMixin, StepsMixin):
         # a config granted its old slot again after the pool evicted and reused its rows
         # reads them from other rows now, so its tables must be rewritten.
         self.slot_sig: list[tuple | None] = [None] * S
-        # slot -> (heads, res, neu, boost) x layer
-        self.slot_layers = np.zeros((S, 4, L), dtype=bool)
+        # slot -> (heads, res, neu, boost, gate) x layer
+        self.slot_layers = np.zeros((S, 5, L), dtype=bool)
+        # Latch-state rows (bufs.gate_state) free for requests with a latched gate.
+        self.free_gate_rows = list(range(self.bufs.gate_state.shape[0] - 1, -1, -1))
         self.row_key: dict[str, list[str | None]] = {k: [None] * n for k, n in self.capacity.rows.items()}
         self.reqs: dict[str, RequestState] = {}
         self.by_key: dict[str, str] = {}  # result key -> live request id
@@ -193,7 +195,7 @@ class WorkerSteering(RequestsMixin, StepsMixin):
                     continue
                 out[k] = pack_results(rs)
                 rs.fetched = True
-                rs.heads, rs.residual, rs.attn = {}, {}, {}
+                rs.heads, rs.residual, rs.attn, rs.probe = {}, {}, {}, {}
         return out
 
     def status(self) -> dict:

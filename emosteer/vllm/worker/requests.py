@@ -40,6 +40,8 @@ class RequestState:
         self.attn: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, NS]
         self.spans: list[tuple[int, int]] = []  # image key spans [start, end) of the prompt
         self.vee = False  # uses the attention op (boost or attn_image capture)
+        self.gate_row = -1  # its latch-state row (gate_state) while a latched gate runs
+        self.probe: dict[int, dict[int, torch.Tensor]] = {}  # gate layer -> position -> score []
         self.error: str | None = None
         self.fetched = False  # results already handed out (see WorkerSteering.fetch)
 
@@ -51,9 +53,10 @@ class RequestState:
 
     def step_row(self) -> StepRow:
         """What the per-step tables need of this request (``emosteer/request/step.py``)."""
+        gate = self.spec.when.layer if self.spec is not None and self.spec.when is not None else -1
         return StepRow(self.num_prompt, self.slots["prompt"], self.slots["generated"],
                        self.pos_positions, self.pos_slots,
-                       self.capture if self.error is None else None)
+                       self.capture if self.error is None else None, gate)
 
 
 class RequestsMixin:
@@ -92,6 +95,11 @@ class RequestsMixin:
                 raise SpecError(field, f"the prompt holds {len(rs.spans)} images; VEE and attn_image "
                                 f"captures handle up to {MAX_IMAGES} per request")
             prog = compile_request(spec, bank, self.info, rs.num_prompt)
+            if spec.when is not None and spec.when.latch:
+                if not self.free_gate_rows:
+                    raise RuntimeError("no free latch-state row (more running requests than max_num_seqs)")
+                rs.gate_row = self.free_gate_rows.pop()
+                self.bufs.gate_state[rs.gate_row] = 0
             if spec.intervenes() or spec.capture is not None:
                 self._apply_grant(prog, plan, extra.get(GRANT_KEY), rs, bank)
             rs.spec, rs.capture = spec, spec.capture
@@ -174,12 +182,15 @@ class RequestsMixin:
         a = torch.ones(L, Hl)
         b = torch.zeros(L, Hl)
         vrow = torch.full((L, Hl), -1, dtype=torch.int32)
-        alpha = torch.zeros(L)
-        urow = torch.full((L,), -1, dtype=torch.int32)
+        K = self.bufs.coef.shape[2]
+        coef = torch.zeros(L, K)
+        rmode = torch.zeros(L, K, dtype=torch.int32)
+        urow = torch.full((L, K), -1, dtype=torch.int32)
+        prow = torch.full((L,), -1, dtype=torch.int32)
         gamma = torch.ones(L)
         nrow = torch.full((L,), -1, dtype=torch.int32)
         beta = torch.ones(L, Hl)
-        act = np.zeros((4, L), dtype=bool)
+        act = np.zeros((5, L), dtype=bool)
         for (layer, head), (ha, hb, key) in prog.heads.items():
             if head not in heads:
                 continue  # another tensor-parallel rank holds this head
@@ -188,9 +199,16 @@ class RequestsMixin:
             if key is not None:
                 vrow[layer, h] = rows[key]
             act[0, layer] = True
-        for layer, (al, key) in prog.res.items():
-            alpha[layer], urow[layer] = al, rows[key]
+        for layer, terms in prog.res.items():
+            for k, (c, m, key) in enumerate(terms):
+                coef[layer, k], rmode[layer, k], urow[layer, k] = c, m, rows[key]
             act[1, layer] = True
+        bias = thresh = 0.0
+        gmode = 0
+        if prog.gate is not None:
+            glayer, key, bias, thresh, gmode = prog.gate
+            prow[glayer] = rows[key]
+            act[4, glayer] = True
         for layer, (g, key) in prog.neu.items():
             gamma[layer], nrow[layer] = g, rows[key]
             act[2, layer] = True
@@ -205,8 +223,11 @@ class RequestsMixin:
         bf.a[:, slot] = a.to(bf.device)
         bf.b[:, slot] = b.to(bf.device)
         bf.vrow[:, slot] = vrow.to(bf.device)
-        bf.alpha[:, slot] = alpha.to(bf.device)
+        bf.coef[:, slot] = coef.to(bf.device)
+        bf.rmode[:, slot] = rmode.to(bf.device)
         bf.urow[:, slot] = urow.to(bf.device)
+        bf.prow[:, slot] = prow.to(bf.device)
+        bf.pbias[slot], bf.thresh[slot], bf.gmode[slot] = float(bias), float(thresh), int(gmode)
         bf.gamma[:, slot] = gamma.to(bf.device)
         bf.nrow[:, slot] = nrow.to(bf.device)
         self.slot_layers[slot] = act
@@ -221,6 +242,9 @@ class RequestsMixin:
             self.failed_now.pop(rid, None)
             if rs is None:
                 continue
+            if rs.gate_row >= 0:
+                self.free_gate_rows.append(rs.gate_row)
+                rs.gate_row = -1
             if rs.key is not None:
                 self.by_key.pop(rs.key, None)
             if rs.fetched:
@@ -263,7 +287,8 @@ def pack_results(rs: RequestState) -> dict:
 
     tensors: dict[str, torch.Tensor] = {}
     positions: set[int] = set()
-    for kind, store in (("heads", rs.heads), ("residual", rs.residual), ("attn_image", rs.attn)):
+    for kind, store in (("heads", rs.heads), ("residual", rs.residual), ("attn_image", rs.attn),
+                        ("probe", rs.probe)):
         for layer, per in store.items():
             ps = sorted(per)
             positions.update(ps)

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from emosteer.request.step import BatchTables, capture_layout, token_positions, token_slots
-from emosteer.vllm.buffers import FLAG_ATTENTION, FLAG_HEADS, FLAG_RESIDUAL_CAPTURE, NUM_FLAGS
+from emosteer.vllm.buffers import FLAG_ATTENTION, FLAG_GATE, FLAG_HEADS, FLAG_RESIDUAL_CAPTURE, NUM_FLAGS
 from emosteer.vllm.worker.requests import RequestState
 
 logger = logging.getLogger("emosteer.vllm")
 
-CAPTURE_FLAGS = {"heads": FLAG_HEADS, "residual": FLAG_RESIDUAL_CAPTURE, "attn_image": FLAG_ATTENTION}
+CAPTURE_FLAGS = {"heads": FLAG_HEADS, "residual": FLAG_RESIDUAL_CAPTURE, "attn_image": FLAG_ATTENTION,
+                 "probe": FLAG_GATE}
 
 
 @dataclass
@@ -32,8 +33,9 @@ class _Batch:
     states: list[RequestState]
     tables: BatchTables
     any_slot: bool
-    layer_flags: np.ndarray | None  # [4, L]: some slot of the batch acts at this layer
+    layer_flags: np.ndarray | None  # [5, L]: some slot of the batch acts at this layer
     spans: np.ndarray | None  # [n, NS, 2] image spans, where some request uses the attention op
+    gate_rows: np.ndarray | None  # [n] latch-state row per request, where some request latches
 
 
 class StepsMixin:
@@ -61,7 +63,9 @@ class StepsMixin:
         any_slot = bool(used.size)
         layer_flags = self.slot_layers[used].any(axis=0) if any_slot else None
         self._batch_key = key
-        self._batch = _Batch(states, tables, any_slot, layer_flags, spans)
+        gate_rows = np.array([rs.gate_row for rs in states], dtype=np.int32)
+        self._batch = _Batch(states, tables, any_slot, layer_flags, spans,
+                             gate_rows if (gate_rows >= 0).any() else None)
         self._spans_written = False
         return self._batch
 
@@ -86,6 +90,13 @@ class StepsMixin:
             self._h2d(b.token_slot[:T], token_slots(t, row, pos, qs))
             flags[:3] = batch.layer_flags[:3]
             flags[FLAG_ATTENTION] = batch.layer_flags[3]
+            flags[FLAG_GATE] = batch.layer_flags[4]
+            if batch.gate_rows is not None:
+                # A request (re)starting at position 0 (new, or recomputed after a
+                # preemption) starts with its latch unset: the gate has not held yet.
+                for i in np.nonzero((batch.gate_rows >= 0) & (computed == 0))[0].tolist():
+                    b.gate_state[int(batch.gate_rows[i])] = 0
+                self._h2d(b.gate_row[:T], batch.gate_rows[row])
         layout = capture_layout(t, pos, qs, computed, L, self.shape.capture_rows)
         for entry in layout.overflow:
             # Only this request's captures are lost; its text and the others' are not.
@@ -99,9 +110,14 @@ class StepsMixin:
             rs.capture = None
         dst = {"heads": b.head_cap, "residual": b.res_cap, "attn_image": b.mass_cap}
         for kind, idx in layout.index.items():
-            if idx is not None:
-                self._h2d(dst[kind][:, :T], idx)
-                flags[CAPTURE_FLAGS[kind]] |= (idx >= 0).any(axis=1)
+            if idx is None:
+                continue
+            if kind == "probe":  # one score per token (at its gate's layer); NaN = not scored
+                self._h2d(b.score_cap[:T], idx.max(axis=0))
+                b.score_buf[: layout.rows["probe"]].fill_(float("nan"))
+                continue
+            self._h2d(dst[kind][:, :T], idx)
+            flags[CAPTURE_FLAGS[kind]] |= (idx >= 0).any(axis=1)
         records = [(batch.states[t.captures[e][0]], kind, layer, p, r)
                    for e, kind, layer, p, r in layout.records]
         attn = bool(flags[FLAG_ATTENTION].any())
@@ -119,7 +135,7 @@ class StepsMixin:
                 site.host_on = bool(flags[FLAG_ATTENTION, site.layer])
         self._h2d(b.flags, flags.reshape(NUM_FLAGS, L, 1))
         self._step = {"T": T, "records": records, "rows": layout.rows, "slots": batch.any_slot,
-                      "attn": attn}
+                      "attn": attn, "gate": batch.any_slot and batch.gate_rows is not None}
 
     def abandon_step(self, runner: Any) -> None:
         """After an internal error in ``prepare_step``: the step runs with every flag 0
@@ -134,6 +150,8 @@ class StepsMixin:
         b.res_cap.fill_(-1)
         b.mass_cap.fill_(-1)
         b.token_row.fill_(-1)
+        b.gate_row.fill_(-1)
+        b.score_cap.fill_(-1)
         for site in self.attn_sites:
             site.host_on = False
         ib = runner.input_batch
@@ -168,9 +186,10 @@ class StepsMixin:
             if event is not None:
                 event.synchronize()
             for rs, kind, layer, positions, rows in records:
-                store = {"heads": rs.heads, "residual": rs.residual, "attn_image": rs.attn}[kind]
-                per = store.setdefault(layer, {})
                 data = got[kind]
+                store = {"heads": rs.heads, "residual": rs.residual, "attn_image": rs.attn,
+                         "probe": rs.probe}[kind]
+                per = store.setdefault(layer, {})
                 for p, r in zip(positions.tolist(), rows.tolist()):
                     per[p] = data[r]
 
@@ -194,6 +213,11 @@ class StepsMixin:
         if step["rows"]["attn_image"]:
             got["attn_image"] = self._d2h(b.mass_buf[: step["rows"]["attn_image"]])
             b.mass_cap[:, :T].fill_(-1)
+        if step["rows"]["probe"]:
+            got["probe"] = self._d2h(b.score_buf[: step["rows"]["probe"]])
+            b.score_cap[:T].fill_(-1)
+        if step["gate"]:
+            b.gate_row[:T].fill_(-1)
         if step["attn"]:
             b.token_row[:T].fill_(-1)
             for site in self.attn_sites:
