@@ -81,6 +81,19 @@ MALFORMED = [
     ("missing vector", _with("steer.0.vector", ...), "steer[0].vector"),
     ("missing layers", _with("steer.0.layers", ...), "steer[0].layers"),
     ("missing scale", _with("steer.0.scale", ...), "steer[0].scale"),
+    ("unknown steer mode", _with("steer.0.mode", "replace"), "steer[0].mode"),
+    ("unknown scale_mode", _with("steer.0.scale_mode", "norm"), "steer[0].scale_mode"),
+    ("project_out with scale", _with("steer.0.mode", "project_out"), "steer[0].scale"),
+    ("clamp without value", _with("steer.0.mode", "clamp"), "steer[0].value"),
+    ("add with value", _with("steer.0.value", 1.0), "steer[0].value"),
+    ("vector list for add", _with("steer.0.vector", ["joy", "anger"]), "steer[0].vector"),
+    ("project_out basis repeats", {"steer": [{"vector": ["joy", "joy"], "layers": [1], "mode": "project_out"}]},
+     "steer[0].vector"),
+    ("when above and below", {"steer": [{"vector": "joy", "layers": [3], "scale": 1}],
+                              "when": {"probe": "p", "layer": 1, "above": 0, "below": 1}}, "when"),
+    ("when latch not bool", {"steer": [{"vector": "joy", "layers": [3], "scale": 1}],
+                             "when": {"probe": "p", "layer": 1, "above": 0, "latch": "yes"}}, "when.latch"),
+    ("capture probe without when", {"capture": {"probe": True}}, "capture.probe"),
     ("empty vector name", _with("steer.0.vector", ""), "steer[0].vector"),
     ("vector name int", _with("steer.0.vector", 3), "steer[0].vector"),
     ("scale string", _with("steer.0.scale", "4"), "steer[0].scale"),
@@ -359,6 +372,12 @@ GOOD = [
     {"boost": {"heads": "joy.vee", "beta": 1.5, "mode": "logit", "prefill_layers": [0, 1],
                "decode_layers": "none"}},
     {"capture": {"attn_image": "all", "positions": "all"}},
+    {"steer": [{"vector": "joy", "layers": [3], "scale": 0.1, "scale_mode": "relative"},
+               {"vector": ["joy", "anger"], "layers": "all", "mode": "project_out"},
+               {"vector": "calm", "layers": [4], "mode": "clamp", "value": 2},
+               {"vector": "calm", "layers": [5], "mode": "clamp", "scale": 0.5, "scale_mode": "relative"}],
+     "when": {"probe": "joy.probe", "layer": 1, "above": 0.5, "latch": True},
+     "capture": {"probe": True, "positions": "all"}},
 ]
 
 
@@ -446,3 +465,30 @@ def test_boost_compiles_per_phase():
     decode_only = SteerSpec.parse({"boost": {"heads": "joy.vee", "beta": 2.0, "prefill_layers": "none"}})
     p2 = compile_request(decode_only.resolve(info), bank, info, num_prompt=5)
     assert p2.phases["prompt"] is None and p2.phases["generated"].boost == {0: {1: 2.0}, 2: {0: 2.0}, 3: {2: 2.0}}
+
+
+def test_residual_modes_and_gate_round_trip_and_fingerprint():
+    """The new residual modes and the gate parse, round-trip, and are part of the
+    fingerprint; the defaults print as before (old fingerprints unchanged)."""
+    plain = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [2], "scale": 1.0}]})
+    assert plain.to_dict()["steer"][0] == {"vector": "joy", "layers": [2], "scale": 1.0, "positions": "all"}
+    rel = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [2], "scale": 1.0, "scale_mode": "relative"}]})
+    gated = SteerSpec.parse({"steer": [{"vector": "joy", "layers": [2], "scale": 1.0}],
+                             "when": {"probe": "p", "layer": 1, "below": -0.5}})
+    latched = SteerSpec.parse({**gated.to_dict(), "when": {"probe": "p", "layer": 1, "below": -0.5, "latch": True}})
+    fps = {s.fingerprint() for s in (plain, rel, gated, latched)}
+    assert len(fps) == 4
+    for s in (rel, gated, latched):
+        assert SteerSpec.parse(s.to_dict()) == s
+    assert gated.when.below and gated.when.threshold == -0.5 and not gated.when.latch
+    with pytest.raises(SpecError) as e:
+        SteerSpec.parse({"steer": [{"vector": "joy", "layers": [1], "scale": 1.0}],
+                         "when": {"probe": "p", "layer": 1, "above": 0}})
+    assert e.value.field == "when.layer"
+
+
+def test_mode_numbers_match_the_kernels():
+    from emosteer.ops import reference
+    from emosteer.request.compile import RES_MODES, RES_RELATIVE
+
+    assert RES_MODES == reference.RES_MODES and RES_RELATIVE == reference.RES_RELATIVE

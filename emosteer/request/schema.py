@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from emosteer.request.spec import (
-    BOOST_MODES, CAPTURE_POSITIONS, HEAD_MODES, MAX_ABS_SCALE, MAX_GAIN, MAX_HEAD_ITEMS, MAX_POSITIONS,
-    MAX_STEER_ITEMS, POSITIONS,
+    BOOST_MODES, CAPTURE_POSITIONS, HEAD_MODES, MAX_ABS_SCALE, MAX_BASIS, MAX_GAIN, MAX_HEAD_ITEMS,
+    MAX_POSITIONS, MAX_STEER_ITEMS, POSITIONS, SCALE_MODES, STEER_MODES,
 )  # fmt: skip
 
 __all__ = ["json_schema"]
@@ -61,13 +61,35 @@ def json_schema() -> dict:
             "neurons": {"$ref": "#/$defs/neurons"},
             "boost": {"$ref": "#/$defs/boost"},
             "capture": {"$ref": "#/$defs/capture"},
-        }),
+            "when": {"$ref": "#/$defs/when"},
+        }, **{"if": {"required": ["capture"], "properties": {"capture": {
+            "required": ["probe"], "properties": {"probe": {"const": True}}}}},
+            "then": {"required": ["when"]}}),
         "$defs": {
             "layer_selection": {"oneOf": [layer, layer_list, {"const": "all"}]},
-            "steer_item": obj(["vector", "layers", "scale"], {
-                "vector": entry("residual [L, d]"), "layers": selection, "scale": scale,
-                "positions": positions,
-            }),
+            "steer_item": obj(["vector", "layers"], {
+                "vector": {"oneOf": [entry("residual [L, d]"), {
+                    "type": "array", "items": name, "minItems": 1, "maxItems": MAX_BASIS, "uniqueItems": True,
+                    "description": "project_out only: names of residual entries whose span is removed"}]},
+                "layers": selection, "scale": scale, "positions": positions,
+                "mode": {"enum": list(STEER_MODES), "default": "add"},
+                "scale_mode": {"enum": list(SCALE_MODES), "default": "absolute",
+                               "description": "relative: scale is a fraction of the residual's norm"},
+                "value": {**scale, "description": "absolute clamp: the component along the vector"},
+            }, allOf=[
+                {"if": {"not": {"required": ["mode"], "properties": {"mode": {"const": "project_out"}}}},
+                 "then": {"properties": {"vector": {"type": "string"}}}},
+                {"if": {"not": {"required": ["mode"], "properties": {"mode": {"enum": ["clamp", "project_out"]}}}},
+                 "then": {"required": ["scale"], "not": {"required": ["value"]}}},
+                {"if": {"required": ["mode"], "properties": {"mode": {"const": "project_out"}}},
+                 "then": {"not": {"anyOf": [{"required": [k]} for k in ("scale", "value", "scale_mode")]}}},
+                {"if": {"required": ["mode", "scale_mode"], "properties": {
+                    "mode": {"const": "clamp"}, "scale_mode": {"const": "relative"}}},
+                 "then": {"required": ["scale"], "not": {"required": ["value"]}}},
+                {"if": {"required": ["mode"], "properties": {"mode": {"const": "clamp"}},
+                        "not": {"required": ["scale_mode"], "properties": {"scale_mode": {"const": "relative"}}}},
+                 "then": {"required": ["value"], "not": {"required": ["scale"]}}},
+            ]),
             "head_item": obj(["layer", "head", "mode"], {
                 "layer": layer, "head": {"oneOf": [layer, layer_list]},
                 "mode": {"enum": list(HEAD_MODES)}, "vector": entry("head [L, H, D]"),
@@ -89,7 +111,14 @@ def json_schema() -> dict:
                 "prefill_layers": {"const": "none"}, "decode_layers": {"const": "none"}}}}),
             "capture": obj([], {
                 "heads": selection, "residual": selection, "attn_image": selection,
+                "probe": {"type": "boolean", "description": "the gate's probe score (needs when)"},
                 "positions": {"enum": list(CAPTURE_POSITIONS), "default": "last"},
-            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}, {"required": ["attn_image"]}]),
+            }, anyOf=[{"required": ["heads"]}, {"required": ["residual"]}, {"required": ["attn_image"]},
+                      {"required": ["probe"], "properties": {"probe": {"const": True}}}]),
+            "when": obj(["probe", "layer"], {
+                "probe": entry("probe [L, d+1]"), "layer": layer,
+                "above": {"type": "number"}, "below": {"type": "number"},
+                "latch": {"type": "boolean", "default": False},
+            }, oneOf=[{"required": ["above"]}, {"required": ["below"]}]),
         },
     }  # fmt: skip

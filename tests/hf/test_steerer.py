@@ -98,7 +98,7 @@ def test_head_intervention_equals_hand_computation(tiny, tiny_bank, batch, mode)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-def test_residual_add_equals_adding_to_hidden_state(tiny, tiny_bank, batch, layer):
+def test_residual_steer_add_equals_adding_to_hidden_state(tiny, tiny_bank, batch, layer):
     model, tok = tiny
     ids, mask = batch
     u = tiny_bank.get("joy")[layer]
