@@ -30,6 +30,15 @@ class ClientError(RuntimeError):
         self.status, self.body = status, body
 
 
+def inline_vector(tensor, dtype: str = "float32", layers=None) -> dict:
+    """A steer item's ``"vector"`` carried inline: ``tensor`` ``[n, d]`` (one row per layer
+    of the item, ascending) as base64 little-endian ``dtype`` ("float32" or "bfloat16"),
+    e.g. ``{"steer": [{"vector": inline_vector(v[[12, 14]]), "layers": [12, 14], "scale": 4}]}``."""
+    from emosteer.request.inline import encode
+
+    return encode(tensor, dtype, layers)
+
+
 def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw or b"{}")
@@ -110,7 +119,8 @@ class Client:
     def captures(self, key: str, wait: float = 10.0) -> dict:
         """The captures of the request that set ``emosteer_key=key``, as tensors:
         ``{"positions", "error", "heads": {layer: [P, H, D]}, "residual": {layer: [P, d]},
-        "attn_image": {layer: [P, H, images]}}`` (``{"samples": [...]}`` for n > 1)."""
+        "attn_image": {layer: [P, H, images]}, "probe": {gate layer: [P]}}``
+        (``{"samples": [...]}`` for n > 1)."""
         import torch
 
         body = self._ok(self.get(f"/v1/emosteer/captures/{urllib.parse.quote(key, safe='')}?wait={wait}"))
@@ -119,7 +129,8 @@ class Client:
             return {"positions": one["positions"], "error": one["error"],
                     "heads": {int(k): torch.tensor(v) for k, v in one["heads"].items()},
                     "residual": {int(k): torch.tensor(v) for k, v in one["residual"].items()},
-                    "attn_image": {int(k): torch.tensor(v) for k, v in one.get("attn_image", {}).items()}}
+                    "attn_image": {int(k): torch.tensor(v) for k, v in one.get("attn_image", {}).items()},
+                    "probe": {int(k): torch.tensor(v) for k, v in one.get("probe", {}).items()}}
 
         if "samples" in body:
             return {"samples": [tensors(s) for s in body["samples"]]}

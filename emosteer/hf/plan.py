@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from emosteer.request import inline as inline_vec
 from emosteer.request.bank import ModelInfo, VectorBank
 import numpy as np
 
@@ -103,6 +104,8 @@ class Plan:
         specs = [s.resolve(info) for s in specs]
         for i, s in enumerate(specs):
             s.validate(bank, info, int(prompt_lens[i]))
+        # The vectors the specs carry inline join the bank the rows are read from.
+        bank = inline_vec.overlay(bank, info, [it for s in specs for it in s.steer])
 
         layers = [LayerPlan() for _ in range(L)]
         f32 = dict(dtype=torch.float32, device=device)

@@ -299,6 +299,16 @@ class VectorBank:
             self._hashes[name] = h.hexdigest()
         return self._hashes[name]
 
+    def overlay(self, extra: Mapping[str, tuple[str, torch.Tensor]]) -> "VectorBank":
+        """A bank holding this one's entries (shared, not copied) plus ``extra``
+        (name -> (kind, tensor), checked like ``add``): a request's inline vectors."""
+        out = VectorBank(self.info)
+        out._tensors, out._entries, out._hashes = dict(self._tensors), dict(self._entries), dict(self._hashes)
+        out.presets = self.presets
+        for name, (kind, tensor) in extra.items():
+            out.add(name, kind, tensor, source="inline")
+        return out
+
     def update(self, other: "VectorBank") -> None:
         """Add every entry and preset of ``other`` (replacing same names), checked against
         ``info``."""

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from emosteer.request import inline as inline_vec
 from emosteer.request import positions as pos_model
 from emosteer.request.bank import ModelInfo, VectorBank, shard_entry
 from emosteer.request.positions import PHASES
@@ -324,6 +325,7 @@ def compile_request(
 ) -> RequestProgram:
     """Slot programs of a resolved spec: ``"prompt"`` (every prompt token), ``"generated"``
     and ``"@<p>"`` for each prompt position p named by "last" or a position list."""
+    bank = inline_vec.overlay(bank, info, spec.steer)
     phases = {p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES}
     for pos, group in position_specs(spec, bank, num_prompt).items():
         phases[f"@{pos}"] = compile_phase(group, bank, info)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from emosteer.request import fields as F
+from emosteer.request import inline as inline_vec
 from emosteer.request import positions as pos_model
 from emosteer.request.fields import SpecError
+from emosteer.request.inline import InlineVector
 from emosteer.request.positions import Positions
 
 __all__ = ["MAX_BASIS", "SCALE_MODES", "STEER_MODES", "GateItem", "SteerItem", "parse_steer", "parse_when"]
@@ -44,6 +46,7 @@ class SteerItem:
     mode: str = "add"
     scale_mode: str = "absolute"
     value: float | None = None  # clamp target (absolute clamps)
+    inline: InlineVector | None = None  # the vector carried by the request (``inline.py``)
 
     def names(self) -> tuple[str, ...]:
         return self.vector if isinstance(self.vector, tuple) else (self.vector,)
@@ -86,17 +89,28 @@ class GateItem:
 
 def parse_steer(value: Any, field: str) -> SteerItem:
     F.obj(value, field, ("vector", "layers", "scale", "positions", "mode", "scale_mode", "value"),
-          ("vector", "layers"))
+          ("vector",))
+    if "layers" not in value and not isinstance(value["vector"], dict):
+        raise SpecError(f"{field}.layers", "is required")
     mode = F.choice(value.get("mode", "add"), f"{field}.mode", STEER_MODES)
     scale_mode = F.choice(value.get("scale_mode", "absolute"), f"{field}.scale_mode", SCALE_MODES)
     raw = value["vector"]
-    if isinstance(raw, list) and mode == "project_out":
+    inline = None
+    layers = F.layers(value["layers"], f"{field}.layers") if "layers" in value else None
+    if isinstance(raw, dict):
+        inline, own = inline_vec.parse(raw, f"{field}.vector", layers)
+        if "layers" not in value:
+            if own is None:
+                raise SpecError(f"{field}.layers", "is required (or give the inline vector's layers)")
+            layers = own
+        vector: str | tuple[str, ...] = inline.name
+    elif isinstance(raw, list) and mode == "project_out":
         if not raw or len(raw) > MAX_BASIS:
             raise SpecError(f"{field}.vector", f"must list 1 to {MAX_BASIS} vector names, got {len(raw)}")
         names = tuple(F.name(v, f"{field}.vector[{i}]") for i, v in enumerate(raw))
         if len(set(names)) != len(names):
             raise SpecError(f"{field}.vector", f"lists a vector twice: {list(names)}")
-        vector: str | tuple[str, ...] = names if len(names) > 1 else names[0]
+        vector = names if len(names) > 1 else names[0]
     else:
         vector = F.name(raw, f"{field}.vector")
 
@@ -122,12 +136,13 @@ def parse_steer(value: Any, field: str) -> SteerItem:
         scale = F.scale(value["scale"], f"{field}.scale")
     return SteerItem(
         vector=vector,
-        layers=F.layers(value["layers"], f"{field}.layers"),
+        layers=layers,
         scale=scale,
         positions=pos_model.parse(value.get("positions", "all"), f"{field}.positions"),
         mode=mode,
         scale_mode=scale_mode,
         value=target,
+        inline=inline,
     )
 
 

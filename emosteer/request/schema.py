@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from emosteer.request.inline import DTYPES as INLINE_DTYPES
 from emosteer.request.spec import (
     BOOST_MODES, CAPTURE_POSITIONS, HEAD_MODES, MAX_ABS_SCALE, MAX_BASIS, MAX_GAIN, MAX_HEAD_ITEMS,
     MAX_POSITIONS, MAX_STEER_ITEMS, POSITIONS, SCALE_MODES, STEER_MODES,
@@ -67,8 +68,8 @@ def json_schema() -> dict:
             "then": {"required": ["when"]}}),
         "$defs": {
             "layer_selection": {"oneOf": [layer, layer_list, {"const": "all"}]},
-            "steer_item": obj(["vector", "layers"], {
-                "vector": {"oneOf": [entry("residual [L, d]"), {
+            "steer_item": obj(["vector"], {
+                "vector": {"oneOf": [entry("residual [L, d]"), {"$ref": "#/$defs/inline_vector"}, {
                     "type": "array", "items": name, "minItems": 1, "maxItems": MAX_BASIS, "uniqueItems": True,
                     "description": "project_out only: names of residual entries whose span is removed"}]},
                 "layers": selection, "scale": scale, "positions": positions,
@@ -77,8 +78,10 @@ def json_schema() -> dict:
                                "description": "relative: scale is a fraction of the residual's norm"},
                 "value": {**scale, "description": "absolute clamp: the component along the vector"},
             }, allOf=[
+                {"if": {"not": {"properties": {"vector": {"type": "object", "required": ["layers"]}}}},
+                 "then": {"required": ["layers"]}},
                 {"if": {"not": {"required": ["mode"], "properties": {"mode": {"const": "project_out"}}}},
-                 "then": {"properties": {"vector": {"type": "string"}}}},
+                 "then": {"properties": {"vector": {"not": {"type": "array"}}}}},
                 {"if": {"not": {"required": ["mode"], "properties": {"mode": {"enum": ["clamp", "project_out"]}}}},
                  "then": {"required": ["scale"], "not": {"required": ["value"]}}},
                 {"if": {"required": ["mode"], "properties": {"mode": {"const": "project_out"}}},
@@ -90,6 +93,11 @@ def json_schema() -> dict:
                         "not": {"required": ["scale_mode"], "properties": {"scale_mode": {"const": "relative"}}}},
                  "then": {"required": ["value"], "not": {"required": ["scale"]}}},
             ]),
+            "inline_vector": obj(["data", "dtype"], {
+                "data": {"type": "string", "contentEncoding": "base64",
+                         "description": "little-endian values, one [d] row per layer of the item"},
+                "dtype": {"enum": list(INLINE_DTYPES)}, "layers": layer_list,
+            }),
             "head_item": obj(["layer", "head", "mode"], {
                 "layer": layer, "head": {"oneOf": [layer, layer_list]},
                 "mode": {"enum": list(HEAD_MODES)}, "vector": entry("head [L, H, D]"),

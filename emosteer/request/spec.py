@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from emosteer.request import fields as F
+from emosteer.request import inline as inline_vec
 from emosteer.request import positions as pos_model
 from emosteer.request.fields import MAX_ABS_SCALE, MAX_GAIN, SpecError
 from emosteer.request.items import (
@@ -312,6 +313,7 @@ class SteerSpec:
         at most MAX_CAPTURE_ROWS captured rows (counted when the token counts are given,
         or always for positions "last")."""
         L, H = info.num_layers, info.num_heads
+        bank = inline_vec.overlay(bank, info, self.steer)
 
         def vec(name: str, kind: str, field: str) -> None:
             if bank is None or name not in bank:
@@ -417,6 +419,10 @@ class SteerSpec:
 
     def is_empty(self) -> bool:
         return not self.intervenes() and self.capture is None
+
+    def inline_names(self) -> list[str]:
+        """The names of the vectors this request carries inline (``inline.py``)."""
+        return sorted({s.inline.name for s in self.steer if s.inline is not None})
 
     def vector_names(self) -> list[str]:
         """Every bank entry the interventions use (sorted, unique)."""

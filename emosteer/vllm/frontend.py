@@ -149,7 +149,8 @@ class FrontendSteering:
         )
         # The contents this request is accepted with: workers read exactly these versions
         # even if a vector is replaced or removed while the request waits.
-        plan["bank"] = {n: self.bank.content_hash(n) for n in spec.vector_names()}
+        inline = set(spec.inline_names())  # (carried by the request itself)
+        plan["bank"] = {n: self.bank.content_hash(n) for n in spec.vector_names() if n not in inline}
         why = Admission.fits(plan, self.capacity)
         if why is not None:
             raise SpecError("", why)

@@ -152,3 +152,40 @@ def test_gate_latch_over_generation_steps(tiny, bank):
     assert gen({"steer": steer, "when": {**gate, "below": 1e9}}) == gen({"steer": steer})
     assert gen({"steer": steer, "when": {**gate, "above": 1e9}}) == gen(None)
     assert gen({"steer": steer}) != gen(None)
+
+
+def test_inline_vector_equals_registered(tiny, bank, batch):
+    """An inline vector (float32 exactly, bfloat16 to its rounding) steers like the bank
+    entry it copies; bad data is refused naming the field."""
+    from emosteer.request.inline import encode
+    from emosteer.request.spec import SpecError, SteerSpec
+
+    model, tok = tiny
+    ids, mask = batch
+    st = HFSteerer(model, bank, tok)
+    rows = bank.get("joy")[[0, 1]]
+    registered = {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 2.0, "scale_mode": "relative"}]}
+    inline = {"steer": [{"vector": encode(rows), "layers": [0, 1], "scale": 2.0, "scale_mode": "relative"}]}
+    a, _ = st.run(ids, mask, [registered, registered])
+    b, _ = st.run(ids, mask, [inline, inline])
+    assert torch.equal(a, b)
+    own = {"steer": [{"vector": encode(rows[1:], layers=[1]), "scale": 1.0}]}
+    c, _ = st.run(ids, mask, [own, own])
+    d, _ = st.run(ids, mask, [{"steer": [{"vector": "joy", "layers": [1], "scale": 1.0}]}] * 2)
+    assert torch.equal(c, d)
+    half = {"steer": [{"vector": encode(rows, "bfloat16"), "layers": [0, 1], "scale": 1.0}]}
+    e, _ = st.run(ids, mask, [half, half])
+    assert torch.isfinite(e).all()
+    info = bank.info
+    bad = [
+        ({"data": "not base64!", "dtype": "float32"}, "steer[0].vector.data"),
+        ({"data": encode(rows)["data"], "dtype": "float16"}, "steer[0].vector.dtype"),
+        ({**encode(rows[:1]), "extra": 1}, "steer[0].vector.extra"),
+        (encode(torch.tensor([float("nan")] * info.hidden_size * 2)), "steer[0].vector.data"),
+        (encode(rows[:1]), "steer[0].vector.data"),  # one row for two layers
+        (encode(rows, layers=[0, 2]), "steer[0].vector.layers"),
+    ]
+    for vec, field in bad:
+        with pytest.raises(SpecError) as err:
+            SteerSpec.parse({"steer": [{"vector": vec, "layers": [0, 1], "scale": 1.0}]}).validate(bank, info)
+        assert err.value.field == field, (field, err.value)

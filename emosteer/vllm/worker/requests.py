@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emosteer.request import inline as inline_vec
 from emosteer.request.bank import VectorBank, head_shard
 from emosteer.request.compile import PHASES, compile_request, key_kind, materialize
 from emosteer.request.spec import MAX_IMAGES, SpecError, SteerSpec
@@ -88,6 +89,7 @@ class RequestsMixin:
             spec = SteerSpec.parse(raw)
             spec.validate(bank, self.info)
             spec = spec.resolve(self.info)
+            bank = inline_vec.overlay(bank, self.info, spec.steer)
             self._check_features(spec)
             rs.vee = spec.boost is not None or bool(spec.capture is not None and spec.capture.attn_image)
             if rs.vee and len(rs.spans) > MAX_IMAGES:
