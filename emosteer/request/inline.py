@@ -40,6 +40,9 @@ class InlineVector:
     data: bytes
     field: str  # where it came from, for errors ("steer[0].vector")
 
+    def to_json(self) -> dict:
+        return {"data": base64.b64encode(self.data).decode(), "dtype": self.dtype}
+
     def rows(self) -> torch.Tensor:
         """The decoded ``[n, ...]`` float32 values (flat)."""
         return torch.frombuffer(bytearray(self.data), dtype=DTYPES[self.dtype]).float()

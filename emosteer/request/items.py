@@ -52,8 +52,11 @@ class SteerItem:
         return self.vector if isinstance(self.vector, tuple) else (self.vector,)
 
     def to_dict(self) -> dict:
+        vector: Any = list(self.vector) if isinstance(self.vector, tuple) else self.vector
+        if self.inline is not None:  # the request's own data, so that the dict round-trips
+            vector = self.inline.to_json()
         d: dict[str, Any] = {
-            "vector": list(self.vector) if isinstance(self.vector, tuple) else self.vector,
+            "vector": vector,
             "layers": "all" if self.layers is None else list(self.layers),
         }
         if self.mode != "project_out" and self.value is None:

@@ -463,6 +463,9 @@ class SteerSpec:
         d.pop("capture", None)
         canon = lambda items: sorted(items, key=lambda x: json.dumps(x, sort_keys=True))  # noqa: E731
         if "steer" in d:
+            for item, s in zip(d["steer"], self.steer):
+                if s.inline is not None:  # by its content-derived name (hashed with the bank)
+                    item["vector"] = s.inline.name
             d["steer"] = canon(d["steer"])
         if "heads" in d:
             d["heads"] = canon(d["heads"])
