@@ -268,7 +268,7 @@ class HFSteerer:
             if st.grad or r.data_ptr() != h.data_ptr() or not r.is_contiguous():
                 r = r.clone()
             if slot is not None:
-                rargs = (r, slot, lp.res_coef, lp.res_mode, lp.res_row, lp.res_u, _ON.to(r.device))
+                rargs = (r, torch.zeros_like(r), slot, lp.res_coef, lp.res_mode, lp.res_row, lp.res_u, _ON.to(r.device))
                 if st.grad:
                     reference.residual_steer(*rargs)
                 else:

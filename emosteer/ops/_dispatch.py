@@ -318,6 +318,7 @@ def head_affine_capture(
 
 def residual_steer(
     r: torch.Tensor,  # [T, d]
+    x: torch.Tensor,  # [T, d] r.dtype
     token_slot: torch.Tensor,  # [T] int32
     coef: torch.Tensor,  # [S, K] float32
     mode: torch.Tensor,  # [S, K] int32
@@ -326,12 +327,14 @@ def residual_steer(
     flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: add / clamp / project-out terms on the residual of steered tokens
-    (``r[t] = x + sum_k w_k * pool[urow[s, k]]``, see ``reference.residual_steer``);
+    """In place: add / clamp / project-out terms on the residual ``h = x + r`` of steered
+    tokens, written to ``r`` (``r[t] += sum_k w_k * pool[urow[s, k]]``, see
+    ``reference.residual_steer``);
     nothing while ``flag[0] == 0``."""
     _check(r, "r", ndim=2, dtypes=FLOAT_DTYPES)
     T, d = r.shape
     dev = r.device
+    _check(x, "x", ndim=2, dtypes=(r.dtype,), shape=(T, d), device=dev)
     _check(coef, "coef", ndim=2, dtypes=(torch.float32,), device=dev)
     S, K = coef.shape
     _check(mode, "mode", ndim=2, dtypes=INDEX_DTYPES, shape=(S, K), device=dev)
@@ -346,7 +349,7 @@ def residual_steer(
         if bool(((mode < 0) | (mode > 7) | (base == 3)).any()):
             raise ValueError("mode holds values that are not add (0), clamp (1) or project_out (2), "
                              "plus 4 for a relative scale")
-    torch.ops.emosteer.residual_steer(r, token_slot, coef, mode, urow, pool, flag,
+    torch.ops.emosteer.residual_steer(r, x, token_slot, coef, mode, urow, pool, flag,
                                       resolve_impl(impl, dev))
 
 

@@ -93,7 +93,8 @@ RES_MODES = {"add": RES_ADD, "clamp": RES_CLAMP, "project_out": RES_PROJECT_OUT}
 
 
 def residual_steer(
-    r: torch.Tensor,  # [T, d] residual stream, mutated
+    r: torch.Tensor,  # [T, d] residual stream (or one addend of it), mutated
+    x: torch.Tensor,  # [T, d] r.dtype the other addend (h = x + r), zeros if r is all of h
     token_slot: torch.Tensor,  # [T] int32, -1 = no intervention
     coef: torch.Tensor,  # [S, K] float32 scale (add), target (clamp) per term
     mode: torch.Tensor,  # [S, K] int32 RES_ADD | RES_CLAMP | RES_PROJECT_OUT, + RES_RELATIVE
@@ -101,14 +102,16 @@ def residual_steer(
     pool: torch.Tensor,  # [P, d] r.dtype vectors (unit length for clamp / project_out / relative)
     flag: torch.Tensor,  # [1] int32, 0 = the op does nothing at all
 ) -> None:
-    """Steer the residual of each token ``t`` whose slot ``s = token_slot[t] >= 0`` has
-    terms (``urow[s, k] >= 0``): with ``x = r[t]`` as it enters the op (float32),
-    ``n = ||x||`` and, per term, ``u_k = pool[urow[s, k]]`` and ``c_k = x . u_k``::
+    """Steer the residual ``h = x + r`` of each token ``t`` whose slot
+    ``s = token_slot[t] >= 0`` has terms (``urow[s, k] >= 0``) by updating its addend
+    ``r`` (vLLM forms the sum inside its fused add + RMSNorm, after this op). With
+    ``h = x[t] + r[t]`` (float32), ``n = ||h||`` and, per term, ``u_k = pool[urow[s, k]]``
+    and ``c_k = h . u_k``::
 
         w_k = coef            (add)          coef * n            (add, relative)
               coef - c_k      (clamp)        coef * n - c_k      (clamp, relative)
               -c_k            (project_out)
-        r[t] = x + w_0 * u_0 + w_1 * u_1 + ...   (terms in k order, -1 rows skipped)
+        r[t] = r[t] + w_0 * u_0 + w_1 * u_1 + ...   (terms in k order, -1 rows skipped)
 
     Every term reads the residual entering the op, so ``project_out`` over k orthonormal
     rows removes their span and a clamp sets the component along ``u`` (unit) to its
@@ -128,11 +131,11 @@ def residual_steer(
     tok, s, rows = tok[has], s[has], rows[has]
     if tok.numel() == 0:
         return
-    x = r[tok].float()  # [n, d]
+    x = r[tok].float() + x[tok].float()  # [n, d] the residual h
     base = mode[s] & 3
     rel = (mode[s] & RES_RELATIVE) != 0
     norm = torch.linalg.vector_norm(x, dim=1)  # [n]
-    out = x.clone()
+    out = r[tok].float()
     for k in range(rows.shape[1]):
         on = rows[:, k] >= 0
         if not bool(on.any()):

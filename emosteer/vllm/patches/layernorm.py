@@ -7,8 +7,9 @@ Replaces: ``RMSNorm.forward(x, residual)``, vLLM's fused residual add + RMSNorm 
 decoders (Llama, Qwen2/3, Mistral, Qwen2-VL's text model ...) run at the start of each
 layer and as the final norm: ``residual = x + residual; x = norm(residual)``. Its input
 ``x + residual`` is the output of the previous decoder layer. On norms where emosteer
-installed a site, the patched forward first steers ``residual`` (add / clamp / project-out
-terms of the token's slot, ``torch.ops.emosteer.residual_steer``, in place; slot -1 tokens untouched, so unsteered
+installed a site, the patched forward first steers the residual ``x + residual`` by
+updating its addend ``residual`` (add / clamp / project-out terms of the token's slot,
+their norms and components taken over the sum; ``torch.ops.emosteer.residual_steer``, in place; slot -1 tokens untouched, so unsteered
 tokens get vLLM's own fused op bit for bit), runs the original, then copies the rows
 asked for capture out of the summed residual (``head_affine_capture`` in capture-only
 form, slot -1 everywhere) and runs the probe gate of this layer (``probe_gate``: sets the
@@ -36,7 +37,7 @@ def _make(original):
             return original(self, x, residual)
         T = x.shape[0]
         torch.ops.emosteer.residual_steer(
-            residual, site.token_slot[:T], site.coef, site.rmode, site.urow, site.pool, site.flag, site.impl
+            residual, x, site.token_slot[:T], site.coef, site.rmode, site.urow, site.pool, site.flag, site.impl
         )
         x_out, res_out = original(self, x, residual)
         torch.ops.emosteer.head_affine_capture(
