@@ -52,6 +52,9 @@ def _bank(model: str):
     bank = VectorBank(info)
     bank.add("v", "residual", torch.randn(info.num_layers, info.hidden_size, generator=g))
     bank.add("v.h", "head", torch.randn(info.num_layers, info.num_heads, info.head_dim, generator=g))
+    w = torch.randn(info.num_layers, info.hidden_size, generator=g)
+    bank.add("v.probe", "probe", torch.cat([w / w.norm(dim=1, keepdim=True),
+                                            torch.zeros(info.num_layers, 1)], dim=1))
     return bank, info
 
 

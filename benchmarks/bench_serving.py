@@ -14,6 +14,9 @@ Conditions:
                       layers at a small, per-request scale + one head ``add`` at a
                       per-request head (so every fingerprint differs)
     distinct_capture  distinct + capture of all heads at the last prompt token
+    distinct_relative every request its own relative-strength steer (scale x |h|)
+    distinct_clamp    every request its own clamp target along the vector
+    distinct_gated    distinct steering behind a probe gate one layer earlier
 
 Each round runs every condition once (the order rotated per round) after one warm-up
 round that is not counted; sampling is greedy with ``ignore_eos`` and a fixed
@@ -56,7 +59,8 @@ from _common import (  # noqa: E402
 )
 from serving_engine import Worker  # noqa: E402
 
-CONDITIONS = ("plain", "idle", "shared", "distinct", "distinct_capture")
+CONDITIONS = ("plain", "idle", "shared", "distinct", "distinct_capture", "distinct_relative",
+              "distinct_clamp", "distinct_gated")
 TARGETS = {"idle": 0.99, "distinct": 0.95}  # median throughput ratio to plain to reach
 COLUMNS = (
     "condition", "model", "dtype", "mode", "n_prompts", "max_tokens", "rounds",
@@ -104,6 +108,18 @@ def condition_configs(condition: str, n: int, num_layers: int, num_heads: int) -
         return [request_config(i, num_layers, num_heads) for i in range(n)]
     if condition == "distinct_capture":
         return [request_config(i, num_layers, num_heads, capture=True) for i in range(n)]
+    layers = steer_layers(num_layers)
+    if condition == "distinct_relative":  # scale = a fraction of |h|, per token
+        return [{"steer": [{"vector": "v", "layers": layers, "scale": round(0.02 + 0.0001 * i, 6),
+                            "scale_mode": "relative"}]} for i in range(n)]
+    if condition == "distinct_clamp":  # the component along v set, one target per request
+        return [{"steer": [{"vector": "v", "layers": layers, "mode": "clamp",
+                            "value": round(0.5 + 0.01 * i, 6)}]} for i in range(n)]
+    if condition == "distinct_gated":  # a probe gate before the steered layers
+        gate = max(0, layers[0] - 1)
+        return [{"steer": [{"vector": "v", "layers": [l for l in layers if l > gate] or [num_layers - 1],
+                            "scale": round(0.1 + 0.001 * i, 6)}],
+                 "when": {"probe": "v.probe", "layer": gate, "above": 0.0}} for i in range(n)]
     raise ValueError(f"unknown condition {condition!r}")
 
 
@@ -245,7 +261,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     groups = list(dict.fromkeys((r["dtype"], r["mode"]) for r in rows))
     conds = [c for c in CONDITIONS if any(r["condition"] == c for r in rows)]
     colors = {"plain": "#999999", "idle": "#4c72b0", "shared": "#55a868",
-              "distinct": "#dd8452", "distinct_capture": "#c44e52"}
+              "distinct": "#dd8452", "distinct_capture": "#c44e52", "distinct_relative": "#8172b3",
+              "distinct_clamp": "#937860", "distinct_gated": "#da8bc3"}
     width = 0.8 / max(1, len(conds))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * len(conds) * len(groups)), 4.2))
     top, target_label = 1.05, "target (idle 0.99, distinct 0.95)"

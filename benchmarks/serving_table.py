@@ -16,6 +16,9 @@ LABELS = {
     "shared": "every request the same config",
     "distinct": "every request its own config (residual on a third of the layers + a head add)",
     "distinct_capture": "… plus all heads captured at the last prompt token",
+    "distinct_relative": "every request its own relative-strength steer (scale × ‖h‖)",
+    "distinct_clamp": "every request its own clamp target along the vector",
+    "distinct_gated": "every request its own steer behind a probe gate",
 }
 
 
