@@ -286,7 +286,8 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
     Each group holds the items of every prompt token plus those naming the position, all
     as ``positions: "all"``, so a group's fingerprint does not depend on where it acts:
     a patch listing 40 positions with one vector is one slot; with a "head_positions"
-    vector (one per position) each position reads its own row (``HeadItem.at``)."""
+    vector (one per position) each position reads its own row (``HeadItem.at``). The
+    probe gate (``when``) gates a group's later layers as it does the phases'."""
     items = [*spec.steer, *spec.heads, *([spec.neurons] if spec.neurons is not None else [])]
     covers = pos_model.covers
     out: dict[int, SteerSpec] = {}
@@ -316,7 +317,7 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
             else:
                 neurons = None
         out[p] = SteerSpec(steer=steer, heads=tuple(heads), neurons=neurons,
-                           boost=_phase_boost(spec.boost, "prompt"))
+                           boost=_phase_boost(spec.boost, "prompt"), when=spec.when)
     return out
 
 
