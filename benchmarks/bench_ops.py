@@ -8,7 +8,8 @@ residual_steer and probe_gate on [T, d]; neuron_gain on [T, I]. Every token hold
 of 4 slots, each naming its own pool row for every head / its vectors / its mask / its
 probe (the heaviest case: no token or head skips), no capture rows but for probe scores
 (every token's), the flag on. residual_steer runs two terms per slot, an absolute add
-and a clamp (so both passes over the row); probe_gate's gate always holds and latches
+and a clamp (so both passes over the row, the first also reading the other addend x of
+h = x + r); probe_gate's gate always holds and latches
 (the slots survive the repeated calls), one request per slot. Bytes moved count every
 element the op must read or write once: the activations, plus the pool rows and
 slot-table entries actually used.
@@ -89,7 +90,7 @@ def make_inputs(op: str, dtype: torch.dtype, shape: str, tokens: int, device: to
         coef = torch.stack([uni(S, hi=1e-3, dt=f32), torch.full((S,), 0.5, device=device)], 1)
         mode = torch.tensor([[reference.RES_ADD, reference.RES_CLAMP]] * S, dtype=torch.int32,
                             device=device)
-        return [randn(T, d), slot, coef, mode, torch.stack([rows, rows + S], 1),
+        return [randn(T, d), randn(T, d), slot, coef, mode, torch.stack([rows, rows + S], 1),
                 pool.to(dtype).to(device), flag]
     if op == "probe_gate":  # always holds (threshold -inf), latched; every score captured
         i32 = dict(dtype=torch.int32, device=device)
@@ -112,8 +113,8 @@ def bytes_moved(op: str, dtype: torch.dtype, shape: str, tokens: int) -> int:
     idx = 4 * T
     if op == "head_affine_capture":  # z read + written, pool rows, a, b, vrow, slot + cap index
         return 2 * T * H * D * es + used * (H * D * es + 12 * H) + 2 * idx
-    if op == "residual_steer":  # r read + written, 2 pool rows a slot, coef + mode + urow
-        return 2 * T * d * es + used * 2 * (d * es + 12) + idx
+    if op == "residual_steer":  # r read + written, x read, 2 pool rows a slot, coef + mode + urow
+        return 3 * T * d * es + used * 2 * (d * es + 12) + idx
     if op == "probe_gate":  # h read, fp32 probe rows, per-slot scalars, slot read + written,
         # state rows and score indices read, scores written, state
         return T * d * es + used * (d * 4 + 16) + 5 * idx + 4 * used

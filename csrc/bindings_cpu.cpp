@@ -16,8 +16,8 @@ TORCH_LIBRARY(emosteer_C, m) {
       "head_affine_capture(Tensor(a!) z, Tensor token_slot, Tensor a, Tensor b, Tensor vrow, "
       "Tensor pool, Tensor cap_index, Tensor(b!) cap_buf, Tensor flag) -> ()");
   m.def(
-      "residual_steer(Tensor(a!) r, Tensor token_slot, Tensor coef, Tensor mode, Tensor urow, "
-      "Tensor pool, Tensor flag) -> ()");
+      "residual_steer(Tensor(a!) r, Tensor x, Tensor token_slot, Tensor coef, Tensor mode, "
+      "Tensor urow, Tensor pool, Tensor flag) -> ()");
   m.def(
       "neuron_gain(Tensor(a!) m, Tensor token_slot, Tensor gamma, Tensor nrow, Tensor masks, "
       "Tensor flag) -> ()");
@@ -47,7 +47,8 @@ void head_affine_capture_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, at::Tensor&, const at::Tensor&) {}
 void residual_steer_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&) {}
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&) {}
 void neuron_gain_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, const at::Tensor&) {}
 void probe_gate_meta(const at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,

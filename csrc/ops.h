@@ -14,7 +14,8 @@ namespace emosteer {
                                  const at::Tensor& vrow, const at::Tensor& pool,               \
                                  const at::Tensor& cap_index, at::Tensor& cap_buf,             \
                                  const at::Tensor& flag);                                      \
-  void residual_steer_##DEV(at::Tensor& r, const at::Tensor& token_slot,                       \
+  void residual_steer_##DEV(at::Tensor& r, const at::Tensor& x,                                \
+                            const at::Tensor& token_slot,                                      \
                             const at::Tensor& coef, const at::Tensor& mode,                    \
                             const at::Tensor& urow, const at::Tensor& pool,                    \
                             const at::Tensor& flag);                                           \

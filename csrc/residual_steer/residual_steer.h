@@ -1,24 +1,25 @@
 // Per-token residual steering from a vector pool, shared by the CUDA kernel and its CPU
-// twins:
+// twins. The residual is h = x + r; the op updates its addend r (vLLM forms the sum in
+// its fused add + RMSNorm, after this op) and only reads x:
 //
 //   if flag[0] == 0: nothing at all
 //   for t with s = token_slot[t] >= 0 and some urow[s, k] >= 0:
-//     x = r[t] (float32), n = ||x||, per term u_k = pool[urow[s, k]], c_k = x . u_k
+//     h = x[t] + r[t] (each converted to float32, then added), n = ||h||,
+//     per term u_k = pool[urow[s, k]], c_k = h . u_k
 //     w_k = coef (add), coef - c_k (clamp), -c_k (project_out); with the relative
 //           bit, coef * n in place of coef
-//     r[t] = x + w_0*u_0 + w_1*u_1 + ...   (terms in k order, rows -1 skipped)
+//     r[t] = r[t] + w_0*u_0 + w_1*u_1 + ...   (terms in k order, rows -1 skipped)
 //
 // mode[s, k]: bits 0-1 pick add (0), clamp (1) or project_out (2; 3 is read as 2), bit
 // 2 makes the scale / target relative to n. Every term reads the residual entering
 // the op. float32 math, each product rounded before its sum, one rounding to r's
 // dtype; every other token is left bit-identical. A term that is a plain (absolute)
-// add needs neither n nor c_k, and a token whose terms are all such adds rounds exactly
-// like the torch reference (the sums of n and c_k may differ in order, so the other
-// modes agree within rounding). It runs in place right after vLLM's own fused
-// add + RMSNorm (on the residual that op returned), so unsteered tokens keep vLLM's
-// numbers bit for bit. Running example: token_slot = [-1, 0, 2, 1] with
-// urow = [[4, -1], [-1, -1], [0, 3]] leaves tokens 0 and 3 alone (slot 1 has no term),
-// applies slot 0's term on pool row 4 to token 1 and slot 2's two terms to token 2.
+// add needs neither n nor c_k (x is not read then), and a token whose terms are all
+// such adds rounds exactly like the torch reference (the sums of n and c_k may differ
+// in order, so the other modes agree within rounding). Running example:
+// token_slot = [-1, 0, 2, 1] with urow = [[4, -1], [-1, -1], [0, 3]] leaves tokens 0
+// and 3 alone (slot 1 has no term), applies slot 0's term on pool row 4 to token 1 and
+// slot 2's two terms to token 2.
 #pragma once
 
 #include "common.h"
@@ -31,7 +32,7 @@ constexpr int32_t kAdd = 0, kClamp = 1, kProjectOut = 2, kRelative = 4;
 // Whether a term of this mode reads n or c_k (everything but an absolute add).
 EMOSTEER_HD bool needs_dots(int32_t mode) { return mode != kAdd; }
 
-// w_k of one term from its coefficient, the norm n and the component c = x . u.
+// w_k of one term from its coefficient, the norm n and the component c = h . u.
 EMOSTEER_HD float weight(int32_t mode, float coef, float n, float c) {
   const float target = (mode & kRelative) ? mul_rn(coef, n) : coef;
   const int32_t base = mode & 3;
@@ -52,6 +53,7 @@ EMOSTEER_HD F step(const F& out, const F& w, const F& u) {
 // already checked.
 struct CpuArgs {
   void* r;                    // [T, d] scalar_t
+  const void* x;              // [T, d] scalar_t, the other addend (read only)
   const int32_t* token_slot;  // [T]
   const float* coef;          // [S, K]
   const int32_t* mode;        // [S, K]
@@ -73,13 +75,18 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end);
 
 #if !defined(EMOSTEER_KERNEL_ONLY)
 // Host-side checks shared by the launchers. Returns S (slots); K is coef.size(1).
-inline int64_t check_residual_steer(const at::Tensor& r, const at::Tensor& token_slot,
+inline int64_t check_residual_steer(const at::Tensor& r, const at::Tensor& x,
+                                    const at::Tensor& token_slot,
                                     const at::Tensor& coef, const at::Tensor& mode,
                                     const at::Tensor& urow, const at::Tensor& pool,
                                     const at::Tensor& flag) {
   const auto dev = r.device();
   EMOSTEER_CHECK_INPUT(r, dev, 2);
   EMOSTEER_CHECK_FLOAT_DTYPE(r);
+  EMOSTEER_CHECK_INPUT(x, dev, 2);
+  EMOSTEER_CHECK_DTYPE(x, r.scalar_type());
+  EMOSTEER_CHECK_SIZE(x, 0, r.size(0));
+  EMOSTEER_CHECK_SIZE(x, 1, r.size(1));
   EMOSTEER_CHECK_INPUT(token_slot, dev, 1);
   EMOSTEER_CHECK_DTYPE(token_slot, at::kInt);
   EMOSTEER_CHECK_SIZE(token_slot, 0, r.size(0));

@@ -13,12 +13,13 @@
 
 namespace emosteer {
 
-void residual_steer_cpu(at::Tensor& r, const at::Tensor& token_slot, const at::Tensor& coef,
+void residual_steer_cpu(at::Tensor& r, const at::Tensor& x, const at::Tensor& token_slot,
+                        const at::Tensor& coef,
                         const at::Tensor& mode, const at::Tensor& urow, const at::Tensor& pool,
                         const at::Tensor& flag) {
   TORCH_CHECK(r.device().is_cpu(), "r must be a CPU tensor for the CPU kernel");
   const int64_t S =
-      residual_steer::check_residual_steer(r, token_slot, coef, mode, urow, pool, flag);
+      residual_steer::check_residual_steer(r, x, token_slot, coef, mode, urow, pool, flag);
   if (flag.data_ptr<int32_t>()[0] == 0) return;  // read once: the whole op is off
   if (r.numel() == 0 || coef.size(1) == 0) return;
   const int64_t T = r.size(0), d = r.size(1), K = coef.size(1);
@@ -26,6 +27,7 @@ void residual_steer_cpu(at::Tensor& r, const at::Tensor& token_slot, const at::T
   check_index_values(urow.data_ptr<int32_t>(), S * K, pool.size(0), "urow", "pool rows");
   std::vector<float> w(static_cast<size_t>(T * K));  // the weights, per token and term
   const residual_steer::CpuArgs args{r.data_ptr(),
+                                     x.data_ptr(),
                                      token_slot.data_ptr<int32_t>(),
                                      coef.data_ptr<float>(),
                                      mode.data_ptr<int32_t>(),

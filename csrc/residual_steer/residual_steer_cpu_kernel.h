@@ -4,10 +4,10 @@
 //
 // Per token: the weights w_k first, into the launcher's [T, K] float scratch (an
 // absolute add's weight is its coef; where some term reads n or c_k, one pass over the
-// row accumulates x*x and x*u_k in float vectors, kMaxDots terms at a time, summed lane
-// by lane at the end), then one pass writing x + w_0*u_0 + ... chunk by chunk, the terms
-// in k order. No std:: containers here: their inline code would be shared with the
-// portable build (see cpu_vec.h).
+// rows of r and x accumulates h*h and h*u_k, h = x + r, in float vectors, kMaxDots terms
+// at a time, summed lane by lane at the end; x is read only then), then one pass
+// writing r + w_0*u_0 + ... chunk by chunk, the terms in k order. No std:: containers
+// here: their inline code would be shared with the portable build (see cpu_vec.h).
 #pragma once
 
 #include <cmath>
@@ -32,9 +32,11 @@ inline float lane_sum(const fVec& v) {
   return s;
 }
 
-// w[k] of token row x for slot s (terms without a row are left alone).
+// w[k] of the token whose rows of r and x are rt and xt, for slot s (h = xt + rt; terms
+// without a row are left alone).
 template <typename scalar_t>
-void weights(const CpuArgs& p, const scalar_t* x, int64_t s, float* w) {
+void weights(const CpuArgs& p, const scalar_t* rt, const scalar_t* xt, int64_t s,
+             float* w) {
   using namespace emosteer::cpu::CPU_CAPABILITY;
   const int64_t d = p.d, K = p.K;
   const scalar_t* pool = static_cast<const scalar_t*>(p.pool);
@@ -64,17 +66,19 @@ void weights(const CpuArgs& p, const scalar_t* x, int64_t s, float* w) {
     for (int64_t j = 0; j < 2 * nb; ++j) acc[j] = fVec(0.0f);
     for (int64_t i = 0; i < d; i += kChunk) {
       const int64_t n = std::min(kChunk, d - i);
-      fVec x0, x1;
-      load2(x + i, n, x0, x1);
+      fVec r0, r1, x0, x1;
+      load2(rt + i, n, r0, r1);
+      load2(xt + i, n, x0, x1);
+      const fVec h0 = x0 + r0, h1 = x1 + r1;
       if (want_norm) {
-        sq0 = sq0 + x0 * x0;
-        sq1 = sq1 + x1 * x1;
+        sq0 = sq0 + h0 * h0;
+        sq1 = sq1 + h1 * h1;
       }
       for (int64_t j = 0; j < nb; ++j) {
         fVec u0, u1;
         load2(pool + urow[batch[j]] * d + i, n, u0, u1);
-        acc[2 * j] = acc[2 * j] + x0 * u0;
-        acc[2 * j + 1] = acc[2 * j + 1] + x1 * u1;
+        acc[2 * j] = acc[2 * j] + h0 * u0;
+        acc[2 * j + 1] = acc[2 * j + 1] + h1 * u1;
       }
     }
     if (want_norm) {
@@ -93,6 +97,7 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end) {
   using namespace emosteer::cpu::CPU_CAPABILITY;
   const int64_t d = p.d, K = p.K;
   scalar_t* r = static_cast<scalar_t*>(p.r);
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const scalar_t* pool = static_cast<const scalar_t*>(p.pool);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t s = p.token_slot[t];
@@ -103,7 +108,7 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end) {
     if (!any) continue;
     scalar_t* rt = r + t * d;
     float* w = p.w + t * K;
-    weights(p, rt, s, w);
+    weights(p, rt, x + t * d, s, w);
     for (int64_t i = 0; i < d; i += kChunk) {
       const int64_t n = std::min(kChunk, d - i);
       fVec o0, o1;

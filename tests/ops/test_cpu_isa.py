@@ -53,9 +53,11 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         cases = {
             "head_affine_capture": (args, (0, 7)),
             # Absolute adds and every mode at once (the latter with a bound: sums).
-            "residual_steer": ([torch.randn(T, d, generator=g).to(dt), slot,
+            # x (the other addend of h = x + r) is read-only: index 1.
+            "residual_steer": ([torch.randn(T, d, generator=g).to(dt),
+                                torch.randn(T, d, generator=g).to(dt), slot,
                                 torch.randn(S, 3, generator=g), torch.zeros(S, 3, dtype=torch.int32),
-                                rows(S, 3), torch.randn(P, d, generator=g).to(dt), on], (0,)),
+                                rows(S, 3), torch.randn(P, d, generator=g).to(dt), on], (0, 1)),
             "neuron_gain": ([torch.randn(T, d, generator=g).to(dt), slot,
                              torch.rand(S, generator=g) * 3, rows(S), masks, on], (0,)),
         }
@@ -75,15 +77,16 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         # residual_steer with clamp / project_out / relative terms (sums in another
         # order): within 4 ulps of the dtype plus 1e-5 of the reference's result.
         xs = cases["residual_steer"][0]
-        xs[3] = torch.tensor([0, 1, 2, 4, 5], dtype=torch.int32)[
+        xs[4] = torch.tensor([0, 1, 2, 4, 5], dtype=torch.int32)[
             torch.randint(0, 5, (S, 3), generator=g)]
-        xs[5] = torch.nn.functional.normalize(xs[5].float(), dim=1).to(dt)
+        xs[6] = torch.nn.functional.normalize(xs[6].float(), dim=1).to(dt)
         want, got = [x.clone() for x in xs], [x.clone() for x in xs]
         reference.residual_steer(*want)
         _dispatch.backend_fn("cpp", "residual_steer")(*got)
         ref = want[0].double().abs()
         err = (got[0].double() - want[0].double()).abs()
         assert bool((err <= 4 * torch.finfo(dt).eps * ref + 1e-5 * (1 + ref)).all()), (dt, err.max())
+        assert same(got[1], want[1]), ("residual_steer x", dt)
 print(C.cpu_isa())
 """
 

@@ -200,8 +200,9 @@ def _inputs(op: str, dtype, shape, gen):
     if op == "residual_steer":  # absolute adds only: bit-exact (the other modes sum in
         # another order; tests/ops/test_residual_steer.py holds them to a bound)
         K = 3
-        return [rnd(T, d).to(dtype), slot, rnd(S, K), torch.zeros(S, K, dtype=torch.int32),
-                rows(S, K), rnd(P, d).to(dtype), on]
+        # x (index 1, the other addend of h = x + r) is not read by absolute adds.
+        return [rnd(T, d).to(dtype), rnd(T, d).to(dtype), slot, rnd(S, K),
+                torch.zeros(S, K, dtype=torch.int32), rows(S, K), rnd(P, d).to(dtype), on]
     if op == "probe_gate":  # thresholds away from every score: exact decisions
         args = dict(h=rnd(T, d).to(dtype), token_slot=slot, prow=rows(S),
                     probes=rnd(P, d) / d**0.5, bias=rnd(S), thresh=rnd(S),

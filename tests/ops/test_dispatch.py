@@ -107,6 +107,7 @@ def test_head_affine_bad_arguments(arg, over, exc, msg):
 def steer_args(**over):
     args = dict(
         r=randn_nonzero(3, 6),
+        x=randn_nonzero(3, 6),
         token_slot=i32(0, -1, 1),
         coef=torch.ones(2, 2),
         mode=torch.tensor([[0, 1], [2, 4]], dtype=torch.int32),
@@ -125,6 +126,12 @@ def i32_2d(*rows):
 BAD_STEER_ARGS = [
     ("r", dict(r=randn_nonzero(6, 3).t()), ValueError, "r must be contiguous"),
     ("r", dict(r=randn_nonzero(3, 6).long()), TypeError, "r must have dtype"),
+    ("x", dict(x=randn_nonzero(6, 3).t()), ValueError, "x must be contiguous"),
+    ("x", dict(x=randn_nonzero(3, 6).half()), TypeError, "x must have dtype"),
+    ("x", dict(x=randn_nonzero(3, 7)), ValueError, "x has shape"),
+    ("x", dict(x=randn_nonzero(2, 6)), ValueError, "x has shape"),
+    ("x", dict(x=randn_nonzero(18)), ValueError, "x must have 2 dimensions"),
+    ("x", dict(x=torch.empty(3, 6, device="meta")), ValueError, "x is on meta"),
     ("coef", dict(coef=torch.ones(2, 2).double()), TypeError, "coef must have dtype"),
     ("coef", dict(coef=torch.ones(2)), ValueError, "coef must have 2 dimensions"),
     ("mode", dict(mode=i32_2d([0, 0, 0], [0, 0, 0])), ValueError, "mode has shape"),
@@ -269,6 +276,11 @@ def test_cpp_launchers_check_row_values():
     assert_equal(args["cap_buf"], before[1], "cap_buf")
     with pytest.raises(RuntimeError, match=re.escape("urow[2] = 3")):
         ns.residual_steer(*steer_args(urow=i32_2d([0, -1], [P, 0])).values())
+    for bad, msg in ((randn_nonzero(3, 7), "x has shape"), (randn_nonzero(2, 6), "x has shape"),
+                     (randn_nonzero(3, 6).half(), "x must have dtype"),
+                     (randn_nonzero(6, 3).t(), "x must be contiguous")):
+        with pytest.raises(RuntimeError, match=re.escape(msg)):
+            ns.residual_steer(*steer_args(x=bad).values())
     gate = gate_args(state_row=i32(0, -1, 2))
     before = clone_args(gate)
     with pytest.raises(RuntimeError, match=re.escape("state_row[2] = 2")):
@@ -343,7 +355,7 @@ def _steer_block(h, z, r, m_in, slot, prow, probes, bias, thresh, gmode, state_r
                    score_buf, flag, impl=impl)
     ops.head_affine_capture(z, slot, a, b, vrow, hpool, cap, cap_buf, flag, impl=impl)
     r.add_(z.view(z.shape[0], -1))
-    ops.residual_steer(r, slot, coef, mode, urow, rpool, flag, impl=impl)
+    ops.residual_steer(r, h, slot, coef, mode, urow, rpool, flag, impl=impl)
     m = torch.nn.functional.silu(m_in * r.sum(-1, keepdim=True))
     ops.neuron_gain(m, slot, gamma, nrow, masks, flag, impl=impl)
     return m * 2

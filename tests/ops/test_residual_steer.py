@@ -5,13 +5,16 @@ Exact where the contract is exact (tokens without a slot or whose slot has no te
 everything while the flag is 0), bit for bit against the reference for the
 implementations that promise it (tests/ops/op_cases) on tokens whose terms are all
 absolute adds, within twice the same-dtype torch error of a float64 computation
-elsewhere (the norm and the dot products are sums in another order). Shapes: a normal
+elsewhere (the norm and the dot products are sums in another order). The statistics
+read ``h = x + r`` (x a random non-zero other addend, never written), the update goes
+to r. Shapes: a normal
 one, an odd one (97 tokens, hidden 97), a wide one and one below one CPU vector; 5 pool
 rows, 7 slots of 3 terms, term tables with -1 entries and rows shared by several slots.
-Then closed forms: a clamp sets the component along a unit row to its target,
-project_out removes it (over an orthonormal basis, the whole span), a relative add is
-``coef * ||x|| * u``, -1 terms are skipped, and more terms than one pass of the CPU
-kernel accumulates.
+Then closed forms: a clamp sets the component of ``h = x + r`` (after the op) along a
+unit row to its target, project_out removes it (over an orthonormal basis, the whole
+span), a relative add is ``coef * ||x + r|| * u``, -1 terms are skipped, absolute adds
+never read x (NaN there changes nothing), and more terms than one pass of the CPU kernel
+accumulates.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def make_inputs(T, d, dtype, slot_kind, row_kind, mode_kind, gen, device="cpu"):
     coef = torch.where((mode & RES_RELATIVE) != 0, coef / 10, coef)
     args = dict(
         r=randn_nonzero(T, d, dtype=dtype, gen=gen),
+        x=randn_nonzero(T, d, dtype=dtype, gen=gen),
         token_slot=slot_pattern(slot_kind, T, n_slots, gen),
         coef=coef,
         mode=mode,
@@ -96,20 +100,21 @@ def make_inputs(T, d, dtype, slot_kind, row_kind, mode_kind, gen, device="cpu"):
 def steer64(args) -> torch.Tensor:
     """The op's math in float64 on the stored inputs: the precise result (all tokens)."""
     r, slot, urow = args["r"].cpu().double(), args["token_slot"].cpu(), args["urow"].cpu()
+    hs = r + args["x"].cpu().double()  # exact: two stored values summed in float64
     coef, mode, pool = args["coef"].cpu().double(), args["mode"].cpu(), args["pool"].cpu().double()
     out = r.clone()
     for t in range(r.shape[0]):
         s = int(slot[t])
         if s < 0:
             continue
-        x = r[t]
-        n = x.norm()
+        h = hs[t]
+        n = h.norm()
         for k in range(urow.shape[1]):
             row = int(urow[s, k])
             if row < 0:
                 continue
             u = pool[row]
-            c = x @ u
+            c = h @ u
             m = int(mode[s, k])
             target = coef[s, k] * n if m & RES_RELATIVE else coef[s, k]
             w = target if m & 3 == RES_ADD else (target - c if m & 3 == RES_CLAMP else -c)
@@ -133,9 +138,10 @@ def check_residual_steer(impl, args, dtype):
     ref = clone_all(args)
     reference.residual_steer(**ref)
     precise = steer64(args)
-    r_in = args["r"].clone()
+    r_in, x_in = args["r"].clone(), args["x"].clone()
     ops.residual_steer(**args, impl=impl)
     r = args["r"]
+    assert_equal(args["x"], x_in, "x (read only)")
     untouched, plain, other = (m.to(r.device) for m in token_kinds(args))
     assert_equal(r[untouched], r_in[untouched], "r (tokens without a slot or a term)")
     check_result(impl, r[plain], ref["r"][plain], precise[plain.cpu()], dtype,
@@ -196,8 +202,8 @@ def perp_bound(r_out, basis, dtype) -> torch.Tensor:
     return eps * (x + (x @ b.T) @ b) + 1e-5 * (1 + r_out.double().norm(dim=-1, keepdim=True))
 
 
-def run(impl, r, slot, coef, mode, urow, pool):
-    ops.residual_steer(r, slot, torch.as_tensor(coef, dtype=torch.float32),
+def run(impl, r, x, slot, coef, mode, urow, pool):
+    ops.residual_steer(r, x, slot, torch.as_tensor(coef, dtype=torch.float32),
                        torch.as_tensor(mode, dtype=torch.int32),
                        torch.as_tensor(urow, dtype=torch.int32), pool, flag(), impl=impl)
 
@@ -205,18 +211,21 @@ def run(impl, r, slot, coef, mode, urow, pool):
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_clamp_sets_the_component(impl, dtype, gen):
-    """Slot 0 clamps along u to 1.5, slot 1 to 0.4*||x|| (relative); token 3 has no slot."""
+    """Slot 0 clamps the component of h = x + r along u to 1.5, slot 1 to 0.4*||h||
+    (relative); token 3 has no slot."""
     d = 64
     u = signed_hadamard(1, d, gen)
     pool = u.to(dtype)
     r = (randn_nonzero(4, d, gen=gen) * 2).to(dtype)
+    xa = (randn_nonzero(4, d, gen=gen) * 2).to(dtype)
     x = r.double()
+    h = x + xa.double()
     slot = torch.tensor([0, 1, 0, -1], dtype=torch.int32)
     r_in = r.clone()
-    run(impl, r, slot, [[1.5], [0.4]], [[RES_CLAMP], [RES_CLAMP | RES_RELATIVE]], [[0], [0]],
+    run(impl, r, xa, slot, [[1.5], [0.4]], [[RES_CLAMP], [RES_CLAMP | RES_RELATIVE]], [[0], [0]],
         pool)
-    comp = (r.double() @ u.double().T)[:, 0]
-    want = torch.tensor([1.5, 0.4 * float(x[1].norm()), 1.5], dtype=torch.float64)
+    comp = ((xa.double() + r.double()) @ u.double().T)[:, 0]
+    want = torch.tensor([1.5, 0.4 * float(h[1].norm()), 1.5], dtype=torch.float64)
     bound = rounding_bound(r, u, dtype)[:3]
     assert bool(((comp[:3] - want).abs() <= bound).all()), (comp[:3], want, bound)
     # Only the component along u moved.
@@ -230,27 +239,31 @@ def test_clamp_sets_the_component(impl, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_project_out_removes_a_span(impl, dtype, gen):
     """Slot 0 projects out 3 orthonormal rows (with a -1 term between them), slot 1 only
-    the first: the components along the removed rows are ~0, the rest is unchanged."""
+    the first: the components of h = x + r along the removed rows are ~0, the rest is
+    unchanged."""
     d = 64
     basis = signed_hadamard(3, d, gen)
     pool = basis.to(dtype)
     r = (randn_nonzero(5, d, gen=gen) * 2).to(dtype)
+    xa = (randn_nonzero(5, d, gen=gen) * 2).to(dtype)
     x = r.double()
+    h = x + xa.double()
     slot = torch.tensor([0, 1, -1, 0, 1], dtype=torch.int32)
     po = RES_PROJECT_OUT
-    run(impl, r, slot, [[0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+    run(impl, r, xa, slot, [[0.0, 9.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
         [[po, RES_ADD, po, po], [po, po, po, po]], [[0, -1, 1, 2], [0, -1, -1, -1]], pool)
-    comp = r.double() @ basis.double().T  # [T, 3]
+    comp = (xa.double() + r.double()) @ basis.double().T  # [T, 3]
     bound = rounding_bound(r, basis, dtype)
     steered = [0, 1, 3, 4]
     removed = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 1], [1, 0, 0]]).bool()
     for t in steered:
         assert bool((comp[t][removed[t]].abs() <= bound[t]).all()), (t, comp[t], bound[t])
-    # The part of x outside the removed rows is untouched (up to the one rounding).
+    # The part of h outside the removed rows is untouched (up to the one rounding).
     for t in steered:
         b = basis.double()[removed[t]]
-        keep = x[t] - (x[t] @ b.T) @ b
-        got = r[t].double() - (r[t].double() @ b.T) @ b
+        keep = h[t] - (h[t] @ b.T) @ b
+        h_out = xa[t].double() + r[t].double()
+        got = h_out - (h_out @ b.T) @ b
         assert bool(((got - keep).abs() <= perp_bound(r[t], b, dtype)).all()), t
     assert_equal(r[2], x[2].to(dtype), "token without a slot")
 
@@ -258,17 +271,19 @@ def test_project_out_removes_a_span(impl, dtype, gen):
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_relative_add_scales_with_the_norm(impl, dtype, gen):
-    """A relative add is coef * ||x|| * u; an absolute one coef * u; both in one slot."""
+    """A relative add is coef * ||x + r|| * u; an absolute one coef * u; both in one
+    slot."""
     d = 37
     pool = unit_rows(2, d, dtype, gen)
     r = (randn_nonzero(3, d, gen=gen) * 3).to(dtype)
+    xa = (randn_nonzero(3, d, gen=gen) * 3).to(dtype)
     x = r.double()
     slot = torch.tensor([0, 1, 0], dtype=torch.int32)
-    run(impl, r, slot, [[0.25, 0.0], [0.1, -2.0]],
+    run(impl, r, xa, slot, [[0.25, 0.0], [0.1, -2.0]],
         [[RES_ADD | RES_RELATIVE, RES_ADD], [RES_ADD | RES_RELATIVE, RES_ADD]],
         [[1, -1], [0, 1]], pool)
     u = pool.double()
-    n = x.norm(dim=1)
+    n = (x + xa.double()).norm(dim=1)
     want = x.clone()
     want[0] += 0.25 * n[0] * u[1]
     want[2] += 0.25 * n[2] * u[1]
@@ -288,33 +303,37 @@ def test_many_terms_and_their_order(impl, gen):
     mode = torch.tensor(ALL_MODES, dtype=torch.int32)[pick]
     urow = torch.randint(-1, 12, (2, k), generator=gen, dtype=torch.int32)
     urow[0, 3] = -1
-    args = dict(r=randn_nonzero(T, d, gen=gen), token_slot=torch.tensor([0, 1, -1, 1, 0, 0],
-                dtype=torch.int32), coef=randn_nonzero(2, k, gen=gen) / 4, mode=mode, urow=urow,
-                pool=pool, flag=flag())
+    args = dict(r=randn_nonzero(T, d, gen=gen), x=randn_nonzero(T, d, gen=gen),
+                token_slot=torch.tensor([0, 1, -1, 1, 0, 0], dtype=torch.int32),
+                coef=randn_nonzero(2, k, gen=gen) / 4, mode=mode, urow=urow, pool=pool,
+                flag=flag())
     check_residual_steer(impl, args, torch.float32)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_closed_form_add_and_empty_inputs(impl, gen):
-    """Absolute adds: slots 0 and 2 share pool row 1; slot 1 has no term; bit-exact."""
+    """Absolute adds: slots 0 and 2 share pool row 1; slot 1 has no term; bit-exact, and
+    x is never read (NaN there changes nothing)."""
     r = randn_nonzero(4, 10, gen=gen)
+    xa = torch.full_like(r, float("nan"))
     pool = randn_nonzero(2, 10, gen=gen)
     slot = torch.tensor([2, -1, 0, 1], dtype=torch.int32)
     want = r.clone()
     want[0] = (want[0] + -2.0 * pool[1]) + 0.5 * pool[0]
     want[2] += 0.5 * pool[1]
-    run(impl, r, slot, [[0.5, 0.0], [3.0, 1.0], [-2.0, 0.5]], [[0, 0], [0, 0], [0, 0]],
+    run(impl, r, xa, slot, [[0.5, 0.0], [3.0, 1.0], [-2.0, 0.5]], [[0, 0], [0, 0], [0, 0]],
         [[1, -1], [-1, -1], [1, 0]], pool)
     assert_equal(r, want, "r")
     d = 6
-    run(impl, torch.empty(0, d), torch.empty(0, dtype=torch.int32), torch.ones(2, 1),
-        torch.zeros(2, 1), torch.full((2, 1), -1), torch.empty(0, d))
+    run(impl, torch.empty(0, d), torch.empty(0, d), torch.empty(0, dtype=torch.int32),
+        torch.ones(2, 1), torch.zeros(2, 1), torch.full((2, 1), -1), torch.empty(0, d))
     r = randn_nonzero(3, d, gen=gen)
     r_in = r.clone()
-    run(impl, r, torch.tensor([0, 1, -1], dtype=torch.int32), torch.ones(2, 2),
+    xa = randn_nonzero(3, d, gen=gen)
+    run(impl, r, xa, torch.tensor([0, 1, -1], dtype=torch.int32), torch.ones(2, 2),
         torch.ones(2, 2), torch.full((2, 2), -1), torch.empty(0, d))
     assert_equal(r, r_in, "r with an empty pool")
-    run(impl, r, torch.tensor([0, 1, -1], dtype=torch.int32), torch.ones(2, 0),
+    run(impl, r, xa, torch.tensor([0, 1, -1], dtype=torch.int32), torch.ones(2, 0),
         torch.ones(2, 0), torch.ones(2, 0), randn_nonzero(3, d, gen=gen))
     assert_equal(r, r_in, "r with no terms (K = 0)")
 

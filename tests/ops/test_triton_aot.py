@@ -42,8 +42,9 @@ def _specs(t: str):
          {"BLOCK_H": 32, "BLOCK_D": 128}, 4),
         # 4 terms per slot: [4, 2048] pool tiles (what the launcher picks for d 4096).
         ("residual_steer", "_residual_steer_kernel",
-         {"r_ptr": f"*{t}", "slot_ptr": "*i32", "coef_ptr": "*fp32", "mode_ptr": "*i32",
-          "urow_ptr": "*i32", "pool_ptr": f"*{t}", "flag_ptr": "*i32", "d": "i32",
+         {"r_ptr": f"*{t}", "x_ptr": f"*{t}", "slot_ptr": "*i32", "coef_ptr": "*fp32",
+          "mode_ptr": "*i32", "urow_ptr": "*i32", "pool_ptr": f"*{t}", "flag_ptr": "*i32",
+          "d": "i32",
           "K": "constexpr", "KB": "constexpr", "BLOCK": "constexpr"},
          {"K": 4, "KB": 4, "BLOCK": 2048}, 4),
         ("probe_gate", "_probe_gate_score_kernel",

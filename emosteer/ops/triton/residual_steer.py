@@ -1,18 +1,20 @@
 """Triton kernel for residual-stream steering: add, clamp and project-out terms per token.
 
-``residual_steer`` rewrites the residual ``x = r[t]`` of each token whose slot has terms
-(``urow[s, k] >= 0``) as ``x + sum_k w_k * u_k`` with ``u_k = pool[urow[s, k]]``, where
-``w_k`` is the term's scale (add), its target minus the component ``c_k = x . u_k``
-(clamp) or ``-c_k`` (project_out), the scale or target optionally times ``||x||``
-(relative). It runs in place right after vLLM's own add + RMSNorm, on the residual that
-op returned. ``flag[0] == 0`` and slot / row -1 are device-side data, never a Python
-branch, so the launch is CUDA-graph safe and its grid, ``(T,)``, depends on shapes only.
+``residual_steer`` steers the residual ``h = x[t] + r[t]`` of each token whose slot has
+terms (``urow[s, k] >= 0``) by rewriting its addend ``r[t]`` as
+``r[t] + sum_k w_k * u_k`` with ``u_k = pool[urow[s, k]]``, where ``w_k`` is the term's
+scale (add), its target minus the component ``c_k = h . u_k`` (clamp) or ``-c_k``
+(project_out), the scale or target optionally times ``||h||`` (relative). ``x`` is only
+read (vLLM forms the sum in its fused add + RMSNorm, after this op). ``flag[0] == 0``
+and slot / row -1 are device-side data, never a Python branch, so the launch is
+CUDA-graph safe and its grid, ``(T,)``, depends on shapes only.
 
 One program per token walks the row in chunks of ``BLOCK``: first, where some term is
-not an absolute add, ``||x||^2`` and the dot products (a ``[KB, BLOCK]`` tile of the
-pool rows against the chunk); then it writes the terms in k order, each product rounded
-to float32 before its sum, one cast to r's dtype. Reductions use the builtin ``tl.reduce`` with ``tl.standard``'s combine functions
-(see ``attn_image_boost``).
+not an absolute add, ``||h||^2`` and the dot products (a ``[KB, BLOCK]`` tile of the
+pool rows against the chunk; ``x`` is read only there); then it writes the terms in k
+order, each product rounded to float32 before its sum, one cast to r's dtype.
+Reductions use the builtin ``tl.reduce`` with ``tl.standard``'s combine functions (see
+``attn_image_boost``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from emosteer.ops.triton._launch import LAUNCH_OPTIONS, for_device
 @triton.jit
 def _residual_steer_kernel(
     r_ptr,  # [T, d] contiguous, mutated
+    x_ptr,  # [T, d] r.dtype contiguous, the other addend (h = x + r), read only
     slot_ptr,  # [T] int32
     coef_ptr,  # [S, K] float32
     mode_ptr,  # [S, K] int32: bits 0-1 add / clamp / project_out, bit 2 relative
@@ -53,10 +56,11 @@ def _residual_steer_kernel(
             if tl.reduce(rows, 0, tl.standard._elementwise_max) >= 0:
                 on = rows >= 0
                 modes = tl.load(mode_ptr + s * K + ks, mask=k_ok, other=0)
-                # The first pass only where some term reads ||x|| or c_k.
+                # The first pass only where some term reads ||h|| or c_k.
                 need = on & (modes != 0)
                 rows64 = tl.where(on, rows, 0).to(tl.int64)
                 row_t = r_ptr + t * d
+                xrow_t = x_ptr + t * d
                 cols0 = tl.arange(0, BLOCK)
                 norm = tl.full([], 0.0, tl.float32)
                 c = tl.full([KB], 0.0, tl.float32)
@@ -65,18 +69,18 @@ def _residual_steer_kernel(
                     for start in range(0, d, BLOCK):
                         cols = start + cols0
                         c_ok = cols < d
-                        x = tl.load(row_t + cols, mask=c_ok, other=0.0).to(tl.float32)
-                        sq += x * x
+                        h = (tl.load(xrow_t + cols, mask=c_ok, other=0.0).to(tl.float32)
+                             + tl.load(row_t + cols, mask=c_ok, other=0.0).to(tl.float32))
+                        sq += h * h
                         u = tl.load(pool_ptr + rows64[:, None] * d + cols[None, :],
                                     mask=need[:, None] & c_ok[None, :], other=0.0)
-                        c += tl.reduce(x[None, :] * u.to(tl.float32), 1,
+                        c += tl.reduce(h[None, :] * u.to(tl.float32), 1,
                                        tl.standard._sum_combine)
                     norm = tl.sqrt_rn(tl.reduce(sq, 0, tl.standard._sum_combine))
                 for start in range(0, d, BLOCK):
                     cols = start + cols0
                     c_ok = cols < d
-                    x = tl.load(row_t + cols, mask=c_ok, other=0.0)
-                    out = x.to(tl.float32)
+                    out = tl.load(row_t + cols, mask=c_ok, other=0.0).to(tl.float32)
                     for k in tl.static_range(K):
                         row = tl.load(urow_ptr + s * K + k)
                         if row >= 0:
@@ -93,7 +97,8 @@ def _residual_steer_kernel(
 
 
 def residual_steer(
-    r: torch.Tensor,  # [T, d] residual stream, mutated
+    r: torch.Tensor,  # [T, d] residual stream (or one addend of it), mutated
+    x: torch.Tensor,  # [T, d] r.dtype the other addend (h = x + r)
     token_slot: torch.Tensor,  # [T] int32, -1 = no intervention
     coef: torch.Tensor,  # [S, K] float32 scale (add), target (clamp) per term
     mode: torch.Tensor,  # [S, K] int32 RES_ADD | RES_CLAMP | RES_PROJECT_OUT, + RES_RELATIVE
@@ -104,6 +109,7 @@ def residual_steer(
     """Triton launcher with the reference's signature; see ``reference.residual_steer``."""
     assert r.dim() == 2 and r.is_contiguous(), "r must be a contiguous [T, d] tensor"
     T, d = r.shape
+    assert x.dtype == r.dtype and x.shape == r.shape and x.is_contiguous()
     assert coef.dtype == torch.float32 and coef.dim() == 2 and coef.is_contiguous()
     S, K = coef.shape
     assert token_slot.dtype == torch.int32 and token_slot.shape == (T,)
@@ -119,5 +125,5 @@ def residual_steer(
     # A [KB, BLOCK] tile of pool rows per chunk: at most 8192 elements.
     block = min(triton.next_power_of_2(d), max(256, 8192 // kb), 4096)
     kernel = for_device(_residual_steer_kernel, r.device)
-    kernel[(T,)](r, token_slot, coef, mode, urow, pool, flag, d, K=K, KB=kb, BLOCK=block,
+    kernel[(T,)](r, x, token_slot, coef, mode, urow, pool, flag, d, K=K, KB=kb, BLOCK=block,
                  **LAUNCH_OPTIONS)
