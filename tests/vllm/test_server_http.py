@@ -229,6 +229,23 @@ def test_gguf_control_vector_steers_like_the_same_bank_vector(servers, info, tmp
         assert cached.request("DELETE", f"/v1/emosteer/vectors/{name}")[0] == 200
 
 
+def test_inline_vector_over_http_steers_like_the_registered_one(servers, info):
+    """vllm_xargs.emosteer carrying its vector (base64) == the same vector registered; a
+    gated relative config runs; a bad inline payload is a 400 naming the field."""
+    from emosteer.client import inline_vector
+
+    cached, _ = servers
+    vec = _residual(info, 6, scale=2.0)
+    assert _upload(cached, _bank(info, "inl.src", vec))[0] == 201
+    inline = {"steer": [{"vector": inline_vector(vec[[0, 1]]), "layers": [0, 1], "scale": 1.0}]}
+    assert _text(cached.complete(PROMPTS[4], inline)) == _text(cached.complete(PROMPTS[4], _steer("inl.src")))
+    status, body = cached.complete(PROMPTS[4], {"steer": [{"vector": {"data": "%%", "dtype": "float32"},
+                                                            "layers": [0], "scale": 1.0}]})
+    assert status == 400 and "steer[0].vector.data" in json.dumps(body), body
+    assert cached.request("DELETE", "/v1/emosteer/vectors/inl.src")[0] == 200
+    _assert_idle(cached)
+
+
 @pytest.mark.parametrize("what,xargs,words", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_malformed_config_is_400_naming_the_field(servers, what, xargs, words):
     cached, _ = servers
