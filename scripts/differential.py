@@ -8,7 +8,10 @@ vLLM's compile cache is reused), runs the random configs in mixed batches (each 
 generate call: steered, capture-only and plain rows over the test prompts and random-token
 prompts of 5-100 tokens), then multi-turn conversations with the prefix cache warm and
 again cold, compares everything with the oracle, prints a summary and exits 1 on any
-mismatch.
+mismatch. The configs draw the residual modes (relative adds, clamps, project-outs of one
+vector or a list) and probe gates (above / below, latched or not, capture.probe) over the
+bank's extra entries (``differential_support.add_gate_entries``); ``--no-features`` draws
+only the plain steer / heads / neurons items.
 """
 
 from __future__ import annotations
@@ -40,15 +43,23 @@ def build_model() -> str:
 def kinds_of(cfg) -> str:
     if not cfg:
         return "plain"
+    import differential_support as ds
+
     parts = []
     for it in cfg.get("steer", []):
         parts.append(f"steer:{_pk(it.get('positions', 'all'))}")
+        if ds.steer_variant(it) != "add:absolute":
+            parts.append(f"mode:{ds.steer_variant(it)}")
+    if "when" in cfg:
+        parts.append(f"gate:{ds.gate_variant(cfg['when'])}")
     for it in cfg.get("heads", []):
         parts.append(f"{it['mode']}:{_pk(it.get('positions', 'all'))}")
     if "neurons" in cfg:
         parts.append(f"neurons:{_pk(cfg['neurons'].get('positions', 'all'))}")
     if "capture" in cfg:
         parts.append(f"capture:{cfg['capture'].get('positions', 'last')}")
+        if cfg["capture"].get("probe"):
+            parts.append("capture:probe")
     return " ".join(sorted(set(parts)))
 
 
@@ -67,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--eager", action="store_true", help="run the eager engine instead of the compiled one")
     ap.add_argument("--verbose", action="store_true", help="print every row, not only the mismatches")
+    ap.add_argument("--no-features", dest="features", action="store_false",
+                    help="no residual modes or probe gates in the random configs")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "tests" / "vllm"))
@@ -80,7 +93,7 @@ def main(argv=None) -> int:
 
     model = build_model()
     info = ModelInfo.from_hf_config(AutoConfig.from_pretrained(model))
-    bank = make_bank(info)
+    bank = ds.add_gate_entries(make_bank(info), info)  # as tests/vllm/conftest.py's bank
     bank_path = f"{model}.bank.safetensors"
     bank.save(bank_path)
     shape = ds.Shape.of(info)
@@ -106,7 +119,8 @@ def main(argv=None) -> int:
         sub = prompts[:]
         random.Random(args.seed * 1000 + b).shuffle(sub)
         cases = ds.batch_cases(args.seed * 1000 + b, shape, sub, n, n_plain=max(1, n // 12),
-                               n_capture_only=max(1, n // 16), max_tokens=args.max_tokens)
+                               n_capture_only=max(1, n // 16), max_tokens=args.max_tokens,
+                               features=args.features)
         verdicts = ds.run_batch(llm, oracle, cases)
         for c, v in zip(cases, verdicts):
             stats["rows"] += 1
@@ -131,7 +145,8 @@ def main(argv=None) -> int:
 
     conv_rows = []
     if args.conversations:
-        convs = ds.conversations(args.seed, shape, vocab, n=args.conversations, turns=args.turns)
+        convs = ds.conversations(args.seed, shape, vocab, n=args.conversations, turns=args.turns,
+                                 features=args.features)
         records = ds.run_conversations(llm, convs, seed=args.seed)
         conv_rows = ds.check_turns(oracle, records)
         conv_fail = ds.turn_failures(conv_rows)

@@ -36,7 +36,11 @@ def info(tiny_model):
 
 @pytest.fixture(scope="session")
 def bank(info):
-    return make_bank(info)
+    """make_bank's vectors plus the probes (and the project-out vector) the residual-mode
+    and gate tests draw (differential_support.add_gate_entries)."""
+    from differential_support import add_gate_entries
+
+    return add_gate_entries(make_bank(info), info)
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,22 @@ vectors straight from the safetensors file (or from a ``VectorBank``'s tensors).
 
 Semantics implemented (``P`` = prompt length, token ``t`` is a prompt token iff t < P):
 
-- ``steer[i]``: ``scale * vector[l]`` is added to the output of decoder layer ``l`` (the
-  residual that leaves the layer: what the next layer's input norm, or the final norm,
-  reads) at the item's positions. Items on one layer add up.
+- ``steer[i]`` acts on the output of decoder layer ``l`` (the residual that leaves the
+  layer: what the next layer's input norm, or the final norm, reads) at the item's
+  positions. With ``h`` that output as it enters the layer's steering (every item of a
+  layer reads this same ``h``; ``h_new = h + sum of the items' deltas``), ``v =
+  vector[l]`` and ``u = v / |v|``, by ``mode`` (default "add") and ``scale_mode``
+  (default "absolute"): add ``scale * v`` / relative ``scale * |h| * u``; clamp
+  ``(value - h.u) * u`` / relative ``(scale * |h| - h.u) * u``; project_out (``vector``
+  one name or a list) ``-(h Q^T) Q`` with ``Q`` an orthonormal basis of the span of the
+  vectors at ``l`` (from an SVD with a rank check, float64).
+- ``when`` (probe gate): ``p_t = w . h_t + b`` with ``w = probe[g, :d]``, ``b = probe[g, d]``
+  and ``h_t`` the output of layer ``g`` after its steering. It holds where ``p_t > above``
+  (``p_t < below``); the gate is open at ``t`` where it holds, or with ``latch`` where it held
+  at some ``t' <= t``. Only tokens some item acts on (the union of every steer, heads
+  and neurons item's positions) are scored, and only they count for the latch. The
+  interventions of layers ``> g`` act only where the gate is open; those of layers
+  ``<= g`` are not gated.
 - ``heads[i]`` on the attention output before ``o_proj``, viewed ``[T, H, D]``, at the
   item's positions: add ``z += scale * v[l, h]``, patch ``z = v[l, h]``, ablate ``z = 0``,
   scale ``z *= scale``.
@@ -19,9 +32,10 @@ Semantics implemented (``P`` = prompt length, token ``t`` is a prompt token iff 
 - positions: "all", "prompt" (t < P), "generated" (t >= P), "last" (t == P - 1) or a
   list of prompt indices.
 - ``capture``: heads = ``o_proj``'s input before the head interventions, residual = the
-  layer output after the steering add; rows at "last" ([P - 1]), "all" (every fed token:
-  prompt and generated except the final sampled one) or "generated".
-- ``boost`` (VEE) is not implemented: it needs images.
+  layer output after the steering; probe = the gate's score ``p_t`` (NaN where not
+  scored); rows at "last" ([P - 1]), "all" (every fed token: prompt and generated except
+  the final sampled one) or "generated".
+- ``boost`` (VEE) is not implemented: it needs images; nor are inline steer vectors.
 
 Greedy generation recomputes the whole sequence at every step (no KV cache), so nothing
 is shared with an incremental engine: a step's logits depend only on the token ids and the
@@ -31,6 +45,7 @@ config, applied by absolute position.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,10 +95,44 @@ def position_mask(positions: Any, P: int, T: int) -> torch.Tensor:
     raise OracleConfigError(f"bad positions {positions!r}")
 
 
+GATE_TIE = 1e-4  # |score - threshold| below which the gate's decision is not compared
+RANK_RTOL = 1e-6  # singular values below this times the largest add no rank to a span
+
+
+def _unit(v: torch.Tensor, what: str) -> torch.Tensor:
+    v = v.double()
+    n = float(v.norm())
+    if not n > 0:
+        raise OracleConfigError(f"{what}: zero vector, no direction")
+    return v / n
+
+
+def span_basis(vecs: list[torch.Tensor]) -> torch.Tensor:
+    """[r, d] float64 orthonormal rows spanning ``vecs`` (r = their numerical rank): the
+    left singular vectors whose singular value is above RANK_RTOL times the largest (the
+    projection onto the span does not depend on which basis)."""
+    V = torch.stack([v.double().flatten() for v in vecs], 1)  # [d, k]
+    U, S, _ = torch.linalg.svd(V, full_matrices=False)
+    keep = S > RANK_RTOL * float(S.max())
+    return U[:, keep].T.contiguous()
+
+
+@dataclass
+class _Gate:
+    layer: int
+    w: torch.Tensor  # [d] float64
+    b: float
+    threshold: float
+    below: bool
+    latch: bool
+
+
 @dataclass
 class _Parsed:
-    # layer -> [(vector [d], scale, positions)]
-    steer: dict[int, list[tuple[torch.Tensor, float, Any]]] = field(default_factory=dict)
+    # layer -> [(mode, arg, coef, relative, positions)]: mode "add" (arg v [d], coef
+    # scale), "clamp" (arg u [d] unit, coef value or relative scale), "project_out" (arg
+    # Q [r, d] orthonormal rows); all float64
+    steer: dict[int, list[tuple[str, torch.Tensor, float, bool, Any]]] = field(default_factory=dict)
     # layer -> [(head, mode, vector [D] | None, scale, positions)]
     heads: dict[int, list[tuple[int, str, torch.Tensor | None, float, Any]]] = field(default_factory=dict)
     # layer -> (mask [I] bool, gamma, positions)
@@ -91,11 +140,17 @@ class _Parsed:
     cap_heads: list[int] = field(default_factory=list)
     cap_residual: list[int] = field(default_factory=list)
     cap_positions: str | None = None
+    cap_probe: bool = False
+    gate: _Gate | None = None
+    acted: list = field(default_factory=list)  # every item's positions (the gate scores their union)
 
 
 class Oracle:
     """``Oracle(model_dir, bank)``: ``bank`` is a path to a bank safetensors file, a dict
     name -> tensor, or an object with ``.get(name)`` (a ``VectorBank``)."""
+
+    last_score: torch.Tensor | None = None  # of the latest forward
+    last_open: torch.Tensor | None = None
 
     def __init__(self, model_dir: str | os.PathLike, bank: Any):
         from transformers import LlamaForCausalLM
@@ -134,20 +189,43 @@ class Oracle:
             config = json.loads(config)
         if not isinstance(config, dict):
             raise OracleConfigError(f"config must be an object, got {type(config).__name__}")
-        unknown = set(config) - {"steer", "heads", "neurons", "capture", "boost"}
+        unknown = set(config) - {"steer", "heads", "neurons", "capture", "boost", "when"}
         if unknown:
             raise OracleConfigError(f"unknown keys {sorted(unknown)}")
         if "boost" in config:
             raise OracleConfigError("boost (VEE) is not implemented by the oracle")
         out = _Parsed()
         for i, it in enumerate(config.get("steer", [])):
-            vec = self.vector(it["vector"])
-            if tuple(vec.shape) != (self.L, self.d):
-                raise OracleConfigError(f"steer[{i}].vector: shape {tuple(vec.shape)}")
-            scale = float(it["scale"])
+            mode = it.get("mode", "add")
+            rel = it.get("scale_mode", "absolute")
+            if mode not in ("add", "clamp", "project_out") or rel not in ("absolute", "relative"):
+                raise OracleConfigError(f"steer[{i}]: mode {mode!r}, scale_mode {rel!r}")
+            rel = rel == "relative"
+            names = it["vector"] if isinstance(it["vector"], list) else [it["vector"]]
+            if not all(isinstance(n, str) for n in names):
+                raise OracleConfigError(f"steer[{i}].vector: inline vectors are not implemented by the oracle")
+            if len(names) != 1 and mode != "project_out":
+                raise OracleConfigError(f"steer[{i}].vector: a list needs mode project_out")
+            vecs = [self.vector(n) for n in names]
+            for vec in vecs:
+                if tuple(vec.shape) != (self.L, self.d):
+                    raise OracleConfigError(f"steer[{i}].vector: shape {tuple(vec.shape)}")
+            if mode == "clamp" and not rel:
+                coef = float(it["value"])
+            elif mode == "project_out":
+                coef = 0.0
+            else:
+                coef = float(it["scale"])
             pos = it.get("positions", "all")
+            out.acted.append(pos)
             for l in _layers(it["layers"], self.L, f"steer[{i}].layers"):
-                out.steer.setdefault(l, []).append((vec[l], scale, pos))
+                if mode == "project_out":
+                    arg = span_basis([v[l] for v in vecs])
+                elif mode == "clamp" or rel:
+                    arg = _unit(vecs[0][l], f"steer[{i}] layer {l}")
+                else:
+                    arg = vecs[0][l].double()
+                out.steer.setdefault(l, []).append((mode, arg, coef, rel, pos))
         for i, it in enumerate(config.get("heads", [])):
             l = int(it["layer"])
             if not 0 <= l < self.L:
@@ -164,6 +242,7 @@ class Oracle:
             else:
                 raise OracleConfigError(f"heads[{i}].mode {mode!r}")
             scale = float(it.get("scale", 1.0))
+            out.acted.append(pos)
             for h in heads:
                 h = int(h)
                 if not 0 <= h < self.H:
@@ -176,6 +255,7 @@ class Oracle:
                 raise OracleConfigError(f"neurons.set: shape {tuple(mask.shape)}")
             gamma = float(n["gamma"])
             pos = n.get("positions", "all")
+            out.acted.append(pos)
             for l in range(self.L):
                 out.neurons[l] = (mask[l] != 0, gamma, pos)
         cap = config.get("capture")
@@ -184,12 +264,37 @@ class Oracle:
                 out.cap_heads = _layers(cap["heads"], self.L, "capture.heads")
             if "residual" in cap:
                 out.cap_residual = _layers(cap["residual"], self.L, "capture.residual")
+            out.cap_probe = bool(cap.get("probe", False))
             out.cap_positions = cap.get("positions", "last")
             if out.cap_positions not in ("last", "all", "generated"):
                 raise OracleConfigError(f"capture.positions {out.cap_positions!r}")
+        if "when" in config:
+            g = config["when"]
+            if ("above" in g) == ("below" in g):
+                raise OracleConfigError("when: give exactly one of above / below")
+            layer = int(g["layer"])
+            if not 0 <= layer < self.L:
+                raise OracleConfigError("when.layer out of range")
+            probe = self.vector(g["probe"])
+            if tuple(probe.shape) != (self.L, self.d + 1):
+                raise OracleConfigError(f"when.probe: shape {tuple(probe.shape)}")
+            below = "below" in g
+            out.gate = _Gate(layer, probe[layer, : self.d].double(), float(probe[layer, self.d]),
+                             float(g["below" if below else "above"]), below, bool(g.get("latch", False)))
+        elif out.cap_probe:
+            raise OracleConfigError("capture.probe needs when")
         return out
 
     # -- hooks (act only while self._state is set) --------------------------------------
+    def _mask(self, st: dict, pos: Any, l: int, T: int) -> torch.Tensor:
+        """Tokens an item at layer ``l`` with ``pos`` acts on: its positions, and the open
+        gate where ``l`` is after the gate's layer."""
+        m = position_mask(pos, st["P"], T)
+        g = st["cfg"].gate
+        if g is not None and l > g.layer:
+            m = m & st["open"][:T]
+        return m
+
     def _heads_hook(self, l: int):
         def hook(module, args):
             st = self._state
@@ -201,7 +306,7 @@ class Oracle:
             if l in st["want_heads"]:
                 st["heads"][l] = z.clone()
             for h, mode, vec, scale, pos in st["cfg"].heads.get(l, ()):
-                m = position_mask(pos, st["P"], T)
+                m = self._mask(st, pos, l, T)
                 if mode == "add":
                     z[m, h] = z[m, h] + scale * vec
                 elif mode == "patch":
@@ -222,7 +327,7 @@ class Oracle:
             x = args[0]  # [1, T, I]
             mask, gamma, pos = st["cfg"].neurons[l]
             T = x.shape[1]
-            m = position_mask(pos, st["P"], T)
+            m = self._mask(st, pos, l, T)
             y = x.clone()
             sel = y[0, m]  # [n, I]
             y[0, m] = torch.where(mask.unsqueeze(0), sel * gamma, sel)
@@ -237,12 +342,34 @@ class Oracle:
                 return None
             h = output[0] if isinstance(output, tuple) else output  # [1, T, d]
             items = st["cfg"].steer.get(l, ())
+            T = h.shape[1]
             if items:
-                h = h.clone()
-                T = h.shape[1]
-                for vec, scale, pos in items:
-                    m = position_mask(pos, st["P"], T)
-                    h[0, m] = h[0, m] + scale * vec
+                x = h[0].double()  # the residual entering this layer's steering
+                norm = x.norm(dim=1)  # [T]
+                delta = torch.zeros_like(x)
+                for mode, arg, coef, rel, pos in items:
+                    m = self._mask(st, pos, l, T)
+                    if mode == "add":
+                        if rel:
+                            delta[m] += (coef * norm[m]).unsqueeze(1) * arg
+                        else:
+                            delta[m] += coef * arg
+                    elif mode == "clamp":
+                        target = coef * norm[m] if rel else torch.full_like(norm[m], coef)
+                        delta[m] += (target - x[m] @ arg).unsqueeze(1) * arg
+                    else:  # project_out: arg = Q [r, d]
+                        delta[m] -= (x[m] @ arg.T) @ arg
+                h = (x + delta).to(h.dtype).unsqueeze(0)
+            g = st["cfg"].gate
+            if g is not None and l == g.layer:
+                p = h[0].double() @ g.w + g.b  # [T]
+                scored = torch.zeros(T, dtype=torch.bool)
+                for pos in st["cfg"].acted:
+                    scored |= position_mask(pos, st["P"], T)
+                hold = (p < g.threshold) if g.below else (p > g.threshold)
+                hold &= scored
+                st["open"] = torch.cummax(hold.int(), 0).values.bool() if g.latch else hold
+                st["score"] = torch.where(scored, p, torch.full_like(p, math.nan))
             if l in st["want_residual"]:
                 st["residual"][l] = h[0].detach().clone()
             if not items:
@@ -265,6 +392,8 @@ class Oracle:
             x = torch.tensor([ids], dtype=torch.long)
             out = self.model(input_ids=x, position_ids=torch.arange(len(ids)).unsqueeze(0), use_cache=False)
             logits = out.logits[0].float()
+            self.last_score = self._state.get("score")  # [T] float64 probe scores (NaN: not scored)
+            self.last_open = self._state.get("open")  # [T] bool: the gate is open (None: no gate)
             return logits, self._state["heads"], self._state["residual"]
         finally:
             self._state = None
@@ -280,8 +409,10 @@ class Oracle:
         gen: list[int] = []
         lps: list[float] = []
         margins: list[float] = []
+        score = opened = None  # of the last step: every fed position
         for _ in range(max_tokens):
             logits, _, _ = self.forward(ids, P, cfg)
+            score, opened = self.last_score, self.last_open
             last = logits[-1]
             lp = torch.log_softmax(last, dim=-1)
             top = torch.topk(last.double(), 2)
@@ -302,9 +433,19 @@ class Oracle:
             captures = {
                 "heads": {l: heads[l][idx] for l in cfg.cap_heads},
                 "residual": {l: residual[l][idx] for l in cfg.cap_residual},
+                "probe": {cfg.gate.layer: self.last_score[idx].float()} if cfg.cap_probe else {},
                 "positions": rows,
             }
-        return OracleResult(gen, lps, margins, captures, P)
+        # The first scored position whose probe score is within GATE_TIE of the threshold:
+        # an engine computing it in another order may open the gate where we do not.
+        gate_tie = None
+        if cfg.gate is not None and score is not None:
+            near = (score - cfg.gate.threshold).abs() < GATE_TIE  # NaN (not scored): False
+            hits = torch.nonzero(near).flatten()
+            gate_tie = int(hits[0]) if hits.numel() else None
+        gate_open = None if opened is None else [bool(x) for x in opened]
+        scores = None if score is None else [float(x) for x in score]
+        return OracleResult(gen, lps, margins, captures, P, gate_tie, gate_open, scores)
 
 
 @dataclass
@@ -312,5 +453,8 @@ class OracleResult:
     token_ids: list[int]
     logprobs: list[float]  # chosen-token logprob per step
     margins: list[float]  # top-1 minus top-2 logit per step
-    captures: dict | None  # {"heads": {l: [R, H, D]}, "residual": {l: [R, d]}, "positions": [...]}
+    captures: dict | None  # {"heads": {l: [R, H, D]}, "residual": {l: [R, d]}, "probe": {l: [R]}, "positions": [...]}
     prompt_len: int
+    gate_tie: int | None = None  # first position whose gate score is a near-tie (see GATE_TIE)
+    gate_open: list[bool] | None = None  # per fed position: the gate is open there (None: no gate)
+    gate_scores: list[float] | None = None  # per fed position: the probe score (NaN: not scored)

@@ -12,6 +12,11 @@ Part B: multi-turn conversations (turn k+1 = turn k's prompt + reply + a few tok
 interleaved in rounds with the prefix cache warm; each turn == the same turn on a cold
 cache (tokens, logprobs within 1e-5) and == the oracle.
 
+Parts A and B again with the residual modes and probe gates drawn (``features``: relative
+adds, absolute and relative clamps, project-outs of one vector or a list, gates above /
+below, latched or not, capture.probe scores); explicit gate and mode cases are in
+test_steer_modes.py.
+
 scripts/differential.py runs the same checks with hundreds of configs.
 """
 
@@ -54,6 +59,16 @@ def test_generator_covers_every_kind(shape):
     assert want <= cov, sorted(want - cov)
     again = ds.batch_cases(SEED, shape, prompts, 24)
     assert [c.config for c in again] == [c.config for c in cases]
+    # with the residual modes and gates: every mode variant, gate variant, both probes and
+    # capture.probe on top
+    cases = ds.batch_cases(SEED + 1, shape, prompts, 24, features=True)
+    cov = ds.coverage(c.config for c in cases)
+    want |= {("mode", v) for v in ds.STEER_VARIANTS}
+    want |= {("gate", g) for g in ("above", "below", "above+latch", "below+latch")}
+    want |= {("gate probe", p) for p, *_ in ds.GATE_VARIANTS} | {("capture", "probe")}
+    assert want <= cov, sorted(want - cov)
+    again = ds.batch_cases(SEED + 1, shape, prompts, 24, features=True)
+    assert [c.config for c in again] == [c.config for c in cases]
 
 
 def test_random_configs_in_one_mixed_batch_match_the_oracle(llm, oracle, shape):
@@ -69,6 +84,28 @@ def test_random_configs_in_one_mixed_batch_match_the_oracle(llm, oracle, shape):
     assert changed >= len(steered) // 2, f"only {changed} of {len(steered)} configs change the oracle's tokens"
     compared = sum(v.compared for v in verdicts)
     assert compared >= 0.6 * sum(c.max_tokens for c in cases), f"only {compared} tokens compared (near-ties)"
+
+
+def test_residual_modes_and_gates_in_one_mixed_batch_match_the_oracle(llm, oracle, shape):
+    """Part A with ``features``: 24 configs, each with one steer item of every residual-mode
+    variant in turn (and the other steer items drawing modes at random), 8 of them gated
+    (above / below x latch x joy / sad probe), probe scores captured."""
+    prompts = ds.token_prompts(llm.get_tokenizer(), PROMPTS)
+    cases = ds.batch_cases(SEED + 1, shape, prompts, 24, n_plain=2, n_capture_only=1, max_tokens=12,
+                           features=True)
+    verdicts = ds.run_batch(llm, oracle, cases)
+    table = ds.verdict_table(verdicts)
+    print(table)
+    bad = [v for v in verdicts if not v.ok]
+    assert not bad, f"{len(bad)} of {len(verdicts)} rows differ from the oracle:\n{table}"
+    steered = [v for v, c in zip(verdicts, cases) if c.config and set(c.config) - {"capture"}]
+    changed = sum(v.extra["changed"] for v in steered)
+    assert changed >= len(steered) // 2, f"only {changed} of {len(steered)} configs change the oracle's tokens"
+    compared = sum(v.compared for v in verdicts)
+    assert compared >= 0.6 * sum(c.max_tokens for c in cases), f"only {compared} tokens compared (near-ties)"
+    opened = [v.extra["gate_open"] for v in verdicts if v.extra.get("gate_open") is not None]
+    assert len(opened) == 8 and sum(0 < f < 1 for f in opened) >= 3, \
+        f"the gates should open at some scored tokens and not at others: {opened}"
 
 
 def test_conversations_warm_cache_equals_cold_and_oracle(llm, oracle, shape):
@@ -121,3 +158,24 @@ def test_prompt_steering_follow_up_warm_equals_cold(llm, oracle):
     assert va.ok and vc.ok, report
     assert not ds.compare_engines(warm, cold), report
     assert vw.ok, report
+
+
+def test_conversations_with_modes_and_gates_warm_equals_cold_and_oracle(llm, oracle, shape):
+    """Part B with ``features``: 6 conversations ("prompt", "last", "last+all",
+    "generated", "generated+all", "list"), 2 turns, residual modes drawn and half the
+    configs gated (a latched gate never reads the prefix cache: its warm turn computes
+    every token)."""
+    vocab = len(llm.get_tokenizer())
+    convs = ds.conversations(SEED + 1, shape, vocab, n=6, turns=2, features=True)
+    records = ds.run_conversations(llm, convs, seed=SEED + 1)
+    rows = ds.check_turns(oracle, records)
+    for row in rows:
+        print(f"{row['label']:<28} P={row['P']:<4} cached={row['cached']:<4} "
+              f"warm==cold: {row['warm_cold'] or 'yes'}; warm==oracle: {row['warm_oracle'].ok}; "
+              f"cold==oracle: {row['cold_oracle'].ok}  {row['config']}")
+    assert any("when" in c.config for c in convs if c.config)
+    latched = [row for row in rows if row["config"] and row["config"].get("when", {}).get("latch")]
+    assert all(row["cached"] == 0 for row in latched), "a latched gate read the prefix cache"
+    assert sum(row["cached"] for row in rows) > 0, "no turn reused the prefix cache"
+    failures = ds.turn_failures(rows)
+    assert not failures, f"{len(failures)} of {len(rows)} turns differ:\n" + "\n".join(failures)
