@@ -81,7 +81,7 @@ def test_capture_layout_rows_records_and_overflow():
     computed = np.array([0, 0, 1])
     _, pos = token_positions(qs, computed)
     lay = capture_layout(t, pos, qs, computed, num_layers=3)
-    assert lay.rows == {"heads": 3, "residual": 2, "attn_image": 0}
+    assert lay.rows == {"heads": 3, "residual": 2, "attn_image": 0, "probe": 0}
     assert lay.index["heads"][0].tolist() == [-1, -1, 0, -1, -1, -1]
     assert lay.index["heads"][2].tolist() == [-1, -1, 1, -1, -1, -1]
     assert lay.index["heads"][1].tolist() == [-1, -1, -1, -1, -1, 2]

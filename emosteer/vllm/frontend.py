@@ -57,14 +57,14 @@ def worker_key(key: str, nonce: str | None) -> str:
 
 def capture_rows_per_step(spec: SteerSpec, num_prompt_tokens: int | None, num_layers: int) -> int:
     """The most capture rows ``spec`` can fill in one engine step in any one capture
-    buffer (heads, residual and attention-to-image rows have a buffer each): captured
-    layers times the captured tokens one step can hold (every prompt token for "all",
-    else one)."""
+    buffer (heads, residual, attention-to-image and probe-score rows have a buffer each):
+    captured layers times the captured tokens one step can hold (every prompt token for
+    "all", else one)."""
     c = spec.capture
     if c is None:
         return 0
-    layers = max(num_layers if v == "all" else len(v) for v in (c.heads, c.residual, c.attn_image)
-                 if v is not None)
+    layers = max([num_layers if v == "all" else len(v) for v in (c.heads, c.residual, c.attn_image)
+                  if v is not None] + [1 if c.probe else 0])
     return layers * pos_model.capture_tokens_per_step(c.positions, num_prompt_tokens)
 
 

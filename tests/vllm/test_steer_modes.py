@@ -13,7 +13,7 @@ probes ``differential_support.add_gate_entries`` puts in the test bank):
   captures, no oracle);
 * warm == cold prefix cache for a gated (not latched) config and a relative config; a
   latched one never reads the cache;
-* a capture of probe scores only (xfail, strict: the front end cannot size it yet).
+* a capture of probe scores only.
 """
 
 from __future__ import annotations
@@ -236,10 +236,6 @@ def test_prefix_cache_warm_equals_cold_for_gates_and_relative_modes(llm, oracle)
     assert frac is not None and 0 < frac < 1, frac
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "emosteer/vllm/frontend.py capture_rows_per_step: max() over the heads / residual / "
-    "attn_image selections is empty for a capture of probe scores only (ValueError from "
-    "FrontendSteering.plan, the whole generate call fails)"))
 def test_a_capture_of_probe_scores_only(llm, oracle, prompts):
     cfg = {"steer": [{"vector": "joy", "layers": [1], "scale": 2.0}],
            "when": {"probe": "joy.probe", "layer": 0, "above": 0.0},
