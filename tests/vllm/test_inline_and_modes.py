@@ -1,6 +1,6 @@
 """Inline vectors and the residual modes on the eager engine: inline == registered (same
 tokens and logprobs), and relative / clamp / project-out configs equal
-emosteer's transformers backend (whose formulas tests/hf/test_steer_modes.py holds
+emosteer's transformers backend (whose formulas tests/hf/test_residual_modes.py holds
 against hand computations; the independent oracle runs them in the differential suite)."""
 
 from __future__ import annotations
