@@ -117,10 +117,10 @@ def test_compiled_program_and_pool_rows():
     a, b, key = prog.heads[(2, 3)]
     assert (a, b) == (0.0, 1.0) and torch.equal(materialize(key, bank, INFO), bank.get("joy.h")[2])
     assert prog.heads[(1, 0)] == (0.0, 0.0, None) and prog.heads[(1, 2)] == (0.5, 0.0, None)
-    alpha, key = prog.res[1]
-    assert alpha == 2.0 and torch.equal(materialize(key, bank, INFO), bank.get("joy")[1])
-    alpha, key = prog.res[2]
-    assert alpha == 1.0
+    ((alpha, mode, key),) = prog.res[1]
+    assert alpha == 2.0 and mode == 0 and torch.equal(materialize(key, bank, INFO), bank.get("joy")[1])
+    ((alpha, mode, key),) = prog.res[2]
+    assert alpha == 1.0 and mode == 0
     torch.testing.assert_close(materialize(key, bank, INFO), 2 * bank.get("joy")[2] - bank.get("sad")[2])
     mask = bank.get("joy.ena")
     assert set(prog.neu) == {l for l in range(INFO.num_layers) if bool(mask[l].any())}
@@ -128,10 +128,10 @@ def test_compiled_program_and_pool_rows():
         assert gamma == 3.0 and torch.equal(materialize(key, bank, INFO), mask[layer].float())
     # Rows are shared between configs that differ only in scale.
     other = compile_phase(SteerSpec.parse({"steer": [{"vector": "joy", "layers": [1], "scale": 5.0}]}).resolve(INFO), bank, INFO)
-    assert other.res[1][1] == prog.res[1][1] and other.fingerprint != prog.fingerprint
+    assert other.res[1][0][2] == prog.res[1][0][2] and other.fingerprint != prog.fingerprint
     # A replaced vector: the old key can no longer be materialised.
     with pytest.raises(KeyError, match="replaced"):
-        materialize(prog.res[1][1], make_bank(INFO, seed=3), INFO)
+        materialize(prog.res[1][0][2], make_bank(INFO, seed=3), INFO)
 
 
 @pytest.mark.parametrize("tp_size", [2, 4])
@@ -164,7 +164,7 @@ def test_admission_slots_pool_and_lru():
         return {"slots": {"prompt": {"fp": fp, "keys": [f'["res",[["{k}","h",1.0]],0]' for k in keys]}},
                 "capture_rows": cap}
 
-    adm = Admission(Capacity(max_slots=2, rows={"res": 2, "head": 1, "neu": 1}))
+    adm = Admission(Capacity(max_slots=2, rows={"res": 2, "head": 1, "neu": 1, "probe": 1}))
     g1 = adm.try_admit("r1", plan("A", "x"))
     assert adm.try_admit("r1", plan("A", "x")) is g1  # idempotent
     g2 = adm.try_admit("r2", plan("A", "x"))
@@ -185,7 +185,7 @@ def test_admission_slots_pool_and_lru():
     # A config that could never fit is refused up front.
     assert "pool rows" in Admission.fits(plan("E", "a", "b", "c"), adm.capacity)
     # Capture rows: held per request, a request waits while the buffer is spoken for.
-    adm = Admission(Capacity(max_slots=4, rows={"res": 4, "head": 1, "neu": 1}, capture_rows=10))
+    adm = Admission(Capacity(max_slots=4, rows={"res": 4, "head": 1, "neu": 1, "probe": 1}, capture_rows=10))
     assert adm.try_admit("c1", {"slots": {}, "capture_rows": 6}) is not None
     assert adm.try_admit("c2", {"slots": {}, "capture_rows": 6}) is None
     adm.release("c1")
