@@ -42,8 +42,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 __all__ = [
     "MIKELS", "POSITIVE", "NEGATIVE", "VALENCE", "BASIC_TO_MIKELS", "NRC_TO_LABEL",
     "Lexicon", "load_lexicon", "candidate_lemmas", "normalize_category", "target_set",
-    "emotion_words", "category_counts", "hit_rate", "asserts_emotion", "hallucination_rate",
-    "valence",
+    "emotion_words", "emotion_spans", "category_counts", "hit_rate", "asserts_emotion",
+    "hallucination_rate", "valence",
 ]
 
 # Mikels et al. (2005) eight categories; positive first, then negative.
@@ -296,10 +296,15 @@ def _load_lexicon(sources: tuple[str, ...], nrc_path: str | None) -> Lexicon:
 class _Hit:
     word: str
     labels: tuple[str, ...]
+    span: tuple[int, int]  # character offsets of the word in the scanned text
 
 
-def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower().replace("\u2019", "'"))
+def _token_spans(text: str) -> list[tuple[str, tuple[int, int]]]:
+    """Lower-cased tokens of ``text`` with their character offsets in it."""
+    norm = text.lower()
+    if len(norm) != len(text):  # a character whose lower case is longer ("İ"): keep it as is
+        norm = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    return [(m.group(), m.span()) for m in _TOKEN.finditer(norm.replace("\u2019", "'"))]
 
 
 def _is_negator(token: str) -> bool:
@@ -308,7 +313,8 @@ def _is_negator(token: str) -> bool:
 
 def _scan(text: str, lexicon: Lexicon | None) -> list[_Hit]:
     lex = lexicon if lexicon is not None else load_lexicon()
-    tokens = _tokens(text)
+    spans = _token_spans(text)
+    tokens = [t for t, _ in spans]
     hits = []
     for i, tok in enumerate(tokens):
         if tok in _CLAUSE_BREAK or _is_negator(tok):
@@ -317,7 +323,7 @@ def _scan(text: str, lexicon: Lexicon | None) -> list[_Hit]:
         if not labels:
             continue
         if not _negated(tokens, i, lex):
-            hits.append(_Hit(tok, labels))
+            hits.append(_Hit(tok, labels, spans[i][1]))
     return hits
 
 
@@ -354,6 +360,12 @@ def emotion_words(text: str, lexicon: Lexicon | None = None) -> list[tuple[str, 
     Mikels category or ``joy`` (positive, unspecific); a word the lexicon ties to two
     labels appears once per label."""
     return [(hit.word, label) for hit in _scan(text, lexicon) for label in hit.labels]
+
+
+def emotion_spans(text: str, lexicon: Lexicon | None = None) -> list[tuple[int, int, str, tuple[str, ...]]]:
+    """``(start, end, word, labels)`` of each non-negated emotion word, in text order:
+    the words :func:`hit_rate` counts, located in ``text`` (``text[start:end]``)."""
+    return [(*hit.span, hit.word, hit.labels) for hit in _scan(text, lexicon)]
 
 
 def category_counts(text: str, lexicon: Lexicon | None = None) -> dict[str, float]:
