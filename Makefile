@@ -29,7 +29,11 @@ build: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/emosteer demo
 
+# The playground's browser tests need Debian's chromium + chromium-driver: `make test`
+# installs them with apt-get where it can (CHROMIUM=0: don't); without them they skip.
+CHROMIUM ?= 1
 test: $(STAMP)
+	@[ "$(CHROMIUM)" = 0 ] || bash scripts/install.sh chromium
 	$(VPY) -m pytest -q tests
 
 # The end-to-end benchmarks at sizes that finish on a 2-core CPU, then the README's

@@ -248,6 +248,11 @@ def test_isolated_wheel_contents(isolated_wheel, tmp_path):
                 *(f"emosteer/ops/triton/{op}.py" for op in _dispatch.OPS)):
         assert mod in names, mod
     assert any(n.startswith("emosteer/data/builtin/") and n.endswith(".jsonl") for n in names)
+    # The playground's page (served at /emosteer/): every file of the static folder.
+    static = sorted(p.name for p in (ROOT / "emosteer" / "playground" / "static").iterdir())
+    assert {"index.html", "app.js", "style.css"} <= set(static), static
+    for name in static:
+        assert f"emosteer/playground/static/{name}" in names, name
     # The C++ sources of the first-use build: the whole csrc/ tree, nothing else.
     shipped = sorted(n[len("emosteer/_csrc/"):] for n in names if n.startswith("emosteer/_csrc/"))
     assert shipped == _build.source_tree(str(ROOT / "csrc")), shipped

@@ -29,6 +29,13 @@ Routes (errors are OpenAI-style JSON ``{"error": {"message", "type", "param", "c
 ``GET /v1/emosteer/status``
     Slots, pool rows, capture rows in use, requests waiting for them, the bank, and
     per-worker state.
+``POST /v1/emosteer/score``
+    Body ``{"texts": [...], "target": "joy"}``: per text its emotion words (character
+    offsets), the target's hit rate and the repeated 3-gram share (the analysis
+    package's definitions, ``emosteer.playground.score_texts``); ``GET`` lists the targets.
+``GET /emosteer/``
+    The browser playground (``emosteer/playground/static``): a public static page whose
+    calls to the routes above carry the API key the user enters in it.
 
 No code travels in any request or upload: uploads are safetensors or GGUF tensors only.
 """
@@ -44,6 +51,8 @@ logger = logging.getLogger("emosteer.vllm")
 
 ROUTE = "/v1/emosteer"
 MAX_WAIT_S = 60.0
+MAX_SCORE_BYTES = 2**20
+PAGE = "/emosteer"
 
 
 class HTTPError(Exception):
@@ -187,7 +196,8 @@ class Service:
             vectors.append({"name": n, "kind": bank.kind(n), "shape": list(t.shape),
                             "dtype": str(t.dtype).replace("torch.", ""),
                             "hash": bank.content_hash(n), "meta": bank.meta(n)})
-        return {"model": self.fe.info.to_dict(), "vectors": vectors}
+        return {"model": self.fe.info.to_dict(), "vectors": vectors,
+                "presets": {n: p["config"] for n, p in bank.presets.items()}}
 
     # -- captures ----------------------------------------------------------------------
     def _running(self, request_id: str) -> bool:
@@ -350,6 +360,35 @@ def build_router():
     async def get_status(request: Request):
         return JSONResponse(json.loads(json.dumps(await _service(request).status(), default=str)))
 
+    @router.get(ROUTE + "/score")
+    @guarded
+    async def get_score(request: Request):
+        from emosteer.playground import score_targets
+
+        return JSONResponse({"targets": score_targets()})
+
+    @router.post(ROUTE + "/score")
+    @guarded
+    async def post_score(request: Request):
+        from emosteer.playground import score_texts
+
+        try:
+            body = json.loads(await _read_body(request, MAX_SCORE_BYTES))
+        except ValueError as e:
+            raise HTTPError(400, f"the body must be JSON {{\"texts\": [...], \"target\": ...}} ({e})",
+                            "body") from None
+        texts = body.get("texts") if isinstance(body, dict) else None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise HTTPError(400, "texts must be a list of strings", "texts")
+        target = body.get("target", "joy")
+        if not isinstance(target, str):
+            raise HTTPError(400, f"target must be an emotion name, got {target!r}", "target")
+        try:
+            scores = await asyncio.to_thread(score_texts, texts, target)
+        except ValueError as e:
+            raise HTTPError(400, str(e), "target") from None
+        return JSONResponse({"target": target, "scores": scores})
+
     return router
 
 
@@ -360,7 +399,12 @@ class EmosteerEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
+        from starlette.staticfiles import StaticFiles
+
+        from emosteer.playground import STATIC
+
         app.include_router(build_router())
+        app.mount(PAGE, StaticFiles(directory=STATIC, html=True), name="emosteer-playground")
 
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
