@@ -11,12 +11,15 @@
 #include "common.h"
 #include "ops.h"
 
+// No argument is named `mode` or `ctx`: torch.compile's functionalization passes an op's
+// arguments by keyword to functions whose own first parameter has that name (the vLLM
+// plugin calls these ops inside the compiled graph), so residual_steer's is `mode_`.
 TORCH_LIBRARY(emosteer_C, m) {
   m.def(
       "head_affine_capture(Tensor(a!) z, Tensor token_slot, Tensor a, Tensor b, Tensor vrow, "
       "Tensor pool, Tensor cap_index, Tensor(b!) cap_buf, Tensor flag) -> ()");
   m.def(
-      "residual_steer(Tensor(a!) r, Tensor x, Tensor token_slot, Tensor coef, Tensor mode, "
+      "residual_steer(Tensor(a!) r, Tensor x, Tensor token_slot, Tensor coef, Tensor mode_, "
       "Tensor urow, Tensor pool, Tensor flag) -> ()");
   m.def(
       "neuron_gain(Tensor(a!) m, Tensor token_slot, Tensor gamma, Tensor nrow, Tensor masks, "

@@ -7,6 +7,9 @@ P = pool rows per kind)::
     token_slot  [Tm]        int32  slot of each token this step, -1 = none
     a, b        [L, S, Hl]  fp32   head affine z <- a*z + b*head_pool[vrow][h] (a=1, b=0: identity)
     vrow        [L, S, Hl]  int32  head-pool row, -1 = none
+    row_off     [Tm]        int32  added to a token's head-pool rows: k at the k-th
+                                   position of a position-aligned patch (its slot reads
+                                   a run of rows, one per position), else 0
     coef, rmode [L, S, K]   fp32 / int32  residual terms (add / clamp / project-out,
                                    absolute or relative; ops.residual_steer)
     urow        [L, S, K]   int32  residual-pool row of each term, -1 = none
@@ -56,6 +59,8 @@ from dataclasses import dataclass
 
 import torch
 
+from emosteer.ops._dispatch import hot_op
+
 FLAG_HEADS, FLAG_RESIDUAL, FLAG_NEURONS, FLAG_RESIDUAL_CAPTURE, FLAG_ATTENTION, FLAG_GATE = 0, 1, 2, 3, 4, 5
 NUM_FLAGS = 6
 MAX_RES_TERMS = 8  # K: residual terms per slot and layer (request.compile.MAX_RES_TERMS)
@@ -70,11 +75,13 @@ class AttentionSite:
         self.layer = layer
         self.token_slot = bufs.token_slot
         self.a, self.b, self.vrow = bufs.a[layer], bufs.b[layer], bufs.vrow[layer]
+        self.row_off = bufs.row_off
         self.pool = bufs.head_pool
         self.cap_index = bufs.head_cap[layer]
         self.cap_buf = bufs.head_buf
         self.flag = bufs.flags[FLAG_HEADS, layer]
         self.impl = impl
+        self.head_affine_capture = hot_op("head_affine_capture", impl)
         # VEE / attention-to-image capture (emosteer/vllm/patches/attention.py); set by
         # the worker only where the engine's attention can be read (``vee`` True).
         self.vee = False
@@ -109,8 +116,12 @@ class ResidualSite:
         # Capture-only use of head_affine_capture: slot -1 everywhere, identity table.
         self.no_slot = bufs.no_slot
         self.one_a, self.zero_b, self.no_row = bufs.one_a, bufs.zero_b, bufs.no_row
+        self.row_off = bufs.row_off  # (not read: no token has a slot)
         self.zero_pool = bufs.zero_pool
         self.impl = impl
+        self.residual_steer = hot_op("residual_steer", impl)
+        self.head_affine_capture = hot_op("head_affine_capture", impl)
+        self.probe_gate = hot_op("probe_gate", impl)
 
 
 class NeuronSite:
@@ -123,6 +134,7 @@ class NeuronSite:
         self.pool = bufs.neu_pool
         self.flag = bufs.flags[FLAG_NEURONS, layer]
         self.impl = impl
+        self.neuron_gain = hot_op("neuron_gain", impl)
 
 
 @dataclass
@@ -155,6 +167,7 @@ class SteerBuffers:
         self.a = torch.ones((L, S, s.heads), **f32)
         self.b = torch.zeros((L, S, s.heads), **f32)
         self.vrow = torch.full((L, S, s.heads), -1, **i32)
+        self.row_off = torch.zeros((s.max_tokens,), **i32)
         K = MAX_RES_TERMS
         self.coef = torch.zeros((L, S, K), **f32)
         self.rmode = torch.zeros((L, S, K), **i32)

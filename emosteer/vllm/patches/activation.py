@@ -6,7 +6,7 @@ Upstream (vLLM 0.32.0): https://github.com/vllm-project/vllm/blob/v0.32.0/vllm/m
 Replaces: ``SiluAndMul.forward`` (``silu(gate) * up``, the MLP activation whose output
 is the input of ``down_proj``: the "neurons"). On MLPs where emosteer installed a site,
 the patched forward runs the original and then scales each token's neurons by its slot's
-gains in place (``torch.ops.emosteer.neuron_gain``, masks gathered from the neuron pool;
+gains in place (``neuron_gain``, masks gathered from the neuron pool;
 slot -1 tokens untouched, so they keep vLLM's activation bit for bit). There is no fused
 SiluAndMul variant: its slot -1 output could not be guaranteed bit-equal to each
 platform's own SiluAndMul kernel, so the gain runs as a separate in-place op.
@@ -33,9 +33,7 @@ def _make(original):
         if site is None:
             return out
         m = out.view(-1, out.shape[-1])
-        torch.ops.emosteer.neuron_gain(
-            m, site.token_slot[: m.shape[0]], site.gamma, site.nrow, site.pool, site.flag, site.impl
-        )
+        site.neuron_gain(m, site.token_slot[: m.shape[0]], site.gamma, site.nrow, site.pool, site.flag)
         return out
 
     return forward

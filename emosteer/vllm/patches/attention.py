@@ -13,7 +13,7 @@ emosteer installed a site:
    the (token, head) pairs that ask for it (``emosteer.ops.attn_image_boost``); every
    other pair keeps vLLM's own output bit for bit, and a layer with nothing to do this
    step returns before touching anything;
-2. ``torch.ops.emosteer.head_affine_capture`` on the ``[T, H_local, D]`` view: per-token
+2. ``head_affine_capture`` on the ``[T, H_local, D]`` view: per-token
    head affine (add / patch / ablate / scale, vectors gathered from the head pool) and
    capture of the heads before that affine (after VEE); a layer whose flag is 0 this
    step returns at once.
@@ -116,9 +116,9 @@ def _make(original):
         T = z.shape[0]
         if site.vee:
             torch.ops.emosteer.vllm_vee(z, query.view(T, self.num_heads, self.head_size), self.layer_name)
-        torch.ops.emosteer.head_affine_capture(
-            z, site.token_slot[:T], site.a, site.b, site.vrow, site.pool,
-            site.cap_index[:T], site.cap_buf, site.flag, site.impl,
+        site.head_affine_capture(
+            z, site.token_slot[:T], site.a, site.b, site.vrow, site.row_off[:T], site.pool,
+            site.cap_index[:T], site.cap_buf, site.flag,
         )
         return out
 

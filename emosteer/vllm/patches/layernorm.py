@@ -9,7 +9,7 @@ layer and as the final norm: ``residual = x + residual; x = norm(residual)``. It
 ``x + residual`` is the output of the previous decoder layer. On norms where emosteer
 installed a site, the patched forward first steers the residual ``x + residual`` by
 updating its addend ``residual`` (add / clamp / project-out terms of the token's slot,
-their norms and components taken over the sum; ``torch.ops.emosteer.residual_steer``, in place; slot -1 tokens untouched, so unsteered
+their norms and components taken over the sum; ``residual_steer``, in place; slot -1 tokens untouched, so unsteered
 tokens get vLLM's own fused op bit for bit), runs the original, then copies the rows
 asked for capture out of the summed residual (``head_affine_capture`` in capture-only
 form, slot -1 everywhere) and runs the probe gate of this layer (``probe_gate``: sets the
@@ -36,28 +36,28 @@ def _make(original):
         if site is None or residual is None:
             return original(self, x, residual)
         T = x.shape[0]
-        torch.ops.emosteer.residual_steer(
-            residual, x, site.token_slot[:T], site.coef, site.rmode, site.urow, site.pool, site.flag, site.impl
+        site.residual_steer(
+            residual, x, site.token_slot[:T], site.coef, site.rmode, site.urow, site.pool, site.flag
         )
         x_out, res_out = original(self, x, residual)
-        torch.ops.emosteer.head_affine_capture(
+        site.head_affine_capture(
             res_out.view(T, 1, -1),
             site.no_slot[:T],
             site.one_a,
             site.zero_b,
             site.no_row,
+            site.row_off[:T],
             site.zero_pool,
             site.cap_index[:T],
             site.cap_buf,
             site.cap_flag,
-            site.impl,
         )
         # The probe gate at this layer: closes the slot of tokens whose score fails it,
         # for every op of the later layers (they all read token_slot).
-        torch.ops.emosteer.probe_gate(
+        site.probe_gate(
             res_out, site.token_slot[:T], site.prow, site.probe_pool, site.pbias, site.thresh,
             site.gmode, site.gate_row[:T], site.gate_state, site.score_cap[:T], site.score_buf,
-            site.gate_flag, site.impl,
+            site.gate_flag,
         )
         return x_out, res_out
 
