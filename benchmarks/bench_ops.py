@@ -50,7 +50,7 @@ OPS = _dispatch.CORE_OPS  # the attention op has its own benchmark (bench_attn_i
 
 
 MUTATED = {
-    "head_affine_capture": (0, 7),
+    "head_affine_capture": (0, 8),
     "residual_steer": (0,),
     "neuron_gain": (0,),
     "probe_gate": (1, 8, 10),
@@ -82,7 +82,8 @@ def make_inputs(op: str, dtype: torch.dtype, shape: str, tokens: int, device: to
     f32 = torch.float32
     if op == "head_affine_capture":
         return [randn(T, H, D), slot, uni(S, H, lo=0.5, hi=0.9, dt=f32), uni(S, H, hi=0.1, dt=f32),
-                rows[:, None].expand(S, H).contiguous(), randn(S, H, D),
+                rows[:, None].expand(S, H).contiguous(),
+                torch.zeros(T, dtype=torch.int32, device=device), randn(S, H, D),
                 torch.full((T,), -1, dtype=torch.int32, device=device),
                 torch.zeros(1, H, D, dtype=dtype, device=device), flag]
     if op == "residual_steer":  # term 0 an absolute add of near 0, term 1 a clamp to 0.5

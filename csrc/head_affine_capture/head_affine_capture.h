@@ -3,7 +3,11 @@
 //   if flag[0] == 0: nothing at all
 //   cap_buf[cap_index[t]] = z[t]  (the row before the update), cap_index[t] >= 0
 //   z[t,h] = a[s,h]*z[t,h] + b[s,h]*v,   s = token_slot[t] >= 0,
-//            v = pool[vrow[s,h], h] (vrow[s,h] >= 0) or 0 (vrow[s,h] == -1)
+//            v = pool[vrow[s,h] + row_off[t], h] (vrow[s,h] >= 0) or 0 (vrow[s,h] == -1)
+//
+// row_off lets one slot read a run of consecutive pool rows, one per token (a
+// position-aligned head patch: its k-th listed position has row_off = k); it is read
+// only where the token has a slot and the head a row, and the sum must be a pool row.
 //
 // Running example: token_slot = [-1, 0, 2, 1], cap_index = [5, -1, -1, 0] leaves
 // token 0's z alone but copies it into capture row 5, updates tokens 1..3 with slots
@@ -36,6 +40,7 @@ struct CpuArgs {
   const float* a;             // [S, H]
   const float* b;             // [S, H]
   const int32_t* vrow;        // [S, H]
+  const int32_t* row_off;     // [T]
   const void* pool;           // [P, H, D] scalar_t
   const int32_t* cap_index;   // [T]
   void* cap_buf;              // [C, H, D] scalar_t
@@ -55,7 +60,8 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end);
 // Host-side checks, shared by both launchers. Returns S (slots).
 inline int64_t check_args(const at::Tensor& z, const at::Tensor& token_slot,
                           const at::Tensor& a, const at::Tensor& b, const at::Tensor& vrow,
-                          const at::Tensor& pool, const at::Tensor& cap_index,
+                          const at::Tensor& row_off, const at::Tensor& pool,
+                          const at::Tensor& cap_index,
                           const at::Tensor& cap_buf, const at::Tensor& flag) {
   const auto dev = z.device();
   EMOSTEER_CHECK_INPUT(z, dev, 3);
@@ -76,6 +82,9 @@ inline int64_t check_args(const at::Tensor& z, const at::Tensor& token_slot,
   EMOSTEER_CHECK_DTYPE(vrow, at::kInt);
   EMOSTEER_CHECK_SIZE(vrow, 0, S);
   EMOSTEER_CHECK_SIZE(vrow, 1, H);
+  EMOSTEER_CHECK_INPUT(row_off, dev, 1);
+  EMOSTEER_CHECK_DTYPE(row_off, at::kInt);
+  EMOSTEER_CHECK_SIZE(row_off, 0, T);
   EMOSTEER_CHECK_INPUT(pool, dev, 3);
   EMOSTEER_CHECK_DTYPE(pool, z.scalar_type());
   EMOSTEER_CHECK_SIZE(pool, 1, H);

@@ -32,7 +32,7 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end) {
       if (is_identity(ah, bh)) continue;  // not even rewritten: bit-identical
       const fVec va(ah), vb(bh);
       const int64_t vr = p.vrow[s * H + h];
-      const scalar_t* vh = vr >= 0 ? pool + (vr * H + h) * D : nullptr;
+      const scalar_t* vh = vr >= 0 ? pool + ((vr + p.row_off[t]) * H + h) * D : nullptr;
       scalar_t* zh = zt + h * D;
       for (int64_t i = 0; i < D; i += kChunk) {
         const int64_t n = std::min(kChunk, D - i);

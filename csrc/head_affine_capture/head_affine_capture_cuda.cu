@@ -16,6 +16,7 @@ __global__ void head_affine_capture_kernel(
     const float* __restrict__ a,             // [S, H]
     const float* __restrict__ b,             // [S, H]
     const int32_t* __restrict__ vrow,        // [S, H]
+    const int32_t* __restrict__ row_off,     // [T]
     const scalar_t* __restrict__ pool,       // [P, H, D]
     const int32_t* __restrict__ cap_index,   // [T]
     scalar_t* __restrict__ cap_buf,          // [C, H, D]
@@ -28,6 +29,7 @@ __global__ void head_affine_capture_kernel(
   const int64_t c = cap_index[t];
   if (s < 0 && c < 0) return;
   CUDA_KERNEL_ASSERT(s < S && c < C);
+  const int64_t off = s >= 0 ? row_off[t] : 0;
   const int64_t row = H * D;  // elements per token; VEC divides D, so a pack is in one head
   P_* zrow = reinterpret_cast<P_*>(z + t * row);
   P_* crow = c >= 0 ? reinterpret_cast<P_*>(cap_buf + c * row) : nullptr;
@@ -42,12 +44,13 @@ __global__ void head_affine_capture_kernel(
     const float bh = b[s * H + h];
     if (head_affine_capture::is_identity(ah, bh)) continue;
     const int64_t vr = vrow[s * H + h];
-    CUDA_KERNEL_ASSERT(vr < P);
     P_ vp;
     if (vr >= 0) {
+      const int64_t r = vr + off;  // the token's row of a run (row_off 0: the slot's own)
+      CUDA_KERNEL_ASSERT(r >= 0 && r < P);
       // Pack p of the token row is pack p - h*D/VEC of head h; the pool row of head h
-      // starts at (vr*H + h)*D, i.e. pack vr*row/VEC + p.
-      vp = reinterpret_cast<const P_*>(pool + vr * row)[p];
+      // starts at (r*H + h)*D, i.e. pack r*row/VEC + p.
+      vp = reinterpret_cast<const P_*>(pool + r * row)[p];
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) vp.v[i] = static_cast<scalar_t>(0.0f);
@@ -63,15 +66,16 @@ __global__ void head_affine_capture_kernel(
 
 template <typename scalar_t, int VEC>
 void launch(at::Tensor& z, const at::Tensor& token_slot, const at::Tensor& a, const at::Tensor& b,
-            const at::Tensor& vrow, const at::Tensor& pool, const at::Tensor& cap_index,
-            at::Tensor& cap_buf, const at::Tensor& flag, int64_t S) {
+            const at::Tensor& vrow, const at::Tensor& row_off, const at::Tensor& pool,
+            const at::Tensor& cap_index, at::Tensor& cap_buf, const at::Tensor& flag, int64_t S) {
   const int64_t T = z.size(0), H = z.size(1), D = z.size(2);
   const int64_t packs = H * D / VEC;
   const int threads = cuda::threads_for(packs);
   head_affine_capture_kernel<scalar_t, VEC>
       <<<cuda::token_grid(T, packs, threads), threads, 0, cuda::current_stream()>>>(
           z.data_ptr<scalar_t>(), token_slot.data_ptr<int32_t>(), a.data_ptr<float>(),
-          b.data_ptr<float>(), vrow.data_ptr<int32_t>(), pool.data_ptr<scalar_t>(),
+          b.data_ptr<float>(), vrow.data_ptr<int32_t>(), row_off.data_ptr<int32_t>(),
+          pool.data_ptr<scalar_t>(),
           cap_index.data_ptr<int32_t>(), cap_buf.data_ptr<scalar_t>(), flag.data_ptr<int32_t>(),
           H, D, S, pool.size(0), cap_buf.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -80,21 +84,23 @@ void launch(at::Tensor& z, const at::Tensor& token_slot, const at::Tensor& a, co
 }  // namespace
 
 void head_affine_capture_cuda(at::Tensor& z, const at::Tensor& token_slot, const at::Tensor& a,
-                              const at::Tensor& b, const at::Tensor& vrow, const at::Tensor& pool,
+                              const at::Tensor& b, const at::Tensor& vrow,
+                              const at::Tensor& row_off, const at::Tensor& pool,
                               const at::Tensor& cap_index, at::Tensor& cap_buf,
                               const at::Tensor& flag) {
   TORCH_CHECK(z.is_cuda(), "z must be a CUDA tensor for the CUDA kernel");
-  const int64_t S =
-      head_affine_capture::check_args(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag);
+  const int64_t S = head_affine_capture::check_args(z, token_slot, a, b, vrow, row_off, pool,
+                                                    cap_index, cap_buf, flag);
   if (z.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(z.device());
   EMOSTEER_DISPATCH_FLOAT_TYPES(z.scalar_type(), "head_affine_capture_cuda", [&] {
     constexpr int kVec = cuda::kMaxVec<scalar_t>;
     if (cuda::can_vectorize<scalar_t>(
             z.size(2), {z.data_ptr(), pool.data_ptr(), cap_buf.data_ptr()})) {
-      launch<scalar_t, kVec>(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag, S);
+      launch<scalar_t, kVec>(z, token_slot, a, b, vrow, row_off, pool, cap_index, cap_buf, flag,
+                             S);
     } else {
-      launch<scalar_t, 1>(z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag, S);
+      launch<scalar_t, 1>(z, token_slot, a, b, vrow, row_off, pool, cap_index, cap_buf, flag, S);
     }
   });
 }

@@ -303,6 +303,25 @@ def _check_slots(token_slot, n_tokens, n_slots, device):
     _check_index(token_slot, "token_slot", n_slots, f"{n_slots} slots")
 
 
+def _check_offset_rows(token_slot, vrow, row_off, n_rows):
+    """Every row a token reads, ``vrow[s, h] + row_off[t]`` (tokens with a slot, heads
+    with a row), is a pool row."""
+    if token_slot.numel() == 0 or vrow.numel() == 0 or not _can_read_values():
+        return
+    sel = (token_slot >= 0) & (row_off != 0)
+    if not bool(sel.any()):
+        return
+    rows = vrow[token_slot[sel].long()].long()  # [n, H]
+    at = rows + row_off[sel].long().unsqueeze(1)
+    bad = (rows >= 0) & ((at < 0) | (at >= n_rows))
+    if bool(bad.any()):
+        t = int(torch.nonzero(sel)[int(torch.nonzero(bad)[0, 0])])
+        raise IndexError(
+            f"row_off[{t}] = {int(row_off[t])} takes token {t} past the pool: vrow + row_off must "
+            f"lie in [0, {n_rows}) ({n_rows} pool rows) where the token has a slot and the head a row"
+        )
+
+
 def _check_flag(flag, device):
     _check(flag, "flag", ndim=1, dtypes=INDEX_DTYPES, shape=(1,), device=device)
 
@@ -314,14 +333,15 @@ def head_affine_capture(
     a: torch.Tensor,  # [S, H] float32
     b: torch.Tensor,  # [S, H] float32
     vrow: torch.Tensor,  # [S, H] int32 rows of pool, -1 = no vector
+    row_off: torch.Tensor,  # [T] int32 added to the token's pool rows
     pool: torch.Tensor,  # [P, H, D] z.dtype
     cap_index: torch.Tensor,  # [T] int32
     cap_buf: torch.Tensor,  # [C, H, D] z.dtype
     flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: ``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h], h]``, capturing
-    pre-update rows; nothing at all while ``flag[0] == 0``."""
+    """In place: ``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h] + row_off[t], h]``,
+    capturing pre-update rows; nothing at all while ``flag[0] == 0``."""
     _check(z, "z", ndim=3, dtypes=FLOAT_DTYPES)
     T, H, D = z.shape
     dev = z.device
@@ -333,12 +353,14 @@ def head_affine_capture(
     P = pool.shape[0]
     _check(cap_buf, "cap_buf", ndim=3, dtypes=(z.dtype,), shape=(None, H, D), device=dev)
     _check(cap_index, "cap_index", ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=dev)
+    _check(row_off, "row_off", ndim=1, dtypes=INDEX_DTYPES, shape=(T,), device=dev)
     _check_flag(flag, dev)
     _check_slots(token_slot, T, S, dev)
     _check_index(cap_index, "cap_index", cap_buf.shape[0], f"{cap_buf.shape[0]} capture rows")
     _check_index(vrow, "vrow", P, f"{P} pool rows")
+    _check_offset_rows(token_slot, vrow, row_off, P)
     torch.ops.emosteer.head_affine_capture(
-        z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag, resolve_impl(impl, dev)
+        z, token_slot, a, b, vrow, row_off, pool, cap_index, cap_buf, flag, resolve_impl(impl, dev)
     )
 
 

@@ -51,13 +51,19 @@ def head_affine_capture(
     a: torch.Tensor,  # [S, H] float32 multiplicative coefficient
     b: torch.Tensor,  # [S, H] float32 coefficient of v
     vrow: torch.Tensor,  # [S, H] int32 pool row of v per slot and head, -1 = v is 0
+    row_off: torch.Tensor,  # [T] int32 added to the token's pool rows (0 = the slot's own)
     pool: torch.Tensor,  # [P, H, D] z.dtype head vectors
     cap_index: torch.Tensor,  # [T] int32, -1 = no capture
     cap_buf: torch.Tensor,  # [C, H, D] z.dtype capture rows, mutated
     flag: torch.Tensor,  # [1] int32, 0 = the op does nothing at all
 ) -> None:
     """``z[t,h] = a[s,h]*z[t,h] + b[s,h]*v`` with ``s = token_slot[t] >= 0`` and
-    ``v = pool[vrow[s,h], h]`` (zeros where ``vrow[s,h] == -1``).
+    ``v = pool[vrow[s,h] + row_off[t], h]`` (zeros where ``vrow[s,h] == -1``, whatever
+    ``row_off[t]``; elsewhere the sum must be a row of the pool).
+
+    ``row_off`` lets one slot read a run of rows, one per token: a position-aligned
+    head patch (one vector per listed prompt position) stores its vectors in
+    consecutive pool rows, and its k-th listed position gets ``row_off = k``.
 
     Before the update, ``z[t]`` is copied to ``cap_buf[cap_index[t]]`` where
     ``cap_index[t] >= 0``. With ``flag[0] == 0`` neither happens.
@@ -75,7 +81,8 @@ def head_affine_capture(
     rows = vrow[s].long()  # [n, H]
     if pool.shape[0] > 0:
         heads = torch.arange(z.shape[1], device=z.device)
-        v = pool[rows.clamp(min=0), heads].float()  # [n, H, D]
+        at = torch.where(rows >= 0, rows + row_off[sel].long().unsqueeze(1), 0)
+        v = pool[at, heads].float()  # [n, H, D]
         v = torch.where((rows >= 0).unsqueeze(-1), v, 0.0)
     else:
         v = torch.zeros_like(zz)

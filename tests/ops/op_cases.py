@@ -41,6 +41,36 @@ def row_pattern(kind: str, shape, P: int, gen=None, device="cpu") -> torch.Tenso
     return rows.to(device=device, dtype=torch.int32)
 
 
+# Patterns of head_affine_capture's per-token pool-row offset (row_off), over a pool
+# with MAX_OFF spare rows past the P rows the tables name:
+#   zero:    every token reads its slot's own rows
+#   random:  offsets in [0, MAX_OFF], at least one 0 and one MAX_OFF
+#   aligned: runs of tokens counting 0, 1, 2, ... (a position-aligned patch's listed
+#            positions), 0 between the runs
+OFF_PATTERNS = ("zero", "random", "aligned")
+MAX_OFF = 3
+
+
+def off_pattern(kind: str, T: int, gen=None, device="cpu") -> torch.Tensor:
+    """int32 ``row_off`` of T tokens."""
+    if kind == "zero":
+        off = torch.zeros(T, dtype=torch.int64)
+    elif kind == "random":
+        off = torch.randint(0, MAX_OFF + 1, (T,), generator=gen)
+        if T >= 2:
+            off[0], off[-1] = 0, MAX_OFF
+    elif kind == "aligned":
+        off = torch.zeros(T, dtype=torch.int64)
+        t = 1
+        while t < T:
+            n = min(MAX_OFF + 1, T - t)
+            off[t:t + n] = torch.arange(n)
+            t += n + 2
+    else:
+        raise ValueError(f"unknown offset pattern {kind!r}")
+    return off.to(device=device, dtype=torch.int32)
+
+
 def flag(on: bool = True, device="cpu") -> torch.Tensor:
     """The ops' [1] int32 switch: 1 (on) or 0 (off)."""
     return torch.tensor([1 if on else 0], dtype=torch.int32, device=device)

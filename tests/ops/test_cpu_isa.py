@@ -45,13 +45,14 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         a[0], b[0] = 1.0, 0.0
         cap = torch.full((T,), -1, dtype=torch.int32)
         cap[::2] = torch.arange(0, T, 2, dtype=torch.int32)
-        args = [torch.randn(T, H, D, generator=g).to(dt), slot, a, b, rows(S, H),
-                torch.randn(P, H, D, generator=g).to(dt), cap,
+        off = torch.randint(0, 3, (T,), generator=g, dtype=torch.int32)  # row_off
+        args = [torch.randn(T, H, D, generator=g).to(dt), slot, a, b, rows(S, H), off,
+                torch.randn(P + 2, H, D, generator=g).to(dt), cap,
                 torch.full((T, H, D), float("nan")).to(dt), on]
         d = H * D
         masks = torch.where(torch.rand(P, d, generator=g) < 0.5, 0.0, torch.rand(P, d, generator=g))
         cases = {
-            "head_affine_capture": (args, (0, 7)),
+            "head_affine_capture": (args, (0, 8)),
             # Absolute adds and every mode at once (the latter with a bound: sums).
             # x (the other addend of h = x + r) is read-only: index 1.
             "residual_steer": ([torch.randn(T, d, generator=g).to(dt),

@@ -26,6 +26,7 @@ def head_args(**over):
         a=randn_nonzero(S, H),
         b=randn_nonzero(S, H),
         vrow=torch.tensor([[0, -1, 2], [2, 2, 1]], dtype=torch.int32),
+        row_off=torch.zeros(T, dtype=torch.int32),
         pool=randn_nonzero(P, H, D),
         cap_index=torch.tensor([-1, 3, -1, 0, -1], dtype=torch.int32),
         cap_buf=torch.zeros(C, H, D),
@@ -58,6 +59,10 @@ BAD_HEAD_ARGS = [
     ("vrow", dict(vrow=torch.tensor([[0, -2, 1], [0, 0, 0]], dtype=torch.int32)), IndexError,
      "vrow holds values in [-2, 1]"),
     ("vrow", dict(pool=torch.empty(0, H, D)), IndexError, "vrow holds values in [-1, 2]"),
+    ("row_off", dict(row_off=torch.zeros(T, dtype=torch.int64)), TypeError, "row_off must have dtype"),
+    ("row_off", dict(row_off=torch.zeros(T + 1, dtype=torch.int32)), ValueError, "row_off has shape"),
+    ("row_off", dict(row_off=torch.tensor([0, 0, 1, 0, 0], dtype=torch.int32)), IndexError,
+     "row_off[2] = 1 takes token 2 past the pool"),
     ("pool", dict(pool=randn_nonzero(P, H, D).half()), TypeError, "pool must have dtype"),
     ("pool", dict(pool=randn_nonzero(P, H, D + 1)), ValueError, "pool has shape"),
     ("pool", dict(pool=randn_nonzero(P, H + 1, D)), ValueError, "pool has shape"),
@@ -347,13 +352,13 @@ def test_custom_ops_registered_with_fake_impl():
 
 # ----------------------------------------------------------------------- compile
 def _steer_block(h, z, r, m_in, slot, prow, probes, bias, thresh, gmode, state_row, state,
-                 score_index, score_buf, a, b, vrow, hpool, cap, cap_buf, coef, mode, urow, rpool,
-                 gamma, nrow, masks, flag, impl: str):
+                 score_index, score_buf, a, b, vrow, row_off, hpool, cap, cap_buf, coef, mode, urow,
+                 rpool, gamma, nrow, masks, flag, impl: str):
     """A tiny 'layer': the probe gate (which closes slots for what follows), head steering
     with capture, the residual terms, MLP gains."""
     ops.probe_gate(h, slot, prow, probes, bias, thresh, gmode, state_row, state, score_index,
                    score_buf, flag, impl=impl)
-    ops.head_affine_capture(z, slot, a, b, vrow, hpool, cap, cap_buf, flag, impl=impl)
+    ops.head_affine_capture(z, slot, a, b, vrow, row_off, hpool, cap, cap_buf, flag, impl=impl)
     r.add_(z.view(z.shape[0], -1))
     ops.residual_steer(r, h, slot, coef, mode, urow, rpool, flag, impl=impl)
     m = torch.nn.functional.silu(m_in * r.sum(-1, keepdim=True))
@@ -383,7 +388,8 @@ def test_ops_inside_torch_compile(impl, on, gen):
         score_buf=torch.zeros(3),
         a=randn_nonzero(2, H_, gen=gen), b=randn_nonzero(2, H_, gen=gen),
         vrow=torch.tensor([[1, -1], [0, 1]], dtype=torch.int32),
-        hpool=randn_nonzero(2, H_, D_, gen=gen),
+        row_off=torch.tensor([0, 1, 0, 0, 2, 0], dtype=torch.int32),
+        hpool=randn_nonzero(4, H_, D_, gen=gen),
         cap=torch.tensor([-1, 0, -1, -1, 1, -1], dtype=torch.int32),
         cap_buf=torch.zeros(2, H_, D_),
         coef=randn_nonzero(2, 2, gen=gen),

@@ -6,7 +6,8 @@ bit against the reference for the implementations that promise it (tests/ops/op_
 within twice the same-dtype torch error elsewhere. Shapes: a normal one, an odd one
 (97 tokens, 13 heads, head_dim 80, 5 pool rows, 7 slots), a wide one and one with a
 head_dim below one CPU vector. Pool-row tables with -1 entries and rows shared by
-several slots.
+several slots; per-token row offsets (``row_off``: zero, random, and the runs 0, 1, 2,
+... of a position-aligned patch).
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import torch
 
 import emosteer.ops as ops
 from emosteer.ops import reference
-from tests.ops.op_cases import ROW_PATTERNS, check_result, clone_all, flag, row_pattern
+from tests.ops.op_cases import (
+    MAX_OFF,
+    OFF_PATTERNS,
+    ROW_PATTERNS,
+    check_result,
+    clone_all,
+    flag,
+    off_pattern,
+    row_pattern,
+)
 from tests.utils import (
     DTYPES,
     assert_close,
@@ -34,35 +44,38 @@ CPU_IMPLS = kernel_impls("cpu")
 NORMAL, ODD = (16, 8, 64), (97, 13, 80)  # (T, H, D)
 WIDE = (3, 40, 128)  # H*D > 4096: several head blocks per token
 TAIL = (5, 3, 7)  # head_dim below one CPU vector step: only partial vectors
-P, S = 5, 7  # pool rows, slots
-# (shape, slot pattern, capture pattern, vrow pattern): every pattern of each kind on
-# the normal shape; the others (interpreter time grows with programs) with mixed ones.
+P, S = 5, 7  # pool rows the tables name (the pool holds MAX_OFF more), slots
+# (shape, slot pattern, capture pattern, vrow pattern, row_off pattern): every pattern
+# of each kind on the normal shape; the others (interpreter time grows with programs)
+# with mixed ones.
 CASES = [
-    (NORMAL, "none", "none", "random"),
-    (NORMAL, "none", "random", "random"),
-    (NORMAL, "one", "last", "shared"),
-    (NORMAL, "random", "random", "random"),
-    (NORMAL, "random", "all", "none"),
-    (NORMAL, "sorted", "all", "random"),
-    (NORMAL, "own", "none", "shared"),
-    (ODD, "random", "random", "random"),
-    (ODD, "sorted", "all", "shared"),
-    (WIDE, "random", "random", "random"),
-    (TAIL, "random", "all", "random"),
+    (NORMAL, "none", "none", "random", "random"),
+    (NORMAL, "none", "random", "random", "zero"),
+    (NORMAL, "one", "last", "shared", "aligned"),
+    (NORMAL, "random", "random", "random", "zero"),
+    (NORMAL, "random", "random", "random", "random"),
+    (NORMAL, "random", "all", "none", "random"),
+    (NORMAL, "sorted", "all", "random", "aligned"),
+    (NORMAL, "own", "none", "shared", "random"),
+    (ODD, "random", "random", "random", "aligned"),
+    (ODD, "sorted", "all", "shared", "random"),
+    (WIDE, "random", "random", "random", "random"),
+    (TAIL, "random", "all", "random", "aligned"),
 ]
 assert {c[3] for c in CASES} == set(ROW_PATTERNS)
+assert {c[4] for c in CASES} == set(OFF_PATTERNS)
 
 
 def case_id(case) -> str:
-    (T, H, D), slot_kind, cap_kind, vrow_kind = case
-    return f"T{T}_H{H}_D{D}-slot_{slot_kind}-cap_{cap_kind}-vrow_{vrow_kind}"
+    (T, H, D), slot_kind, cap_kind, vrow_kind, off_kind = case
+    return f"T{T}_H{H}_D{D}-slot_{slot_kind}-cap_{cap_kind}-vrow_{vrow_kind}-off_{off_kind}"
 
 
-def make_inputs(T, H, D, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cpu"):
+def make_inputs(T, H, D, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cpu", off_kind="zero"):
     n_slots = max(T, S) if slot_kind == "own" else S
     C = T + 3
     z = randn_nonzero(T, H, D, dtype=dtype, gen=gen)
-    pool = randn_nonzero(P, H, D, dtype=dtype, gen=gen)
+    pool = randn_nonzero(P + MAX_OFF, H, D, dtype=dtype, gen=gen)
     a = randn_nonzero(n_slots, H, gen=gen)
     b = randn_nonzero(n_slots, H, gen=gen)
     # Head 0 is a=1, b=0 for every slot: must stay bit-identical, even NaN and -0.0.
@@ -81,6 +94,7 @@ def make_inputs(T, H, D, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cpu
         a=a,
         b=b,
         vrow=row_pattern(vrow_kind, (n_slots, H), P, gen),
+        row_off=off_pattern(off_kind, T, gen),
         pool=pool,
         cap_index=capture_pattern(cap_kind, T, C, gen),
         cap_buf=poisoned((C, H, D), dtype),
@@ -128,8 +142,9 @@ def run_and_check(impl, args, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(impl, dtype, case, gen):
-    shape, slot_kind, cap_kind, vrow_kind = case
-    run_and_check(impl, make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen), dtype)
+    shape, slot_kind, cap_kind, vrow_kind, off_kind = case
+    run_and_check(impl, make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen,
+                                    off_kind=off_kind), dtype)
 
 
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
@@ -137,7 +152,7 @@ def test_matches_reference(impl, dtype, case, gen):
 def test_flag_off_touches_nothing(impl, dtype, gen):
     """flag 0: z and cap_buf bit-identical to the input although slots and captures are set;
     any non-zero flag is on."""
-    args = make_inputs(*NORMAL, dtype, "random", "all", "random", gen)
+    args = make_inputs(*NORMAL, dtype, "random", "all", "random", gen, off_kind="random")
     args["flag"] = flag(False)
     before = clone_all(args)
     ops.head_affine_capture(**args, impl=impl)
@@ -169,7 +184,8 @@ def test_modes_closed_form(impl, dtype, gen):
     slot = torch.tensor([0, -1, 0, 1, 0], dtype=torch.int32)
     cap = torch.full((T,), -1, dtype=torch.int32)
     z_in = z.clone()
-    ops.head_affine_capture(z, slot, a, b, vrow, pool, cap, poisoned((1, H, D), dtype), flag(),
+    off = torch.zeros(T, dtype=torch.int32)
+    ops.head_affine_capture(z, slot, a, b, vrow, off, pool, cap, poisoned((1, H, D), dtype), flag(),
                             impl=impl)
     on = slot == 0
     add = (z_in[on, 0].float() + 0.5 * pool[2, 0].float()).to(dtype)
@@ -198,8 +214,8 @@ def test_capture_only_on_residual(impl, dtype, gen):
     buf = poisoned((C, 1, d), dtype)
     ops.head_affine_capture(
         r.view(T, 1, d), slot, torch.ones(1, 1), torch.zeros(1, 1),
-        torch.full((1, 1), -1, dtype=torch.int32), torch.empty(0, 1, d, dtype=dtype),
-        cap, buf, flag(), impl=impl,
+        torch.full((1, 1), -1, dtype=torch.int32), torch.zeros(T, dtype=torch.int32),
+        torch.empty(0, 1, d, dtype=dtype), cap, buf, flag(), impl=impl,
     )
     assert_equal(r, r_in, "residual")
     for t, row in ((0, 3), (4, 0), (8, 1)):
@@ -219,7 +235,8 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
     pool = randn_nonzero(1, H, D, gen=gen)
     buf = poisoned((C, H, D), torch.float32)
     z_in = z.clone()
-    ops.head_affine_capture(z, slot, a, b, vrow, pool, cap, buf, flag(), impl=impl)
+    ops.head_affine_capture(z, slot, a, b, vrow, torch.zeros(T, dtype=torch.int32), pool, cap, buf,
+                            flag(), impl=impl)
     assert_equal(z, z_in, "z")
     for t, row in ((0, 7), (2, 0), (4, 3)):
         assert_equal(buf[row], z_in[t], f"row {row}")
@@ -227,7 +244,65 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
 
     empty = torch.empty(0, H, D)
     none = torch.empty(0, dtype=torch.int32)
-    ops.head_affine_capture(empty, none, a, b, vrow, pool, none, buf, flag(), impl=impl)
+    ops.head_affine_capture(empty, none, a, b, vrow, none, pool, none, buf, flag(), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_row_offsets_read_a_run_of_rows(impl, dtype, gen):
+    """A position-aligned patch in one slot: slot 0 names pool row 2 for heads 0 and 2
+    (the first row of a run of 4), its tokens carry row_off 0..3 and read rows 2..5,
+    patch bit for bit; head 1 has no row (v = 0 whatever the offset); a token of another
+    slot with offset 0 reads that slot's own row; a token without a slot ignores its
+    offset."""
+    T, H, D = 7, 3, 10
+    z = randn_nonzero(T, H, D, dtype=dtype, gen=gen)
+    pool = randn_nonzero(6, H, D, dtype=dtype, gen=gen)
+    a = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    vrow = torch.tensor([[2, -1, 2], [0, -1, -1]], dtype=torch.int32)
+    slot = torch.tensor([-1, 0, 0, 0, 0, 1, -1], dtype=torch.int32)
+    off = torch.tensor([5, 0, 1, 2, 3, 0, 9], dtype=torch.int32)
+    z_in = z.clone()
+    ops.head_affine_capture(z, slot, a, b, vrow, off, pool, torch.full((T,), -1, dtype=torch.int32),
+                            poisoned((1, H, D), dtype), flag(), impl=impl)
+    for k, t in enumerate((1, 2, 3, 4)):
+        assert_equal(z[t, 0], pool[2 + k, 0], f"token {t} head 0: pool row {2 + k}")
+        assert_equal(z[t, 2], pool[2 + k, 2], f"token {t} head 2: pool row {2 + k}")
+        assert_equal(z[t, 1], torch.zeros_like(z[t, 1]), f"token {t} head 1: no row, v = 0")
+    assert_equal(z[5, 0], pool[0, 0], "slot 1, offset 0: its own row")
+    assert_equal(z[5, 1:], z_in[5, 1:], "slot 1: identity heads")
+    assert_equal(z[[0, 6]], z_in[[0, 6]], "tokens without a slot ignore their offset")
+
+
+def test_row_offset_past_the_pool_is_refused(gen):
+    """vrow + row_off outside the pool (where the token has a slot and the head a row) is
+    an IndexError naming row_off, from the validating wrapper; the C++ kernel refuses it
+    too, before writing anything. An offset on a token without a slot or a head without
+    a row is never read, so any value passes."""
+    T, H, D = 4, 2, 8
+    z = randn_nonzero(T, H, D, gen=gen)
+    pool = randn_nonzero(3, H, D, gen=gen)
+    a, b = torch.zeros(1, H), torch.ones(1, H)
+    vrow = torch.tensor([[1, -1]], dtype=torch.int32)
+    slot = torch.tensor([0, 0, -1, 0], dtype=torch.int32)
+    cap = torch.full((T,), -1, dtype=torch.int32)
+    buf = poisoned((1, H, D), torch.float32)
+    for bad in (2, -2):
+        off = torch.tensor([0, bad, 0, 0], dtype=torch.int32)
+        z_in = z.clone()
+        with pytest.raises(IndexError, match="row_off"):
+            ops.head_affine_capture(z, slot, a, b, vrow, off, pool, cap, buf, flag(), impl="torch")
+        assert_equal(z, z_in, "z after a refused call")
+        if "cpp" in CPU_IMPLS:
+            from emosteer.ops._dispatch import backend_fn
+
+            with pytest.raises(RuntimeError, match="row_off"):
+                backend_fn("cpp", "head_affine_capture")(z, slot, a, b, vrow, off, pool, cap, buf, flag())
+            assert_equal(z, z_in, "z after a refused C++ call")
+    ok = torch.tensor([0, 1, 100, 0], dtype=torch.int32)  # token 2 has no slot
+    ops.head_affine_capture(z, slot, a, b, vrow, ok, pool, cap, buf, flag(), impl="torch")
+    assert_equal(z[1, 0], pool[2, 0], "offset 1 from row 1")
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -237,11 +312,14 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
 @pytest.mark.parametrize("shape", [(300, 32, 128), (97, 13, 80), (1, 64, 256)])
 def test_cuda_matches_reference(impl, dtype, shape):
     gen = torch.Generator().manual_seed(7)
-    for slot_kind, cap_kind, vrow_kind in (("random", "random", "random"),
-                                           ("sorted", "all", "shared"), ("none", "last", "none")):
-        args = make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cuda")
+    for slot_kind, cap_kind, vrow_kind, off_kind in (("random", "random", "random", "random"),
+                                                     ("sorted", "all", "shared", "aligned"),
+                                                     ("none", "last", "none", "zero")):
+        args = make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cuda",
+                           off_kind=off_kind)
         run_and_check(impl, args, dtype)
-        off = make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cuda")
+        off = make_inputs(*shape, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cuda",
+                          off_kind=off_kind)
         off["flag"].zero_()
         before = clone_all(off)
         ops.head_affine_capture(**off, impl=impl)
@@ -269,7 +347,9 @@ def test_cuda_offsets_past_int32(impl):
     vrow = torch.zeros(1, H, dtype=torch.int32, device="cuda")
     pool = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
     buf = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
-    ops.head_affine_capture(z, slot, a, b, vrow, pool, cap, buf, flag(device="cuda"), impl=impl)
+    row_off = torch.zeros(T, dtype=torch.int32, device="cuda")
+    ops.head_affine_capture(z, slot, a, b, vrow, row_off, pool, cap, buf, flag(device="cuda"),
+                            impl=impl)
     assert bool((buf == 2.0).all()), "capture of the last token read the wrong row"
     assert bool((z[-1] == 6.0).all()), "last token not steered"
     assert bool((z[0] == 1.0).all()) and bool((z[-2] == 1.0).all()), "other rows touched"

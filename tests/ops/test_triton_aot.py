@@ -36,8 +36,9 @@ def _specs(t: str):
     return [
         ("head_affine_capture", "_head_affine_capture_kernel",
          {"z_ptr": f"*{t}", "slot_ptr": "*i32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-          "vrow_ptr": "*i32", "pool_ptr": f"*{t}", "cap_index_ptr": "*i32", "cap_ptr": f"*{t}",
-          "flag_ptr": "*i32", "H": "i32", "D": "i32", "BLOCK_H": "constexpr",
+          "vrow_ptr": "*i32", "row_off_ptr": "*i32", "pool_ptr": f"*{t}", "cap_index_ptr": "*i32",
+          "cap_ptr": f"*{t}", "flag_ptr": "*i32", "H": "i32", "D": "i32", "P": "i32",
+          "BLOCK_H": "constexpr",
           "BLOCK_D": "constexpr"},
          {"BLOCK_H": 32, "BLOCK_D": 128}, 4),
         # 4 terms per slot: [4, 2048] pool tiles (what the launcher picks for d 4096).

@@ -23,21 +23,23 @@ def _head_affine_capture_kernel(
     a_ptr,  # [S, H] float32
     b_ptr,  # [S, H] float32
     vrow_ptr,  # [S, H] int32, -1 = v is 0
+    row_off_ptr,  # [T] int32 added to the token's pool rows
     pool_ptr,  # [P, H, D] z.dtype
     cap_index_ptr,  # [T] int32
     cap_ptr,  # [C, H, D] z.dtype, mutated
     flag_ptr,  # [1] int32, 0 = do nothing
     H,
     D,
+    P,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h], h]``,  ``s = slot[t] >= 0``.
+    """``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h] + row_off[t], h]``,  ``s = slot[t] >= 0``.
 
     Program (t, hb) handles heads ``hb*BLOCK_H ...`` of token t. Every program first
     reads ``flag`` and does nothing when it is 0. If ``cap[t] >= 0`` the pre-update
     ``z[t,h]`` goes to ``cap_buf[cap[t], h]`` first. A head whose ``vrow`` is -1 uses
-    v = 0. Heads with ``a == 1 and b == 0`` are stored back bit for bit (also -0.0 /
+    v = 0 (and so, defensively, does a row outside ``[0, P)``: no read out of bounds). Heads with ``a == 1 and b == 0`` are stored back bit for bit (also -0.0 /
     NaN), as is z when ``slot[t] == -1``. Math in float32, one rounding to z's dtype.
     """
     flag = tl.load(flag_ptr)
@@ -63,8 +65,10 @@ def _head_affine_capture_kernel(
                 a = tl.load(a_ptr + s * H + heads, mask=head_ok, other=1.0)
                 b = tl.load(b_ptr + s * H + heads, mask=head_ok, other=0.0)
                 vr = tl.load(vrow_ptr + s * H + heads, mask=head_ok, other=-1)
-                has_v = vr >= 0
-                p = tl.where(has_v, vr, 0).to(tl.int64)
+                off = tl.load(row_off_ptr + t).to(tl.int64)
+                p = vr.to(tl.int64) + off
+                has_v = (vr >= 0) & (p >= 0) & (p < P)
+                p = tl.where(has_v, p, 0)
                 v = tl.load(pool_ptr + p[:, None] * H * D + row, mask=mask & has_v[:, None],
                             other=0.0)
                 out = a[:, None] * z.to(tl.float32) + b[:, None] * v.to(tl.float32)
@@ -84,6 +88,7 @@ def head_affine_capture(
     a: torch.Tensor,  # [S, H] float32 multiplicative coefficient
     b: torch.Tensor,  # [S, H] float32 coefficient of v
     vrow: torch.Tensor,  # [S, H] int32 pool row of v, -1 = v is 0
+    row_off: torch.Tensor,  # [T] int32 added to the token's pool rows
     pool: torch.Tensor,  # [P, H, D] z.dtype head vectors
     cap_index: torch.Tensor,  # [T] int32, -1 = no capture
     cap_buf: torch.Tensor,  # [C, H, D] z.dtype capture rows, mutated
@@ -95,6 +100,7 @@ def head_affine_capture(
     S = a.shape[0]
     assert token_slot.dtype == torch.int32 and token_slot.shape == (T,)
     assert cap_index.dtype == torch.int32 and cap_index.shape == (T,)
+    assert row_off.dtype == torch.int32 and row_off.shape == (T,) and row_off.is_contiguous()
     assert a.dtype == torch.float32 and a.shape == (S, H) and a.is_contiguous()
     assert b.dtype == torch.float32 and b.shape == (S, H) and b.is_contiguous()
     assert vrow.dtype == torch.int32 and vrow.shape == (S, H) and vrow.is_contiguous()
@@ -109,6 +115,6 @@ def head_affine_capture(
     block_h = _block_h(H, block_d)
     grid = (T, triton.cdiv(H, block_h))
     for_device(_head_affine_capture_kernel, z.device)[grid](
-        z, token_slot, a, b, vrow, pool, cap_index, cap_buf, flag, H, D,
+        z, token_slot, a, b, vrow, row_off, pool, cap_index, cap_buf, flag, H, D, pool.shape[0],
         BLOCK_H=block_h, BLOCK_D=block_d, **LAUNCH_OPTIONS,
     )
