@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import os
@@ -160,7 +161,6 @@ def run_soak(client, model: str, *, seconds: float, clients: int = 6, seed: int 
 
     result = SoakResult(configs=n_cfg, clients=clients)
     result.rss_start_mib = rss_mib(server_pid)
-    rng = random.Random(seed)
     lock = threading.Lock()
     counts: collections.Counter = collections.Counter()
     deadline = time.monotonic() + seconds
@@ -265,57 +265,11 @@ def main(argv=None) -> int:
 
     from emosteer.client import Client
 
-    proc, log = None, None
-    if args.url is None:
-        if args.model == "tiny":
-            import tempfile
-
-            from emosteer.models.tiny import build_tiny_llama
-
-            model = str(build_tiny_llama(os.path.join(tempfile.gettempdir(), "emosteer-soak-tiny")))
-        else:
-            from emosteer.models import resolve_model
-
-            model = str(resolve_model(args.model))
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        import tempfile
-
-        log = open(os.path.join(tempfile.gettempdir(), "emosteer-soak-server.log"), "wb")
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "emosteer.cli", "serve", model, "--host", "127.0.0.1",
-             "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
-             "--max-slots", str(args.max_slots), "--api-key", args.api_key, "--seed", "0"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-    else:
-        url, model = args.url, args.model
-    client = Client(url, api_key=args.api_key)
-    try:
-        if proc is not None:
-            t_end = time.monotonic() + 900
-            while time.monotonic() < t_end:
-                if proc.poll() is not None:
-                    raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
-                if _up(url):
-                    break
-                time.sleep(2)
+    with served(args.model, url=args.url, max_slots=args.max_slots, api_key=args.api_key) as (url, model, pid):
+        client = Client(url, api_key=args.api_key)
         print(f"soaking {url} for {args.minutes} min with {args.clients} clients", flush=True)
         res = run_soak(client, model, seconds=args.minutes * 60, clients=args.clients,
-                       server_pid=proc.pid if proc else None, progress=True)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+                       server_pid=pid, progress=True)
     mach = machine_info()
     out = asdict(res)
     out.update(ok=res.ok, model=os.path.basename(model.rstrip("/")), max_slots=args.max_slots,
@@ -328,6 +282,65 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
     return 0 if res.ok else 1
+
+
+def model_path(model: str) -> str:
+    """A model folder for ``model``: a path, "default" / a built-in name, or "tiny" (the
+    test model, built in the temp folder)."""
+    if model == "tiny":
+        import tempfile
+
+        from emosteer.models.tiny import build_tiny_llama
+
+        return str(build_tiny_llama(os.path.join(tempfile.gettempdir(), "emosteer-soak-tiny")))
+    from emosteer.models import resolve_model
+
+    return str(resolve_model(model))
+
+
+@contextlib.contextmanager
+def served(model: str, *, url: str | None = None, max_slots: int = 8, api_key: str | None = None,
+           extra: tuple = (), log_name: str = "emosteer-soak-server.log"):
+    """``emosteer serve <model>`` on a free loopback port (float32, 512-token context,
+    seed 0), up and healthy, stopped on exit; yields (url, model path, server pid).
+    With ``url`` a running server is used as is (pid None)."""
+    if url is not None:
+        yield url, model, None
+        return
+    import socket
+    import tempfile
+
+    path = model_path(model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(tempfile.gettempdir(), log_name), "wb")
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    cmd = [sys.executable, "-m", "emosteer.cli", "serve", path, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
+           "--max-slots", str(max_slots), "--seed", "0", *extra]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t_end = time.monotonic() + 900
+        while not _up(url):
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
+            if time.monotonic() > t_end:
+                raise SystemExit(f"server not up after 900 s; see {log.name}")
+            time.sleep(2)
+        yield url, path, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
 
 
 def _up(url: str) -> bool:

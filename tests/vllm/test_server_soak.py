@@ -29,6 +29,33 @@ def test_short_soak_every_answer_expected_nothing_leaks(servers):
     assert res.rss_start_mib > 0 and res.rss_end_mib - res.rss_start_mib < 256, res
 
 
+def test_sustained_benchmark_short_run(servers, tmp_path):
+    """benchmarks/bench_sustained.py's two phases for seconds (the 30-minute run is the
+    script): every answer as expected, the counters back at idle, a row per minute with
+    throughput, latency, memory and counters, a row per kind with TTFT / ITL, the plot."""
+    sys.path.insert(0, os.path.dirname(_PATH))
+    import bench_sustained as bs
+
+    cached, _ = servers
+    res = bs.run(cached.client, cached.model, minutes=0.3, latency_minutes=0.2, clients=3, rate=3.0,
+                 max_tokens=4, seed=3, server_pid=cached.proc.pid, max_slots=4, out_dir=str(tmp_path),
+                 progress=False)
+    assert not res["unexpected"], res["unexpected"][:10]
+    assert res["idle_after"], res["admission_after"]
+    assert {"plain", "distinct"} <= set(res["by_kind"]), res["by_kind"]
+    (row,) = res["minutes"]
+    assert row["requests"] >= 5 and row["tok_per_s"] > 0 and row["ttft_p50_ms"] > 0, row
+    assert row["rss_mib"] > 0 and row["slots_in_use"] == 0 and row["parked"] == 0, row
+    lat = {r["kind"]: r for r in res["latency"]}
+    assert set(lat) == {"plain", "distinct", "capture"}
+    assert all(r["requests"] > 0 and r["ttft_p50_ms"] > 0 for r in lat.values()), lat
+    assert lat["plain"]["ttft_p50_vs_plain"] == 1.0
+    rows = (tmp_path / "sustained.csv").read_text().splitlines()
+    assert rows[0].startswith("run,phase,minute") and len(rows) == 2
+    assert len((tmp_path / "latency.csv").read_text().splitlines()) == 4
+    assert os.path.getsize(res["plot"]) > 10000
+
+
 def test_sigterm_stops_the_server_gracefully(servers):
     """Last test of the server modules: SIGTERM to `emosteer serve` (it is vLLM's own
     process) ends it and all its engine processes, with exit status 0."""

@@ -1,0 +1,502 @@
+"""Sustained load on the real server: throughput, latency, memory and the plugin's
+counters minute by minute, then time-to-first-token at a fixed request rate.
+
+    python benchmarks/bench_sustained.py                       # 30 + 5 minutes, default model
+    python benchmarks/bench_sustained.py --minutes 2 --latency-minutes 1 --model tiny
+
+Starts ``emosteer serve`` on loopback (``soak_server.served``; or ``--url``) and
+registers two random vectors. Every request is streamed (``/v1/completions``), so each
+one gives its time to first token (TTFT) and its inter-token gaps (ITL).
+
+Phase 1, sustained (``--minutes``, closed loop): ``--clients`` threads send a random
+mix without pause: plain; ``distinct`` (a config no other request has: residual steer
+on a random third of the layers at a random scale + a head ``add`` at a random head);
+``capture`` (residual + heads at the last prompt token, fetched by key afterwards);
+``sweep`` (8 requests at once on one prompt, each patching one random head at the last
+token, as an attribution sweep sends them); ``cancel`` (a steered stream dropped after
+its first chunk). Plain answers must equal the answer the prompt got alone (greedy),
+every other answer must be 200 with tokens; anything else is counted as unexpected.
+Each minute: completed requests, generated tokens per second, TTFT and ITL p50 / p99
+(per kind and all), the server's resident memory (all its processes) and the plugin's
+counters (slots, pool rows, capture rows in use, requests known to and results parked
+in the workers). Targets: the last 5 minutes' throughput within 5 % of the first 5
+minutes', memory flat, counters back at idle at the end.
+
+Phase 2, latency (``--latency-minutes``, open loop): requests arrive at ``--rate`` per
+second (Poisson, seeded), kinds plain / distinct / capture drawn at random per request,
+so the three share one load. TTFT and ITL p50 / p99 per kind; target: distinct TTFT p50
+<= 1.1x plain.
+
+Rows go to ``benchmarks/results/sustained.csv`` (one per minute) and
+``benchmarks/results/latency.csv`` (one per kind), the plot to
+``benchmarks/results/sustained_<machine>.png``. Exit 1 if any answer was unexpected
+or the counters did not return to idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import http.client
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _common import RESULTS_DIR, append_csv, git_commit, machine_info, pyplot, save_figure  # noqa: E402
+from soak_server import PROMPTS, rss_mib, served  # noqa: E402
+
+KINDS = ("plain", "distinct", "capture", "sweep", "cancel")
+WEIGHTS = (3, 4, 2, 1, 1)
+LATENCY_KINDS = ("plain", "distinct", "capture")
+SWEEP_WIDTH = 8
+MINUTE_COLUMNS = (
+    "run", "phase", "minute", "requests", "tokens", "tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
+    "itl_p50_ms", "itl_p99_ms", "plain_ttft_p50_ms", "distinct_ttft_p50_ms", "capture_ttft_p50_ms",
+    "rss_mib", "slots_in_use", "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
+    "parked", "unexpected", "model", "clients", "max_tokens", "max_slots", "machine", "cores",
+    "vllm", "git_commit", "timestamp",
+)
+LATENCY_COLUMNS = (
+    "run", "kind", "requests", "rate_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+    "itl_p99_ms", "ttft_p50_vs_plain", "model", "max_tokens", "max_slots", "machine", "cores",
+    "vllm", "git_commit", "timestamp",
+)
+
+
+@dataclass
+class Done:
+    """One finished request."""
+    kind: str
+    t_end: float  # seconds since the phase started
+    tokens: int
+    ttft: float | None  # seconds
+    gaps: list = field(default_factory=list)  # inter-token gaps, seconds
+    problem: str | None = None
+
+
+def pct(xs, q: float) -> float | None:
+    """The q-quantile (0..1) of xs, nearest rank; None for no values."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else round(1000.0 * x, 2)
+
+
+# ----------------------------------------------------------------------- requests
+def stream(base_url: str, api_key: str | None, body: dict, timeout: float,
+           cancel_after: int | None = None) -> tuple[int, float | None, list, str, str | None]:
+    """POST a streamed completion; (tokens, ttft, gaps, text, problem). Tokens are the
+    usage count of the final chunk (chunks when it is absent); ``cancel_after`` chunks
+    drops the connection."""
+    host, port = base_url.split("//", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.monotonic()
+    ttft, last, gaps, text, chunks, usage = None, None, [], [], 0, None
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return 0, None, [], "", f"HTTP {resp.status}: {resp.read()[:200]!r}"
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            msg = json.loads(data)
+            if msg.get("usage"):
+                usage = msg["usage"].get("completion_tokens")
+            piece = "".join(c.get("text") or "" for c in msg.get("choices") or ())
+            if not msg.get("choices"):
+                continue
+            now = time.monotonic()
+            if ttft is None:
+                ttft = now - t0
+            else:
+                gaps.append(now - last)
+            last = now
+            text.append(piece)
+            chunks += 1
+            if cancel_after is not None and chunks >= cancel_after:
+                return chunks, ttft, gaps, "".join(text), None
+    except (OSError, ValueError) as e:
+        return 0, None, [], "", f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+    return (usage if usage is not None else chunks), ttft, gaps, "".join(text), None
+
+
+class Mix:
+    """The request kinds against one server: configs, expected plain answers, calls."""
+
+    def __init__(self, client, model: str, info, max_tokens: int, seed: int):
+        self.client, self.model, self.info, self.max_tokens = client, model, info, max_tokens
+        self.layers, self.heads = info.num_layers, info.num_heads
+        self._serial = iter(range(10**9))
+        self._lock = threading.Lock()
+        self.plain = {}  # each prompt's answer alone, streamed like every request
+        for p in PROMPTS:
+            n, _, _, text, problem = stream(client.base_url, client.api_key, self.body(p, None), client.timeout)
+            if problem or n < 1:
+                raise RuntimeError(f"plain request failed: {problem or 'no tokens'}")
+            self.plain[p] = text
+
+    def distinct_cfg(self, r: random.Random) -> dict:
+        with self._lock:
+            k = next(self._serial)
+        layers = sorted(r.sample(range(self.layers), max(1, self.layers // 3)))
+        # The serial number in the scale makes every config's fingerprint new.
+        return {"steer": [{"vector": "soak.res", "layers": layers, "scale": 0.5 + 1e-4 * k}],
+                "heads": [{"layer": r.randrange(self.layers), "head": r.randrange(self.heads),
+                           "mode": "add", "vector": "soak.head", "scale": 1.0}]}
+
+    def body(self, prompt: str, cfg: dict | None, key: str | None = None, max_tokens=None) -> dict:
+        b = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens or self.max_tokens,
+             "temperature": 0.0, "ignore_eos": True}
+        xargs = {}
+        if cfg is not None:
+            xargs["emosteer"] = json.dumps(cfg)
+        if key is not None:
+            xargs["emosteer_key"] = key
+        if xargs:
+            b["vllm_xargs"] = xargs
+        return b
+
+    def one(self, kind: str, r: random.Random, t0: float) -> list[Done]:
+        c = self.client
+        p = r.choice(PROMPTS)
+
+        def call(body, cancel_after=None, check_plain=False):
+            n, ttft, gaps, text, problem = stream(c.base_url, c.api_key, body, c.timeout, cancel_after)
+            if problem is None and cancel_after is None and n < 1:
+                problem = "no tokens"
+            if problem is None and check_plain and text != self.plain[p]:
+                problem = "plain answer differs from the prompt's answer alone"
+            return Done(kind, time.monotonic() - t0, n, ttft, gaps, problem)
+
+        if kind == "plain":
+            return [call(self.body(p, None), check_plain=True)]
+        if kind == "distinct":
+            return [call(self.body(p, self.distinct_cfg(r)))]
+        if kind == "capture":
+            key = uuid.uuid4().hex
+            cfg = {"capture": {"residual": [self.layers - 1], "heads": [self.layers // 2],
+                               "positions": "last"}}
+            d = call(self.body(p, cfg, key))
+            if d.problem is None:
+                try:
+                    got = c.captures(key)
+                    if self.layers - 1 not in got.get("residual", {}):
+                        d.problem = "capture fetched without the residual layer"
+                except Exception as e:  # noqa: BLE001 - any failure is an unexpected result
+                    d.problem = f"capture fetch: {e}"
+            return [d]
+        if kind == "sweep":
+            out: list[Done] = []
+            heads = [(r.randrange(self.layers), r.randrange(self.heads)) for _ in range(SWEEP_WIDTH)]
+
+            def patch(lh):
+                cfg = {"heads": [{"layer": lh[0], "head": lh[1], "mode": "ablate", "positions": "last"}]}
+                out.append(call(self.body(p, cfg, max_tokens=2)))
+
+            ts = [threading.Thread(target=patch, args=(lh,), daemon=True) for lh in heads]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            return out
+        if kind == "cancel":
+            return [call(self.body(p, self.distinct_cfg(r), max_tokens=4 * self.max_tokens), cancel_after=1)]
+        raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------- phases
+def counters(client, server_pid) -> dict:
+    st = client.status()
+    adm = st["admission"]
+    workers = st.get("workers") or [{}]
+    return {
+        "rss_mib": round(rss_mib(server_pid), 1),
+        "slots_in_use": adm["slots_in_use"],
+        "pool_rows_in_use": sum(adm["pool_rows_in_use"].values()),
+        "capture_rows_in_use": adm["capture_rows_in_use"],
+        "worker_requests": sum(int(w.get("requests", 0)) for w in workers),
+        "parked": sum(int(w.get("parked", 0)) for w in workers),
+    }
+
+
+def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, progress=True):
+    """Closed loop for ``seconds``; (finished requests, counter samples [(t, dict)])."""
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    done: list[Done] = []
+    lock = threading.Lock()
+
+    def worker(i):
+        r = random.Random(seed * 1000 + i)
+        while time.monotonic() < deadline:
+            kind = r.choices(KINDS, WEIGHTS)[0]
+            try:
+                got = mix.one(kind, r, t0)
+            except Exception as e:  # noqa: BLE001
+                got = [Done(kind, time.monotonic() - t0, 0, None, [], f"{type(e).__name__}: {e}")]
+            with lock:
+                done.extend(got)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    samples = []
+    next_sample = t0
+    while any(t.is_alive() for t in threads):
+        if time.monotonic() >= next_sample:
+            samples.append((time.monotonic() - t0, counters(mix.client, server_pid)))
+            next_sample += 20.0
+            if progress:
+                with lock:
+                    n, bad = len(done), sum(d.problem is not None for d in done)
+                print(f"  {samples[-1][0]:6.0f} s  {n} requests, {bad} unexpected, "
+                      f"rss {samples[-1][1]['rss_mib']} MiB", flush=True)
+        for t in threads:
+            t.join(timeout=0.5)
+        if time.monotonic() > deadline + 600:
+            raise SystemExit("clients did not finish within 600 s of the deadline")
+    return done, samples
+
+
+def open_loop(mix: Mix, seconds: float, rate: float, seed: int):
+    """Poisson arrivals at ``rate``/s for ``seconds``, kinds of LATENCY_KINDS at random."""
+    r = random.Random(seed)
+    t0 = time.monotonic()
+    done: list[Done] = []
+    lock = threading.Lock()
+    threads = []
+    t_next = t0
+
+    def fire(kind, rr):
+        try:
+            got = mix.one(kind, rr, t0)
+        except Exception as e:  # noqa: BLE001
+            got = [Done(kind, time.monotonic() - t0, 0, None, [], f"{type(e).__name__}: {e}")]
+        with lock:
+            done.extend(got)
+
+    while True:
+        t_next += r.expovariate(rate)
+        if t_next > t0 + seconds:
+            break
+        time.sleep(max(0.0, t_next - time.monotonic()))
+        th = threading.Thread(target=fire, args=(r.choice(LATENCY_KINDS), random.Random(r.random())),
+                              daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join(timeout=600)
+    return done
+
+
+def wait_idle(client, tries: int = 100) -> tuple[bool, dict]:
+    for _ in range(tries):
+        adm = client.status()["admission"]
+        idle = (adm["slots_in_use"] == 0 and adm["waiting_for_slots"] == 0
+                and adm["capture_rows_in_use"] == 0 and not any(adm["pool_rows_in_use"].values()))
+        if idle:
+            return True, adm
+        time.sleep(0.1)
+    return False, adm
+
+
+# ----------------------------------------------------------------------- tables
+def minute_rows(done: list[Done], samples, seconds: float, base: dict) -> list[dict]:
+    rows = []
+    n_min = max(1, int(round(seconds / 60.0)))
+    for m in range(n_min):
+        lo, hi = 60.0 * m, 60.0 * (m + 1)
+        final = m == n_min - 1  # also takes the requests that finished after the deadline
+        ds = [d for d in done if lo <= d.t_end and (final or d.t_end < hi)]
+        ok = [d for d in ds if d.problem is None]
+        span = hi - lo
+        if final:
+            span = max(min(seconds, hi) - lo, max((d.t_end for d in ds), default=lo) - lo)
+        ttfts = [d.ttft for d in ok if d.ttft is not None]
+        gaps = [g for d in ok for g in d.gaps]
+        within = [smp for t, smp in samples if lo <= t < hi or (final and t >= hi)]
+        last = (within or [smp for _, smp in samples] or [{}])[-1]
+        row = dict(base, minute=m + 1, requests=len(ds), tokens=sum(d.tokens for d in ok),
+                   tok_per_s=round(sum(d.tokens for d in ok) / max(span, 1e-9), 2),
+                   ttft_p50_ms=ms(pct(ttfts, 0.5)), ttft_p99_ms=ms(pct(ttfts, 0.99)),
+                   itl_p50_ms=ms(pct(gaps, 0.5)), itl_p99_ms=ms(pct(gaps, 0.99)),
+                   unexpected=len(ds) - len(ok), **last)
+        for kind in LATENCY_KINDS:
+            row[f"{kind}_ttft_p50_ms"] = ms(pct([d.ttft for d in ok if d.kind == kind and d.ttft], 0.5))
+        rows.append(row)
+    return rows
+
+
+def latency_rows(done: list[Done], rate: float, base: dict) -> list[dict]:
+    rows = []
+    for kind in LATENCY_KINDS:
+        ok = [d for d in done if d.kind == kind and d.problem is None]
+        ttfts = [d.ttft for d in ok if d.ttft is not None]
+        gaps = [g for d in ok for g in d.gaps]
+        rows.append(dict(base, kind=kind, requests=len(ok), rate_per_s=rate,
+                         ttft_p50_ms=ms(pct(ttfts, 0.5)), ttft_p99_ms=ms(pct(ttfts, 0.99)),
+                         itl_p50_ms=ms(pct(gaps, 0.5)), itl_p99_ms=ms(pct(gaps, 0.99))))
+    plain = rows[0]["ttft_p50_ms"]
+    for row in rows:
+        if plain and row["ttft_p50_ms"] is not None:
+            row["ttft_p50_vs_plain"] = round(row["ttft_p50_ms"] / plain, 3)
+    return rows
+
+
+def summary(minutes: list[dict], lat: list[dict]) -> dict:
+    tps = [float(r["tok_per_s"]) for r in minutes]
+    k = min(5, max(1, len(tps) // 2))
+    first, last = statistics.median(tps[:k]), statistics.median(tps[-k:])
+    out = {"first_tok_per_s": first, "last_tok_per_s": last,
+           "last_vs_first": round(last / first, 3) if first else None,
+           "rss_first_mib": minutes[0]["rss_mib"], "rss_last_mib": minutes[-1]["rss_mib"],
+           "window_minutes": k}
+    for row in lat:
+        out[f"{row['kind']}_ttft_p50_vs_plain"] = row.get("ttft_p50_vs_plain")
+    return out
+
+
+def plot(minutes: list[dict], lat: list[dict], path: str, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
+    x = [r["minute"] for r in minutes]
+    ax[0].plot(x, [r["tok_per_s"] for r in minutes], marker="o")
+    ax[0].set(xlabel="minute", ylabel="generated tok/s", title="throughput (closed loop)")
+    ax[0].set_ylim(bottom=0)
+    for key, style in (("ttft_p50_ms", "-o"), ("ttft_p99_ms", "--o"), ("itl_p50_ms", "-s"), ("itl_p99_ms", "--s")):
+        ax[1].plot(x, [r[key] for r in minutes], style, label=key.replace("_ms", ""))
+    ax[1].set(xlabel="minute", ylabel="ms", title="latency, all kinds")
+    ax[1].legend(fontsize=7)
+    ax[2].plot(x, [r["rss_mib"] for r in minutes], "k-o", label="server RSS (MiB)")
+    ax[2].set(xlabel="minute", ylabel="MiB", title="memory and counters (end of minute)")
+    tw = ax[2].twinx()
+    for key in ("slots_in_use", "pool_rows_in_use", "capture_rows_in_use", "worker_requests", "parked"):
+        tw.plot(x, [r[key] for r in minutes], "--", label=key)
+    tw.legend(fontsize=6, loc="upper right")
+    ax[2].legend(fontsize=7, loc="lower left")
+    kinds = [r["kind"] for r in lat]
+    for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms")):
+        ax[3].bar([j + 0.4 * i for j in range(len(kinds))], [r[key] or 0 for r in lat], 0.4,
+                  label=key.replace("_ms", ""))
+    ax[3].set_xticks([j + 0.2 for j in range(len(kinds))], kinds)
+    ax[3].set(ylabel="ms", title=f"TTFT at {lat[0]['rate_per_s']} req/s (open loop)" if lat else "TTFT")
+    ax[3].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------- main
+def run(client, model: str, *, minutes: float, latency_minutes: float, clients: int, rate: float,
+        max_tokens: int, seed: int, server_pid, max_slots: int, out_dir: str, progress=True) -> dict:
+    """Both phases against ``client``; rows appended under ``out_dir``; the summary."""
+    import torch
+
+    from emosteer.request.bank import ModelInfo, VectorBank
+
+    info = ModelInfo.from_dict(client.vectors()["model"])
+    g = torch.Generator().manual_seed(seed)
+    bank = VectorBank(info)
+    bank.add("soak.res", "residual", torch.randn(info.num_layers, info.hidden_size, generator=g))
+    bank.add("soak.head", "head", torch.randn(info.num_layers, info.num_heads, info.head_dim, generator=g))
+    st, body = client.upload(bank)
+    if st != 201:
+        raise RuntimeError(f"could not register the benchmark vectors: {st} {body}")
+    try:
+        mix = Mix(client, model, info, max_tokens, seed)
+        mach = machine_info()
+        vllm_version = getattr(__import__("vllm"), "__version__", "?")
+        run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        base = dict(run=run_id, model=os.path.basename(model.rstrip("/")), clients=clients,
+                    max_tokens=max_tokens, max_slots=max_slots, machine=mach["machine"],
+                    cores=mach["cores"], vllm=vllm_version, git_commit=git_commit(),
+                    timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        if progress:
+            print(f"sustained: {minutes} min, {clients} clients", flush=True)
+        done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress)
+        idle, adm = wait_idle(client)
+        samples.append((minutes * 60.0 + 1e-6, counters(client, server_pid)))
+        mrows = minute_rows(done, samples, minutes * 60.0, dict(base, phase="sustained"))
+        if progress:
+            print(f"latency: {latency_minutes} min at {rate} req/s", flush=True)
+        ldone = open_loop(mix, latency_minutes * 60.0, rate, seed + 1)
+        lrows = latency_rows(ldone, rate, dict(base, max_slots=max_slots))
+        idle2, adm2 = wait_idle(client)
+    finally:
+        for name in ("soak.res", "soak.head"):
+            client.delete(name)
+    append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
+    append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
+    png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
+    plot(mrows, lrows, png, f"{base['model']}, {clients} clients, max_tokens {max_tokens}, "
+         f"max_slots {max_slots}; {mach['machine']} ({mach['cores']} cores); vLLM {vllm_version}; run {run_id}")
+    problems = [f"{d.kind}: {d.problem}" for d in (*done, *ldone) if d.problem]
+    by_kind = collections.Counter(d.kind for d in done)
+    return {"summary": summary(mrows, lrows), "minutes": mrows, "latency": lrows, "by_kind": dict(by_kind),
+            "unexpected": problems, "idle_after": idle and idle2, "admission_after": adm2, "plot": png}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--latency-minutes", type=float, default=5.0)
+    ap.add_argument("--model", default="default", help="model folder, 'default' or 'tiny'")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=1.0, help="requests per second in the latency phase")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-slots", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", default=None, help="a running server instead of starting one")
+    ap.add_argument("--api-key", default="bench-key")
+    ap.add_argument("--out-dir", default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+
+    from emosteer.client import Client
+
+    with served(args.model, url=args.url, max_slots=args.max_slots, api_key=args.api_key,
+                log_name="emosteer-sustained-server.log") as (url, model, pid):
+        res = run(Client(url, api_key=args.api_key, timeout=600), model, minutes=args.minutes,
+                  latency_minutes=args.latency_minutes, clients=args.clients, rate=args.rate,
+                  max_tokens=args.max_tokens, seed=args.seed, server_pid=pid,
+                  max_slots=args.max_slots, out_dir=args.out_dir)
+    print(json.dumps({"summary": res["summary"], "by_kind": res["by_kind"], "idle_after": res["idle_after"]},
+                     indent=1))
+    for row in res["latency"]:
+        print(f"  {row['kind']:9s} TTFT p50 {row['ttft_p50_ms']} ms p99 {row['ttft_p99_ms']} ms, "
+              f"ITL p50 {row['itl_p50_ms']} ms p99 {row['itl_p99_ms']} ms ({row['requests']} requests)")
+    for u in res["unexpected"][:20]:
+        print("UNEXPECTED", u)
+    print("plot:", res["plot"])
+    return 0 if not res["unexpected"] and res["idle_after"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
