@@ -32,7 +32,7 @@ from emosteer.request import inline as inline_vec
 from emosteer.request.bank import ModelInfo, VectorBank
 import numpy as np
 
-from emosteer.request.compile import MAX_RES_TERMS, PHASES, compile_request, materialize
+from emosteer.request.compile import MAX_RES_TERMS, PHASES, compile_request, key_rows, materialize
 from emosteer.request.spec import CaptureItem, SteerSpec
 from emosteer.request.step import BatchTables, StepRow
 
@@ -47,7 +47,9 @@ class LayerPlan:
 
     head_a: torch.Tensor | None = None  # [S, H] float32
     head_b: torch.Tensor | None = None  # [S, H] float32
-    head_v: torch.Tensor | None = None  # [S, H, D] model dtype
+    head_v: torch.Tensor | None = None  # [S + R, H, D] model dtype: row s is slot s's, then
+    # the runs of rows of position-aligned patches (read at the per-token row offset)
+    head_row: torch.Tensor | None = None  # [S, H] int32 row of head_v per slot and head
     head_on: torch.Tensor | None = None  # [S] bool
     res_coef: torch.Tensor | None = None  # [S, K] float32 residual terms (ops.residual_steer)
     res_mode: torch.Tensor | None = None  # [S, K] int32
@@ -117,8 +119,9 @@ class Plan:
                 rows[key] = materialize(key, bank, info)
             return rows[key]
 
-        # Slots: 2*row + phase for every prompt / generated token, then one per position
-        # group ("last", listed positions) of each row.
+        # Slots: 2*row + phase for every prompt / generated token, then one per distinct
+        # position group ("last", listed positions) of each row: the groups of one row
+        # with the same program (a position-aligned patch over many positions) share one.
         progs: list[tuple[int, object]] = []
         step_rows: list[StepRow] = []
         S = NUM_PHASES * B
@@ -129,17 +132,27 @@ class Plan:
                 if req.phases[phase] is not None:
                     progs.append((NUM_PHASES * r + ph, req.phases[phase]))
             groups = sorted(req.positions().items())
+            by_fp: dict[str, int] = {}
+            gslots = []
             for _, name in groups:
-                progs.append((S, req.phases[name]))
-                S += 1
+                fp = req.phases[name].fingerprint
+                if fp not in by_fp:
+                    by_fp[fp] = S
+                    progs.append((S, req.phases[name]))
+                    S += 1
+                gslots.append(by_fp[fp])
             on = spec.intervenes()
             step_rows.append(StepRow(
                 n, NUM_PHASES * r if on else -1, NUM_PHASES * r + 1 if on else -1,
                 np.array([p for p, _ in groups], dtype=np.int64),
-                np.arange(S - len(groups), S, dtype=np.int32), spec.capture,
-                spec.when.layer if spec.when is not None else -1))
+                np.array(gslots, dtype=np.int32), spec.capture,
+                spec.when.layer if spec.when is not None else -1,
+                np.array([req.row_off.get(p, 0) for p, _ in groups], dtype=np.int32)
+                if req.row_off else None))
         K = MAX_RES_TERMS
         gates = {}
+        runs: list[dict[str, int]] = [{} for _ in range(L)]  # per layer: run key -> first row
+        extra: list[list[torch.Tensor]] = [[] for _ in range(L)]  # per layer: runs past row S
         for slot, prog in progs:
             for layer, terms in prog.res.items():
                 lp = layers[layer]
@@ -162,9 +175,15 @@ class Plan:
                     lp.head_a = torch.ones(S, H, **f32)
                     lp.head_b = torch.zeros(S, H, **f32)
                     lp.head_v = torch.zeros(S, H, D, dtype=dtype, device=device)
+                    lp.head_row = torch.arange(S, dtype=torch.int32, device=device).unsqueeze(1).repeat(1, H)
                     lp.head_on = torch.zeros(S, dtype=torch.bool, device=device)
                 lp.head_a[slot, head], lp.head_b[slot, head] = a, b
-                if key is not None:
+                if key is not None and key_rows(key) > 1:  # a run: rows S + ..., once per layer
+                    if key not in runs[layer]:
+                        runs[layer][key] = S + sum(x.shape[0] for x in extra[layer])
+                        extra[layer].append(row(key).to(device=device, dtype=dtype))
+                    lp.head_row[slot, head] = runs[layer][key]
+                elif key is not None:
                     lp.head_v[slot, head] = row(key)[head].to(device=device, dtype=dtype)
                 lp.head_on[slot] = True
             for layer, (gamma, key) in prog.neu.items():
@@ -187,6 +206,9 @@ class Plan:
                 lp.boost_mode[slot] = prog.boost_mode
                 lp.boost_on[slot] = True
 
+        for layer, parts in enumerate(extra):
+            if parts:
+                layers[layer].head_v = torch.cat([layers[layer].head_v, *parts])
         plan = cls(info=info, specs=specs, layers=layers, tables=BatchTables.build(step_rows),
                    captures=[s.capture for s in specs])
         if gates:

@@ -200,9 +200,8 @@ class HFSteerer:
                 vrow = torch.full((1, H), -1, dtype=torch.int32, device=z.device)
                 v = torch.zeros(1, H, D, dtype=z.dtype, device=z.device)
             else:
-                a, b, v = lp.head_a, lp.head_b, lp.head_v
-                vrow = _own_rows(a.shape[0], z.device).unsqueeze(1).expand(-1, H).contiguous()
-            hargs = (z, slot, a, b, vrow, v, cap_index, cap_buf, _ON.to(z.device))
+                a, b, v, vrow = lp.head_a, lp.head_b, lp.head_v, lp.head_row
+            hargs = (z, slot, a, b, vrow, st.row_off, v, cap_index, cap_buf, _ON.to(z.device))
             if st.grad:
                 reference.head_affine_capture(*hargs)
             else:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from emosteer.hf.plan import Plan
-from emosteer.request.step import CAPTURE_KINDS, capture_layout, token_slots
+from emosteer.request.step import CAPTURE_KINDS, capture_layout, token_row_offsets, token_slots
 
 __all__ = ["Step", "prompt_positions", "collect", "finish"]
 
@@ -37,6 +37,10 @@ class Step:
         first = np.where(first == np.iinfo(np.int64).max, 0, first)
         self.tok_row = torch.from_numpy(row).to(device)
         self.base_slot = torch.from_numpy(token_slots(plan.tables, row, p, qs, valid)).long().to(device)
+        # The head op's per-token pool-row offset (position-aligned patches), int32 [B*T].
+        off = token_row_offsets(plan.tables, p, qs)
+        self.row_off = (torch.zeros(B * T, dtype=torch.int32) if off is None
+                        else torch.from_numpy(off)).to(device)
         self.layout = capture_layout(plan.tables, p, qs, first, plan.info.num_layers, None, valid)
         self.acts: dict[str, dict[int, torch.Tensor]] = {"heads": {}, "mlp": {}, "residual": {}}
         # kind -> layer -> the captured tokens' rows, in token order

@@ -22,6 +22,11 @@ indices; the vectors themselves live once in a *vector pool* (see
     probe     ["probe", name, hash, layer]                row [d] = w of the probe at layer
     head      ["head", name, hash, layer]                 row [H, D] = vec[layer]
               ["head", name, hash, layer, k]              row [H, D] = vec[k, layer] (per position)
+              ["head", name, hash, layer, "run", N]       N consecutive rows [N, H, D] =
+                                                          vec[:, layer] (a position-aligned
+                                                          patch in one slot: its k-th listed
+                                                          position reads row base + k through
+                                                          the head op's per-token row_off)
     neurons   ["neu", name, hash, layer]                  row [I] = mask[layer] (0/1)
 
 Running example: ``{"steer": [{"vector": "joy", "layers": [3], "scale": 4}],
@@ -48,6 +53,10 @@ from emosteer.request.positions import PHASES
 from emosteer.request.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
 
 POOL_KINDS = ("res", "head", "neu", "probe")
+# ``HeadItem.at`` of a position-aligned item in a group that reads its vector's rows as
+# one run: the row of a token is given per token (``RequestProgram.row_off``), so the
+# item, and the group's fingerprint, do not depend on the position.
+ALIGNED = -1
 MAX_RES_TERMS = 8  # residual terms (add / clamp / project-out rows) per slot and layer
 # The term modes of the residual op (the same numbers as ``emosteer.ops.reference.RES_*``;
 # tests/test_spec.py holds them equal): the rule, plus RES_RELATIVE for a scale relative
@@ -64,7 +73,9 @@ __all__ = [
     "compile_phase",
     "compile_request",
     "key_kind",
+    "key_rows",
     "materialize",
+    "ALIGNED",
 ]
 
 
@@ -103,6 +114,15 @@ def key_kind(key: str) -> str:
     if kind not in POOL_KINDS:
         raise ValueError(f"not a pool key: {key!r}")
     return kind
+
+
+def key_rows(key: str) -> int:
+    """How many consecutive pool rows ``key`` holds: N for a run key
+    (``["head", name, hash, layer, "run", N]``), else 1."""
+    if '"run"' not in key:  # (the admission path asks for every key: no parse)
+        return 1
+    parts = json.loads(key)
+    return int(parts[5]) if parts[0] == "head" and len(parts) == 6 and parts[4] == "run" else 1
 
 
 @dataclass
@@ -206,7 +226,10 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
         a, b = item.affine()
         key = None
         if item.vector is not None and b != 0.0:
-            if item.at is not None:  # one vector per listed position: row `at` of the entry
+            if item.at == ALIGNED:  # every position's vector, consecutive rows (row_off)
+                n = int(bank.get(item.vector, "head_positions").shape[0])
+                key = _key("head", item.vector, h(item.vector), item.layer, "run", n)
+            elif item.at is not None:  # one vector per listed position: row `at` of the entry
                 key = _key("head", item.vector, h(item.vector), item.layer, item.at)
             else:
                 key = _key("head", item.vector, h(item.vector), item.layer)
@@ -234,9 +257,14 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
 
 @dataclass
 class RequestProgram:
-    """Both phases of one request: ``phases[p]`` is None where nothing acts."""
+    """Both phases of one request: ``phases[p]`` is None where nothing acts.
+
+    ``row_off[p]``: the head op's pool-row offset at prompt position p, for the groups
+    that read a position-aligned vector as one run of rows (its index among the listed
+    positions); 0 (absent) elsewhere."""
 
     phases: dict[str, SlotProgram | None]
+    row_off: dict[int, int] = field(default_factory=dict)
 
     def positions(self) -> dict[int, str]:
         """Prompt position -> its group name, for the groups that intervene."""
@@ -250,7 +278,9 @@ class RequestProgram:
         safe; None when no position is intervened on). ``positions.program_at`` reads it.
 
         ``{"P": prompt length, "prompt": fp, "generated": fp, "at": [[position, fp], ...]}``
-        with ``fp`` the fingerprint of the program in effect (None = no intervention).
+        with ``fp`` the fingerprint of the program in effect (None = no intervention);
+        at a position that reads its slot's rows at an offset k (``row_off``) it is
+        ``"<fp>#<k>"``: the slot is the same at every listed position, the vector is not.
         A prompt of unknown length gets ``P = -1``; the block hasher then takes the
         request's own prompt length (``patches/prefix_cache.identity_of``)."""
         fps = self.fingerprints()
@@ -261,7 +291,8 @@ class RequestProgram:
             "P": -1 if num_prompt is None else int(num_prompt),
             "prompt": fps.get("prompt"),
             "generated": fps.get("generated"),
-            "at": [[pos, fps[name]] for pos, name in at],
+            "at": [[pos, fps[name] if pos not in self.row_off else f"{fps[name]}#{self.row_off[pos]}"]
+                   for pos, name in at],
         }
 
     def to_plan(self, capture_rows: int = 0, num_prompt: int | None = None) -> dict:
@@ -285,12 +316,22 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
 
     Each group holds the items of every prompt token plus those naming the position, all
     as ``positions: "all"``, so a group's fingerprint does not depend on where it acts:
-    a patch listing 40 positions with one vector is one slot; with a "head_positions"
-    vector (one per position) each position reads its own row (``HeadItem.at``). The
-    probe gate (``when``) gates a group's later layers as it does the phases'."""
+    a patch listing 40 positions with one vector is one slot. So is one with a
+    "head_positions" vector (one per position): where the group's head items that read a
+    vector all read "head_positions" vectors listing the same positions, they read them
+    as one run of pool rows (``HeadItem.at = ALIGNED``) at the per-token offset
+    ``position_groups`` gives; otherwise each position reads its own row
+    (``HeadItem.at`` = its index). The probe gate (``when``) gates a group's later layers
+    as it does the phases'."""
+    return {p: group for p, (group, _) in position_groups(spec, bank, num_prompt).items()}
+
+
+def position_groups(spec: SteerSpec, bank: VectorBank | None,
+                    num_prompt: int | None) -> dict[int, tuple[SteerSpec, int]]:
+    """``position_specs`` with each group's head-pool row offset (0 unless it reads a run)."""
     items = [*spec.steer, *spec.heads, *([spec.neurons] if spec.neurons is not None else [])]
     covers = pos_model.covers
-    out: dict[int, SteerSpec] = {}
+    out: dict[int, tuple[SteerSpec, int]] = {}
     for p in pos_model.groups((it.positions for it in items), num_prompt):
         steer = tuple(replace(s, positions="all") for s in spec.steer if covers(s.positions, p, num_prompt))
         heads = []
@@ -305,20 +346,43 @@ def position_specs(spec: SteerSpec, bank: VectorBank | None, num_prompt: int | N
                     f"at prompt position {p}; one intervention per head and position",
                 )
             seen[(hd.layer, hd.head)] = i
-            at = None
-            if (isinstance(hd.positions, tuple) and hd.vector is not None and bank is not None
-                    and hd.vector in bank and bank.kind(hd.vector) == "head_positions"):
-                at = hd.positions.index(p)
-            heads.append(replace(hd, positions="all", at=at))
+            heads.append(hd)
+        heads, off = _aligned_heads(heads, bank, p)
         neurons = spec.neurons
         if neurons is not None:
             if covers(neurons.positions, p, num_prompt):
                 neurons = replace(neurons, positions="all")
             else:
                 neurons = None
-        out[p] = SteerSpec(steer=steer, heads=tuple(heads), neurons=neurons,
-                           boost=_phase_boost(spec.boost, "prompt"), when=spec.when)
+        out[p] = (SteerSpec(steer=steer, heads=tuple(heads), neurons=neurons,
+                            boost=_phase_boost(spec.boost, "prompt"), when=spec.when), off)
     return out
+
+
+def _aligned_heads(heads: list, bank: VectorBank | None, p: int):
+    """The head items of the group at prompt position ``p`` (as ``positions: "all"``)
+    and the group's row offset. Items with a "head_positions" vector read row ``k`` of
+    it, k = the index of p among their listed positions: as one run of rows at offset k
+    (``at = ALIGNED``) when every item of the group that reads a vector is such an item
+    listing the same positions (the offset is one per token), else row k itself."""
+    def per_position(hd) -> bool:
+        return (isinstance(hd.positions, tuple) and hd.vector is not None and bank is not None
+                and hd.vector in bank and bank.kind(hd.vector) == "head_positions")
+
+    readers = [hd for hd in heads if hd.vector is not None and hd.affine()[1] != 0.0]
+    lists = {hd.positions if per_position(hd) else None for hd in readers}
+    if readers and len(lists) == 1 and None not in lists:
+        at = ALIGNED
+        off = next(iter(lists)).index(p)
+    else:
+        at = off = None
+    out = []
+    for hd in heads:
+        if per_position(hd):
+            out.append(replace(hd, positions="all", at=at if at is not None else hd.positions.index(p)))
+        else:
+            out.append(replace(hd, positions="all", at=None))
+    return out, (off or 0)
 
 
 def compile_request(
@@ -328,9 +392,12 @@ def compile_request(
     and ``"@<p>"`` for each prompt position p named by "last" or a position list."""
     bank = inline_vec.overlay(bank, info, spec.steer)
     phases = {p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES}
-    for pos, group in position_specs(spec, bank, num_prompt).items():
+    row_off: dict[int, int] = {}
+    for pos, (group, off) in position_groups(spec, bank, num_prompt).items():
         phases[f"@{pos}"] = compile_phase(group, bank, info)
-    return RequestProgram(phases)
+        if any(hd.at == ALIGNED for hd in group.heads):
+            row_off[pos] = off
+    return RequestProgram(phases, row_off)
 
 
 def materialize(
@@ -368,6 +435,12 @@ def materialize(
         _, name, hsh, layer = parts
         return entry(name, hsh, "probe")[layer, :-1].float()
     if kind == "head":
+        if len(parts) == 6:  # a per-position entry [N, L, H, D] as one run: [N, H, D]
+            _, name, hsh, layer, _, n = parts
+            vec = shard_entry(entry(name, hsh, "head_positions"), "head_positions", tp_size, tp_rank)
+            if vec.shape[0] != n:
+                raise KeyError(f"vector {name!r} holds {vec.shape[0]} positions, not {n}")
+            return vec[:, layer].float()
         if len(parts) == 5:  # a per-position entry [N, L, H, D]: row `at`
             _, name, hsh, layer, at = parts
             vec = shard_entry(entry(name, hsh, "head_positions"), "head_positions", tp_size, tp_rank)

@@ -9,6 +9,9 @@ position model (``positions.choose`` and ``positions.captured``) to answer:
 * ``token_slots``: the slot whose program acts on each token (-1: none). A token at a
   position group ("last" or a listed prompt position) takes its group's slot, other
   prompt tokens the prompt slot, later tokens the generated slot.
+* ``token_row_offsets``: the head op's pool-row offset of each token (``row_off``): k
+  at the k-th listed position of a position-aligned patch held in one slot (its vectors
+  are a run of consecutive pool rows), 0 elsewhere.
 * ``capture_layout``: per capture kind ("heads", "residual", "attn_image", "probe": the
   gate's score, at the gate's layer) a
   ``[num_layers, T]`` table of capture-buffer rows (-1: not captured), and the records
@@ -35,7 +38,7 @@ from emosteer.request.spec import CaptureItem
 CAPTURE_KINDS = ("heads", "residual", "attn_image", "probe")
 
 __all__ = ["CAPTURE_KINDS", "StepRow", "BatchTables", "CaptureLayout", "token_positions",
-           "token_slots", "capture_layout"]
+           "token_slots", "token_row_offsets", "capture_layout"]
 
 
 @dataclass
@@ -49,6 +52,7 @@ class StepRow:
     group_slot: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     capture: CaptureItem | None = None
     gate_layer: int = -1  # the layer of the request's probe gate (its score capture), -1 none
+    group_off: np.ndarray | None = None  # per group position: head-pool row offset (None: all 0)
 
 
 @dataclass
@@ -62,6 +66,8 @@ class BatchTables:
     captures: list[tuple[int, CaptureItem]]  # (row, capture) of the capturing rows
     capture_last: np.ndarray  # per capture: the one position it records, -1 if more
     capture_gate: np.ndarray  # per capture: the layer of its gate (probe scores), -1 none
+    offsets: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # (row, group positions, their head-pool row offsets) of the rows with a non-zero one
 
     @classmethod
     def build(cls, rows: Sequence[StepRow]) -> "BatchTables":
@@ -74,7 +80,9 @@ class BatchTables:
         last = np.array([pos_model.capture_only_at(c.positions, rows[i].num_prompt) for i, c in caps],
                         dtype=np.int64)
         gate = np.array([rows[i].gate_layer for i, _ in caps], dtype=np.int64)
-        return cls(npr, ps, gs, groups, caps, last, gate)
+        offs = [(i, r.group_pos, np.asarray(r.group_off, dtype=np.int32)) for i, r in enumerate(rows)
+                if r.group_off is not None and np.any(r.group_off)]
+        return cls(npr, ps, gs, groups, caps, last, gate, offs)
 
     def used_slots(self) -> np.ndarray:
         """Every slot some token of the batch can take (sorted, unique)."""
@@ -105,6 +113,19 @@ def token_slots(t: BatchTables, row: np.ndarray, pos: np.ndarray, query_start: n
     if valid is not None:
         slot = np.where(valid, slot, -1)
     return slot.astype(np.int32)
+
+
+def token_row_offsets(t: BatchTables, pos: np.ndarray, query_start: np.ndarray) -> np.ndarray | None:
+    """int32 ``[T]``: the head op's pool-row offset of each token (``row_off``), or None
+    when every token's is 0 (no request of the batch reads a run of rows)."""
+    if not t.offsets:
+        return None
+    out = np.zeros(int(query_start[-1]), dtype=np.int32)
+    zero = np.int32(0)
+    for i, gpos, goff in t.offsets:
+        lo, hi = int(query_start[i]), int(query_start[i + 1])
+        out[lo:hi] = pos_model.choose(pos[lo:hi], t.num_prompt[i], zero, zero, gpos, goff)
+    return out
 
 
 @dataclass

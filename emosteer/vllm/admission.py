@@ -37,11 +37,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from emosteer.request.compile import POOL_KINDS, key_kind
+from emosteer.request.compile import POOL_KINDS, key_kind, key_rows
 from emosteer.request.slots import SlotTable
 
 PLAN_KEY = "emosteer_plan"  # extra_args: what the front end compiled (fingerprints, pool keys)
 GRANT_KEY = "emosteer_grant"  # extra_args: what the scheduler granted (slot ids, pool rows)
+
+
+class PoolFull(RuntimeError):
+    """No room for a run key's consecutive rows (``Admission.try_admit`` checks first)."""
 
 
 class PoolTable:
@@ -49,37 +53,93 @@ class PoolTable:
 
     Running example, 2 rows: ref("a") -> 0, ref("b") -> 1, unref("a") (row 0 stays
     resident: a later ref("a") finds it without a rewrite), ref("c") evicts "a" -> 0.
+
+    A run key (``compile.key_rows(key) = N > 1``: a position-aligned head vector, one
+    row per listed position) takes N consecutive rows and is known by the first; it is
+    placed from the top of the pool down (single rows fill from the bottom up, so runs
+    find room), evicting idle keys least-recently-used first until N consecutive rows are
+    free. ``try_admit`` places a request's new run keys in a dry run first
+    (``snapshot`` / ``restore``), so a request it cannot place keeps waiting.
     """
 
     def __init__(self, rows: int):
         self.rows = int(rows)
         self._row: dict[str, int] = {}
+        self._size: dict[str, int] = {}  # run keys only: rows held
         self._refs: dict[str, int] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()  # resident, unreferenced, LRU first
-        self._free = list(range(self.rows - 1, -1, -1))
+        self._free = list(range(self.rows - 1, -1, -1))  # a stack: pops the lowest row first
+        self._held = 0  # rows held by resident keys
 
     def row_of(self, key: str) -> int | None:
         return self._row.get(key)
 
     def available(self, exclude: set[str]) -> int:
         """Rows a new key could take: free ones plus idle ones not in ``exclude``."""
-        return len(self._free) + sum(1 for k in self._idle if k not in exclude)
+        return len(self._free) + sum(self._size.get(k, 1) for k in self._idle if k not in exclude)
+
+    def _evict(self, key: str) -> None:
+        """Drop the idle ``key``: its rows go back to the free list (its first row on
+        top, so a single row taken next reuses it)."""
+        del self._idle[key]
+        row = self._row.pop(key)
+        self._refs.pop(key, None)
+        n = self._size.pop(key, 1)
+        self._held -= n
+        self._free.extend(range(row + n - 1, row - 1, -1))
+
+    def _window(self, n: int, free: set[int]) -> int | None:
+        """The highest start of n consecutive rows that are all in ``free``."""
+        run = 0
+        for r in range(self.rows - 1, -1, -1):
+            run = run + 1 if r in free else 0
+            if run >= n:
+                return r
+        return None
+
+    def _place_run(self, key: str, n: int) -> int:
+        free = set(self._free)
+        start = self._window(n, free)
+        while start is None:
+            if not self._idle:
+                raise PoolFull(f"no {n} consecutive free pool rows for {key}")
+            old = next(iter(self._idle))  # least recently used
+            r0, k = self._row[old], self._size.get(old, 1)
+            self._evict(old)
+            free.update(range(r0, r0 + k))
+            start = self._window(n, free)
+        taken = set(range(start, start + n))
+        self._free = [r for r in self._free if r not in taken]
+        self._size[key] = n
+        return start
+
+    def snapshot(self) -> tuple:
+        """The table's state, for a dry run of ``ref`` calls undone by ``restore``."""
+        return (dict(self._row), dict(self._size), dict(self._refs), OrderedDict(self._idle),
+                list(self._free), self._held)
+
+    def restore(self, snap: tuple) -> None:
+        (self._row, self._size, self._refs, self._idle, self._free, self._held) = (
+            snap[0], snap[1], snap[2], snap[3], snap[4], snap[5])
 
     def ref(self, key: str) -> int:
+        """Take a reference on ``key``, placing it if it is not resident (``PoolFull``
+        when it cannot be: only a run key, whose N rows must be consecutive)."""
         row = self._row.get(key)
         if row is not None:
             self._idle.pop(key, None)
             self._refs[key] = self._refs.get(key, 0) + 1
             return row
-        if self._free:
-            row = self._free.pop()
+        n = key_rows(key)
+        if n > 1:
+            row = self._place_run(key, n)
         else:
-            old = next(iter(self._idle))  # least recently used
-            del self._idle[old]
-            row = self._row.pop(old)
-            self._refs.pop(old, None)
+            if not self._free:
+                self._evict(next(iter(self._idle)))  # least recently used
+            row = self._free.pop()
         self._row[key] = row
         self._refs[key] = 1
+        self._held += n
         return row
 
     def unref(self, key: str) -> None:
@@ -89,10 +149,12 @@ class PoolTable:
             self._idle[key] = None
 
     def in_use(self) -> int:
-        return len(self._refs)
+        """Rows held by referenced keys."""
+        return sum(self._size.get(k, 1) for k in self._refs)
 
     def resident(self) -> int:
-        return len(self._row)
+        """Rows held by resident keys (referenced or idle)."""
+        return self._held
 
 
 @dataclass
@@ -144,9 +206,10 @@ class Admission:
             for key in ph["keys"]:
                 need[key_kind(key)].add(key)
         for kind, keys in need.items():
-            if len(keys) > capacity.rows[kind]:
+            rows = sum(key_rows(k) for k in keys)
+            if rows > capacity.rows[kind]:
                 return (
-                    f"the config needs {len(keys)} {kind!r} pool rows and the pool holds "
+                    f"the config needs {rows} {kind!r} pool rows and the pool holds "
                     f"{capacity.rows[kind]}; raise additional_config.emosteer.pool_mib"
                 )
         return None
@@ -189,13 +252,21 @@ class Admission:
                     kind = key_kind(key)
                     if self.pools[kind].row_of(key) is None:
                         need[kind].add(key)
+            pinned = {k for keys2 in new_fps.values() for k in keys2}
             for kind, keys in need.items():
                 if not keys:
                     continue
-                pinned = {k for keys2 in new_fps.values() for k in keys2}
-                if len(keys) > self.pools[kind].available(pinned):
+                if sum(key_rows(k) for k in keys) > self.pools[kind].available(pinned):
                     self.waiting_for_slots.add(req_id)
                     return None
+            # Resident rows first, so that making room for the missing ones can never
+            # evict a row this request is about to read; then runs, largest first.
+            pairs = [key for keys in new_fps.values() for key in keys]
+            pairs.sort(key=lambda k: (0 if self.pools[key_kind(k)].row_of(k) is not None else 1,
+                                      -key_rows(k)))  # stable
+            if any(key_rows(k) > 1 for keys in need.values() for k in keys) and not self._dry_run(pairs):
+                self.waiting_for_slots.add(req_id)
+                return None
             slots: dict[str, int] = {}
             held: list[str] = []
             taken: list[str] = []
@@ -207,10 +278,7 @@ class Admission:
                 if new:
                     self._keys[fp] = list(ph["keys"])
                     taken.append(fp)
-            # Resident rows first, so that making room for the missing ones can never
-            # evict a row this request is about to read.
-            pairs = [key for fp in taken for key in self._keys[fp]]
-            pairs.sort(key=lambda k: self.pools[key_kind(k)].row_of(k) is None)  # stable
+            # (``taken`` is ``new_fps`` in order: ``pairs`` are the keys of the new slots.)
             for key in pairs:
                 self.pools[key_kind(key)].ref(key)
             rows = {
@@ -226,6 +294,20 @@ class Admission:
                 self.capture_in_use += cap
             self.waiting_for_slots.discard(req_id)
             return grant
+
+    def _dry_run(self, keys: list[str]) -> bool:
+        """Whether ``ref`` can place every key in this order (runs need consecutive
+        rows); the pools are left as they were."""
+        snaps = {kind: pool.snapshot() for kind, pool in self.pools.items()}
+        try:
+            for key in keys:
+                self.pools[key_kind(key)].ref(key)
+            return True
+        except PoolFull:
+            return False
+        finally:
+            for kind, snap in snaps.items():
+                self.pools[kind].restore(snap)
 
     def release(self, req_id: str) -> None:
         """The request is gone (finished, aborted, failed): drop its slot holds."""
@@ -255,7 +337,7 @@ class Admission:
             }
 
 
-__all__ = ["Admission", "Capacity", "PoolTable", "PLAN_KEY", "GRANT_KEY", "report_failure",
+__all__ = ["Admission", "Capacity", "PoolFull", "PoolTable", "PLAN_KEY", "GRANT_KEY", "report_failure",
            "take_failures", "discard_failures"]
 
 

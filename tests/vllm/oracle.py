@@ -26,7 +26,9 @@ Semantics implemented (``P`` = prompt length, token ``t`` is a prompt token iff 
   ``<= g`` are not gated.
 - ``heads[i]`` on the attention output before ``o_proj``, viewed ``[T, H, D]``, at the
   item's positions: add ``z += scale * v[l, h]``, patch ``z = v[l, h]``, ablate ``z = 0``,
-  scale ``z *= scale``.
+  scale ``z *= scale``. A "head_positions" vector ``[N, L, H, D]`` (one head vector per
+  listed position; the item lists N prompt positions) gives the token at the k-th
+  listed position, in ascending order, ``v = vector[k, l, h]``.
 - ``neurons``: the MLP activation ``act(gate) * up`` (``down_proj``'s input) times
   ``gamma`` where ``mask[l, i] == 1``, at its positions.
 - positions: "all", "prompt" (t < P), "generated" (t >= P), "last" (t == P - 1) or a
@@ -235,7 +237,13 @@ class Oracle:
             pos = it.get("positions", "all")
             if mode in ("add", "patch"):
                 vec = self.vector(it["vector"])
-                if tuple(vec.shape) != (self.L, self.H, self.D):
+                if vec.dim() == 4:  # one vector per listed position, in ascending order
+                    if not isinstance(pos, list) or vec.shape[0] != len(pos) or \
+                            tuple(vec.shape[1:]) != (self.L, self.H, self.D):
+                        raise OracleConfigError(f"heads[{i}].vector: per-position shape {tuple(vec.shape)} "
+                                                f"for positions {pos!r}")
+                    vec = vec.transpose(0, 1)  # [L, N, H, D]: vec[l, :, h] is [N, D]
+                elif tuple(vec.shape) != (self.L, self.H, self.D):
                     raise OracleConfigError(f"heads[{i}].vector: shape {tuple(vec.shape)}")
             elif mode in ("ablate", "scale"):
                 vec = None
@@ -247,7 +255,8 @@ class Oracle:
                 h = int(h)
                 if not 0 <= h < self.H:
                     raise OracleConfigError(f"heads[{i}].head out of range")
-                out.heads.setdefault(l, []).append((h, mode, None if vec is None else vec[l, h], scale, pos))
+                out.heads.setdefault(l, []).append(
+                    (h, mode, None if vec is None else (vec[l, :, h] if vec.dim() == 4 else vec[l, h]), scale, pos))
         if "neurons" in config:
             n = config["neurons"]
             mask = self.vector(n["set"])
@@ -307,6 +316,10 @@ class Oracle:
                 st["heads"][l] = z.clone()
             for h, mode, vec, scale, pos in st["cfg"].heads.get(l, ()):
                 m = self._mask(st, pos, l, T)
+                if vec is not None and vec.dim() == 2:  # [N, D]: the token's own vector
+                    row = {p: k for k, p in enumerate(sorted(pos))}
+                    toks = [t for t in range(T) if bool(m[t])]
+                    vec = vec[[row[t] for t in toks]] if toks else vec[:0]  # [n, D], token order
                 if mode == "add":
                     z[m, h] = z[m, h] + scale * vec
                 elif mode == "patch":

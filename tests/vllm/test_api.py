@@ -297,13 +297,16 @@ def test_position_groups_compile():
     spec.validate(bank, INFO, num_prompt_tokens=8)
     req = compile_request(spec, bank, INFO, num_prompt=8)
     assert req.positions() == {1: "@1", 4: "@4", 6: "@6", 7: "@7"}
+    # The listed positions read the vector's rows as one run (one slot), position k of
+    # the sorted list at row offset k.
+    assert req.row_off == {1: 0, 4: 1, 6: 2}
     for k, p in enumerate((1, 4, 6)):
         prog = req.phases[f"@{p}"]
         assert 0 in prog.res  # the every-prompt-token steer holds there too
         key = prog.heads[(1, 2)][2]
-        assert torch.equal(materialize(key, bank, INFO), pp[k, 1])
+        assert torch.equal(materialize(key, bank, INFO)[k], pp[k, 1])
     assert (0, 0) in req.phases["@7"].heads and (1, 2) not in req.phases["@7"].heads
-    assert len(set(req.fingerprints().values())) == 5  # prompt == generated, 4 groups
+    assert len(set(req.fingerprints().values())) == 3  # prompt == generated, @1 == @4 == @6, @7
     one = SteerSpec.parse({"heads": [{"layer": 1, "head": 2, "mode": "patch", "vector": "joy.h",
                                       "positions": [1, 4, 6]}]}).resolve(INFO)
     fps = {f for p, f in compile_request(one, bank, INFO, 8).fingerprints().items() if p.startswith("@")}

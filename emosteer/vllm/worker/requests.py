@@ -17,7 +17,7 @@ import torch
 
 from emosteer.request import inline as inline_vec
 from emosteer.request.bank import VectorBank, head_shard
-from emosteer.request.compile import PHASES, compile_request, key_kind, materialize
+from emosteer.request.compile import PHASES, compile_request, key_kind, key_rows, materialize
 from emosteer.request.spec import MAX_IMAGES, SpecError, SteerSpec
 from emosteer.request.step import StepRow
 from emosteer.vllm.admission import GRANT_KEY, PLAN_KEY, discard_failures, report_failure
@@ -35,6 +35,7 @@ class RequestState:
         # Position groups ("last", listed prompt positions): sorted positions, their slots.
         self.pos_positions = np.zeros(0, dtype=np.int64)
         self.pos_slots = np.zeros(0, dtype=np.int32)
+        self.pos_offs: np.ndarray | None = None  # their head-pool row offsets (None: all 0)
         self.capture = None
         self.heads: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [Hl, D]
         self.residual: dict[int, dict[int, torch.Tensor]] = {}  # layer -> position -> [d]
@@ -57,7 +58,7 @@ class RequestState:
         gate = self.spec.when.layer if self.spec is not None and self.spec.when is not None else -1
         return StepRow(self.num_prompt, self.slots["prompt"], self.slots["generated"],
                        self.pos_positions, self.pos_slots,
-                       self.capture if self.error is None else None, gate)
+                       self.capture if self.error is None else None, gate, self.pos_offs)
 
 
 class RequestsMixin:
@@ -115,6 +116,7 @@ class RequestsMixin:
         rs.slots = {p: -1 for p in PHASES}
         rs.pos_positions = np.zeros(0, dtype=np.int64)
         rs.pos_slots = np.zeros(0, dtype=np.int32)
+        rs.pos_offs = None
         rs.capture = None
         rs.vee = False
         if rs.error is None:
@@ -147,11 +149,14 @@ class RequestsMixin:
         rows = grant["rows"]
         for key, row in rows.items():
             kind = key_kind(key)
-            if self.row_key[kind][row] != key:
+            n = key_rows(key)  # a run key: n consecutive rows, "<key>#<k>" past the first
+            names = [key] + [f"{key}#{k}" for k in range(1, n)]
+            if self.row_key[kind][row:row + n] != names:
                 vec = materialize(key, bank, self.info, self.tp_size, self.tp_rank)
                 pool = self.bufs.pools[kind]
-                pool[row].copy_(vec.to(pool.dtype).view_as(pool[row]))
-                self.row_key[kind][row] = key
+                dst = pool[row:row + n]
+                dst.copy_(vec.to(pool.dtype).view_as(dst))
+                self.row_key[kind][row:row + n] = names
         for phase, p in prog.phases.items():
             if p is None:
                 continue
@@ -163,6 +168,8 @@ class RequestsMixin:
         if at:
             rs.pos_positions = np.array([pos for pos, _ in at], dtype=np.int64)
             rs.pos_slots = np.array([rs.slots[name] for _, name in at], dtype=np.int32)
+            if prog.row_off:
+                rs.pos_offs = np.array([prog.row_off.get(pos, 0) for pos, _ in at], dtype=np.int32)
 
     def _check_features(self, spec: SteerSpec) -> None:
         want_attn = [f for f, on in (("boost", spec.boost is not None),

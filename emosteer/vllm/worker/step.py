@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emosteer.request.step import BatchTables, capture_layout, token_positions, token_slots
+from emosteer.request.step import BatchTables, capture_layout, token_positions, token_row_offsets, token_slots
 from emosteer.vllm.buffers import FLAG_ATTENTION, FLAG_GATE, FLAG_HEADS, FLAG_RESIDUAL_CAPTURE, NUM_FLAGS
 from emosteer.vllm.worker.requests import RequestState
 
@@ -86,8 +86,13 @@ class StepsMixin:
         L = self.shape.num_layers
         flags = np.zeros((NUM_FLAGS, L), dtype=np.int32)
         b = self.bufs
+        offs = False
         if batch.any_slot:
             self._h2d(b.token_slot[:T], token_slots(t, row, pos, qs))
+            off = token_row_offsets(t, pos, qs)
+            if off is not None:  # position-aligned patches: each token's row of their run
+                self._h2d(b.row_off[:T], off)
+                offs = True
             flags[:3] = batch.layer_flags[:3]
             flags[FLAG_ATTENTION] = batch.layer_flags[3]
             flags[FLAG_GATE] = batch.layer_flags[4]
@@ -135,7 +140,7 @@ class StepsMixin:
                 site.host_on = bool(flags[FLAG_ATTENTION, site.layer])
         self._h2d(b.flags, flags.reshape(NUM_FLAGS, L, 1))
         self._step = {"T": T, "records": records, "rows": layout.rows, "slots": batch.any_slot,
-                      "attn": attn, "gate": batch.any_slot and batch.gate_rows is not None}
+                      "offs": offs, "attn": attn, "gate": batch.any_slot and batch.gate_rows is not None}
 
     def abandon_step(self, runner: Any) -> None:
         """After an internal error in ``prepare_step``: the step runs with every flag 0
@@ -146,6 +151,7 @@ class StepsMixin:
         b = self.bufs
         b.flags.zero_()
         b.token_slot.fill_(-1)
+        b.row_off.zero_()
         b.head_cap.fill_(-1)
         b.res_cap.fill_(-1)
         b.mass_cap.fill_(-1)
@@ -224,6 +230,8 @@ class StepsMixin:
                 site.host_on = False
         if step["slots"]:
             b.token_slot[:T].fill_(-1)
+        if step["offs"]:
+            b.row_off[:T].zero_()
         if step["records"]:
             event = None
             if self.device.type == "cuda":
