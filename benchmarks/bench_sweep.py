@@ -3,8 +3,17 @@
 Every (layer, head) of the model is patched on every neutral prompt of N pairs with its
 output on the paired emotional prompt at the last prompt token, each (head, pair) its
 own request; the measured quantity is the target emotion's log-mass at the next token
-(what ``emosteer.analysis.attribution.head_map`` computes). Three conditions, interleaved in
-rounds inside one process (rotated order, medians over rounds):
+(what ``emosteer.analysis.attribution.head_map`` computes). Two variants (``--variant``):
+
+    last       each patch at the last prompt token ("positions": "last")
+    aligned    each patch position-aligned over the prompt (what ``head_attribution``
+               does for pairs of one layout): a "head_positions" vector of the emotional
+               run's head outputs at every position from the pair's first differing token
+               to the end of the shorter prompt, patched at the same positions of the
+               neutral prompt; one slot per request (its vectors one run of pool rows)
+
+Three conditions per variant, interleaved in rounds inside one process (rotated order,
+medians over rounds):
 
     emosteer_vllm   every patch its own request, all L*H*N rows in one engine call
                     (compiled vLLM engine with the plugin)
@@ -19,7 +28,10 @@ order, medians). The engine runs with prefix caching (vLLM's default) and 32-tok
 (the CPU backend's default is 128, which holds no full block of these prompts): every
 condition sends the same prompts, and a last-token patch salts only the block holding the
 last prompt token, so the patched requests share the prompt's earlier blocks exactly as
-plain vLLM's identical prompts do: the same tokens are computed in both. The hook sweep runs afterwards in a child process, with the engine shut
+plain vLLM's identical prompts do: the same tokens are computed in both. An aligned
+patch keys every block from its first patched position on, so each request computes
+its prompt from there: in the aligned variant each plain request carries its own
+``cache_salt``, computing its whole prompt (at least the same tokens). The hook sweep runs afterwards in a child process, with the engine shut
 down: vLLM's CPU worker keeps its threads spinning while it idles, which would slow
 anything timed beside it on a small machine. The emosteer and HF results are checked
 equal (max |ΔM| difference, float32). The headline is the sweep's tokens/s as a fraction
@@ -27,9 +39,11 @@ of plain vLLM on the same tokens (target >= 0.9) and its speed-up over the hook 
 
     python benchmarks/bench_sweep.py                 # default model, 4 pairs, 5 rounds (hooks: 3)
     python benchmarks/bench_sweep.py --pairs 2 --rounds 3 --model /path/to/model
+    python benchmarks/bench_sweep.py --variant aligned
 
-Rows go to benchmarks/results/sweep.csv (one per condition and round), the plot to
-benchmarks/results/sweep.png; ``--table`` prints the README table of the latest run.
+Rows go to benchmarks/results/sweep.csv (variant "last") and sweep_aligned.csv (variant
+"aligned"), one per condition and round, the plots to sweep.png / sweep_aligned.png;
+``--table`` prints the README table of the latest run (``--variant`` picks the file).
 """
 
 from __future__ import annotations
@@ -56,6 +70,11 @@ from _common import (  # noqa: E402
 )
 
 CSV = os.path.join(RESULTS_DIR, "sweep.csv")
+VARIANTS = ("last", "aligned")
+
+
+def csv_name(variant: str) -> str:
+    return "sweep.csv" if variant == "last" else f"sweep_{variant}.csv"
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
            "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
            "timestamp")
@@ -68,8 +87,10 @@ def machine() -> str:
     return f"{mach['arch']} {mach['ncpu']} cores, torch {torch.__version__}"
 
 
-def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id):
-    """ΔM-ready log-masses [cands, N] with one hook configuration at a time."""
+def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id, aligned=None):
+    """ΔM-ready log-masses [cands, N] with one hook configuration at a time.
+    ``aligned`` (the aligned variant): per pair ``(positions, z [n, L, H, D])``, the
+    head's outputs patched at those prompt positions instead of the last token's."""
     from emosteer.analysis.attribution import target_logmass
 
     N = len(ids_neg)
@@ -82,10 +103,17 @@ def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id):
     H, D = z_pos.shape[2], z_pos.shape[3]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = torch.zeros(len(cands), N)
+    if aligned is not None:  # (row, column) of every patched token, left padding
+        at_row = torch.cat([torch.full((len(p),), i) for i, (p, _) in enumerate(aligned)])
+        at_col = torch.cat([T - len(ids_neg[i]) + torch.as_tensor(p) for i, (p, _) in enumerate(aligned)])
+        at_z = torch.cat([z for _, z in aligned])  # [M, L, H, D]
     for k, (l, h) in enumerate(cands):
         def hook(module, args, l=l, h=h):
             a = args[0].clone()
-            a[:, -1, h * D:(h + 1) * D] = z_pos[:, l, h].to(a.dtype)
+            if aligned is None:
+                a[:, -1, h * D:(h + 1) * D] = z_pos[:, l, h].to(a.dtype)
+            else:
+                a[at_row, at_col, h * D:(h + 1) * D] = at_z[:, l, h].to(a.dtype)
             return (a,) + tuple(args[1:])
         handle = dec.o_proj[l].register_forward_pre_hook(hook)
         try:
@@ -106,23 +134,25 @@ def main(argv=None) -> int:
     p.add_argument("--emotion", default="joy")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--block-size", type=int, default=32, help="KV cache block size (tokens)")
+    p.add_argument("--variant", choices=(*VARIANTS, "both"), default="both",
+                   help="last-token patches, position-aligned patches, or both (default)")
     p.add_argument("--table", action="store_true", help="print the README table of the latest run")
-    p.add_argument("--out-dir", default=RESULTS_DIR, help="where sweep.csv / sweep.png go")
+    p.add_argument("--out-dir", default=RESULTS_DIR, help="where sweep*.csv / sweep*.png go")
     p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.hf_child:
         return hf_child(a.hf_child)
-    csv_path = os.path.join(a.out_dir, "sweep.csv")
+    variants = VARIANTS if a.variant == "both" else (a.variant,)
     if a.table:
-        print(table(read_rows()))
+        for v in variants:
+            print(table(read_rows(os.path.join(a.out_dir, csv_name(v))), v))
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from emosteer.analysis.attribution import _pair_captures, target_logmass, target_token_ids
+    from emosteer.analysis.attribution.heads import _first_difference
     from emosteer.request.bank import VectorBank
     from emosteer.data import load_builtin
-    from emosteer.hf import load_hf_model
-    from emosteer.hf.layers import find_decoder
     from emosteer.models import resolve_model
     from emosteer.analysis.runners import make_runner
 
@@ -137,71 +167,103 @@ def main(argv=None) -> int:
     bank = VectorBank(info)
     for i in range(N):
         bank.add(f"_sweep.zpos.{i}", "head", z_pos[i])
+    aligned = None
+    if "aligned" in variants:
+        # The emotional run's head outputs at every position (all layers), patched from
+        # the first token where the pair differs to the end of the shorter prompt.
+        cap = {"capture": {"heads": "all", "positions": "all"}}
+        _, caps = runner.forward(ids_pos, [cap] * N, positions=[[len(r) - 1] for r in ids_pos])
+        aligned = []
+        for i, c in enumerate(caps):
+            P = min(len(ids_pos[i]), len(ids_neg[i]))
+            first = min(_first_difference(ids_pos[i], ids_neg[i]), P - 1)
+            where = {q: k for k, q in enumerate(c["positions"])}
+            z = torch.stack([torch.stack([c["heads"][l][where[q]].float() for l in range(L)])
+                             for q in range(first, P)])  # [n, L, H, D]
+            aligned.append((list(range(first, P)), z))
+            bank.add(f"_sweep.zpos_at.{i}", "head_positions", z)
     runner.register(bank)
     tids = torch.as_tensor(target_token_ids(runner.tokenizer, a.emotion))
     cands = [(l, h) for l in range(L) for h in range(H)]
     rows = [r for _ in cands for r in ids_neg]
-    specs = [{"heads": [{"layer": l, "head": h, "mode": "patch", "vector": f"_sweep.zpos.{i}",
-                         "positions": "last"}]} for (l, h) in cands for i in range(N)]
     tokens = sum(len(r) + 1 for r in rows)  # prefill + the one generated token
 
-    def run(method):
+    def specs_of(variant):
+        if variant == "last":
+            return [{"heads": [{"layer": l, "head": h, "mode": "patch", "vector": f"_sweep.zpos.{i}",
+                                "positions": "last"}]} for (l, h) in cands for i in range(N)]
+        return [{"heads": [{"layer": l, "head": h, "mode": "patch", "vector": f"_sweep.zpos_at.{i}",
+                            "positions": aligned[i][0]}]} for (l, h) in cands for i in range(N)]
+
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    salted = [{"prompt_token_ids": r, "cache_salt": f"sweep-{k}"} for k, r in enumerate(rows)]
+
+    def run(method, variant, specs):
         t0 = time.perf_counter()
         if method == "emosteer_vllm":
             lg, _ = runner.forward(rows, specs)
             res = torch.stack([target_logmass(x, tids) for x in lg]).view(len(cands), N)
+        elif variant == "aligned":  # every request computes its whole prompt
+            runner.llm.llm.generate(salted, params, use_tqdm=False)
+            res = None
         else:
             runner._generate(rows, [None] * len(rows), params)
             res = None
         return time.perf_counter() - t0, res
 
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, temperature=0.0)
-    # warm-up (not counted): one whole round of each condition
-    run("emosteer_vllm")
-    run("plain_vllm")
-    got: dict[str, torch.Tensor] = {}
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    got: dict[str, dict[str, torch.Tensor]] = {v: {} for v in variants}
+    times: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METHODS} for v in variants}
     vllm_methods = METHODS[:2]
-    for rnd in range(a.rounds):
-        order = vllm_methods if rnd % 2 == 0 else vllm_methods[::-1]
-        for m in order:
-            sec, res = run(m)
-            times[m].append(sec)
-            if res is not None and m not in got:
-                got[m] = res
-            print(f"round {rnd} {m:14s} {sec:8.2f} s  {tokens / sec:9.1f} tok/s", flush=True)
+    for v in variants:
+        specs = specs_of(v)
+        # warm-up (not counted): one whole round of each condition
+        run("emosteer_vllm", v, specs)
+        run("plain_vllm", v, specs)
+        for rnd in range(a.rounds):
+            order = vllm_methods if rnd % 2 == 0 else vllm_methods[::-1]
+            for m in order:
+                sec, res = run(m, v, specs)
+                times[v][m].append(sec)
+                if res is not None and m not in got[v]:
+                    got[v][m] = res
+                print(f"{v:7s} round {rnd} {m:14s} {sec:8.2f} s  {tokens / sec:9.1f} tok/s", flush=True)
+    status = runner.llm.admission_status()
     runner.llm.llm.llm_engine.engine_core.shutdown()
-    # The hook sweep in its own process, the engine gone.
+    # The hook sweeps in their own process, the engine gone.
     import subprocess
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        job = os.path.join(tmp, "job.pt")
-        torch.save({"model": str(path), "ids_neg": ids_neg, "z_pos": z_pos, "cands": cands,
-                    "tids": tids, "rounds": a.hf_rounds}, job)
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", job], check=True)
-        back = torch.load(job + ".out")
-    times["hf_hooks"] = back["times"]
-    got["hf_hooks"] = back["result"]
-    for rnd, sec in enumerate(back["times"]):
-        print(f"round {rnd} {'hf_hooks':14s} {sec:8.2f} s  {tokens / sec:9.1f} tok/s", flush=True)
-    diff = float((got["emosteer_vllm"] - got["hf_hooks"]).abs().max())
-    print(f"max |M(emosteer) - M(hf hooks)| over {len(cands)} heads x {N} pairs: {diff:.3g}")
+    for v in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = os.path.join(tmp, "job.pt")
+            torch.save({"model": str(path), "ids_neg": ids_neg, "z_pos": z_pos, "cands": cands,
+                        "tids": tids, "rounds": a.hf_rounds, "aligned": aligned if v == "aligned" else None},
+                       job)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--hf-child", job], check=True)
+            back = torch.load(job + ".out")
+        times[v]["hf_hooks"] = back["times"]
+        got[v]["hf_hooks"] = back["result"]
+        for rnd, sec in enumerate(back["times"]):
+            print(f"{v:7s} round {rnd} {'hf_hooks':14s} {sec:8.2f} s  {tokens / sec:9.1f} tok/s", flush=True)
     run_id = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    plain_med = statistics.median(times["plain_vllm"])
-    out = []
-    for m in METHODS:
-        for rnd, sec in enumerate(times[m]):
-            out.append(dict(run=run_id, method=m, round=rnd, seconds=f"{sec:.4g}", requests=len(rows),
-                            tokens=tokens, tok_per_s=f"{tokens / sec:.5g}",
-                            frac_of_plain=f"{plain_med / sec:.4g}", max_abs_diff=f"{diff:.3g}",
-                            model=str(a.model), layers=L, heads=H, pairs=N, block_size=a.block_size, machine=machine(),
-                            version=version_string(), timestamp=run_id))
-    append_csv(out, csv_path, COLUMNS)
-    plot(out, os.path.join(a.out_dir, "sweep.png"))
-    print(table(out))
+    print(f"admission at the end: {status}")
+    for v in variants:
+        diff = float((got[v]["emosteer_vllm"] - got[v]["hf_hooks"]).abs().max())
+        print(f"{v}: max |M(emosteer) - M(hf hooks)| over {len(cands)} heads x {N} pairs: {diff:.3g}")
+        plain_med = statistics.median(times[v]["plain_vllm"])
+        out = []
+        for m in METHODS:
+            for rnd, sec in enumerate(times[v][m]):
+                out.append(dict(run=run_id, method=m, round=rnd, seconds=f"{sec:.4g}", requests=len(rows),
+                                tokens=tokens, tok_per_s=f"{tokens / sec:.5g}",
+                                frac_of_plain=f"{plain_med / sec:.4g}", max_abs_diff=f"{diff:.3g}",
+                                model=str(a.model), layers=L, heads=H, pairs=N, block_size=a.block_size,
+                                machine=machine(), version=version_string(), timestamp=run_id))
+        append_csv(out, os.path.join(a.out_dir, csv_name(v)), COLUMNS)
+        plot(out, os.path.join(a.out_dir, csv_name(v)[:-4] + ".png"), v)
+        print(table(out, v))
     return 0
 
 
@@ -215,19 +277,20 @@ def hf_child(job_path: str) -> int:
     dec = find_decoder(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     args = (model, dec, job["ids_neg"], job["z_pos"], job["cands"], job["tids"], pad)
-    hf_sweep(*args[:2], args[2][:1], args[3][:1], args[4][:2], *args[5:])  # warm-up
+    al = job.get("aligned")
+    hf_sweep(*args[:2], args[2][:1], args[3][:1], args[4][:2], *args[5:], aligned=al and al[:1])  # warm-up
     times, res = [], None
     for _ in range(job["rounds"]):
         t0 = time.perf_counter()
-        res = hf_sweep(*args)
+        res = hf_sweep(*args, aligned=al)
         times.append(time.perf_counter() - t0)
     torch.save({"times": times, "result": res}, job_path + ".out")
     return 0
 
 
-def read_rows() -> list[dict]:
-    """The rows of the latest run in sweep.csv."""
-    rows = read_csv(CSV)
+def read_rows(path: str = CSV) -> list[dict]:
+    """The rows of the latest run in ``path`` (sweep.csv: the last-token variant)."""
+    rows = read_csv(path)
     last = rows[-1]["run"]
     return [r for r in rows if r["run"] == last]
 
@@ -240,14 +303,17 @@ def _medians(rows):
     return med
 
 
-def table(rows) -> str:
+def table(rows, variant: str = "last") -> str:
     med = _medians(rows)
     r0 = rows[0]
     tok = int(r0["tokens"])
     lines = ["| method | seconds (median) | tok/s | vs plain vLLM on the same tokens | speed-up over hooks |",
              "| --- | --- | --- | --- | --- |"]
-    names = {"emosteer_vllm": "emosteer on vLLM: every patch its own request, one call",
-             "plain_vllm": "vLLM, same rows, no config (same engine)",
+    al = variant == "aligned"
+    names = {"emosteer_vllm": "emosteer on vLLM: every patch its own request, one call"
+                              + (" (position-aligned, one slot each)" if al else ""),
+             "plain_vllm": "vLLM, same rows, no config (same engine)"
+                           + (", each request its own cache_salt" if al else ""),
              "hf_hooks": "transformers + o_proj hook, one (layer, head) at a time, prompts batched"}
     for m in METHODS:
         s = med[m]
@@ -258,15 +324,19 @@ def table(rows) -> str:
                  f"requests, {tok} tokens; {len([r for r in rows if r['method'] == 'plain_vllm'])} rounds, "
                  f"the two vLLM conditions interleaved in the engine's process (compiled), the hook "
                  f"sweep in its own process afterwards; prefix caching on, {r0.get('block_size') or 32}-token "
-                 f"blocks (a last-token patch shares the prompt's earlier blocks, as plain vLLM's "
-                 f"identical prompts do); the sweep's requests also return their last-layer residual "
+                 + ("blocks (an aligned patch keys every block from its first patched position, so "
+                    "each request computes its prompt from there; each plain request is salted, "
+                    "computing its whole prompt); " if al else
+                    "blocks (a last-token patch shares the prompt's earlier blocks, as plain vLLM's "
+                    "identical prompts do); ")
+                 + f"the sweep's requests also return their last-layer residual "
                  f"(the score's logits come from it), plain vLLM returns one sampled token; "
                  f"results equal to the hook sweep within "
                  f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")
     return "\n".join(lines)
 
 
-def plot(rows, path: str) -> None:
+def plot(rows, path: str, variant: str = "last") -> None:
     """Bars of tokens/s per method (medians over rounds), each with its ratio to plain."""
     plt = pyplot()
     med = _medians(rows)
@@ -280,8 +350,9 @@ def plot(rows, path: str) -> None:
                 ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens / s (median over rounds)")
     r0 = rows[0]
-    ax.set_title(f"Full head-patching sweep: {r0['layers']}×{r0['heads']} heads × {r0['pairs']} pairs "
-                 f"({r0['model']})", fontsize=9)
+    what = "position-aligned" if variant == "aligned" else "last-token"
+    ax.set_title(f"Full {what} head-patching sweep: {r0['layers']}×{r0['heads']} heads × {r0['pairs']} "
+                 f"pairs ({r0['model']})", fontsize=9)
     save_figure(fig, path)
 
 
