@@ -141,6 +141,10 @@ async function loadVectors() {
   for (const v of listing.vectors) {
     const tr = tbody.insertRow();
     for (const t of [v.name, v.kind, `[${v.shape.join(", ")}]`, v.hash.slice(0, 12)]) tr.insertCell().textContent = t;
+    const rm = document.createElement("button");
+    rm.textContent = "remove";
+    rm.addEventListener("click", () => removeVector(v.name));
+    tr.insertCell().append(rm);
   }
   const checked = new Set(checkedVectors());
   const list = $("vectors");
@@ -204,6 +208,19 @@ async function upload() {
     await loadStatus();
   } catch (e) {
     showError(e.param === "name" ? "upload-name" : "upload-file", e.message);
+  }
+}
+
+async function removeVector(name) {
+  if (!confirm(`Remove ${name} from the server? New requests naming it will be refused.`)) return;
+  clearErrors("upload-file", "upload-name");
+  try {
+    await api("DELETE", `/v1/emosteer/vectors/${encodeURIComponent(name)}`);
+    $("upload-done").textContent = `removed ${name}`;
+    await loadVectors();
+    await loadStatus();
+  } catch (e) {
+    showError("upload-file", `remove ${name}: ${e.message}`);
   }
 }
 
@@ -546,7 +563,14 @@ async function openReport() {
   const file = $("report-file").files[0];
   if (!file) return;
   try {
-    state.report = parseReport(JSON.parse(await file.text()));
+    const text = await file.text();
+    let obj;
+    try {
+      obj = JSON.parse(text);
+    } catch (e) { // Python's json writes NaN / Infinity, which JSON.parse refuses: read them as n/a
+      obj = JSON.parse(text.replace(/-?\b(?:NaN|Infinity)\b/g, "null"));
+    }
+    state.report = parseReport(obj);
   } catch (e) {
     state.report = null;
     $("report").textContent = "";
@@ -598,7 +622,8 @@ function renderReport() {
   if (e.profile) {
     const p = e.profile;
     const h = document.createElement("h4");
-    h.textContent = `layer profile (${p.label}); click a layer to steer there`;
+    h.textContent = `layer profile (${p.label}); click a layer to steer there. Head maps: rows are layers, ` +
+      "columns heads; click a head to add it";
     const vmax = Math.max(...p.values.filter(Number.isFinite).map(Math.abs));
     const table = heatmap([p.values], (_, i) => `layer ${p.layers[i]}: ${p.label} ${fmt(p.values[i])}` +
       (p.band ? ` (95 % band ${fmt(p.band[i][0])} – ${fmt(p.band[i][1])})` : ""),
@@ -607,9 +632,12 @@ function renderReport() {
     table.rows[0].cells[0].textContent = "";
     box.append(h, table);
   }
+  const maps = document.createElement("div");
+  maps.className = "maps";
+  box.append(maps);
   e.maps.forEach((m, k) => {
     const h = document.createElement("h4");
-    h.textContent = `${m.name}: rows layers, columns heads; click a head to add it`;
+    h.textContent = `${m.name}`;
     const vmax = Math.max(...m.values.flat().filter(Number.isFinite).map(Math.abs));
     const table = heatmap(m.values, (l, hd) => `layer ${l}, head ${hd}: ${m.name.split(" (")[0]} ${fmt(m.values[l][hd])}` +
       (m.ci ? ` (95 % CI ${fmt(m.ci[l][hd][0])} – ${fmt(m.ci[l][hd][1])})` : ""), addHead, vmax);
@@ -619,7 +647,9 @@ function renderReport() {
       const cell = table.rows[l] && table.rows[l].cells[hd + 1];
       if (cell) cell.classList.add("top");
     }
-    box.append(h, table);
+    const div = document.createElement("div");
+    div.append(h, table);
+    maps.append(div);
   });
   box.dataset.loaded = String(Number(box.dataset.loaded || 0) + 1);
 }

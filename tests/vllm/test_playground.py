@@ -1,0 +1,319 @@
+"""The browser playground (``GET /emosteer/`` of ``emosteer serve``) in headless Chromium
+(Debian's chromium + chromium-driver, driven by Selenium) against the real server on
+loopback: the tiny Llama of the shared ``servers`` (conftest), no mock anywhere.
+
+One page, one browser, its states in order: the page loads and asks for the key; the
+vector list is the API's; an invalid strength shows the server's 400 at the strength
+field; a run streams plain and steered answers side by side, token by token, equal to the
+same requests made without the page, with the server's scores; an upload appears in the
+list (an oversized one shows the 413 at the file control); a demo results.json renders
+as heatmaps whose hover shows layer, head, recovery and CI and whose click adds the
+head to the config. Each state is screenshotted into the test's tmp dir
+(EMOSTEER_PLAYGROUND_SCREENSHOT=path also writes the last one there: docs/playground.png).
+
+Skips, saying why, where Chromium, its driver or Selenium is missing
+(``bash scripts/install.sh chromium`` installs them on Debian; ``make test`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from vllm_support import API_KEY
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_RESULTS = ROOT / "benchmarks" / "results" / "demo" / "results.json"
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1440,1000")
+PROMPT = "Tell me about the weather."
+
+
+def _browser_paths() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no Chromium: the playground's browser tests need Debian's chromium and "
+                    "chromium-driver (bash scripts/install.sh chromium; make test installs them)")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver = _browser_paths()
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install "
+                                    "-e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never download a driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
+    drv.set_page_load_timeout(60)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    return tmp_path_factory.mktemp("playground-screens")
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]  # the cached server: --upload-mib 1
+
+
+def _wait(drv, cond, what: str, timeout: float = 120.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout, poll_frequency=0.05).until(lambda d: cond(d), message=what)
+
+
+def _by_id(drv, id_):
+    return drv.find_element("id", id_)
+
+
+def _err(drv, control: str) -> str:
+    return drv.find_element("css selector", f'.err[data-for="{control}"]').text
+
+
+def _set(drv, id_, value) -> None:
+    el = _by_id(drv, id_)
+    el.clear()
+    el.send_keys(str(value))
+
+
+def _loaded(drv, id_) -> int:
+    return int(_by_id(drv, id_).get_attribute("data-loaded") or 0)
+
+
+def _shot(drv, shots, name: str) -> Path:
+    """The whole page (not only the window) as shots/name.png."""
+    path = shots / f"{name}.png"
+    w, h = drv.execute_script("const e = document.documentElement; return [e.scrollWidth, e.scrollHeight]")
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                        {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        assert drv.save_screenshot(str(path)), path
+    finally:
+        drv.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return path
+
+
+def _run_and_wait(drv):
+    drv.execute_script("document.getElementById('outputs').dataset.state = ''")
+    _by_id(drv, "run").click()
+    _wait(drv, lambda d: _by_id(d, "outputs").get_attribute("data-state") == "done", "the run to end", 300)
+    return drv.find_elements("css selector", "#outputs .column")
+
+
+def test_page_loads_asks_for_the_key_and_connects(server, browser, shots):
+    base = f"http://127.0.0.1:{server.port}"
+    for path in ("/emosteer/", "/emosteer/app.js", "/emosteer/style.css"):  # public static files
+        with urllib.request.urlopen(base + path, timeout=30) as r:
+            assert r.status == 200 and r.read(), path
+    for method, path in (("GET", "/v1/emosteer/score"), ("POST", "/v1/emosteer/score")):
+        with pytest.raises(urllib.error.HTTPError) as e:  # ... but what it calls needs the key
+            urllib.request.urlopen(urllib.request.Request(base + path, b"{}" if method == "POST" else None,
+                                                          method=method), timeout=30)
+        assert e.value.code == 401
+    status, body = server.post("/v1/emosteer/score", {"texts": ["so happy"], "target": "bliss"})
+    assert status == 400 and body["error"]["param"] == "target", body
+    status, body = server.post("/v1/emosteer/score", {"texts": "so happy"})
+    assert status == 400 and body["error"]["param"] == "texts", body
+    browser.get(base + "/emosteer")  # redirected to /emosteer/
+    _wait(browser, lambda d: "401" in _err(d, "connect"), "the page to say the key is missing")
+    assert "api-key" in _err(browser, "connect")
+    _shot(browser, shots, "0-no-key")
+    _set(browser, "api-key", API_KEY)
+    _by_id(browser, "connect").click()
+    _wait(browser, lambda d: _loaded(d, "vector-table") >= 1 and _loaded(d, "status") >= 1, "vectors and status")
+    assert _err(browser, "connect") == ""
+    info = server.get("/v1/emosteer/vectors")[1]["model"]
+    assert f"{info['num_layers']} layers" in _by_id(browser, "model").text
+    assert _by_id(browser, "layer-hi").get_attribute("max") == str(info["num_layers"] - 1)
+    assert "slots in use" in _by_id(browser, "status").text
+    _shot(browser, shots, "1-connected")
+
+
+def test_vector_list_is_the_apis(server, browser):
+    status, listing = server.get("/v1/emosteer/vectors")
+    assert status == 200, listing
+    rows = [[c.text for c in tr.find_elements("tag name", "td")]
+            for tr in browser.find_elements("css selector", "#vector-table tbody tr")]
+    assert [r[:3] for r in rows] == [[v["name"], v["kind"], f"[{', '.join(map(str, v['shape']))}]"]
+                                     for v in listing["vectors"]]
+    boxes = browser.find_elements("css selector", "#vectors input[type=checkbox]")
+    assert [b.get_attribute("value") for b in boxes] == [v["name"] for v in listing["vectors"]
+                                                          if v["kind"] == "residual"]
+    neuron_sets = [o.get_attribute("value") for o in browser.find_elements("css selector", "#neuron-set option")]
+    assert neuron_sets == [""] + [v["name"] for v in listing["vectors"] if v["kind"] == "neurons"]
+
+
+def test_invalid_strength_shows_the_servers_error_at_the_field(server, browser, shots):
+    _set(browser, "prompt", PROMPT)
+    _set(browser, "max-tokens", 16)
+    _set(browser, "strength", "1e6")
+    _run_and_wait(browser)
+    _shot(browser, shots, "3-bad-strength")
+    err = _err(browser, "strength")
+    assert "steer[0].scale" in err and "400" in err, err
+    assert "bad" in _by_id(browser, "strength").get_attribute("class")
+    assert _err(browser, "run") == ""  # the plain column ran
+    plain, steered = browser.find_elements("css selector", "#outputs .column")
+    assert plain.get_attribute("data-state") == "done" and steered.get_attribute("data-state") == "error"
+
+
+def _chat(server, cfg, max_tokens: int) -> str:
+    body = {"model": server.model, "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens, "temperature": 0}
+    if cfg is not None:
+        body["vllm_xargs"] = {"emosteer": json.dumps(cfg)}
+    status, out = server.post("/v1/chat/completions", body)
+    assert status == 200, out
+    return out["choices"][0]["message"]["content"]
+
+
+def test_run_streams_plain_and_steered_side_by_side(server, browser, shots):
+    import jsonschema
+
+    from emosteer.playground import score_texts
+    from emosteer.request.schema import json_schema
+
+    _set(browser, "strength", 1)  # the tiny model answers nothing printable at 4
+    _wait(browser, lambda d: '"scale": 1' in _by_id(d, "config").get_attribute("value"), "the config")
+    cfg = json.loads(_by_id(browser, "config").get_attribute("value"))
+    jsonschema.validate(cfg, json_schema())  # what the page builds is a valid request config
+    assert [s["vector"] for s in cfg["steer"]] == ["joy"] and cfg["steer"][0]["scale"] == 1
+    plain, steered = _run_and_wait(browser)
+    _shot(browser, shots, "2-run")
+    assert plain.get_attribute("data-label") == "plain" and steered.get_attribute("data-label") == "strength 1"
+    texts = []
+    for col in (plain, steered):
+        assert col.get_attribute("data-state") == "done", col.text
+        assert col.find_element("class name", "col-err").text == ""
+        chunks = int(col.find_element("class name", "metrics").text.split(" chunks")[0])
+        assert chunks > 1, col.text  # streamed token by token, not in one piece
+        texts.append(browser.execute_script("return arguments[0].textContent",
+                                            col.find_element("class name", "text")))
+    # The same requests without the page: the answers the page showed.
+    assert texts == [_chat(server, None, 16), _chat(server, cfg, 16)]
+    assert texts[0] != texts[1]
+    # The numbers under each answer are the analysis package's for that text.
+    target = _by_id(browser, "target").get_attribute("value")
+    for col, text, want in zip((plain, steered), texts, score_texts(texts, target)):
+        got_hit = col.get_attribute("data-hit-rate")
+        assert (None if got_hit == "" else float(got_hit)) == want["hit_rate"]
+        assert float(col.get_attribute("data-rep3")) == want["rep3"]
+        marks = [m.get_attribute("textContent") for m in col.find_elements("css selector", "mark.emo")]
+        assert marks == [text[s:e] for s, e, _ in want["words"]]
+    assert _err(browser, "run") == "" and _err(browser, "strength") == ""
+
+
+def test_scores_mark_the_lexicons_words():
+    """The scores the page shows on text with emotion words (the tiny model's text has
+    few): offsets in code points, negation honoured, the fluency module's 3-grams."""
+    from emosteer.analysis.emotion import hit_rate
+    from emosteer.analysis.fluency import repeated_ngram_share
+    from emosteer.playground import score_texts
+
+    text = "😀 She was HAPPY, not sad; happy happy happy happy."
+    (got,) = score_texts([text], "joy")
+    assert [text[s:e] for s, e, _ in got["words"]] == ["HAPPY", "happy", "happy", "happy", "happy"]
+    assert got["hit_rate"] == hit_rate(text, "joy") == 1.0
+    assert got["rep3"] == repeated_ngram_share(text, 3) > 0
+    with pytest.raises(ValueError):
+        score_texts([text], "bliss")
+
+
+def test_upload_appears_in_the_list_and_remove_takes_it_out(server, browser, info, tmp_path, shots):
+    import torch
+
+    from emosteer.request.bank import VectorBank
+
+    def names():
+        return [tr.find_element("tag name", "td").text
+                for tr in browser.find_elements("css selector", "#vector-table tbody tr")]
+
+    bank = VectorBank(info)
+    bank.add("pg.up", "residual", torch.randn(info.num_layers, info.hidden_size))
+    path = tmp_path / "pg.safetensors"
+    bank.save(str(path))
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(b"\0" * (2 * 2**20))  # over the server's --upload-mib 1
+    _by_id(browser, "upload-file").send_keys(str(big))
+    _by_id(browser, "upload").click()
+    _wait(browser, lambda d: _err(d, "upload-file") != "", "the 413 at the file control")
+    assert "413" in _err(browser, "upload-file") and "upload_mib" in _err(browser, "upload-file")
+    _shot(browser, shots, "4-too-big")
+    try:
+        n = _loaded(browser, "vector-table")
+        _by_id(browser, "upload-file").send_keys(str(path))
+        _by_id(browser, "upload").click()
+        _wait(browser, lambda d: _loaded(d, "vector-table") > n, "the list after the upload")
+        assert "registered pg.up" in _by_id(browser, "upload-done").text
+        assert _err(browser, "upload-file") == ""
+        assert "pg.up" in names()
+        assert names() == [v["name"] for v in server.get("/v1/emosteer/vectors")[1]["vectors"]]
+        _shot(browser, shots, "5-uploaded")
+        n = _loaded(browser, "vector-table")
+        row = next(tr for tr in browser.find_elements("css selector", "#vector-table tbody tr")
+                   if tr.find_element("tag name", "td").text == "pg.up")
+        row.find_element("tag name", "button").click()
+        browser.switch_to.alert.accept()
+        _wait(browser, lambda d: _loaded(d, "vector-table") > n, "the list after the removal")
+        assert "pg.up" not in names()
+        assert names() == [v["name"] for v in server.get("/v1/emosteer/vectors")[1]["vectors"]]
+    finally:
+        server.request("DELETE", "/v1/emosteer/vectors/pg.up")  # 404 once the page removed it
+
+
+def test_report_heatmaps_hover_and_click_adds_a_head(browser, shots):
+    import jsonschema
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from emosteer.request.schema import json_schema
+
+    results = json.loads(DEMO_RESULTS.read_text())
+    maps = results["head_maps"]["maps"]["joy"]
+    L, H = len(maps["recovery"]), len(maps["recovery"][0])
+    _by_id(browser, "report-file").send_keys(str(DEMO_RESULTS))
+    _wait(browser, lambda d: _loaded(d, "report") >= 1, "the report's heatmaps")
+    assert _err(browser, "report-file") == ""
+    profile = browser.find_elements("css selector", "#layer-profile td.cell")
+    assert len(profile) == len(results["emotions"]["joy"]["layer_profile"]["layers"])
+    recovery = browser.find_element("css selector", 'table.head-map[data-map="0"]')
+    assert len(recovery.find_elements("css selector", "td.cell")) == L * H
+    top = {tuple(t) for t in results["head_maps"]["top"]["joy"]}
+    boxed = {(int(c.get_attribute("data-row")), int(c.get_attribute("data-col")))
+             for c in recovery.find_elements("css selector", "td.top")}
+    assert boxed == top
+    layer, head = sorted(top)[0]
+    cell = recovery.find_element("css selector", f'td[data-row="{layer}"][data-col="{head}"]')
+    ActionChains(browser).move_to_element(cell).perform()
+    _wait(browser, lambda d: _by_id(d, "tip").is_displayed(), "the tooltip")
+    tip = _by_id(browser, "tip").text
+    lo, hi = maps["ci95"][layer][head]
+    assert tip == (f"layer {layer}, head {head}: patching recovery {maps['recovery'][layer][head]:.4f} "
+                   f"(95 % CI {lo:.4f} – {hi:.4f})"), tip
+    _shot(browser, shots, "6-report-hover")
+    cell.click()
+    cfg = json.loads(_by_id(browser, "config").get_attribute("value"))
+    assert cfg["heads"] == [{"layer": layer, "head": head, "mode": "scale", "scale": 2}]
+    jsonschema.validate(cfg, json_schema())
+    assert "joy.preset" in [o.get_attribute("value") for o in browser.find_elements("css selector", "#preset option")]
+    out = _shot(browser, shots, "7-report-head-added")
+    if os.environ.get("EMOSTEER_PLAYGROUND_SCREENSHOT"):
+        shutil.copyfile(out, os.environ["EMOSTEER_PLAYGROUND_SCREENSHOT"])
