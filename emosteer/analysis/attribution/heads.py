@@ -79,7 +79,8 @@ def _patch_heads(runner, emotion: str, cands, ids_pos, ids_neg, z_pos, tids):
         patch.add(f"_attr.{emotion}.zpos.{i}", "head", z_pos[i])
     # Before the first token where the two prompts differ, both runs are the same (causal
     # attention): patching there changes nothing, so aligned patches start at that token
-    # (fewer slots, and the prompt's blocks before it stay shared in the prefix cache).
+    # (fewer pool rows: an aligned patch holds one slot and one row per position; and
+    # the prompt's blocks before it stay shared in the prefix cache).
     first = [_first_difference(a, b) if al else 0 for a, b, al in zip(ids_pos, ids_neg, aligned)]
     rows_al = [i for i in range(N) if aligned[i]]
     if rows_al:
