@@ -37,6 +37,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from emosteer.request.compile import POOL_KINDS, key_kind, key_rows
 from emosteer.request.slots import SlotTable
 
@@ -57,8 +59,8 @@ class PoolTable:
     A run key (``compile.key_rows(key) = N > 1``: a position-aligned head vector, one
     row per listed position) takes N consecutive rows and is known by the first; it is
     placed from the top of the pool down (single rows fill from the bottom up, so runs
-    find room), evicting idle keys least-recently-used first until N consecutive rows are
-    free. ``try_admit`` places a request's new run keys in a dry run first
+    find room): in the highest window of N rows that are free or idle holding the fewest
+    idle rows, whose idle keys are evicted. ``try_admit`` places a request's new run keys in a dry run first
     (``snapshot`` / ``restore``), so a request it cannot place keeps waiting.
     """
 
@@ -88,26 +90,30 @@ class PoolTable:
         self._held -= n
         self._free.extend(range(row + n - 1, row - 1, -1))
 
-    def _window(self, n: int, free: set[int]) -> int | None:
-        """The highest start of n consecutive rows that are all in ``free``."""
-        run = 0
-        for r in range(self.rows - 1, -1, -1):
-            run = run + 1 if r in free else 0
-            if run >= n:
-                return r
-        return None
-
     def _place_run(self, key: str, n: int) -> int:
-        free = set(self._free)
-        start = self._window(n, free)
-        while start is None:
-            if not self._idle:
-                raise PoolFull(f"no {n} consecutive free pool rows for {key}")
-            old = next(iter(self._idle))  # least recently used
-            r0, k = self._row[old], self._size.get(old, 1)
-            self._evict(old)
-            free.update(range(r0, r0 + k))
-            start = self._window(n, free)
+        """The first of n consecutive rows for ``key``: the highest window of rows that are
+        free or held by idle keys, holding the fewest idle rows (all free if there is such
+        a window); the idle keys it overlaps are evicted. One vectorised pass over the pool."""
+        if n > self.rows:
+            raise PoolFull(f"{key} needs {n} rows; the pool holds {self.rows}")
+        free = np.zeros(self.rows, dtype=bool)
+        free[self._free] = True
+        idle = np.zeros(self.rows, dtype=bool)
+        for k in self._idle:
+            r0 = self._row[k]
+            idle[r0:r0 + self._size.get(k, 1)] = True
+        bad = np.concatenate(([0], np.cumsum(~(free | idle))))
+        cost = np.concatenate(([0], np.cumsum(idle)))
+        starts = np.arange(self.rows - n + 1)
+        ok = (bad[starts + n] - bad[starts]) == 0
+        if not ok.any():
+            raise PoolFull(f"no {n} consecutive free or idle pool rows for {key}")
+        c = np.where(ok, cost[starts + n] - cost[starts], np.iinfo(np.int64).max)
+        best = np.flatnonzero(c == c.min())
+        start = int(best[-1])  # the highest such window
+        for k in [k for k in self._idle
+                  if self._row[k] < start + n and start < self._row[k] + self._size.get(k, 1)]:
+            self._evict(k)
         taken = set(range(start, start + n))
         self._free = [r for r in self._free if r not in taken]
         self._size[key] = n
