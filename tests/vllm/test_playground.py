@@ -197,11 +197,12 @@ def test_run_streams_plain_and_steered_side_by_side(server, browser, shots):
     cfg = json.loads(_by_id(browser, "config").get_attribute("value"))
     jsonschema.validate(cfg, json_schema())  # what the page builds is a valid request config
     assert [s["vector"] for s in cfg["steer"]] == ["joy"] and cfg["steer"][0]["scale"] == 1
-    plain, steered = _run_and_wait(browser)
+    _set(browser, "strengths", "0.5")  # one more column: a third request at another strength
+    plain, steered, half = _run_and_wait(browser)
     _shot(browser, shots, "2-run")
-    assert plain.get_attribute("data-label") == "plain" and steered.get_attribute("data-label") == "strength 1"
+    assert [c.get_attribute("data-label") for c in (plain, steered, half)] == ["plain", "strength 1", "strength 0.5"]
     texts = []
-    for col in (plain, steered):
+    for col in (plain, steered, half):
         assert col.get_attribute("data-state") == "done", col.text
         assert col.find_element("class name", "col-err").text == ""
         chunks = int(col.find_element("class name", "metrics").text.split(" chunks")[0])
@@ -209,17 +210,19 @@ def test_run_streams_plain_and_steered_side_by_side(server, browser, shots):
         texts.append(browser.execute_script("return arguments[0].textContent",
                                             col.find_element("class name", "text")))
     # The same requests without the page: the answers the page showed.
-    assert texts == [_chat(server, None, 16), _chat(server, cfg, 16)]
+    cfg_half = {"steer": [{**cfg["steer"][0], "scale": 0.5}]}
+    assert texts == [_chat(server, None, 16), _chat(server, cfg, 16), _chat(server, cfg_half, 16)]
     assert texts[0] != texts[1]
     # The numbers under each answer are the analysis package's for that text.
     target = _by_id(browser, "target").get_attribute("value")
-    for col, text, want in zip((plain, steered), texts, score_texts(texts, target)):
+    for col, text, want in zip((plain, steered, half), texts, score_texts(texts, target)):
         got_hit = col.get_attribute("data-hit-rate")
         assert (None if got_hit == "" else float(got_hit)) == want["hit_rate"]
         assert float(col.get_attribute("data-rep3")) == want["rep3"]
         marks = [m.get_attribute("textContent") for m in col.find_elements("css selector", "mark.emo")]
         assert marks == [text[s:e] for s, e, _ in want["words"]]
     assert _err(browser, "run") == "" and _err(browser, "strength") == ""
+    _set(browser, "strengths", "")
 
 
 def test_scores_mark_the_lexicons_words():
@@ -291,7 +294,10 @@ def test_report_heatmaps_hover_and_click_adds_a_head(browser, shots):
     L, H = len(maps["recovery"]), len(maps["recovery"][0])
     _by_id(browser, "report-file").send_keys(str(DEMO_RESULTS))
     _wait(browser, lambda d: _loaded(d, "report") >= 1, "the report's heatmaps")
-    assert _err(browser, "report-file") == ""
+    depth = browser.execute_script("return state.info.num_layers")
+    assert _err(browser, "report-file") == (  # the demo's model is not the tiny test model
+        f"results.json is of a model with {L} layers; the server's has {depth}: its layers and heads "
+        "do not apply here")
     profile = browser.find_elements("css selector", "#layer-profile td.cell")
     assert len(profile) == len(results["emotions"]["joy"]["layer_profile"]["layers"])
     recovery = browser.find_element("css selector", 'table.head-map[data-map="0"]')
@@ -310,6 +316,7 @@ def test_report_heatmaps_hover_and_click_adds_a_head(browser, shots):
                    f"(95 % CI {lo:.4f} – {hi:.4f})"), tip
     _shot(browser, shots, "6-report-hover")
     cell.click()
+    assert f"layer {layer}, head {head} is not in the served model" in _err(browser, "heads")
     cfg = json.loads(_by_id(browser, "config").get_attribute("value"))
     assert cfg["heads"] == [{"layer": layer, "head": head, "mode": "scale", "scale": 2}]
     jsonschema.validate(cfg, json_schema())

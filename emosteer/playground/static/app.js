@@ -328,6 +328,8 @@ function applyPreset() {
   if (steer.length) {
     const s = steer[0];
     const layers = s.layers === "all" ? layerRange() : [].concat(s.layers);
+    const beyond = layers.filter((l) => l >= state.info.num_layers);
+    if (beyond.length) showError("preset", `layers ${beyond.join(", ")} are beyond this model's ${state.info.num_layers}`);
     $("layer-lo").value = Math.min(...layers);
     $("layer-hi").value = Math.max(...layers);
     if (layers.length !== Math.max(...layers) - Math.min(...layers) + 1 && s.layers !== "all") {
@@ -348,6 +350,11 @@ function applyPreset() {
 
 // ---------------------------------------------------------------- heads
 function addHead(layer, head) {
+  clearErrors("heads");
+  if (state.info && (layer >= state.info.num_layers || head >= state.info.num_heads)) {
+    showError("heads", `layer ${layer}, head ${head} is not in the served model ` +
+      `(${state.info.num_layers} layers × ${state.info.num_heads} heads): the server will refuse it`);
+  }
   state.heads.push({ layer, head, mode: "scale", vector: namesOfKind("head")[0] || "", scale: 2 });
   renderHeads();
   update();
@@ -562,9 +569,9 @@ async function openReport() {
   clearErrors("report-file");
   const file = $("report-file").files[0];
   if (!file) return;
+  let obj;
   try {
     const text = await file.text();
-    let obj;
     try {
       obj = JSON.parse(text);
     } catch (e) { // Python's json writes NaN / Infinity, which JSON.parse refuses: read them as n/a
@@ -578,6 +585,11 @@ async function openReport() {
   }
   for (const [emo, e] of Object.entries(state.report)) {
     if (e.preset) state.presets[e.preset.name] = e.preset.config;
+  }
+  const depth = obj.model && obj.model.info && obj.model.info.num_layers;
+  if (depth && state.info && depth !== state.info.num_layers) {
+    showError("report-file", `${file.name} is of a model with ${depth} layers; the server's has ` +
+      `${state.info.num_layers}: its layers and heads do not apply here`);
   }
   fillPresets();
   fillSelect($("report-emotion"), Object.keys(state.report), $("report-emotion").value);
