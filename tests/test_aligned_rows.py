@@ -145,3 +145,10 @@ def test_admission_waits_while_no_run_fits_and_leaves_the_pool_as_it_was():
     assert g is not None and g["rows"][run("b", 3)] == 3  # rows 3, 4 free + one of a's
     st = adm.status()
     assert st["pool_rows_in_use"]["head"] == 5 and st["slots_in_use"] == 2
+
+
+def test_an_add_of_scale_0_reads_no_row_and_holds_one_slot(bank):
+    req = _compile({"heads": [{"layer": 0, "head": 1, "mode": "add", "scale": 0.0, "vector": "a5",
+                               "positions": [1, 2, 3, 4, 5]}]}, bank)
+    assert len(set(_groups(req).values())) == 1 and req.row_off == {}
+    assert req.phases["@3"].heads[(0, 1)] == (1.0, 0.0, None)

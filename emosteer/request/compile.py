@@ -378,9 +378,9 @@ def _aligned_heads(heads: list, bank: VectorBank | None, p: int):
         at = off = None
     out = []
     for hd in heads:
-        if per_position(hd):
+        if per_position(hd) and hd.affine()[1] != 0.0:
             out.append(replace(hd, positions="all", at=at if at is not None else hd.positions.index(p)))
-        else:
+        else:  # (an add of scale 0 reads no row: the same item at every position)
             out.append(replace(hd, positions="all", at=None))
     return out, (off or 0)
 
