@@ -17,6 +17,7 @@ Skips, saying why, where Chromium, its driver or Selenium is missing
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -35,29 +36,35 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 PROMPT = "Tell me about the weather."
 
 
-def _browser_paths() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("no Chromium: the playground's browser tests need Debian's chromium and "
-                    "chromium-driver (bash scripts/install.sh chromium; make test installs them)")
-    return chromium, driver
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _missing() -> str | None:
+    """Why the browser tests cannot run here (checked before any server starts)."""
+    if not CHROMIUM or not CHROMEDRIVER:
+        return ("no Chromium: the playground's browser tests need Debian's chromium and chromium-driver "
+                "(bash scripts/install.sh chromium; make test installs them)")
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return None
+
+
+browser_test = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium, driver = _browser_paths()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install "
-                                    "-e '.[dev]')")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never download a driver
     opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
+    opts.binary_location = CHROMIUM
     for flag in FLAGS:
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
+    drv = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     drv.set_page_load_timeout(60)
     try:
         yield drv
@@ -119,6 +126,7 @@ def _run_and_wait(drv):
     return drv.find_elements("css selector", "#outputs .column")
 
 
+@browser_test
 def test_page_loads_asks_for_the_key_and_connects(server, browser, shots):
     base = f"http://127.0.0.1:{server.port}"
     for path in ("/emosteer/", "/emosteer/app.js", "/emosteer/style.css"):  # public static files
@@ -148,6 +156,7 @@ def test_page_loads_asks_for_the_key_and_connects(server, browser, shots):
     _shot(browser, shots, "1-connected")
 
 
+@browser_test
 def test_vector_list_is_the_apis(server, browser):
     status, listing = server.get("/v1/emosteer/vectors")
     assert status == 200, listing
@@ -162,6 +171,7 @@ def test_vector_list_is_the_apis(server, browser):
     assert neuron_sets == [""] + [v["name"] for v in listing["vectors"] if v["kind"] == "neurons"]
 
 
+@browser_test
 def test_invalid_strength_shows_the_servers_error_at_the_field(server, browser, shots):
     _set(browser, "prompt", PROMPT)
     _set(browser, "max-tokens", 16)
@@ -186,6 +196,7 @@ def _chat(server, cfg, max_tokens: int) -> str:
     return out["choices"][0]["message"]["content"]
 
 
+@browser_test
 def test_run_streams_plain_and_steered_side_by_side(server, browser, shots):
     import jsonschema
 
@@ -241,6 +252,7 @@ def test_scores_mark_the_lexicons_words():
         score_texts([text], "bliss")
 
 
+@browser_test
 def test_upload_appears_in_the_list_and_remove_takes_it_out(server, browser, info, tmp_path, shots):
     import torch
 
@@ -283,6 +295,7 @@ def test_upload_appears_in_the_list_and_remove_takes_it_out(server, browser, inf
         server.request("DELETE", "/v1/emosteer/vectors/pg.up")  # 404 once the page removed it
 
 
+@browser_test
 def test_report_heatmaps_hover_and_click_adds_a_head(browser, shots):
     import jsonschema
     from selenium.webdriver.common.action_chains import ActionChains
