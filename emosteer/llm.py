@@ -106,7 +106,11 @@ class LLM:
     def admission_status(self) -> dict | None:
         """The scheduler's admission state: ``slots_in_use``, ``waiting_for_slots``,
         ``pool_rows_in_use`` ... (None if the engine runs without the plugin)."""
-        return self.llm.llm_engine.engine_core.call_utility("emosteer_status")
+        client = self.llm.llm_engine.engine_core
+        if hasattr(client, "call_utility"):
+            return client.call_utility("emosteer_status")
+        # The in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): its EngineCore itself.
+        return client.engine_core.emosteer_status()
 
     # -- generation ------------------------------------------------------------------
     def generate(
