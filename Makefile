@@ -34,7 +34,7 @@ demo: $(STAMP)
 CHROMIUM ?= 1
 test: $(STAMP)
 	@[ "$(CHROMIUM)" = 0 ] || bash scripts/install.sh chromium
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=30 tests
 
 # The end-to-end benchmarks at sizes that finish on a 2-core CPU, then the README's
 # performance tables rewritten from the CSVs (never typed by hand). Run it alone.

@@ -414,6 +414,45 @@ def plot(minutes: list[dict], lat: list[dict], path: str, title: str) -> None:
     save_figure(fig, path)
 
 
+def table(out_dir: str = RESULTS_DIR) -> str:
+    """The README's tables of the latest run in ``out_dir`` (sustained.csv + latency.csv)."""
+    from _common import read_csv
+
+    mins = read_csv(os.path.join(out_dir, "sustained.csv"))
+    run_id = mins[-1]["run"]
+    mins = [r for r in mins if r["run"] == run_id]
+    lat = [r for r in read_csv(os.path.join(out_dir, "latency.csv")) if r["run"] == run_id]
+    s = summary([{**r, "tok_per_s": float(r["tok_per_s"])} for r in mins], lat)
+    k = s["window_minutes"]
+
+    def med(key, rows):
+        xs = [float(r[key]) for r in rows if r[key] not in ("", None)]
+        return statistics.median(xs) if xs else float("nan")
+
+    first, last = mins[:k], mins[-k:]
+    out = [f"| over {len(mins)} minutes | first {k} min (median) | last {k} min (median) | last / first |",
+           "|---|---:|---:|---:|"]
+    for label, key, fmt in (("generated tok/s", "tok_per_s", "{:.1f}"), ("TTFT p50 (ms)", "ttft_p50_ms", "{:.0f}"),
+                            ("TTFT p99 (ms)", "ttft_p99_ms", "{:.0f}"), ("ITL p50 (ms)", "itl_p50_ms", "{:.0f}"),
+                            ("server RSS (MiB)", "rss_mib", "{:.0f}")):
+        a, b = med(key, first), med(key, last)
+        out.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.3f} |")
+    end = mins[-1]
+    out += ["", "| kind (open loop, " + f"{lat[0]['rate_per_s']} req/s)" + " | requests | TTFT p50 (ms) | TTFT p99 (ms) "
+            "| ITL p50 (ms) | ITL p99 (ms) | TTFT p50 vs plain |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in lat:
+        out.append(f"| {r['kind']} | {r['requests']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['itl_p50_ms']} "
+                   f"| {r['itl_p99_ms']} | {r['ttft_p50_vs_plain']} |")
+    m0 = mins[0]
+    out += ["", f"{m0['model']}, {m0['clients']} closed-loop clients, max_tokens {m0['max_tokens']}, max_slots "
+            f"{m0['max_slots']}; {sum(int(r['requests']) for r in mins)} requests, "
+            f"{sum(int(r['unexpected']) for r in mins)} unexpected; at the end: slots {end['slots_in_use']}, "
+            f"pool rows {end['pool_rows_in_use']}, capture rows {end['capture_rows_in_use']}, worker requests "
+            f"{end['worker_requests']}, parked {end['parked']}; {m0['machine']} ({m0['cores']} cores), vLLM "
+            f"{m0['vllm']}, commit {m0['git_commit']}, run {run_id}."]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------- main
 def run(client, model: str, *, minutes: float, latency_minutes: float, clients: int, rate: float,
         max_tokens: int, seed: int, server_pid, max_slots: int, out_dir: str, progress=True) -> dict:
@@ -477,7 +516,11 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default=None, help="a running server instead of starting one")
     ap.add_argument("--api-key", default="bench-key")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
+    ap.add_argument("--table", action="store_true", help="print the README tables of the latest run")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out_dir))
+        return 0
 
     from emosteer.client import Client
 

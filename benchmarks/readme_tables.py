@@ -5,6 +5,7 @@ Each table sits between markers in README.md::
     <!-- bench:serving -->   ... rendered by benchmarks/serving_table.py (serving.csv)
     <!-- bench:narratives --> ... bench_narratives.py --table (narratives.csv)
     <!-- bench:sweep -->      ... bench_sweep.py --table (sweep.csv)
+    <!-- bench:sustained -->  ... bench_sustained.py --table (sustained.csv + latency.csv)
     <!-- /bench -->           closes each
 
     python benchmarks/readme_tables.py           # rewrite README.md in place
@@ -39,6 +40,10 @@ def tables() -> dict[str, str]:
         import bench_sweep
 
         out["sweep"] = bench_sweep.table(bench_sweep.read_rows())
+    if os.path.exists(os.path.join(HERE, "results", "sustained.csv")):
+        import bench_sustained
+
+        out["sustained"] = bench_sustained.table()
     return out
 
 

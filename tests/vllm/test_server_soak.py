@@ -54,6 +54,8 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     assert rows[0].startswith("run,phase,minute") and len(rows) == 2
     assert len((tmp_path / "latency.csv").read_text().splitlines()) == 4
     assert os.path.getsize(res["plot"]) > 10000
+    text = bs.table(str(tmp_path))
+    assert "generated tok/s" in text and "| distinct |" in text and "0 unexpected" in text, text
 
 
 def test_sigterm_stops_the_server_gracefully(servers):
