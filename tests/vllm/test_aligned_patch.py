@@ -6,7 +6,7 @@ ONE slot, whose tables name the first of the vector's consecutive pool rows, and
 token reads its own row through the head op's per-token offset (``row_off``).
 
 Checked here, on the eager engine (``max_slots`` 16, so a patch that still took a slot
-per position could never be admitted):
+per position could never be admitted), and last on the compiled engine:
 
 - the accounting: a 40-position aligned patch compiles to one slot fingerprint and one
   run of 40 pool rows; the scheduler's admission grants it one slot;
@@ -15,7 +15,8 @@ per position could never be admitted):
   no code shared with the compiler) in tokens, logprobs and captured head outputs;
 - the prefix cache: the same patch again reuses its blocks and gives the cold answer; the
   same vector listed one position later, or another vector at the same positions, on
-  the same prompt shares no steered block and gives the oracle's answer.
+  the same prompt shares no steered block and gives the oracle's answer;
+- the compiled engine (the offsets read inside its graph) in a mixed batch == the oracle.
 """
 
 from __future__ import annotations
@@ -148,3 +149,28 @@ def test_prefix_cache_keeps_aligned_rows_apart(llm, aligned):
         assert v.ok, v.message
     again = run(cfg)  # and the first config still gets its own answer
     assert ds.compare_engines(again, cold) == ""
+
+
+def test_compiled_engine_reads_the_offsets_inside_its_graph(engines, aligned, info):
+    """The compiled engine (torch.compile; the head op and its row_off[:T] slice inside
+    the graph): aligned patches mixed with a last-token patch, a capture-only row and a
+    plain row in one batch, each == the oracle."""
+    from emosteer.request.bank import VectorBank
+
+    full, oracle = aligned
+    llm = engines.get("compiled")
+    extra = VectorBank(info)
+    for name in full.names("head_positions"):
+        extra.add(name, "head_positions", full.get(name))
+    llm.register_vectors(extra)
+    vocab = oracle.model.config.vocab_size
+    prompts = _prompts(5, 6, vocab)
+    cases = [ds.Case(f"pp.{i}", prompts[i], _patch(i, capture=(i == 0)), MAX_TOKENS) for i in range(3)]
+    cases.append(ds.Case("shifted", prompts[3], _patch(3, first=FIRST + 2), MAX_TOKENS))
+    cases.append(ds.Case("last", prompts[4], {"heads": [{"layer": 1, "head": 1, "mode": "patch",
+                                                        "vector": "joy.h", "positions": "last"}]}, MAX_TOKENS))
+    cases.append(ds.Case("capture", prompts[5], {"capture": {"heads": [0], "positions": "all"}}, MAX_TOKENS))
+    cases.append(ds.Case("plain", prompts[0], None, MAX_TOKENS))
+    verdicts = ds.run_batch(llm, oracle, cases)
+    bad = [v for v in verdicts if not v.ok]
+    assert not bad, ds.verdict_table(bad)
