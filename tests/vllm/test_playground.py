@@ -8,8 +8,9 @@ field; a run streams plain and steered answers side by side, token by token, equ
 same requests made without the page, with the server's scores; an upload appears in the
 list (an oversized one shows the 413 at the file control); a demo results.json renders
 as heatmaps whose hover shows layer, head, recovery and CI and whose click adds the
-head to the config. Each state is screenshotted into the test's tmp dir
-(EMOSTEER_PLAYGROUND_SCREENSHOT=path also writes the last one there: docs/playground.png).
+head to the config. Each state is screenshotted into the test's tmp dir;
+scripts/playground_screenshot.py takes the README's (docs/playground.png) on a real model
+with the browser code here.
 
 Skips, saying why, where Chromium, its driver or Selenium is missing
 (``bash scripts/install.sh chromium`` installs them on Debian; ``make test`` does).
@@ -53,8 +54,9 @@ def _missing() -> str | None:
 browser_test = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def start_browser(profile: Path):
+    """Headless Chromium driven by Selenium, with a fresh profile (also used by
+    scripts/playground_screenshot.py)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,9 +65,22 @@ def browser(tmp_path_factory):
     opts.binary_location = CHROMIUM
     for flag in FLAGS:
         opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    opts.add_argument(f"--user-data-dir={profile}")
     drv = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     drv.set_page_load_timeout(60)
+    return drv
+
+
+def connect(drv, key: str = API_KEY) -> None:
+    """Enter the API key in the open page and wait for its vectors and status."""
+    set_field(drv, "api-key", key)
+    by_id(drv, "connect").click()
+    wait_for(drv, lambda d: loaded(d, "vector-table") >= 1 and loaded(d, "status") >= 1, "vectors and status")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    drv = start_browser(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield drv
     finally:
@@ -82,33 +97,33 @@ def server(servers):
     return servers[0]  # the cached server: --upload-mib 1
 
 
-def _wait(drv, cond, what: str, timeout: float = 120.0):
+def wait_for(drv, cond, what: str, timeout: float = 120.0):
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(drv, timeout, poll_frequency=0.05).until(lambda d: cond(d), message=what)
 
 
-def _by_id(drv, id_):
+def by_id(drv, id_):
     return drv.find_element("id", id_)
 
 
-def _err(drv, control: str) -> str:
+def err_at(drv, control: str) -> str:
     return drv.find_element("css selector", f'.err[data-for="{control}"]').text
 
 
-def _set(drv, id_, value) -> None:
-    el = _by_id(drv, id_)
+def set_field(drv, id_, value) -> None:
+    el = by_id(drv, id_)
     el.clear()
     el.send_keys(str(value))
 
 
-def _loaded(drv, id_) -> int:
-    return int(_by_id(drv, id_).get_attribute("data-loaded") or 0)
+def loaded(drv, id_) -> int:
+    return int(by_id(drv, id_).get_attribute("data-loaded") or 0)
 
 
-def _shot(drv, shots, name: str) -> Path:
+def shot(drv, shots: Path, name: str) -> Path:
     """The whole page (not only the window) as shots/name.png."""
-    path = shots / f"{name}.png"
+    path = Path(shots) / f"{name}.png"
     w, h = drv.execute_script("const e = document.documentElement; return [e.scrollWidth, e.scrollHeight]")
     drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                         {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False})
@@ -119,10 +134,10 @@ def _shot(drv, shots, name: str) -> Path:
     return path
 
 
-def _run_and_wait(drv):
+def run_and_wait(drv, timeout: float = 300):
     drv.execute_script("document.getElementById('outputs').dataset.state = ''")
-    _by_id(drv, "run").click()
-    _wait(drv, lambda d: _by_id(d, "outputs").get_attribute("data-state") == "done", "the run to end", 300)
+    by_id(drv, "run").click()
+    wait_for(drv, lambda d: by_id(d, "outputs").get_attribute("data-state") == "done", "the run to end", timeout)
     return drv.find_elements("css selector", "#outputs .column")
 
 
@@ -142,18 +157,16 @@ def test_page_loads_asks_for_the_key_and_connects(server, browser, shots):
     status, body = server.post("/v1/emosteer/score", {"texts": "so happy"})
     assert status == 400 and body["error"]["param"] == "texts", body
     browser.get(base + "/emosteer")  # redirected to /emosteer/
-    _wait(browser, lambda d: "401" in _err(d, "connect"), "the page to say the key is missing")
-    assert "api-key" in _err(browser, "connect")
-    _shot(browser, shots, "0-no-key")
-    _set(browser, "api-key", API_KEY)
-    _by_id(browser, "connect").click()
-    _wait(browser, lambda d: _loaded(d, "vector-table") >= 1 and _loaded(d, "status") >= 1, "vectors and status")
-    assert _err(browser, "connect") == ""
+    wait_for(browser, lambda d: "401" in err_at(d, "connect"), "the page to say the key is missing")
+    assert "api-key" in err_at(browser, "connect")
+    shot(browser, shots, "0-no-key")
+    connect(browser)
+    assert err_at(browser, "connect") == ""
     info = server.get("/v1/emosteer/vectors")[1]["model"]
-    assert f"{info['num_layers']} layers" in _by_id(browser, "model").text
-    assert _by_id(browser, "layer-hi").get_attribute("max") == str(info["num_layers"] - 1)
-    assert "slots in use" in _by_id(browser, "status").text
-    _shot(browser, shots, "1-connected")
+    assert f"{info['num_layers']} layers" in by_id(browser, "model").text
+    assert by_id(browser, "layer-hi").get_attribute("max") == str(info["num_layers"] - 1)
+    assert "slots in use" in by_id(browser, "status").text
+    shot(browser, shots, "1-connected")
 
 
 @browser_test
@@ -173,15 +186,15 @@ def test_vector_list_is_the_apis(server, browser):
 
 @browser_test
 def test_invalid_strength_shows_the_servers_error_at_the_field(server, browser, shots):
-    _set(browser, "prompt", PROMPT)
-    _set(browser, "max-tokens", 16)
-    _set(browser, "strength", "1e6")
-    _run_and_wait(browser)
-    _shot(browser, shots, "3-bad-strength")
-    err = _err(browser, "strength")
+    set_field(browser, "prompt", PROMPT)
+    set_field(browser, "max-tokens", 16)
+    set_field(browser, "strength", "1e6")
+    run_and_wait(browser)
+    shot(browser, shots, "3-bad-strength")
+    err = err_at(browser, "strength")
     assert "steer[0].scale" in err and "400" in err, err
-    assert "bad" in _by_id(browser, "strength").get_attribute("class")
-    assert _err(browser, "run") == ""  # the plain column ran
+    assert "bad" in by_id(browser, "strength").get_attribute("class")
+    assert err_at(browser, "run") == ""  # the plain column ran
     plain, steered = browser.find_elements("css selector", "#outputs .column")
     assert plain.get_attribute("data-state") == "done" and steered.get_attribute("data-state") == "error"
 
@@ -203,14 +216,14 @@ def test_run_streams_plain_and_steered_side_by_side(server, browser, shots):
     from emosteer.playground import score_texts
     from emosteer.request.schema import json_schema
 
-    _set(browser, "strength", 1)  # the tiny model answers nothing printable at 4
-    _wait(browser, lambda d: '"scale": 1' in _by_id(d, "config").get_attribute("value"), "the config")
-    cfg = json.loads(_by_id(browser, "config").get_attribute("value"))
+    set_field(browser, "strength", 1)  # the tiny model answers nothing printable at 4
+    wait_for(browser, lambda d: '"scale": 1' in by_id(d, "config").get_attribute("value"), "the config")
+    cfg = json.loads(by_id(browser, "config").get_attribute("value"))
     jsonschema.validate(cfg, json_schema())  # what the page builds is a valid request config
     assert [s["vector"] for s in cfg["steer"]] == ["joy"] and cfg["steer"][0]["scale"] == 1
-    _set(browser, "strengths", "0.5")  # one more column: a third request at another strength
-    plain, steered, half = _run_and_wait(browser)
-    _shot(browser, shots, "2-run")
+    set_field(browser, "strengths", "0.5")  # one more column: a third request at another strength
+    plain, steered, half = run_and_wait(browser)
+    shot(browser, shots, "2-run")
     assert [c.get_attribute("data-label") for c in (plain, steered, half)] == ["plain", "strength 1", "strength 0.5"]
     texts = []
     for col in (plain, steered, half):
@@ -225,15 +238,15 @@ def test_run_streams_plain_and_steered_side_by_side(server, browser, shots):
     assert texts == [_chat(server, None, 16), _chat(server, cfg, 16), _chat(server, cfg_half, 16)]
     assert texts[0] != texts[1]
     # The numbers under each answer are the analysis package's for that text.
-    target = _by_id(browser, "target").get_attribute("value")
+    target = by_id(browser, "target").get_attribute("value")
     for col, text, want in zip((plain, steered, half), texts, score_texts(texts, target)):
         got_hit = col.get_attribute("data-hit-rate")
         assert (None if got_hit == "" else float(got_hit)) == want["hit_rate"]
         assert float(col.get_attribute("data-rep3")) == want["rep3"]
         marks = [m.get_attribute("textContent") for m in col.find_elements("css selector", "mark.emo")]
         assert marks == [text[s:e] for s, e, _ in want["words"]]
-    assert _err(browser, "run") == "" and _err(browser, "strength") == ""
-    _set(browser, "strengths", "")
+    assert err_at(browser, "run") == "" and err_at(browser, "strength") == ""
+    set_field(browser, "strengths", "")
 
 
 def test_scores_mark_the_lexicons_words():
@@ -268,27 +281,27 @@ def test_upload_appears_in_the_list_and_remove_takes_it_out(server, browser, inf
     bank.save(str(path))
     big = tmp_path / "big.safetensors"
     big.write_bytes(b"\0" * (2 * 2**20))  # over the server's --upload-mib 1
-    _by_id(browser, "upload-file").send_keys(str(big))
-    _by_id(browser, "upload").click()
-    _wait(browser, lambda d: _err(d, "upload-file") != "", "the 413 at the file control")
-    assert "413" in _err(browser, "upload-file") and "upload_mib" in _err(browser, "upload-file")
-    _shot(browser, shots, "4-too-big")
+    by_id(browser, "upload-file").send_keys(str(big))
+    by_id(browser, "upload").click()
+    wait_for(browser, lambda d: err_at(d, "upload-file") != "", "the 413 at the file control")
+    assert "413" in err_at(browser, "upload-file") and "upload_mib" in err_at(browser, "upload-file")
+    shot(browser, shots, "4-too-big")
     try:
-        n = _loaded(browser, "vector-table")
-        _by_id(browser, "upload-file").send_keys(str(path))
-        _by_id(browser, "upload").click()
-        _wait(browser, lambda d: _loaded(d, "vector-table") > n, "the list after the upload")
-        assert "registered pg.up" in _by_id(browser, "upload-done").text
-        assert _err(browser, "upload-file") == ""
+        n = loaded(browser, "vector-table")
+        by_id(browser, "upload-file").send_keys(str(path))
+        by_id(browser, "upload").click()
+        wait_for(browser, lambda d: loaded(d, "vector-table") > n, "the list after the upload")
+        assert "registered pg.up" in by_id(browser, "upload-done").text
+        assert err_at(browser, "upload-file") == ""
         assert "pg.up" in names()
         assert names() == [v["name"] for v in server.get("/v1/emosteer/vectors")[1]["vectors"]]
-        _shot(browser, shots, "5-uploaded")
-        n = _loaded(browser, "vector-table")
+        shot(browser, shots, "5-uploaded")
+        n = loaded(browser, "vector-table")
         row = next(tr for tr in browser.find_elements("css selector", "#vector-table tbody tr")
                    if tr.find_element("tag name", "td").text == "pg.up")
         row.find_element("tag name", "button").click()
         browser.switch_to.alert.accept()
-        _wait(browser, lambda d: _loaded(d, "vector-table") > n, "the list after the removal")
+        wait_for(browser, lambda d: loaded(d, "vector-table") > n, "the list after the removal")
         assert "pg.up" not in names()
         assert names() == [v["name"] for v in server.get("/v1/emosteer/vectors")[1]["vectors"]]
     finally:
@@ -305,10 +318,10 @@ def test_report_heatmaps_hover_and_click_adds_a_head(browser, shots):
     results = json.loads(DEMO_RESULTS.read_text())
     maps = results["head_maps"]["maps"]["joy"]
     L, H = len(maps["recovery"]), len(maps["recovery"][0])
-    _by_id(browser, "report-file").send_keys(str(DEMO_RESULTS))
-    _wait(browser, lambda d: _loaded(d, "report") >= 1, "the report's heatmaps")
+    by_id(browser, "report-file").send_keys(str(DEMO_RESULTS))
+    wait_for(browser, lambda d: loaded(d, "report") >= 1, "the report's heatmaps")
     depth = browser.execute_script("return state.info.num_layers")
-    assert _err(browser, "report-file") == (  # the demo's model is not the tiny test model
+    assert err_at(browser, "report-file") == (  # the demo's model is not the tiny test model
         f"results.json is of a model with {L} layers; the server's has {depth}: its layers and heads "
         "do not apply here")
     profile = browser.find_elements("css selector", "#layer-profile td.cell")
@@ -322,18 +335,16 @@ def test_report_heatmaps_hover_and_click_adds_a_head(browser, shots):
     layer, head = sorted(top)[0]
     cell = recovery.find_element("css selector", f'td[data-row="{layer}"][data-col="{head}"]')
     ActionChains(browser).move_to_element(cell).perform()
-    _wait(browser, lambda d: _by_id(d, "tip").is_displayed(), "the tooltip")
-    tip = _by_id(browser, "tip").text
+    wait_for(browser, lambda d: by_id(d, "tip").is_displayed(), "the tooltip")
+    tip = by_id(browser, "tip").text
     lo, hi = maps["ci95"][layer][head]
     assert tip == (f"layer {layer}, head {head}: patching recovery {maps['recovery'][layer][head]:.4f} "
                    f"(95 % CI {lo:.4f} – {hi:.4f})"), tip
-    _shot(browser, shots, "6-report-hover")
+    shot(browser, shots, "6-report-hover")
     cell.click()
-    assert f"layer {layer}, head {head} is not in the served model" in _err(browser, "heads")
-    cfg = json.loads(_by_id(browser, "config").get_attribute("value"))
+    assert f"layer {layer}, head {head} is not in the served model" in err_at(browser, "heads")
+    cfg = json.loads(by_id(browser, "config").get_attribute("value"))
     assert cfg["heads"] == [{"layer": layer, "head": head, "mode": "scale", "scale": 2}]
     jsonschema.validate(cfg, json_schema())
     assert "joy.preset" in [o.get_attribute("value") for o in browser.find_elements("css selector", "#preset option")]
-    out = _shot(browser, shots, "7-report-head-added")
-    if os.environ.get("EMOSTEER_PLAYGROUND_SCREENSHOT"):
-        shutil.copyfile(out, os.environ["EMOSTEER_PLAYGROUND_SCREENSHOT"])
+    shot(browser, shots, "7-report-head-added")
