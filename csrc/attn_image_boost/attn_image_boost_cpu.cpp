@@ -5,15 +5,144 @@
 // (attn_image_boost_avx2_cpu.cpp), else the portable build compiled here.
 #include "cpu_vec.h"  // first: this file holds the portable (DEFAULT) build
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "attn_image_boost/attn_image_boost.h"
 #include "attn_image_boost/attn_image_boost_cpu_kernel.h"
 
 namespace emosteer {
+
+namespace {
+
+// The prefill case: a run of m >= 2 consecutive tokens of one row (positions p0 ..
+// p0+m-1, keys 0..n-1 with n = p0+m) is a small attention of its own. Its keys and
+// values are gathered from the paged cache once per KV head, the logits and the outputs
+// are two batched matrix products over the KV heads (at::bmm), and one pass per
+// (KV head, token, head) row in between scales, boosts, masks the future keys, takes
+// the softmax and sums the captured masses; only the rewritten (token, head) rows are
+// written back (every other row of ``out`` keeps its value). The arithmetic of the
+// per-token loop, in float32, in another summation order. Tiles of at most ~4M logits.
+void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                 const at::Tensor& value_cache, const int32_t* bt, int64_t bt0, int64_t bt1,
+                 int64_t r, int64_t t0, int64_t m, int64_t p0, const int32_t* slot,
+                 const float* bta, const int32_t* lmode, const int32_t* sp, int64_t NS,
+                 const int32_t* cap, float* mass_buf, float scale) {
+  const int64_t H = out.size(1), D = out.size(2);
+  const int64_t BS = key_cache.size(1), KVH = key_cache.size(2), group = H / KVH;
+  const int64_t n = p0 + m;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // [KVH, n, D] float keys and values of the row, gathered block by block.
+  at::Tensor K = at::empty({KVH, n, D}, f32), V = at::empty({KVH, n, D}, f32);
+  EMOSTEER_DISPATCH_FLOAT_TYPES(out.scalar_type(), "attn_image_boost_prefill_gather", [&] {
+    for (int which = 0; which < 2; ++which) {
+      const at::Tensor& cache = which == 0 ? key_cache : value_cache;
+      float* dst = (which == 0 ? K : V).data_ptr<float>();
+      const scalar_t* base = static_cast<const scalar_t*>(cache.data_ptr());
+      const int64_t s0 = cache.stride(0), s1 = cache.stride(1), s2 = cache.stride(2), s3 = cache.stride(3);
+      for (int64_t g = 0; g < KVH; ++g) {
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t* src = base + bt[r * bt0 + (j / BS) * bt1] * s0 + (j % BS) * s1 + g * s2;
+          float* row = dst + (g * n + j) * D;
+          for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d * s3]);
+        }
+      }
+    }
+  });
+  // Image keys of the row, clamped to the n keys: [lo, hi) per span.
+  std::vector<int64_t> span_lo(static_cast<size_t>(NS)), span_hi(static_cast<size_t>(NS));
+  std::vector<uint8_t> img(static_cast<size_t>(n), 0);
+  for (int64_t k = 0; k < NS; ++k) {
+    attn_image_boost::visible_span(sp[(r * NS + k) * 2], sp[(r * NS + k) * 2 + 1], n, span_lo[k], span_hi[k]);
+    for (int64_t j = span_lo[k]; j < span_hi[k]; ++j) img[j] = 1;
+  }
+  const int64_t tile = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, H * n));
+  for (int64_t i0 = 0; i0 < m; i0 += tile) {
+    const int64_t mm = std::min(tile, m - i0);
+    const int64_t ta = t0 + i0, pa = p0 + i0;  // first token of the tile and its position
+    const int64_t nn = pa + mm;  // keys its last token sees
+    // Per (token, head): rewritten?, and the boost. A token is rewritten only where it
+    // sees an image key.
+    std::vector<uint8_t> rw(static_cast<size_t>(mm * H), 0);
+    bool any_rw = false, any_cap = false;
+    for (int64_t i = 0; i < mm; ++i) {
+      const int64_t t = ta + i, s = slot[t];
+      any_cap = any_cap || cap[t] >= 0;
+      if (s < 0) continue;
+      bool sees = false;
+      for (int64_t k = 0; k < NS && !sees; ++k) sees = span_lo[k] < std::min(span_hi[k], pa + i + 1);
+      if (!sees) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        if (bta[s * H + h] != 1.0f) rw[i * H + h] = 1, any_rw = true;
+      }
+    }
+    if (!any_rw && !any_cap) continue;
+    // Queries [KVH, mm*group, D]; logits [KVH, mm*group, nn] = q K^T.
+    const auto q = query.narrow(0, ta, mm).to(at::kFloat).reshape({mm, KVH, group, D})
+                       .permute({1, 0, 2, 3}).reshape({KVH, mm * group, D});
+    at::Tensor l = at::bmm(q, K.narrow(1, 0, nn).transpose(1, 2));
+    float* lp = l.data_ptr<float>();
+    // One pass per row (g, i, a): scale, boost, future keys out, softmax, masses.
+    at::parallel_for(0, KVH * mm * group, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t g = row / (mm * group), i = (row / group) % mm, a = row % group;
+        const int64_t h = g * group + a, t = ta + i, seen = pa + i + 1, s = slot[t];
+        float* x = lp + row * nn;
+        float mx = -std::numeric_limits<float>::infinity();
+        const bool boost = rw[i * H + h];
+        const float b = boost ? bta[s * H + h] : 1.0f;
+        const bool add = boost && lmode[s] == 0;
+        const float lb = add ? attn_image_boost::log_boost(b) : 0.0f;
+        for (int64_t j = 0; j < seen; ++j) {
+          float v = x[j] * scale;
+          if (boost && img[j]) v = add ? v + lb : v * b;
+          x[j] = v;
+          mx = v > mx ? v : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < seen; ++j) {
+          x[j] = std::exp(x[j] - mx);
+          sum += x[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < seen; ++j) x[j] *= inv;
+        for (int64_t j = seen; j < nn; ++j) x[j] = 0.0f;
+        const int64_t c = cap[t];
+        if (c >= 0) {
+          float* mass = mass_buf + (c * H + h) * NS;
+          for (int64_t k = 0; k < NS; ++k) {
+            const int64_t lo = span_lo[k], hi = std::min(span_hi[k], seen);
+            float msum = 0.0f;
+            for (int64_t j = lo; j < hi; ++j) msum += x[j];
+            mass[k] = msum;
+          }
+        }
+      }
+    });
+    if (!any_rw) continue;
+    // Outputs [KVH, mm*group, D] = weights V; the rewritten rows written back.
+    const at::Tensor o = at::bmm(l, V.narrow(1, 0, nn));
+    const float* op = o.data_ptr<float>();
+    EMOSTEER_DISPATCH_FLOAT_TYPES(out.scalar_type(), "attn_image_boost_prefill_out", [&] {
+      scalar_t* dst = static_cast<scalar_t*>(out.data_ptr());
+      for (int64_t i = 0; i < mm; ++i) {
+        for (int64_t h = 0; h < H; ++h) {
+          if (!rw[i * H + h]) continue;
+          const int64_t g = h / group, a = h % group;
+          const float* src = op + ((g * mm + i) * group + a) * D;
+          scalar_t* d = dst + ((ta + i) * H + h) * D;
+          for (int64_t e = 0; e < D; ++e) d[e] = static_cast<scalar_t>(src[e]);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
 
 void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_table,
@@ -60,9 +189,8 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
     }
   }
 
-  // Work items t * KVH + g with something to do; the positions and block ids they read.
-  std::vector<int64_t> items;
-  int64_t n_max = 0, work = 0;
+  // Tokens with something to do (a rewritten head or a capture), their block ids checked.
+  std::vector<uint8_t> active(static_cast<size_t>(T), 0);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t r = row[t];
     if (r < 0) continue;
@@ -87,6 +215,30 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
       TORCH_CHECK(blk >= 0 && blk < NB, "block_table[", r, ", ", b, "] = ", blk,
                   " but must lie in [0, ", NB, ") (cache blocks)");
     }
+    active[t] = 1;
+  }
+
+  // Runs of >= 2 consecutive active tokens of one row at consecutive positions (a
+  // prefill chunk) go through the matrix path; single tokens (decode) through the
+  // per-(token, KV head) loop.
+  std::vector<int64_t> items;
+  int64_t n_max = 0, work = 0;
+  const int32_t* lmode = logit_mode.data_ptr<int32_t>();
+  for (int64_t t = 0; t < T;) {
+    if (!active[t]) {
+      ++t;
+      continue;
+    }
+    int64_t e = t + 1;
+    while (e < T && active[e] && row[e] == row[t] && pos[e] == pos[e - 1] + 1) ++e;
+    if (e - t >= 2) {
+      prefill_run(out, query, key_cache, value_cache, bt, bt0, bt1, row[t], t, e - t, pos[t], slot,
+                  bta, lmode, sp, NS, cap_eff.data(), mass_buf.data_ptr<float>(),
+                  sm_scale.data_ptr<float>()[0]);
+      t = e;
+      continue;
+    }
+    const int64_t s = slot[t], c = cap_eff[t], p = pos[t];
     for (int64_t g = 0; g < KVH; ++g) {
       bool any = c >= 0;  // else boosted, so s >= 0
       for (int64_t h = g * group; h < (g + 1) * group && !any; ++h) any = bta[s * H + h] != 1.0f;
@@ -94,6 +246,7 @@ void attn_image_boost_cpu(at::Tensor& out, const at::Tensor& query, const at::Te
     }
     n_max = std::max(n_max, p + 1);
     work += (p + 1) * D * KVH;
+    ++t;
   }
   if (items.empty()) return;
 
