@@ -76,7 +76,7 @@ def test_killed_actor_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_mod
 
     # Many one-row batches, so that the run is still going when its first rows are in OUT.
     many = [{**{k: v for k, v in r.items() if k in ("prompt", "emotion", "steer")}, "id": f"{r['id']}.{j}"}
-            for j in range(8) for r in ROWS]
+            for j in range(4) for r in ROWS]
     _write(tmp_path / "in.jsonl", many)
     out = tmp_path / "out.jsonl"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")

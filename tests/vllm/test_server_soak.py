@@ -37,7 +37,7 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     import bench_sustained as bs
 
     cached, _ = servers
-    res = bs.run(cached.client, cached.model, minutes=0.3, latency_minutes=0.2, clients=3, rate=3.0,
+    res = bs.run(cached.client, cached.model, minutes=0.2, latency_minutes=0.12, clients=3, rate=4.0,
                  max_tokens=4, seed=3, server_pid=cached.proc.pid, max_slots=4, out_dir=str(tmp_path),
                  progress=False)
     assert not res["unexpected"], res["unexpected"][:10]
