@@ -5,6 +5,7 @@ Each table sits between markers in README.md::
     <!-- bench:serving -->   ... rendered by benchmarks/serving_table.py (serving.csv)
     <!-- bench:narratives --> ... bench_narratives.py --table (narratives.csv)
     <!-- bench:sweep -->      ... bench_sweep.py --table (sweep.csv)
+    <!-- bench:sweep_aligned --> ... bench_sweep.py --variant aligned --table (sweep_aligned.csv)
     <!-- bench:sustained -->  ... bench_sustained.py --table (sustained.csv + latency.csv)
     <!-- /bench -->           closes each
 
@@ -40,6 +41,11 @@ def tables() -> dict[str, str]:
         import bench_sweep
 
         out["sweep"] = bench_sweep.table(bench_sweep.read_rows())
+    if os.path.exists(os.path.join(HERE, "results", "sweep_aligned.csv")):
+        import bench_sweep
+
+        out["sweep_aligned"] = bench_sweep.table(
+            bench_sweep.read_rows(os.path.join(HERE, "results", "sweep_aligned.csv")), "aligned")
     if os.path.exists(os.path.join(HERE, "results", "sustained.csv")):
         import bench_sustained
 
