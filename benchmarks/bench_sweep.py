@@ -100,7 +100,7 @@ def hf_sweep(model, dec, ids_neg, z_pos, cands, tids, pad_id, aligned=None):
     for i, r in enumerate(ids_neg):
         x[i, T - len(r):] = torch.tensor(r)
         mask[i, T - len(r):] = 1
-    H, D = z_pos.shape[2], z_pos.shape[3]
+    D = z_pos.shape[3]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = torch.zeros(len(cands), N)
     if aligned is not None:  # (row, column) of every patched token, left padding

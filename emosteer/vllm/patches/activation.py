@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from emosteer.vllm.patches import Swap
 
 _swap: Swap | None = None
