@@ -185,6 +185,13 @@ class Mix:
             b["vllm_xargs"] = xargs
         return b
 
+    def run(self, kind: str, r: random.Random, t0: float) -> list[Done]:
+        """``one``, with a client-side failure recorded as an unexpected result."""
+        try:
+            return self.one(kind, r, t0)
+        except Exception as e:  # noqa: BLE001 - any failure is an unexpected result
+            return [Done(kind, time.monotonic() - t0, 0, None, [], f"{type(e).__name__}: {e}")]
+
     def one(self, kind: str, r: random.Random, t0: float) -> list[Done]:
         c = self.client
         p = r.choice(PROMPTS)
@@ -258,11 +265,7 @@ def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, pro
     def worker(i):
         r = random.Random(seed * 1000 + i)
         while time.monotonic() < deadline:
-            kind = r.choices(KINDS, WEIGHTS)[0]
-            try:
-                got = mix.one(kind, r, t0)
-            except Exception as e:  # noqa: BLE001
-                got = [Done(kind, time.monotonic() - t0, 0, None, [], f"{type(e).__name__}: {e}")]
+            got = mix.run(r.choices(KINDS, WEIGHTS)[0], r, t0)
             with lock:
                 done.extend(got)
 
@@ -297,10 +300,7 @@ def open_loop(mix: Mix, seconds: float, rate: float, seed: int):
     t_next = t0
 
     def fire(kind, rr):
-        try:
-            got = mix.one(kind, rr, t0)
-        except Exception as e:  # noqa: BLE001
-            got = [Done(kind, time.monotonic() - t0, 0, None, [], f"{type(e).__name__}: {e}")]
+        got = mix.run(kind, rr, t0)
         with lock:
             done.extend(got)
 

@@ -70,6 +70,15 @@ def plain_reference(engines):
     return ref
 
 
+@pytest.fixture(scope="module")
+def oracle(tiny_model, bank_path):
+    """The independent oracle (tests/vllm/oracle.py: plain transformers + hooks, sharing
+    no code with the compiler or the engine)."""
+    from oracle import Oracle
+
+    return Oracle(tiny_model, bank_path)
+
+
 @pytest.fixture(scope="session")
 def servers(tiny_model, bank_path, tmp_path_factory, engines):
     """Two ``emosteer serve`` servers of the tiny Llama, shared by the server test

@@ -38,13 +38,6 @@ def llm(engines):
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_model, bank_path):
-    from oracle import Oracle
-
-    return Oracle(tiny_model, bank_path)
-
-
-@pytest.fixture(scope="module")
 def shape(info):
     return ds.Shape.of(info)
 

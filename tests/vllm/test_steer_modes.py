@@ -61,13 +61,6 @@ def llm(engines):
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_model, bank_path):
-    from oracle import Oracle
-
-    return Oracle(tiny_model, bank_path)
-
-
-@pytest.fixture(scope="module")
 def prompts(llm):
     return ds.token_prompts(llm.get_tokenizer(), PROMPTS[:4])
 
