@@ -3,9 +3,40 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vllm_support import LONG_PROMPT, MAX_TOKENS, PROMPTS, Engines, make_bank, summarize
+
+
+# The order of the engine-using modules: one engine lives at a time (Engines), and a
+# server pair, once up, stays up to the end of the session. Grouping the modules by
+# the engine they use starts each engine once instead of at every switch (a compiled
+# start is about 50 s on a 2-core machine, an eager one about 25 s); the shared servers
+# come last. Modules not listed keep their place between the groups.
+_MODULE_ORDER = {
+    # the eager engine, then (test_aligned_patch's last test) the compiled one
+    "test_eager": 0, "test_generate": 0, "test_inline_and_modes": 0, "test_aligned_patch": 1,
+    "test_compiled": 2, "test_compiled_differential": 2, "test_steer_modes": 2,
+    # their own engines (or Ray actors' engines)
+    "test_ray": 3,
+    # the shared server pair (session-scoped)
+    "test_api": 9, "test_playground": 9, "test_readme_server": 9, "test_server": 9,
+    "test_server_http": 9, "test_server_soak": 9,
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Sort the tests of this directory by ``_MODULE_ORDER`` (stable: the order inside a
+    module, and of modules in one group, is pytest's own)."""
+    here = Path(__file__).resolve().parent
+    mine = [i for i, it in enumerate(items) if Path(str(it.fspath)).resolve().parent == here]
+    if not mine:
+        return
+    ranked = sorted((items[i] for i in mine), key=lambda it: _MODULE_ORDER.get(Path(str(it.fspath)).stem, 5))
+    for i, it in zip(mine, ranked):
+        items[i] = it
 
 
 @pytest.fixture(scope="session")
