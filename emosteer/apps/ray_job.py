@@ -6,8 +6,9 @@ every engine process the actor starts) and calling the same ``run_batch`` as the
 path, so a row's output is the same either way. The driver appends each finished
 batch to OUT and fsyncs it before taking the next one, in input order. A rerun resumes
 from OUT, and a row is written only once. If an actor dies mid-run, Ray restarts it and
-retries its unfinished batches. If the driver itself dies, the rerun skips every row
-already written.
+retries its unfinished batches (on another node, if its node is gone). If the driver
+itself dies, the rerun skips every row already written. At the end the driver prints,
+per node, the rows it wrote from that node and their engine time (rows/s).
 
 Why actors hosting ``emosteer.LLM`` rather than ``ray.data.llm``'s processor: the
 processor's engine stage returns text only, while a row here also needs emosteer's
@@ -24,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,15 +49,43 @@ class NarrativeWorker:
         self.llm = _start_llm(self.cfg, distributed_executor_backend="mp")
 
     def __call__(self, batch: dict) -> dict:
+        import ray
+
+        t0 = time.perf_counter()
         rows = [json.loads(s) for s in batch["row"]]
         records, failed = run_batch(self.llm, rows, self.cfg)
+        seconds = time.perf_counter() - t0
         by_id = {str(r["id"]): r for r in records}
         lines, errors = [], []
         for r in rows:
             rid = str(r["id"])
             lines.append(json.dumps(by_id[rid], ensure_ascii=False) if rid in by_id else "")
             errors.append(failed.get(rid, ""))
-        return {"id": [str(r["id"]) for r in rows], "line": lines, "error": errors}
+        node = ray.get_runtime_context().get_node_id()
+        # Each row carries its batch's node and time (the batch's time on its first row
+        # only, so that summing over rows gives the engine time per node).
+        return {"id": [str(r["id"]) for r in rows], "line": lines, "error": errors,
+                "node": [node] * len(rows), "seconds": [seconds] + [0.0] * (len(rows) - 1)}
+
+
+class NodeStats:
+    """Rows written and engine seconds per Ray node, for the per-node throughput line."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, node: str, rows: int, seconds: float) -> None:
+        self.rows[node] = self.rows.get(node, 0) + rows
+        self.seconds[node] = self.seconds.get(node, 0.0) + seconds
+
+    def lines(self) -> list[str]:
+        out = []
+        for node in sorted(self.rows):
+            n, t = self.rows[node], self.seconds[node]
+            rate = f"{n / t:.2f} rows/s" if t > 0 else "n/a"
+            out.append(f"node {node[:12]}: {n} rows in {t:.1f} s of engine time ({rate})")
+        return out
 
 
 def generate_jsonl_ray(
@@ -106,11 +137,14 @@ def generate_jsonl_ray(
         bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate (ray)",
                    unit="row", disable=not progress)
         seen: set[str] = set()  # rows already in OUT are not in todo
+        stats = NodeStats()
         with open(out_path, "a", encoding="utf-8") as f:
             for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
                 lines = []
-                for rid, line, error in zip(batch["id"], batch["line"], batch["error"]):
+                for rid, line, error, node, sec in zip(batch["id"], batch["line"], batch["error"],
+                                                       batch["node"], batch["seconds"]):
                     rid = str(rid)
+                    stats.add(str(node), 0, float(sec))  # engine time, written or not
                     if rid in seen:  # a retried batch never writes a row twice
                         continue
                     if error:
@@ -118,10 +152,13 @@ def generate_jsonl_ray(
                         continue
                     seen.add(rid)
                     lines.append(str(line))
+                    stats.add(str(node), 1, 0.0)
                 append_lines(f, lines)
                 written += len(lines)
                 bar.update(len(batch["id"]))
         bar.close()
+        for line in stats.lines():  # throughput per node, on the driver's stderr
+            print(f"emosteer generate (ray): {line}", file=sys.stderr, flush=True)
     finally:
         if started_here:
             ray.shutdown()
@@ -132,4 +169,4 @@ def generate_jsonl_ray(
     return written
 
 
-__all__ = ["generate_jsonl_ray", "NarrativeWorker"]
+__all__ = ["generate_jsonl_ray", "NarrativeWorker", "NodeStats"]
