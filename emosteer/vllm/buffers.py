@@ -91,6 +91,13 @@ class AttentionSite:
         self.attn_flag = bufs.flags[FLAG_ATTENTION, layer]
         self.attn_impl = impl
         self.sm_scale: torch.Tensor | None = None
+        # host_on: this step has VEE work on this layer (a host-side copy of attn_flag,
+        # so that a CPU step without it skips the op's Python at once). graph_safe: the
+        # op launches on every step whatever host_on says, and its kernel returns on the
+        # device flag attn_flag: a launch captured in a CUDA graph then follows the
+        # boosted pairs of every replay (set on CUDA devices).
+        self.host_on = False
+        self.graph_safe = False
 
 
 class ResidualSite:

@@ -1,8 +1,10 @@
 """The LVLM case, run in its own process by test_lvlm.py (torchvision must be importable
 from interpreter start, see vllm_lvlm.py). Prints one JSON line of findings.
 
-``lvlm_case.py MODEL_DIR [KIND]``: KIND is a key of emosteer.models.tiny_lvlm.KINDS
+``lvlm_case.py MODEL_DIR [KIND [--compiled]]``: KIND is a key of emosteer.models.tiny_lvlm.KINDS
 (qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_onevision; default qwen2_vl), built in MODEL_DIR once.
+``--compiled``: the engine runs vLLM's torch.compile graph (in this process) instead of
+eager mode, and the findings add its worker's compile counters before and after the steps.
 
 A tiny random LVLM of that family with an image prompt: empty config == plain; beta = 1 == plain;
 a mixed batch (image and text-only prompts, boosted and not) == each request alone;
@@ -29,7 +31,7 @@ from vllm_support import assert_no_slots_held, engine_env, make_bank  # noqa: E4
 TOKENS = 6
 
 
-def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
+def main(model_dir: str, kind: str = "qwen2_vl", compiled: bool = False) -> dict:
     engine_env()
     import transformers
     from transformers import AutoConfig, AutoProcessor
@@ -49,8 +51,8 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     bank.add("joy.vee", "head_mask", vee_mask)
     # max_slots=4: the mixed batch below needs more distinct slots than that, so boost
     # configs wait for admission like any other (and still give their solo answers).
-    llm = emosteer.LLM(str(path), bank=bank, dtype="float32", enforce_eager=True, max_model_len=256, max_slots=4,
-                       enable_prefix_caching=True,
+    llm = emosteer.LLM(str(path), bank=bank, dtype="float32", enforce_eager=not compiled, max_model_len=256,
+                       max_slots=4, enable_prefix_caching=True,
                        block_size=32, limit_mm_per_prompt={"image": 1, "video": 0})
     image = test_image()
     prompt = {"prompt": spec.prompt, "multi_modal_data": {"image": image}}
@@ -69,8 +71,11 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
          "steer": [{"vector": "joy", "layers": [1], "scale": 2.0}], **cap},
     ]
     VEE = [4, 5, 6]  # configs with a boost
-    res: dict = {}
+    res: dict = {"compiled": compiled}
     plain = llm.generate([prompt], sp, use_tqdm=False)[0]
+    # After start-up (vLLM compiles or loads the model's graph) and a first step (the
+    # sampler compiles its logprob op on first use).
+    compiles = _compile_counts(llm)
     empty = llm.generate([prompt], sp, steer={}, use_tqdm=False)[0]
     res["empty_equals_plain"] = list(plain.outputs[0].token_ids) == list(empty.outputs[0].token_ids)
     text = {"prompt": "Describe the scene. What does the person feel?"}
@@ -120,7 +125,12 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
         assert_no_slots_held(llm)
         res["slots_in_use"] = 0
     except AssertionError:
-        res["slots_in_use"] = sum(s["slots_in_use"] for s in llm.status())
+        res["slots_in_use"] = llm.status()
+
+    # Compiled: every step above (boosted pairs changing from step to step: other heads,
+    # betas, modes, phases and batch mixes) ran in the graph compiled at start-up.
+    res["compiled_graphs"] = compiles
+    res["recompiles"] = {k: v - compiles[k] for k, v in _compile_counts(llm).items() if v != compiles[k]}
 
     # The HF reference on the same inputs (same expanded image tokens and pixels).
     proc = AutoProcessor.from_pretrained(path)
@@ -173,10 +183,16 @@ def main(model_dir: str, kind: str = "qwen2_vl") -> dict:
     return res
 
 
+def _compile_counts(llm) -> dict:
+    """The compile counters of the (one) worker process, from its status."""
+    (status,) = llm.status()
+    return status["compile"]
+
+
 def extra_kw(enc) -> dict:
     return {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
 
 
 if __name__ == "__main__":
-    out = main(sys.argv[1], *sys.argv[2:3])
+    out = main(sys.argv[1], *sys.argv[2:3], compiled="--compiled" in sys.argv[3:])
     print("LVLM_RESULT " + json.dumps(out, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))

@@ -72,7 +72,7 @@ SITES: dict = {}
 
 def _vee(out: torch.Tensor, query: torch.Tensor, layer_name: str) -> None:
     site = SITES.get(layer_name)
-    if site is None or not site.host_on:
+    if site is None or not (site.host_on or site.graph_safe):
         return
     from vllm.model_executor.layers.attention.attention import get_attention_context
 

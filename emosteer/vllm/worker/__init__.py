@@ -128,6 +128,7 @@ class WorkerSteering(RequestsMixin, StepsMixin):
             for m in attns.values():
                 site = m._emosteer_site
                 site.vee, site.backend, site.attn_impl, site.host_on = True, backend, self.attn_impl, False
+                site.graph_safe = self.device.type == "cuda"
                 site.sm_scale = torch.tensor([float(m.impl.scale)], dtype=torch.float32, device=self.device)
                 attention_patch.SITES[m.layer_name] = site
         self.attn_sites = [attns[i]._emosteer_site for i in sorted(attns)]
@@ -199,6 +200,8 @@ class WorkerSteering(RequestsMixin, StepsMixin):
         return out
 
     def status(self) -> dict:
+        """This worker's state; ``compile`` counts the graphs vLLM and dynamo compiled in
+        this process (a count that grows while serving is a recompilation)."""
         return {
             "slots_written": sum(sig is not None for sig in self.slot_sig),
             "max_slots": self.settings.max_slots,
@@ -211,4 +214,23 @@ class WorkerSteering(RequestsMixin, StepsMixin):
             "features": [k for k, v in self.features.items() if v],
             "vee_unavailable": self.vee_why,
             "tp": [self.tp_rank, self.tp_size],
+            "compile": compile_counts(),
         }
+
+
+def compile_counts() -> dict:
+    """vLLM's compile counters (graphs seen, backend and inductor compilations, cache
+    entries) and dynamo's unique-graph count, in this process."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+    from vllm.compilation.counter import compilation_counter
+
+    keep = ("num_graphs_seen", "num_piecewise_graphs_seen", "num_backend_compilations",
+            "num_inductor_compiles", "num_eager_compiles", "num_cache_entries_updated",
+            "num_cudagraph_captured", "num_compiled_artifacts_loaded", "num_aot_artifacts_loaded",
+            "stock_torch_compile_count")
+    c = dataclasses.asdict(compilation_counter)
+    out = {k: int(c[k]) for k in keep if k in c}
+    out["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    return out
