@@ -30,13 +30,16 @@ class ClientError(RuntimeError):
         self.status, self.body = status, body
 
 
-def inline_vector(tensor, dtype: str = "float32", layers=None) -> dict:
-    """A steer item's ``"vector"`` carried inline: ``tensor`` ``[n, d]`` (one row per layer
-    of the item, ascending) as base64 little-endian ``dtype`` ("float32" or "bfloat16"),
-    e.g. ``{"steer": [{"vector": inline_vector(v[[12, 14]]), "layers": [12, 14], "scale": 4}]}``."""
+def inline_vector(tensor, dtype: str = "float32", layers=None, heads=None) -> dict:
+    """A ``"vector"`` carried inline, as base64 little-endian ``dtype`` ("float32" or
+    "bfloat16"). On a steer item ``tensor`` is ``[n, d]``, one row per layer of the item
+    (ascending), e.g. ``{"steer": [{"vector": inline_vector(v[[12, 14]]), "layers": [12, 14],
+    "scale": 4}]}``. On a heads item it is ``[n, D]``, one row per head of the item (or of
+    ``heads``), or ``[H, D]`` for every head of the item's layer, e.g. ``{"heads":
+    [{"layer": 9, "head": [3, 7], "mode": "patch", "vector": inline_vector(z[[3, 7]])}]}``."""
     from emosteer.request.inline import encode
 
-    return encode(tensor, dtype, layers)
+    return encode(tensor, dtype, layers, heads)
 
 
 def _loads(raw: bytes) -> Any:

@@ -492,3 +492,54 @@ def test_mode_numbers_match_the_kernels():
     from emosteer.request.compile import RES_MODES, RES_RELATIVE
 
     assert RES_MODES == reference.RES_MODES and RES_RELATIVE == reference.RES_RELATIVE
+
+
+def test_inline_head_vectors_parse_round_trip_and_join_the_bank():
+    """A heads item's inline rows: per listed head, for other heads (``heads``), or the
+    layer's [H, D] block; named by content, layer and heads; the dict round-trips; errors
+    name the field."""
+    import torch
+
+    from emosteer.client import inline_vector
+    from emosteer.request import inline as inline_vec
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(INFO.num_heads, INFO.head_dim, generator=g) + 0.5
+    per_head = SteerSpec.parse({"heads": [{"layer": 2, "head": [1, 3], "mode": "patch",
+                                           "vector": inline_vector(z[[1, 3]])}]})
+    block = SteerSpec.parse({"heads": [{"layer": 2, "head": [1, 3], "mode": "patch", "vector": inline_vector(z)}]})
+    chosen = SteerSpec.parse({"heads": [{"layer": 2, "head": 3, "mode": "add", "scale": 2.0,
+                                         "vector": inline_vector(z[[3, 1]], heads=[3, 1])}]})
+    for spec in (per_head, block, chosen):
+        spec.validate(None, INFO, 8)
+        (name,) = spec.inline_names()
+        assert name.startswith(inline_vec.PREFIX)
+        again = SteerSpec.parse(json.loads(json.dumps(spec.to_dict())))
+        assert again.inline_names() == [name] and again.to_dict() == spec.to_dict()
+        entry = inline_vec.overlay(None, INFO, spec.inline_items()).get(name)
+        assert entry.shape == (INFO.num_layers, INFO.num_heads, INFO.head_dim)
+        for h in (1, 3):  # the rows the items read
+            assert torch.equal(entry[2, h], z[h])
+        assert not entry[[0, 1, 3]].any()  # other layers are zero
+    assert per_head.inline_names() != block.inline_names()  # other data, other name
+    # the same rows on another layer are another vector
+    moved = SteerSpec.parse({"heads": [{"layer": 1, "head": [1, 3], "mode": "patch",
+                                        "vector": inline_vector(z[[1, 3]])}]})
+    assert moved.inline_names() != per_head.inline_names()
+    bad = [
+        ({"data": "%%", "dtype": "float32"}, "heads[0].vector.data"),
+        (inline_vector(torch.ones(3)), "heads[0].vector.data"),
+        (inline_vector(torch.full((2, INFO.head_dim), float("inf"))), "heads[0].vector.data"),
+        (inline_vector(z[[1]], heads=[1]), "heads[0].vector.heads"),
+        ({**inline_vector(z[[1, 3]]), "layers": [2]}, "heads[0].vector.layers"),
+    ]
+    for vector, field in bad:
+        with pytest.raises(SpecError) as e:
+            s = SteerSpec.parse({"heads": [{"layer": 2, "head": [1, 3], "mode": "patch", "vector": vector}]})
+            s.validate(None, INFO, 8)
+        assert e.value.field == field, (field, str(e.value))
+    with pytest.raises(SpecError) as e:  # head out of range in the inline object's own list
+        s = SteerSpec.parse({"heads": [{"layer": 2, "head": 1, "mode": "patch",
+                                        "vector": inline_vector(z[[1, 1]], heads=[1, 9])}]})
+        s.validate(None, INFO, 8)
+    assert e.value.field == "heads[0].vector.heads"

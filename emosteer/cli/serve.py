@@ -69,6 +69,8 @@ def serve(
     pool_mib: Optional[int] = typer.Option(None, "--pool-mib", help="Vector pool size in MiB (64)."),
     capture_rows: Optional[int] = typer.Option(None, "--capture-rows", help="Capture buffer rows (8192)."),
     upload_mib: Optional[int] = typer.Option(None, "--upload-mib", help="Largest vector upload (64 MiB)."),
+    inline_mib: Optional[int] = typer.Option(None, "--inline-mib",
+                                             help="Largest total of a request's inline vectors (16 MiB)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and exit."),
 ):
     """Serve MODEL with vLLM's OpenAI server, the emosteer plugin and its HTTP routes.
@@ -81,7 +83,8 @@ def serve(
     path = model_folder(model, "MODEL")
     settings = {}
     for key, value in (("max_slots", max_slots), ("pool_mib", pool_mib),
-                       ("capture_rows", capture_rows), ("upload_mib", upload_mib)):
+                       ("capture_rows", capture_rows), ("upload_mib", upload_mib),
+                       ("inline_mib", inline_mib)):
         if value is not None:
             positive(value, "--" + key.replace("_", "-"))
             settings[key] = int(value)

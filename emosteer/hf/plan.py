@@ -107,7 +107,7 @@ class Plan:
         for i, s in enumerate(specs):
             s.validate(bank, info, int(prompt_lens[i]))
         # The vectors the specs carry inline join the bank the rows are read from.
-        bank = inline_vec.overlay(bank, info, [it for s in specs for it in s.steer])
+        bank = inline_vec.overlay(bank, info, [it for s in specs for it in s.inline_items()])
 
         layers = [LayerPlan() for _ in range(L)]
         f32 = dict(dtype=torch.float32, device=device)

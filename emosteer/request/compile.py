@@ -390,7 +390,7 @@ def compile_request(
 ) -> RequestProgram:
     """Slot programs of a resolved spec: ``"prompt"`` (every prompt token), ``"generated"``
     and ``"@<p>"`` for each prompt position p named by "last" or a position list."""
-    bank = inline_vec.overlay(bank, info, spec.steer)
+    bank = inline_vec.overlay(bank, info, spec.inline_items())
     phases = {p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES}
     row_off: dict[int, int] = {}
     for pos, (group, off) in position_groups(spec, bank, num_prompt).items():

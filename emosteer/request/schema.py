@@ -98,9 +98,16 @@ def json_schema() -> dict:
                          "description": "little-endian values, one [d] row per layer of the item"},
                 "dtype": {"enum": list(INLINE_DTYPES)}, "layers": layer_list,
             }),
+            "inline_head_vector": obj(["data", "dtype"], {
+                "data": {"type": "string", "contentEncoding": "base64",
+                         "description": "little-endian values: one [D] row per head of 'heads' "
+                                        "(default: the item's heads), or [H, D] for every head"},
+                "dtype": {"enum": list(INLINE_DTYPES)}, "heads": layer_list,
+            }),
             "head_item": obj(["layer", "head", "mode"], {
                 "layer": layer, "head": {"oneOf": [layer, layer_list]},
-                "mode": {"enum": list(HEAD_MODES)}, "vector": entry("head [L, H, D]"),
+                "mode": {"enum": list(HEAD_MODES)},
+                "vector": {"oneOf": [entry("head [L, H, D]"), {"$ref": "#/$defs/inline_head_vector"}]},
                 "scale": scale, "positions": positions,
             }, allOf=[
                 mode_rule("add", ["vector"], []),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from emosteer.request import fields as F
 from emosteer.request import inline as inline_vec
+from emosteer.request.inline import InlineVector
 from emosteer.request import positions as pos_model
 from emosteer.request.fields import MAX_ABS_SCALE, MAX_GAIN, SpecError
 from emosteer.request.items import (
@@ -51,6 +52,7 @@ class HeadItem:
     # Internal (never parsed): the index into a "head_positions" vector [N, L, H, D]
     # this item reads, set by the compiler for one listed position.
     at: int | None = None
+    inline: InlineVector | None = None  # the vector carried by the request (``inline.py``)
 
     def affine(self) -> tuple[float, float]:
         """The (a, b) pair of the head-affine op for this item."""
@@ -64,7 +66,8 @@ class HeadItem:
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"layer": self.layer, "head": self.head, "mode": self.mode}
         if self.vector is not None:
-            d["vector"] = self.vector
+            # an inline vector as the request's own data, so that the dict round-trips
+            d["vector"] = self.inline.to_json() if self.inline is not None else self.vector
         if self.mode in ("add", "scale"):
             d["scale"] = self.scale
         d["positions"] = pos_model.to_json(self.positions)
@@ -165,11 +168,15 @@ def _parse_heads(value: Any, field: str) -> list[HeadItem]:
     mode = F.choice(value["mode"], f"{field}.mode", HEAD_MODES)
     heads = F.layers(value["head"], f"{field}.head", allow_all=False)
     assert heads is not None
-    vector = None
+    vector = inline = None
     if mode in ("add", "patch"):
         if "vector" not in value:
             raise SpecError(f"{field}.vector", f"is required for mode {mode!r}")
-        vector = F.name(value["vector"], f"{field}.vector")
+        if isinstance(value["vector"], dict):
+            inline = inline_vec.parse_head(value["vector"], f"{field}.vector", layer, heads)
+            vector = inline.name
+        else:
+            vector = F.name(value["vector"], f"{field}.vector")
     elif "vector" in value:
         raise SpecError(f"{field}.vector", f"is not allowed for mode {mode!r}")
     scale = 1.0
@@ -182,7 +189,7 @@ def _parse_heads(value: Any, field: str) -> list[HeadItem]:
     elif "scale" in value:
         raise SpecError(f"{field}.scale", f"is not allowed for mode {mode!r}")
     positions = pos_model.parse(value.get("positions", "all"), f"{field}.positions")
-    return [HeadItem(layer, h, mode, vector, scale, positions) for h in heads]
+    return [HeadItem(layer, h, mode, vector, scale, positions, inline=inline) for h in heads]
 
 
 def _parse_capture(value: Any, field: str) -> CaptureItem:
@@ -313,7 +320,7 @@ class SteerSpec:
         at most MAX_CAPTURE_ROWS captured rows (counted when the token counts are given,
         or always for positions "last")."""
         L, H = info.num_layers, info.num_heads
-        bank = inline_vec.overlay(bank, info, self.steer)
+        bank = inline_vec.overlay(bank, info, self.inline_items())
 
         def vec(name: str, kind: str, field: str) -> None:
             if bank is None or name not in bank:
@@ -420,9 +427,13 @@ class SteerSpec:
     def is_empty(self) -> bool:
         return not self.intervenes() and self.capture is None
 
+    def inline_items(self) -> list:
+        """The steer and head items (those that may carry an inline vector)."""
+        return [*self.steer, *self.heads]
+
     def inline_names(self) -> list[str]:
         """The names of the vectors this request carries inline (``inline.py``)."""
-        return sorted({s.inline.name for s in self.steer if s.inline is not None})
+        return sorted({s.inline.name for s in self.inline_items() if s.inline is not None})
 
     def vector_names(self) -> list[str]:
         """Every bank entry the interventions use (sorted, unique)."""

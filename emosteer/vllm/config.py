@@ -12,7 +12,8 @@ never overflows), ``bank`` (a bank file loaded at start-up; env ``EMOSTEER_BANK`
 ``impl`` (force an op implementation; env ``EMOSTEER_IMPL``), ``keep_captures``
 (finished requests whose captures wait to be fetched, default 4096), ``capture_ttl_s``
 (how long they wait, default 600 s), ``upload_mib`` (largest vector upload over HTTP,
-default 64).
+default 64), ``inline_mib`` (largest total of the inline vectors one request carries,
+decoded, default 16; at most ``inline.MAX_INLINE_BYTES``, 256 MiB).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 CONFIG_KEY = "emosteer"
 DEFAULT_CAPTURE_ROWS = 8192  # at least a request's own limit (spec.MAX_CAPTURE_ROWS, 4096)
 _INT_KEYS = ("max_slots", "capture_rows", "keep_captures", "pool_mib", "pool_rows", "capture_ttl_s",
-             "upload_mib")
+             "upload_mib", "inline_mib")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class PluginSettings:
     keep_captures: int = 4096
     capture_ttl_s: int = 600
     upload_mib: int = 64
+    inline_mib: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +61,11 @@ def settings_from_additional(additional: Any) -> PluginSettings:
             value = raw[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"additional_config.{CONFIG_KEY}.{key} must be a positive int, got {value!r}")
+    from emosteer.request.inline import MAX_INLINE_BYTES
+
+    if raw.get("inline_mib", 0) > MAX_INLINE_BYTES // 2**20:
+        raise ValueError(f"additional_config.{CONFIG_KEY}.inline_mib must be at most "
+                         f"{MAX_INLINE_BYTES // 2**20}, got {raw['inline_mib']}")
     if raw.get("bank") is None and os.environ.get("EMOSTEER_BANK"):
         raw["bank"] = os.environ["EMOSTEER_BANK"]
     if raw.get("impl") is None and os.environ.get("EMOSTEER_IMPL"):

@@ -22,6 +22,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
+from emosteer.request import inline as inline_vec
 from emosteer.request import positions as pos_model
 from emosteer.request.bank import ModelInfo, VectorBank
 from emosteer.request.spec import SpecError, SteerSpec
@@ -137,6 +138,12 @@ class FrontendSteering:
     def check(self, raw: Any, num_prompt_tokens: int | None = None, max_tokens: int | None = None) -> SteerSpec:
         """Parse + validate against the bank and the model; SpecError names the field."""
         spec = SteerSpec.parse(raw)
+        inline = [it for it in spec.inline_items() if it.inline is not None]
+        limit = self.settings.inline_mib * 2**20
+        if inline and inline_vec.total_bytes(inline) > limit:
+            raise SpecError(inline[-1].inline.field,
+                            f"the request's inline vectors hold {inline_vec.total_bytes(inline)} bytes, more "
+                            f"than this server's inline_mib ({self.settings.inline_mib} MiB)")
         spec.validate(self.bank, self.info, num_prompt_tokens, max_tokens)
         return spec.resolve(self.info)
 

@@ -69,6 +69,28 @@ def test_settings(monkeypatch):
         settings_from_additional({"emosteer": {"max_slots": 0}})
     with pytest.raises(ValueError, match="unknown key"):
         settings_from_additional({"emosteer": {"slots": 3}})
+    assert settings_from_additional(None).inline_mib == 16
+    with pytest.raises(ValueError, match="inline_mib"):
+        settings_from_additional({"emosteer": {"inline_mib": 257}})
+
+
+def test_inline_vectors_over_the_servers_limit_name_the_field():
+    import torch
+
+    from emosteer.client import inline_vector
+
+    fe = _frontend(make_bank(INFO), inline_mib=1)
+    big = inline_vector(torch.ones(2**18 + 1))  # 1 MiB + 4 bytes
+    with pytest.raises(SpecError, match="inline_mib") as e:
+        fe.check({"heads": [{"layer": 0, "head": 0, "mode": "patch", "vector": big}]})
+    assert e.value.field == "heads[0].vector"
+    with pytest.raises(SpecError, match="inline_mib") as e:
+        fe.check({"steer": [{"vector": big, "layers": [0], "scale": 1.0}]})
+    assert e.value.field == "steer[0].vector"
+    # under the limit, the vector's own checks come next (here: its length)
+    with pytest.raises(SpecError, match="values") as e:
+        fe.check({"steer": [{"vector": inline_vector(torch.ones(5)), "layers": [0], "scale": 1.0}]})
+    assert e.value.field == "steer[0].vector.data"
 
 
 def test_phase_split_and_fingerprints():
@@ -194,11 +216,13 @@ def test_admission_slots_pool_and_lru():
     assert "capture buffer" in Admission.fits({"slots": {}, "capture_rows": 11}, adm.capacity)
 
 
-def _frontend(bank):
+def _frontend(bank, **settings):
     from emosteer.vllm.frontend import FrontendSteering
 
+    from emosteer.vllm.config import PluginSettings
+
     fe = FrontendSteering.__new__(FrontendSteering)
-    fe.info, fe.bank = INFO, bank
+    fe.info, fe.bank, fe.settings = INFO, bank, PluginSettings(**settings)
     return fe
 
 

@@ -45,6 +45,27 @@ def test_inline_equals_registered(llm, bank):
     assert summarize(a[0])["ids"] != summarize(plain[0])["ids"]
 
 
+def test_inline_head_vectors_equal_registered(llm, bank, info):
+    """A heads item's inline rows (per listed head, or the layer's whole [H, D] block)
+    == the registered head vector, alone and side by side in one batch."""
+    v = bank.get("joy.h")
+    registered = {"heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": "joy.h", "scale": 3.0},
+                            {"layer": 0, "head": 1, "mode": "patch", "vector": "joy.h"}]}
+    rows = {"heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": inline_vector(v[1, [0, 2]]), "scale": 3.0},
+                      {"layer": 0, "head": 1, "mode": "patch", "vector": inline_vector(v[0, [1]])}]}
+    block = {"heads": [{"layer": 1, "head": [0, 2], "mode": "add", "vector": inline_vector(v[1]), "scale": 3.0},
+                       {"layer": 0, "head": 1, "mode": "patch",
+                        "vector": inline_vector(v[0, [3, 1]], heads=[3, 1])}]}
+    prompts = PROMPTS[:2]
+    a = llm.generate(prompts, greedy(), steer=registered, use_tqdm=False)
+    b = llm.generate(prompts * 2, greedy(), steer=[rows, rows, block, block], use_tqdm=False)
+    plain = llm.generate(prompts, greedy(), use_tqdm=False)
+    for i, got in enumerate(b):
+        assert got.emosteer_error is None
+        checks.assert_logprobs_close(summarize(got), summarize(a[i % 2]), 1e-5)
+    assert summarize(a[0])["ids"] != summarize(plain[0])["ids"]
+
+
 def test_inline_errors_name_the_field(llm, info):
     bad = {"steer": [{"vector": {"data": "@@", "dtype": "float32"}, "layers": [0], "scale": 1.0}]}
     with pytest.raises(Exception) as e:
@@ -54,6 +75,10 @@ def test_inline_errors_name_the_field(llm, info):
     with pytest.raises(Exception) as e:
         llm.generate(PROMPTS[:1], greedy(), steer=short, use_tqdm=False)
     assert "steer[0].vector.data" in str(e.value)
+    head = {"heads": [{"layer": 0, "head": [0, 1], "mode": "patch", "vector": inline_vector(torch.ones(3))}]}
+    with pytest.raises(Exception) as e:
+        llm.generate(PROMPTS[:1], greedy(), steer=head, use_tqdm=False)
+    assert "heads[0].vector.data" in str(e.value)
 
 
 MODE_CONFIGS = [

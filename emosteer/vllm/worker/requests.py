@@ -90,7 +90,7 @@ class RequestsMixin:
             spec = SteerSpec.parse(raw)
             spec.validate(bank, self.info)
             spec = spec.resolve(self.info)
-            bank = inline_vec.overlay(bank, self.info, spec.steer)
+            bank = inline_vec.overlay(bank, self.info, spec.inline_items())
             self._check_features(spec)
             rs.vee = spec.boost is not None or bool(spec.capture is not None and spec.capture.attn_image)
             if rs.vee and len(rs.spans) > MAX_IMAGES:
