@@ -107,6 +107,20 @@ def append_csv(rows: Sequence[dict], path: str, columns: Sequence[str]) -> None:
     every benchmark writes its results through this one function."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(columns):
+            # A column was added since the file was written: rewrite it with the new
+            # header (the old rows' new cells empty), never mixing two layouts.
+            missing = [c for c in header if c not in columns]
+            if missing:
+                raise ValueError(f"{path} has columns {missing} that this benchmark no longer writes")
+            old = read_csv(path)
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(columns))
+                writer.writeheader()
+                writer.writerows(old)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         if new:

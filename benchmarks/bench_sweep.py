@@ -77,7 +77,7 @@ def csv_name(variant: str) -> str:
     return "sweep.csv" if variant == "last" else f"sweep_{variant}.csv"
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
            "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
-           "timestamp")
+           "timestamp", "max_slots")
 METHODS = ("emosteer_vllm", "plain_vllm", "hf_hooks")
 
 
@@ -134,6 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--emotion", default="joy")
     p.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     p.add_argument("--block-size", type=int, default=32, help="KV cache block size (tokens)")
+    p.add_argument("--max-slots", type=int, default=256,
+                   help="emosteer's max_slots: distinct patch configs resident at once (every "
+                        "request of the sweep is its own config; more wait for a slot)")
     p.add_argument("--variant", choices=(*VARIANTS, "both"), default="both",
                    help="last-token patches, position-aligned patches, or both (default)")
     p.add_argument("--table", action="store_true", help="print the README table of the latest run")
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
     from emosteer.analysis.runners import make_runner
 
     path = resolve_model(a.model)
-    runner = make_runner(str(path), "vllm", progress=False, max_slots=256, seed=0, max_model_len=512,
+    runner = make_runner(str(path), "vllm", progress=False, max_slots=a.max_slots, seed=0, max_model_len=512,
                          enforce_eager=a.eager, block_size=a.block_size)
     info = runner.info
     L, H = info.num_layers, info.num_heads
@@ -260,7 +263,8 @@ def main(argv=None) -> int:
                                 tokens=tokens, tok_per_s=f"{tokens / sec:.5g}",
                                 frac_of_plain=f"{plain_med / sec:.4g}", max_abs_diff=f"{diff:.3g}",
                                 model=str(a.model), layers=L, heads=H, pairs=N, block_size=a.block_size,
-                                machine=machine(), version=version_string(), timestamp=run_id))
+                                machine=machine(), version=version_string(), timestamp=run_id,
+                                max_slots=a.max_slots))
         append_csv(out, os.path.join(a.out_dir, csv_name(v)), COLUMNS)
         plot(out, os.path.join(a.out_dir, csv_name(v)[:-4] + ".png"), v)
         print(table(out, v))
@@ -322,7 +326,8 @@ def table(rows, variant: str = "last") -> str:
     lines.append("")
     lines.append(f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
                  f"requests, {tok} tokens; {len([r for r in rows if r['method'] == 'plain_vllm'])} rounds, "
-                 f"the two vLLM conditions interleaved in the engine's process (compiled), the hook "
+                 f"the two vLLM conditions interleaved in the engine's process (compiled, max_slots "
+                 f"{r0.get('max_slots') or 256}), the hook "
                  f"sweep in its own process afterwards; prefix caching on, {r0.get('block_size') or 32}-token "
                  + ("blocks (an aligned patch keys every block from its first patched position, so "
                     "each request computes its prompt from there; each plain request is salted, "
