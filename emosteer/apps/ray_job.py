@@ -44,9 +44,12 @@ class NarrativeWorker:
         from emosteer.apps.generate import _start_llm
 
         self.cfg = GenerateConfig(**cfg)
-        # vLLM's Ray executor refuses the CPU platform; inside an actor the engine runs
-        # its own worker processes.
-        self.llm = _start_llm(self.cfg, distributed_executor_backend="mp")
+        # The engine runs inside this actor's process (no engine-core or worker child
+        # process): an actor that is killed, or whose node is lost, leaves no engine
+        # process behind holding its memory. (vLLM's Ray executor refuses the CPU
+        # platform, and one engine per actor needs no executor of its own.)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = _start_llm(self.cfg, distributed_executor_backend="uni")
 
     def __call__(self, batch: dict) -> dict:
         import ray

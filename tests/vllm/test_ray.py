@@ -141,8 +141,23 @@ def test_a_node_lost_mid_run_loses_and_duplicates_no_row(tmp_path, tiny_model, b
     got = _read(out)
     ids = [r["id"] for r in got]
     assert ids == [r["id"] for r in many]  # each row once, in input order (the driver writes)
+    # The engines ran inside the actors: none is left behind by the lost node's actor.
+    assert not _engine_processes_of_this_test(psutil), "engine processes outlived their actors"
     for r in got:  # each row equals the local run of the same prompt and config
         assert_same_row({**r, "id": r["id"].split(".")[0]}, local_rows[r["id"].split(".")[0]])
+
+
+def _engine_processes_of_this_test(psutil) -> list[int]:
+    """vLLM engine-core processes started under this test (by its PYTEST_CURRENT_TEST)."""
+    me = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if "EngineCore" in " ".join(_cmdline(p)) and me and me in p.environ().get("PYTEST_CURRENT_TEST", ""):
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _node_of_an_actor(psutil, raylets: dict):
