@@ -64,6 +64,14 @@ def test_inline_head_vectors_equal_registered(llm, bank, info):
         assert got.emosteer_error is None
         checks.assert_logprobs_close(summarize(got), summarize(a[i % 2]), 1e-5)
     assert summarize(a[0])["ids"] != summarize(plain[0])["ids"]
+    # Other rows on the same prompts, after the cache holds the rows' blocks: another
+    # vector (its own name), never served from those blocks; warm == cold.
+    neg = {"heads": [{**rows["heads"][0], "vector": inline_vector(-v[1, [0, 2]])}, rows["heads"][1]]}
+    cold = llm.generate(prompts, greedy(), steer=neg, use_tqdm=False)
+    warm = llm.generate(prompts, greedy(), steer=neg, use_tqdm=False)
+    for c, w, r in zip(cold, warm, b):
+        checks.assert_logprobs_close(summarize(w), summarize(c), 1e-5)
+        assert summarize(c)["ids"] != summarize(r)["ids"]
 
 
 def test_inline_errors_name_the_field(llm, info):
