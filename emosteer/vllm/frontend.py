@@ -139,10 +139,10 @@ class FrontendSteering:
         """Parse + validate against the bank and the model; SpecError names the field."""
         spec = SteerSpec.parse(raw)
         inline = [it for it in spec.inline_items() if it.inline is not None]
-        limit = self.settings.inline_mib * 2**20
-        if inline and inline_vec.total_bytes(inline) > limit:
+        size = inline_vec.total_bytes(inline)
+        if size > self.settings.inline_mib * 2**20:
             raise SpecError(inline[-1].inline.field,
-                            f"the request's inline vectors hold {inline_vec.total_bytes(inline)} bytes, more "
+                            f"the request's inline vectors hold {size} bytes, more "
                             f"than this server's inline_mib ({self.settings.inline_mib} MiB)")
         spec.validate(self.bank, self.info, num_prompt_tokens, max_tokens)
         return spec.resolve(self.info)
