@@ -61,6 +61,26 @@ def test_heldout_prompts(builtin):
     assert hallucination_rate([p.neutral.text for p in held], CORE) == 0.0
 
 
+def test_templated_prompts_split_by_template(builtin):
+    from emosteer.data import DEV_TEMPLATES, TEMPLATES, TEST_TEMPLATES, load_templated
+
+    rows = load_templated()
+    assert set(DEV_TEMPLATES) | set(TEST_TEMPLATES) == set(TEMPLATES)
+    assert not set(DEV_TEMPLATES) & set(TEST_TEMPLATES)
+    by = {t: [p for p in rows if p.meta["template"] == t] for t in TEMPLATES}
+    assert all(len(v) == 16 for v in by.values())
+    assert all(p.query == TEMPLATES[t] for t, v in by.items() for p in v)
+    # every scene sentence once: a template split shares no scene sentence
+    assert len({p.neutral.text for p in rows}) == len(rows) == len({p.id for p in rows})
+    pair_texts = {p.neutral.text for p in builtin} | {p.emotional.text for p in builtin}
+    assert not {p.neutral.text for p in rows} & pair_texts
+    assert hallucination_rate([p.neutral.text for p in rows], CORE) == 0.0
+    assert [p.id for p in load_templated(DEV_TEMPLATES)] == [p.id for p in rows
+                                                             if p.meta["template"] in DEV_TEMPLATES]
+    with pytest.raises(ValueError, match="poem"):
+        load_templated(("poem",))
+
+
 def test_shipped_files_match_generator(tmp_path):
     for path in write_builtin(tmp_path):
         assert path.read_bytes() == (BUILTIN_DIR / path.name).read_bytes(), path.name

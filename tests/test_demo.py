@@ -15,7 +15,7 @@ import pytest
 from emosteer.models.tiny import build_tiny_llama
 
 REPORT_FILES = ("report.md", "layer_profile.png", "head_map.png", "results.json",
-                "narratives.jsonl", "bank.safetensors")
+                "narratives.jsonl", "bank.safetensors", "hallucination.png")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def _check_report(out, backend):
     assert 0.0 <= lp["stage_confidence"] <= 1.0 and 0.0 <= lp["three_stage_frac"] <= 1.0
     assert len(joy["heads"]["intention"]) == L and len(joy["heads"]["intention"][0]) == H
     st = joy["steering"]
-    rows = [json.loads(x) for x in (out / "narratives.jsonl").read_text().splitlines()]
+    rows_all = [json.loads(x) for x in (out / "narratives.jsonl").read_text().splitlines()]
+    rows = [r for r in rows_all if "study" not in r]
     n = st["n_prompts"]
     assert st["split"]["test"] == n and st["split"]["dev"] + n == len({r["id"] for r in rows})
     base = [r for r in rows if r["condition"] == "unsteered" and r["split"] == "test"]
@@ -93,15 +94,73 @@ def _check_report(out, backend):
         assert {tuple(c) for c in hm["top"][emo]} <= sig
     tops = [{tuple(c) for c in hm["top"][e]} for e in hm["emotions"]]
     assert {tuple(c) for c in hm["types"]["general"]} == set.intersection(*tops)
+    # heads by causal effect: the map's significant top heads where the map ran
+    sel = joy["heads"]["selection"]
+    if hm["top"]["joy"]:
+        assert sel["method"].startswith("patching map") and sel["heads"] == sel["causal"]
+        assert sel["heads"] == hm["top"]["joy"][:len(sel["heads"])]
+        assert "heads_map" in kinds
+    else:
+        assert sel["method"].startswith("intention") and sel["heads"] == sel["intention"]
+    by_n = lp["stability_by_n"]
+    assert by_n and all(0.0 <= v <= 1.0 for v in by_n.values())
+    _check_study(res, [r for r in rows_all if r.get("study") == "hallucination"], md)
 
     from emosteer.request.bank import VectorBank
 
     bank = VectorBank.load(out / "bank.safetensors")
-    assert {"joy", "joy.h", "joy.vee", "joy.ena"} <= set(bank.names())
+    assert {"joy", "joy.h", "joy.vee", "joy.ena", "sadness", "anger", "fear", "emotions.mean"} <= set(bank.names())
     if st["best"] is not None:
         assert bank.preset("joy.preset") == joy["preset"]["config"]
     assert not [n for n in bank.names() if n.startswith("_attr.")]
     return res
+
+
+def _check_study(res, rows, md):
+    """The hallucination study's numbers against its narratives, recomputed here."""
+    from emosteer.analysis.emotion import asserts_emotion, carries, hit_rate
+
+    h = res["hallucination"]
+    kinds = {c["condition"] for c in h["conditions"]}
+    assert {"unsteered", "project_out", "clamp", "negative", "heads_scale", "heads_ablate", "gated",
+            "ena_down"} <= kinds, kinds
+    assert h["templates"]["dev"] and h["templates"]["test"]
+    assert not set(h["templates"]["dev"]) & set(h["templates"]["test"])
+    settings = res["settings"]
+    reserved = max(settings["n_pairs"], settings["study_pairs"], settings["n_map_pairs"],
+                   settings["n_layer_prompts"])
+    for r in rows:  # the emotional scenes come from pairs no other stage used
+        assert r["split"] == ("dev" if r["template"] in h["templates"]["dev"] else "test")
+        assert r["asserts_emotion"] == asserts_emotion(r["narrative"])
+        if r["scene_emotion"]:
+            assert int(r["id"].split(":")[0].rsplit("-", 1)[1]) >= reserved
+            assert r["carries"] == carries(hit_rate(r["narrative"], r["scene_emotion"]))
+    base = {(r["split"], r["id"]): r for r in rows if r["condition"] == "unsteered"}
+    for i, c in enumerate(h["conditions"]):
+        for split in ("dev", "test"):
+            mine = [r for r in rows if r["label"] == c["label"] and r["split"] == split]
+            neu = [r for r in mine if r["scene_emotion"] is None]
+            emo = [r for r in mine if r["scene_emotion"] is not None]
+            row = c[split]
+            assert row["n_neutral"] == len(neu) and row["n_emotional"] == len(emo)
+            assert math.isclose(row["hallucination"]["rate"], sum(r["asserts_emotion"] for r in neu) / len(neu))
+            assert math.isclose(row["specificity"]["rate"], sum(r["carries"] for r in emo) / len(emo))
+            if i == 0:
+                continue
+            dh = [r["asserts_emotion"] - base[(split, r["id"])]["asserts_emotion"] for r in neu]
+            assert math.isclose(row["delta_hallucination"]["mean"], sum(dh) / len(dh), abs_tol=1e-12)
+            lo, hi = row["delta_hallucination"]["ci95"]
+            assert lo <= row["delta_hallucination"]["mean"] <= hi
+            want = (hi < 0 and row["delta_specificity"]["mean"] > -h["margin"] and row["fluency"]["ok"])
+            assert row["counts"] == want
+    dev = h["conditions"]
+    ok = [i for i in range(1, len(dev)) if dev[i]["dev"]["fluency"]["ok"]
+          and dev[i]["dev"]["delta_specificity"]["mean"] > -h["margin"]
+          and dev[i]["dev"]["delta_hallucination"]["mean"] < 0]
+    want = min(ok, key=lambda i: (dev[i]["dev"]["delta_hallucination"]["mean"],
+                                  -dev[i]["dev"]["delta_specificity"]["mean"])) if ok else None
+    assert h["chosen_index"] == want
+    assert "hallucination study" in md
 
 
 def test_demo_quick_hf(tiny, tmp_path):

@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 __all__ = [
     "MIKELS", "POSITIVE", "NEGATIVE", "VALENCE", "BASIC_TO_MIKELS", "NRC_TO_LABEL",
     "Lexicon", "load_lexicon", "candidate_lemmas", "normalize_category", "target_set",
-    "emotion_words", "emotion_spans", "category_counts", "hit_rate", "asserts_emotion",
+    "emotion_words", "emotion_spans", "category_counts", "hit_rate", "carries", "asserts_emotion",
     "hallucination_rate", "valence",
 ]
 
@@ -383,6 +383,12 @@ def hit_rate(text: str, target: str, lexicon: Lexicon | None = None) -> float | 
         return None
     mass = _mikels_mass(hits)
     return sum(mass[c] for c in cats) / len(hits)
+
+
+def carries(hit: float | None) -> float:
+    """1.0 when a narrative carries the target emotion, given its ``hit_rate`` (at least
+    half of its emotion words are of that emotion), else 0.0 (also without emotion words)."""
+    return 1.0 if hit is not None and hit >= 0.5 else 0.0
 
 
 def asserts_emotion(text: str, lexicon: Lexicon | None = None, min_words: int = 1) -> bool:

@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 import torch
 
+from emosteer.analysis.emotion import carries
+
 __all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_test", "preset_candidates",
            "steer_band", "carries"]
 
@@ -54,12 +56,14 @@ __all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_te
 #
 # full: joy alone about 18 min (engine start 3, the 11 steering candidates on 48 prompts
 # 5.5, the four full head maps 7).
-FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=16, layer_tokens=32,
+FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=64, layer_tokens=24,
             alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
             ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
             n_samples=4, batch_size=16, band_k=4, band_strengths=(0.1, 0.2, 0.3),
             gen_strengths=(0.2, 0.3), head_scales=(2.0, 4.0),
-            map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5, eager=False)
+            map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5, eager=False,
+            ena_atp=True, study=True, study_neutral=8, study_emotional=12, study_tokens=40,
+            study_pairs=32, study_neg=(0.1, 0.2), study_ena=(0.5, 0.0))
 # short (the default): every stage once on few prompts; five steering candidates (the peak
 # layer at two strengths, generated tokens only, the top heads, ENA) on 16 held-out
 # prompts (8 dev, 8 test); the head map of the run's emotions only.
@@ -67,13 +71,17 @@ SHORT = dict(n_pairs=16, tau=0.5, extract_tokens=24, n_layer_prompts=4, layer_to
              alpha=0.1, proxy="next", top_heads=3, n_patch_prompts=4, neurons_k=32,
              ena_gamma=2.0, n_heldout=16, heldout_tokens=32, strengths=(0.1, 0.2), n_samples=3,
              batch_size=16, band_k=4, band_strengths=(), gen_strengths=(0.2,), head_scales=(4.0,),
-             map_emotions=None, n_map_pairs=4, map_top=5, eager=True)
+             map_emotions=None, n_map_pairs=4, map_top=5, eager=True, ena_atp=True, study=True,
+             study_neutral=2, study_emotional=3, study_tokens=32, study_pairs=16,
+             study_neg=(0.1,), study_ena=(0.5,))
 # quick: smoke-test sizes (the tests); its numbers mean nothing.
 QUICK = dict(n_pairs=6, tau=0.5, extract_tokens=12, n_layer_prompts=2, layer_tokens=12,
              alpha=0.1, proxy="next", top_heads=2, n_patch_prompts=2, neurons_k=8,
              ena_gamma=2.0, n_heldout=4, heldout_tokens=16, strengths=(0.1, 0.2), n_samples=2,
              batch_size=8, band_k=3, band_strengths=(0.2,), gen_strengths=(0.2,), head_scales=(4.0,),
-             map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2, eager=True)
+             map_emotions=("joy", "sadness"), n_map_pairs=2, map_top=2, eager=True, ena_atp=True,
+             study=True, study_neutral=1, study_emotional=2, study_tokens=12, study_pairs=6,
+             study_neg=(0.1,), study_ena=(0.5,))
 SIZES = {"short": SHORT, "full": FULL, "quick": QUICK}
 
 
@@ -86,7 +94,7 @@ def demo_settings(size: str = "short", **overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown demo setting(s) {unknown}; known: {sorted(s)}")
     s.update(overrides)
-    for k in ("strengths", "band_strengths", "gen_strengths", "head_scales"):
+    for k in ("strengths", "band_strengths", "gen_strengths", "head_scales", "study_neg", "study_ena"):
         s[k] = tuple(s[k])
     if s["map_emotions"] is not None:
         s["map_emotions"] = tuple(s["map_emotions"])
@@ -178,11 +186,14 @@ def steer_band(lp, k: int = 4) -> list[int]:
 
 def preset_candidates(bank, emotion: str, best_layer: int, strengths, band: Sequence[int] = (),
                       band_strengths=(), gen_strengths=(), top_heads=(), head_scales=(),
-                      ena_gamma: float | None = None) -> list[dict]:
+                      ena_gamma: float | None = None, map_heads=()) -> list[dict]:
     """Every steering condition the demo compares (the first is unsteered): the peak
     layer at each strength; the band's layers sharing a total strength; the peak layer
-    on generated tokens only; the top heads' outputs plus a multiple of their emotional
-    shift (``<emotion>.h``); ENA on the neuron set. Strength = ‖added vector‖ / ‖h_l‖."""
+    on generated tokens only; heads' outputs plus a multiple of their emotional shift
+    (``<emotion>.h``), once for the top heads by intention (``top_heads``, condition
+    "heads") and once for the patching map's significant top heads (``map_heads``,
+    condition "heads_map"), so the two selections meet on the same prompts; ENA on the
+    neuron set. Strength = ‖added vector‖ / ‖h_l‖."""
     conds = [{"condition": "unsteered", "strength": 0.0, "label": "unsteered", "spec": None}]
 
     def steer(layers, total, positions="all"):
@@ -202,13 +213,16 @@ def preset_candidates(bank, emotion: str, best_layer: int, strengths, band: Sequ
         conds.append({"condition": "generated", "strength": r,
                       "label": f"layer {best_layer}, {r:g}, generated tokens only",
                       "spec": steer([best_layer], r, "generated")})
-    if top_heads and f"{emotion}.h" in bank.names():
+    for kind, heads, what in (("heads", top_heads, "top heads by intention"),
+                              ("heads_map", map_heads, "heads of the patching map")):
+        if not heads or f"{emotion}.h" not in bank.names():
+            continue
         by_layer: dict[int, list[int]] = {}
-        for l, h in top_heads:
+        for l, h in heads:
             by_layer.setdefault(int(l), []).append(int(h))
         for s in head_scales:
-            conds.append({"condition": "heads", "strength": s,
-                          "label": f"{len(top_heads)} top heads + {s:g}×ΔH",
+            conds.append({"condition": kind, "strength": s, "heads": [list(map(int, c)) for c in heads],
+                          "label": f"{len(heads)} {what} + {s:g}×ΔH",
                           "spec": {"heads": [{"layer": l, "head": sorted(hs), "mode": "add",
                                               "vector": f"{emotion}.h", "scale": s}
                                              for l, hs in sorted(by_layer.items())]}})
@@ -216,12 +230,6 @@ def preset_candidates(bank, emotion: str, best_layer: int, strengths, band: Sequ
         conds.append({"condition": "ena", "strength": ena_gamma, "label": f"ENA γ={ena_gamma:g}",
                       "spec": {"neurons": {"set": f"{emotion}.ena", "gamma": ena_gamma}}})
     return conds
-
-
-def carries(hit: float | None) -> float:
-    """1 when a narrative carries the target emotion (at least half of its emotion words
-    are of that emotion), else 0."""
-    return 1.0 if hit is not None and hit >= 0.5 else 0.0
 
 
 def steering_stage(runner, bank, emotion: str, prompts, conds: list[dict], max_tokens: int,
@@ -358,6 +366,69 @@ def head_maps_stage(runner, emotions: Sequence[str], n_pairs: int, top: int) -> 
     return out
 
 
+def study_stage(runner, con, cfg: dict, emotions: Sequence[str], profiles: dict, results: dict,
+                narr_path: Path) -> dict:
+    """The hallucination study (``emosteer.analysis.hallucination``): the vectors of every
+    built-in emotion (extracted here for those the run did not steer), their mean
+    direction, then every reduction candidate on neutral and emotional scenes of six
+    templates, chosen on the dev templates and reported on the test ones."""
+    from emosteer.analysis import hallucination as hal
+    from emosteer.analysis.extract import extract_vectors
+    from emosteer.data import BUILTIN_EMOTIONS, load_builtin
+
+    bank, info, first = runner.bank, runner.info, emotions[0]
+    missing = [e for e in BUILTIN_EMOTIONS if e not in bank.names()]
+    with con.stage("study: vectors") as st:
+        for e in missing:
+            extract_vectors(runner, load_builtin(e)[:cfg["study_pairs"]], [e], backend=runner.backend,
+                            tau=cfg["tau"], max_new_tokens=cfg["extract_tokens"], progress=False)
+        bank = runner.bank
+        hal.register_general_direction(bank, BUILTIN_EMOTIONS)
+        runner.register(bank)
+        st.note = (f"extracted {', '.join(missing)} on {cfg['study_pairs']} pairs each; " if missing else "") + \
+            f"{hal.GENERAL_VECTOR} = mean of the {len(BUILTIN_EMOTIONS)} unit directions"
+    hm = results.get("head_maps") or {}
+    general = [tuple(c) for c in ((hm.get("types") or {}).get("general") or [])]
+    if general:
+        heads, source = general, "emotion-general (in every head map's top set)"
+    elif (hm.get("top") or {}).get(first):
+        heads, source = [tuple(c) for c in hm["top"][first]], f"{first}'s patching-map (CI > 0)"
+    else:
+        heads = [tuple(c) for c in results["emotions"][first]["heads"]["top"]]
+        heads, source = [(h["layer"], h["head"]) for h in heads], f"{first}'s intention"
+    probe = f"{first}.probe" if f"{first}.probe" in bank.names() else None
+    probe_layer = None
+    if probe is not None:
+        probe_layer = min(int(bank.meta(probe).get("best_layer") or 0), info.num_layers - 2)
+    lp = profiles.get(first)
+    band = steer_band(lp, cfg["band_k"]) if lp is not None else []
+    if not band and lp is not None:
+        band = [_best_layer(lp)]
+    reserved = max(cfg["n_pairs"], cfg["study_pairs"], cfg["n_map_pairs"], cfg["n_layer_prompts"])
+    scenes = hal.study_scenes(BUILTIN_EMOTIONS, cfg["study_neutral"], cfg["study_emotional"], reserved)
+    conds = hal.reduction_candidates(BUILTIN_EMOTIONS, info.num_layers, band, cfg["study_neg"],
+                                     heads=heads, heads_source="emotion-general" if general else "",
+                                     probe=probe, probe_layer=probe_layer,
+                                     ena_set=f"{first}.ena" if f"{first}.ena" in bank.names() else None,
+                                     ena_gammas=cfg["study_ena"])
+    with con.stage("study: hallucination") as st:
+        res = hal.hallucination_study(runner, scenes, conds, cfg["study_tokens"], narr_path=narr_path,
+                                      desc="hallucination study")
+        res.update(heads=[list(c) for c in heads], heads_source=source, band=band,
+                   probe=probe, probe_layer=probe_layer, extracted=missing)
+        ch = res["chosen_index"]
+        if ch is None:
+            st.note = f"{len(conds) - 1} candidates; none passed the guards and the margin on dev"
+        else:
+            t0, t1 = res["conditions"][0]["test"], res["conditions"][ch]["test"]
+            pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+            st.note = (f"{len(conds) - 1} candidates; chosen on dev: {res['chosen']}; on test "
+                       f"hallucination {pct(t0['hallucination']['rate'])} → {pct(t1['hallucination']['rate'])}, "
+                       f"specificity {pct(t0['specificity']['rate'])} → {pct(t1['specificity']['rate'])}"
+                       f"{' (counts)' if res['chosen_counts_on_test'] else ' (does not count)'}")
+    return res
+
+
 # ------------------------------------------------------------------------------ demo
 def _provenance(path) -> dict:
     """Where the weights come from, disclosed in every report: the default model is a
@@ -437,7 +508,18 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
         narr_path = out / "narratives.jsonl"
         narr_path.write_text("")
         heldout = load_heldout()[:cfg["n_heldout"]]
+        hf_side = None  # a transformers runner for attribution patching (gradients)
         try:
+            # The head maps first: the steering heads, the VEE sets and the study's
+            # emotion-general heads are chosen from them (by causal effect), not by
+            # intention, wherever a map was run.
+            with con.stage("head maps") as st:
+                results["head_maps"] = head_maps_stage(runner, map_emotions, cfg["n_map_pairs"],
+                                                       cfg["map_top"])
+                st.note = (f"{', '.join(map_emotions)}: every head patched on {cfg['n_map_pairs']} "
+                           "pairs")
+            map_tops = {e: [tuple(c) for c in t] for e, t in results["head_maps"]["top"].items()}
+            profiles: dict[str, Any] = {}
             for emo in emotions:
                 res: dict[str, Any] = {}
                 pairs = load_builtin(emo)[:cfg["n_pairs"]]
@@ -465,6 +547,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                                                 max_new_tokens=cfg["layer_tokens"],
                                                 proxy=cfg["proxy"], tids=tids)
                     res["layer_profile"] = _layer_dict(lp, len(prompts), cfg["layer_tokens"])
+                    profiles[emo] = lp
                     best = _best_layer(lp)
                     st.note = f"peak layer {best} of {info.num_layers} (profile from {lp.profile_source})"
                 patch_pairs = kept[:cfg["n_patch_prompts"]]
@@ -472,14 +555,32 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                     hs = attr.head_attribution(runner, emo, patch_pairs, top_k=cfg["top_heads"],
                                                tids=tids)
                     res["heads"] = _head_dict(hs, info)
+                    # The candidate set: the patching map's significant top heads where the
+                    # map was run (causal effect); intention + patching only where it was not.
+                    causal = map_tops.get(emo, [])[:cfg["top_heads"]]
+                    chosen = causal or list(hs.top)
+                    method = ("patching map (CI > 0)" if causal else
+                              "intention + patching (no head map of this emotion was run)")
+                    res["heads"]["selection"] = {"method": method, "heads": [list(c) for c in chosen],
+                                                 "intention": [list(c) for c in hs.top],
+                                                 "causal": [list(c) for c in causal]}
                     mask = torch.zeros(info.num_layers, info.num_heads)
-                    for l, h in hs.top:
+                    for l, h in chosen:
                         mask[l, h] = 1
-                    bank.add(f"{emo}.vee", "head_mask", mask, emotion=emo, method="intention+patching",
-                             confirmed=hs.confirmed, top=[list(c) for c in hs.top])
-                    st.note = "top " + ", ".join(f"L{l}H{h}" for l, h in hs.top)
+                    bank.add(f"{emo}.vee", "head_mask", mask, emotion=emo, method=method,
+                             confirmed=hs.confirmed, top=[list(c) for c in chosen])
+                    st.note = ("top " + ", ".join(f"L{l}H{h}" for l, h in chosen)
+                               + (" (patching map)" if causal else " (intention)"))
                 with con.stage(f"{emo}: neurons") as st:
-                    ns = attr.neuron_attribution(runner, emo, patch_pairs, top_k=cfg["neurons_k"],
+                    nrunner = runner
+                    if cfg["ena_atp"] and not hasattr(runner, "forward_grad"):
+                        # vLLM has no gradients: attribution patching runs on a transformers
+                        # copy of the same weights, reading the same bank
+                        if hf_side is None:
+                            hf_side = make_runner(path, "hf", batch_size=cfg["batch_size"], progress=False)
+                        hf_side.register(bank)
+                        nrunner = hf_side
+                    ns = attr.neuron_attribution(nrunner, emo, patch_pairs, top_k=cfg["neurons_k"],
                                                  tids=tids)
                     res["neurons"] = _neuron_dict(ns)
                     mask = torch.zeros(info.num_layers, info.intermediate_size)
@@ -497,7 +598,8 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                                               band=steer_band(lp, cfg["band_k"]),
                                               band_strengths=cfg["band_strengths"],
                                               gen_strengths=cfg["gen_strengths"], top_heads=hs.top,
-                                              head_scales=cfg["head_scales"], ena_gamma=cfg["ena_gamma"])
+                                              head_scales=cfg["head_scales"], ena_gamma=cfg["ena_gamma"],
+                                              map_heads=map_tops.get(emo, [])[:cfg["top_heads"]])
                     steer, samples = steering_stage(runner, bank, emo, heldout, conds,
                                                     cfg["heldout_tokens"], narr_path, cfg["n_samples"])
                     res["steering"], res["samples"] = steer, samples
@@ -519,15 +621,15 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                             "hallucination_rate": e["hallucination_rate"]}
                     st.note = _steering_note(steer, emo, len(conds) - 1)
                 results["emotions"][emo] = res
-            with con.stage("head maps") as st:
-                results["head_maps"] = head_maps_stage(runner, map_emotions, cfg["n_map_pairs"],
-                                                       cfg["map_top"])
-                st.note = (f"{', '.join(map_emotions)}: every head patched on {cfg['n_map_pairs']} "
-                           "pairs")
+            if cfg["study"]:
+                results["hallucination"] = study_stage(runner, con, cfg, emotions, profiles,
+                                                       results, narr_path)
             runner.bank.save(out / "bank.safetensors")
             (out / "bank.safetensors").chmod(0o644)
         finally:
             runner.close()
+            if hf_side is not None:
+                hf_side.close()
         with con.stage("report") as st:
             results["timings"] = con.timings  # the report stage's own time lands here too
             results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -1,5 +1,8 @@
 """The built-in text counterfactual set: joy, sadness, anger and fear, 120 pairs each,
-plus 48 held-out neutral prompts for evaluating steered generation.
+plus 48 held-out neutral prompts for evaluating steered generation, and 96 held-out
+neutral scenes asked in six prompt templates (``load_templated``: descriptions, stories,
+diary entries, letters, dialogue), for selection that must hold on templates it was not
+chosen on (``DEV_TEMPLATES`` / ``TEST_TEMPLATES``).
 
 Each pair is one scene sentence, ``"<Subject> <setting>, <clause>."``, where the
 emotional version ends in an emotional cue and the neutral version in an ordinary action
@@ -16,14 +19,30 @@ from pathlib import Path
 from emosteer.data.format import Pair, Prompt, Stimulus, read_pairs, read_prompts, \
     write_pairs, write_prompts
 
-__all__ = ["BUILTIN_DIR", "BUILTIN_EMOTIONS", "DEFAULT_QUERY", "generate_pairs",
-           "generate_heldout", "write_builtin", "load_builtin", "load_heldout"]
+__all__ = ["BUILTIN_DIR", "BUILTIN_EMOTIONS", "DEFAULT_QUERY", "TEMPLATES", "DEV_TEMPLATES",
+           "TEST_TEMPLATES", "generate_pairs", "generate_heldout", "generate_templated",
+           "write_builtin", "load_builtin", "load_heldout", "load_templated"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 BUILTIN_EMOTIONS = ("joy", "sadness", "anger", "fear")
 DEFAULT_QUERY = "Describe how the person in this scene feels."
 PAIRS_PER_EMOTION = 120
 HELDOUT_SIZE = 48
+TEMPLATED_PER_TEMPLATE = 16
+
+# The queries a scene is asked in the templated held-out set. A choice made on the DEV
+# templates is reported on the TEST templates, whose wording it never saw: descriptions,
+# narratives and first-person writing fall on both sides.
+TEMPLATES = {
+    "feels": DEFAULT_QUERY,
+    "story": "Write a short story about this scene.",
+    "diary": "Write the diary entry this person writes tonight.",
+    "letter": "Write a short letter in which this person tells a friend about today.",
+    "dialogue": "Write a short dialogue between this person and someone nearby.",
+    "describe": "Describe what is happening in this scene.",
+}
+DEV_TEMPLATES = ("feels", "story", "diary")
+TEST_TEMPLATES = ("letter", "dialogue", "describe")
 
 # (id, noun phrase, subject pronoun, possessive, reflexive)
 SUBJECTS = (
@@ -237,12 +256,34 @@ def generate_heldout(n: int = HELDOUT_SIZE, seed: int = 0,
     return prompts
 
 
+def generate_templated(n_per_template: int = TEMPLATED_PER_TEMPLATE, seed: int = 0) -> list[Prompt]:
+    """Neutral scenes over the held-out settings, ``n_per_template`` per template of
+    ``TEMPLATES``, each scene sentence used once in the whole set (so a template split
+    never shares a scene sentence). ``meta["template"]`` names the template."""
+    rng = random.Random(f"emosteer-templated-{seed}")
+    n = n_per_template * len(TEMPLATES)
+    combos = _balanced_combos(rng, n, [len(SUBJECTS), len(HELDOUT_SCENES), 2])
+    prompts = []
+    for k, (s, sc, c) in enumerate(combos):
+        template = list(TEMPLATES)[k % len(TEMPLATES)]
+        scene_id, setting, clauses = HELDOUT_SCENES[sc]
+        prompts.append(Prompt(
+            id=f"templated-{template}-{k // len(TEMPLATES):03d}",
+            neutral=Stimulus(text=_sentence(SUBJECTS[s], setting, clauses[c])),
+            query=TEMPLATES[template],
+            meta={"scene": scene_id, "subject": SUBJECTS[s][0], "template": template},
+        ))
+    return prompts
+
+
 def write_builtin(out_dir: str | Path = BUILTIN_DIR) -> list[Path]:
-    """(Re)write the shipped files: <emotion>.jsonl per emotion and heldout_neutral.jsonl."""
+    """(Re)write the shipped files: <emotion>.jsonl per emotion, heldout_neutral.jsonl and
+    neutral_templates.jsonl."""
     out_dir = Path(out_dir)
     paths = [write_pairs(out_dir / f"{emo}.jsonl", generate_pairs(emo))
              for emo in BUILTIN_EMOTIONS]
     paths.append(write_prompts(out_dir / "heldout_neutral.jsonl", generate_heldout()))
+    paths.append(write_prompts(out_dir / "neutral_templates.jsonl", generate_templated()))
     return paths
 
 
@@ -260,3 +301,15 @@ def load_builtin(emotions: str | tuple[str, ...] | list[str] | None = None) -> l
 def load_heldout() -> list[Prompt]:
     """The shipped held-out neutral prompts (never used for extraction)."""
     return read_prompts(BUILTIN_DIR / "heldout_neutral.jsonl")
+
+
+def load_templated(templates: tuple[str, ...] | list[str] | None = None) -> list[Prompt]:
+    """The shipped templated neutral scenes (``generate_templated``), all or those of the
+    named templates, in file order (templates interleaved)."""
+    rows = read_prompts(BUILTIN_DIR / "neutral_templates.jsonl")
+    if templates is None:
+        return rows
+    unknown = sorted(set(templates) - set(TEMPLATES))
+    if unknown:
+        raise ValueError(f"unknown template(s) {unknown}; have {list(TEMPLATES)}")
+    return [p for p in rows if p.meta.get("template") in set(templates)]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from emosteer.report.markdown import render_markdown
-from emosteer.report.plots import plot_head_map, plot_layer_profile, plot_recovery_maps
+from emosteer.report.plots import plot_hallucination, plot_head_map, plot_layer_profile, plot_recovery_maps
 from emosteer.report.stats import bootstrap, bootstrap_ci, summarize
 
 __all__ = ["bootstrap", "bootstrap_ci", "summarize", "write_report", "render_markdown",
@@ -41,14 +41,16 @@ __all__ = ["bootstrap", "bootstrap_ci", "summarize", "write_report", "render_mar
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:
-    """Write report.md, layer_profile.png, head_map.png, head_maps.png and results.json;
-    return report.md."""
+    """Write report.md, layer_profile.png, head_map.png, head_maps.png,
+    hallucination.png (when the run has the study) and results.json; return report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     emotions = results.get("emotions") or {}
     plot_layer_profile(emotions, out / "layer_profile.png")
     plot_head_map(emotions, out / "head_map.png")
     plot_recovery_maps(results.get("head_maps") or {}, out / "head_maps.png")
+    if results.get("hallucination"):
+        plot_hallucination(results["hallucination"], out / "hallucination.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     path = out / "report.md"
     path.write_text(render_markdown(results), encoding="utf-8")

@@ -26,6 +26,14 @@ def _stage_confidence(prof: dict) -> str:
         txt += " **This profile does not show three stages** (one of them is empty)."
     elif prof["three_stage_frac"] < 0.5:
         txt += " The three stages are not robust: most resamples lose one."
+    by_n = {int(k): v for k, v in (prof.get("stability_by_n") or {}).items()}
+    if by_n:
+        enough = min((m for m, v in by_n.items() if v >= 0.8), default=None)
+        txt += (" Same aggregate band in draws of m prompts: "
+                + ", ".join(f"{m}: {100 * v:.0f} %" for m, v in sorted(by_n.items()))
+                + (f"; {enough} prompts give it in ≥ 80 % of draws" if enough is not None else
+                   f"; no size up to {max(by_n)} gives it in 80 % of draws")
+                + f" (measured on {prof.get('n_prompts')} prompts; sizes above that are resampled).")
     return txt
 
 
@@ -64,6 +72,58 @@ def _head_maps_section(hm: dict, lines: list[str]) -> None:
             lines.append("The paper's split (specific heads in the middle layers, general ones "
                          "deeper) cannot be tested here: one of the two groups is empty.")
     lines += ["", "![head maps](head_maps.png)", ""]
+
+
+def _hallucination_section(h: dict, lines: list[str]) -> None:
+    conds = h.get("conditions") or []
+    if not conds:
+        return
+    n = h.get("n", {})
+    tpl = h.get("templates", {})
+    lines += ["## Removing emotion where there is none (hallucination study)", "",
+              f"Neutral scenes (no emotional cue) and emotional scenes (the emotional halves of "
+              f"built-in pairs this run used nowhere else, {', '.join(h.get('emotions', []))}), each "
+              f"asked in one of six prompt templates. Chosen on the dev templates "
+              f"({', '.join(tpl.get('dev', []))}: {n.get('dev', {}).get('neutral')} neutral, "
+              f"{n.get('dev', {}).get('emotional')} emotional scenes), reported on the test templates "
+              f"({', '.join(tpl.get('test', []))}: {n.get('test', {}).get('neutral')} neutral, "
+              f"{n.get('test', {}).get('emotional')} emotional). Rule: {h.get('rule')}.", "",
+              f"Heads acted on: {h.get('heads')} ({h.get('heads_source')}); steered band: "
+              f"layers {h.get('band')}; gate: {h.get('probe') or 'none'}"
+              f"{'' if h.get('probe_layer') is None else ' at layer ' + str(h.get('probe_layer'))}.", "",
+              "| # | condition | hallucination (test) | Δ (95 % CI) | specificity (test) | Δ (95 % CI) "
+              "| fluency (test) | counts on test | on dev: Δ hallucination, Δ specificity, guards |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def dd(x: dict) -> str:  # a paired change in pp with its interval, compact
+        lo, hi = x.get("ci95") or (None, None)
+        if x.get("mean") is None:
+            return "n/a"
+        ci = "" if lo is None else f" [{100 * lo:+.0f}, {100 * hi:+.0f}]"
+        return f"{100 * x['mean']:+.1f} pp{ci}"
+
+    for i, c in enumerate(conds):
+        t, d = c["test"], c["dev"]
+        if i == 0:
+            lines.append(f"| 0 | unsteered | {_f(t['hallucination']['rate'])} | — | "
+                         f"{_f(t['specificity']['rate'])} | — | — | — | — |")
+            continue
+        star = " **(chosen on dev)**" if i == h.get("chosen_index") else ""
+        lines.append(
+            f"| {i} | {c['label']}{star} | {_f(t['hallucination']['rate'])} | "
+            f"{dd(t['delta_hallucination'])} | {_f(t['specificity']['rate'])} | "
+            f"{dd(t['delta_specificity'])} | {_guard(t)} | {'**yes**' if t['counts'] else 'no'} | "
+            f"{dd(d['delta_hallucination'])}, {dd(d['delta_specificity'])}, "
+            f"{'pass' if d['fluency']['ok'] else 'fail'} |")
+    count = h.get("counting_on_test") or []
+    if h.get("chosen") is None:
+        verdict = ("No condition lowered hallucination on dev while passing the guards and the "
+                   "specificity margin there.")
+    else:
+        verdict = (f"Chosen on dev: {h['chosen']}; on the test templates it "
+                   f"{'**counts**' if h.get('chosen_counts_on_test') else '**does not count**'}.")
+    lines += ["", verdict + (f" Conditions that count on test: {', '.join(count)}." if count else
+                             " No condition counts on test."), "",
+              "![hallucination vs specificity](hallucination.png)", ""]
 
 
 # ------------------------------------------------------------------------------ text
@@ -331,6 +391,7 @@ def render_markdown(results: dict) -> str:
                              f"| {_quote(s.get('steered'))} ({s.get('label') or 'strength ' + _f(s.get('scale'), 2)}) |")
             lines.append("")
     _head_maps_section(r.get("head_maps") or {}, lines)
+    _hallucination_section(r.get("hallucination") or {}, lines)
     t = r.get("timings") or {}
     if t:
         lines += ["## Timings", "", "| stage | seconds |", "| --- | --- |"]
@@ -341,5 +402,5 @@ def render_markdown(results: dict) -> str:
               "- `narratives.jsonl`: every held-out narrative (condition, scale, hit rate)",
               "- `bank.safetensors`: the vectors, head patches and neuron sets "
               "(`emosteer bank show bank.safetensors`)",
-              "- `layer_profile.png`, `head_map.png`, `head_maps.png`", ""]
+              "- `layer_profile.png`, `head_map.png`, `head_maps.png`, `hallucination.png`", ""]
     return "\n".join(lines)

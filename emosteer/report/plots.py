@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["STAGE_COLORS", "plot_layer_profile", "plot_head_map", "plot_recovery_maps", "plot_head_panels"]
+__all__ = ["STAGE_COLORS", "plot_layer_profile", "plot_head_map", "plot_recovery_maps", "plot_head_panels",
+           "plot_hallucination"]
 
 # The background of each stage band (emosteer.analysis.attribution.stage_bands).
 STAGE_COLORS = {"adapt": "#dbe9f6", "aggregate": "#fde2c4", "execute": "#dff0d8"}
@@ -137,3 +138,50 @@ def plot_recovery_maps(head_maps: dict, path: str | Path) -> Path:
               for emo, m in maps.items()]
     return plot_head_panels(panels, path, "every head patched from the emotional into the neutral "
                                           "prompt; dots: 95 % CI > 0")
+
+
+def plot_hallucination(study: dict, path: str | Path, split: str = "test") -> Path:
+    """The hallucination study on one split as two axes, one point per condition:
+    hallucination on neutral scenes (x, lower is better) against specificity on
+    emotional scenes (y, kept is better), each with its 95 % bootstrap interval. The
+    unsteered point is black, the condition chosen on dev is a star, conditions that
+    count (``emosteer.analysis.hallucination``) are green, the others grey; the dashed
+    line is the unsteered specificity minus the margin.
+
+    ``study``: the demo's ``results["hallucination"]``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    conds = study.get("conditions") or []
+    if not conds:
+        ax.text(0.5, 0.5, "no hallucination study in this run", ha="center")
+        ax.axis("off")
+        return _save(fig, path)
+    chosen = study.get("chosen_index")
+    for i, c in enumerate(conds):
+        row = c[split]
+        x, y = row["hallucination"]["rate"], row["specificity"]["rate"]
+        if x is None or y is None:
+            continue
+        xl, xh = (v if v is not None else x for v in row["hallucination"]["ci95"])
+        yl, yh = (v if v is not None else y for v in row["specificity"]["ci95"])
+        color = "black" if i == 0 else ("#2a8f3c" if row.get("counts") else "#8a8a8a")
+        ax.errorbar([x], [y], xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="none",
+                    ecolor=color, alpha=0.35, lw=1)
+        ax.scatter([x], [y], s=140 if i == chosen else 40, marker="*" if i == chosen else "o",
+                   color=color, zorder=3)
+        ax.annotate(f"{i}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    base = conds[0][split]["specificity"]["rate"]
+    if base is not None:
+        ax.axhline(base - study.get("margin", 0.1), ls="--", lw=0.8, color="#c0392b")
+    legend = "\n".join(f"{i}: {c['label']}" for i, c in enumerate(conds))
+    ax.text(1.02, 1.0, legend, transform=ax.transAxes, va="top", fontsize=7, family="monospace")
+    n = study.get("n", {}).get(split, {})
+    ax.set_xlabel(f"hallucination: neutral scenes asserting an emotion (n={n.get('neutral')})")
+    ax.set_ylabel(f"specificity: emotional scenes carrying their emotion (n={n.get('emotional')})")
+    ax.set_title(f"Removing emotion where there is none ({split} templates: "
+                 f"{', '.join(study.get('templates', {}).get(split, []))})", fontsize=10)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.set_size_inches(13, 6)
+    return _save(fig, path)

@@ -135,7 +135,8 @@ def _bootstrap_profile(prof_fn: Callable[[torch.Tensor], torch.Tensor], n: int, 
     ``prof_fn`` maps the [n_boot, n] resample indices to the profiles [n_boot, L]."""
     three = all(stages[k] for k in ("adapt", "aggregate", "execute"))
     if n < 2:
-        return {"band": None, "stage_confidence": None, "three_stage_frac": None, "three_stages": three}
+        return {"band": None, "stage_confidence": None, "three_stage_frac": None, "three_stages": three,
+                "stability_by_n": {}}
     profs, band = bootstrap(prof_fn, n, n_boot, seed=seed)
     same = three_n = 0
     for p in profs.tolist():
@@ -146,4 +147,31 @@ def _bootstrap_profile(prof_fn: Callable[[torch.Tensor], torch.Tensor], n: int, 
         same += st["aggregate"] == stages["aggregate"]
         three_n += all(st[k] for k in ("adapt", "aggregate", "execute"))
     return {"band": band.tolist(), "stage_confidence": same / n_boot, "three_stage_frac": three_n / n_boot,
-            "three_stages": three}
+            "three_stages": three, "stability_by_n": stability_by_n(prof_fn, n, stages, seed=seed)}
+
+
+def stability_by_n(prof_fn: Callable[[torch.Tensor], torch.Tensor], n: int, stages: dict,
+                   sizes: Sequence[int] | None = None, n_boot: int = 200, seed: int = 0) -> dict[int, float]:
+    """How many prompts a stable profile needs: for each size m (4, 8, 16, … up to 2n),
+    the share of ``n_boot`` draws of m of the ``n`` measured prompts (with replacement)
+    whose aggregate band equals the one all ``n`` prompts give. Sizes above n extrapolate
+    by resampling (the usual bootstrap reading of "a study with m prompts")."""
+    if n < 2:
+        return {}
+    if sizes is None:
+        sizes, m = [], 4
+        while m <= 2 * n:
+            sizes.append(m)
+            m *= 2
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for m in sizes:
+        idx = torch.randint(0, n, (n_boot, int(m)), generator=g)
+        same = 0
+        for p in torch.as_tensor(prof_fn(idx)).to(torch.float64).tolist():
+            try:
+                same += stage_bands(p)["aggregate"] == stages["aggregate"]
+            except ValueError:
+                continue
+        out[int(m)] = same / n_boot
+    return out

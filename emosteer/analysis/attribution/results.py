@@ -42,6 +42,9 @@ class LayerProfile:
     stage_confidence: float | None = None
     three_stage_frac: float | None = None
     three_stages: bool | None = None
+    # prompts -> share of draws of that many prompts giving the same aggregate band
+    # (attribution.layers.stability_by_n): how many prompts a stable profile needs
+    stability_by_n: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
