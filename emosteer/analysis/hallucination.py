@@ -70,13 +70,13 @@ def study_scenes(emotions: Sequence[str], n_neutral: int, n_emotional: int,
         if n_neutral > len(rows):
             raise ValueError(f"n_neutral={n_neutral} exceeds the {len(rows)} shipped scenes of template {t!r}")
         scenes += [Scene(p.id, pair_text(p.neutral, p.query), t, None) for p in rows[:n_neutral]]
-    for emo in emotions:
+    for e_i, emo in enumerate(emotions):
         pairs = load_builtin(emo)
         if n_emotional + reserved_pairs > len(pairs):
             raise ValueError(f"{emo}: {n_emotional} emotional scenes after the {reserved_pairs} pairs the "
                              f"run uses exceed the {len(pairs)} built-in pairs")
         for k, p in enumerate(pairs[len(pairs) - n_emotional:]):
-            t = turns[k % len(turns)]
+            t = turns[(k + e_i) % len(turns)]  # odd counts: the emotions alternate which split gets more
             scenes.append(Scene(f"{p.id}:{t}", pair_text(p.emotional, TEMPLATES[t]), t, emo))
     return scenes
 

@@ -352,9 +352,12 @@ def head_maps_stage(runner, emotions: Sequence[str], n_pairs: int, top: int) -> 
         maps[emo] = attr.head_map(runner, emo, pairs)
     tops = {e: m.top(top) for e, m in maps.items()}
     types = attr.head_types(tops) if len(tops) >= 2 else None
+    # power: how far the top heads' intervals clear 0 (the smallest lower bound among them)
+    margin = {e: (min(float(maps[e].ci[l, h, 0]) for l, h in t) if t else None) for e, t in tops.items()}
     out: dict[str, Any] = {"emotions": list(emotions), "n_pairs": n_pairs, "top_k": top,
                            "maps": {e: m.to_dict() for e, m in maps.items()},
-                           "top": {e: [list(c) for c in t] for e, t in tops.items()}}
+                           "top": {e: [list(c) for c in t] for e, t in tops.items()},
+                           "top_ci_low": margin}
     if types is not None:
         spec = [c for v in types["specific"].values() for c in v]
         gen = types["general"]

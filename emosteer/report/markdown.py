@@ -50,11 +50,12 @@ def _head_maps_section(hm: dict, lines: list[str]) -> None:
               "Recovery = share of the emotional − neutral gap in target-word log-mass the patch "
               "closes; 95 % bootstrap intervals over pairs. Top heads: the highest recovery among "
               "heads whose interval lies above 0.", "",
-              "| emotion | gap (M⁺ − M⁻) | heads with CI > 0 | top heads (layer, head) |",
-              "| --- | --- | --- | --- |"]
+              "| emotion | gap (M⁺ − M⁻) | heads with CI > 0 | top heads (layer, head) | smallest lower CI bound of the top heads |",
+              "| --- | --- | --- | --- | --- |"]
     for emo, m in maps.items():
         sig = sum(1 for row in m["ci95"] for lo, _ in row if lo == lo and lo > 0)
-        lines.append(f"| {emo} | {_f(m.get('gap'))} | {sig} of {L * H} | {(hm.get('top') or {}).get(emo)} |")
+        lines.append(f"| {emo} | {_f(m.get('gap'))} | {sig} of {L * H} | {(hm.get('top') or {}).get(emo)} "
+                     f"| {_f((hm.get('top_ci_low') or {}).get(emo))} |")
     t = hm.get("types")
     if t:
         spec = {e: v for e, v in t["specific"].items() if v}

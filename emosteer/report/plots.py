@@ -168,7 +168,7 @@ def plot_hallucination(study: dict, path: str | Path, split: str = "test") -> Pa
         ax.errorbar([x], [y], xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="none",
                     ecolor=color, alpha=0.35, lw=1)
         ax.scatter([x], [y], s=140 if i == chosen else 40, marker="*" if i == chosen else "o",
-                   color=color, zorder=3)
+                   color=color, zorder=4 if i == 0 else 3)
         ax.annotate(f"{i}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     base = conds[0][split]["specificity"]["rate"]
     if base is not None:
