@@ -183,6 +183,8 @@ def test_demo_settings_reject_unknown():
     with pytest.raises(ValueError, match="n_pears"):
         demo_settings("quick", n_pears=3)
     assert demo_settings("quick", n_heldout=3)["n_heldout"] == 3
+    with pytest.raises(ValueError, match="study_ena"):
+        demo_settings("quick", study_ena=(0.5, 0.0))
 
 
 def test_bootstrap_ci_brackets_mean():

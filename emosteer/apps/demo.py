@@ -63,7 +63,7 @@ FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=64, layer_to
             gen_strengths=(0.2, 0.3), head_scales=(2.0, 4.0),
             map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5, eager=False,
             ena_atp=True, study=True, study_neutral=8, study_emotional=12, study_tokens=40,
-            study_pairs=32, study_neg=(0.1, 0.2), study_ena=(0.5, 0.0))
+            study_pairs=32, study_neg=(0.1, 0.2), study_ena=(0.5, 0.25))
 # short (the default): every stage once on few prompts; five steering candidates (the peak
 # layer at two strengths, generated tokens only, the top heads, ENA) on 16 held-out
 # prompts (8 dev, 8 test); the head map of the run's emotions only.
@@ -98,6 +98,9 @@ def demo_settings(size: str = "short", **overrides) -> dict:
         s[k] = tuple(s[k])
     if s["map_emotions"] is not None:
         s["map_emotions"] = tuple(s["map_emotions"])
+    bad = [g for g in s["study_ena"] if not 0.0 < g < 1.0]
+    if bad:
+        raise ValueError(f"study_ena: every gain must lie in (0, 1) (the study lowers the neurons), got {bad}")
     return s
 
 
