@@ -547,7 +547,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                     st.note = f"{meta['n_kept']}/{meta['n_pairs']} pairs kept (hit rate ≥ {cfg['tau']})"
                 kept = [p for p, k in zip(pairs, ex.kept[emo]) if k] or pairs
                 tids = attr.target_token_ids(runner.tokenizer, emo)
-                prompts = [pair_text(p.neutral, p.query) for p in pairs[:cfg["n_layer_prompts"]]]
+                prompts = [pair_text(p.neutral, p.query) for p in load_builtin(emo)[:cfg["n_layer_prompts"]]]
                 with con.stage(f"{emo}: layer attribution") as st:
                     lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
                                                 max_new_tokens=cfg["layer_tokens"],
