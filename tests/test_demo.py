@@ -104,6 +104,11 @@ def _check_report(out, backend):
         assert sel["method"].startswith("intention") and sel["heads"] == sel["intention"]
     by_n = lp["stability_by_n"]
     assert by_n and all(0.0 <= v <= 1.0 for v in by_n.values())
+    # selection that generalises: dev and test prompts differ in template, and the
+    # steering prompts are not the study's neutral scenes
+    tpl = st["split"]["templates"]
+    assert tpl["dev"] and tpl["test"] and not set(tpl["dev"]) & set(tpl["test"])
+    assert not {r["id"] for r in rows_all if r.get("study")} & {r["id"] for r in rows}
     _check_study(res, [r for r in rows_all if r.get("study") == "hallucination"], md)
 
     from emosteer.request.bank import VectorBank

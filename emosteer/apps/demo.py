@@ -33,6 +33,7 @@ Every number in the report is measured in the run; nothing is hard-coded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -44,7 +45,7 @@ import torch
 
 from emosteer.analysis.emotion import carries
 
-__all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_test", "preset_candidates",
+__all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_test", "heldout_prompts", "preset_candidates",
            "steer_band", "carries"]
 
 # Sized for SmolLM2-135M on 2 CPU cores. alpha and strengths are ‖added vector‖ / ‖residual‖
@@ -98,6 +99,11 @@ def demo_settings(size: str = "short", **overrides) -> dict:
         s[k] = tuple(s[k])
     if s["map_emotions"] is not None:
         s["map_emotions"] = tuple(s["map_emotions"])
+    from emosteer.data import TEMPLATED_PER_TEMPLATE, TEMPLATES
+
+    if s["study_neutral"] + math.ceil(s["n_heldout"] / len(TEMPLATES)) > TEMPLATED_PER_TEMPLATE:
+        raise ValueError(f"study_neutral + n_heldout/{len(TEMPLATES)} exceed the {TEMPLATED_PER_TEMPLATE} "
+                         "shipped scenes per template (the study and the steering stage use disjoint ones)")
     bad = [g for g in s["study_ena"] if not 0.0 < g < 1.0]
     if bad:
         raise ValueError(f"study_ena: every gain must lie in (0, 1) (the study lowers the neurons), got {bad}")
@@ -169,11 +175,35 @@ def _neuron_dict(ns) -> dict:
             "per_layer": {int(l): sum(1 for x, _ in ns.top if x == l) for l in {x for x, _ in ns.top}}}
 
 
-def split_dev_test(n: int) -> tuple[list[int], list[int]]:
-    """Indices of the development (even positions) and held-out test (odd) halves of
-    ``n`` prompts: choices are made on dev, every reported number is on test."""
-    idx = list(range(n))
+def split_dev_test(prompts) -> tuple[list[int], list[int]]:
+    """Indices of the development and held-out test parts of ``prompts`` (or of ``n``
+    prompts): by template where the prompts carry one (``meta["template"]``: the dev
+    templates ``emosteer.data.DEV_TEMPLATES``, the rest test, so a choice made on dev is
+    reported on wording it never saw), else even positions dev, odd positions test."""
+    from emosteer.data import DEV_TEMPLATES
+
+    if isinstance(prompts, int):
+        prompts = [None] * prompts
+    tpl = [getattr(p, "meta", None) and p.meta.get("template") for p in prompts]
+    if all(tpl):
+        return ([i for i, t in enumerate(tpl) if t in DEV_TEMPLATES],
+                [i for i, t in enumerate(tpl) if t not in DEV_TEMPLATES])
+    idx = list(range(len(prompts)))
     return idx[0::2], idx[1::2]
+
+
+def heldout_prompts(n: int) -> list:
+    """The steering stage's held-out neutral prompts: ``ceil(n / 6)`` of each of the six
+    templates (``emosteer.data.load_templated``), taken from the END of each template's
+    list (the hallucination study takes its neutral scenes from the front)."""
+    from emosteer.data import TEMPLATES, load_templated
+
+    k = max(1, math.ceil(n / len(TEMPLATES)))
+    out = []
+    for t in TEMPLATES:
+        rows = load_templated((t,))
+        out += rows[len(rows) - k:]
+    return out
 
 
 def steer_band(lp, k: int = 4) -> list[int]:
@@ -238,7 +268,8 @@ def preset_candidates(bank, emotion: str, best_layer: int, strengths, band: Sequ
 def steering_stage(runner, bank, emotion: str, prompts, conds: list[dict], max_tokens: int,
                    narr_path: Path, n_samples: int) -> tuple[dict, list[dict]]:
     """Every condition of ``conds`` (``preset_candidates``) on neutral prompts the
-    extraction never saw, split in two: the operating point is chosen on the dev half —
+    extraction never saw, split in two (``split_dev_test``: by template where the prompts
+    carry one): the operating point is chosen on the dev half —
     the largest uplift in the share of narratives carrying the emotion (ties: hit rate)
     among conditions whose fluency guards pass there — and every condition is reported on
     the held-out test half."""
@@ -256,7 +287,7 @@ def steering_stage(runner, bank, emotion: str, prompts, conds: list[dict], max_t
     # Fluency guards: every narrative scored by the UNSTEERED model (one batch).
     ppls = perplexities(runner, ids, toks, desc=f"{emotion}: fluency")
     n = len(texts)
-    dev, test = split_dev_test(n)
+    dev, test = split_dev_test(prompts)
     split_of = {i: "dev" for i in dev} | {i: "test" for i in test}
     per: list[dict] = []  # per condition: per-prompt arrays
     with open(narr_path, "a", encoding="utf-8") as f:
@@ -320,8 +351,12 @@ def steering_stage(runner, bank, emotion: str, prompts, conds: list[dict], max_t
     steer_layers = sorted({l for c in conds if c["spec"] for s in c["spec"].get("steer", [])
                            for l in s["layers"]})
     res = {"layers": steer_layers, "n_prompts": len(test), "max_tokens": max_tokens,
-           "split": {"dev": len(dev), "test": len(test), "rule": (
-               "the operating point is chosen on the dev prompts: the largest uplift in the share "
+           "split": {"dev": len(dev), "test": len(test),
+                     "templates": {"dev": sorted({(prompts[i].meta or {}).get("template") or "" for i in dev}),
+                                   "test": sorted({(prompts[i].meta or {}).get("template") or "" for i in test})},
+                     "rule": (
+               "the operating point is chosen on the dev prompts (dev templates: the test prompts are "
+               "asked in other templates): the largest uplift in the share "
                "of narratives carrying the emotion (ties: hit rate) among conditions whose "
                "perplexity is <= 1.25x and repeated 3-grams <= 2x the unsteered text's; every "
                "number reported on the held-out test prompts")},
@@ -479,7 +514,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
     from emosteer.analysis.extract import extract_vectors, pair_text
     from emosteer.analysis.runners import make_runner
     from emosteer.apps.console import StageConsole
-    from emosteer.data import load_builtin, load_heldout
+    from emosteer.data import load_builtin
     from emosteer.models import resolve_model
     from emosteer.report import write_report
 
@@ -513,7 +548,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
             "engine_log": None if verbose else str(log), "emotions": {}}
         narr_path = out / "narratives.jsonl"
         narr_path.write_text("")
-        heldout = load_heldout()[:cfg["n_heldout"]]
+        heldout = heldout_prompts(cfg["n_heldout"])
         hf_side = None  # a transformers runner for attribution patching (gradients)
         try:
             # The head maps first: the steering heads, the VEE sets and the study's

@@ -3,7 +3,8 @@ folder-based image pairs, and seeded splitting."""
 from emosteer.data.format import (Pair, PairFormatError, Prompt, Stimulus, iter_pairs,
                                   parse_pair, parse_prompt, read_pairs, read_prompts,
                                   write_pairs, write_prompts)
-from emosteer.data.builtin import (BUILTIN_EMOTIONS, DEFAULT_QUERY, DEV_TEMPLATES, TEMPLATES,
+from emosteer.data.builtin import (BUILTIN_EMOTIONS, DEFAULT_QUERY, DEV_TEMPLATES,
+                                   TEMPLATED_PER_TEMPLATE, TEMPLATES,
                                    TEST_TEMPLATES, generate_heldout, generate_pairs,
                                    generate_templated, load_builtin, load_heldout,
                                    load_templated, write_builtin)
@@ -15,7 +16,7 @@ __all__ = [
     "Pair", "PairFormatError", "Prompt", "Stimulus", "iter_pairs", "parse_pair",
     "parse_prompt", "read_pairs", "read_prompts", "write_pairs", "write_prompts",
     "BUILTIN_EMOTIONS", "DEFAULT_QUERY", "generate_heldout", "generate_pairs",
-    "load_builtin", "load_heldout", "write_builtin", "IMAGE_QUERY", "TEMPLATES",
+    "load_builtin", "load_heldout", "write_builtin", "IMAGE_QUERY", "TEMPLATES", "TEMPLATED_PER_TEMPLATE",
     "DEV_TEMPLATES", "TEST_TEMPLATES", "generate_templated", "load_templated",
     "build_synthetic_pairs", "load_image_folder", "random_scene", "render_scene",
     "sample_pairs", "split_pairs",

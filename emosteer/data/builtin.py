@@ -19,7 +19,7 @@ from pathlib import Path
 from emosteer.data.format import Pair, Prompt, Stimulus, read_pairs, read_prompts, \
     write_pairs, write_prompts
 
-__all__ = ["BUILTIN_DIR", "BUILTIN_EMOTIONS", "DEFAULT_QUERY", "TEMPLATES", "DEV_TEMPLATES",
+__all__ = ["BUILTIN_DIR", "BUILTIN_EMOTIONS", "DEFAULT_QUERY", "TEMPLATES", "TEMPLATED_PER_TEMPLATE", "DEV_TEMPLATES",
            "TEST_TEMPLATES", "generate_pairs", "generate_heldout", "generate_templated",
            "write_builtin", "load_builtin", "load_heldout", "load_templated"]
 
