@@ -178,13 +178,17 @@ def _steering_section(emo: str, st: dict, lines: list[str]) -> None:
     sp = st.get("split") or {}
     rows = st.get("conditions") or st.get("strengths", [])
     lines += [
-        f"Neutral prompts the extraction never saw, split in two: dev n = {sp.get('dev')}, "
-        f"held-out test n = {sp.get('test')}. Rule: {sp.get('rule', 'n/a')}. "
+        f"Neutral prompts the extraction never saw, split in two: dev n = {sp.get('dev')}"
+        f"{' (templates ' + ', '.join((sp.get('templates') or {}).get('dev') or []) + ')' if (sp.get('templates') or {}).get('dev') else ''}, "
+        f"held-out test n = {sp.get('test')}"
+        f"{' (templates ' + ', '.join((sp.get('templates') or {}).get('test') or []) + ')' if (sp.get('templates') or {}).get('test') else ''}. "
+        f"Rule: {sp.get('rule', 'n/a')}. "
         f"**The table below is the test half.** Conditions: the residual steering vector S_l "
         f"added at the peak layer of the smoothed layer profile on every position; spread over "
         f"several layers of the aggregate/execute bands (the total strength split evenly); at "
-        f"the peak layer on generated tokens only; the top heads' outputs plus a multiple of "
-        f"their emotional shift ΔH; ENA (neuron gain). Strength = ‖added vector‖ / mean ‖h_l‖ "
+        f"the peak layer on generated tokens only; the heads' outputs plus a multiple of "
+        f"their emotional shift ΔH (the top heads by intention, and the patching map's "
+        f"significant top heads); ENA (neuron gain). Strength = ‖added vector‖ / mean ‖h_l‖ "
         f"at the last prompt token; greedy decoding, {st.get('max_tokens')} new tokens, same "
         f"prompts in every condition.",
         "",
