@@ -26,7 +26,7 @@ from _common import RESULTS_DIR, git_commit, machine_info  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--emotion", default="joy")
-    ap.add_argument("--prompts", type=int, default=120, help="layer-sweep prompts (at most 120)")
+    ap.add_argument("--prompts", type=int, default=120, help="layer-sweep prompts (at most 120; 0: no sweep)")
     ap.add_argument("--pairs", type=int, default=16, help="head-map pairs")
     ap.add_argument("--extract-pairs", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per sweep narrative")
@@ -54,16 +54,17 @@ def main(argv=None) -> int:
         tids = attr.target_token_ids(runner.tokenizer, args.emotion)
         prompts = [pair_text(p.neutral, p.query) for p in pairs[:args.prompts]]
         t = time.perf_counter()
-        lp = attr.layer_attribution(runner, args.emotion, prompts, alpha=0.1, max_new_tokens=args.tokens,
+        lp = None if not prompts else attr.layer_attribution(runner, args.emotion, prompts, alpha=0.1, max_new_tokens=args.tokens,
                                     proxy="next", tids=tids)
-        out["layers"] = {"n_prompts": len(prompts), "seconds": time.perf_counter() - t,
+        out["layers"] = None if lp is None else {"n_prompts": len(prompts), "seconds": time.perf_counter() - t,
                          "requests": len(prompts) * runner.info.num_layers,
                          "profile_source": lp.profile_source, "stages": lp.stages,
                          "stage_confidence": lp.stage_confidence, "three_stage_frac": lp.three_stage_frac,
                          "stability_by_n": lp.stability_by_n}
-        print(f"layers: {len(prompts)} prompts in {out['layers']['seconds']:.0f} s; aggregate "
-              f"{lp.stages.get('aggregate')}; stage confidence {lp.stage_confidence}; by n {lp.stability_by_n}",
-              flush=True)
+        if lp is not None:
+            print(f"layers: {len(prompts)} prompts in {out['layers']['seconds']:.0f} s; aggregate "
+                  f"{lp.stages.get('aggregate')}; stage confidence {lp.stage_confidence}; by n "
+                  f"{lp.stability_by_n}", flush=True)
         t = time.perf_counter()
         hm = attr.head_map(runner, args.emotion, pairs[:args.pairs])
         top = hm.top(5)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, Sequence
+from typing import Any
 
 from emosteer.request.bank import VectorBank
 from emosteer.request.spec import SteerSpec
@@ -165,14 +165,38 @@ class LLM:
             sp.extra_args = {**(sp.extra_args or {}), EXTRA_KEY: spec.to_dict(), RESULT_KEY: key}
             params.append(sp)
             keys.append(key)
-        outs = self.llm.generate(plist, params, use_tqdm=use_tqdm, **kwargs)
-        # n > 1: each sample has its own results, under "<key>#<sample index>".
+        # The workers park at most keep_captures unfetched results: a call with more
+        # capturing requests runs in parts of at most that many, each fetched at once.
         ns = [int(getattr(sp, "n", 1) or 1) for sp in params]
-        sample_keys = [None if k is None else ([k] if n == 1 else [f"{k}#{j}" for j in range(n)])
-                       for k, n in zip(keys, ns)]
+        limit = max(1, int(getattr(self.frontend.settings, "keep_captures", 4096)))
+        outs: list = []
+        errors: dict[int, str] = {}
+        lo = 0
+        while lo < n:
+            hi, count = lo, 0
+            while hi < n and (hi == lo or count + (ns[hi] if keys[hi] else 0) <= limit):
+                count += ns[hi] if keys[hi] else 0
+                hi += 1
+            part = {k: (v[lo:hi] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+            got_outs = self.llm.generate(plist[lo:hi], params[lo:hi], use_tqdm=use_tqdm, **part)
+            self._attach(got_outs, keys[lo:hi], ns[lo:hi], specs[lo:hi], lo, errors)
+            outs += got_outs
+            lo = hi
+        if errors and raise_on_error:
+            raise EmosteerRequestError(errors)
+        return outs
+
+    def _attach(self, outs: list, keys: list, ns: list[int], specs: list, offset: int,
+                errors: dict[int, str]) -> None:
+        """Fetch the results of ``outs`` (one part of a call) and set their
+        ``.emosteer_captures`` / ``.emosteer_error``; errors land in ``errors`` by index in
+        the whole call. A request that asked for captures and has none to fetch gets an
+        error: its captures were dropped (never a silent None)."""
+        # n > 1: each sample has its own results, under "<key>#<sample index>".
+        sample_keys = [None if k is None else ([k] if m == 1 else [f"{k}#{j}" for j in range(m)])
+                       for k, m in zip(keys, ns)]
         wanted = [k for ks in sample_keys if ks for k in ks]
         fetched = self._fetch(wanted) if wanted else {}
-        errors: dict[int, str] = {}
         for i, out in enumerate(outs):
             got = [fetched.get(k) for k in sample_keys[i]] if sample_keys[i] else []
             caps = [g["captures"] if g else None for g in got]
@@ -190,12 +214,13 @@ class LLM:
                          if isinstance(c.stop_reason, str) and c.stop_reason.startswith("emosteer: ")]
                 error = (stops[0][len("emosteer: "):] if stops
                          else "the engine stopped this request (see the engine log)")
+            if (error is None and keys[i] is not None and specs[i] is not None
+                    and specs[i].capture is not None and any(g is None for g in got)):
+                error = ("its captures were dropped before they could be fetched (the workers keep "
+                         "keep_captures unfetched results for capture_ttl_s seconds); nothing was returned")
             out.emosteer_error = error
             if error is not None:
-                errors[i] = error
-        if errors and raise_on_error:
-            raise EmosteerRequestError(errors)
-        return outs
+                errors[offset + i] = error
 
     def _fetch(self, keys: list[str]) -> dict[str, dict]:
         """key -> {"error", "captures"}: worker results merged over TP ranks."""

@@ -139,7 +139,8 @@ def test_an_engine_without_runner_hooks_refuses_steered_requests_and_serves_plai
 @pytest.fixture(scope="module")
 def tight(engines, tiny_model, bank_path):
     """Tensor parallel 2 (two worker processes, heads and neurons sharded by rank), 2 slots
-    and 3 rows per pool kind (evictions all the time). vLLM's CPU backend binds one
+    and 3 rows per pool kind (evictions all the time), 2 unfetched results kept per
+    worker (a call with more capturing requests runs in parts). vLLM's CPU backend binds one
     worker per core here (VLLM_CPU_OMP_THREADS_BIND); it turns async scheduling off, so
     that output wrapper is tested apart below."""
     import emosteer
@@ -152,7 +153,7 @@ def tight(engines, tiny_model, bank_path):
         llm = emosteer.LLM(tiny_model, bank=bank_path, max_slots=2, enforce_eager=True, dtype="float32",
                            max_model_len=256, block_size=32, seed=0, enable_prefix_caching=False,
                            tensor_parallel_size=2,
-                           additional_config={"emosteer": {"pool_rows": 3}})
+                           additional_config={"emosteer": {"pool_rows": 3, "keep_captures": 2}})
     finally:
         if saved is None:
             os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -193,6 +194,43 @@ def test_tensor_parallel_2_matches_the_oracle(tight, tiny_model, bank_path, info
     verdicts = ds.run_batch(tight, Oracle(tiny_model, bank_path), cases)
     bad = [v for v in verdicts if not v.ok]
     assert not bad, ds.verdict_table(verdicts)
+
+
+def test_more_captures_than_the_workers_keep_run_in_parts_or_fail_loudly(tight):
+    """The workers park at most keep_captures (here 2) unfetched results. A call with 5
+    capturing requests runs in parts and every request gets its own captures, equal to
+    running it alone. When the front end lets more through than the workers keep (its
+    limit raised behind their back), the requests whose captures were dropped come back
+    with an error naming it; none comes back with its captures silently missing."""
+    from dataclasses import replace
+
+    import torch
+    from vllm import SamplingParams
+
+    from emosteer.llm import EmosteerRequestError
+
+    assert tight.frontend.settings.keep_captures == 2
+    tok = tight.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok(p)["input_ids"]} for p in PROMPTS[:5]]
+    spec = {"capture": {"residual": [1], "positions": "last"}}
+    sp = SamplingParams(max_tokens=2, temperature=0.0)
+    outs = tight.generate(prompts, sp, steer=[spec] * 5, use_tqdm=False, raise_on_error=True)
+    alone = [tight.generate([p], sp, steer=spec, use_tqdm=False, raise_on_error=True)[0] for p in prompts]
+    for a, b in zip(outs, alone):
+        assert a.emosteer_error is None and a.emosteer_captures is not None
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        assert torch.equal(a.emosteer_captures["residual"][1], b.emosteer_captures["residual"][1])
+    saved = tight.frontend.settings
+    tight.frontend.settings = replace(saved, keep_captures=100)
+    try:
+        outs = tight.generate(prompts, sp, steer=[spec] * 5, use_tqdm=False)
+        with pytest.raises(EmosteerRequestError, match="dropped"):
+            tight.generate(prompts, sp, steer=[spec] * 5, use_tqdm=False, raise_on_error=True)
+    finally:
+        tight.frontend.settings = saved
+    failed = [o for o in outs if o.emosteer_error]
+    assert len(failed) >= 3 and all("dropped" in o.emosteer_error for o in failed)
+    assert all(o.emosteer_captures is not None for o in outs if not o.emosteer_error)
 
 
 def _distinct_configs(rng: random.Random, n: int) -> list[dict]:
