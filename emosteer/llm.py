@@ -168,7 +168,7 @@ class LLM:
         # The workers park at most keep_captures unfetched results: a call with more
         # capturing requests runs in parts of at most that many, each fetched at once.
         ns = [int(getattr(sp, "n", 1) or 1) for sp in params]
-        limit = max(1, int(getattr(self.frontend.settings, "keep_captures", 4096)))
+        limit = max(1, self.frontend.settings.keep_captures)
         outs: list = []
         errors: dict[int, str] = {}
         lo = 0

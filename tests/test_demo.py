@@ -182,6 +182,24 @@ def test_demo_quick_hf(tiny, tmp_path):
     assert set(res["timings"]) >= {"model", "engine start", "joy: extract", "report"}
 
 
+def test_demo_without_a_map_of_its_emotion_falls_back_to_intention(tiny, tmp_path):
+    """No head map of the run's emotion (and one map only, so no emotion-general heads):
+    the steering heads, the VEE set and the study's heads are the intention heads, and
+    the report says so."""
+    from emosteer.apps.demo import run_demo
+
+    out = tmp_path / "report"
+    run_demo(model=str(tiny), out=out, emotions=("joy",), backend="hf", size="quick", progress=False,
+             map_emotions=("sadness",))
+    res = json.loads((out / "results.json").read_text())
+    sel = res["emotions"]["joy"]["heads"]["selection"]
+    assert sel["method"].startswith("intention") and sel["heads"] == sel["intention"] and not sel["causal"]
+    assert "heads_map" not in {c["condition"] for c in res["emotions"]["joy"]["steering"]["conditions"]}
+    h = res["hallucination"]
+    assert h["heads_source"] == "joy's intention" and h["heads"] == sel["intention"]
+    assert {"heads_scale", "heads_ablate"} <= {c["condition"] for c in h["conditions"]}
+
+
 def test_demo_settings_reject_unknown():
     from emosteer.apps.demo import demo_settings
 

@@ -49,8 +49,8 @@ from emosteer.apps.demo_stages import (_best_layer, _head_dict, _layer_dict, _me
                                        head_maps_stage, heldout_prompts, preset_candidates,
                                        split_dev_test, steer_band, steering_stage, study_stage)
 
-__all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_test", "heldout_prompts", "preset_candidates",
-           "steer_band", "carries"]
+__all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_test", "heldout_prompts",
+           "preset_candidates", "steer_band", "carries"]
 
 # Sized for SmolLM2-135M on 2 CPU cores. alpha and strengths are ‖added vector‖ / ‖residual‖
 # at the layer (DESIGN: α ≈ 0.1); SmolLM2's own emotional shift ‖S_l‖/‖h_l‖ is ≈ 0.06, and
@@ -59,8 +59,9 @@ __all__ = ["run_demo", "demo_settings", "SIZES", "steering_stage", "split_dev_te
 # compiled engine (README, plugin overhead table) and starts in about 70 s rather than the
 # compiled engine's 150 s on a first run.
 #
-# full: joy alone about 18 min (engine start 3, the 11 steering candidates on 48 prompts
-# 5.5, the four full head maps 7).
+# full: joy alone about 36 min (engine start 3.5, the four full head maps 7, the 64-prompt
+# layer sweep 9, the 12 steering candidates on 48 prompts 7, the hallucination study 10;
+# benchmarks/results/demo_study/console.txt).
 FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=64, layer_tokens=24,
             alpha=0.1, proxy="next", top_heads=4, n_patch_prompts=8, neurons_k=64,
             ena_gamma=2.0, n_heldout=48, heldout_tokens=48, strengths=(0.05, 0.1, 0.2),
@@ -69,9 +70,10 @@ FULL = dict(n_pairs=32, tau=0.5, extract_tokens=32, n_layer_prompts=64, layer_to
             map_emotions=("joy", "sadness", "anger", "fear"), n_map_pairs=8, map_top=5, eager=False,
             ena_atp=True, study=True, study_neutral=8, study_emotional=12, study_tokens=40,
             study_pairs=32, study_neg=(0.1, 0.2), study_ena=(0.5, 0.25))
-# short (the default): every stage once on few prompts; five steering candidates (the peak
-# layer at two strengths, generated tokens only, the top heads, ENA) on 16 held-out
-# prompts (8 dev, 8 test); the head map of the run's emotions only.
+# short (the default): every stage once on few prompts; six steering candidates (the peak
+# layer at two strengths, generated tokens only, the intention heads, the map heads, ENA)
+# on 18 held-out prompts (3 per template: 9 dev, 9 test); the head map of the run's
+# emotions only; a small hallucination study (24 scenes).
 SHORT = dict(n_pairs=16, tau=0.5, extract_tokens=24, n_layer_prompts=4, layer_tokens=24,
              alpha=0.1, proxy="next", top_heads=3, n_patch_prompts=4, neurons_k=32,
              ena_gamma=2.0, n_heldout=16, heldout_tokens=32, strengths=(0.1, 0.2), n_samples=3,
@@ -221,7 +223,8 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
             profiles: dict[str, Any] = {}
             for emo in emotions:
                 res: dict[str, Any] = {}
-                pairs = load_builtin(emo)[:cfg["n_pairs"]]
+                builtin = load_builtin(emo)
+                pairs = builtin[:cfg["n_pairs"]]
                 with con.stage(f"{emo}: extract") as st:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
@@ -240,7 +243,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                     st.note = f"{meta['n_kept']}/{meta['n_pairs']} pairs kept (hit rate ≥ {cfg['tau']})"
                 kept = [p for p, k in zip(pairs, ex.kept[emo]) if k] or pairs
                 tids = attr.target_token_ids(runner.tokenizer, emo)
-                prompts = [pair_text(p.neutral, p.query) for p in load_builtin(emo)[:cfg["n_layer_prompts"]]]
+                prompts = [pair_text(p.neutral, p.query) for p in builtin[:cfg["n_layer_prompts"]]]
                 with con.stage(f"{emo}: layer attribution") as st:
                     lp = attr.layer_attribution(runner, emo, prompts, alpha=cfg["alpha"],
                                                 max_new_tokens=cfg["layer_tokens"],
@@ -298,7 +301,7 @@ def run_demo(model: str = "default", out: str | os.PathLike = "emosteer-report",
                                               band_strengths=cfg["band_strengths"],
                                               gen_strengths=cfg["gen_strengths"], top_heads=hs.top,
                                               head_scales=cfg["head_scales"], ena_gamma=cfg["ena_gamma"],
-                                              map_heads=map_tops.get(emo, [])[:cfg["top_heads"]])
+                                              map_heads=causal)
                     steer, samples = steering_stage(runner, bank, emo, heldout, conds,
                                                     cfg["heldout_tokens"], narr_path, cfg["n_samples"])
                     res["steering"], res["samples"] = steer, samples

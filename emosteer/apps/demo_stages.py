@@ -326,8 +326,8 @@ def study_stage(runner, con, cfg: dict, emotions: Sequence[str], profiles: dict,
     elif (hm.get("top") or {}).get(first):
         heads, source = [tuple(c) for c in hm["top"][first]], f"{first}'s patching-map (CI > 0)"
     else:
-        heads = [tuple(c) for c in results["emotions"][first]["heads"]["top"]]
-        heads, source = [(h["layer"], h["head"]) for h in heads], f"{first}'s intention"
+        heads = [tuple(c) for c in results["emotions"][first]["heads"]["selection"]["intention"]]
+        source = f"{first}'s intention"
     probe = f"{first}.probe" if f"{first}.probe" in bank.names() else None
     probe_layer = None
     if probe is not None:
@@ -350,7 +350,8 @@ def study_stage(runner, con, cfg: dict, emotions: Sequence[str], profiles: dict,
                    probe=probe, probe_layer=probe_layer, extracted=missing)
         ch = res["chosen_index"]
         if ch is None:
-            st.note = f"{len(conds) - 1} candidates; none passed the guards and the margin on dev"
+            st.note = (f"{len(conds) - 1} candidates; none lowered hallucination on dev within the guards "
+                       "and the margin")
         else:
             t0, t1 = res["conditions"][0]["test"], res["conditions"][ch]["test"]
             pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731

@@ -95,13 +95,6 @@ def _hallucination_section(h: dict, lines: list[str]) -> None:
               "| # | condition | hallucination (test) | Δ (95 % CI) | specificity (test) | Δ (95 % CI) "
               "| fluency (test) | counts on test | on dev: Δ hallucination, Δ specificity, guards |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    def dd(x: dict) -> str:  # a paired change in pp with its interval, compact
-        lo, hi = x.get("ci95") or (None, None)
-        if x.get("mean") is None:
-            return "n/a"
-        ci = "" if lo is None else f" [{100 * lo:+.0f}, {100 * hi:+.0f}]"
-        return f"{100 * x['mean']:+.1f} pp{ci}"
-
     for i, c in enumerate(conds):
         t, d = c["test"], c["dev"]
         if i == 0:
@@ -111,9 +104,9 @@ def _hallucination_section(h: dict, lines: list[str]) -> None:
         star = " **(chosen on dev)**" if i == h.get("chosen_index") else ""
         lines.append(
             f"| {i} | {c['label']}{star} | {_f(t['hallucination']['rate'])} | "
-            f"{dd(t['delta_hallucination'])} | {_f(t['specificity']['rate'])} | "
-            f"{dd(t['delta_specificity'])} | {_guard(t)} | {'**yes**' if t['counts'] else 'no'} | "
-            f"{dd(d['delta_hallucination'])}, {dd(d['delta_specificity'])}, "
+            f"{_ci(t['delta_hallucination'], compact=True)} | {_f(t['specificity']['rate'])} | "
+            f"{_ci(t['delta_specificity'], compact=True)} | {_guard(t)} | {'**yes**' if t['counts'] else 'no'} | "
+            f"{_ci(d['delta_hallucination'], compact=True)}, {_ci(d['delta_specificity'], compact=True)}, "
             f"{'pass' if d['fluency']['ok'] else 'fail'} |")
     count = h.get("counting_on_test") or []
     if h.get("chosen") is None:
@@ -138,10 +131,14 @@ def _f(v: Any, digits: int = 3, pct: bool = False) -> str:
     return str(v)
 
 
-def _ci(s: dict | None, pct: bool = False) -> str:
+def _ci(s: dict | None, pct: bool = False, compact: bool = False) -> str:
+    """A summarized mean with its 95 % interval; ``compact``: "+16.7 pp [+0, +50]" (pp,
+    whole-point bounds, no n) for dense tables."""
     if not s or s.get("mean") is None:
         return "n/a"
     lo, hi = (s.get("ci95") or [None, None])[:2]
+    if compact:
+        return f"{100 * s['mean']:+.1f} pp" + ("" if lo is None else f" [{100 * lo:+.0f}, {100 * hi:+.0f}]")
     if pct:
         body = f"{100 * s['mean']:+.1f} pp"
         ci = f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo is not None else "n/a"

@@ -138,14 +138,7 @@ def _bootstrap_profile(prof_fn: Callable[[torch.Tensor], torch.Tensor], n: int, 
         return {"band": None, "stage_confidence": None, "three_stage_frac": None, "three_stages": three,
                 "stability_by_n": {}}
     profs, band = bootstrap(prof_fn, n, n_boot, seed=seed)
-    same = three_n = 0
-    for p in profs.tolist():
-        try:
-            st = stage_bands(p)
-        except ValueError:
-            continue
-        same += st["aggregate"] == stages["aggregate"]
-        three_n += all(st[k] for k in ("adapt", "aggregate", "execute"))
+    same, three_n = _band_agreement(profs, stages)
     return {"band": band.tolist(), "stage_confidence": same / n_boot, "three_stage_frac": three_n / n_boot,
             "three_stages": three, "stability_by_n": stability_by_n(prof_fn, n, stages, seed=seed)}
 
@@ -167,11 +160,20 @@ def stability_by_n(prof_fn: Callable[[torch.Tensor], torch.Tensor], n: int, stag
     out = {}
     for m in sizes:
         idx = torch.randint(0, n, (n_boot, int(m)), generator=g)
-        same = 0
-        for p in torch.as_tensor(prof_fn(idx)).to(torch.float64).tolist():
-            try:
-                same += stage_bands(p)["aggregate"] == stages["aggregate"]
-            except ValueError:
-                continue
-        out[int(m)] = same / n_boot
+        out[int(m)] = _band_agreement(prof_fn(idx), stages)[0] / n_boot
     return out
+
+
+def _band_agreement(profiles, stages: dict) -> tuple[int, int]:
+    """Of the resampled ``profiles`` [B, L]: how many have the aggregate band of
+    ``stages``, and how many show all three stages (profiles the stage rule cannot read
+    count for neither)."""
+    same = three = 0
+    for p in torch.as_tensor(profiles).to(torch.float64).tolist():
+        try:
+            st = stage_bands(p)
+        except ValueError:
+            continue
+        same += st["aggregate"] == stages["aggregate"]
+        three += all(st[k] for k in ("adapt", "aggregate", "execute"))
+    return same, three
