@@ -100,6 +100,12 @@ class FrontendSteering:
         """Reserve a client-chosen result key; SpecError if malformed or still in use.
         Returns the claim nonce (the request carries it to the workers, ``CLAIM_KEY``)."""
         key = check_name(key, "emosteer_key")
+        if int(samples) > self.settings.keep_captures:
+            # Each sample parks its own results and the workers keep at most
+            # keep_captures: some samples' results would be dropped before any fetch.
+            raise SpecError("n", f"{int(samples)} samples with a result key, but the workers keep at "
+                                 f"most keep_captures={self.settings.keep_captures} unfetched "
+                                 "results: lower n or raise keep_captures")
         horizon = time.monotonic() - 2 * self.settings.capture_ttl_s
         with self._keys_lock:
             while self._keys and next(iter(self._keys.values()))[1] < horizon:

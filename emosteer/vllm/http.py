@@ -238,7 +238,12 @@ class Service:
         if not merged:
             raise HTTPError(404, f"no results under key {key!r}: the request captured nothing, or "
                                  "its results expired (capture_ttl_s / keep_captures)", "key")
-        return {k: merged.get(k, {"error": None, "captures": None}) for k in keys}
+        # A sample without results was dropped (keep_captures / capture_ttl_s) while its
+        # siblings were kept: it gets an error, never a silent null.
+        lost = {"error": "this sample's captures were dropped before they could be fetched (the "
+                         "workers keep keep_captures unfetched results for capture_ttl_s seconds)",
+                "captures": None}
+        return {k: merged.get(k, lost) for k in keys}
 
     async def status(self) -> dict:
         admission = await self.engine.engine_core.call_utility_async("emosteer_status")

@@ -114,13 +114,15 @@ def oracle(tiny_model, bank_path):
 def servers(tiny_model, bank_path, tmp_path_factory, engines):
     """Two ``emosteer serve`` servers of the tiny Llama, shared by the server test
     modules: ``cached`` (prefix caching on, max_slots 4) and ``reference`` (prefix
-    caching off: the answer a config must get)."""
+    caching off: the answer a config must get; keep_captures 2)."""
     from vllm_support import Server
 
     engines.close()  # one engine at a time on this small machine, besides these two
     logs = tmp_path_factory.mktemp("servers")
     cached = Server(tiny_model, bank_path, True, str(logs / "cached.log"), extra=("--upload-mib", "1"))
-    reference = Server(tiny_model, bank_path, False, str(logs / "reference.log"))
+    # keep_captures 2: test_server_http checks what a client sees when results are dropped.
+    reference = Server(tiny_model, bank_path, False, str(logs / "reference.log"),
+                       extra=("--additional-config", '{"emosteer": {"keep_captures": 2}}'))
     try:
         cached.wait_ready()
         reference.wait_ready()

@@ -231,6 +231,10 @@ def test_more_captures_than_the_workers_keep_run_in_parts_or_fail_loudly(tight):
     failed = [o for o in outs if o.emosteer_error]
     assert len(failed) >= 3 and all("dropped" in o.emosteer_error for o in failed)
     assert all(o.emosteer_captures is not None for o in outs if not o.emosteer_error)
+    # One request of more samples than the workers keep could never be fetched whole.
+    with pytest.raises(Exception, match="keep_captures"):
+        tight.generate(prompts[:1], SamplingParams(max_tokens=2, n=3, temperature=0.9, seed=1),
+                       steer=spec, use_tqdm=False)
 
 
 def _distinct_configs(rng: random.Random, n: int) -> list[dict]:

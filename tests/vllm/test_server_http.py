@@ -210,6 +210,29 @@ def test_n2_captures_per_sample(servers):
     assert all(len(s["positions"]) >= 1 for s in got["samples"])
 
 
+def test_dropped_samples_get_an_error_never_a_silent_null(servers):
+    """``reference`` keeps 2 unfetched results. A request of n=3 with a key could never
+    have all its results fetched: 400 naming ``n``. An n=2 request whose first-parked
+    sample is pushed out by a later request: that sample comes back with an error naming
+    the limit, the other with its captures."""
+    _, reference = servers
+    cap = {"capture": {"residual": [1], "positions": "generated"}}
+    status, body = reference.complete(PROMPTS[4], cap, key=uuid.uuid4().hex, n=3, temperature=0.9, seed=3)
+    assert status == 400 and body["error"]["param"] == "emosteer.n" and "keep_captures" in body["error"]["message"], body
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    status, _ = reference.complete(PROMPTS[4], cap, key=first, n=2, temperature=0.9, seed=3)
+    assert status == 200
+    assert reference.complete(PROMPTS[5], cap, key=second)[0] == 200  # a third parked result
+    status, got = reference.get(f"/v1/emosteer/captures/{first}?wait=10")
+    assert status == 200 and len(got["samples"]) == 2, got
+    lost = [s for s in got["samples"] if s["error"]]
+    kept = [s for s in got["samples"] if not s["error"]]
+    assert len(lost) == 1 and "dropped" in lost[0]["error"] and "keep_captures" in lost[0]["error"]
+    assert lost[0]["positions"] == [] and len(kept) == 1 and len(kept[0]["positions"]) >= 1
+    status, got = reference.get(f"/v1/emosteer/captures/{second}?wait=10")
+    assert status == 200 and got["error"] is None and len(got["positions"]) >= 1
+
+
 def test_gguf_control_vector_steers_like_the_same_bank_vector(servers, info, tmp_path):
     from emosteer.request.controlvec import save_control_vector
 
