@@ -50,7 +50,7 @@ OPS = _dispatch.CORE_OPS  # the attention op has its own benchmark (bench_attn_i
 
 
 MUTATED = {
-    "head_affine_capture": (0, 8),
+    "head_affine_capture": (0, 9),
     "residual_steer": (0,),
     "neuron_gain": (0,),
     "probe_gate": (1, 8, 10),
@@ -82,7 +82,7 @@ def make_inputs(op: str, dtype: torch.dtype, shape: str, tokens: int, device: to
     f32 = torch.float32
     if op == "head_affine_capture":
         return [randn(T, H, D), slot, uni(S, H, lo=0.5, hi=0.9, dt=f32), uni(S, H, hi=0.1, dt=f32),
-                rows[:, None].expand(S, H).contiguous(),
+                torch.zeros(S, H, dtype=f32, device=device), rows[:, None].expand(S, H).contiguous(),
                 torch.zeros(T, dtype=torch.int32, device=device), randn(S, H, D),
                 torch.full((T,), -1, dtype=torch.int32, device=device),
                 torch.zeros(1, H, D, dtype=dtype, device=device), flag]
@@ -112,8 +112,8 @@ def bytes_moved(op: str, dtype: torch.dtype, shape: str, tokens: int) -> int:
     T, es = tokens, torch.empty((), dtype=dtype).element_size()
     used = int(_slots(T).unique().numel())
     idx = 4 * T
-    if op == "head_affine_capture":  # z read + written, pool rows, a, b, vrow, slot + cap index
-        return 2 * T * H * D * es + used * (H * D * es + 12 * H) + 2 * idx
+    if op == "head_affine_capture":  # z read + written, pool rows, a, b, c, vrow, slot + cap index
+        return 2 * T * H * D * es + used * (H * D * es + 16 * H) + 2 * idx
     if op == "residual_steer":  # r read + written, x read, 2 pool rows a slot, coef + mode + urow
         return 3 * T * d * es + used * 2 * (d * es + 12) + idx
     if op == "probe_gate":  # h read, fp32 probe rows, per-slot scalars, slot read + written,

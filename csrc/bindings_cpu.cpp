@@ -16,7 +16,7 @@
 // plugin calls these ops inside the compiled graph), so residual_steer's is `mode_`.
 TORCH_LIBRARY(emosteer_C, m) {
   m.def(
-      "head_affine_capture(Tensor(a!) z, Tensor token_slot, Tensor a, Tensor b, Tensor vrow, "
+      "head_affine_capture(Tensor(a!) z, Tensor token_slot, Tensor a, Tensor b, Tensor c, Tensor vrow, "
       "Tensor row_off, Tensor pool, Tensor cap_index, Tensor(b!) cap_buf, Tensor flag) -> ()");
   m.def(
       "residual_steer(Tensor(a!) r, Tensor x, Tensor token_slot, Tensor coef, Tensor mode_, "
@@ -48,6 +48,7 @@ TORCH_LIBRARY_IMPL(emosteer_C, CPU, m) {
 namespace {
 void head_affine_capture_meta(at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, at::Tensor&,
                               const at::Tensor&) {}
 void residual_steer_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

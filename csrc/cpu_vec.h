@@ -158,6 +158,15 @@ inline void store2(T* p, int64_t n, const fVec& lo, const fVec& hi) {
 }
 #endif
 
+// The lanes of v summed in lane order (the kernels' one horizontal reduction).
+inline float lane_sum(const fVec& v) {
+  __at_align__ float lanes[kW];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t k = 0; k < kW; ++k) s += lanes[k];
+  return s;
+}
+
 // Bit i set <=> lane i of (lo, hi) equals 1.0f (x - 1 is exactly 0 only for x == 1).
 inline uint64_t ones_mask(const fVec& lo, const fVec& hi) {
   const fVec one(1.0f);

@@ -11,6 +11,7 @@ namespace emosteer {
 #define EMOSTEER_DECLARE_OPS(DEV)                                                              \
   void head_affine_capture_##DEV(at::Tensor& z, const at::Tensor& token_slot,                  \
                                  const at::Tensor& a, const at::Tensor& b,                     \
+                                 const at::Tensor& c,                                          \
                                  const at::Tensor& vrow, const at::Tensor& row_off,            \
                                  const at::Tensor& pool,                                       \
                                  const at::Tensor& cap_index, at::Tensor& cap_buf,             \

@@ -52,9 +52,9 @@ def test_one_slot_when_every_vector_item_reads_the_same_list(bank):
     assert len(set(_groups(req).values())) == 1
     assert req.row_off == {p: k for k, p in enumerate(pos)}
     prog = req.phases["@5"]
-    key0 = prog.heads[(0, 1)][2]
+    key0 = prog.heads[(0, 1)][3]
     assert key_rows(key0) == 5 and torch.equal(materialize(key0, bank, INFO), bank.get("a5")[:, 0])
-    assert prog.heads[(1, 0)] == (0.0, 0.0, None)
+    assert prog.heads[(1, 0)] == (0.0, 0.0, 0.0, None)
     assert 1 in prog.res  # the every-prompt-token steer holds there too
     spec = SteerSpec.parse({"heads": [{"layer": 0, "head": 1, "mode": "patch", "vector": "a5",
                                        "positions": pos}]})
@@ -77,7 +77,7 @@ def test_a_group_mixing_other_vectors_keeps_one_slot_per_position(bank, other):
     assert len({groups[f"@{p}"] for p in mixed}) == len(mixed) == 2
     assert not any(p in req.row_off for p in mixed)
     for p in mixed:
-        key = req.phases[f"@{p}"].heads[(0, 1)][2]
+        key = req.phases[f"@{p}"].heads[(0, 1)][3]
         assert key_rows(key) == 1
         k = [2, 3, 5, 8, 9].index(p)
         assert torch.equal(materialize(key, bank, INFO), bank.get("a5")[k, 0])
@@ -151,4 +151,4 @@ def test_an_add_of_scale_0_reads_no_row_and_holds_one_slot(bank):
     req = _compile({"heads": [{"layer": 0, "head": 1, "mode": "add", "scale": 0.0, "vector": "a5",
                                "positions": [1, 2, 3, 4, 5]}]}, bank)
     assert len(set(_groups(req).values())) == 1 and req.row_off == {}
-    assert req.phases["@3"].heads[(0, 1)] == (1.0, 0.0, None)
+    assert req.phases["@3"].heads[(0, 1)] == (1.0, 0.0, 0.0, None)

@@ -69,6 +69,29 @@ def test_general_direction_is_the_mean_of_unit_directions():
     assert torch.allclose(a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True), atol=1e-6)
 
 
+def test_general_probe_scores_the_mean_of_the_emotions_probes():
+    """emotions.probe = the mean of the four probes (its score is the mean of theirs); the
+    gate layer has the best mean held-out accuracy and leaves a layer after it."""
+    bank = _bank()
+    L, d = 6, 16
+    g = torch.Generator().manual_seed(1)
+    accs = {}
+    for i, e in enumerate(BUILTIN_EMOTIONS):
+        acc = [0.5] * L
+        acc[4] = 0.9 - 0.01 * i
+        acc[5] = 1.0  # the last layer: nothing after it to gate
+        accs[e] = acc
+        bank.add(f"{e}.probe", "probe", torch.randn(L, d + 1, generator=g), heldout_accuracy=acc)
+    name, layer = hal.register_general_probe(bank, BUILTIN_EMOTIONS)
+    assert name == hal.GENERAL_PROBE and layer == 4
+    h = torch.randn(3, d, generator=g)
+    got = h @ bank.get(name, "probe")[layer, :d] + bank.get(name, "probe")[layer, d]
+    want = torch.stack([h @ bank.get(f"{e}.probe")[layer, :d] + bank.get(f"{e}.probe")[layer, d]
+                        for e in BUILTIN_EMOTIONS]).mean(0)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert bank.meta(name)["best_layer"] == 4
+
+
 def test_every_candidate_is_a_valid_config():
     from emosteer.request.spec import SteerSpec
 
@@ -81,7 +104,7 @@ def test_every_candidate_is_a_valid_config():
     assert conds[0] == {"condition": "unsteered", "label": "unsteered", "spec": None}
     kinds = [c["condition"] for c in conds[1:]]
     assert kinds == ["project_out", "project_out", "clamp", "negative", "negative", "heads_scale",
-                     "heads_ablate", "gated", "ena_down", "ena_down"]
+                     "heads_ablate", "after_gate", "gated", "gated", "ena_down", "ena_down"]
     assert len({c["label"] for c in conds}) == len(conds)
     from emosteer.request.bank import ModelInfo
 
@@ -93,11 +116,15 @@ def test_every_candidate_is_a_valid_config():
     # the strength is spread over the band's layers, relative to |h|, and negative
     assert neg[0]["spec"]["steer"][0]["scale"] == pytest.approx(-0.05)
     assert neg[0]["spec"]["steer"][0]["layers"] == [2, 3]
-    gated = next(c for c in conds if c["condition"] == "gated")
-    assert gated["spec"]["steer"][0]["layers"] == [3, 4, 5]  # after the gate only
-    assert gated["spec"]["when"] == {"probe": "joy.probe", "layer": 2, "above": 0.0, "latch": True}
+    after, *gated = [c for c in conds if c["condition"] in ("after_gate", "gated")]
+    for c in (after, *gated):  # the same project-out after the gate, ungated and gated
+        assert c["spec"]["steer"] == [{"vector": list(BUILTIN_EMOTIONS), "layers": [3, 4, 5],
+                                       "mode": "project_out"}]
+    assert "when" not in after["spec"]
+    assert [g["spec"]["when"] for g in gated] == [
+        {"probe": "joy.probe", "layer": 2, "above": 0.0, "latch": latch} for latch in (False, True)]
     heads = next(c for c in conds if c["condition"] == "heads_ablate")["spec"]["heads"]
     assert heads == [{"layer": 2, "head": [0], "mode": "ablate"}, {"layer": 4, "head": [1, 3], "mode": "ablate"}]
     # a gate at the last layer would gate nothing: no gated candidate then
     conds = hal.reduction_candidates(BUILTIN_EMOTIONS, 6, band=[3], probe="joy.probe", probe_layer=5)
-    assert "gated" not in {c["condition"] for c in conds}
+    assert not {"gated", "after_gate"} & {c["condition"] for c in conds}

@@ -116,6 +116,10 @@ MALFORMED = [
     ("heads not list", {"heads": {"layer": 0}}, "heads"),
     ("head missing mode", _with("heads.0.mode", ...), "heads[0].mode"),
     ("head mode bad", _with("heads.0.mode", "zero"), "heads[0].mode"),
+    ("head relative patch", {"heads": [{"layer": 0, "head": 1, "mode": "patch", "vector": "v",
+                                        "scale_mode": "relative"}]}, "heads[0].scale_mode"),
+    ("head scale_mode bad", {"heads": [{"layer": 0, "head": 1, "mode": "add", "vector": "v",
+                                        "scale_mode": "norm"}]}, "heads[0].scale_mode"),
     ("head layer negative", _with("heads.0.layer", -1), "heads[0].layer"),
     ("head list empty", _with("heads.1.head", []), "heads[1].head"),
     ("head all not allowed", _with("heads.1.head", "all"), "heads[1].head"),
@@ -368,6 +372,8 @@ GOOD = [
     {},
     {"steer": [{"vector": "joy", "layers": "all", "scale": -3}]},
     {"heads": [{"layer": 1, "head": [1, 2], "mode": "add", "vector": "v"}]},
+    {"heads": [{"layer": 1, "head": [1, 2], "mode": "add", "vector": "v", "scale": 0.3,
+                "scale_mode": "relative"}]},
     {"capture": {"residual": 3, "positions": "generated"}},
     {"boost": {"heads": "joy.vee", "beta": 1.5, "mode": "logit", "prefill_layers": [0, 1],
                "decode_layers": "none"}},
@@ -543,3 +549,39 @@ def test_inline_head_vectors_parse_round_trip_and_join_the_bank():
                                         "vector": inline_vector(z[[1, 1]], heads=[1, 9])}]})
         s.validate(None, INFO, 8)
     assert e.value.field == "heads[0].vector.heads"
+
+
+def test_relative_head_add_compiles_to_scale_over_the_vector_norm(bank):
+    """A relative head add compiles to (a, b, c) = (1, 0, scale / |v[l, h]|) over the
+    vector's pool row; it round-trips, is its own fingerprint (not the absolute add's);
+    a zero vector at that head, a per-position vector or a missing bank is refused
+    naming the field."""
+    from emosteer.request.spec import head_norm
+
+    cfg = {"heads": [{"layer": 2, "head": [0, 3], "mode": "add", "vector": "joy.h", "scale": 0.4,
+                      "scale_mode": "relative"}]}
+    spec = SteerSpec.parse(cfg)
+    assert SteerSpec.parse(spec.to_dict()) == spec and spec.heads[0].relative
+    spec.validate(bank, INFO)
+    prog = compile_request(spec.resolve(INFO), bank, INFO).phases["prompt"]
+    for h in (0, 3):
+        a, b, c, key = prog.heads[(2, h)]
+        want = 0.4 / float(bank.get("joy.h")[2, h].float().norm())
+        assert (a, b) == (1.0, 0.0) and c == pytest.approx(want, rel=1e-6) and key is not None
+        assert c == 0.4 / head_norm(bank, spec.heads[0 if h == 0 else 1])
+    absolute = SteerSpec.parse({"heads": [{**cfg["heads"][0], "scale_mode": "absolute"}]})
+    assert absolute.fingerprint(bank) != spec.fingerprint(bank)
+    assert compile_request(absolute.resolve(INFO), bank, INFO).phases["prompt"].heads[(2, 0)][1:3] == (0.4, 0.0)
+    zero = VectorBank(INFO)
+    vec = torch.randn(4, 4, 16)
+    vec[2, 3] = 0
+    zero.add("joy.h", "head", vec)
+    with pytest.raises(SpecError) as e:
+        spec.validate(zero, INFO)
+    assert e.value.field == "heads[1].vector" and "zero" in str(e.value)
+    per_pos = VectorBank(INFO)
+    per_pos.add("joy.h", "head_positions", torch.randn(2, 4, 4, 16))
+    rel_pos = SteerSpec.parse({"heads": [{**cfg["heads"][0], "head": 0, "positions": [0, 1]}]})
+    with pytest.raises(SpecError) as e:
+        rel_pos.validate(per_pos, INFO)
+    assert e.value.field == "heads[0].scale_mode"

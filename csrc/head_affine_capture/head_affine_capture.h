@@ -2,8 +2,10 @@
 //
 //   if flag[0] == 0: nothing at all
 //   cap_buf[cap_index[t]] = z[t]  (the row before the update), cap_index[t] >= 0
-//   z[t,h] = a[s,h]*z[t,h] + b[s,h]*v,   s = token_slot[t] >= 0,
-//            v = pool[vrow[s,h] + row_off[t], h] (vrow[s,h] >= 0) or 0 (vrow[s,h] == -1)
+//   z[t,h] = a[s,h]*z[t,h] + w*v,   s = token_slot[t] >= 0,
+//            v = pool[vrow[s,h] + row_off[t], h] (vrow[s,h] >= 0) or 0 (vrow[s,h] == -1),
+//            w = b[s,h] (c[s,h] == 0) or b[s,h] + c[s,h]*||z[t,h]|| (a relative add:
+//            c = scale / ||v||, so the head gains scale * ||z|| along v's direction)
 //
 // row_off lets one slot read a run of consecutive pool rows, one per token (a
 // position-aligned head patch: its k-th listed position has row_off = k); it is read
@@ -20,8 +22,16 @@
 namespace emosteer {
 namespace head_affine_capture {
 
-// A head with a == 1 and b == 0 is left bit-identical (also -0.0 and NaN in z).
-EMOSTEER_HD bool is_identity(float a, float b) { return a == 1.0f && b == 0.0f; }
+// A head with a == 1, b == 0 and c == 0 is left bit-identical (also -0.0 and NaN in z).
+EMOSTEER_HD bool is_identity(float a, float b, float c) {
+  return a == 1.0f && b == 0.0f && c == 0.0f;
+}
+
+// The coefficient of v given the head's norm n (read only where c != 0, so an absolute
+// head never computes it, and an infinite norm cannot turn an absolute b into NaN).
+EMOSTEER_HD float weight(float b, float c, float n) {
+  return c != 0.0f ? add_rn(b, mul_rn(c, n)) : b;
+}
 
 // `a*z + b*v` with each product rounded before the sum, as the torch reference does;
 // F is float (CUDA) or a vector of floats (CPU). A head without a pool row passes
@@ -39,6 +49,7 @@ struct CpuArgs {
   const int32_t* token_slot;  // [T]
   const float* a;             // [S, H]
   const float* b;             // [S, H]
+  const float* c;             // [S, H]
   const int32_t* vrow;        // [S, H]
   const int32_t* row_off;     // [T]
   const void* pool;           // [P, H, D] scalar_t
@@ -59,7 +70,8 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end);
 #if !defined(EMOSTEER_KERNEL_ONLY)
 // Host-side checks, shared by both launchers. Returns S (slots).
 inline int64_t check_args(const at::Tensor& z, const at::Tensor& token_slot,
-                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& vrow,
+                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                          const at::Tensor& vrow,
                           const at::Tensor& row_off, const at::Tensor& pool,
                           const at::Tensor& cap_index,
                           const at::Tensor& cap_buf, const at::Tensor& flag) {
@@ -78,6 +90,10 @@ inline int64_t check_args(const at::Tensor& z, const at::Tensor& token_slot,
   EMOSTEER_CHECK_DTYPE(b, at::kFloat);
   EMOSTEER_CHECK_SIZE(b, 0, S);
   EMOSTEER_CHECK_SIZE(b, 1, H);
+  EMOSTEER_CHECK_INPUT(c, dev, 2);
+  EMOSTEER_CHECK_DTYPE(c, at::kFloat);
+  EMOSTEER_CHECK_SIZE(c, 0, S);
+  EMOSTEER_CHECK_SIZE(c, 1, H);
   EMOSTEER_CHECK_INPUT(vrow, dev, 2);
   EMOSTEER_CHECK_DTYPE(vrow, at::kInt);
   EMOSTEER_CHECK_SIZE(vrow, 0, S);

@@ -33,12 +33,12 @@ void check_offset_rows(const int32_t* slot, const int32_t* off, const int32_t* v
 }  // namespace
 
 void head_affine_capture_cpu(at::Tensor& z, const at::Tensor& token_slot, const at::Tensor& a,
-                             const at::Tensor& b, const at::Tensor& vrow,
+                             const at::Tensor& b, const at::Tensor& c, const at::Tensor& vrow,
                              const at::Tensor& row_off, const at::Tensor& pool,
                              const at::Tensor& cap_index, at::Tensor& cap_buf,
                              const at::Tensor& flag) {
   TORCH_CHECK(z.device().is_cpu(), "z must be a CPU tensor for the CPU kernel");
-  const int64_t S = head_affine_capture::check_args(z, token_slot, a, b, vrow, row_off, pool,
+  const int64_t S = head_affine_capture::check_args(z, token_slot, a, b, c, vrow, row_off, pool,
                                                     cap_index, cap_buf, flag);
   if (flag.data_ptr<int32_t>()[0] == 0) return;  // read once: the whole op is off
   const int64_t T = z.size(0), H = z.size(1), D = z.size(2);
@@ -54,6 +54,7 @@ void head_affine_capture_cpu(at::Tensor& z, const at::Tensor& token_slot, const 
                                           token_slot.data_ptr<int32_t>(),
                                           a.data_ptr<float>(),
                                           b.data_ptr<float>(),
+                                          c.data_ptr<float>(),
                                           vrow.data_ptr<int32_t>(),
                                           row_off.data_ptr<int32_t>(),
                                           pool.data_ptr(),

@@ -4,6 +4,7 @@
 // (AVX2 build), each of which has included cpu_vec.h first.
 #pragma once
 
+#include <cmath>
 #include <cstring>
 
 #include "head_affine_capture/head_affine_capture.h"
@@ -29,11 +30,23 @@ void tokens(const CpuArgs& p, int64_t begin, int64_t end) {
     for (int64_t h = 0; h < H; ++h) {
       const float ah = p.a[s * H + h];
       const float bh = p.b[s * H + h];
-      if (is_identity(ah, bh)) continue;  // not even rewritten: bit-identical
-      const fVec va(ah), vb(bh);
+      const float ch = p.c[s * H + h];
+      if (is_identity(ah, bh, ch)) continue;  // not even rewritten: bit-identical
+      scalar_t* zh = zt + h * D;
+      float norm = 0.0f;
+      if (ch != 0.0f) {  // a relative add: ||z[t,h]|| first, before anything is written
+        fVec sq0(0.0f), sq1(0.0f);
+        for (int64_t i = 0; i < D; i += kChunk) {
+          fVec z0, z1;
+          load2(zh + i, std::min(kChunk, D - i), z0, z1);
+          sq0 = sq0 + z0 * z0;
+          sq1 = sq1 + z1 * z1;
+        }
+        norm = std::sqrt(lane_sum(sq0 + sq1));
+      }
+      const fVec va(ah), vb(weight(bh, ch, norm));
       const int64_t vr = p.vrow[s * H + h];
       const scalar_t* vh = vr >= 0 ? pool + ((vr + p.row_off[t]) * H + h) * D : nullptr;
-      scalar_t* zh = zt + h * D;
       for (int64_t i = 0; i < D; i += kChunk) {
         const int64_t n = std::min(kChunk, D - i);
         fVec z0, z1, v0 = zero, v1 = zero;

@@ -19,18 +19,10 @@ namespace residual_steer {
 namespace CPU_CAPABILITY {
 
 using emosteer::cpu::CPU_CAPABILITY::fVec;
-using emosteer::cpu::CPU_CAPABILITY::kW;
+using emosteer::cpu::CPU_CAPABILITY::lane_sum;
 
 // Dot products accumulated per pass over the row (more terms: another pass).
 constexpr int64_t kMaxDots = 8;
-
-inline float lane_sum(const fVec& v) {
-  __at_align__ float lanes[kW];
-  v.store(lanes);
-  float s = 0.0f;
-  for (int64_t k = 0; k < kW; ++k) s += lanes[k];
-  return s;
-}
 
 // w[k] of the token whose rows of r and x are rt and xt, for slot s (h = xt + rt; terms
 // without a row are left alone).

@@ -43,6 +43,7 @@ __all__ = [
     "MIKELS", "POSITIVE", "NEGATIVE", "VALENCE", "BASIC_TO_MIKELS", "NRC_TO_LABEL",
     "Lexicon", "load_lexicon", "candidate_lemmas", "normalize_category", "target_set",
     "emotion_words", "emotion_spans", "category_counts", "hit_rate", "carries", "asserts_emotion",
+    "emotion_word_count",
     "hallucination_rate", "valence",
 ]
 
@@ -391,9 +392,14 @@ def carries(hit: float | None) -> float:
     return 1.0 if hit is not None and hit >= 0.5 else 0.0
 
 
+def emotion_word_count(text: str, lexicon: Lexicon | None = None) -> int:
+    """How many non-negated emotion words the text has (a word tied to two labels once)."""
+    return len(_scan(text, lexicon))
+
+
 def asserts_emotion(text: str, lexicon: Lexicon | None = None, min_words: int = 1) -> bool:
     """True when the text has at least ``min_words`` non-negated emotion words."""
-    return len(_scan(text, lexicon)) >= min_words
+    return emotion_word_count(text, lexicon) >= min_words
 
 
 def hallucination_rate(texts: Sequence[str], lexicon: Lexicon | None = None,

@@ -5,6 +5,8 @@ The study asks every candidate intervention two things, on scenes it was not cho
 
 * **hallucination** — on NEUTRAL scenes (no emotional cue), the share of narratives that
   assert an emotion (``emosteer.analysis.emotion.asserts_emotion``). Lower is better.
+  Beside it, the mean number of emotion words per neutral narrative (a finer measure of
+  the same thing, with its paired change).
 * **specificity** — on EMOTIONAL scenes (the emotional halves of built-in pairs that no
   extraction or attribution used), the share of narratives that carry the scene's own
   emotion (``carries``: at least half of their emotion words are of it). Kept is better.
@@ -28,9 +30,11 @@ from pathlib import Path
 from typing import Sequence
 
 __all__ = ["Scene", "study_scenes", "reduction_candidates", "hallucination_study",
-           "register_general_direction", "GENERAL_VECTOR", "MARGIN"]
+           "register_general_direction", "register_general_probe", "GENERAL_VECTOR",
+           "GENERAL_PROBE", "MARGIN"]
 
 GENERAL_VECTOR = "emotions.mean"  # the bank entry of the mean unit emotion direction
+GENERAL_PROBE = "emotions.probe"  # the bank entry of the mean of the emotions' probes
 MARGIN = 0.10  # the most a counting condition may lower specificity (share of scenes)
 
 
@@ -97,6 +101,30 @@ def register_general_direction(bank, emotions: Sequence[str], name: str = GENERA
     return name
 
 
+def register_general_probe(bank, emotions: Sequence[str], name: str = GENERAL_PROBE) -> tuple[str, int]:
+    """Add ``name``, a probe of "some emotion is present": per layer the mean of the
+    emotions' probes (``<e>.probe``, [L, d+1] = unit difference-of-means direction and
+    the bias that puts the pair means' midpoint at 0), so its score is the mean of their
+    scores. Returns (name, gate layer): the layer of best mean held-out accuracy over the
+    emotions (train accuracy where a probe held nothing out), at most L - 2 so that
+    layers remain after it to act on."""
+    import torch
+
+    probes = [f"{e}.probe" for e in emotions]
+    vs = torch.stack([bank.get(p, "probe").float() for p in probes])  # [E, L, d+1]
+    accs = []
+    for p in probes:
+        m = bank.meta(p)
+        accs.append(m.get("heldout_accuracy") or m.get("train_accuracy"))
+    L = vs.shape[1]
+    mean_acc = [sum(a[l] for a in accs) / len(accs) for l in range(L)] if all(accs) else [0.0] * L
+    layer = max(range(max(1, L - 1)), key=lambda l: (mean_acc[l], l))
+    bank.add(name, "probe", vs.mean(0), emotion="any", component="probe",
+             method="mean of the emotions' probes", emotions=list(emotions),
+             mean_accuracy=[round(a, 6) for a in mean_acc], best_layer=layer)
+    return name, layer
+
+
 def reduction_candidates(emotions: Sequence[str], num_layers: int, band: Sequence[int],
                          neg_strengths: Sequence[float] = (0.1, 0.2), heads: Sequence = (),
                          heads_source: str = "", head_scale: float = 0.5,
@@ -107,8 +135,9 @@ def reduction_candidates(emotions: Sequence[str], num_layers: int, band: Sequenc
     project-out of the emotion directions' span (the band; every layer), clamp of the mean
     emotion direction to 0 (the band), negative steering along it (relative strength,
     spread over the band), down-scaling and ablation of ``heads`` (the emotion-general
-    heads), project-out gated by a probe (``probe`` at ``probe_layer``, latched; it
-    acts on the layers after the gate), and ENA with gain below 1 on ``ena_set``."""
+    heads), project-out gated by a probe (``probe`` at ``probe_layer``, latched and
+    not; it acts on the layers after the gate, only at tokens where the probe's score is
+    above 0), and ENA with gain below 1 on ``ena_set``."""
     band = sorted(int(l) for l in band) or [num_layers // 2]
     span = ",".join(map(str, band))
     names = list(emotions)
@@ -136,11 +165,17 @@ def reduction_candidates(emotions: Sequence[str], num_layers: int, band: Sequenc
                                          for l, hs in sorted(by_layer.items())]}})
     if probe is not None and probe_layer is not None and probe_layer < num_layers - 1:
         later = list(range(probe_layer + 1, num_layers))
-        conds.append({"condition": "gated", "label": f"project out {len(names)} emotions after layer "
-                                                     f"{probe_layer}, gated by {probe} (latched)",
-                      "spec": {"steer": [{"vector": names, "layers": later, "mode": "project_out"}],
-                               "when": {"probe": probe, "layer": int(probe_layer), "above": 0.0,
-                                        "latch": True}}})
+        out = {"vector": names, "layers": later, "mode": "project_out"}
+        conds.append({"condition": "after_gate", "label": f"project out {len(names)} emotions after "
+                                                          f"layer {probe_layer}, ungated",
+                      "spec": {"steer": [dict(out)]}})
+        for latch in (False, True):
+            conds.append({"condition": "gated", "label": f"project out {len(names)} emotions after layer "
+                                                         f"{probe_layer} where {probe} > 0"
+                                                         f"{' (latched)' if latch else ''}",
+                          "spec": {"steer": [dict(out)],
+                                   "when": {"probe": probe, "layer": int(probe_layer), "above": 0.0,
+                                            "latch": latch}}})
     if ena_set:
         for g in ena_gammas:
             conds.append({"condition": "ena_down", "label": f"ENA γ={g:g} on {ena_set}",
@@ -163,7 +198,7 @@ def hallucination_study(runner, scenes: Sequence[Scene], conds: list[dict], max_
     is chosen on dev: among the conditions that lower hallucination there, pass the guards
     and lower specificity by less than ``margin``, the largest fall in hallucination
     (ties: the higher specificity); none when no condition qualifies. Every condition is reported on both splits with its verdict."""
-    from emosteer.analysis.emotion import asserts_emotion, carries, hit_rate
+    from emosteer.analysis.emotion import carries, emotion_word_count, hit_rate
     from emosteer.analysis.fluency import guards, perplexities, repeated_ngram_share
     from emosteer.report import summarize
 
@@ -181,18 +216,20 @@ def hallucination_study(runner, scenes: Sequence[Scene], conds: list[dict], max_
         narr = outs[ci * n:(ci + 1) * n]
         per.append({"texts": narr, "ppl": ppls[ci * n:(ci + 1) * n],
                     "rep": [repeated_ngram_share(t, 3) for t in narr],
-                    "asserts": [1.0 if asserts_emotion(t) else 0.0 for t in narr],
+                    "words": [float(emotion_word_count(t)) for t in narr],
+                    "asserts": [1.0 if emotion_word_count(t) >= 1 else 0.0 for t in narr],
                     "carries": [carries(hit_rate(t, s.emotion)) if s.emotion else None
                                 for t, s in zip(narr, scenes)]})
     if narr_path is not None:
         with open(narr_path, "a", encoding="utf-8") as f:
             for c, p in zip(conds, per):
-                for s, t, a, k, pp, r in zip(scenes, p["texts"], p["asserts"], p["carries"], p["ppl"], p["rep"]):
+                for s, t, a, w, k, pp, r in zip(scenes, p["texts"], p["asserts"], p["words"], p["carries"],
+                                                p["ppl"], p["rep"]):
                     f.write(json.dumps({"study": "hallucination", "id": s.id, "split": s.split,
                                         "template": s.template, "scene_emotion": s.emotion,
                                         "condition": c["condition"], "label": c["label"],
                                         "steer": c["spec"], "prompt": s.text, "narrative": t,
-                                        "asserts_emotion": bool(a), "carries": k,
+                                        "asserts_emotion": bool(a), "emotion_words": int(w), "carries": k,
                                         "perplexity": pp, "repeated_3gram": r}, ensure_ascii=False) + "\n")
 
     def table(split: str) -> list[dict]:
@@ -203,6 +240,7 @@ def hallucination_study(runner, scenes: Sequence[Scene], conds: list[dict], max_
         for p in per:
             ppl = [p["ppl"][i] for i in both if p["ppl"][i] is not None]
             rows.append({"hallucination": _rate([p["asserts"][i] for i in neu]),
+                         "emotion_words": summarize([p["words"][i] for i in neu]),
                          "specificity": _rate([p["carries"][i] for i in emo]),
                          "ppl_mean": sum(ppl) / len(ppl) if ppl else None,
                          "rep3_mean": sum(p["rep"][i] for i in both) / max(1, len(both)),
@@ -210,6 +248,7 @@ def hallucination_study(runner, scenes: Sequence[Scene], conds: list[dict], max_
         b, bp = rows[0], per[0]
         for row, p in zip(rows[1:], per[1:]):
             row["delta_hallucination"] = summarize([p["asserts"][i] - bp["asserts"][i] for i in neu])
+            row["delta_emotion_words"] = summarize([p["words"][i] - bp["words"][i] for i in neu])
             row["delta_specificity"] = summarize([p["carries"][i] - bp["carries"][i] for i in emo])
             row["fluency"] = guards(row, b)
             dh, ds = row["delta_hallucination"], row["delta_specificity"]

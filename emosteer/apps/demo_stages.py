@@ -316,9 +316,11 @@ def study_stage(runner, con, cfg: dict, emotions: Sequence[str], profiles: dict,
                             tau=cfg["tau"], max_new_tokens=cfg["extract_tokens"], progress=False)
         bank = runner.bank
         hal.register_general_direction(bank, BUILTIN_EMOTIONS)
+        probe, probe_layer = hal.register_general_probe(bank, BUILTIN_EMOTIONS)
         runner.register(bank)
         st.note = (f"extracted {', '.join(missing)} on {cfg['study_pairs']} pairs each; " if missing else "") + \
-            f"{hal.GENERAL_VECTOR} = mean of the {len(BUILTIN_EMOTIONS)} unit directions"
+            f"{hal.GENERAL_VECTOR} = mean of the {len(BUILTIN_EMOTIONS)} unit directions; " \
+            f"{probe} = mean of their probes (gate at layer {probe_layer})"
     hm = results.get("head_maps") or {}
     general = [tuple(c) for c in ((hm.get("types") or {}).get("general") or [])]
     if general:
@@ -328,10 +330,6 @@ def study_stage(runner, con, cfg: dict, emotions: Sequence[str], profiles: dict,
     else:
         heads = [tuple(c) for c in results["emotions"][first]["heads"]["selection"]["intention"]]
         source = f"{first}'s intention"
-    probe = f"{first}.probe" if f"{first}.probe" in bank.names() else None
-    probe_layer = None
-    if probe is not None:
-        probe_layer = min(int(bank.meta(probe).get("best_layer") or 0), info.num_layers - 2)
     lp = profiles.get(first)
     band = steer_band(lp, cfg["band_k"]) if lp is not None else []
     if not band and lp is not None:

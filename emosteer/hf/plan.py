@@ -47,6 +47,7 @@ class LayerPlan:
 
     head_a: torch.Tensor | None = None  # [S, H] float32
     head_b: torch.Tensor | None = None  # [S, H] float32
+    head_c: torch.Tensor | None = None  # [S, H] float32 relative adds (scale / |v|)
     head_v: torch.Tensor | None = None  # [S + R, H, D] model dtype: row s is slot s's, then
     # the runs of rows of position-aligned patches (read at the per-token row offset)
     head_row: torch.Tensor | None = None  # [S, H] int32 row of head_v per slot and head
@@ -169,15 +170,16 @@ class Plan:
                 lp.res_on[slot] = True
             if prog.gate is not None:
                 gates[slot] = prog.gate
-            for (layer, head), (a, b, key) in prog.heads.items():
+            for (layer, head), (a, b, c, key) in prog.heads.items():
                 lp = layers[layer]
                 if lp.head_a is None:
                     lp.head_a = torch.ones(S, H, **f32)
                     lp.head_b = torch.zeros(S, H, **f32)
+                    lp.head_c = torch.zeros(S, H, **f32)
                     lp.head_v = torch.zeros(S, H, D, dtype=dtype, device=device)
                     lp.head_row = torch.arange(S, dtype=torch.int32, device=device).unsqueeze(1).repeat(1, H)
                     lp.head_on = torch.zeros(S, dtype=torch.bool, device=device)
-                lp.head_a[slot, head], lp.head_b[slot, head] = a, b
+                lp.head_a[slot, head], lp.head_b[slot, head], lp.head_c[slot, head] = a, b, c
                 if key is not None and key_rows(key) > 1:  # a run: rows S + ..., once per layer
                     if key not in runs[layer]:
                         runs[layer][key] = S + sum(x.shape[0] for x in extra[layer])

@@ -197,11 +197,12 @@ class HFSteerer:
                 slot = torch.full_like(cap_index, -1)
                 a = torch.ones(1, H, dtype=torch.float32, device=z.device)
                 b = torch.zeros_like(a)
+                c = b
                 vrow = torch.full((1, H), -1, dtype=torch.int32, device=z.device)
                 v = torch.zeros(1, H, D, dtype=z.dtype, device=z.device)
             else:
-                a, b, v, vrow = lp.head_a, lp.head_b, lp.head_v, lp.head_row
-            hargs = (z, slot, a, b, vrow, st.row_off, v, cap_index, cap_buf, _ON.to(z.device))
+                a, b, c, v, vrow = lp.head_a, lp.head_b, lp.head_c, lp.head_v, lp.head_row
+            hargs = (z, slot, a, b, c, vrow, st.row_off, v, cap_index, cap_buf, _ON.to(z.device))
             if st.grad:
                 reference.head_affine_capture(*hargs)
             else:

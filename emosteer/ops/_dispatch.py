@@ -332,6 +332,7 @@ def head_affine_capture(
     token_slot: torch.Tensor,  # [T] int32
     a: torch.Tensor,  # [S, H] float32
     b: torch.Tensor,  # [S, H] float32
+    c: torch.Tensor,  # [S, H] float32 coefficient of |z[t,h]| * v, 0 = none
     vrow: torch.Tensor,  # [S, H] int32 rows of pool, -1 = no vector
     row_off: torch.Tensor,  # [T] int32 added to the token's pool rows
     pool: torch.Tensor,  # [P, H, D] z.dtype
@@ -340,14 +341,15 @@ def head_affine_capture(
     flag: torch.Tensor,  # [1] int32, 0 = off
     impl: Optional[str] = None,
 ) -> None:
-    """In place: ``z[t,h] = a[s,h]*z[t,h] + b[s,h]*pool[vrow[s,h] + row_off[t], h]``,
-    capturing pre-update rows; nothing at all while ``flag[0] == 0``."""
+    """In place: ``z[t,h] = a[s,h]*z[t,h] + (b[s,h] + c[s,h]*|z[t,h]|)*pool[vrow[s,h] +
+    row_off[t], h]``, capturing pre-update rows; nothing at all while ``flag[0] == 0``."""
     _check(z, "z", ndim=3, dtypes=FLOAT_DTYPES)
     T, H, D = z.shape
     dev = z.device
     _check(a, "a", ndim=2, dtypes=(torch.float32,), shape=(None, H), device=dev)
     S = a.shape[0]
     _check(b, "b", ndim=2, dtypes=(torch.float32,), shape=(S, H), device=dev)
+    _check(c, "c", ndim=2, dtypes=(torch.float32,), shape=(S, H), device=dev)
     _check(vrow, "vrow", ndim=2, dtypes=INDEX_DTYPES, shape=(S, H), device=dev)
     _check(pool, "pool", ndim=3, dtypes=(z.dtype,), shape=(None, H, D), device=dev)
     P = pool.shape[0]
@@ -360,7 +362,7 @@ def head_affine_capture(
     _check_index(vrow, "vrow", P, f"{P} pool rows")
     _check_offset_rows(token_slot, vrow, row_off, P)
     torch.ops.emosteer.head_affine_capture(
-        z, token_slot, a, b, vrow, row_off, pool, cap_index, cap_buf, flag, resolve_impl(impl, dev)
+        z, token_slot, a, b, c, vrow, row_off, pool, cap_index, cap_buf, flag, resolve_impl(impl, dev)
     )
 
 

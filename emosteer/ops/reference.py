@@ -50,6 +50,7 @@ def head_affine_capture(
     token_slot: torch.Tensor,  # [T] int32, -1 = no intervention
     a: torch.Tensor,  # [S, H] float32 multiplicative coefficient
     b: torch.Tensor,  # [S, H] float32 coefficient of v
+    c: torch.Tensor,  # [S, H] float32 coefficient of |z[t,h]| * v (relative add), 0 = none
     vrow: torch.Tensor,  # [S, H] int32 pool row of v per slot and head, -1 = v is 0
     row_off: torch.Tensor,  # [T] int32 added to the token's pool rows (0 = the slot's own)
     pool: torch.Tensor,  # [P, H, D] z.dtype head vectors
@@ -57,9 +58,12 @@ def head_affine_capture(
     cap_buf: torch.Tensor,  # [C, H, D] z.dtype capture rows, mutated
     flag: torch.Tensor,  # [1] int32, 0 = the op does nothing at all
 ) -> None:
-    """``z[t,h] = a[s,h]*z[t,h] + b[s,h]*v`` with ``s = token_slot[t] >= 0`` and
+    """``z[t,h] = a[s,h]*z[t,h] + w*v`` with ``s = token_slot[t] >= 0``,
     ``v = pool[vrow[s,h] + row_off[t], h]`` (zeros where ``vrow[s,h] == -1``, whatever
-    ``row_off[t]``; elsewhere the sum must be a row of the pool).
+    ``row_off[t]``; elsewhere the sum must be a row of the pool) and ``w = b[s,h]`` where
+    ``c[s,h] == 0``, else ``w = b[s,h] + c[s,h]*n`` with ``n = ||z[t,h]||`` (float32, the
+    head's output before the update). With ``c = scale / ||v||`` the add is relative:
+    ``scale * ||z[t,h]|| * v / ||v||``, a fraction of the head's own norm.
 
     ``row_off`` lets one slot read a run of rows, one per token: a position-aligned
     head patch (one vector per listed prompt position) stores its vectors in
@@ -86,9 +90,12 @@ def head_affine_capture(
         v = torch.where((rows >= 0).unsqueeze(-1), v, 0.0)
     else:
         v = torch.zeros_like(zz)
-    out = a[s].float().unsqueeze(-1) * zz + b[s].float().unsqueeze(-1) * v
-    # A head with a == 1 and b == 0 is left bit-identical (also for -0.0 and NaN).
-    keep = ((a[s] == 1) & (b[s] == 0)).unsqueeze(-1)
+    cs = c[s].float()  # [n, H]
+    norm = torch.linalg.vector_norm(zz, dim=-1)  # [n, H]
+    w = torch.where(cs != 0, b[s].float() + cs * norm, b[s].float())
+    out = a[s].float().unsqueeze(-1) * zz + w.unsqueeze(-1) * v
+    # A head with a == 1, b == 0 and c == 0 is left bit-identical (also -0.0 and NaN).
+    keep = ((a[s] == 1) & (b[s] == 0) & (c[s] == 0)).unsqueeze(-1)
     z[sel] = torch.where(keep, z[sel], out.to(z.dtype))
 
 

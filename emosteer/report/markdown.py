@@ -92,19 +92,20 @@ def _hallucination_section(h: dict, lines: list[str]) -> None:
               f"Heads acted on: {h.get('heads')} ({h.get('heads_source')}); steered band: "
               f"layers {h.get('band')}; gate: {h.get('probe') or 'none'}"
               f"{'' if h.get('probe_layer') is None else ' at layer ' + str(h.get('probe_layer'))}.", "",
-              "| # | condition | hallucination (test) | Δ (95 % CI) | specificity (test) | Δ (95 % CI) "
+              "| # | condition | hallucination (test) | Δ (95 % CI) | emotion words per neutral "
+              "narrative (test), Δ | specificity (test) | Δ (95 % CI) "
               "| fluency (test) | counts on test | on dev: Δ hallucination, Δ specificity, guards |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, c in enumerate(conds):
         t, d = c["test"], c["dev"]
         if i == 0:
             lines.append(f"| 0 | unsteered | {_f(t['hallucination']['rate'])} | — | "
-                         f"{_f(t['specificity']['rate'])} | — | — | — | — |")
+                         f"{_words(t)} | {_f(t['specificity']['rate'])} | — | — | — | — |")
             continue
         star = " **(chosen on dev)**" if i == h.get("chosen_index") else ""
         lines.append(
             f"| {i} | {c['label']}{star} | {_f(t['hallucination']['rate'])} | "
-            f"{_ci(t['delta_hallucination'], compact=True)} | {_f(t['specificity']['rate'])} | "
+            f"{_ci(t['delta_hallucination'], compact=True)} | {_words(t)} | {_f(t['specificity']['rate'])} | "
             f"{_ci(t['delta_specificity'], compact=True)} | {_guard(t)} | {'**yes**' if t['counts'] else 'no'} | "
             f"{_ci(d['delta_hallucination'], compact=True)}, {_ci(d['delta_specificity'], compact=True)}, "
             f"{'pass' if d['fluency']['ok'] else 'fail'} |")
@@ -146,6 +147,19 @@ def _ci(s: dict | None, pct: bool = False, compact: bool = False) -> str:
         body = f"{s['mean']:+.3f}"
         ci = f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None else "n/a"
     return f"{body} (95 % CI {ci}, n={s['n']})"
+
+
+def _words(row: dict) -> str:
+    """Mean emotion words per neutral narrative, and its paired change with the 95 %
+    interval where the row has one ("n/a" for studies run before it was measured)."""
+    w = row.get("emotion_words")
+    if not w or w.get("mean") is None:
+        return "n/a"
+    d = row.get("delta_emotion_words")
+    if not d or d.get("mean") is None:
+        return f"{w['mean']:.2f}"
+    lo, hi = (d.get("ci95") or [None, None])[:2]
+    return f"{w['mean']:.2f}, {d['mean']:+.2f}" + ("" if lo is None else f" [{lo:+.2f}, {hi:+.2f}]")
 
 
 def _span(ls) -> str:

@@ -32,7 +32,7 @@ indices; the vectors themselves live once in a *vector pool* (see
 Running example: ``{"steer": [{"vector": "joy", "layers": [3], "scale": 4}],
 "heads": [{"layer": 5, "head": 2, "mode": "add", "vector": "joy.h", "scale": 0.5}]}``
 compiles (phase "prompt") to ``res = {3: (4.0, '["res",[["joy","9f..",1.0]],3]')}`` and
-``heads = {(5, 2): (1.0, 0.5, '["head","joy.h","c1..",5]')}``. Two requests steering
+``heads = {(5, 2): (1.0, 0.5, 0.0, '["head","joy.h","c1..",5]')}``. Two requests steering
 with "joy" at different scales share the pool row and hold different slots.
 
 Keys carry the content hash of the bank entry, so replacing a vector under the same name
@@ -50,7 +50,7 @@ from emosteer.request import inline as inline_vec
 from emosteer.request import positions as pos_model
 from emosteer.request.bank import ModelInfo, VectorBank, shard_entry
 from emosteer.request.positions import PHASES
-from emosteer.request.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec
+from emosteer.request.spec import BOOST_MODES, BoostItem, SpecError, SteerSpec, head_norm
 
 POOL_KINDS = ("res", "head", "neu", "probe")
 # ``HeadItem.at`` of a position-aligned item in a group that reads its vector's rows as
@@ -131,7 +131,8 @@ class SlotProgram:
 
     ``res[layer] = ((coef, mode, key), ...)``: the terms of ``residual_steer`` (mode:
     ``ops.reference.RES_*``), e.g. ``((4.0, 0, key),)`` = ``r += 4 * pool_res[row(key)]``;
-    ``heads[(layer, head)] = (a, b, key | None)``: ``z = a*z + b*pool_head[row(key)][head]``;
+    ``heads[(layer, head)] = (a, b, c, key | None)``: ``z = a*z + (b + c*|z|)*v`` with
+    ``v = pool_head[row(key)][head]`` (``c = scale / |v|`` for a relative add, else 0);
     ``neu[layer] = (gamma, key)``: ``m *= 1 + (gamma-1) * pool_neu[row(key)]``;
     ``boost[layer] = {head: beta}``: attention to image keys boosted by beta (VEE), the
     way ``boost_mode`` says (0 = softmax weights, 1 = logits);
@@ -140,7 +141,7 @@ class SlotProgram:
 
     fingerprint: str
     res: dict[int, tuple[tuple[float, int, str], ...]] = field(default_factory=dict)
-    heads: dict[tuple[int, int], tuple[float, float, str | None]] = field(default_factory=dict)
+    heads: dict[tuple[int, int], tuple[float, float, float, str | None]] = field(default_factory=dict)
     neu: dict[int, tuple[float, str]] = field(default_factory=dict)
     boost: dict[int, dict[int, float]] = field(default_factory=dict)
     boost_mode: int = 0
@@ -149,7 +150,7 @@ class SlotProgram:
     def keys(self) -> list[str]:
         """Every pool key this slot reads (unique, stable order)."""
         out = [k for terms in self.res.values() for _, _, k in terms]
-        out += [k for _, _, k in self.heads.values() if k is not None]
+        out += [k for *_, k in self.heads.values() if k is not None]
         out += [k for _, k in self.neu.values()]
         if self.gate is not None:
             out.append(self.gate[1])
@@ -224,8 +225,13 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
                      int(g.below) | (2 if g.latch else 0))
     for item in spec.heads:
         a, b = item.affine()
+        c = 0.0
+        if item.relative:
+            if bank is None:
+                raise SpecError("heads.scale_mode", "a relative head add needs the bank (|v|)")
+            c = float(item.scale) / head_norm(bank, item)
         key = None
-        if item.vector is not None and b != 0.0:
+        if item.reads_vector:
             if item.at == ALIGNED:  # every position's vector, consecutive rows (row_off)
                 n = int(bank.get(item.vector, "head_positions").shape[0])
                 key = _key("head", item.vector, h(item.vector), item.layer, "run", n)
@@ -233,7 +239,7 @@ def compile_phase(spec: SteerSpec, bank: VectorBank | None, info: ModelInfo) -> 
                 key = _key("head", item.vector, h(item.vector), item.layer, item.at)
             else:
                 key = _key("head", item.vector, h(item.vector), item.layer)
-        prog.heads[(item.layer, item.head)] = (float(a), float(b), key)
+        prog.heads[(item.layer, item.head)] = (float(a), float(b), c, key)
     if spec.neurons is not None:
         name = spec.neurons.set
         mask = bank.get(name, "neurons") if bank is not None else None
@@ -369,7 +375,7 @@ def _aligned_heads(heads: list, bank: VectorBank | None, p: int):
         return (isinstance(hd.positions, tuple) and hd.vector is not None and bank is not None
                 and hd.vector in bank and bank.kind(hd.vector) == "head_positions")
 
-    readers = [hd for hd in heads if hd.vector is not None and hd.affine()[1] != 0.0]
+    readers = [hd for hd in heads if hd.reads_vector]
     lists = {hd.positions if per_position(hd) else None for hd in readers}
     if readers and len(lists) == 1 and None not in lists:
         at = ALIGNED
@@ -378,7 +384,7 @@ def _aligned_heads(heads: list, bank: VectorBank | None, p: int):
         at = off = None
     out = []
     for hd in heads:
-        if per_position(hd) and hd.affine()[1] != 0.0:
+        if per_position(hd) and hd.reads_vector:
             out.append(replace(hd, positions="all", at=at if at is not None else hd.positions.index(p)))
         else:  # (an add of scale 0 reads no row: the same item at every position)
             out.append(replace(hd, positions="all", at=None))

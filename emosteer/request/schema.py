@@ -109,7 +109,12 @@ def json_schema() -> dict:
                 "mode": {"enum": list(HEAD_MODES)},
                 "vector": {"oneOf": [entry("head [L, H, D]"), {"$ref": "#/$defs/inline_head_vector"}]},
                 "scale": scale, "positions": positions,
+                "scale_mode": {"enum": list(SCALE_MODES), "default": "absolute",
+                               "description": "relative (mode add only): scale is a fraction of "
+                                              "the head output's norm, per token"},
             }, allOf=[
+                {"if": {"required": ["scale_mode"], "properties": {"scale_mode": {"const": "relative"}}},
+                 "then": {"properties": {"mode": {"const": "add"}}}},
                 mode_rule("add", ["vector"], []),
                 mode_rule("patch", ["vector"], ["scale"]),
                 mode_rule("ablate", [], ["vector", "scale"]),

@@ -41,7 +41,9 @@ HEAD_MODES = ("add", "patch", "ablate", "scale")
 @dataclass(frozen=True)
 class HeadItem:
     """``z[l,h] <- a*z + b*v`` on the head output: add (a=1, b=scale, v=vec[l,h]),
-    patch (a=0, b=1, v=vec[l,h]), ablate (a=0, b=0), scale (a=scale, b=0)."""
+    patch (a=0, b=1, v=vec[l,h]), ablate (a=0, b=0), scale (a=scale, b=0). An add with
+    ``scale_mode="relative"`` adds ``scale * |z| * v / |v|`` instead: a fraction of the
+    head's own output norm, per token (the op's ``c = scale / |v|``, ``b = 0``)."""
 
     layer: int
     head: int
@@ -53,11 +55,22 @@ class HeadItem:
     # this item reads, set by the compiler for one listed position.
     at: int | None = None
     inline: InlineVector | None = None  # the vector carried by the request (``inline.py``)
+    scale_mode: Literal["absolute", "relative"] = "absolute"  # add only
+
+    @property
+    def relative(self) -> bool:
+        return self.scale_mode == "relative"
+
+    @property
+    def reads_vector(self) -> bool:
+        """Whether the op reads this item's vector (an add of scale 0 reads none)."""
+        return self.vector is not None and (self.affine()[1] != 0.0 or (self.relative and self.scale != 0.0))
 
     def affine(self) -> tuple[float, float]:
-        """The (a, b) pair of the head-affine op for this item."""
+        """The (a, b) pair of the head-affine op for this item (a relative add's b is 0:
+        its coefficient of v is ``c * |z|``, from ``compile``)."""
         return {
-            "add": (1.0, self.scale),
+            "add": (1.0, 0.0 if self.relative else self.scale),
             "patch": (0.0, 1.0),
             "ablate": (0.0, 0.0),
             "scale": (self.scale, 0.0),
@@ -70,10 +83,18 @@ class HeadItem:
             d["vector"] = self.inline.to_json() if self.inline is not None else self.vector
         if self.mode in ("add", "scale"):
             d["scale"] = self.scale
+        if self.relative:
+            d["scale_mode"] = self.scale_mode
         d["positions"] = pos_model.to_json(self.positions)
         if self.at is not None:
             d["at"] = self.at
         return d
+
+
+def head_norm(bank: "VectorBank", item: HeadItem) -> float:
+    """``|v|`` of a head item's vector at its (layer, head), in float32: what a relative
+    add divides its scale by (the spec check refuses 0)."""
+    return float(bank.get(item.vector, "head")[item.layer, item.head].float().norm())
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,8 @@ class CaptureItem:
 
 
 def _parse_heads(value: Any, field: str) -> list[HeadItem]:
-    F.obj(value, field, ("layer", "head", "mode", "vector", "scale", "positions"), ("layer", "head", "mode"))
+    F.obj(value, field, ("layer", "head", "mode", "vector", "scale", "scale_mode", "positions"),
+          ("layer", "head", "mode"))
     layer = F.integer(value["layer"], f"{field}.layer")
     mode = F.choice(value["mode"], f"{field}.mode", HEAD_MODES)
     heads = F.layers(value["head"], f"{field}.head", allow_all=False)
@@ -188,8 +210,12 @@ def _parse_heads(value: Any, field: str) -> list[HeadItem]:
         scale = F.scale(value.get("scale", 1.0), f"{field}.scale")
     elif "scale" in value:
         raise SpecError(f"{field}.scale", f"is not allowed for mode {mode!r}")
+    scale_mode = F.choice(value.get("scale_mode", "absolute"), f"{field}.scale_mode", SCALE_MODES)
+    if scale_mode == "relative" and mode != "add":
+        raise SpecError(f"{field}.scale_mode", f"'relative' is for mode 'add' only, not {mode!r}")
     positions = pos_model.parse(value.get("positions", "all"), f"{field}.positions")
-    return [HeadItem(layer, h, mode, vector, scale, positions, inline=inline) for h in heads]
+    return [HeadItem(layer, h, mode, vector, scale, positions, inline=inline, scale_mode=scale_mode)
+            for h in heads]
 
 
 def _parse_capture(value: Any, field: str) -> CaptureItem:
@@ -371,6 +397,12 @@ class SteerSpec:
                         raise SpecError(f"heads[{i}].vector", f"vector {h.vector!r} has per-position shape {got}, the model needs {want}")
                 else:
                     vec(h.vector, "head", f"heads[{i}].vector")
+                    if h.relative and bank is not None and not float(head_norm(bank, h)) > 0:
+                        raise SpecError(f"heads[{i}].vector", f"vector {h.vector!r} is zero at layer "
+                                        f"{h.layer} head {h.head}: it has no direction to scale")
+                if h.relative and bank is not None and bank.kind(h.vector) != "head":
+                    raise SpecError(f"heads[{i}].scale_mode", "'relative' needs a head vector (one "
+                                    f"[D] row per head), not {bank.kind(h.vector)!r}")
         if self.neurons is not None:
             vec(self.neurons.set, "neurons", "neurons.set")
         if num_prompt_tokens is not None:

@@ -5,7 +5,8 @@ Il intermediate neurons on this rank, Tm = max tokens per step, C = capture rows
 P = pool rows per kind)::
 
     token_slot  [Tm]        int32  slot of each token this step, -1 = none
-    a, b        [L, S, Hl]  fp32   head affine z <- a*z + b*head_pool[vrow][h] (a=1, b=0: identity)
+    a, b, c     [L, S, Hl]  fp32   head affine z <- a*z + (b + c*|z|)*head_pool[vrow][h]
+                                   (a=1, b=0, c=0: identity; c = scale/|v|: a relative add)
     vrow        [L, S, Hl]  int32  head-pool row, -1 = none
     row_off     [Tm]        int32  added to a token's head-pool rows: k at the k-th
                                    position of a position-aligned patch (its slot reads
@@ -74,7 +75,7 @@ class AttentionSite:
     def __init__(self, bufs: "SteerBuffers", layer: int, impl: str):
         self.layer = layer
         self.token_slot = bufs.token_slot
-        self.a, self.b, self.vrow = bufs.a[layer], bufs.b[layer], bufs.vrow[layer]
+        self.a, self.b, self.c, self.vrow = bufs.a[layer], bufs.b[layer], bufs.c[layer], bufs.vrow[layer]
         self.row_off = bufs.row_off
         self.pool = bufs.head_pool
         self.cap_index = bufs.head_cap[layer]
@@ -173,6 +174,7 @@ class SteerBuffers:
         self.no_slot = torch.full((s.max_tokens,), -1, **i32)
         self.a = torch.ones((L, S, s.heads), **f32)
         self.b = torch.zeros((L, S, s.heads), **f32)
+        self.c = torch.zeros((L, S, s.heads), **f32)  # relative head adds (scale / |v|)
         self.vrow = torch.full((L, S, s.heads), -1, **i32)
         self.row_off = torch.zeros((s.max_tokens,), **i32)
         K = MAX_RES_TERMS
@@ -214,7 +216,7 @@ class SteerBuffers:
 
     def nbytes(self, which: str = "all") -> int:
         """Bytes of every buffer, or of ``"slots"`` (the per-slot tables) or ``"pool"``."""
-        slots = (self.a, self.b, self.vrow, self.coef, self.rmode, self.urow, self.gamma, self.nrow,
+        slots = (self.a, self.b, self.c, self.vrow, self.coef, self.rmode, self.urow, self.gamma, self.nrow,
                  self.beta, self.bmode, self.prow, self.pbias, self.thresh, self.gmode)
         pools = (self.head_pool, self.res_pool, self.neu_pool, self.probe_pool)
         if which == "slots":

@@ -46,13 +46,14 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         cap = torch.full((T,), -1, dtype=torch.int32)
         cap[::2] = torch.arange(0, T, 2, dtype=torch.int32)
         off = torch.randint(0, 3, (T,), generator=g, dtype=torch.int32)  # row_off
-        args = [torch.randn(T, H, D, generator=g).to(dt), slot, a, b, rows(S, H), off,
+        c = torch.zeros(S, H)  # absolute adds: bit-exact (relative ones: below, a bound)
+        args = [torch.randn(T, H, D, generator=g).to(dt), slot, a, b, c, rows(S, H), off,
                 torch.randn(P + 2, H, D, generator=g).to(dt), cap,
                 torch.full((T, H, D), float("nan")).to(dt), on]
         d = H * D
         masks = torch.where(torch.rand(P, d, generator=g) < 0.5, 0.0, torch.rand(P, d, generator=g))
         cases = {
-            "head_affine_capture": (args, (0, 8)),
+            "head_affine_capture": (args, (0, 9)),
             # Absolute adds and every mode at once (the latter with a bound: sums).
             # x (the other addend of h = x + r) is read-only: index 1.
             "residual_steer": ([torch.randn(T, d, generator=g).to(dt),
@@ -88,6 +89,17 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         err = (got[0].double() - want[0].double()).abs()
         assert bool((err <= 4 * torch.finfo(dt).eps * ref + 1e-5 * (1 + ref)).all()), (dt, err.max())
         assert same(got[1], want[1]), ("residual_steer x", dt)
+        # head_affine_capture with relative adds on some heads (a norm: another sum order).
+        xs = [x.clone() for x in cases["head_affine_capture"][0]]
+        xs[4] = torch.where(torch.rand(S, H, generator=g) < 0.5, torch.randn(S, H, generator=g), 0.0)
+        xs[4][0] = 0.0
+        want, got = [x.clone() for x in xs], [x.clone() for x in xs]
+        reference.head_affine_capture(*want)
+        _dispatch.backend_fn("cpp", "head_affine_capture")(*got)
+        ref = want[0].double().abs()
+        err = (got[0].double() - want[0].double()).abs()
+        assert bool((err <= 4 * torch.finfo(dt).eps * ref + 1e-5 * (1 + ref)).all()), (dt, err.max())
+        assert same(got[9], want[9]), ("head_affine_capture cap_buf", dt)
 print(C.cpu_isa())
 """
 

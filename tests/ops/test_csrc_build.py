@@ -196,7 +196,8 @@ def _inputs(op: str, dtype, shape, gen):
         cap = torch.full((T,), -1, dtype=torch.int32)
         cap[torch.randperm(T, generator=gen)[: min(C, T)]] = torch.arange(min(C, T), dtype=torch.int32)
         off = torch.randint(0, 3, (T,), generator=gen, dtype=torch.int32)  # row_off
-        return [rnd(T, H, D).to(dtype), slot, a, b, rows(S, H), off, rnd(P + 2, H, D).to(dtype), cap,
+        c = torch.zeros(S, H)  # absolute adds: bit-exact (test_head_affine_capture bounds relative ones)
+        return [rnd(T, H, D).to(dtype), slot, a, b, c, rows(S, H), off, rnd(P + 2, H, D).to(dtype), cap,
                 torch.full((C, H, D), float("nan")).to(dtype), on]
     if op == "residual_steer":  # absolute adds only: bit-exact (the other modes sum in
         # another order; tests/ops/test_residual_steer.py holds them to a bound)
@@ -221,7 +222,7 @@ def _inputs(op: str, dtype, shape, gen):
 
 
 _MUTATED = {
-    "head_affine_capture": (0, 8),
+    "head_affine_capture": (0, 9),
     "residual_steer": (0,),
     "neuron_gain": (0,),
     "probe_gate": (1, 8, 10),

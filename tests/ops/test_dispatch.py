@@ -25,6 +25,7 @@ def head_args(**over):
         token_slot=torch.tensor([0, -1, 1, 0, -1], dtype=torch.int32),
         a=randn_nonzero(S, H),
         b=randn_nonzero(S, H),
+        c=torch.tensor([[0.0, 0.3, 0.0], [0.0, 0.0, -0.2]]),
         vrow=torch.tensor([[0, -1, 2], [2, 2, 1]], dtype=torch.int32),
         row_off=torch.zeros(T, dtype=torch.int32),
         pool=randn_nonzero(P, H, D),
@@ -48,6 +49,8 @@ BAD_HEAD_ARGS = [
     ("a", dict(a=randn_nonzero(S, H).half()), TypeError, "a must have dtype"),
     ("a", dict(a=torch.empty(S, H, device="meta")), ValueError, "a is on meta"),
     ("b", dict(b=randn_nonzero(S + 1, H)), ValueError, "b has shape"),
+    ("c", dict(c=randn_nonzero(S, H + 1)), ValueError, "c has shape"),
+    ("c", dict(c=randn_nonzero(S, H).double()), TypeError, "c must have dtype"),
     ("vrow", dict(vrow=torch.zeros(S, H, dtype=torch.int64)), TypeError, "vrow must have dtype"),
     ("vrow", dict(vrow=torch.zeros(S + 1, H, dtype=torch.int32)), ValueError, "vrow has shape"),
     ("vrow", dict(vrow=torch.zeros(S, dtype=torch.int32)), ValueError,
@@ -352,13 +355,13 @@ def test_custom_ops_registered_with_fake_impl():
 
 # ----------------------------------------------------------------------- compile
 def _steer_block(h, z, r, m_in, slot, prow, probes, bias, thresh, gmode, state_row, state,
-                 score_index, score_buf, a, b, vrow, row_off, hpool, cap, cap_buf, coef, mode, urow,
+                 score_index, score_buf, a, b, c, vrow, row_off, hpool, cap, cap_buf, coef, mode, urow,
                  rpool, gamma, nrow, masks, flag, impl: str):
     """A tiny 'layer': the probe gate (which closes slots for what follows), head steering
     with capture, the residual terms, MLP gains."""
     ops.probe_gate(h, slot, prow, probes, bias, thresh, gmode, state_row, state, score_index,
                    score_buf, flag, impl=impl)
-    ops.head_affine_capture(z, slot, a, b, vrow, row_off, hpool, cap, cap_buf, flag, impl=impl)
+    ops.head_affine_capture(z, slot, a, b, c, vrow, row_off, hpool, cap, cap_buf, flag, impl=impl)
     r.add_(z.view(z.shape[0], -1))
     ops.residual_steer(r, h, slot, coef, mode, urow, rpool, flag, impl=impl)
     m = torch.nn.functional.silu(m_in * r.sum(-1, keepdim=True))
@@ -387,6 +390,7 @@ def test_ops_inside_torch_compile(impl, on, gen):
         score_index=torch.tensor([-1, -1, 0, 1, -1, 2], dtype=torch.int32),
         score_buf=torch.zeros(3),
         a=randn_nonzero(2, H_, gen=gen), b=randn_nonzero(2, H_, gen=gen),
+        c=torch.tensor([[0.0, 0.0], [0.4, 0.0]]),  # slot 1 head 0: a relative add
         vrow=torch.tensor([[1, -1], [0, 1]], dtype=torch.int32),
         row_off=torch.tensor([0, 1, 0, 0, 2, 0], dtype=torch.int32),
         hpool=randn_nonzero(4, H_, D_, gen=gen),

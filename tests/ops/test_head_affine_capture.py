@@ -1,6 +1,6 @@
 """head_affine_capture: every fused implementation against the torch reference.
 
-Exact where the contract is exact (untouched tokens, heads with a=1/b=0, captured rows,
+Exact where the contract is exact (untouched tokens, heads with a=1/b=0/c=0, captured rows,
 rows that are not captured stay poisoned, everything while the flag is 0), and bit for
 bit against the reference for the implementations that promise it (tests/ops/op_cases),
 within twice the same-dtype torch error elsewhere. Shapes: a normal one, an odd one
@@ -83,16 +83,24 @@ def make_inputs(T, H, D, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cpu
     z[:, 0, 0] = float("nan")
     if D > 1:
         z[:, 0, 1] = -0.0
-    # The other modes: patch (a=0, b=1), ablate (a=0, b=0), scale (a=2, b=0).
+    # The other modes: patch (a=0, b=1), ablate (a=0, b=0), scale (a=2, b=0); every
+    # third head from 4 on is a relative add (c = scale/|v|; here also with a and b set).
+    c = torch.zeros(n_slots, H)
     if H >= 4:
         a[:, 1], b[:, 1] = 0.0, 1.0
         a[:, 2], b[:, 2] = 0.0, 0.0
         a[:, 3], b[:, 3] = 2.0, 0.0
+        rel = torch.arange(H) % 3 == 1
+        rel[:4] = False
+        c[:, rel] = randn_nonzero(n_slots, int(rel.sum()), gen=gen)
+        b[:, 4:5] = 0.0  # head 4: a pure relative add (a = 1, b = 0)
+        a[:, 4:5] = 1.0
     args = dict(
         z=z,
         token_slot=slot_pattern(slot_kind, T, n_slots, gen),
         a=a,
         b=b,
+        c=c,
         vrow=row_pattern(vrow_kind, (n_slots, H), P, gen),
         row_off=off_pattern(off_kind, T, gen),
         pool=pool,
@@ -104,8 +112,8 @@ def make_inputs(T, H, D, dtype, slot_kind, cap_kind, vrow_kind, gen, device="cpu
 
 
 def run_and_check(impl, args, dtype):
-    z, slot, a, b, cap, cap_buf = (args[k] for k in ("z", "token_slot", "a", "b", "cap_index",
-                                                      "cap_buf"))
+    z, slot, a, b, c, cap, cap_buf = (args[k] for k in ("z", "token_slot", "a", "b", "c",
+                                                         "cap_index", "cap_buf"))
     ref = clone_all(args)
     reference.head_affine_capture(**ref)
     hi = clone_all(args)
@@ -130,12 +138,32 @@ def run_and_check(impl, args, dtype):
     assert_equal(z[untouched], z_in[untouched], "z (slot -1 tokens)")
     sel = ~untouched
     s = slot[sel].long()
-    keep = (a[s] == 1) & (b[s] == 0)  # [n, H]
-    assert_equal(z[sel][keep], z_in[sel][keep], "z (a=1, b=0 heads)")
-    # Everything else: bit for bit, or within twice the same-dtype error of a precise one.
-    changed = ~keep
+    keep = (a[s] == 1) & (b[s] == 0) & (c[s] == 0)  # [n, H]
+    assert_equal(z[sel][keep], z_in[sel][keep], "z (a=1, b=0, c=0 heads)")
+    # Everything else: bit for bit, or within twice the same-dtype error of a precise one;
+    # relative adds (c != 0) always within the bound: the norm's sum order is the kernel's.
+    changed = ~keep & (c[s] == 0)
     check_result(impl, z[sel][changed], ref["z"][sel][changed], hi["z"][sel][changed], dtype,
                  "z (steered heads)")
+    rel = c[s] != 0
+    check_result(impl, z[sel][rel], ref["z"][sel][rel], precise64(args, z_in)[sel][rel], dtype,
+                 "z (relative adds)", exact=False)
+
+
+def precise64(args, z_in) -> torch.Tensor:
+    """The op's result in float64 throughout (the reference computes in float32):
+    ``a*z + (b + c*|z|)*v`` for every token with a slot, z elsewhere."""
+    slot, pool, off = args["token_slot"], args["pool"].double(), args["row_off"]
+    out = z_in.double().clone()
+    for t in (slot >= 0).nonzero().flatten().tolist():
+        s = int(slot[t])
+        for h in range(out.shape[1]):
+            zz = z_in[t, h].double()
+            r = int(args["vrow"][s, h])
+            v = pool[r + int(off[t]), h] if r >= 0 else torch.zeros_like(zz)
+            w = float(args["b"][s, h]) + (float(args["c"][s, h]) * float(zz.norm()) if args["c"][s, h] != 0 else 0.0)
+            out[t, h] = float(args["a"][s, h]) * zz + w * v
+    return out
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -180,13 +208,14 @@ def test_modes_closed_form(impl, dtype, gen):
     pool = randn_nonzero(3, H, D, dtype=dtype, gen=gen)
     a = torch.tensor([[1.0, 0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]])
     b = torch.tensor([[0.5, 1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    c = torch.zeros_like(b)
     vrow = torch.tensor([[2, 2, 0, -1, -1], [0, 2, 1, 1, -1]], dtype=torch.int32)
     slot = torch.tensor([0, -1, 0, 1, 0], dtype=torch.int32)
     cap = torch.full((T,), -1, dtype=torch.int32)
     z_in = z.clone()
     off = torch.zeros(T, dtype=torch.int32)
-    ops.head_affine_capture(z, slot, a, b, vrow, off, pool, cap, poisoned((1, H, D), dtype), flag(),
-                            impl=impl)
+    ops.head_affine_capture(z, slot, a, b, c, vrow, off, pool, cap, poisoned((1, H, D), dtype),
+                            flag(), impl=impl)
     on = slot == 0
     add = (z_in[on, 0].float() + 0.5 * pool[2, 0].float()).to(dtype)
     assert_close(z[on, 0], add, dtype, "add")
@@ -202,6 +231,45 @@ def test_modes_closed_form(impl, dtype, gen):
 
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_relative_add_is_a_fraction_of_the_head_norm(impl, dtype, gen):
+    """A relative add (a = 1, b = 0, c = scale / |v|) adds ``scale * |z[t,h]| * v / |v|``
+    per token and head, each token its own norm (computed in float64 here, from the
+    input); c = 0 beside it is the absolute add, bit for bit as without c; a relative
+    add of a zero-norm head (z = 0) adds nothing; an infinite norm on an absolute head
+    does not reach its result (the norm is read only where c != 0)."""
+    T, H, D = 6, 4, 37
+    z = randn_nonzero(T, H, D, dtype=dtype, gen=gen) * 3
+    z[2, 0] = 0
+    z[3, 1, 5] = float("inf")  # head 1 is absolute: finite v, finite b
+    pool = randn_nonzero(2, H, D, dtype=dtype, gen=gen)
+    scale = torch.tensor([0.25, 0.0, -0.5, 0.1])
+    vnorm = pool[1].double().norm(dim=-1)
+    a = torch.ones(1, H)
+    b = torch.tensor([[0.0, 0.75, 0.0, 0.0]])
+    c = (scale.double() / vnorm).float().unsqueeze(0)
+    c[0, 1] = 0.0
+    vrow = torch.ones(1, H, dtype=torch.int32)
+    slot = torch.zeros(T, dtype=torch.int32)
+    z_in = z.clone()
+    ops.head_affine_capture(z, slot, a, b, c, vrow, torch.zeros(T, dtype=torch.int32), pool,
+                            torch.full((T,), -1, dtype=torch.int32), poisoned((1, H, D), dtype),
+                            flag(), impl=impl)
+    for h in (0, 2, 3):
+        n = z_in[:, h].double().norm(dim=-1, keepdim=True)
+        want = z_in[:, h].double() + float(scale[h]) * n * pool[1, h].double() / vnorm[h]
+        assert_close(z[:, h], want.to(dtype), dtype, f"relative add, head {h}")
+    assert_equal(z[2, 0], z_in[2, 0], "a zero head gains nothing")
+    absolute = z_in.clone()
+    ops.head_affine_capture(absolute, slot, a, b, torch.zeros_like(c), vrow,
+                            torch.zeros(T, dtype=torch.int32), pool,
+                            torch.full((T,), -1, dtype=torch.int32), poisoned((1, H, D), dtype),
+                            flag(), impl=impl)
+    assert_equal(z[:, 1], absolute[:, 1], "absolute head beside relative ones")
+    assert bool(z[3, 1, :5].isfinite().all()), "an infinite norm leaked into an absolute head"
+
+
+@pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_capture_only_on_residual(impl, dtype, gen):
     """The plugin's residual capture: z = residual.view(T, 1, d), every slot -1, an
     empty pool. The residual stays bit-identical; captured rows are its rows."""
@@ -213,7 +281,7 @@ def test_capture_only_on_residual(impl, dtype, gen):
     cap[[0, 4, 8]] = torch.tensor([3, 0, 1], dtype=torch.int32)
     buf = poisoned((C, 1, d), dtype)
     ops.head_affine_capture(
-        r.view(T, 1, d), slot, torch.ones(1, 1), torch.zeros(1, 1),
+        r.view(T, 1, d), slot, torch.ones(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
         torch.full((1, 1), -1, dtype=torch.int32), torch.zeros(T, dtype=torch.int32),
         torch.empty(0, 1, d, dtype=dtype), cap, buf, flag(), impl=impl,
     )
@@ -230,13 +298,13 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
     z = randn_nonzero(T, H, D, gen=gen)
     slot = torch.full((T,), -1, dtype=torch.int32)
     cap = torch.tensor([7, -1, 0, -1, 3], dtype=torch.int32)
-    a, b = torch.ones(2, H), torch.zeros(2, H)
+    a, b, c = torch.ones(2, H), torch.zeros(2, H), torch.zeros(2, H)
     vrow = torch.zeros(2, H, dtype=torch.int32)
     pool = randn_nonzero(1, H, D, gen=gen)
     buf = poisoned((C, H, D), torch.float32)
     z_in = z.clone()
-    ops.head_affine_capture(z, slot, a, b, vrow, torch.zeros(T, dtype=torch.int32), pool, cap, buf,
-                            flag(), impl=impl)
+    ops.head_affine_capture(z, slot, a, b, c, vrow, torch.zeros(T, dtype=torch.int32), pool, cap,
+                            buf, flag(), impl=impl)
     assert_equal(z, z_in, "z")
     for t, row in ((0, 7), (2, 0), (4, 3)):
         assert_equal(buf[row], z_in[t], f"row {row}")
@@ -244,7 +312,7 @@ def test_capture_without_intervention_and_empty_batch(impl, gen):
 
     empty = torch.empty(0, H, D)
     none = torch.empty(0, dtype=torch.int32)
-    ops.head_affine_capture(empty, none, a, b, vrow, none, pool, none, buf, flag(), impl=impl)
+    ops.head_affine_capture(empty, none, a, b, c, vrow, none, pool, none, buf, flag(), impl=impl)
 
 
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
@@ -260,11 +328,12 @@ def test_row_offsets_read_a_run_of_rows(impl, dtype, gen):
     pool = randn_nonzero(6, H, D, dtype=dtype, gen=gen)
     a = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     b = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    c = torch.zeros_like(b)
     vrow = torch.tensor([[2, -1, 2], [0, -1, -1]], dtype=torch.int32)
     slot = torch.tensor([-1, 0, 0, 0, 0, 1, -1], dtype=torch.int32)
     off = torch.tensor([5, 0, 1, 2, 3, 0, 9], dtype=torch.int32)
     z_in = z.clone()
-    ops.head_affine_capture(z, slot, a, b, vrow, off, pool, torch.full((T,), -1, dtype=torch.int32),
+    ops.head_affine_capture(z, slot, a, b, c, vrow, off, pool, torch.full((T,), -1, dtype=torch.int32),
                             poisoned((1, H, D), dtype), flag(), impl=impl)
     for k, t in enumerate((1, 2, 3, 4)):
         assert_equal(z[t, 0], pool[2 + k, 0], f"token {t} head 0: pool row {2 + k}")
@@ -283,7 +352,7 @@ def test_row_offset_past_the_pool_is_refused(gen):
     T, H, D = 4, 2, 8
     z = randn_nonzero(T, H, D, gen=gen)
     pool = randn_nonzero(3, H, D, gen=gen)
-    a, b = torch.zeros(1, H), torch.ones(1, H)
+    a, b, c = torch.zeros(1, H), torch.ones(1, H), torch.zeros(1, H)
     vrow = torch.tensor([[1, -1]], dtype=torch.int32)
     slot = torch.tensor([0, 0, -1, 0], dtype=torch.int32)
     cap = torch.full((T,), -1, dtype=torch.int32)
@@ -292,16 +361,17 @@ def test_row_offset_past_the_pool_is_refused(gen):
         off = torch.tensor([0, bad, 0, 0], dtype=torch.int32)
         z_in = z.clone()
         with pytest.raises(IndexError, match="row_off"):
-            ops.head_affine_capture(z, slot, a, b, vrow, off, pool, cap, buf, flag(), impl="torch")
+            ops.head_affine_capture(z, slot, a, b, c, vrow, off, pool, cap, buf, flag(), impl="torch")
         assert_equal(z, z_in, "z after a refused call")
         if "cpp" in CPU_IMPLS:
             from emosteer.ops._dispatch import backend_fn
 
             with pytest.raises(RuntimeError, match="row_off"):
-                backend_fn("cpp", "head_affine_capture")(z, slot, a, b, vrow, off, pool, cap, buf, flag())
+                backend_fn("cpp", "head_affine_capture")(z, slot, a, b, c, vrow, off, pool, cap, buf,
+                                                         flag())
             assert_equal(z, z_in, "z after a refused C++ call")
     ok = torch.tensor([0, 1, 100, 0], dtype=torch.int32)  # token 2 has no slot
-    ops.head_affine_capture(z, slot, a, b, vrow, ok, pool, cap, buf, flag(), impl="torch")
+    ops.head_affine_capture(z, slot, a, b, c, vrow, ok, pool, cap, buf, flag(), impl="torch")
     assert_equal(z[1, 0], pool[2, 0], "offset 1 from row 1")
 
 
@@ -344,11 +414,12 @@ def test_cuda_offsets_past_int32(impl):
     cap[-1] = 0
     a = torch.full((1, H), 3.0, device="cuda")
     b = torch.zeros(1, H, device="cuda")
+    c = torch.zeros(1, H, device="cuda")
     vrow = torch.zeros(1, H, dtype=torch.int32, device="cuda")
     pool = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
     buf = torch.zeros(1, H, D, dtype=torch.float16, device="cuda")
     row_off = torch.zeros(T, dtype=torch.int32, device="cuda")
-    ops.head_affine_capture(z, slot, a, b, vrow, row_off, pool, cap, buf, flag(device="cuda"),
+    ops.head_affine_capture(z, slot, a, b, c, vrow, row_off, pool, cap, buf, flag(device="cuda"),
                             impl=impl)
     assert bool((buf == 2.0).all()), "capture of the last token read the wrong row"
     assert bool((z[-1] == 6.0).all()), "last token not steered"

@@ -35,7 +35,7 @@ def _specs(t: str):
     """(module, kernel, signature, constexprs, num_warps) for activations of type ``t``."""
     return [
         ("head_affine_capture", "_head_affine_capture_kernel",
-         {"z_ptr": f"*{t}", "slot_ptr": "*i32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+         {"z_ptr": f"*{t}", "slot_ptr": "*i32", "a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32",
           "vrow_ptr": "*i32", "row_off_ptr": "*i32", "pool_ptr": f"*{t}", "cap_index_ptr": "*i32",
           "cap_ptr": f"*{t}", "flag_ptr": "*i32", "H": "i32", "D": "i32", "P": "i32",
           "BLOCK_H": "constexpr",

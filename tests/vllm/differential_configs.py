@@ -198,6 +198,8 @@ class _Builder:
             item["vector"] = "joy.h"
         if kind == "add":
             item["scale"] = _scale(rng)
+            if self.features and rng.random() < 0.4:  # a fraction of the head's own norm
+                item["scale"], item["scale_mode"] = _scale(rng, 0.2, 1.5), "relative"
         elif kind == "scale":
             item["scale"] = round(rng.uniform(-1.5, 3.0), 3)
         if pos != "all" or rng.random() < 0.5:
@@ -347,6 +349,8 @@ def coverage(configs) -> set[tuple[str, str]]:
                 seen.add(("capture", "probe"))
         for it in cfg.get("heads", []):
             seen.add((it["mode"], _pkind(it.get("positions", "all"))))
+            if it.get("scale_mode") == "relative":
+                seen.add(("head mode", "add:relative"))
         if "neurons" in cfg:
             seen.add(("neurons", _pkind(cfg["neurons"].get("positions", "all"))))
         if "capture" in cfg:

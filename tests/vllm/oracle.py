@@ -25,8 +25,9 @@ Semantics implemented (``P`` = prompt length, token ``t`` is a prompt token iff 
   interventions of layers ``> g`` act only where the gate is open; those of layers
   ``<= g`` are not gated.
 - ``heads[i]`` on the attention output before ``o_proj``, viewed ``[T, H, D]``, at the
-  item's positions: add ``z += scale * v[l, h]``, patch ``z = v[l, h]``, ablate ``z = 0``,
-  scale ``z *= scale``. A "head_positions" vector ``[N, L, H, D]`` (one head vector per
+  item's positions: add ``z += scale * v[l, h]`` (``scale_mode`` "relative":
+  ``z += scale * |z| * v[l, h] / |v[l, h]|``, each token and head its own norm), patch
+  ``z = v[l, h]``, ablate ``z = 0``, scale ``z *= scale``. A "head_positions" vector ``[N, L, H, D]`` (one head vector per
   listed position; the item lists N prompt positions) gives the token at the k-th
   listed position, in ascending order, ``v = vector[k, l, h]``.
 - ``neurons``: the MLP activation ``act(gate) * up`` (``down_proj``'s input) times
@@ -250,6 +251,13 @@ class Oracle:
             else:
                 raise OracleConfigError(f"heads[{i}].mode {mode!r}")
             scale = float(it.get("scale", 1.0))
+            rel = it.get("scale_mode", "absolute")
+            if rel not in ("absolute", "relative") or (rel == "relative" and mode != "add"):
+                raise OracleConfigError(f"heads[{i}].scale_mode {rel!r} for mode {mode!r}")
+            if rel == "relative":
+                if vec.dim() != 3:
+                    raise OracleConfigError(f"heads[{i}]: a relative add of a per-position vector")
+                mode = "add_relative"
             out.acted.append(pos)
             for h in heads:
                 h = int(h)
@@ -322,6 +330,10 @@ class Oracle:
                     vec = vec[[row[t] for t in toks]] if toks else vec[:0]  # [n, D], token order
                 if mode == "add":
                     z[m, h] = z[m, h] + scale * vec
+                elif mode == "add_relative":
+                    zz = z[m, h].double()
+                    u = vec.double() / vec.double().norm()
+                    z[m, h] = (zz + scale * zz.norm(dim=-1, keepdim=True) * u).to(z.dtype)
                 elif mode == "patch":
                     z[m, h] = vec.expand(int(m.sum()), self.D)
                 elif mode == "ablate":

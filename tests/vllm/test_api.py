@@ -134,11 +134,11 @@ def test_compiled_program_and_pool_rows():
         "neurons": {"set": "joy.ena", "gamma": 3.0},
     }).resolve(INFO)
     prog = compile_phase(spec, bank, INFO)
-    a, b, key = prog.heads[(0, 1)]
-    assert (a, b) == (1.0, 3.0) and torch.equal(materialize(key, bank, INFO)[1], bank.get("joy.h")[0, 1])
-    a, b, key = prog.heads[(2, 3)]
-    assert (a, b) == (0.0, 1.0) and torch.equal(materialize(key, bank, INFO), bank.get("joy.h")[2])
-    assert prog.heads[(1, 0)] == (0.0, 0.0, None) and prog.heads[(1, 2)] == (0.5, 0.0, None)
+    a, b, c, key = prog.heads[(0, 1)]
+    assert (a, b, c) == (1.0, 3.0, 0.0) and torch.equal(materialize(key, bank, INFO)[1], bank.get("joy.h")[0, 1])
+    a, b, c, key = prog.heads[(2, 3)]
+    assert (a, b, c) == (0.0, 1.0, 0.0) and torch.equal(materialize(key, bank, INFO), bank.get("joy.h")[2])
+    assert prog.heads[(1, 0)] == (0.0, 0.0, 0.0, None) and prog.heads[(1, 2)] == (0.5, 0.0, 0.0, None)
     ((alpha, mode, key),) = prog.res[1]
     assert alpha == 2.0 and mode == 0 and torch.equal(materialize(key, bank, INFO), bank.get("joy")[1])
     ((alpha, mode, key),) = prog.res[2]
@@ -327,7 +327,7 @@ def test_position_groups_compile():
     for k, p in enumerate((1, 4, 6)):
         prog = req.phases[f"@{p}"]
         assert 0 in prog.res  # the every-prompt-token steer holds there too
-        key = prog.heads[(1, 2)][2]
+        key = prog.heads[(1, 2)][3]
         assert torch.equal(materialize(key, bank, INFO)[k], pp[k, 1])
     assert (0, 0) in req.phases["@7"].heads and (1, 2) not in req.phases["@7"].heads
     assert len(set(req.fingerprints().values())) == 3  # prompt == generated, @1 == @4 == @6, @7

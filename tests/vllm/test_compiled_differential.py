@@ -59,6 +59,7 @@ def test_generator_covers_every_kind(shape):
     want |= {("mode", v) for v in ds.STEER_VARIANTS}
     want |= {("gate", g) for g in ("above", "below", "above+latch", "below+latch")}
     want |= {("gate probe", p) for p, *_ in ds.GATE_VARIANTS} | {("capture", "probe")}
+    want |= {("head mode", "add:relative")}
     assert want <= cov, sorted(want - cov)
     again = ds.batch_cases(SEED + 1, shape, prompts, 24, features=True)
     assert [c.config for c in again] == [c.config for c in cases]

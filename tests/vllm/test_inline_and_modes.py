@@ -96,6 +96,10 @@ MODE_CONFIGS = [
     {"steer": [{"vector": "sad", "layers": "all", "mode": "clamp", "scale": -0.2, "scale_mode": "relative",
                 "positions": "generated"}]},
     {"steer": [{"vector": ["joy", "sad"], "layers": [0], "mode": "project_out"}]},
+    {"heads": [{"layer": 0, "head": [0, 3], "mode": "add", "vector": "joy.h", "scale": 0.6,
+                "scale_mode": "relative"},
+               {"layer": 1, "head": 1, "mode": "add", "vector": "joy.h", "scale": -0.4,
+                "scale_mode": "relative", "positions": "generated"}]},
 ]
 
 

@@ -11,7 +11,8 @@ probes ``differential_support.add_gate_entries`` puts in the test bank):
   where no item acts;
 * a clamp sets the component, a project-out of a list removes the span (residual
   captures, no oracle);
-* warm == cold prefix cache for a gated (not latched) config and a relative config; a
+* warm == cold prefix cache for a gated (not latched) config and a relative config
+  (residual and head adds); a
   latched one never reads the cache;
 * a capture of probe scores only.
 """
@@ -191,14 +192,17 @@ def test_prefix_cache_warm_equals_cold_for_gates_and_relative_modes(llm, oracle)
     """The same long prompt twice per config: the second run reads the blocks the first
     one cached (the gate's decision at a position depends only on the tokens up to it, so
     a gate that does not latch is cacheable), and equals the first (cold) run and the
-    oracle. Relative modes at layer 0 change the KV of layer 1. A latched gate never
+    oracle. Relative modes at layer 0 (residual terms and head adds) change the KV of
+    layer 1. A latched gate never
     reads the prefix cache."""
     gated = {"steer": [{"vector": "joy", "layers": [0, 1], "scale": 0.5, "scale_mode": "relative"}],
              "heads": [{"layer": 1, "head": [0, 3], "mode": "scale", "scale": 0.3}],
              "when": {"probe": "sad.probe", "layer": 0, "below": 0.1}}
     relative = {"steer": [{"vector": "sad", "layers": [0], "scale": -0.7, "scale_mode": "relative"},
                           {"vector": "joy", "layers": [0], "mode": "clamp", "scale": 0.2, "scale_mode": "relative"},
-                          {"vector": ["joy", "sad"], "layers": [1], "mode": "project_out", "positions": "prompt"}]}
+                          {"vector": ["joy", "sad"], "layers": [1], "mode": "project_out", "positions": "prompt"}],
+                "heads": [{"layer": 0, "head": [1, 2], "mode": "add", "vector": "joy.h", "scale": 0.8,
+                           "scale_mode": "relative"}]}
     latched = {**gated, "when": {"probe": "sad.probe", "layer": 0, "below": 0.1, "latch": True}}
     ids = ds.token_prompts(llm.get_tokenizer(), [LONG_PROMPT])[0]
     assert len(ids) > 64  # two full 32-token blocks at least

@@ -117,7 +117,7 @@ def _make(original):
         if site.vee:
             torch.ops.emosteer.vllm_vee(z, query.view(T, self.num_heads, self.head_size), self.layer_name)
         site.head_affine_capture(
-            z, site.token_slot[:T], site.a, site.b, site.vrow, site.row_off[:T], site.pool,
+            z, site.token_slot[:T], site.a, site.b, site.c, site.vrow, site.row_off[:T], site.pool,
             site.cap_index[:T], site.cap_buf, site.flag,
         )
         return out

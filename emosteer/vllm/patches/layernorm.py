@@ -43,6 +43,7 @@ def _make(original):
             site.no_slot[:T],
             site.one_a,
             site.zero_b,
+            site.zero_b,
             site.no_row,
             site.row_off[:T],
             site.zero_pool,

@@ -190,6 +190,7 @@ class RequestsMixin:
         heads = head_shard(self.info.num_heads, self.tp_size, self.tp_rank)
         a = torch.ones(L, Hl)
         b = torch.zeros(L, Hl)
+        hc = torch.zeros(L, Hl)
         vrow = torch.full((L, Hl), -1, dtype=torch.int32)
         K = self.bufs.coef.shape[2]
         coef = torch.zeros(L, K)
@@ -200,11 +201,11 @@ class RequestsMixin:
         nrow = torch.full((L,), -1, dtype=torch.int32)
         beta = torch.ones(L, Hl)
         act = np.zeros((5, L), dtype=bool)
-        for (layer, head), (ha, hb, key) in prog.heads.items():
+        for (layer, head), (ha, hb, hrel, key) in prog.heads.items():
             if head not in heads:
                 continue  # another tensor-parallel rank holds this head
             h = head - heads.start
-            a[layer, h], b[layer, h] = ha, hb
+            a[layer, h], b[layer, h], hc[layer, h] = ha, hb, hrel
             if key is not None:
                 vrow[layer, h] = rows[key]
             act[0, layer] = True
@@ -231,6 +232,7 @@ class RequestsMixin:
         bf.bmode[slot] = int(prog.boost_mode)
         bf.a[:, slot] = a.to(bf.device)
         bf.b[:, slot] = b.to(bf.device)
+        bf.c[:, slot] = hc.to(bf.device)
         bf.vrow[:, slot] = vrow.to(bf.device)
         bf.coef[:, slot] = coef.to(bf.device)
         bf.rmode[:, slot] = rmode.to(bf.device)
