@@ -165,3 +165,50 @@ def test_probes_off(tiny):
     assert res.bank.names() == ["joy", "joy.h"] and res.probes == {}
     with pytest.raises(ValueError, match="probe_holdout"):
         extract_vectors(model, load_builtin("joy")[:2], tokenizer=tok, probe_holdout=1.0)
+
+
+def test_logistic_probe_separates_where_the_mean_difference_does_not():
+    """``fit_probe(method="logistic")``: on residuals whose class means differ along a
+    noisy axis while a quiet axis separates them perfectly, the difference-of-means probe
+    is near chance on held-out rows and the logistic one is (near) exact; it is a logit
+    (w not unit), float32 [L, d + 1], and its metadata has the same fields."""
+    from emosteer.analysis.extract import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    N, L, d = 80, 2, 8
+    y = torch.ones(N)
+    noise = torch.randn(N, L, d, generator=g) * 0.05
+    pos, neg = noise.clone(), torch.randn(N, L, d, generator=g) * 0.05
+    pos[:, :, 0] += 1.0 + 6.0 * torch.randn(N, L, generator=g)  # means 1 apart, spread 6
+    neg[:, :, 0] += 6.0 * torch.randn(N, L, generator=g)
+    pos[:, :, 1] += 0.5 * y[:, None]  # a quiet axis: +0.5 against -0.5, no overlap
+    neg[:, :, 1] -= 0.5 * y[:, None]
+    train, held = list(range(60)), list(range(60, N))
+    mean_probe, mean_fit = fit_probe(pos, neg, train, held, "mean")
+    log_probe, log_fit = fit_probe(pos, neg, train, held, "logistic")
+    assert log_probe.shape == (L, d + 1) and log_probe.dtype == torch.float32
+    assert min(log_fit["heldout_accuracy"]) >= 0.95, log_fit
+    assert max(mean_fit["heldout_accuracy"]) < 0.8, mean_fit
+    assert set(log_fit) == set(mean_fit)
+    w = log_probe[:, :d]
+    assert (w[:, 1].abs() > w[:, 0].abs()).all()  # it leans on the quiet axis
+    with pytest.raises(ValueError, match="probe fit"):
+        fit_probe(pos, neg, train, held, "svm")
+
+
+def test_extract_writes_a_logistic_probe_when_asked(tiny):
+    """``extract_vectors(probe_fit="logistic")`` writes ``joy.probe`` fitted by logistic
+    regression (its metadata says so, with its penalty); the vectors are unchanged."""
+    model, tok = tiny
+    pairs = load_builtin("joy")[:16]
+    kw = dict(tokenizer=tok, max_new_tokens=2, batch_size=16, progress=False,
+              hit_rate_fn=lambda text, emo: 1.0)
+    res = extract_vectors(model, pairs, probe_fit="logistic", **kw)
+    meta = res.bank.meta("joy.probe")
+    assert meta["probe_fit"] == "logistic_l2" and meta["l2"] > 0
+    assert len(meta["heldout_accuracy"]) == res.bank.get("joy.probe").shape[0]
+    plain = extract_vectors(model, pairs, **kw)
+    assert torch.equal(plain.bank.get("joy"), res.bank.get("joy"))
+    assert not torch.equal(plain.bank.get("joy.probe"), res.bank.get("joy.probe"))
+    with pytest.raises(ValueError, match="probe_fit"):
+        extract_vectors(model, pairs, probe_fit="tree", **kw)

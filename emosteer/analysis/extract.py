@@ -30,7 +30,9 @@ Probes (``probes=True``, the default): from the same residuals h⁺ / h⁻ of th
 nothing out), ``"<emotion>.probe"`` [L, d + 1] holds per layer the unit direction
 w_l = (μ⁺ − μ⁻)/‖μ⁺ − μ⁻‖ and the bias b_l = −w_l·(μ⁺ + μ⁻)/2 of the train pairs' class
 means: ``w_l·h + b_l > 0`` reads "emotional". Its accuracy on the held-out pairs' 2n
-residuals per layer is in the metadata and in ``ExtractResult.probes``.
+residuals per layer is in the metadata and in ``ExtractResult.probes``. With
+``probe_fit="logistic"`` the (w_l, b_l) are an L2-regularised logistic regression on the
+same train residuals instead (w_l not unit; ``w_l·h + b_l`` is its logit).
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ __all__ = ["ExtractResult", "extract_vectors", "fit_probe", "pair_text", "CAPTUR
 CAPTURE_LAST = {"capture": {"heads": "all", "residual": "all", "positions": "last"}}
 METHOD = "diff_of_means"
 PROBE_FIT = "diff_of_means_midpoint"
+# How a probe is fitted (``extract_vectors(probe_fit=...)``) -> its metadata name.
+PROBE_FITS = {"mean": PROBE_FIT, "logistic": "logistic_l2"}
+LOGISTIC_L2 = 1e-2  # ridge penalty of the logistic probe, on residuals scaled to norm ~1
 
 
 def pair_text(stimulus, query: str) -> str:
@@ -84,24 +89,60 @@ def stack_captures(caps: Sequence[dict], num_layers: int) -> tuple[torch.Tensor,
     return res, heads
 
 
+def _logistic(hp: torch.Tensor, hn: torch.Tensor, l2: float, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [L, d], b [L]) of an L2-regularised logistic regression per layer, emotional
+    (``hp`` [n, L, d]) = 1 against neutral (``hn``), float64, L-BFGS on every layer at
+    once (their losses are independent). Residuals are divided by their mean norm at
+    the layer first, so that ``l2`` means the same at every layer; w is returned in the
+    residual's own units (``w·h + b`` is the logit)."""
+    x = torch.cat([hp, hn])  # [2n, L, d]
+    y = torch.cat([torch.ones(hp.shape[0]), -torch.ones(hn.shape[0])]).double()[:, None]
+    s = x.norm(dim=-1).mean(0).clamp_min(1e-12)  # [L]
+    xs = x / s[None, :, None]
+    W = torch.zeros(x.shape[1], x.shape[2], dtype=torch.float64, requires_grad=True)
+    B = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, B], lr=1.0, max_iter=steps, tolerance_grad=1e-10,
+                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        logit = torch.einsum("nld,ld->nl", xs, W) + B
+        f = torch.nn.functional.softplus(-y * logit).mean(0).sum() + 0.5 * l2 * (W * W).sum()
+        f.backward()
+        return f
+
+    with torch.enable_grad():
+        opt.step(loss)
+    return (W / s[:, None]).detach(), B.detach()
+
+
 def fit_probe(h_pos: torch.Tensor, h_neg: torch.Tensor, train: Sequence[int],
-              heldout: Sequence[int]) -> tuple[torch.Tensor, dict]:
+              heldout: Sequence[int], method: str = "mean",
+              l2: float = LOGISTIC_L2) -> tuple[torch.Tensor, dict]:
     """Per-layer linear probe ``[L, d + 1]`` (rows ``(w_l, b_l)``) from the ``train`` rows
-    of the residuals ``h_pos`` / ``h_neg`` ``[N, L, d]`` (emotional / neutral side):
-    ``w_l`` the unit difference of the class means, ``b_l`` puts their midpoint at score
-    0 (a layer whose means coincide gets ``w_l = 0, b_l = 0``). Returns it with its
+    of the residuals ``h_pos`` / ``h_neg`` ``[N, L, d]`` (emotional / neutral side).
+    ``method="mean"``: ``w_l`` the unit difference of the class means, ``b_l`` puts their
+    midpoint at score 0 (a layer whose means coincide gets ``w_l = 0, b_l = 0``);
+    ``"logistic"``: an L2-regularised logistic regression (``l2`` on residuals scaled to
+    unit mean norm), ``w_l·h + b_l`` its logit. Either way a score above 0 reads
+    "emotional". Returns it with its
     per-layer accuracies (train, held-out), scored with the float32 tensor returned:
     ``heldout_margin`` is the mean of ``y·s/‖h‖`` (y = ±1) over the held-out residuals,
     ``best_layer`` the layer of best held-out (else train) accuracy, ties to the larger
     margin (chosen on the held-out pairs: ``best_accuracy`` is slightly optimistic).
     Held-out fields are None when ``heldout`` is empty."""
+    if method not in PROBE_FITS:
+        raise ValueError(f"probe fit must be one of {sorted(PROBE_FITS)}, got {method!r}")
     hp, hn = h_pos.double(), h_neg.double()
     train = list(train)
-    mu_p, mu_n = hp[train].mean(0), hn[train].mean(0)  # [L, d]
-    diff = mu_p - mu_n
-    norm = diff.norm(dim=-1, keepdim=True)
-    w = torch.where(norm > 0, diff / norm.clamp_min(1e-300), torch.zeros_like(diff))
-    b = -(w * (mu_p + mu_n) / 2).sum(-1)
+    if method == "logistic":
+        w, b = _logistic(hp[train], hn[train], l2)
+    else:
+        mu_p, mu_n = hp[train].mean(0), hn[train].mean(0)  # [L, d]
+        diff = mu_p - mu_n
+        norm = diff.norm(dim=-1, keepdim=True)
+        w = torch.where(norm > 0, diff / norm.clamp_min(1e-300), torch.zeros_like(diff))
+        b = -(w * (mu_p + mu_n) / 2).sum(-1)
     probe = torch.cat([w, b[:, None]], dim=-1).to(torch.float32)
     w32, b32 = probe[:, :-1].double(), probe[:, -1].double()
 
@@ -148,13 +189,15 @@ def _probe_split(pool: list, holdout: float, seed: int) -> tuple[list[int], list
     return [r.i for r in train], [r.i for r in test], how
 
 
-def _probe_entry(emotion, group, keep, h_pos, h_neg, holdout, seed) -> tuple[torch.Tensor, dict, dict]:
+def _probe_entry(emotion, group, keep, h_pos, h_neg, holdout, seed,
+                 method: str = "mean") -> tuple[torch.Tensor, dict, dict]:
     """The ``<emotion>.probe`` tensor, its bank metadata and its report (with pair ids)."""
     kept = [i for i, k in enumerate(keep) if k]
     train, held, how = _probe_split([group[i] for i in kept], holdout, seed)
     train, held = [kept[i] for i in train], [kept[i] for i in held]
-    probe, fit = fit_probe(h_pos, h_neg, train, held)
-    meta = {"component": "probe", "probe_fit": PROBE_FIT,
+    probe, fit = fit_probe(h_pos, h_neg, train, held, method)
+    meta = {"component": "probe", "probe_fit": PROBE_FITS[method],
+            **({"l2": LOGISTIC_L2} if method == "logistic" else {}),
             "score": "w.h + b > 0: emotion present (h: output residual of decoder layer l)",
             **fit, "n_train": len(train), "n_heldout": len(held), "split": how,
             "few_pairs": len(held) < 4}
@@ -225,10 +268,12 @@ def extract_vectors(
     probes: bool = True,
     probe_holdout: float = 0.25,
     probe_seed: int = 0,
+    probe_fit: str = "mean",
 ) -> ExtractResult:
     """Extract ``"<emotion>"`` (residual) and ``"<emotion>.h"`` (head) vectors, and with
     ``probes`` the ``"<emotion>.probe"`` probes (``probe_holdout`` of the pairs, split
-    with ``probe_seed``, measure their accuracy; see the module docstring).
+    with ``probe_seed``, measure their accuracy; ``probe_fit`` "mean" (difference of
+    means, the default) or "logistic"; see the module docstring and ``fit_probe``).
 
     ``model``: "default", a model folder, a transformers model (+ ``tokenizer``), an
     HFSteerer, an ``emosteer.LLM`` (backend "vllm") or a runner. ``pairs``: Pair objects,
@@ -243,6 +288,8 @@ def extract_vectors(
 
     if not 0.0 < probe_holdout < 1.0:
         raise ValueError(f"probe_holdout must be in (0, 1), got {probe_holdout}")
+    if probe_fit not in PROBE_FITS:
+        raise ValueError(f"probe_fit must be one of {sorted(PROBE_FITS)}, got {probe_fit!r}")
     runner = make_runner(model, backend, tokenizer=tokenizer, batch_size=batch_size,
                          progress=progress, processor=processor)
     info = runner.info
@@ -306,7 +353,7 @@ def extract_vectors(
         out.add(f"{emotion}.h", "head", Sh.to(torch.float32), **{**meta, "component": "head_out"})
         if probes:
             probe, pmeta, report = _probe_entry(emotion, group, keep, h_pos, h_neg,
-                                                probe_holdout, probe_seed)
+                                                probe_holdout, probe_seed, probe_fit)
             out.add(f"{emotion}.probe", "probe", probe, **{**meta, **pmeta})
             result.probes[emotion] = report
         result.hit_rates[emotion] = rates

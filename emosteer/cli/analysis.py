@@ -26,6 +26,9 @@ def extract(
     max_tokens: int = typer.Option(48, "--max-tokens", help="Narrative length for the hit-rate filter."),
     probes: bool = typer.Option(True, "--probes/--no-probes",
                                 help="Also fit the linear probes `EMOTION.probe` [L, d+1]."),
+    probe_fit: str = typer.Option("mean", "--probe-fit",
+                                  help="mean (difference of means, bias at the midpoint) or "
+                                       "logistic (L2-regularised logistic regression)."),
 ):
     """Extract steering vectors into a vector bank (safetensors).
 
@@ -36,6 +39,8 @@ def extract(
     its accuracy on the held-out pairs goes in the metadata) and an audit JSON beside
     the bank."""
     emotions = parse_emotions(emotion)
+    if probe_fit not in ("mean", "logistic"):
+        fail(f"--probe-fit: must be mean or logistic, got {probe_fit!r}")
     if not 0.0 <= tau < 1.0:
         fail(f"--tau: must be in [0, 1), got {tau}")
     if max_pairs < 0:
@@ -56,7 +61,7 @@ def extract(
     try:
         ex = extract_vectors(runner, str(pairs) if pairs else None, emotions,
                              backend=runner.backend, tau=tau, max_new_tokens=max_tokens,
-                             limit=max_pairs or None, probes=probes)
+                             limit=max_pairs or None, probes=probes, probe_fit=probe_fit)
     except user_errors() as e:
         fail(str(e))
     except ValueError as e:  # e.g. no pairs for the emotion in --pairs

@@ -49,7 +49,8 @@ def _probe_summary(meta: dict) -> str:
         if not isinstance(best, int) or not 0 <= best < len(acc):
             best = max(range(len(acc)), key=acc.__getitem__)
         n = meta.get("n_heldout")
-        return f"best layer {best}: {acc[best]:.3f} held-out" + (f" ({n} pairs)" if n else "")
+        fit = {"logistic_l2": ", logistic"}.get(meta.get("probe_fit"), "")
+        return f"best layer {best}: {acc[best]:.3f} held-out" + (f" ({n} pairs{fit})" if n else fit)
     if isinstance(meta.get("best_layer"), int):
         return f"best layer {meta['best_layer']}: no held-out accuracy"
     return "no held-out accuracy"
