@@ -2,12 +2,16 @@
 
 On the default model: the four built-in emotions' vectors and probes are extracted, their
 mean probe becomes the gate (``emotions.probe``, at the layer of best mean held-out
-accuracy), and three conditions run beside the unsteered model, every (condition, scene)
-one request of one batch on the vLLM engine with the plugin:
+accuracy), and these conditions run beside the unsteered model, every (condition, scene)
+one request of one batch on the vLLM engine with the plugin, for each window of layers
+after the gate (``--windows``: the next k layers, or every later layer):
 
-* the four emotion directions projected out of every layer after the gate, ungated;
+* the four emotion directions projected out of the window, ungated;
 * the same, only at tokens where the gate's score is above 0 (not latched);
-* the same, latched (from the first token where it held on).
+* with ``--latch``, also latched (from the first token where it held on).
+
+The study picks its operating point on the dev templates and reports it on the test
+templates, so trying several windows does not select on the numbers reported.
 
 Scored by ``emosteer.analysis.hallucination.hallucination_study`` on the neutral and
 emotional scenes of the six templates (the numbers the README quotes are on the test
@@ -35,22 +39,62 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS_DIR, git_commit, machine_info  # noqa: E402
 
 
+def _conditions(names: list, L: int, probe: str, layer: int, windows: list, latch: bool) -> list[dict]:
+    """The unsteered model, then per window the project-out ungated and gated."""
+    conds = [{"condition": "unsteered", "label": "unsteered", "spec": None}]
+    for w in windows:
+        hi = L if w == "all" else min(L, layer + 1 + int(w))
+        layers = list(range(layer + 1, hi))
+        span = f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+        out = {"vector": names, "layers": layers, "mode": "project_out"}
+        conds.append({"condition": "after_gate", "label": f"project out {len(names)} emotions, {span}, ungated",
+                      "spec": {"steer": [dict(out)]}})
+        for lt in ((False, True) if latch else (False,)):
+            conds.append({"condition": "gated", "label": f"project out {len(names)} emotions, {span}, where "
+                                                         f"{probe} > 0{' (latched)' if lt else ''}",
+                          "spec": {"steer": [dict(out)], "when": {"probe": probe, "layer": layer,
+                                                                   "above": 0.0, "latch": lt}}})
+    return conds
+
+
+def write_report(out: dict, folder: str) -> None:
+    """report.md (the study's table, as the demo report renders it) and the plot."""
+    from emosteer.report.markdown import _hallucination_section
+    from emosteer.report.plots import plot_hallucination
+
+    lines = [f"# Probe-gated project-out on neutral prompts ({out['machine']['tag']})", "",
+             f"Model {os.path.basename(str(out['model']))}, {out['engine']}, commit {out['commit']}; "
+             f"settings {json.dumps({k: v for k, v in out['settings'].items() if k != 'out'})}; engine "
+             f"start {out['engine_start_s']} s, extraction {out['extract_s']} s, study {out['study_s']} s.", ""]
+    _hallucination_section(out["study"], lines)
+    with open(os.path.join(folder, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_hallucination(out["study"], os.path.join(folder, "hallucination.png"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=32, help="extraction pairs per emotion")
     ap.add_argument("--neutral", type=int, default=8, help="neutral scenes per template")
     ap.add_argument("--emotional", type=int, default=12, help="emotional scenes per emotion")
     ap.add_argument("--tokens", type=int, default=40, help="new tokens per narrative")
+    ap.add_argument("--windows", default="2,5,all",
+                    help="comma-separated windows of layers after the gate: k or 'all'")
+    ap.add_argument("--latch", action="store_true", help="also the latched gate")
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "gated_project_out"))
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite report.md and the plot from the results.json in --out")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(os.path.join(args.out, "results.json")) as f:
+            write_report(json.load(f), args.out)
+        return 0
 
     from emosteer.analysis import hallucination as hal
     from emosteer.analysis.extract import extract_vectors
     from emosteer.analysis.runners import make_runner
     from emosteer.data import BUILTIN_EMOTIONS, load_builtin
     from emosteer.models import resolve_model
-    from emosteer.report.markdown import _hallucination_section
-    from emosteer.report.plots import plot_hallucination
 
     os.makedirs(args.out, exist_ok=True)
     narr = os.path.join(args.out, "narratives.jsonl")
@@ -76,9 +120,8 @@ def main(argv=None) -> int:
                        "mean_heldout_accuracy": bank.meta(probe)["mean_accuracy"][layer]}
         print(f"gate: {probe} at layer {layer} (mean held-out accuracy "
               f"{out['gate']['mean_heldout_accuracy']:.3f})", flush=True)
-        conds = [c for c in hal.reduction_candidates(BUILTIN_EMOTIONS, runner.info.num_layers, [layer],
-                                                     probe=probe, probe_layer=layer)
-                 if c["condition"] in ("unsteered", "after_gate", "gated")]
+        conds = _conditions(list(BUILTIN_EMOTIONS), runner.info.num_layers, probe, layer,
+                            args.windows.split(","), args.latch)
         scenes = hal.study_scenes(BUILTIN_EMOTIONS, args.neutral, args.emotional, reserved_pairs=args.pairs)
         t = time.perf_counter()
         res = hal.hallucination_study(runner, scenes, conds, args.tokens, narr_path=narr,
@@ -90,14 +133,7 @@ def main(argv=None) -> int:
         runner.close()
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1)
-    lines = [f"# Probe-gated project-out on neutral prompts ({info['tag']})", "",
-             f"Model {os.path.basename(str(path))}, {out['engine']}, commit {out['commit']}; settings "
-             f"{json.dumps(vars(args))}; engine start {out['engine_start_s']} s, extraction "
-             f"{out['extract_s']} s, study {out['study_s']} s.", ""]
-    _hallucination_section(out["study"], lines)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    plot_hallucination(out["study"], os.path.join(args.out, "hallucination.png"))
+    write_report(out, args.out)
     for c in out["study"]["conditions"]:
         t = c["test"]
         w, dw = t.get("emotion_words") or {}, t.get("delta_emotion_words") or {}

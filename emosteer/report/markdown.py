@@ -94,7 +94,7 @@ def _hallucination_section(h: dict, lines: list[str]) -> None:
               f"{'' if h.get('probe_layer') is None else ' at layer ' + str(h.get('probe_layer'))}.", "",
               "| # | condition | hallucination (test) | Δ (95 % CI) | emotion words per neutral "
               "narrative (test), Δ | specificity (test) | Δ (95 % CI) "
-              "| fluency (test) | counts on test | on dev: Δ hallucination, Δ specificity, guards |",
+              "| fluency (test) | counts on test | on dev: Δ hallucination, Δ emotion words, Δ specificity, guards |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, c in enumerate(conds):
         t, d = c["test"], c["dev"]
@@ -107,7 +107,8 @@ def _hallucination_section(h: dict, lines: list[str]) -> None:
             f"| {i} | {c['label']}{star} | {_f(t['hallucination']['rate'])} | "
             f"{_ci(t['delta_hallucination'], compact=True)} | {_words(t)} | {_f(t['specificity']['rate'])} | "
             f"{_ci(t['delta_specificity'], compact=True)} | {_guard(t)} | {'**yes**' if t['counts'] else 'no'} | "
-            f"{_ci(d['delta_hallucination'], compact=True)}, {_ci(d['delta_specificity'], compact=True)}, "
+            f"{_ci(d['delta_hallucination'], compact=True)}, {_delta_words(d)}, "
+            f"{_ci(d['delta_specificity'], compact=True)}, "
             f"{'pass' if d['fluency']['ok'] else 'fail'} |")
     count = h.get("counting_on_test") or []
     if h.get("chosen") is None:
@@ -149,17 +150,23 @@ def _ci(s: dict | None, pct: bool = False, compact: bool = False) -> str:
     return f"{body} (95 % CI {ci}, n={s['n']})"
 
 
+def _delta_words(row: dict) -> str:
+    """The paired change in emotion words per neutral narrative with its interval."""
+    d = row.get("delta_emotion_words")
+    if not d or d.get("mean") is None:
+        return "n/a"
+    lo, hi = (d.get("ci95") or [None, None])[:2]
+    return f"{d['mean']:+.2f}" + ("" if lo is None else f" [{lo:+.2f}, {hi:+.2f}]")
+
+
 def _words(row: dict) -> str:
     """Mean emotion words per neutral narrative, and its paired change with the 95 %
     interval where the row has one ("n/a" for studies run before it was measured)."""
     w = row.get("emotion_words")
     if not w or w.get("mean") is None:
         return "n/a"
-    d = row.get("delta_emotion_words")
-    if not d or d.get("mean") is None:
-        return f"{w['mean']:.2f}"
-    lo, hi = (d.get("ci95") or [None, None])[:2]
-    return f"{w['mean']:.2f}, {d['mean']:+.2f}" + ("" if lo is None else f" [{lo:+.2f}, {hi:+.2f}]")
+    d = _delta_words(row)
+    return f"{w['mean']:.2f}" + ("" if d == "n/a" else f", {d}")
 
 
 def _span(ls) -> str:
