@@ -70,3 +70,29 @@ def test_position_indexed_interventions(llm, tiny_model, bank, info):
 
 def test_large_captures_wait_and_n2_samples(llm, info):
     checks.check_large_captures_and_samples(llm, info)
+
+
+def test_a_shared_sampling_params_is_never_changed(llm):
+    """One SamplingParams shared by every prompt of a call (emosteer.LLM.generate with
+    per-prompt configs, and plain vLLM's generate with extra_args): each request gets its
+    own config, and the caller's object comes back exactly as it was sent (the plugin
+    copies it shallowly and gives the copy its own extra_args)."""
+    from vllm import SamplingParams
+    from vllm_support import PROMPTS
+
+    steer = [{"steer": [{"vector": "joy", "layers": [0], "scale": s}]} for s in (2.0, -2.0)]
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+    before = repr(sp)
+    both = llm.generate(PROMPTS[:2], sp, steer=steer, use_tqdm=False)
+    assert repr(sp) == before and sp.extra_args is None
+    alone = [llm.generate([p], SamplingParams(max_tokens=6, temperature=0.0), steer=c, use_tqdm=False)[0]
+             for p, c in zip(PROMPTS[:2], steer)]
+    assert [list(o.outputs[0].token_ids) for o in both] == [list(o.outputs[0].token_ids) for o in alone]
+    key = "shared-" + "0" * 8
+    xs = SamplingParams(max_tokens=6, temperature=0.0,
+                        extra_args={"emosteer": steer[0], "emosteer_key": key})
+    sent = dict(xs.extra_args)
+    out = llm.llm.generate(PROMPTS[:1], xs, use_tqdm=False)
+    assert xs.extra_args == sent, xs.extra_args  # no private key written into the caller's dict
+    assert list(out[0].outputs[0].token_ids) == list(alone[0].outputs[0].token_ids)
+    llm._fetch([key])

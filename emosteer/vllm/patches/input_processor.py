@@ -20,6 +20,7 @@ When it can go: when vLLM offers a request-validation plugin hook.
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 
 from emosteer.vllm.patches import Swap
@@ -157,8 +158,11 @@ def _make(original):
                 raise validation_error_class()(e.field, str(e)[len(e.field) + 2 :]) from None
         skip = fe.skips_prefix_cache(spec)
         if plan or n > 1 or skip or claim:
-            # A private copy: the caller may share one SamplingParams between requests.
-            sp = sp.clone()
+            # A private copy. vLLM's process_inputs has already cloned the caller's
+            # parameters (deep, or shallow with skip_clone), and only attributes are set
+            # here, a new extra_args dict among them: a shallow copy keeps the caller's
+            # object untouched without a second deep copy.
+            sp = copy.copy(sp)
             sp.extra_args = dict(extra)
             if plan:
                 sp.extra_args[PRIVATE_KEYS[0]] = plan
