@@ -41,19 +41,12 @@ from _common import RESULTS_DIR, git_commit, machine_info  # noqa: E402
 
 def _conditions(names: list, L: int, probe: str, layer: int, windows: list, latch: bool) -> list[dict]:
     """The unsteered model, then per window the project-out ungated and gated."""
+    from emosteer.analysis.hallucination import gate_conditions
+
     conds = [{"condition": "unsteered", "label": "unsteered", "spec": None}]
     for w in windows:
         hi = L if w == "all" else min(L, layer + 1 + int(w))
-        layers = list(range(layer + 1, hi))
-        span = f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-        out = {"vector": names, "layers": layers, "mode": "project_out"}
-        conds.append({"condition": "after_gate", "label": f"project out {len(names)} emotions, {span}, ungated",
-                      "spec": {"steer": [dict(out)]}})
-        for lt in ((False, True) if latch else (False,)):
-            conds.append({"condition": "gated", "label": f"project out {len(names)} emotions, {span}, where "
-                                                         f"{probe} > 0{' (latched)' if lt else ''}",
-                          "spec": {"steer": [dict(out)], "when": {"probe": probe, "layer": layer,
-                                                                   "above": 0.0, "latch": lt}}})
+        conds += gate_conditions(names, probe, layer, range(layer + 1, hi), (False, True) if latch else (False,))
     return conds
 
 

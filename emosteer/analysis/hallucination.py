@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["Scene", "study_scenes", "reduction_candidates", "hallucination_study",
+__all__ = ["Scene", "study_scenes", "reduction_candidates", "gate_conditions", "hallucination_study",
            "register_general_direction", "register_general_probe", "GENERAL_VECTOR",
            "GENERAL_PROBE", "MARGIN"]
 
@@ -125,6 +125,23 @@ def register_general_probe(bank, emotions: Sequence[str], name: str = GENERAL_PR
     return name, layer
 
 
+def gate_conditions(names: Sequence[str], probe: str, probe_layer: int, layers: Sequence[int],
+                    latches: Sequence[bool] = (False, True)) -> list[dict]:
+    """Project-out of ``names``' span at ``layers`` (after the gate layer), first ungated
+    (``after_gate``), then gated by ``probe`` at ``probe_layer`` (score above 0), once per
+    ``latches`` entry."""
+    layers = list(layers)
+    span = f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+    out = {"vector": list(names), "layers": layers, "mode": "project_out"}
+    what = f"project out {len(names)} emotions, {span}"
+    conds = [{"condition": "after_gate", "label": f"{what}, ungated", "spec": {"steer": [dict(out)]}}]
+    for latch in latches:
+        conds.append({"condition": "gated", "label": f"{what}, where {probe} > 0{' (latched)' if latch else ''}",
+                      "spec": {"steer": [dict(out)], "when": {"probe": probe, "layer": probe_layer,
+                                                               "above": 0.0, "latch": latch}}})
+    return conds
+
+
 def reduction_candidates(emotions: Sequence[str], num_layers: int, band: Sequence[int],
                          neg_strengths: Sequence[float] = (0.1, 0.2), heads: Sequence = (),
                          heads_source: str = "", head_scale: float = 0.5,
@@ -164,18 +181,7 @@ def reduction_candidates(emotions: Sequence[str], num_layers: int, band: Sequenc
                       "spec": {"heads": [{"layer": l, "head": sorted(hs), "mode": "ablate"}
                                          for l, hs in sorted(by_layer.items())]}})
     if probe is not None and probe_layer is not None and probe_layer < num_layers - 1:
-        later = list(range(probe_layer + 1, num_layers))
-        out = {"vector": names, "layers": later, "mode": "project_out"}
-        conds.append({"condition": "after_gate", "label": f"project out {len(names)} emotions after "
-                                                          f"layer {probe_layer}, ungated",
-                      "spec": {"steer": [dict(out)]}})
-        for latch in (False, True):
-            conds.append({"condition": "gated", "label": f"project out {len(names)} emotions after layer "
-                                                         f"{probe_layer} where {probe} > 0"
-                                                         f"{' (latched)' if latch else ''}",
-                          "spec": {"steer": [dict(out)],
-                                   "when": {"probe": probe, "layer": int(probe_layer), "above": 0.0,
-                                            "latch": latch}}})
+        conds += gate_conditions(names, probe, int(probe_layer), list(range(probe_layer + 1, num_layers)))
     if ena_set:
         for g in ena_gammas:
             conds.append({"condition": "ena_down", "label": f"ENA γ={g:g} on {ena_set}",
@@ -214,10 +220,11 @@ def hallucination_study(runner, scenes: Sequence[Scene], conds: list[dict], max_
     per = []
     for ci, c in enumerate(conds):
         narr = outs[ci * n:(ci + 1) * n]
+        words = [float(emotion_word_count(t)) for t in narr]
         per.append({"texts": narr, "ppl": ppls[ci * n:(ci + 1) * n],
                     "rep": [repeated_ngram_share(t, 3) for t in narr],
-                    "words": [float(emotion_word_count(t)) for t in narr],
-                    "asserts": [1.0 if emotion_word_count(t) >= 1 else 0.0 for t in narr],
+                    "words": words,
+                    "asserts": [1.0 if w >= 1 else 0.0 for w in words],  # asserts_emotion
                     "carries": [carries(hit_rate(t, s.emotion)) if s.emotion else None
                                 for t, s in zip(narr, scenes)]})
     if narr_path is not None:

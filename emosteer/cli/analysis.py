@@ -39,8 +39,10 @@ def extract(
     its accuracy on the held-out pairs goes in the metadata) and an audit JSON beside
     the bank."""
     emotions = parse_emotions(emotion)
-    if probe_fit not in ("mean", "logistic"):
-        fail(f"--probe-fit: must be mean or logistic, got {probe_fit!r}")
+    from emosteer.analysis.extract import PROBE_FITS
+
+    if probe_fit not in PROBE_FITS:
+        fail(f"--probe-fit: must be one of {', '.join(PROBE_FITS)}, got {probe_fit!r}")
     if not 0.0 <= tau < 1.0:
         fail(f"--tau: must be in [0, 1), got {tau}")
     if max_pairs < 0:
