@@ -27,8 +27,16 @@ second (Poisson, seeded), kinds plain / distinct / capture drawn at random per r
 so the three share one load. TTFT and ITL p50 / p99 per kind; target: distinct TTFT p50
 <= 1.1x plain.
 
-Rows go to ``benchmarks/results/sustained.csv`` (one per minute) and
-``benchmarks/results/latency.csv`` (one per kind), the plot to
+Phase 3, paired latency (``--paired-rounds``): the server otherwise idle, one request at
+a time; each round sends plain, distinct and capture in a random order, each with
+``--paired-tokens`` new tokens. TTFT per kind with no queueing at all: the cost a
+config adds to one request. Reported per kind: TTFT p50 / p90 and the ratio of its
+median TTFT to plain's with a 95 % bootstrap interval over rounds (rounds resampled
+whole, so the pairing is kept).
+
+Rows go to ``benchmarks/results/sustained.csv`` (one per minute),
+``benchmarks/results/latency.csv`` (one per kind) and
+``benchmarks/results/latency_paired.csv`` (one per kind), the plot to
 ``benchmarks/results/sustained_<machine>.png``. Exit 1 if any answer was unexpected
 or the counters did not return to idle.
 """
@@ -66,6 +74,10 @@ MINUTE_COLUMNS = (
     "rss_mib", "slots_in_use", "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
     "parked", "unexpected", "model", "clients", "max_tokens", "max_slots", "machine", "cores",
     "vllm", "git_commit", "timestamp",
+)
+PAIRED_COLUMNS = (
+    "run", "kind", "rounds", "ttft_p50_ms", "ttft_p90_ms", "vs_plain", "vs_plain_lo", "vs_plain_hi",
+    "model", "max_tokens", "max_slots", "machine", "cores", "vllm", "git_commit", "timestamp",
 )
 LATENCY_COLUMNS = (
     "run", "kind", "requests", "rate_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
@@ -318,6 +330,47 @@ def open_loop(mix: Mix, seconds: float, rate: float, seed: int):
     return done
 
 
+def paired(mix: Mix, rounds: int, seed: int, progress=True) -> tuple[dict[str, list], list[Done]]:
+    """``rounds`` rounds of plain, distinct and capture one at a time (random order per
+    round); per kind the TTFTs in round order (None where a request failed), and all."""
+    r = random.Random(seed)
+    t0 = time.monotonic()
+    ttft: dict[str, list] = {k: [] for k in LATENCY_KINDS}
+    done: list[Done] = []
+    for i in range(rounds):
+        order = list(LATENCY_KINDS)
+        r.shuffle(order)
+        for kind in order:
+            (d,) = mix.run(kind, random.Random(r.random()), t0)
+            done.append(d)
+            ttft[kind].append(d.ttft if d.problem is None else None)
+        if progress and (i + 1) % max(1, rounds // 10) == 0:
+            print(f"  paired: {i + 1}/{rounds} rounds", flush=True)
+    return ttft, done
+
+
+def paired_rows(ttft: dict[str, list], base: dict, seed: int, boot: int = 2000) -> list[dict]:
+    """Per kind: p50 / p90 TTFT and median(kind) / median(plain) with a 95 % bootstrap
+    interval (rounds resampled whole; rounds where either request failed left out)."""
+    r = random.Random(seed)
+    rows = []
+    for kind in LATENCY_KINDS:
+        keep = [(a, b) for a, b in zip(ttft["plain"], ttft[kind]) if a is not None and b is not None]
+        xs = [b for _, b in keep]
+        row = dict(base, kind=kind, rounds=len(keep), ttft_p50_ms=ms(pct(xs, 0.5)), ttft_p90_ms=ms(pct(xs, 0.9)))
+        if keep:
+            ratio = statistics.median(xs) / statistics.median([a for a, _ in keep])
+            draws = []
+            for _ in range(boot):
+                smp = [keep[r.randrange(len(keep))] for _ in keep]
+                draws.append(statistics.median([b for _, b in smp]) / statistics.median([a for a, _ in smp]))
+            draws.sort()
+            row.update(vs_plain=round(ratio, 4), vs_plain_lo=round(draws[int(0.025 * boot)], 4),
+                       vs_plain_hi=round(draws[int(0.975 * boot) - 1], 4))
+        rows.append(row)
+    return rows
+
+
 def wait_idle(client, tries: int = 100) -> tuple[bool, dict]:
     for _ in range(tries):
         adm = client.status()["admission"]
@@ -450,13 +503,35 @@ def table(out_dir: str = RESULTS_DIR) -> str:
             f"pool rows {end['pool_rows_in_use']}, capture rows {end['capture_rows_in_use']}, worker requests "
             f"{end['worker_requests']}, parked {end['parked']}; {m0['machine']} ({m0['cores']} cores), vLLM "
             f"{m0['vllm']}, commit {m0['git_commit']}, run {run_id}."]
+    out += paired_table(out_dir)
     return "\n".join(out)
+
+
+def paired_table(out_dir: str = RESULTS_DIR) -> list[str]:
+    """The README lines of the latest paired-latency run (none if it never ran)."""
+    from _common import read_csv
+
+    path = os.path.join(out_dir, "latency_paired.csv")
+    if not os.path.exists(path):
+        return []
+    rows = read_csv(path)
+    rows = [r for r in rows if r["run"] == rows[-1]["run"]]
+    r0 = rows[0]
+    out = ["", f"| kind (one request at a time, {r0['max_tokens']} tokens each) | rounds | TTFT p50 (ms) "
+           "| TTFT p90 (ms) | TTFT p50 vs plain (95 % CI) |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['kind']} | {r['rounds']} | {r['ttft_p50_ms']} | {r['ttft_p90_ms']} | "
+                   f"{float(r['vs_plain']):.3f} [{float(r['vs_plain_lo']):.3f}, {float(r['vs_plain_hi']):.3f}] |")
+    out.append(f"(paired run {r0['run']}, commit {r0['git_commit']})")
+    return out
 
 
 # ----------------------------------------------------------------------- main
 def run(client, model: str, *, minutes: float, latency_minutes: float, clients: int, rate: float,
-        max_tokens: int, seed: int, server_pid, max_slots: int, out_dir: str, progress=True) -> dict:
-    """Both phases against ``client``; rows appended under ``out_dir``; the summary."""
+        max_tokens: int, seed: int, server_pid, max_slots: int, out_dir: str, progress=True,
+        paired_rounds: int = 0, paired_tokens: int = 4) -> dict:
+    """The phases against ``client`` (phases 1 and 2 unless both their lengths are 0,
+    phase 3 when ``paired_rounds`` > 0); rows appended under ``out_dir``; the summary."""
     import torch
 
     from emosteer.request.bank import ModelInfo, VectorBank
@@ -478,29 +553,45 @@ def run(client, model: str, *, minutes: float, latency_minutes: float, clients: 
                     max_tokens=max_tokens, max_slots=max_slots, machine=mach["machine"],
                     cores=mach["cores"], vllm=vllm_version, git_commit=git_commit(),
                     timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        if progress:
-            print(f"sustained: {minutes} min, {clients} clients", flush=True)
-        done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress)
-        idle, adm = wait_idle(client)
-        samples.append((minutes * 60.0 + 1e-6, counters(client, server_pid)))
-        mrows = minute_rows(done, samples, minutes * 60.0, dict(base, phase="sustained"))
-        if progress:
-            print(f"latency: {latency_minutes} min at {rate} req/s", flush=True)
-        ldone = open_loop(mix, latency_minutes * 60.0, rate, seed + 1)
-        lrows = latency_rows(ldone, rate, dict(base, max_slots=max_slots))
-        idle2, adm2 = wait_idle(client)
+        loaded = minutes > 0 or latency_minutes > 0
+        done, ldone, pdone, mrows, lrows, prows, idle, idle2, adm2 = [], [], [], [], [], [], True, True, None
+        if loaded:
+            if progress:
+                print(f"sustained: {minutes} min, {clients} clients", flush=True)
+            done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress)
+            idle, adm = wait_idle(client)
+            samples.append((minutes * 60.0 + 1e-6, counters(client, server_pid)))
+            mrows = minute_rows(done, samples, minutes * 60.0, dict(base, phase="sustained"))
+            if progress:
+                print(f"latency: {latency_minutes} min at {rate} req/s", flush=True)
+            ldone = open_loop(mix, latency_minutes * 60.0, rate, seed + 1)
+            lrows = latency_rows(ldone, rate, dict(base, max_slots=max_slots))
+            idle2, adm2 = wait_idle(client)
+        if paired_rounds > 0:
+            if progress:
+                print(f"paired latency: {paired_rounds} rounds, {paired_tokens} tokens a request", flush=True)
+            pmix = Mix(client, model, info, paired_tokens, seed + 2)
+            ttft, pdone = paired(pmix, paired_rounds, seed + 2, progress)
+            prows = paired_rows(ttft, dict(base, max_tokens=paired_tokens), seed + 3)
+            idle3, adm2 = wait_idle(client)
+            idle2 = idle2 and idle3
     finally:
         for name in ("soak.res", "soak.head"):
             client.delete(name)
-    append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
-    append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
-    png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
-    plot(mrows, lrows, png, f"{base['model']}, {clients} clients, max_tokens {max_tokens}, "
-         f"max_slots {max_slots}; {mach['machine']} ({mach['cores']} cores); vLLM {vllm_version}; run {run_id}")
-    problems = [f"{d.kind}: {d.problem}" for d in (*done, *ldone) if d.problem]
+    png = None
+    if loaded:
+        append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
+        append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
+        png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
+        plot(mrows, lrows, png, f"{base['model']}, {clients} clients, max_tokens {max_tokens}, "
+             f"max_slots {max_slots}; {mach['machine']} ({mach['cores']} cores); vLLM {vllm_version}; run {run_id}")
+    if prows:
+        append_csv(prows, os.path.join(out_dir, "latency_paired.csv"), PAIRED_COLUMNS)
+    problems = [f"{d.kind}: {d.problem}" for d in (*done, *ldone, *pdone) if d.problem]
     by_kind = collections.Counter(d.kind for d in done)
-    return {"summary": summary(mrows, lrows), "minutes": mrows, "latency": lrows, "by_kind": dict(by_kind),
-            "unexpected": problems, "idle_after": idle and idle2, "admission_after": adm2, "plot": png}
+    return {"summary": summary(mrows, lrows) if loaded else {}, "minutes": mrows, "latency": lrows,
+            "paired": prows, "by_kind": dict(by_kind), "unexpected": problems, "idle_after": idle and idle2,
+            "admission_after": adm2, "plot": png}
 
 
 def main(argv=None) -> int:
@@ -512,6 +603,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=float, default=1.0, help="requests per second in the latency phase")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-slots", type=int, default=16)
+    ap.add_argument("--paired-rounds", type=int, default=100,
+                    help="rounds of the paired latency phase (0: skip it)")
+    ap.add_argument("--paired-tokens", type=int, default=4, help="new tokens a paired request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--url", default=None, help="a running server instead of starting one")
     ap.add_argument("--api-key", default="bench-key")
@@ -529,12 +623,17 @@ def main(argv=None) -> int:
         res = run(Client(url, api_key=args.api_key, timeout=600), model, minutes=args.minutes,
                   latency_minutes=args.latency_minutes, clients=args.clients, rate=args.rate,
                   max_tokens=args.max_tokens, seed=args.seed, server_pid=pid,
-                  max_slots=args.max_slots, out_dir=args.out_dir)
+                  max_slots=args.max_slots, out_dir=args.out_dir, paired_rounds=args.paired_rounds,
+                  paired_tokens=args.paired_tokens)
     print(json.dumps({"summary": res["summary"], "by_kind": res["by_kind"], "idle_after": res["idle_after"]},
                      indent=1))
     for row in res["latency"]:
         print(f"  {row['kind']:9s} TTFT p50 {row['ttft_p50_ms']} ms p99 {row['ttft_p99_ms']} ms, "
               f"ITL p50 {row['itl_p50_ms']} ms p99 {row['itl_p99_ms']} ms ({row['requests']} requests)")
+    for row in res["paired"]:
+        print(f"  paired {row['kind']:9s} TTFT p50 {row['ttft_p50_ms']} ms p90 {row['ttft_p90_ms']} ms, "
+              f"vs plain {row.get('vs_plain')} [{row.get('vs_plain_lo')}, {row.get('vs_plain_hi')}] "
+              f"({row['rounds']} rounds)")
     for u in res["unexpected"][:20]:
         print("UNEXPECTED", u)
     print("plot:", res["plot"])

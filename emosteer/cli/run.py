@@ -157,7 +157,8 @@ def demo_cmd(
     backend: Backend = typer.Option(Backend.auto, "--backend", help="vllm, hf, or auto."),
     quick: bool = typer.Option(False, "--quick", help="A much smaller run (smoke test)."),
     full: bool = typer.Option(False, "--full", help="The whole study (every steering condition, "
-                              "48 held-out prompts, head maps of four emotions): about 20 min."),
+                              "48 held-out prompts, head maps of four emotions): about 40 min "
+                              "for one emotion on 2 CPU cores."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="vLLM's logging and the engine's "
                                  "output on the console instead of OUT/engine.log."),
@@ -171,7 +172,7 @@ def demo_cmd(
     narratives on held-out prompts → report.md, plots, results.json, narratives.jsonl,
     bank.safetensors, engine.log. By default a short run (one pass through every stage on
     few prompts: a few minutes for SmolLM2-135M on 2 CPU cores, engine start-up
-    included); --full: the whole study (about 20 min for one emotion); --quick: smoke-test
+    included); --full: the whole study (about 40 min for one emotion); --quick: smoke-test
     sizes. One line per stage on the console; vLLM's own output goes to OUT/engine.log
     (--verbose: on the console).
 

@@ -39,7 +39,7 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     cached, _ = servers
     res = bs.run(cached.client, cached.model, minutes=0.2, latency_minutes=0.12, clients=3, rate=4.0,
                  max_tokens=4, seed=3, server_pid=cached.proc.pid, max_slots=4, out_dir=str(tmp_path),
-                 progress=False)
+                 progress=False, paired_rounds=3, paired_tokens=2)
     assert not res["unexpected"], res["unexpected"][:10]
     assert res["idle_after"], res["admission_after"]
     assert {"plain", "distinct"} <= set(res["by_kind"]), res["by_kind"]
@@ -54,8 +54,15 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     assert rows[0].startswith("run,phase,minute") and len(rows) == 2
     assert len((tmp_path / "latency.csv").read_text().splitlines()) == 4
     assert os.path.getsize(res["plot"]) > 10000
+    paired = {r["kind"]: r for r in res["paired"]}
+    assert set(paired) == {"plain", "distinct", "capture"}
+    assert all(r["rounds"] == 3 and r["ttft_p50_ms"] > 0 for r in paired.values()), paired
+    assert paired["plain"]["vs_plain"] == 1.0
+    assert all(r["vs_plain_lo"] <= r["vs_plain"] <= r["vs_plain_hi"] for r in paired.values()), paired
+    assert len((tmp_path / "latency_paired.csv").read_text().splitlines()) == 4
     text = bs.table(str(tmp_path))
     assert "generated tok/s" in text and "| distinct |" in text and "0 unexpected" in text, text
+    assert "one request at a time" in text, text
 
 
 def test_sigterm_stops_the_server_gracefully(servers):
