@@ -74,3 +74,28 @@ def test_vllm_backend_matches_hf(both):
     nb = neuron_attribution(vl, "joy", pairs, top_k=4)
     assert nb.method == "align" and nb.atp is None
     assert nb.top[0] == (2, 7)  # the planted neuron also has the best alignment
+
+
+def test_reduced_logits_equal_full_logits_on_both_backends(both):
+    """forward(reduce=...) keeps only what the reduction returns, group by group (the
+    vLLM runner's LM head runs over about 512 positions at a time: 40 rows of 16
+    positions span two groups); perplexities use it and equal the full logits' numbers,
+    and the two backends agree."""
+    import math
+
+    from emosteer.analysis.fluency import perplexities
+
+    hf, vl, pairs = both
+    ids = hf.encode([f"{p.neutral.text} {p.query}" for p in pairs[:4]]) * 10
+    narr = [list(x[-16:]) for x in ids]  # valid token ids of the tiny vocabulary
+    full = [list(i) + list(n[:-1]) for i, n in zip(ids, narr)]
+    pos = [list(range(len(i) - 1, len(i) - 1 + len(n))) for i, n in zip(ids, narr)]
+    logits, _ = vl.forward(full, [None] * len(full), positions=pos)
+    want = [math.exp(-float(torch.log_softmax(lg, -1).gather(1, torch.tensor(n).view(-1, 1)).mean()))
+            for lg, n in zip(logits, narr)]
+    got_vl = perplexities(vl, ids, narr)
+    got_hf = perplexities(hf, ids, narr)
+    assert got_vl == pytest.approx(want, rel=1e-5)
+    assert got_hf == pytest.approx(want, rel=1e-3)
+    firsts, _ = vl.forward(full, [None] * len(full), positions=pos, reduce=lambda i, lg: (i, lg.shape))
+    assert firsts == [(i, (16, logits[0].shape[-1])) for i in range(len(full))]

@@ -71,11 +71,15 @@ def perplexities(runner, prompt_ids: Sequence[Sequence[int]], narrative_ids: Seq
         return out
     full = [list(prompt_ids[i]) + list(narrative_ids[i][:-1]) for i in rows]
     pos = [list(range(len(prompt_ids[i]) - 1, len(prompt_ids[i]) - 1 + len(narrative_ids[i]))) for i in rows]
-    logits, _ = runner.forward(full, [None] * len(rows), positions=pos, desc=desc)
-    for i, lg in zip(rows, logits):
-        tgt = torch.as_tensor(list(narrative_ids[i]), dtype=torch.long)
-        lp = torch.log_softmax(lg.float(), dim=-1).gather(1, tgt.view(-1, 1)).squeeze(1)
-        out[i] = float(math.exp(-float(lp.mean())))
+    def mean_logprob(k: int, lg: torch.Tensor) -> float:
+        tgt = torch.as_tensor(list(narrative_ids[rows[k]]), dtype=torch.long, device=lg.device)
+        return float(torch.log_softmax(lg.float(), dim=-1).gather(1, tgt.view(-1, 1)).mean())
+
+    # Reduced row by row: a study's thousands of narratives never hold their
+    # full-vocabulary logits at once.
+    means, _ = runner.forward(full, [None] * len(rows), positions=pos, desc=desc, reduce=mean_logprob)
+    for i, m in zip(rows, means):
+        out[i] = float(math.exp(-m))
     return out
 
 

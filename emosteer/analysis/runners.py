@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -30,6 +30,8 @@ __all__ = ["HFRunner", "VLLMRunner", "make_runner", "cpu_engine_env", "Positions
 
 # Per row: "last" (the last prompt token) or explicit 0-based token positions.
 Positions = str | Sequence[Sequence[int]]
+# forward(reduce=...): (row index, its float32 logits [P, V] or [V]) -> what to keep of them.
+Reduce = Callable[[int, torch.Tensor], Any]
 
 
 class MMPrompt(list):
@@ -171,9 +173,11 @@ class HFRunner:
         return ids.to(self.steerer.device), mask.to(self.steerer.device)
 
     def forward(self, ids: Sequence[Sequence[int]], specs: Sequence[SteerSpec | dict | None],
-                positions: Positions = "last", desc: str = "forward"):
+                positions: Positions = "last", desc: str = "forward", reduce: Reduce | None = None):
         """``(logits, captures)``: per row, float32 logits ``[len(positions), V]`` (``[V]``
-        for "last") and the capture dict (or None)."""
+        for "last") and the capture dict (or None). With ``reduce``, per row
+        ``reduce(row, logits)`` instead of the logits, computed batch by batch, so that
+        full-vocabulary logits are never held for every row at once."""
         logits, caps = [], []
         for s in _batches(len(ids), self.batch_size, self.progress, desc):
             rows = ids[s:s + self.batch_size]
@@ -184,11 +188,12 @@ class HFRunner:
             caps.extend(cp)
             for i, r in enumerate(rows):
                 if positions == "last":
-                    logits.append(lg[i].float())
+                    row = lg[i].float()
                 else:
                     off = x.shape[1] - len(r)
                     pos = torch.as_tensor(list(positions[s + i]), dtype=torch.long) + off
-                    logits.append(lg[i, pos.to(lg.device)].float())
+                    row = lg[i, pos.to(lg.device)].float()
+                logits.append(row if reduce is None else reduce(s + i, row))
         return logits, caps
 
     def forward_grad(self, ids, specs, keep: dict[str, Sequence[int]]):
@@ -329,7 +334,8 @@ class VLLMRunner:
         return replace(spec, capture=CaptureItem(heads, res, positions,
                                                  cap.attn_image if cap is not None else None))
 
-    def forward(self, ids, specs, positions: Positions = "last", desc: str = "forward"):
+    def forward(self, ids, specs, positions: Positions = "last", desc: str = "forward",
+                reduce: Reduce | None = None):
         from vllm import SamplingParams
 
         if self._head is None:
@@ -349,13 +355,22 @@ class VLLMRunner:
                 rows.append(resid[[where[p] for p in positions[i]]])
             user = SteerSpec.parse(s).capture if s is not None else None
             caps.append(c if user is not None else None)
-        # One LM-head matmul for every row's positions (chunked to bound memory).
-        flat = torch.cat(rows) if rows else torch.zeros(0, self.info.hidden_size)
-        lg = torch.cat([self._head(flat[k:k + 512]) for k in range(0, len(flat), 512)]) if len(flat) else flat
-        logits, k = [], 0
-        for r in rows:
-            logits.append(lg[k] if positions == "last" else lg[k:k + len(r)])
-            k += len(r)
+        # The LM head over groups of rows of about 512 positions; with ``reduce`` each
+        # group's logits are reduced before the next group's are computed.
+        logits: list = []
+        start = 0
+        while start < len(rows):
+            end, n = start, 0
+            while end < len(rows) and (n == 0 or n + len(rows[end]) <= 512):
+                n += len(rows[end])
+                end += 1
+            lg = self._head(torch.cat(rows[start:end]))
+            k = 0
+            for i in range(start, end):
+                row = lg[k] if positions == "last" else lg[k:k + len(rows[i])]
+                k += len(rows[i])
+                logits.append(row if reduce is None else reduce(i, row))
+            start = end
         return logits, caps
 
     def generate(self, ids, specs, max_new_tokens: int = 48, temperature: float = 0.0,

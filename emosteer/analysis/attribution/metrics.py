@@ -76,13 +76,16 @@ def _hit_rates(texts: Sequence[str], emotion: str, lexicon=None) -> list[float]:
 
 def _proxy_rows(runner, ids, tids, specs, narratives=None, desc="proxy"):
     """M per row: at the next token, or averaged over the teacher-forced narrative."""
+    def mass(_: int, lg: torch.Tensor) -> torch.Tensor:
+        return target_logmass(lg, tids.to(lg.device)).mean()
+
     if narratives is None:
-        logits, _ = runner.forward(ids, specs, positions="last", desc=desc)
-        return torch.stack([target_logmass(lg, tids) for lg in logits])
+        got, _ = runner.forward(ids, specs, positions="last", desc=desc, reduce=mass)
+        return torch.stack(got)
     full = [list(i) + list(n[:-1]) for i, n in zip(ids, narratives)]
     pos = [list(range(len(i) - 1, len(i) - 1 + max(1, len(n)))) for i, n in zip(ids, narratives)]
-    logits, _ = runner.forward(full, specs, positions=pos, desc=desc)
-    return torch.stack([target_logmass(lg, tids).mean() for lg in logits])
+    got, _ = runner.forward(full, specs, positions=pos, desc=desc, reduce=mass)
+    return torch.stack(got)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
