@@ -522,7 +522,8 @@ def paired_table(out_dir: str = RESULTS_DIR) -> list[str]:
     for r in rows:
         out.append(f"| {r['kind']} | {r['rounds']} | {r['ttft_p50_ms']} | {r['ttft_p90_ms']} | "
                    f"{float(r['vs_plain']):.3f} [{float(r['vs_plain_lo']):.3f}, {float(r['vs_plain_hi']):.3f}] |")
-    out.append(f"(paired run {r0['run']}, commit {r0['git_commit']})")
+    out += ["", f"Paired: the server otherwise idle, each round plain, distinct and capture one after another "
+            f"in a random order; interval: rounds resampled whole; run {r0['run']}, commit {r0['git_commit']}."]
     return out
 
 
