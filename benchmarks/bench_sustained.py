@@ -38,7 +38,8 @@ Rows go to ``benchmarks/results/sustained.csv`` (one per minute),
 ``benchmarks/results/latency.csv`` (one per kind) and
 ``benchmarks/results/latency_paired.csv`` (one per kind), the plot to
 ``benchmarks/results/sustained_<machine>.png``. Exit 1 if any answer was unexpected
-or the counters did not return to idle.
+or the counters did not return to idle. The requests themselves (streaming, the kinds,
+the checks of their answers) are in ``load_mix.py``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
-import http.client
 import json
 import os
 import random
@@ -54,20 +54,15 @@ import statistics
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from _common import RESULTS_DIR, append_csv, git_commit, machine_info, pyplot, save_figure  # noqa: E402
-from soak_server import PROMPTS, rss_mib, served  # noqa: E402
+from load_mix import KINDS, LATENCY_KINDS, WEIGHTS, Done, Mix, ms, pct  # noqa: E402
+from soak_server import rss_mib, served  # noqa: E402
 
-KINDS = ("plain", "distinct", "capture", "sweep", "cancel")
-WEIGHTS = (3, 4, 2, 1, 1)
-LATENCY_KINDS = ("plain", "distinct", "capture")
-SWEEP_WIDTH = 8
 MINUTE_COLUMNS = (
     "run", "phase", "minute", "requests", "tokens", "tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
     "itl_p50_ms", "itl_p99_ms", "plain_ttft_p50_ms", "distinct_ttft_p50_ms", "capture_ttft_p50_ms",
@@ -84,172 +79,6 @@ LATENCY_COLUMNS = (
     "itl_p99_ms", "ttft_p50_vs_plain", "model", "max_tokens", "max_slots", "machine", "cores",
     "vllm", "git_commit", "timestamp",
 )
-
-
-@dataclass
-class Done:
-    """One finished request."""
-    kind: str
-    t_end: float  # seconds since the phase started
-    tokens: int
-    ttft: float | None  # seconds
-    gaps: list = field(default_factory=list)  # inter-token gaps, seconds
-    problem: str | None = None
-
-
-def pct(xs, q: float) -> float | None:
-    """The q-quantile (0..1) of xs, nearest rank; None for no values."""
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
-
-
-def ms(x: float | None) -> float | None:
-    return None if x is None else round(1000.0 * x, 2)
-
-
-# ----------------------------------------------------------------------- requests
-def stream(base_url: str, api_key: str | None, body: dict, timeout: float,
-           cancel_after: int | None = None) -> tuple[int, float | None, list, str, str | None]:
-    """POST a streamed completion; (tokens, ttft, gaps, text, problem). Tokens are the
-    usage count of the final chunk (chunks when it is absent); ``cancel_after`` chunks
-    drops the connection."""
-    host, port = base_url.split("//", 1)[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.monotonic()
-    ttft, last, gaps, text, chunks, usage = None, None, [], [], 0, None
-    try:
-        conn.request("POST", "/v1/completions", json.dumps(body), headers)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            return 0, None, [], "", f"HTTP {resp.status}: {resp.read()[:200]!r}"
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            msg = json.loads(data)
-            if msg.get("usage"):
-                usage = msg["usage"].get("completion_tokens")
-            piece = "".join(c.get("text") or "" for c in msg.get("choices") or ())
-            if not msg.get("choices"):
-                continue
-            now = time.monotonic()
-            if ttft is None:
-                ttft = now - t0
-            else:
-                gaps.append(now - last)
-            last = now
-            text.append(piece)
-            chunks += 1
-            if cancel_after is not None and chunks >= cancel_after:
-                return chunks, ttft, gaps, "".join(text), None
-    except (OSError, ValueError) as e:
-        return 0, None, [], "", f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
-    return (usage if usage is not None else chunks), ttft, gaps, "".join(text), None
-
-
-class Mix:
-    """The request kinds against one server: configs, expected plain answers, calls."""
-
-    def __init__(self, client, model: str, info, max_tokens: int, seed: int):
-        self.client, self.model, self.info, self.max_tokens = client, model, info, max_tokens
-        self.layers, self.heads = info.num_layers, info.num_heads
-        self._serial = iter(range(10**9))
-        self._lock = threading.Lock()
-        self.plain = {}  # each prompt's answer alone, streamed like every request
-        for p in PROMPTS:
-            n, _, _, text, problem = stream(client.base_url, client.api_key, self.body(p, None), client.timeout)
-            if problem or n < 1:
-                raise RuntimeError(f"plain request failed: {problem or 'no tokens'}")
-            self.plain[p] = text
-
-    def distinct_cfg(self, r: random.Random) -> dict:
-        with self._lock:
-            k = next(self._serial)
-        layers = sorted(r.sample(range(self.layers), max(1, self.layers // 3)))
-        # The serial number in the scale makes every config's fingerprint new.
-        return {"steer": [{"vector": "soak.res", "layers": layers, "scale": 0.5 + 1e-4 * k}],
-                "heads": [{"layer": r.randrange(self.layers), "head": r.randrange(self.heads),
-                           "mode": "add", "vector": "soak.head", "scale": 1.0}]}
-
-    def body(self, prompt: str, cfg: dict | None, key: str | None = None, max_tokens=None) -> dict:
-        b = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens or self.max_tokens,
-             "temperature": 0.0, "ignore_eos": True}
-        xargs = {}
-        if cfg is not None:
-            xargs["emosteer"] = json.dumps(cfg)
-        if key is not None:
-            xargs["emosteer_key"] = key
-        if xargs:
-            b["vllm_xargs"] = xargs
-        return b
-
-    def run(self, kind: str, r: random.Random, t0: float) -> list[Done]:
-        """``one``, with a client-side failure recorded as an unexpected result."""
-        try:
-            return self.one(kind, r, t0)
-        except Exception as e:  # noqa: BLE001 - any failure is an unexpected result
-            return [Done(kind, time.monotonic() - t0, 0, None, [], f"{type(e).__name__}: {e}")]
-
-    def one(self, kind: str, r: random.Random, t0: float) -> list[Done]:
-        c = self.client
-        p = r.choice(PROMPTS)
-
-        def call(body, cancel_after=None, check_plain=False):
-            n, ttft, gaps, text, problem = stream(c.base_url, c.api_key, body, c.timeout, cancel_after)
-            if problem is None and cancel_after is None and n < 1:
-                problem = "no tokens"
-            if problem is None and check_plain and text != self.plain[p]:
-                problem = "plain answer differs from the prompt's answer alone"
-            return Done(kind, time.monotonic() - t0, n, ttft, gaps, problem)
-
-        if kind == "plain":
-            return [call(self.body(p, None), check_plain=True)]
-        if kind == "distinct":
-            return [call(self.body(p, self.distinct_cfg(r)))]
-        if kind == "capture":
-            key = uuid.uuid4().hex
-            cfg = {"capture": {"residual": [self.layers - 1], "heads": [self.layers // 2],
-                               "positions": "last"}}
-            d = call(self.body(p, cfg, key))
-            if d.problem is None:
-                try:
-                    got = c.captures(key)
-                    if self.layers - 1 not in got.get("residual", {}):
-                        d.problem = "capture fetched without the residual layer"
-                except Exception as e:  # noqa: BLE001 - any failure is an unexpected result
-                    d.problem = f"capture fetch: {e}"
-            return [d]
-        if kind == "sweep":
-            out: list[Done] = []
-            heads = [(r.randrange(self.layers), r.randrange(self.heads)) for _ in range(SWEEP_WIDTH)]
-
-            def patch(lh):
-                cfg = {"heads": [{"layer": lh[0], "head": lh[1], "mode": "ablate", "positions": "last"}]}
-                out.append(call(self.body(p, cfg, max_tokens=2)))
-
-            ts = [threading.Thread(target=patch, args=(lh,), daemon=True) for lh in heads]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            return out
-        if kind == "cancel":
-            return [call(self.body(p, self.distinct_cfg(r), max_tokens=4 * self.max_tokens), cancel_after=1)]
-        raise ValueError(kind)
 
 
 # ----------------------------------------------------------------------- phases
@@ -351,8 +180,12 @@ def paired(mix: Mix, rounds: int, seed: int, progress=True) -> tuple[dict[str, l
 
 def paired_rows(ttft: dict[str, list], base: dict, seed: int, boot: int = 2000) -> list[dict]:
     """Per kind: p50 / p90 TTFT and median(kind) / median(plain) with a 95 % bootstrap
-    interval (rounds resampled whole; rounds where either request failed left out)."""
-    r = random.Random(seed)
+    interval (``emosteer.report.stats.bootstrap``, rounds resampled whole; rounds where
+    either request failed left out; no interval under 2 rounds)."""
+    import torch
+
+    from emosteer.report.stats import bootstrap
+
     rows = []
     for kind in LATENCY_KINDS:
         keep = [(a, b) for a, b in zip(ttft["plain"], ttft[kind]) if a is not None and b is not None]
@@ -360,13 +193,12 @@ def paired_rows(ttft: dict[str, list], base: dict, seed: int, boot: int = 2000) 
         row = dict(base, kind=kind, rounds=len(keep), ttft_p50_ms=ms(pct(xs, 0.5)), ttft_p90_ms=ms(pct(xs, 0.9)))
         if keep:
             ratio = statistics.median(xs) / statistics.median([a for a, _ in keep])
-            draws = []
-            for _ in range(boot):
-                smp = [keep[r.randrange(len(keep))] for _ in keep]
-                draws.append(statistics.median([b for _, b in smp]) / statistics.median([a for a, _ in smp]))
-            draws.sort()
-            row.update(vs_plain=round(ratio, 4), vs_plain_lo=round(draws[int(0.025 * boot)], 4),
-                       vs_plain_hi=round(draws[int(0.975 * boot) - 1], 4))
+            row["vs_plain"] = round(ratio, 4)
+        if len(keep) >= 2:
+            t = torch.tensor(keep, dtype=torch.float64)  # [rounds, (plain, kind)]
+            _, ci = bootstrap(lambda idx: t[idx, 1].quantile(0.5, dim=-1) / t[idx, 0].quantile(0.5, dim=-1),
+                              len(keep), boot, seed=seed)
+            row.update(vs_plain_lo=round(float(ci[0]), 4), vs_plain_hi=round(float(ci[1]), 4))
         rows.append(row)
     return rows
 
@@ -519,9 +351,15 @@ def paired_table(out_dir: str = RESULTS_DIR) -> list[str]:
     r0 = rows[0]
     out = ["", f"| kind (one request at a time, {r0['max_tokens']} tokens each) | rounds | TTFT p50 (ms) "
            "| TTFT p90 (ms) | TTFT p50 vs plain (95 % CI) |", "|---|---:|---:|---:|---:|"]
+    def ratio(r) -> str:
+        if r.get("vs_plain") in ("", None):
+            return "—"
+        if r.get("vs_plain_lo") in ("", None):
+            return f"{float(r['vs_plain']):.3f}"
+        return f"{float(r['vs_plain']):.3f} [{float(r['vs_plain_lo']):.3f}, {float(r['vs_plain_hi']):.3f}]"
+
     for r in rows:
-        out.append(f"| {r['kind']} | {r['rounds']} | {r['ttft_p50_ms']} | {r['ttft_p90_ms']} | "
-                   f"{float(r['vs_plain']):.3f} [{float(r['vs_plain_lo']):.3f}, {float(r['vs_plain_hi']):.3f}] |")
+        out.append(f"| {r['kind']} | {r['rounds']} | {r['ttft_p50_ms']} | {r['ttft_p90_ms']} | {ratio(r)} |")
     out += ["", f"Paired: the server otherwise idle, each round plain, distinct and capture one after another "
             f"in a random order; interval: rounds resampled whole; run {r0['run']}, commit {r0['git_commit']}."]
     return out
