@@ -101,6 +101,45 @@ def version_string() -> str:
     return f"emosteer-{ver}{'+' + sha if sha else ''}/torch-{torch.__version__}"
 
 
+# ------------------------------------------------------------------ host
+def host_counters() -> dict:
+    """System-wide counters since boot that tell a slow round caused by the host from one
+    caused by the code: ``steal_s`` (CPU seconds the hypervisor gave to other guests,
+    summed over cores), ``iowait_s`` (seconds cores sat idle waiting on I/O) and
+    ``major_faults`` (page faults that had to read from disk, e.g. code or weights the
+    kernel had paged out). Linux only; ``{}`` where ``/proc`` is missing. Take one before
+    and one after a timed block and subtract (``host_delta``)."""
+    try:
+        with open("/proc/stat") as f:
+            cpu = f.readline().split()
+        with open("/proc/vmstat") as f:
+            vm = dict(line.split() for line in f if line.startswith("pgmajfault "))
+    except OSError:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"steal_s": int(cpu[8]) / hz, "iowait_s": int(cpu[5]) / hz,
+            "major_faults": int(vm.get("pgmajfault", 0))}
+
+
+def host_delta(before: dict, after: dict) -> dict:
+    """``after - before`` per counter of ``host_counters`` (``{}`` if either is empty)."""
+    if not before or not after:
+        return {}
+    return {k: round(after[k] - before[k], 3) for k in before}
+
+
+def host_disturbed(delta: dict, seconds: float, max_steal: float) -> bool:
+    """Whether a timed block of ``seconds`` lost more than ``max_steal`` (a fraction) of
+    the machine's CPU time to the hypervisor (``delta`` from ``host_delta``). On a
+    shared virtual machine other guests take cores in bursts of seconds; a round with
+    most threads in one parallel region then waits on the descheduled core, and the
+    round's time says more about the neighbours than about the code. ``max_steal <= 0``
+    or no counters: never disturbed."""
+    if max_steal <= 0 or not delta or seconds <= 0:
+        return False
+    return delta["steal_s"] / (seconds * (os.cpu_count() or 1)) > max_steal
+
+
 # ------------------------------------------------------------------ CSV
 def append_csv(rows: Sequence[dict], path: str, columns: Sequence[str]) -> None:
     """Append rows to the long CSV at ``path`` (header written when the file is new);

@@ -53,6 +53,9 @@ from _common import (  # noqa: E402
     RESULTS_DIR,
     append_csv,
     git_commit,
+    host_counters,
+    host_delta,
+    host_disturbed,
     machine_info,
     pyplot,
     save_figure,
@@ -65,7 +68,8 @@ TARGETS = {"idle": 0.99, "distinct": 0.95}  # median throughput ratio to plain t
 COLUMNS = (
     "condition", "model", "dtype", "mode", "n_prompts", "max_tokens", "rounds",
     "round_tok_per_s", "median_tok_per_s", "min_tok_per_s", "max_tok_per_s",
-    "ratio_to_plain", "round_ratios", "ratio_min", "ratio_max",
+    "ratio_to_plain", "round_ratios", "ratio_min", "ratio_max", "ratio_ci_low", "ratio_ci_high",
+    "disturbed_rounds", "max_steal", "steal_s",
     "idle_equals_plain", "same_tokens_as_plain", "max_slots", "impl", "prefix_caching",
     "machine", "cores", "core_setting", "kvcache_gib",
     "vllm", "torch", "emosteer", "git_commit", "timestamp", "notes",
@@ -162,17 +166,29 @@ def core_setting(env: dict, ld_preload: str | None = None) -> str:
 
 
 def summarize(condition: str, tps: list[float], plain_tps: list[float] | None) -> dict:
-    """Round tok/s, median/min/max, ratio of medians to plain, per-round paired ratios."""
+    """Round tok/s, median/min/max, ratio of medians to plain, per-round paired ratios and
+    a 95 % bootstrap interval of the ratio of medians (rounds resampled whole, so each
+    round's plain and condition stay paired; ``emosteer.report.stats.bootstrap``)."""
     med = statistics.median(tps)
     out = {"round_tok_per_s": ";".join(f"{x:.1f}" for x in tps),
            "median_tok_per_s": round(med, 1), "min_tok_per_s": round(min(tps), 1),
            "max_tok_per_s": round(max(tps), 1),
-           "ratio_to_plain": "", "round_ratios": "", "ratio_min": "", "ratio_max": ""}
+           "ratio_to_plain": "", "round_ratios": "", "ratio_min": "", "ratio_max": "",
+           "ratio_ci_low": "", "ratio_ci_high": ""}
     if plain_tps:
         ratios = [a / b for a, b in zip(tps, plain_tps)]
         out.update(ratio_to_plain=round(med / statistics.median(plain_tps), 4),
                    round_ratios=";".join(f"{x:.4f}" for x in ratios),
                    ratio_min=round(min(ratios), 4), ratio_max=round(max(ratios), 4))
+        if len(tps) >= 2 and condition != "plain":
+            import torch
+
+            from emosteer.report.stats import bootstrap
+
+            t = torch.tensor([tps, plain_tps], dtype=torch.float64)  # [2, rounds]
+            _, ci = bootstrap(lambda idx: t[0][idx].quantile(0.5, dim=-1) / t[1][idx].quantile(0.5, dim=-1),
+                              len(tps), n_boot=4000)
+            out.update(ratio_ci_low=round(float(ci[0]), 4), ratio_ci_high=round(float(ci[1]), 4))
     return out
 
 
@@ -203,20 +219,39 @@ def run_group(model: str, dtype: str, eager: bool, conditions: list[str], args,
         ids = {c: [] for c in run_conds}
         notes = {c: [] for c in run_conds}
         n, m = args.prompts, args.max_tokens
-        for r in range(-1, args.rounds):
-            label = "warm-up" if r < 0 else f"round {r + 1}/{args.rounds}"
+        # A round in which the hypervisor took more than --max-steal of the CPU time
+        # (steal) is logged, left out and run again, up to --max-reruns times.
+        r, kept, disturbed, steal = -1, 0, 0, 0.0
+        while kept < args.rounds and r < args.rounds + args.max_reruns:
+            label = "warm-up" if r < 0 else f"round {kept + 1}/{args.rounds}"
+            got, bad = {}, False
             for c in round_order(run_conds, max(r, 0)):
+                before = host_counters()
                 res = workers["plain" if c == "plain" else "plugin"].request(c, n, m)
+                host = host_delta(before, host_counters())
+                bad |= host_disturbed(host, res["seconds"], args.max_steal)
+                steal += host.get("steal_s", 0.0) if r >= 0 else 0.0
                 rate = res["tokens"] / res["seconds"]
                 log(f"{dtype}/{mode} {label:11s} {c:17s} {res['tokens']:6d} tok "
-                    f"{res['seconds']:8.2f} s {rate:9.1f} tok/s")
+                    f"{res['seconds']:8.2f} s {rate:9.1f} tok/s  steal {host.get('steal_s', 0):.2f} s")
                 if res["tokens"] != n * m:
                     notes[c].append(f"round {r + 1}: {res['tokens']} tokens, expected {n * m}")
                 if c == "distinct_capture" and res["captures"] != n:
                     notes[c].append(f"round {r + 1}: captures for {res['captures']}/{n} prompts")
-                if r >= 0:
+                got[c] = (rate, res["token_ids"])
+            if r >= 0 and bad:
+                disturbed += 1
+                log(f"{dtype}/{mode} {label}: disturbed (the hypervisor took over "
+                    f"{args.max_steal:.0%} of the CPU time); not counted, run again")
+            elif r >= 0:
+                kept += 1
+                for c, (rate, tok_ids) in got.items():
                     tps[c].append(rate)
-                    ids[c].append(res["token_ids"])
+                    ids[c].append(tok_ids)
+            r += 1
+        if kept < min(2, args.rounds):
+            raise RuntimeError(f"only {kept} undisturbed round(s) in {r} (steal above "
+                               f"{args.max_steal:.0%}); rerun on a quieter machine or raise --max-steal")
     finally:
         for w in workers.values():
             w.close()
@@ -238,8 +273,9 @@ def run_group(model: str, dtype: str, eager: bool, conditions: list[str], args,
         h = plugin_hello if c != "plain" else hello
         rows.append({
             "condition": c, "model": os.path.basename(os.path.normpath(model)), "dtype": dtype,
-            "mode": mode, "n_prompts": n, "max_tokens": m, "rounds": args.rounds,
+            "mode": mode, "n_prompts": n, "max_tokens": m, "rounds": len(tps[c]),
             **summarize(c, tps[c], tps.get("plain")),
+            "disturbed_rounds": disturbed, "max_steal": args.max_steal, "steal_s": round(steal, 2),
             "idle_equals_plain": idle_eq, "same_tokens_as_plain": same,
             "max_slots": plugin_hello.get("max_slots", "") if c != "plain" else "",
             "impl": h.get("impl", "") if c != "plain" else "",
@@ -339,6 +375,15 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="counted rounds (>= 3; +1 warm-up)")
+    ap.add_argument("--max-steal", type=float, default=0.02,
+                    help="a round in which the hypervisor took more than this fraction of the "
+                         "machine's CPU time (steal, /proc/stat) is not counted and runs again; "
+                         "0: count every round")
+    ap.add_argument("--max-reruns", type=int, default=None,
+                    help="disturbed rounds run again at most (default: --rounds)")
+    ap.add_argument("--csv", default="serving.csv",
+                    help="results file name in --out-dir (the README's serving table reads "
+                         "serving.csv; a long idle-only run goes to serving_idle.csv)")
     ap.add_argument("--dtype", action="append", choices=("bfloat16", "float32"),
                     help="repeat for several (each its own pair of engines); default float32")
     ap.add_argument("--eager", action="store_true", help="run with enforce_eager")
@@ -361,6 +406,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.max_reruns is None:
+        args.max_reruns = args.rounds
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
@@ -410,8 +457,9 @@ def main(argv=None) -> int:
                 failed.append(f"{dtype}/{'eager' if eager else 'compiled'}")
                 log(f"FAILED {failed[-1]}: {e}")
     if rows:
-        csv_path = os.path.join(out_dir, "serving.csv")
-        png_path = os.path.join(out_dir, f"serving_{mach['tag']}.png")
+        csv_path = os.path.join(out_dir, args.csv)
+        stem = os.path.splitext(args.csv)[0]
+        png_path = os.path.join(out_dir, f"{stem}_{mach['tag']}.png")
         append_csv(rows, csv_path, COLUMNS)
         r0 = rows[0]
         title = (f"{r0['model']} on {mach['machine']} ({mach['cores']} cores): {args.prompts} prompts "

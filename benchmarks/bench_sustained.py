@@ -61,12 +61,13 @@ if HERE not in sys.path:
 
 from _common import RESULTS_DIR, append_csv, git_commit, machine_info, pyplot, save_figure  # noqa: E402
 from load_mix import KINDS, LATENCY_KINDS, WEIGHTS, Done, Mix, ms, pct  # noqa: E402
-from soak_server import rss_mib, served  # noqa: E402
+from soak_server import rss_mib, rss_parts, served  # noqa: E402
 
 MINUTE_COLUMNS = (
     "run", "phase", "minute", "requests", "tokens", "tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
     "itl_p50_ms", "itl_p99_ms", "plain_ttft_p50_ms", "distinct_ttft_p50_ms", "capture_ttft_p50_ms",
-    "rss_mib", "slots_in_use", "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
+    "rss_mib", "rss_api_mib", "rss_engine_mib", "rss_workers_mib", "kinds", "slots_in_use",
+    "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
     "parked", "unexpected", "model", "clients", "max_tokens", "max_slots", "machine", "cores",
     "vllm", "git_commit", "timestamp",
 )
@@ -86,8 +87,10 @@ def counters(client, server_pid) -> dict:
     st = client.status()
     adm = st["admission"]
     workers = st.get("workers") or [{}]
+    parts = rss_parts(server_pid)
     return {
         "rss_mib": round(rss_mib(server_pid), 1),
+        "rss_api_mib": parts["api"], "rss_engine_mib": parts["engine"], "rss_workers_mib": parts["workers"],
         "slots_in_use": adm["slots_in_use"],
         "pool_rows_in_use": sum(adm["pool_rows_in_use"].values()),
         "capture_rows_in_use": adm["capture_rows_in_use"],
@@ -96,8 +99,11 @@ def counters(client, server_pid) -> dict:
     }
 
 
-def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, progress=True):
-    """Closed loop for ``seconds``; (finished requests, counter samples [(t, dict)])."""
+def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, progress=True,
+              kinds: tuple[str, ...] = KINDS):
+    """Closed loop for ``seconds`` over ``kinds`` (KINDS' weights); (finished requests,
+    counter samples [(t, dict)])."""
+    weights = [WEIGHTS[KINDS.index(k)] for k in kinds]
     t0 = time.monotonic()
     deadline = t0 + seconds
     done: list[Done] = []
@@ -106,7 +112,7 @@ def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, pro
     def worker(i):
         r = random.Random(seed * 1000 + i)
         while time.monotonic() < deadline:
-            got = mix.run(r.choices(KINDS, WEIGHTS)[0], r, t0)
+            got = mix.run(r.choices(kinds, weights)[0], r, t0)
             with lock:
                 done.extend(got)
 
@@ -282,6 +288,9 @@ def plot(minutes: list[dict], lat: list[dict], path: str, title: str) -> None:
     ax[1].set(xlabel="minute", ylabel="ms", title="latency, all kinds")
     ax[1].legend(fontsize=7)
     ax[2].plot(x, [r["rss_mib"] for r in minutes], "k-o", label="server RSS (MiB)")
+    for key, style in (("rss_api_mib", "b:"), ("rss_engine_mib", "g:"), ("rss_workers_mib", "r:")):
+        if all(r.get(key) not in (None, "") for r in minutes):
+            ax[2].plot(x, [float(r[key]) for r in minutes], style, label=key[4:-4] + " RSS")
     ax[2].set(xlabel="minute", ylabel="MiB", title="memory and counters (end of minute)")
     tw = ax[2].twinx()
     for key in ("slots_in_use", "pool_rows_in_use", "capture_rows_in_use", "worker_requests", "parked"):
@@ -303,7 +312,9 @@ def table(out_dir: str = RESULTS_DIR) -> str:
     """The README's tables of the latest run in ``out_dir`` (sustained.csv + latency.csv)."""
     from _common import read_csv
 
-    mins = read_csv(os.path.join(out_dir, "sustained.csv"))
+    # the full mix's latest run (a control run with --kinds is in the CSV, not in this table)
+    mins = [r for r in read_csv(os.path.join(out_dir, "sustained.csv"))
+            if r.get("kinds", "") in ("", "+".join(KINDS))]
     run_id = mins[-1]["run"]
     mins = [r for r in mins if r["run"] == run_id]
     lat = [r for r in read_csv(os.path.join(out_dir, "latency.csv")) if r["run"] == run_id]
@@ -368,7 +379,7 @@ def paired_table(out_dir: str = RESULTS_DIR) -> list[str]:
 # ----------------------------------------------------------------------- main
 def run(client, model: str, *, minutes: float, latency_minutes: float, clients: int, rate: float,
         max_tokens: int, seed: int, server_pid, max_slots: int, out_dir: str, progress=True,
-        paired_rounds: int = 0, paired_tokens: int = 4) -> dict:
+        paired_rounds: int = 0, paired_tokens: int = 4, kinds: tuple[str, ...] = KINDS) -> dict:
     """The phases against ``client`` (phases 1 and 2 unless both their lengths are 0,
     phase 3 when ``paired_rounds`` > 0); rows appended under ``out_dir``; the summary."""
     import torch
@@ -392,15 +403,16 @@ def run(client, model: str, *, minutes: float, latency_minutes: float, clients: 
                     max_tokens=max_tokens, max_slots=max_slots, machine=mach["machine"],
                     cores=mach["cores"], vllm=vllm_version, git_commit=git_commit(),
                     timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        mbase = dict(base, phase="sustained", kinds="+".join(kinds))
         loaded = minutes > 0 or latency_minutes > 0
         done, ldone, pdone, mrows, lrows, prows, idle, idle2, adm2 = [], [], [], [], [], [], True, True, None
         if loaded:
             if progress:
                 print(f"sustained: {minutes} min, {clients} clients", flush=True)
-            done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress)
+            done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress, kinds)
             idle, adm = wait_idle(client)
             samples.append((minutes * 60.0 + 1e-6, counters(client, server_pid)))
-            mrows = minute_rows(done, samples, minutes * 60.0, dict(base, phase="sustained"))
+            mrows = minute_rows(done, samples, minutes * 60.0, mbase)
             if progress:
                 print(f"latency: {latency_minutes} min at {rate} req/s", flush=True)
             ldone = open_loop(mix, latency_minutes * 60.0, rate, seed + 1)
@@ -445,12 +457,18 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-rounds", type=int, default=100,
                     help="rounds of the paired latency phase (0: skip it)")
     ap.add_argument("--paired-tokens", type=int, default=4, help="new tokens a paired request")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"the sustained phase's request kinds (of {','.join(KINDS)}; weights "
+                         f"{WEIGHTS}); e.g. 'plain' for a control run of the same server unsteered")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--url", default=None, help="a running server instead of starting one")
     ap.add_argument("--api-key", default="bench-key")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--table", action="store_true", help="print the README tables of the latest run")
     args = ap.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or any(k not in KINDS for k in kinds):
+        ap.error(f"--kinds: choose from {','.join(KINDS)}, got {args.kinds!r}")
     if args.table:
         print(table(args.out_dir))
         return 0
@@ -463,7 +481,7 @@ def main(argv=None) -> int:
                   latency_minutes=args.latency_minutes, clients=args.clients, rate=args.rate,
                   max_tokens=args.max_tokens, seed=args.seed, server_pid=pid,
                   max_slots=args.max_slots, out_dir=args.out_dir, paired_rounds=args.paired_rounds,
-                  paired_tokens=args.paired_tokens)
+                  paired_tokens=args.paired_tokens, kinds=kinds)
     print(json.dumps({"summary": res["summary"], "by_kind": res["by_kind"], "idle_after": res["idle_after"]},
                      indent=1))
     for row in res["latency"]:

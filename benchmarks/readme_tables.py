@@ -3,6 +3,7 @@
 Each table sits between markers in README.md::
 
     <!-- bench:serving -->   ... rendered by benchmarks/serving_table.py (serving.csv)
+    <!-- bench:serving_idle --> ... serving_table.py on serving_idle.csv (the long idle run)
     <!-- bench:narratives --> ... bench_narratives.py --table (narratives.csv)
     <!-- bench:sweep -->      ... bench_sweep.py --table (sweep.csv)
     <!-- bench:sweep_aligned --> ... bench_sweep.py --variant aligned --table (sweep_aligned.csv)
@@ -31,6 +32,10 @@ def tables() -> dict[str, str]:
         import serving_table
 
         out["serving"] = serving_table.table()
+    if os.path.exists(os.path.join(HERE, "results", "serving_idle.csv")):
+        import serving_table
+
+        out["serving_idle"] = serving_table.table(os.path.join(HERE, "results", "serving_idle.csv"))
     if os.path.exists(os.path.join(HERE, "results", "narratives.csv")):
         import narratives_report
         from _common import read_csv

@@ -33,10 +33,19 @@ def latest_rows(path: str = CSV) -> tuple[list[dict], dict]:
     return keep, latest
 
 
+def _interval(r: dict) -> str:
+    if not r.get("ratio_ci_low"):
+        return "–"
+    lo, hi = float(r["ratio_ci_low"]), float(r["ratio_ci_high"])
+    return f"[{lo:.3f}, {hi:.3f}] (width {100 * (hi - lo):.1f} %)"
+
+
 def table(path: str = CSV) -> str:
     rows, latest = latest_rows(path)
-    out = ["| dtype, mode | condition | tok/s (median) | vs plain (median, min–max over rounds) |",
-           "| --- | --- | --- | --- |"]
+    ci = any(r.get("ratio_ci_low") for r in rows)
+    out = ["| dtype, mode | condition | tok/s (median) | vs plain (median, min–max over rounds) |"
+           + (" 95 % interval |" if ci else ""),
+           "| --- | --- | --- | --- |" + (" --- |" if ci else "")]
     for (dtype, mode), ts in sorted(latest.items()):
         for r in rows:
             if (r["dtype"], r["mode"], r["timestamp"]) != (dtype, mode, ts):
@@ -44,11 +53,17 @@ def table(path: str = CSV) -> str:
             ratio = float(r["ratio_to_plain"])
             spread = f"{float(r['ratio_min']):.3f}–{float(r['ratio_max']):.3f}"
             out.append(f"| {dtype}, {mode} | {LABELS.get(r['condition'], r['condition'])} | "
-                       f"{float(r['median_tok_per_s']):.0f} | {ratio:.3f} ({spread}) |")
+                       f"{float(r['median_tok_per_s']):.0f} | {ratio:.3f} ({spread}) |"
+                       + (f" {_interval(r)} |" if ci else ""))
     first = next(r for r in rows if r["timestamp"] == max(latest.values()))
+    bad = int(first.get("disturbed_rounds") or 0)
+    rerun = (f" ({bad} more not counted: the hypervisor took over {float(first['max_steal']):.0%} of "
+             f"the CPU time in them)" if bad else "")
     out.append("")
     out.append(f"{first['model']}, {first['n_prompts']} prompts × {first['max_tokens']} tokens, "
-               f"{first['rounds']} rounds interleaved in one pair of engine processes; {first['machine']} "
+               f"{first['rounds']} rounds{rerun} interleaved in one pair of engine processes"
+               + ("; interval: 95 % bootstrap of the ratio of medians, rounds resampled whole" if ci else "")
+               + f"; {first['machine']} "
                f"{first['cores']} cores ({first['core_setting']}); vLLM {first['vllm']}, torch {first['torch']}.")
     return "\n".join(out)
 

@@ -89,6 +89,31 @@ def rss_mib(pid: int | None) -> float:
     return total / 2**20
 
 
+def rss_parts(pid: int | None) -> dict[str, float]:
+    """Resident memory by role, MiB: the server's own process (``api``: vLLM's OpenAI
+    front end with emosteer's), vLLM's engine core (scheduler, emosteer's admission) and
+    the model workers (``workers``: weights, KV cache, emosteer's pools); 0 if unknown."""
+    out = {"api": 0.0, "engine": 0.0, "workers": 0.0}
+    if pid is None:
+        return out
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            name = " ".join(p.cmdline()[:1]) + " " + p.name()
+            rss = p.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+        role = "api" if p.pid == pid else "engine" if "EngineCore" in name else "workers"
+        out[role] += rss
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def _configs(n: int, layers: int, heads: int) -> list[dict]:
     return [{"steer": [{"vector": "soak.res", "layers": [k % layers], "scale": 1.0 + 0.25 * k}],
              "heads": [{"layer": (k // 2) % layers, "head": k % heads, "mode": "add",

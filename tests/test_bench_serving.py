@@ -50,6 +50,11 @@ def test_summarize_ratios():
     assert row["ratio_to_plain"] == round(99.0 / 100.0, 4)
     assert row["ratio_min"] == 0.9 and row["ratio_max"] == 1.0
     assert bs.summarize("x", [5.0], None)["ratio_to_plain"] == ""
+    # the interval holds the ratio of medians and narrows as rounds agree
+    assert row["ratio_ci_low"] <= row["ratio_to_plain"] <= row["ratio_ci_high"]
+    tight = bs.summarize("idle", [99.0 + 0.1 * i for i in range(20)], [100.0 + 0.1 * i for i in range(20)])
+    assert tight["ratio_ci_high"] - tight["ratio_ci_low"] < 0.005
+    assert bs.summarize("idle", [99.0], [100.0])["ratio_ci_low"] == ""  # one round: no interval
     assert bs.same_fraction([[1, 2], [3]], [[1, 2], [4]]) == 0.5
 
 
@@ -91,3 +96,38 @@ def test_kvcache_gib_bounds(tmp_path):
     bf16 = bs.kvcache_gib(str(tmp_path), "bfloat16", 128, 512)
     assert 1 <= bf16 <= fp32 and fp32 >= 3
     assert bs.kvcache_gib(str(tmp_path / "missing"), "float32", 8, 512) == 4
+
+
+def test_host_counters_and_disturbed_rounds():
+    now = _common.host_counters()
+    if os.path.exists("/proc/stat"):
+        assert set(now) == {"steal_s", "iowait_s", "major_faults"} and now["steal_s"] >= 0
+        assert set(_common.host_delta(now, _common.host_counters())) == set(now)
+    assert _common.host_delta({}, now) == {}
+    cores = os.cpu_count() or 1
+    # 10 s on every core: 2 % of it stolen is the limit
+    assert _common.host_disturbed({"steal_s": 0.3 * cores}, 10.0, 0.02)
+    assert not _common.host_disturbed({"steal_s": 0.1 * cores}, 10.0, 0.02)
+    assert not _common.host_disturbed({"steal_s": 5.0 * cores}, 10.0, 0.0)  # 0: never
+    assert not _common.host_disturbed({}, 10.0, 0.02)  # no counters (not Linux)
+
+
+def test_sweep_medians_leave_disturbed_rounds_out(tmp_path):
+    import bench_sweep
+
+    base = {"tokens": "1000", "layers": "2", "heads": "3", "pairs": "1", "requests": "6",
+            "max_abs_diff": "1e-5", "machine": "m", "run": "r", "model": "tiny", "max_steal": "0.02"}
+    rows = []
+    for rnd, (sweep, plain, bad) in enumerate([(10.0, 10.0, 0), (30.0, 10.5, 1), (10.2, 9.8, 0)]):
+        for m, sec in (("emosteer_vllm", sweep), ("plain_vllm", plain)):
+            rows.append({**base, "method": m, "round": str(rnd), "seconds": str(sec),
+                         "disturbed": str(bad), "steal_s": "3.0" if bad else "0.01"})
+    rows.append({**base, "method": "hf_hooks", "round": "0", "seconds": "60", "disturbed": "0"})
+    med = bench_sweep._medians(rows)
+    assert med["emosteer_vllm"] == 10.1 and med["plain_vllm"] == 9.9
+    text = bench_sweep.table(rows)
+    assert "2 rounds (1 more run again" in text
+    fresh = [dict(r, round=int(r["round"]), disturbed=int(r["disturbed"])) for r in rows]  # as a run holds them
+    assert bench_sweep._medians(fresh) == med
+    bench_sweep.plot(fresh, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
