@@ -338,6 +338,9 @@ def position_groups(spec: SteerSpec, bank: VectorBank | None,
     items = [*spec.steer, *spec.heads, *([spec.neurons] if spec.neurons is not None else [])]
     covers = pos_model.covers
     out: dict[int, tuple[SteerSpec, int]] = {}
+    # a group's head items that read one run of rows are the same at every position
+    # (only the offset moves): made once per set of source items
+    aligned: dict[tuple[int, ...], tuple[list, dict[int, int]]] = {}
     for p in pos_model.groups((it.positions for it in items), num_prompt):
         steer = tuple(replace(s, positions="all") for s in spec.steer if covers(s.positions, p, num_prompt))
         heads = []
@@ -353,7 +356,18 @@ def position_groups(spec: SteerSpec, bank: VectorBank | None,
                 )
             seen[(hd.layer, hd.head)] = i
             heads.append(hd)
-        heads, off = _aligned_heads(heads, bank, p)
+        ids = tuple(map(id, heads))
+        if ids in aligned:  # the same items as at an earlier position, read as one run
+            heads, index = aligned[ids]
+            off = index[p]
+        else:
+            heads, off = _aligned_heads(heads, bank, p)
+            if any(hd.at == ALIGNED for hd in heads):
+                listed = next(hd.positions for hd in spec.heads if id(hd) in ids and hd.reads_vector)
+                index: dict[int, int] = {}
+                for k, q in enumerate(listed):
+                    index.setdefault(q, k)  # (as list.index: the first listing)
+                aligned[ids] = (heads, index)
         neurons = spec.neurons
         if neurons is not None:
             if covers(neurons.positions, p, num_prompt):
@@ -399,8 +413,15 @@ def compile_request(
     bank = inline_vec.overlay(bank, info, spec.inline_items())
     phases = {p: compile_phase(phase_spec(spec, p), bank, info) for p in PHASES}
     row_off: dict[int, int] = {}
+    # Groups are often equal (a position-aligned patch's groups differ only in their row
+    # offset): each distinct group compiles once (programs are never mutated after).
+    done: dict[SteerSpec, SlotProgram | None] = {}
     for pos, (group, off) in position_groups(spec, bank, num_prompt).items():
-        phases[f"@{pos}"] = compile_phase(group, bank, info)
+        try:
+            prog = done[group] if group in done else done.setdefault(group, compile_phase(group, bank, info))
+        except TypeError:  # a field that does not hash: compile it as it is
+            prog = compile_phase(group, bank, info)
+        phases[f"@{pos}"] = prog
         if any(hd.at == ALIGNED for hd in group.heads):
             row_off[pos] = off
     return RequestProgram(phases, row_off)
