@@ -30,9 +30,12 @@ condition sends the same prompts, and a last-token patch salts only the block ho
 last prompt token, so the patched requests share the prompt's earlier blocks exactly as
 plain vLLM's identical prompts do: the same tokens are computed in both. An aligned
 patch keys every block from its first patched position on, so each request computes
-its prompt from there: in the aligned variant each plain request carries its own
-``cache_salt``, computing its whole prompt (at least the same tokens). The hook sweep runs afterwards in a child process, with the engine shut
-down: vLLM's CPU worker keeps its threads spinning while it idles, which would slow
+its prompt from the block holding that position: in the aligned variant each plain
+request carries its own ``cache_salt`` (the same every round), so after the warm-up it
+finds its own earlier full blocks cached and computes the rest, as the patched requests
+do (the default model's joy pair: 52 prompt tokens, first difference at 32, 32 of them
+cached per request in both conditions). The hook sweep runs afterwards in a child
+process, with the engine shut down: vLLM's CPU worker keeps its threads spinning while it idles, which would slow
 anything timed beside it on a small machine. The emosteer and HF results are checked
 equal (max |ΔM| difference, float32). The headline is the sweep's tokens/s as a fraction
 of plain vLLM on the same tokens (target >= 0.9) and its speed-up over the hook sweep.
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
         if method == "emosteer_vllm":
             lg, _ = runner.forward(rows, specs)
             res = torch.stack([target_logmass(x, tids) for x in lg]).view(len(cands), N)
-        elif variant == "aligned":  # every request computes its whole prompt
+        elif variant == "aligned":  # each request its own salt: its own blocks only
             runner.llm.llm.generate(salted, params, use_tqdm=False)
             res = None
         else:
@@ -353,6 +356,18 @@ def _rounds_note(rows) -> str:
     return note
 
 
+def _round_ratios(rows) -> list[float]:
+    """Plain vLLM's seconds over the sweep's, round by round (rounds the host disturbed
+    left out): paired, so a slower hour slows both sides of a ratio alike."""
+    by = {(r["method"], str(r["round"])): r for r in rows}
+    out = []
+    for (m, rnd), e in sorted(by.items(), key=lambda kv: int(kv[0][1])):
+        pl = by.get(("plain_vllm", rnd))
+        if m == "emosteer_vllm" and pl is not None and not _bad(pl):
+            out.append(float(pl["seconds"]) / float(e["seconds"]))
+    return out
+
+
 def table(rows, variant: str = "last") -> str:
     med = _medians(rows)
     r0 = rows[0]
@@ -369,15 +384,20 @@ def table(rows, variant: str = "last") -> str:
         s = med[m]
         lines.append(f"| {names[m]} | {s:.2f} | {tok / s:.0f} | {med['plain_vllm'] / s:.3f} | "
                      f"{med['hf_hooks'] / s:.1f}× |")
+    per = _round_ratios(rows)
     lines.append("")
-    lines.append(f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
+    lines.append((f"Per round (plain seconds ÷ sweep seconds, each round's two conditions paired): "
+                  f"{', '.join(f'{x:.3f}' for x in per)}; median {statistics.median(per):.3f}, "
+                  f"lowest {min(per):.3f}. ") if per else "")
+    lines[-1] += (f"{r0['layers']} layers × {r0['heads']} heads × {r0['pairs']} pairs = {r0['requests']} "
                  f"requests, {tok} tokens; {_rounds_note(rows)}, "
                  f"the two vLLM conditions interleaved in the engine's process (compiled, max_slots "
                  f"{r0.get('max_slots') or 256}), the hook "
                  f"sweep in its own process afterwards; prefix caching on, {r0.get('block_size') or 32}-token "
                  + ("blocks (an aligned patch keys every block from its first patched position, so "
-                    "each request computes its prompt from there; each plain request is salted, "
-                    "computing its whole prompt); " if al else
+                    "each request computes its prompt from that block on; each plain request has its "
+                    "own cache_salt, the same every round, and reuses its own earlier blocks: both "
+                    "compute the same tokens); " if al else
                     "blocks (a last-token patch shares the prompt's earlier blocks, as plain vLLM's "
                     "identical prompts do); ")
                  + f"the sweep's requests also return their last-layer residual "

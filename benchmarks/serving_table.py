@@ -37,14 +37,17 @@ def _interval(r: dict) -> str:
     if not r.get("ratio_ci_low"):
         return "–"
     lo, hi = float(r["ratio_ci_low"]), float(r["ratio_ci_high"])
-    return f"[{lo:.3f}, {hi:.3f}] (width {100 * (hi - lo):.1f} %)"
+    ratios = sorted(float(x) for x in r["round_ratios"].split(";"))
+    n = len(ratios)
+    med = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return f"{med:.3f} [{lo:.3f}, {hi:.3f}] (width {100 * (hi - lo):.1f} points)"
 
 
 def table(path: str = CSV) -> str:
     rows, latest = latest_rows(path)
     ci = any(r.get("ratio_ci_low") for r in rows)
     out = ["| dtype, mode | condition | tok/s (median) | vs plain (median, min–max over rounds) |"
-           + (" 95 % interval |" if ci else ""),
+           + (" median per-round ratio, 95 % interval |" if ci else ""),
            "| --- | --- | --- | --- |" + (" --- |" if ci else "")]
     for (dtype, mode), ts in sorted(latest.items()):
         for r in rows:
@@ -62,7 +65,8 @@ def table(path: str = CSV) -> str:
     out.append("")
     out.append(f"{first['model']}, {first['n_prompts']} prompts × {first['max_tokens']} tokens, "
                f"{first['rounds']} rounds{rerun} interleaved in one pair of engine processes"
-               + ("; interval: 95 % bootstrap of the ratio of medians, rounds resampled whole" if ci else "")
+               + ("; interval: 95 % bootstrap of the median of the per-round paired ratios, rounds "
+                  "resampled whole" if ci else "")
                + f"; {first['machine']} "
                f"{first['cores']} cores ({first['core_setting']}); vLLM {first['vllm']}, torch {first['torch']}.")
     return "\n".join(out)

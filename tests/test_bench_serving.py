@@ -127,6 +127,7 @@ def test_sweep_medians_leave_disturbed_rounds_out(tmp_path):
     assert med["emosteer_vllm"] == 10.1 and med["plain_vllm"] == 9.9
     text = bench_sweep.table(rows)
     assert "2 rounds (1 more run again" in text
+    assert "Per round (plain seconds ÷ sweep seconds" in text and "1.000, 0.961" in text  # disturbed left out
     fresh = [dict(r, round=int(r["round"]), disturbed=int(r["disturbed"])) for r in rows]  # as a run holds them
     assert bench_sweep._medians(fresh) == med
     bench_sweep.plot(fresh, str(tmp_path / "sweep.png"))
