@@ -89,6 +89,36 @@ template <typename scalar_t>
 void item(const CpuArgs& p, int64_t t, int64_t g, const Scratch& w);
 }
 
+// One tile of a prefill run (prefill_run in attn_image_boost_cpu.cpp): the logits of
+// its mm tokens x H heads over its nn keys, laid out [KVH, mm, group, nn] (row index
+// (g * mm + i) * group + a for token i, head g * group + a), and what the row pass needs
+// to turn them into softmax weights in place: scale, boost of the image keys of the
+// rewritten rows, the token's future keys set to 0, softmax, the captured masses.
+struct PrefillTile {
+  float* logits;           // [KVH * mm * group, nn]
+  int64_t nn, mm, group, H;
+  int64_t ta, pa;          // the tile's first token and its position
+  const uint8_t* rw;       // [mm, H] 1 = (token, head) rewritten
+  const float* img;        // [>= nn] 1.0 = image key, else 0.0
+  const int32_t* slot;     // [T]
+  const float* beta;       // [S, H]
+  const int32_t* lmode;    // [S]
+  const int32_t* cap;      // [T], duplicates resolved
+  float* mass_buf;         // [C, H, NS]
+  const int64_t* span_lo;  // [NS] the row's spans clamped to its keys: [lo, hi)
+  const int64_t* span_hi;  // [NS]
+  int64_t NS;
+  float scale;
+};
+
+// The row pass over rows [begin, end) of one prefill tile.
+namespace DEFAULT {
+void prefill_rows(const PrefillTile& p, int64_t begin, int64_t end);
+}
+namespace AVX2 {
+void prefill_rows(const PrefillTile& p, int64_t begin, int64_t end);
+}
+
 #if !defined(EMOSTEER_KERNEL_ONLY)
 // Host-side checks of dims, dtypes and layouts (values: the launcher). out and the
 // small tables must be contiguous; query, the caches and the block table may have any

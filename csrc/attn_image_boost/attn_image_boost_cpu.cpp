@@ -19,6 +19,9 @@ namespace emosteer {
 
 namespace {
 
+// Tokens per tile of a prefill run (see prefill_run).
+constexpr int64_t kPrefillTile = 64;
+
 // The prefill case: a run of m >= 2 consecutive tokens of one row (positions p0 ..
 // p0+m-1, keys 0..n-1 with n = p0+m) is a small attention of its own. Its keys and
 // values are gathered from the paged cache once per KV head, the logits and the outputs
@@ -26,7 +29,7 @@ namespace {
 // (KV head, token, head) row in between scales, boosts, masks the future keys, takes
 // the softmax and sums the captured masses; only the rewritten (token, head) rows are
 // written back (every other row of ``out`` keeps its value). The arithmetic of the
-// per-token loop, in float32, in another summation order. Tiles of at most ~4M logits.
+// per-token loop, in float32, in another summation order. Tiles of at most 64 tokens.
 void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                  const at::Tensor& value_cache, const int32_t* bt, int64_t bt0, int64_t bt1,
                  int64_t r, int64_t t0, int64_t m, int64_t p0, const int32_t* slot,
@@ -36,7 +39,8 @@ void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key
   const int64_t BS = key_cache.size(1), KVH = key_cache.size(2), group = H / KVH;
   const int64_t n = p0 + m;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  // [KVH, n, D] float keys and values of the row, gathered block by block.
+  // [KVH, n, D] float keys and values of the row, gathered block by block, reading
+  // along the smaller stride (vLLM's CPU key cache has the positions contiguous).
   at::Tensor K = at::empty({KVH, n, D}, f32), V = at::empty({KVH, n, D}, f32);
   EMOSTEER_DISPATCH_FLOAT_TYPES(out.scalar_type(), "attn_image_boost_prefill_gather", [&] {
     for (int which = 0; which < 2; ++which) {
@@ -45,22 +49,40 @@ void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key
       const scalar_t* base = static_cast<const scalar_t*>(cache.data_ptr());
       const int64_t s0 = cache.stride(0), s1 = cache.stride(1), s2 = cache.stride(2), s3 = cache.stride(3);
       for (int64_t g = 0; g < KVH; ++g) {
-        for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* src = base + bt[r * bt0 + (j / BS) * bt1] * s0 + (j % BS) * s1 + g * s2;
-          float* row = dst + (g * n + j) * D;
-          for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d * s3]);
+        for (int64_t j0 = 0; j0 < n; j0 += BS) {
+          const int64_t nb = std::min(BS, n - j0);
+          const scalar_t* src = base + bt[r * bt0 + (j0 / BS) * bt1] * s0 + g * s2;
+          float* blk = dst + (g * n + j0) * D;
+          if (s3 <= s1) {
+            for (int64_t j = 0; j < nb; ++j) {
+              for (int64_t d = 0; d < D; ++d) blk[j * D + d] = static_cast<float>(src[j * s1 + d * s3]);
+            }
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              for (int64_t j = 0; j < nb; ++j) blk[j * D + d] = static_cast<float>(src[j * s1 + d * s3]);
+            }
+          }
         }
       }
     }
   });
-  // Image keys of the row, clamped to the n keys: [lo, hi) per span.
+  // Image keys of the row, clamped to the n keys: [lo, hi) per span; img[j] = 1.0 for
+  // an image key (the row pass reads it as a vector mask).
   std::vector<int64_t> span_lo(static_cast<size_t>(NS)), span_hi(static_cast<size_t>(NS));
-  std::vector<uint8_t> img(static_cast<size_t>(n), 0);
+  std::vector<float> img(static_cast<size_t>(n), 0.0f);
   for (int64_t k = 0; k < NS; ++k) {
     attn_image_boost::visible_span(sp[(r * NS + k) * 2], sp[(r * NS + k) * 2 + 1], n, span_lo[k], span_hi[k]);
-    for (int64_t j = span_lo[k]; j < span_hi[k]; ++j) img[j] = 1;
+    for (int64_t j = span_lo[k]; j < span_hi[k]; ++j) img[j] = 1.0f;
   }
-  const int64_t tile = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, H * n));
+  auto rows_fn = &attn_image_boost::DEFAULT::prefill_rows;
+#if EMOSTEER_HAVE_AVX2_BUILD
+  if (cpu_use_avx2()) rows_fn = &attn_image_boost::AVX2::prefill_rows;
+#endif
+  // Tiles of kPrefillTile tokens (fewer where the logits would pass ~4M floats): each
+  // tile's products run over the keys its last token sees, so a causal prefill computes
+  // about half the logits of the full square, as the plain attention's kernels do.
+  const int64_t tile = std::max<int64_t>(
+      1, std::min<int64_t>(kPrefillTile, (int64_t{1} << 22) / std::max<int64_t>(1, H * n)));
   for (int64_t i0 = 0; i0 < m; i0 += tile) {
     const int64_t mm = std::min(tile, m - i0);
     const int64_t ta = t0 + i0, pa = p0 + i0;  // first token of the tile and its position
@@ -85,43 +107,12 @@ void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key
     const auto q = query.narrow(0, ta, mm).to(at::kFloat).reshape({mm, KVH, group, D})
                        .permute({1, 0, 2, 3}).reshape({KVH, mm * group, D});
     at::Tensor l = at::bmm(q, K.narrow(1, 0, nn).transpose(1, 2));
-    float* lp = l.data_ptr<float>();
     // One pass per row (g, i, a): scale, boost, future keys out, softmax, masses.
+    const attn_image_boost::PrefillTile pt{l.data_ptr<float>(), nn, mm, group, H, ta, pa,
+                                           rw.data(), img.data(), slot, bta, lmode, cap,
+                                           mass_buf, span_lo.data(), span_hi.data(), NS, scale};
     at::parallel_for(0, KVH * mm * group, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t g = row / (mm * group), i = (row / group) % mm, a = row % group;
-        const int64_t h = g * group + a, t = ta + i, seen = pa + i + 1, s = slot[t];
-        float* x = lp + row * nn;
-        float mx = -std::numeric_limits<float>::infinity();
-        const bool boost = rw[i * H + h];
-        const float b = boost ? bta[s * H + h] : 1.0f;
-        const bool add = boost && lmode[s] == 0;
-        const float lb = add ? attn_image_boost::log_boost(b) : 0.0f;
-        for (int64_t j = 0; j < seen; ++j) {
-          float v = x[j] * scale;
-          if (boost && img[j]) v = add ? v + lb : v * b;
-          x[j] = v;
-          mx = v > mx ? v : mx;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < seen; ++j) {
-          x[j] = std::exp(x[j] - mx);
-          sum += x[j];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t j = 0; j < seen; ++j) x[j] *= inv;
-        for (int64_t j = seen; j < nn; ++j) x[j] = 0.0f;
-        const int64_t c = cap[t];
-        if (c >= 0) {
-          float* mass = mass_buf + (c * H + h) * NS;
-          for (int64_t k = 0; k < NS; ++k) {
-            const int64_t lo = span_lo[k], hi = std::min(span_hi[k], seen);
-            float msum = 0.0f;
-            for (int64_t j = lo; j < hi; ++j) msum += x[j];
-            mass[k] = msum;
-          }
-        }
-      }
+      rows_fn(pt, begin, end);
     });
     if (!any_rw) continue;
     // Outputs [KVH, mm*group, D] = weights V; the rewritten rows written back.

@@ -9,6 +9,8 @@
 // rewritten heads, the values block by block into float accumulators, cast once.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -21,6 +23,7 @@ namespace CPU_CAPABILITY {
 using emosteer::cpu::CPU_CAPABILITY::fVec;
 using emosteer::cpu::CPU_CAPABILITY::kChunk;
 using emosteer::cpu::CPU_CAPABILITY::kW;
+using emosteer::cpu::CPU_CAPABILITY::lane_sum;
 using emosteer::cpu::CPU_CAPABILITY::load2;
 
 // nb positions of one block (position stride s_pos, head_dim stride s_d) as floats,
@@ -84,9 +87,9 @@ inline void softmax(float* l, int64_t n) {
   fVec vs(0.0f);
   __at_align__ float e[kW];
   int64_t j = 0;
+  const fVec vm(m);
   for (; j + kW <= n; j += kW) {
-    for (int64_t k = 0; k < kW; ++k) e[k] = std::exp(l[j + k] - m);
-    const fVec ve = fVec::loadu(e);
+    const fVec ve = (fVec::loadu(l + j) - vm).exp();
     ve.store(l + j);
     vs = vs + ve;
   }
@@ -219,6 +222,84 @@ void item(const CpuArgs& p, int64_t t, int64_t g, const Scratch& w) {
         float m = 0.0f;
         for (int64_t j = lo; j < hi; ++j) m += wa[j];
         mass[k] = m;
+      }
+    }
+  }
+}
+
+// Largest lane of v; NaN if any lane is NaN (the softmax then gives NaN, as torch's).
+inline float lane_max(const fVec& v) {
+  __at_align__ float lanes[kW];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t k = 1; k < kW; ++k) m = (lanes[k] > m || std::isnan(lanes[k])) ? lanes[k] : m;
+  return m;
+}
+
+// x[lo..hi) summed: vector lanes, then the lanes in order, then the tail.
+inline float range_sum(const float* x, int64_t lo, int64_t hi) {
+  fVec acc(0.0f);
+  int64_t j = lo;
+  for (; j + kW <= hi; j += kW) acc = acc + fVec::loadu(x + j);
+  float s = lane_sum(acc);
+  for (; j < hi; ++j) s += x[j];
+  return s;
+}
+
+void prefill_rows(const PrefillTile& p, int64_t begin, int64_t end) {
+  const int64_t nn = p.nn, mm = p.mm, group = p.group, H = p.H;
+  const fVec zero(0.0f), vscale(p.scale);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t g = row / (mm * group), i = (row / group) % mm, a = row % group;
+    const int64_t h = g * group + a, t = p.ta + i, seen = p.pa + i + 1, s = p.slot[t];
+    float* x = p.logits + row * nn;
+    const bool boost = p.rw[i * H + h] != 0;
+    const float b = boost ? p.beta[s * H + h] : 1.0f;
+    const bool add = boost && p.lmode[s] == 0;
+    const float lb = add ? log_boost(b) : 0.0f;
+    // Scale and boost (one rounding each, as the reference), and the maximum.
+    fVec vmax(-std::numeric_limits<float>::infinity());
+    const fVec vb(b), vlb(lb);
+    int64_t j = 0;
+    for (; j + kW <= seen; j += kW) {
+      fVec v = fVec::loadu(x + j) * vscale;
+      if (boost) v = fVec::blendv(v, add ? v + vlb : v * vb, fVec::loadu(p.img + j) != zero);
+      v.store(x + j);
+      vmax = at::vec::maximum(vmax, v);
+    }
+    float mx = lane_max(vmax);
+    for (; j < seen; ++j) {
+      float v = x[j] * p.scale;
+      if (boost && p.img[j] != 0.0f) v = add ? v + lb : v * b;
+      x[j] = v;
+      mx = (v > mx || std::isnan(v)) ? v : mx;
+    }
+    // exp(l - max) and its sum, then times 1 / sum; the future keys get weight 0.
+    const fVec vmx(mx);
+    fVec vsum(0.0f);
+    j = 0;
+    for (; j + kW <= seen; j += kW) {
+      const fVec e = (fVec::loadu(x + j) - vmx).exp();
+      e.store(x + j);
+      vsum = vsum + e;
+    }
+    float sum = lane_sum(vsum);
+    for (; j < seen; ++j) {
+      x[j] = std::exp(x[j] - mx);
+      sum += x[j];
+    }
+    const float inv = 1.0f / sum;
+    const fVec vinv(inv);
+    j = 0;
+    for (; j + kW <= seen; j += kW) (fVec::loadu(x + j) * vinv).store(x + j);
+    for (; j < seen; ++j) x[j] *= inv;
+    if (nn > seen) std::memset(x + seen, 0, sizeof(float) * static_cast<size_t>(nn - seen));
+    const int64_t c = p.cap[t];
+    if (c >= 0) {
+      float* mass = p.mass_buf + (c * H + h) * p.NS;
+      for (int64_t k = 0; k < p.NS; ++k) {
+        const int64_t lo = p.span_lo[k], hi = std::min(p.span_hi[k], seen);
+        mass[k] = lo < hi ? range_sum(x, lo, hi) : 0.0f;
       }
     }
   }

@@ -83,6 +83,25 @@ def test_flag_off_touches_nothing(impl, dtype, gen):
     assert not bool(args["mass_buf"][captured_rows(args)].isnan().any())
 
 
+# Prefill runs longer than the C++ kernel's 64-token tiles: a chunk starting at 37
+# (tiles 37..100, 101..164, ..., 293..299), images that cross tile boundaries, both
+# logit modes, and a run whose tokens see no image until a later tile.
+LONG_PREFILL = Case("long-prefill-tiles", 6, 2, 16, 16, "cpu", (
+    Row(300, 37, ((10, 150), (280, 290)), slot=0),
+    Row(270, 0, ((129, 140),), slot=1),
+    Row(290, 1, ((261, 262),), slot=3),
+))
+
+
+@pytest.mark.skipif("cpp" not in CPU_IMPLS, reason="the C++ CPU kernel is not built")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpp_long_prefill_tiles(dtype, gen):
+    """The C++ kernel's prefill path cuts long runs into tiles (the products of each tile
+    over the keys its last token sees); every tile boundary matches the reference."""
+    args, _ = make_inputs(LONG_PREFILL, dtype, gen)
+    run_and_check("cpp", args, dtype)
+
+
 @pytest.mark.parametrize("impl", ["torch", *CPU_IMPLS])
 def test_tiny_beta_ignores_image_keys(impl, gen):
     """Weight mode with beta 1e-30 (log beta = -69; beta 0 itself is rejected): the
