@@ -46,26 +46,52 @@ inline void gather(const scalar_t* base, int64_t s_pos, int64_t s_d, int64_t nb,
   }
 }
 
-// x . y over D floats: two vector accumulators, then the lanes in order.
-inline float dot(const float* x, const float* y, int64_t D) {
-  fVec a0(0.0f), a1(0.0f);
+// nb positions of one block as floats transposed, dst[d * nb + i] (for the logits, which
+// are then vectorized over the keys); vLLM's CPU key cache stores a block so already.
+template <typename scalar_t>
+inline void gather_t(const scalar_t* base, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D,
+                     float* dst) {
+  if (s_pos == 1) {
+    for (int64_t d = 0; d < D; ++d) {
+      const scalar_t* src = base + d * s_d;
+      float* row = dst + d * nb;
+      for (int64_t i = 0; i < nb; ++i) row[i] = static_cast<float>(src[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < nb; ++i) {
+      const scalar_t* src = base + i * s_pos;
+      for (int64_t d = 0; d < D; ++d) dst[d * nb + i] = static_cast<float>(src[d * s_d]);
+    }
+  }
+}
+
+// l[i] = (q . k_i) * scale for the nb keys of a transposed block kt [D, nb]: per group
+// of up to 4 vectors of keys, independent accumulators summed over d in order.
+inline void qk_block(const float* q, const float* kt, int64_t nb, int64_t D, float scale,
+                     float* l) {
+  const fVec vs(scale);
   int64_t i = 0;
-  for (; i + kChunk <= D; i += kChunk) {
-    a0 = a0 + fVec::loadu(x + i) * fVec::loadu(y + i);
-    a1 = a1 + fVec::loadu(x + i + kW) * fVec::loadu(y + i + kW);
+  for (; i + 4 * kW <= nb; i += 4 * kW) {
+    fVec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      const fVec qd(q[d]);
+      const float* k = kt + d * nb + i;
+      a0 = a0 + qd * fVec::loadu(k);
+      a1 = a1 + qd * fVec::loadu(k + kW);
+      a2 = a2 + qd * fVec::loadu(k + 2 * kW);
+      a3 = a3 + qd * fVec::loadu(k + 3 * kW);
+    }
+    (a0 * vs).store(l + i);
+    (a1 * vs).store(l + i + kW);
+    (a2 * vs).store(l + i + 2 * kW);
+    (a3 * vs).store(l + i + 3 * kW);
   }
-  if (i < D) {  // lanes past D read as 0
-    fVec x0, x1, y0, y1;
-    load2(x + i, D - i, x0, x1);
-    load2(y + i, D - i, y0, y1);
-    a0 = a0 + x0 * y0;
-    a1 = a1 + x1 * y1;
+  for (; i < nb; i += kW) {
+    const int r = static_cast<int>(std::min(kW, nb - i));
+    fVec a(0.0f);
+    for (int64_t d = 0; d < D; ++d) a = a + fVec(q[d]) * fVec::loadu(kt + d * nb + i, r);
+    (a * vs).store(l + i, r);
   }
-  __at_align__ float lanes[kW];
-  (a0 + a1).store(lanes);
-  float s = 0.0f;
-  for (int64_t k = 0; k < kW; ++k) s += lanes[k];
-  return s;
 }
 
 // acc[0..D) += w * v[0..D)
@@ -162,12 +188,8 @@ void item(const CpuArgs& p, int64_t t, int64_t g, const Scratch& w) {
   for (int64_t j0 = 0; j0 < n; j0 += BS) {
     const int64_t nb = std::min(BS, n - j0);
     const int64_t blk = bt[(j0 / BS) * p.bt_st[1]];
-    gather(kc + blk * p.k_st[0], p.k_st[1], p.k_st[3], nb, D, w.kv);
-    for (int64_t a = 0; a < nh; ++a) {
-      float* l = w.logits + a * n + j0;
-      const float* qa = w.q + a * D;
-      for (int64_t i = 0; i < nb; ++i) l[i] = dot(qa, w.kv + i * D, D) * p.scale;
-    }
+    gather_t(kc + blk * p.k_st[0], p.k_st[1], p.k_st[3], nb, D, w.kv);
+    for (int64_t a = 0; a < nh; ++a) qk_block(w.q + a * D, w.kv, nb, D, p.scale, w.logits + a * n + j0);
   }
 
   // Boost of the image logits, then the softmax.
