@@ -83,7 +83,8 @@ def csv_name(variant: str) -> str:
     return "sweep.csv" if variant == "last" else f"sweep_{variant}.csv"
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
            "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
-           "timestamp", "max_slots", "steal_s", "iowait_s", "major_faults", "disturbed", "max_steal")
+           "timestamp", "max_slots", "steal_s", "iowait_s", "major_faults", "disturbed", "max_steal",
+           "score")
 METHODS = ("emosteer_vllm", "plain_vllm", "hf_hooks")
 
 
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    from emosteer.analysis.attribution import _pair_captures, target_logmass, target_token_ids
+    from emosteer.analysis.attribution import _pair_captures, target_token_ids
     from emosteer.analysis.attribution.heads import _first_difference
     from emosteer.request.bank import VectorBank
     from emosteer.data import load_builtin
@@ -211,15 +212,16 @@ def main(argv=None) -> int:
 
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=0.0)
+    # Both vLLM conditions ask the engine for the same output: one token and the
+    # log-probabilities of the target ids (what the sweep's score is made of).
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(set(tids.tolist())))
     salted = [{"prompt_token_ids": r, "cache_salt": f"sweep-{k}"} for k, r in enumerate(rows)]
 
     def run(method, variant, specs):
         host0 = host_counters()
         t0 = time.perf_counter()
         if method == "emosteer_vllm":
-            lg, _ = runner.forward(rows, specs)
-            res = torch.stack([target_logmass(x, tids) for x in lg]).view(len(cands), N)
+            res = runner.next_token_logmass(rows, specs, tids.tolist()).view(len(cands), N)
         elif variant == "aligned":  # each request its own salt: its own blocks only
             runner.llm.llm.generate(salted, params, use_tqdm=False)
             res = None
@@ -294,7 +296,7 @@ def main(argv=None) -> int:
                                 frac_of_plain=f"{plain_med / sec:.4g}", max_abs_diff=f"{diff:.3g}",
                                 model=str(a.model), layers=L, heads=H, pairs=N, block_size=a.block_size,
                                 machine=machine(), version=version_string(), timestamp=run_id,
-                                max_slots=a.max_slots))
+                                max_slots=a.max_slots, score="logprobs"))
         append_csv(out, os.path.join(a.out_dir, csv_name(v)), COLUMNS)
         plot(out, os.path.join(a.out_dir, csv_name(v)[:-4] + ".png"), v)
         print(table(out, v))
@@ -400,9 +402,12 @@ def table(rows, variant: str = "last") -> str:
                     "compute the same tokens); " if al else
                     "blocks (a last-token patch shares the prompt's earlier blocks, as plain vLLM's "
                     "identical prompts do); ")
-                 + f"the sweep's requests also return their last-layer residual "
-                 f"(the score's logits come from it), plain vLLM returns one sampled token; "
-                 f"results equal to the hook sweep within "
+                 + ("both conditions' requests return one token and the engine's log-probabilities "
+                    "of the target ids (the score is their log-sum-exp); "
+                    if r0.get("score") == "logprobs" else
+                    "the sweep's requests also return their last-layer residual (the score's logits "
+                    "come from it), plain vLLM returns one sampled token; ")
+                 + f"results equal to the hook sweep within "
                  f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")
     return "\n".join(lines)
 

@@ -99,3 +99,30 @@ def test_reduced_logits_equal_full_logits_on_both_backends(both):
     assert got_hf == pytest.approx(want, rel=1e-3)
     firsts, _ = vl.forward(full, [None] * len(full), positions=pos, reduce=lambda i, lg: (i, lg.shape))
     assert firsts == [(i, (16, logits[0].shape[-1])) for i in range(len(full))]
+
+
+def test_next_token_logmass_from_engine_logprobs(both):
+    """The vLLM runner reads the target log-mass from the engine's log-probabilities of
+    the listed ids (no residual, no LM head here); it equals the log-mass of the full
+    logits that forward() computes through the LM head, for plain and steered rows, and
+    the hf backend's; duplicate ids count twice, as in target_logmass."""
+    from emosteer.analysis.attribution.metrics import target_logmass
+
+    hf, vl, pairs = both
+    prompts = hf.encode([f"{p.neutral.text} {p.query}" for p in pairs[:2]])
+    ids = [prompts[0], prompts[0], prompts[1]]
+    tids = [5, 17, 17, 40, 3]
+    scaled = {"heads": [{"layer": l, "head": h, "mode": "scale", "scale": 3.0}
+                        for l in range(3) for h in range(4)]}
+    specs = [None, scaled, scaled]
+    logits, _ = vl.forward(ids, specs)
+    want = torch.stack([target_logmass(lg, torch.tensor(tids)) for lg in logits])
+    assert vl._logprobs_mode() == "raw_logprobs"  # so the engine path runs
+    got = vl.next_token_logmass(ids, specs, tids)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(hf.next_token_logmass(ids, specs, tids), want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got[0], got[1])  # the heads' scale changes the score
+    # Engine logprobs were used: more ids than vLLM returns per request take the LM head.
+    many = list(range(200))
+    torch.testing.assert_close(vl.next_token_logmass(ids[:1], [None], many),
+                               target_logmass(logits[0], torch.tensor(many)).view(1), atol=2e-5, rtol=1e-5)

@@ -5,7 +5,9 @@ logits at chosen positions, or generated narratives. ``HFRunner`` drives
 ``emosteer.hf.HFSteerer`` in left-padded batches; ``VLLMRunner`` sends every row as one
 request to ``emosteer.LLM`` (a whole sweep is one ``generate`` call) and, since vLLM
 returns no full-vocabulary logits, gets them from the captured last-layer residual
-through the model's own final norm and LM head (the same weights, read from the folder).
+through the model's own final norm and LM head (the same weights, read from the folder);
+the next-token target log-mass of the attribution sweeps (``next_token_logmass``) comes
+straight from the engine's log-probabilities of the target ids instead.
 ``make_runner`` is the one way to get a runner from a model name or folder (backend "hf",
 "vllm" or "auto"); every runner says what it runs on (``note``) and stops what it started
 (``close``).
@@ -196,6 +198,11 @@ class HFRunner:
                 logits.append(row if reduce is None else reduce(s + i, row))
         return logits, caps
 
+    def next_token_logmass(self, ids, specs, tids: Sequence[int], desc: str = "forward") -> torch.Tensor:
+        """Per row, ``log Σ_{t∈tids} p(t)`` at the token after the prompt ([len(ids)],
+        float32), from this backend's logits."""
+        return _logmass_via_forward(self, ids, specs, tids, desc)
+
     def forward_grad(self, ids, specs, keep: dict[str, Sequence[int]]):
         """One differentiable batch (no chunking): ``(logits [B,T,V], acts, pad_offsets)``."""
         x, mask = self._pad(ids)
@@ -373,6 +380,37 @@ class VLLMRunner:
             start = end
         return logits, caps
 
+    def next_token_logmass(self, ids, specs, tids: Sequence[int], desc: str = "forward") -> torch.Tensor:
+        """Per row, ``log Σ_{t∈tids} p(t)`` at the token after the prompt ([len(ids)],
+        float32). The engine's sampler returns the log-probabilities of exactly these ids
+        (vLLM's ``logprob_token_ids``, from the raw logits), so no residual leaves the
+        worker and no LM head runs here; a whole sweep is one ``generate`` call. More ids
+        than vLLM returns per request (128), or an engine whose logprobs are not the raw
+        ones, go through ``forward`` and the LM head instead (the same quantity)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
+
+        tids = [int(t) for t in tids]
+        if not tids or len(set(tids)) > MAX_LOGPROB_TOKEN_IDS or self._logprobs_mode() != "raw_logprobs":
+            return _logmass_via_forward(self, ids, specs, tids, desc)
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(set(tids)))
+        outs = self._generate(ids, specs, params)
+        rows = []
+        for i, o in enumerate(outs):
+            lps = o.outputs[0].logprobs
+            if not lps or any(t not in lps[0] for t in tids):
+                raise RuntimeError(f"row {i}: the engine returned no log-probability for some "
+                                   "of the requested token ids")
+            rows.append([lps[0][t].logprob for t in tids])
+        return torch.logsumexp(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+    def _logprobs_mode(self) -> str:
+        """What the engine's returned logprobs are ("raw_logprobs": log-softmax of the
+        model's logits, vLLM's default)."""
+        engine = self.llm.llm.llm_engine
+        cfg = getattr(engine, "model_config", None) or engine.vllm_config.model_config
+        return str(getattr(cfg, "logprobs_mode", "raw_logprobs"))
+
     def generate(self, ids, specs, max_new_tokens: int = 48, temperature: float = 0.0,
                  seed: int | None = 0, desc: str = "generate"):
         from vllm import SamplingParams
@@ -383,6 +421,16 @@ class VLLMRunner:
         texts = [o.outputs[0].text for o in outs]
         caps = [getattr(o, "emosteer_captures", None) for o in outs]
         return toks, texts, caps
+
+
+def _logmass_via_forward(runner, ids, specs, tids, desc) -> torch.Tensor:
+    """``next_token_logmass`` from the runner's next-token logits, reduced row by row."""
+    from emosteer.analysis.attribution.metrics import target_logmass
+
+    t = torch.as_tensor(list(tids), dtype=torch.long)
+    got, _ = runner.forward(ids, specs, positions="last", desc=desc,
+                            reduce=lambda _i, lg: target_logmass(lg, t.to(lg.device)))
+    return torch.stack(got).float()
 
 
 def cpu_engine_env() -> None:

@@ -80,8 +80,7 @@ def _proxy_rows(runner, ids, tids, specs, narratives=None, desc="proxy"):
         return target_logmass(lg, tids.to(lg.device)).mean()
 
     if narratives is None:
-        got, _ = runner.forward(ids, specs, positions="last", desc=desc, reduce=mass)
-        return torch.stack(got)
+        return runner.next_token_logmass(ids, specs, tids.tolist(), desc=desc)
     full = [list(i) + list(n[:-1]) for i, n in zip(ids, narratives)]
     pos = [list(range(len(i) - 1, len(i) - 1 + max(1, len(n)))) for i, n in zip(ids, narratives)]
     got, _ = runner.forward(full, specs, positions=pos, desc=desc, reduce=mass)
