@@ -277,35 +277,64 @@ def summary(minutes: list[dict], lat: list[dict]) -> dict:
 
 
 def plot(minutes: list[dict], lat: list[dict], path: str, title: str) -> None:
+    """Throughput, latency, each process's resident memory as growth since the first
+    minute (so a few MiB show against GiBs), the plugin's counters, and the open-loop
+    TTFT per kind (or a note that the open-loop phase did not run)."""
     plt = pyplot()
-    fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
-    x = [r["minute"] for r in minutes]
-    ax[0].plot(x, [r["tok_per_s"] for r in minutes], marker="o")
+    fig, ax = plt.subplots(1, 5, figsize=(21, 3.8))
+    x = [int(r["minute"]) for r in minutes]
+    ax[0].plot(x, [float(r["tok_per_s"]) for r in minutes], marker="o")
     ax[0].set(xlabel="minute", ylabel="generated tok/s", title="throughput (closed loop)")
     ax[0].set_ylim(bottom=0)
     for key, style in (("ttft_p50_ms", "-o"), ("ttft_p99_ms", "--o"), ("itl_p50_ms", "-s"), ("itl_p99_ms", "--s")):
-        ax[1].plot(x, [r[key] for r in minutes], style, label=key.replace("_ms", ""))
+        ax[1].plot(x, [float(r[key]) if r[key] not in (None, "") else float("nan") for r in minutes],
+                   style, label=key.replace("_ms", ""))
     ax[1].set(xlabel="minute", ylabel="ms", title="latency, all kinds")
     ax[1].legend(fontsize=7)
-    ax[2].plot(x, [r["rss_mib"] for r in minutes], "k-o", label="server RSS (MiB)")
-    for key, style in (("rss_api_mib", "b:"), ("rss_engine_mib", "g:"), ("rss_workers_mib", "r:")):
-        if all(r.get(key) not in (None, "") for r in minutes):
-            ax[2].plot(x, [float(r[key]) for r in minutes], style, label=key[4:-4] + " RSS")
-    ax[2].set(xlabel="minute", ylabel="MiB", title="memory and counters (end of minute)")
-    tw = ax[2].twinx()
+    for key, style, name in (("rss_mib", "k-o", "server (all)"), ("rss_api_mib", "b-", "API process"),
+                             ("rss_engine_mib", "g-", "engine core"), ("rss_workers_mib", "r-", "workers")):
+        if minutes and all(r.get(key) not in (None, "") for r in minutes):
+            v = [float(r[key]) for r in minutes]
+            ax[2].plot(x, [y - v[0] for y in v], style, label=f"{name} ({v[0]:.0f} MiB at minute {x[0]})")
+    ax[2].set(xlabel="minute", ylabel="MiB since the first minute", title="resident memory growth")
+    ax[2].legend(fontsize=6, loc="upper left")
     for key in ("slots_in_use", "pool_rows_in_use", "capture_rows_in_use", "worker_requests", "parked"):
-        tw.plot(x, [r[key] for r in minutes], "--", label=key)
-    tw.legend(fontsize=6, loc="upper right")
-    ax[2].legend(fontsize=7, loc="lower left")
-    kinds = [r["kind"] for r in lat]
-    for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms")):
-        ax[3].bar([j + 0.4 * i for j in range(len(kinds))], [r[key] or 0 for r in lat], 0.4,
-                  label=key.replace("_ms", ""))
-    ax[3].set_xticks([j + 0.2 for j in range(len(kinds))], kinds)
-    ax[3].set(ylabel="ms", title=f"TTFT at {lat[0]['rate_per_s']} req/s (open loop)" if lat else "TTFT")
-    ax[3].legend(fontsize=7)
+        ax[3].plot(x, [float(r[key]) for r in minutes], "-", label=key)
+    ax[3].set(xlabel="minute", title="plugin counters (end of minute)")
+    ax[3].legend(fontsize=6)
+    lat = [r for r in lat if int(r.get("requests") or 0) > 0]
+    if lat:
+        kinds = [r["kind"] for r in lat]
+        for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms")):
+            ax[4].bar([j + 0.4 * i for j in range(len(kinds))], [float(r[key] or 0) for r in lat], 0.4,
+                      label=key.replace("_ms", ""))
+        ax[4].set_xticks([j + 0.2 for j in range(len(kinds))], kinds)
+        ax[4].set(ylabel="ms", title=f"TTFT at {lat[0]['rate_per_s']} req/s (open loop)")
+        ax[4].legend(fontsize=7)
+    else:
+        ax[4].axis("off")
+        ax[4].text(0.5, 0.5, "open-loop phase not run", ha="center", va="center")
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
+
+
+def replot(out_dir: str = RESULTS_DIR) -> str:
+    """Draw the plot of the latest run in ``out_dir`` again from its CSVs."""
+    from _common import read_csv
+
+    mins = read_csv(os.path.join(out_dir, "sustained.csv"))
+    run_id = mins[-1]["run"]
+    mins = [r for r in mins if r["run"] == run_id]
+    lpath = os.path.join(out_dir, "latency.csv")
+    lat = [r for r in read_csv(lpath) if r["run"] == run_id] if os.path.exists(lpath) else []
+    mach = machine_info()
+    r0 = mins[0]
+    png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
+    kinds = f"; kinds {r0['kinds']}" if r0.get("kinds") and r0["kinds"] != "+".join(KINDS) else ""
+    plot(mins, lat, png, f"{r0['model']}, {r0['clients']} clients, max_tokens {r0['max_tokens']}, "
+         f"max_slots {r0['max_slots']}; {r0['machine']} ({r0['cores']} cores); vLLM {r0['vllm']}; "
+         f"run {run_id}{kinds}")
+    return png
 
 
 def table(out_dir: str = RESULTS_DIR) -> str:
@@ -432,7 +461,8 @@ def run(client, model: str, *, minutes: float, latency_minutes: float, clients: 
     png = None
     if loaded:
         append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
-        append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
+        if latency_minutes > 0:
+            append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
         png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
         plot(mrows, lrows, png, f"{base['model']}, {clients} clients, max_tokens {max_tokens}, "
              f"max_slots {max_slots}; {mach['machine']} ({mach['cores']} cores); vLLM {vllm_version}; run {run_id}")
@@ -465,12 +495,16 @@ def main(argv=None) -> int:
     ap.add_argument("--api-key", default="bench-key")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--table", action="store_true", help="print the README tables of the latest run")
+    ap.add_argument("--plot", action="store_true", help="draw the latest run's plot again from the CSVs")
     args = ap.parse_args(argv)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or any(k not in KINDS for k in kinds):
         ap.error(f"--kinds: choose from {','.join(KINDS)}, got {args.kinds!r}")
     if args.table:
         print(table(args.out_dir))
+        return 0
+    if args.plot:
+        print("plot:", replot(args.out_dir))
         return 0
 
     from emosteer.client import Client
