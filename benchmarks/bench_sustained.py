@@ -281,8 +281,24 @@ def plot(minutes: list[dict], lat: list[dict], path: str, title: str) -> None:
     minute (so a few MiB show against GiBs), the plugin's counters, and the open-loop
     TTFT per kind (or a note that the open-loop phase did not run)."""
     plt = pyplot()
-    fig, ax = plt.subplots(1, 5, figsize=(21, 3.8))
+    minutes = [r for r in minutes if int(r.get("requests") or 0) > 0]
+    if not minutes:  # the open-loop phase alone
+        import textwrap
+
+        fig, one = plt.subplots(1, 1, figsize=(6.5, 4.4))
+        ax = [None] * 4 + [one]
+        title = textwrap.fill(title, 80)
+    else:
+        fig, ax = plt.subplots(1, 5, figsize=(21, 3.8))
     x = [int(r["minute"]) for r in minutes]
+    if minutes:
+        _plot_minutes(ax, x, minutes)
+    _plot_latency(ax[4], lat)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def _plot_minutes(ax, x, minutes: list[dict]) -> None:
     ax[0].plot(x, [float(r["tok_per_s"]) for r in minutes], marker="o")
     ax[0].set(xlabel="minute", ylabel="generated tok/s", title="throughput (closed loop)")
     ax[0].set_ylim(bottom=0)
@@ -302,36 +318,40 @@ def plot(minutes: list[dict], lat: list[dict], path: str, title: str) -> None:
         ax[3].plot(x, [float(r[key]) for r in minutes], "-", label=key)
     ax[3].set(xlabel="minute", title="plugin counters (end of minute)")
     ax[3].legend(fontsize=6)
+
+
+def _plot_latency(ax, lat: list[dict]) -> None:
     lat = [r for r in lat if int(r.get("requests") or 0) > 0]
-    if lat:
-        kinds = [r["kind"] for r in lat]
-        for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms")):
-            ax[4].bar([j + 0.4 * i for j in range(len(kinds))], [float(r[key] or 0) for r in lat], 0.4,
-                      label=key.replace("_ms", ""))
-        ax[4].set_xticks([j + 0.2 for j in range(len(kinds))], kinds)
-        ax[4].set(ylabel="ms", title=f"TTFT at {lat[0]['rate_per_s']} req/s (open loop)")
-        ax[4].legend(fontsize=7)
-    else:
-        ax[4].axis("off")
-        ax[4].text(0.5, 0.5, "open-loop phase not run", ha="center", va="center")
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
+    if not lat:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "open-loop phase not run", ha="center", va="center")
+        return
+    kinds = [r["kind"] for r in lat]
+    for i, key in enumerate(("ttft_p50_ms", "ttft_p99_ms")):
+        ax.bar([j + 0.4 * i for j in range(len(kinds))], [float(r[key] or 0) for r in lat], 0.4,
+               label=key.replace("_ms", ""))
+    ax.set_xticks([j + 0.2 for j in range(len(kinds))],
+                  [f"{k}\n{r['requests']} requests" for k, r in zip(kinds, lat)])
+    ax.set(ylabel="ms", title=f"TTFT at {lat[0]['rate_per_s']} req/s (open loop)")
+    ax.legend(fontsize=7)
 
 
 def replot(out_dir: str = RESULTS_DIR) -> str:
     """Draw the plot of the latest run in ``out_dir`` again from its CSVs."""
     from _common import read_csv
 
-    mins = read_csv(os.path.join(out_dir, "sustained.csv"))
-    run_id = mins[-1]["run"]
+    spath, lpath = os.path.join(out_dir, "sustained.csv"), os.path.join(out_dir, "latency.csv")
+    mins = read_csv(spath) if os.path.exists(spath) else []
+    lat = read_csv(lpath) if os.path.exists(lpath) else []
+    run_id = (mins or lat)[-1]["run"]
     mins = [r for r in mins if r["run"] == run_id]
-    lpath = os.path.join(out_dir, "latency.csv")
-    lat = [r for r in read_csv(lpath) if r["run"] == run_id] if os.path.exists(lpath) else []
+    lat = [r for r in lat if r["run"] == run_id]
     mach = machine_info()
-    r0 = mins[0]
+    r0 = {"kinds": "", **(mins or lat)[0]}
     png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
     kinds = f"; kinds {r0['kinds']}" if r0.get("kinds") and r0["kinds"] != "+".join(KINDS) else ""
-    plot(mins, lat, png, f"{r0['model']}, {r0['clients']} clients, max_tokens {r0['max_tokens']}, "
+    clients = f"{r0['clients']} clients, " if mins else "open loop only, "
+    plot(mins, lat, png, f"{r0['model']}, {clients}max_tokens {r0['max_tokens']}, "
          f"max_slots {r0['max_slots']}; {r0['machine']} ({r0['cores']} cores); vLLM {r0['vllm']}; "
          f"run {run_id}{kinds}")
     return png
@@ -460,7 +480,8 @@ def run(client, model: str, *, minutes: float, latency_minutes: float, clients: 
             client.delete(name)
     png = None
     if loaded:
-        append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
+        if minutes > 0:
+            append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
         if latency_minutes > 0:
             append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
         png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")

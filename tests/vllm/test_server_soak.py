@@ -63,6 +63,8 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     text = bs.table(str(tmp_path))
     assert "generated tok/s" in text and "| distinct |" in text and "0 unexpected" in text, text
     assert "one request at a time" in text, text
+    os.remove(res["plot"])  # --plot draws it again from the CSVs alone
+    assert bs.replot(str(tmp_path)) == res["plot"] and os.path.getsize(res["plot"]) > 10000
 
 
 def test_sigterm_stops_the_server_gracefully(servers):
