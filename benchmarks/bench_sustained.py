@@ -484,9 +484,8 @@ def run(client, model: str, *, minutes: float, latency_minutes: float, clients: 
             append_csv(mrows, os.path.join(out_dir, "sustained.csv"), MINUTE_COLUMNS)
         if latency_minutes > 0:
             append_csv(lrows, os.path.join(out_dir, "latency.csv"), LATENCY_COLUMNS)
-        png = os.path.join(out_dir, f"sustained_{mach['tag']}.png")
-        plot(mrows, lrows, png, f"{base['model']}, {clients} clients, max_tokens {max_tokens}, "
-             f"max_slots {max_slots}; {mach['machine']} ({mach['cores']} cores); vLLM {vllm_version}; run {run_id}")
+        if minutes > 0 or latency_minutes > 0:
+            png = replot(out_dir)  # drawn from the rows just written
     if prows:
         append_csv(prows, os.path.join(out_dir, "latency_paired.csv"), PAIRED_COLUMNS)
     problems = [f"{d.kind}: {d.problem}" for d in (*done, *ldone, *pdone) if d.problem]

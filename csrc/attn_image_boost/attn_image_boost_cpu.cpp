@@ -39,8 +39,7 @@ void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key
   const int64_t BS = key_cache.size(1), KVH = key_cache.size(2), group = H / KVH;
   const int64_t n = p0 + m;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  // [KVH, n, D] float keys and values of the row, gathered block by block, reading
-  // along the smaller stride (vLLM's CPU key cache has the positions contiguous).
+  // [KVH, n, D] float keys and values of the row, gathered block by block.
   at::Tensor K = at::empty({KVH, n, D}, f32), V = at::empty({KVH, n, D}, f32);
   EMOSTEER_DISPATCH_FLOAT_TYPES(out.scalar_type(), "attn_image_boost_prefill_gather", [&] {
     for (int which = 0; which < 2; ++which) {
@@ -53,15 +52,7 @@ void prefill_run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key
           const int64_t nb = std::min(BS, n - j0);
           const scalar_t* src = base + bt[r * bt0 + (j0 / BS) * bt1] * s0 + g * s2;
           float* blk = dst + (g * n + j0) * D;
-          if (s3 <= s1) {
-            for (int64_t j = 0; j < nb; ++j) {
-              for (int64_t d = 0; d < D; ++d) blk[j * D + d] = static_cast<float>(src[j * s1 + d * s3]);
-            }
-          } else {
-            for (int64_t d = 0; d < D; ++d) {
-              for (int64_t j = 0; j < nb; ++j) blk[j * D + d] = static_cast<float>(src[j * s1 + d * s3]);
-            }
-          }
+          attn_image_boost::DEFAULT::gather(src, s1, s3, nb, D, blk, D, 1);
         }
       }
     }

@@ -24,43 +24,34 @@ using emosteer::cpu::CPU_CAPABILITY::fVec;
 using emosteer::cpu::CPU_CAPABILITY::kChunk;
 using emosteer::cpu::CPU_CAPABILITY::kW;
 using emosteer::cpu::CPU_CAPABILITY::lane_sum;
-using emosteer::cpu::CPU_CAPABILITY::load2;
 
-// nb positions of one block (position stride s_pos, head_dim stride s_d) as floats,
-// dst[i * D + d]; the loop order follows the smaller stride (vLLM's CPU key cache has
-// head_dim strided and the positions contiguous).
+// nb positions of one block (position stride s_pos, head_dim stride s_d) as floats at
+// dst[i * dst_pos + d * dst_d]: rows (dst_pos = D, dst_d = 1) for the values and the
+// prefill path, transposed (dst_pos = 1, dst_d = nb) for the decode logits, which are
+// vectorized over the keys. The loops follow the smaller source stride (vLLM's CPU key
+// cache has head_dim strided and the positions contiguous).
 template <typename scalar_t>
 inline void gather(const scalar_t* base, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D,
-                   float* dst) {
-  if (s_d == 1) {
+                   float* dst, int64_t dst_pos, int64_t dst_d) {
+  if (s_d <= s_pos) {
     for (int64_t i = 0; i < nb; ++i) {
       const scalar_t* src = base + i * s_pos;
-      float* row = dst + i * D;
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
+      float* row = dst + i * dst_pos;
+      if (s_d == 1 && dst_d == 1) {  // both contiguous: a loop the compiler vectorizes
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(src[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) row[d * dst_d] = static_cast<float>(src[d * s_d]);
+      }
     }
   } else {
     for (int64_t d = 0; d < D; ++d) {
       const scalar_t* src = base + d * s_d;
-      for (int64_t i = 0; i < nb; ++i) dst[i * D + d] = static_cast<float>(src[i * s_pos]);
-    }
-  }
-}
-
-// nb positions of one block as floats transposed, dst[d * nb + i] (for the logits, which
-// are then vectorized over the keys); vLLM's CPU key cache stores a block so already.
-template <typename scalar_t>
-inline void gather_t(const scalar_t* base, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D,
-                     float* dst) {
-  if (s_pos == 1) {
-    for (int64_t d = 0; d < D; ++d) {
-      const scalar_t* src = base + d * s_d;
-      float* row = dst + d * nb;
-      for (int64_t i = 0; i < nb; ++i) row[i] = static_cast<float>(src[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < nb; ++i) {
-      const scalar_t* src = base + i * s_pos;
-      for (int64_t d = 0; d < D; ++d) dst[d * nb + i] = static_cast<float>(src[d * s_d]);
+      float* col = dst + d * dst_d;
+      if (s_pos == 1 && dst_pos == 1) {
+        for (int64_t i = 0; i < nb; ++i) col[i] = static_cast<float>(src[i]);
+      } else {
+        for (int64_t i = 0; i < nb; ++i) col[i * dst_pos] = static_cast<float>(src[i * s_pos]);
+      }
     }
   }
 }
@@ -105,23 +96,42 @@ inline void axpy(float* acc, float w, const float* v, int64_t D) {
   }
 }
 
+// Largest lane of v; NaN if any lane is NaN (the softmax then gives NaN, as torch's).
+inline float lane_max(const fVec& v) {
+  __at_align__ float lanes[kW];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t k = 1; k < kW; ++k) m = (lanes[k] > m || std::isnan(lanes[k])) ? lanes[k] : m;
+  return m;
+}
+
+// x[lo..hi) summed: vector lanes, then the lanes in order, then the tail.
+inline float range_sum(const float* x, int64_t lo, int64_t hi) {
+  fVec acc(0.0f);
+  int64_t j = lo;
+  for (; j + kW <= hi; j += kW) acc = acc + fVec::loadu(x + j);
+  float s = lane_sum(acc);
+  for (; j < hi; ++j) s += x[j];
+  return s;
+}
+
 // In place over n logits: max, exp(l - max), sum, times 1/sum (as torch's CPU softmax).
 // A NaN logit (or +inf) makes every weight NaN, as in torch.
 inline void softmax(float* l, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = l[j] > m ? l[j] : m;
-  fVec vs(0.0f);
-  __at_align__ float e[kW];
+  fVec vmax(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
+  for (; j + kW <= n; j += kW) vmax = at::vec::maximum(vmax, fVec::loadu(l + j));
+  float m = lane_max(vmax);
+  for (; j < n; ++j) m = (l[j] > m || std::isnan(l[j])) ? l[j] : m;
   const fVec vm(m);
+  fVec vs(0.0f);
+  j = 0;
   for (; j + kW <= n; j += kW) {
     const fVec ve = (fVec::loadu(l + j) - vm).exp();
     ve.store(l + j);
     vs = vs + ve;
   }
-  vs.store(e);
-  float sum = 0.0f;
-  for (int64_t k = 0; k < kW; ++k) sum += e[k];
+  float sum = lane_sum(vs);
   for (; j < n; ++j) {
     l[j] = std::exp(l[j] - m);
     sum += l[j];
@@ -188,7 +198,7 @@ void item(const CpuArgs& p, int64_t t, int64_t g, const Scratch& w) {
   for (int64_t j0 = 0; j0 < n; j0 += BS) {
     const int64_t nb = std::min(BS, n - j0);
     const int64_t blk = bt[(j0 / BS) * p.bt_st[1]];
-    gather_t(kc + blk * p.k_st[0], p.k_st[1], p.k_st[3], nb, D, w.kv);
+    gather(kc + blk * p.k_st[0], p.k_st[1], p.k_st[3], nb, D, w.kv, 1, nb);
     for (int64_t a = 0; a < nh; ++a) qk_block(w.q + a * D, w.kv, nb, D, p.scale, w.logits + a * n + j0);
   }
 
@@ -216,7 +226,7 @@ void item(const CpuArgs& p, int64_t t, int64_t g, const Scratch& w) {
     for (int64_t j0 = 0; j0 < n; j0 += BS) {
       const int64_t nb = std::min(BS, n - j0);
       const int64_t blk = bt[(j0 / BS) * p.bt_st[1]];
-      gather(vc + blk * p.v_st[0], p.v_st[1], p.v_st[3], nb, D, w.kv);
+      gather(vc + blk * p.v_st[0], p.v_st[1], p.v_st[3], nb, D, w.kv, D, 1);
       for (int64_t a = 0; a < nh; ++a) {
         if (!w.rw[a]) continue;
         const float* wa = w.logits + a * n + j0;
@@ -241,31 +251,10 @@ void item(const CpuArgs& p, int64_t t, int64_t g, const Scratch& w) {
       for (int64_t k = 0; k < NS; ++k) {
         int64_t lo, hi;
         visible_span(sp[2 * k], sp[2 * k + 1], n, lo, hi);
-        float m = 0.0f;
-        for (int64_t j = lo; j < hi; ++j) m += wa[j];
-        mass[k] = m;
+        mass[k] = lo < hi ? range_sum(wa, lo, hi) : 0.0f;
       }
     }
   }
-}
-
-// Largest lane of v; NaN if any lane is NaN (the softmax then gives NaN, as torch's).
-inline float lane_max(const fVec& v) {
-  __at_align__ float lanes[kW];
-  v.store(lanes);
-  float m = lanes[0];
-  for (int64_t k = 1; k < kW; ++k) m = (lanes[k] > m || std::isnan(lanes[k])) ? lanes[k] : m;
-  return m;
-}
-
-// x[lo..hi) summed: vector lanes, then the lanes in order, then the tail.
-inline float range_sum(const float* x, int64_t lo, int64_t hi) {
-  fVec acc(0.0f);
-  int64_t j = lo;
-  for (; j + kW <= hi; j += kW) acc = acc + fVec::loadu(x + j);
-  float s = lane_sum(acc);
-  for (; j < hi; ++j) s += x[j];
-  return s;
 }
 
 void prefill_rows(const PrefillTile& p, int64_t begin, int64_t end) {
@@ -279,42 +268,21 @@ void prefill_rows(const PrefillTile& p, int64_t begin, int64_t end) {
     const float b = boost ? p.beta[s * H + h] : 1.0f;
     const bool add = boost && p.lmode[s] == 0;
     const float lb = add ? log_boost(b) : 0.0f;
-    // Scale and boost (one rounding each, as the reference), and the maximum.
-    fVec vmax(-std::numeric_limits<float>::infinity());
+    // Scale and boost (one rounding each, as the reference), then the softmax; the
+    // future keys get weight 0.
     const fVec vb(b), vlb(lb);
     int64_t j = 0;
     for (; j + kW <= seen; j += kW) {
       fVec v = fVec::loadu(x + j) * vscale;
       if (boost) v = fVec::blendv(v, add ? v + vlb : v * vb, fVec::loadu(p.img + j) != zero);
       v.store(x + j);
-      vmax = at::vec::maximum(vmax, v);
     }
-    float mx = lane_max(vmax);
     for (; j < seen; ++j) {
       float v = x[j] * p.scale;
       if (boost && p.img[j] != 0.0f) v = add ? v + lb : v * b;
       x[j] = v;
-      mx = (v > mx || std::isnan(v)) ? v : mx;
     }
-    // exp(l - max) and its sum, then times 1 / sum; the future keys get weight 0.
-    const fVec vmx(mx);
-    fVec vsum(0.0f);
-    j = 0;
-    for (; j + kW <= seen; j += kW) {
-      const fVec e = (fVec::loadu(x + j) - vmx).exp();
-      e.store(x + j);
-      vsum = vsum + e;
-    }
-    float sum = lane_sum(vsum);
-    for (; j < seen; ++j) {
-      x[j] = std::exp(x[j] - mx);
-      sum += x[j];
-    }
-    const float inv = 1.0f / sum;
-    const fVec vinv(inv);
-    j = 0;
-    for (; j + kW <= seen; j += kW) (fVec::loadu(x + j) * vinv).store(x + j);
-    for (; j < seen; ++j) x[j] *= inv;
+    softmax(x, seen);
     if (nn > seen) std::memset(x + seen, 0, sizeof(float) * static_cast<size_t>(nn - seen));
     const int64_t c = p.cap[t];
     if (c >= 0) {
