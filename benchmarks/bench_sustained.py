@@ -61,13 +61,14 @@ if HERE not in sys.path:
 
 from _common import RESULTS_DIR, append_csv, git_commit, machine_info, pyplot, save_figure  # noqa: E402
 from load_mix import KINDS, LATENCY_KINDS, WEIGHTS, Done, Mix, ms, pct  # noqa: E402
-from soak_server import rss_mib, rss_parts, served  # noqa: E402
+from soak_server import rss_mib, rss_parts, served, write_memory  # noqa: E402
 
 MINUTE_COLUMNS = (
     "run", "phase", "minute", "requests", "tokens", "tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
     "itl_p50_ms", "itl_p99_ms", "plain_ttft_p50_ms", "distinct_ttft_p50_ms", "capture_ttft_p50_ms",
     "rss_mib", "rss_api_mib", "rss_engine_mib", "rss_workers_mib", "kinds", "slots_in_use",
     "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
+    "worker_malloc_in_use_mib", "worker_malloc_free_mib", "worker_py_objects", "worker_tensors",
     "parked", "unexpected", "model", "clients", "max_tokens", "max_slots", "machine", "cores",
     "vllm", "git_commit", "timestamp",
 )
@@ -83,12 +84,22 @@ LATENCY_COLUMNS = (
 
 
 # ----------------------------------------------------------------------- phases
-def counters(client, server_pid) -> dict:
-    st = client.status()
+def counters(client, server_pid, memory=None) -> dict:
+    """The server's counters and memory by process; with ``memory`` (a list), also the
+    workers' allocator and heap report (``status?memory=1``), appended to it."""
+    st = client.status(memory=memory is not None)
     adm = st["admission"]
     workers = st.get("workers") or [{}]
     parts = rss_parts(server_pid)
-    return {
+    extra = {}
+    if memory is not None:
+        reps = st["memory"]["workers"]
+        memory.append({"t": time.time(), **st["memory"]})
+        extra = {"worker_malloc_in_use_mib": sum((r["malloc_mib"] or {}).get("in_use", 0) for r in reps),
+                 "worker_malloc_free_mib": sum((r["malloc_mib"] or {}).get("free", 0) for r in reps),
+                 "worker_py_objects": sum(r["py_objects"] for r in reps),
+                 "worker_tensors": sum(r["tensors"]["count"] for r in reps)}
+    return {**extra,
         "rss_mib": round(rss_mib(server_pid), 1),
         "rss_api_mib": parts["api"], "rss_engine_mib": parts["engine"], "rss_workers_mib": parts["workers"],
         "slots_in_use": adm["slots_in_use"],
@@ -100,9 +111,10 @@ def counters(client, server_pid) -> dict:
 
 
 def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, progress=True,
-              kinds: tuple[str, ...] = KINDS):
+              kinds: tuple[str, ...] = KINDS, memory=None):
     """Closed loop for ``seconds`` over ``kinds`` (KINDS' weights); (finished requests,
-    counter samples [(t, dict)])."""
+    counter samples [(t, dict)]); with ``memory`` (a list) the workers' memory reports,
+    one a minute, are appended to it."""
     weights = [WEIGHTS[KINDS.index(k)] for k in kinds]
     t0 = time.monotonic()
     deadline = t0 + seconds
@@ -123,7 +135,9 @@ def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, pro
     next_sample = t0
     while any(t.is_alive() for t in threads):
         if time.monotonic() >= next_sample:
-            samples.append((time.monotonic() - t0, counters(mix.client, server_pid)))
+            each_minute = memory is not None and len(samples) % 3 == 0
+            samples.append((time.monotonic() - t0,
+                            counters(mix.client, server_pid, memory if each_minute else None)))
             next_sample += 20.0
             if progress:
                 with lock:
@@ -428,7 +442,8 @@ def paired_table(out_dir: str = RESULTS_DIR) -> list[str]:
 # ----------------------------------------------------------------------- main
 def run(client, model: str, *, minutes: float, latency_minutes: float, clients: int, rate: float,
         max_tokens: int, seed: int, server_pid, max_slots: int, out_dir: str, progress=True,
-        paired_rounds: int = 0, paired_tokens: int = 4, kinds: tuple[str, ...] = KINDS) -> dict:
+        paired_rounds: int = 0, paired_tokens: int = 4, kinds: tuple[str, ...] = KINDS,
+        memory: bool = False) -> dict:
     """The phases against ``client`` (phases 1 and 2 unless both their lengths are 0,
     phase 3 when ``paired_rounds`` > 0); rows appended under ``out_dir``; the summary."""
     import torch
@@ -458,9 +473,13 @@ def run(client, model: str, *, minutes: float, latency_minutes: float, clients: 
         if loaded:
             if progress:
                 print(f"sustained: {minutes} min, {clients} clients", flush=True)
-            done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress, kinds)
+            reports = [] if memory else None
+            done, samples = sustained(mix, minutes * 60.0, clients, seed, server_pid, progress, kinds,
+                                      reports)
             idle, adm = wait_idle(client)
-            samples.append((minutes * 60.0 + 1e-6, counters(client, server_pid)))
+            samples.append((minutes * 60.0 + 1e-6, counters(client, server_pid, reports)))
+            if reports:
+                write_memory(reports, os.path.join(out_dir, "memory.jsonl"), run_id)
             mrows = minute_rows(done, samples, minutes * 60.0, mbase)
             if progress:
                 print(f"latency: {latency_minutes} min at {rate} req/s", flush=True)
@@ -514,6 +533,9 @@ def main(argv=None) -> int:
     ap.add_argument("--url", default=None, help="a running server instead of starting one")
     ap.add_argument("--api-key", default="bench-key")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
+    ap.add_argument("--memory", action="store_true",
+                    help="once a minute, ask the workers where their memory is (allocator in-use/"
+                         "free, Python objects, tensors; each report stalls a worker ~0.3 s)")
     ap.add_argument("--table", action="store_true", help="print the README tables of the latest run")
     ap.add_argument("--plot", action="store_true", help="draw the latest run's plot again from the CSVs")
     args = ap.parse_args(argv)
@@ -535,7 +557,7 @@ def main(argv=None) -> int:
                   latency_minutes=args.latency_minutes, clients=args.clients, rate=args.rate,
                   max_tokens=args.max_tokens, seed=args.seed, server_pid=pid,
                   max_slots=args.max_slots, out_dir=args.out_dir, paired_rounds=args.paired_rounds,
-                  paired_tokens=args.paired_tokens, kinds=kinds)
+                  paired_tokens=args.paired_tokens, kinds=kinds, memory=args.memory)
     print(json.dumps({"summary": res["summary"], "by_kind": res["by_kind"], "idle_after": res["idle_after"]},
                      indent=1))
     for row in res["latency"]:

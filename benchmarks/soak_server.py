@@ -114,6 +114,33 @@ def rss_parts(pid: int | None) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
+def write_memory(reports: list[dict], path: str, run_id: str) -> None:
+    """The memory reports as JSON lines, then one line comparing the last to the first:
+    the Python object types and allocation sites that grew most."""
+    def grown(first: list, last: list) -> list:
+        a = dict((k, v) for k, v in first)
+        return sorted(((k, v - a.get(k, 0)) for k, v in last if v != a.get(k, 0)), key=lambda kv: -abs(kv[1]))
+
+    first, last = reports[0], reports[-1]
+    diff = {"run": run_id, "diff": "last - first", "workers": []}
+    for w0, w1 in zip(first["workers"], last["workers"]):
+        entry = {"rss_mib": round(w1["rss_mib"] - w0["rss_mib"], 2),
+                 "malloc_mib": {k: round(w1["malloc_mib"][k] - w0["malloc_mib"][k], 2)
+                                for k in (w1["malloc_mib"] or {})},
+                 "py_objects": w1["py_objects"] - w0["py_objects"],
+                 "py_top_types": grown(w0["py_top_types"], w1["py_top_types"]),
+                 "tensors": w1["tensors"]["count"] - w0["tensors"]["count"]}
+        if w0.get("tracemalloc") and w1.get("tracemalloc"):
+            entry["tracemalloc_sites"] = grown([(t["site"], t["kib"]) for t in w0["tracemalloc"]["top"]],
+                                               [(t["site"], t["kib"]) for t in w1["tracemalloc"]["top"]])
+        diff["workers"].append(entry)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        for r in reports:
+            f.write(json.dumps({"run": run_id, **r}) + "\n")
+        f.write(json.dumps(diff) + "\n")
+
+
 def _configs(n: int, layers: int, heads: int) -> list[dict]:
     return [{"steer": [{"vector": "soak.res", "layers": [k % layers], "scale": 1.0 + 0.25 * k}],
              "heads": [{"layer": (k // 2) % layers, "head": k % heads, "mode": "add",

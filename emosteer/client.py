@@ -139,8 +139,10 @@ class Client:
             return {"samples": [tensors(s) for s in body["samples"]]}
         return tensors(body)
 
-    def status(self) -> dict:
-        return self._ok(self.get("/v1/emosteer/status"))
+    def status(self, memory: bool = False) -> dict:
+        """The plugin's state; ``memory=True`` adds where each process's memory is (RSS,
+        allocator in-use/free, Python objects by type, tensors; slow: diagnosis only)."""
+        return self._ok(self.get("/v1/emosteer/status" + ("?memory=1" if memory else "")))
 
     @staticmethod
     def _ok(status_body: tuple[int, Any]) -> Any:

@@ -245,11 +245,16 @@ class Service:
                 "captures": None}
         return {k: merged.get(k, lost) for k in keys}
 
-    async def status(self) -> dict:
+    async def status(self, memory: bool = False) -> dict:
         admission = await self.engine.engine_core.call_utility_async("emosteer_status")
         workers = await self.rpc("status")
-        return {"admission": admission, "workers": workers, "bank": self.fe.bank.names(),
-                "settings": self.fe.settings.to_dict()}
+        out = {"admission": admission, "workers": workers, "bank": self.fe.bank.names(),
+               "settings": self.fe.settings.to_dict()}
+        if memory:  # walks every Python object in each worker: asked for, never by default
+            from emosteer.vllm.worker.memory import memory_report
+
+            out["memory"] = {"api": memory_report(top=40), "workers": await self.rpc("memory")}
+        return out
 
 
 def _service(request) -> Service:
@@ -363,7 +368,11 @@ def build_router():
     @router.get(ROUTE + "/status")
     @guarded
     async def get_status(request: Request):
-        return JSONResponse(json.loads(json.dumps(await _service(request).status(), default=str)))
+        memory = request.query_params.get("memory", "0").lower()
+        if memory not in ("0", "1", "false", "true"):
+            raise HTTPError(400, f"memory must be 0 or 1, got {memory!r}", "memory")
+        body = await _service(request).status(memory=memory in ("1", "true"))
+        return JSONResponse(json.loads(json.dumps(body, default=str)))
 
     @router.get(ROUTE + "/score")
     @guarded

@@ -6,6 +6,7 @@ nothing held afterwards. The 10-minute run is the script; its result is in the R
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -39,13 +40,23 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     cached, _ = servers
     res = bs.run(cached.client, cached.model, minutes=0.2, latency_minutes=0.12, clients=3, rate=4.0,
                  max_tokens=4, seed=3, server_pid=cached.proc.pid, max_slots=4, out_dir=str(tmp_path),
-                 progress=False, paired_rounds=3, paired_tokens=2)
+                 progress=False, paired_rounds=3, paired_tokens=2, memory=True)
     assert not res["unexpected"], res["unexpected"][:10]
     assert res["idle_after"], res["admission_after"]
     assert {"plain", "distinct"} <= set(res["by_kind"]), res["by_kind"]
     (row,) = res["minutes"]
     assert row["requests"] >= 5 and row["tok_per_s"] > 0 and row["ttft_p50_ms"] > 0, row
     assert row["rss_mib"] > 0 and row["slots_in_use"] == 0 and row["parked"] == 0, row
+    # --memory: the workers' allocator and heap, a report at the start and at the end
+    assert row["worker_malloc_in_use_mib"] > 0 and row["worker_py_objects"] > 1000, row
+    *reports, diff = [json.loads(x) for x in (tmp_path / "memory.jsonl").read_text().splitlines()]
+    assert len(reports) == 2 and diff["diff"] == "last - first", diff
+    (w,) = reports[-1]["workers"]
+    assert w["rss_mib"] > 0 and w["malloc_mib"]["in_use"] > 0 and len(w["py_top_types"]) == 40, w
+    assert w["tensors"]["count"] > 0 and reports[-1]["api"]["py_objects"] > 0
+    assert set(diff["workers"][0]) >= {"rss_mib", "malloc_mib", "py_objects", "py_top_types"}
+    st, body = cached.client.get("/v1/emosteer/status?memory=2")
+    assert st == 400 and body["error"]["param"] == "memory", body
     lat = {r["kind"]: r for r in res["latency"]}
     assert set(lat) == {"plain", "distinct", "capture"}
     assert all(r["requests"] > 0 and r["ttft_p50_ms"] > 0 for r in lat.values()), lat

@@ -8,7 +8,8 @@ Adds (replaces nothing): ``WorkerBase.emosteer_rpc(op, payload)``, reached with
 start-up handshake, ``patches/scheduler.py``); ``"register"``
 (payload: a bank file's bytes) -> list of names; ``"remove"`` (payload: names) ->
 names removed; ``"fetch"`` (payload: request keys)
--> {key: {"error", "positions", "tensors": safetensors bytes}}; ``"status"`` -> dict.
+-> {key: {"error", "positions", "tensors": safetensors bytes}}; ``"status"`` -> dict;
+``"memory"`` -> where the worker's memory is (``worker/memory.py``).
 Arguments and results are plain (str, bytes, lists, dicts): a method name needs no
 pickled callables (``VLLM_ALLOW_INSECURE_SERIALIZATION``) and no torch objects cross
 the wire (a returned ``torch.Size`` hangs the client).
@@ -52,7 +53,12 @@ def emosteer_rpc(self, op: str, payload=None):
         return st.fetch([str(k) for k in payload])
     if op == "status":
         return st.status()
-    raise ValueError(f"unknown emosteer_rpc op {op!r}; expected register, remove, fetch or status")
+    if op == "memory":
+        from emosteer.vllm.worker.memory import memory_report
+
+        return memory_report(top=40)
+    raise ValueError(f"unknown emosteer_rpc op {op!r}; expected register, remove, fetch, status "
+                     "or memory")
 
 
 def apply() -> None:

@@ -32,6 +32,7 @@ from emosteer.request.spec import MAX_IMAGES
 from emosteer.vllm.buffers import NeuronSite, AttentionSite, ResidualSite, Shape, SteerBuffers
 from emosteer.vllm.config import capacity_for, settings_from_vllm_config
 from emosteer.vllm.patches import attention as attention_patch
+from emosteer.vllm.worker.memory import TRACEMALLOC_ENV, start_tracing_from_env
 from emosteer.vllm.worker.model import decoder_layers, pick_impl, vee_unsupported
 from emosteer.vllm.worker.requests import RequestsMixin, RequestState, pack_results
 from emosteer.vllm.worker.step import StepsMixin
@@ -58,6 +59,9 @@ class WorkerSteering(RequestsMixin, StepsMixin):
         self.tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
         self.device = torch.device(runner.device)
+        if start_tracing_from_env():
+            logger.warning("emosteer: tracemalloc is on (%s): every Python allocation is slower",
+                           TRACEMALLOC_ENV)
         self.impl = pick_impl(self.settings.impl, self.device)
         # Old versions of replaced/removed vectors stay until requests admitted under them
         # have had time to arrive (pinned by the content hashes in their plan).
