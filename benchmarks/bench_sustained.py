@@ -68,7 +68,8 @@ MINUTE_COLUMNS = (
     "itl_p50_ms", "itl_p99_ms", "plain_ttft_p50_ms", "distinct_ttft_p50_ms", "capture_ttft_p50_ms",
     "rss_mib", "rss_api_mib", "rss_engine_mib", "rss_workers_mib", "kinds", "slots_in_use",
     "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
-    "worker_malloc_in_use_mib", "worker_malloc_free_mib", "worker_py_objects", "worker_tensors",
+    "worker_malloc_in_use_mib", "worker_malloc_free_mib", "worker_py_objects", "worker_py_blocks",
+    "worker_tensors",
     "parked", "unexpected", "model", "clients", "max_tokens", "max_slots", "machine", "cores",
     "vllm", "git_commit", "timestamp",
 )
@@ -98,6 +99,7 @@ def counters(client, server_pid, memory=None) -> dict:
         extra = {"worker_malloc_in_use_mib": sum((r["malloc_mib"] or {}).get("in_use", 0) for r in reps),
                  "worker_malloc_free_mib": sum((r["malloc_mib"] or {}).get("free", 0) for r in reps),
                  "worker_py_objects": sum(r["py_objects"] for r in reps),
+                 "worker_py_blocks": sum(r["py_blocks"] for r in reps),
                  "worker_tensors": sum(r["tensors"]["count"] for r in reps)}
     return {**extra,
         "rss_mib": round(rss_mib(server_pid), 1),
@@ -249,7 +251,9 @@ def minute_rows(done: list[Done], samples, seconds: float, base: dict) -> list[d
         ttfts = [d.ttft for d in ok if d.ttft is not None]
         gaps = [g for d in ok for g in d.gaps]
         within = [smp for t, smp in samples if lo <= t < hi or (final and t >= hi)]
-        last = (within or [smp for _, smp in samples] or [{}])[-1]
+        last = {}  # each counter from the minute's latest sample that has it
+        for smp in (within or [smp for _, smp in samples][-1:]):
+            last.update(smp)
         row = dict(base, minute=m + 1, requests=len(ds), tokens=sum(d.tokens for d in ok),
                    tok_per_s=round(sum(d.tokens for d in ok) / max(span, 1e-9), 2),
                    ttft_p50_ms=ms(pct(ttfts, 0.5)), ttft_p99_ms=ms(pct(ttfts, 0.99)),
@@ -322,7 +326,9 @@ def _plot_minutes(ax, x, minutes: list[dict]) -> None:
     ax[1].set(xlabel="minute", ylabel="ms", title="latency, all kinds")
     ax[1].legend(fontsize=7)
     for key, style, name in (("rss_mib", "k-o", "server (all)"), ("rss_api_mib", "b-", "API process"),
-                             ("rss_engine_mib", "g-", "engine core"), ("rss_workers_mib", "r-", "workers")):
+                             ("rss_engine_mib", "g-", "engine core"), ("rss_workers_mib", "r-", "workers"),
+                             ("worker_malloc_in_use_mib", "r:", "workers, malloc in use (--memory)"),
+                             ("worker_malloc_free_mib", "m:", "workers, malloc held free (--memory)")):
         if minutes and all(r.get(key) not in (None, "") for r in minutes):
             v = [float(r[key]) for r in minutes]
             ax[2].plot(x, [y - v[0] for y in v], style, label=f"{name} ({v[0]:.0f} MiB at minute {x[0]})")
@@ -560,7 +566,7 @@ def main(argv=None) -> int:
                   paired_tokens=args.paired_tokens, kinds=kinds, memory=args.memory)
     print(json.dumps({"summary": res["summary"], "by_kind": res["by_kind"], "idle_after": res["idle_after"]},
                      indent=1))
-    for row in res["latency"]:
+    for row in (r for r in res["latency"] if r["requests"]):
         print(f"  {row['kind']:9s} TTFT p50 {row['ttft_p50_ms']} ms p99 {row['ttft_p99_ms']} ms, "
               f"ITL p50 {row['itl_p50_ms']} ms p99 {row['itl_p99_ms']} ms ({row['requests']} requests)")
     for row in res["paired"]:

@@ -210,23 +210,19 @@ def main(argv=None) -> int:
         return [{"heads": [{"layer": l, "head": h, "mode": "patch", "vector": f"_sweep.zpos_at.{i}",
                             "positions": aligned[i][0]}]} for (l, h) in cands for i in range(N)]
 
-    from vllm import SamplingParams
-
-    # Both vLLM conditions ask the engine for the same output: one token and the
-    # log-probabilities of the target ids (what the sweep's score is made of).
-    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(set(tids.tolist())))
-    salted = [{"prompt_token_ids": r, "cache_salt": f"sweep-{k}"} for k, r in enumerate(rows)]
+    # Both vLLM conditions ask the engine for the same output through the same call: one
+    # token and the log-probabilities of the target ids (what the sweep's score is made of).
+    salts = [f"sweep-{k}" for k in range(len(rows))]
+    plain = [None] * len(rows)
 
     def run(method, variant, specs):
         host0 = host_counters()
         t0 = time.perf_counter()
         if method == "emosteer_vllm":
             res = runner.next_token_logmass(rows, specs, tids.tolist()).view(len(cands), N)
-        elif variant == "aligned":  # each request its own salt: its own blocks only
-            runner.llm.llm.generate(salted, params, use_tqdm=False)
-            res = None
-        else:
-            runner._generate(rows, [None] * len(rows), params)
+        else:  # aligned: each request its own salt, so it reuses its own blocks only
+            runner.next_token_logmass(rows, plain, tids.tolist(),
+                                      salts=salts if variant == "aligned" else None)
             res = None
         sec = time.perf_counter() - t0
         return sec, res, host_delta(host0, host_counters())

@@ -128,11 +128,12 @@ def write_memory(reports: list[dict], path: str, run_id: str) -> None:
                  "malloc_mib": {k: round(w1["malloc_mib"][k] - w0["malloc_mib"][k], 2)
                                 for k in (w1["malloc_mib"] or {})},
                  "py_objects": w1["py_objects"] - w0["py_objects"],
+                 "py_blocks": w1["py_blocks"] - w0["py_blocks"],
                  "py_top_types": grown(w0["py_top_types"], w1["py_top_types"]),
+                 "py_top_sizes_kib": grown(w0["py_top_sizes_kib"], w1["py_top_sizes_kib"]),
                  "tensors": w1["tensors"]["count"] - w0["tensors"]["count"]}
-        if w0.get("tracemalloc") and w1.get("tracemalloc"):
-            entry["tracemalloc_sites"] = grown([(t["site"], t["kib"]) for t in w0["tracemalloc"]["top"]],
-                                               [(t["site"], t["kib"]) for t in w1["tracemalloc"]["top"]])
+        if w1.get("tracemalloc"):  # the worker's own diff since its first report
+            entry["tracemalloc_grown"] = w1["tracemalloc"]["grown"]
         diff["workers"].append(entry)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:

@@ -126,3 +126,12 @@ def test_next_token_logmass_from_engine_logprobs(both):
     many = list(range(200))
     torch.testing.assert_close(vl.next_token_logmass(ids[:1], [None], many),
                                target_logmass(logits[0], torch.tensor(many)).view(1), atol=2e-5, rtol=1e-5)
+    # A cache_salt per row (the sweep benchmark's plain condition) changes which blocks
+    # are reused, never the score; a salt list of the wrong length, or salts on the
+    # LM-head path (which cannot take them), is refused.
+    torch.testing.assert_close(vl.next_token_logmass(ids, specs, tids, salts=["a", "b", "a"]), want,
+                               atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 salts for 3 rows"):
+        vl.next_token_logmass(ids, specs, tids, salts=["a", "b"])
+    with pytest.raises(ValueError, match="salts need the engine"):
+        vl.next_token_logmass(ids[:1], [None], many, salts=["a"])

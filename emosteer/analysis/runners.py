@@ -316,9 +316,13 @@ class VLLMRunner:
         prompts = format_prompts(self.tokenizer, texts, chat)
         return [self.tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
 
-    def _generate(self, ids, specs, params):
+    def _generate(self, ids, specs, params, salts: Sequence[str] | None = None):
         prompts = [{"prompt": r.text, "multi_modal_data": {"image": r.image}}
                    if isinstance(r, MMPrompt) else {"prompt_token_ids": list(r)} for r in ids]
+        if salts is not None:
+            if len(salts) != len(prompts):
+                raise ValueError(f"{len(salts)} salts for {len(prompts)} rows")
+            prompts = [{**p, "cache_salt": str(s)} for p, s in zip(prompts, salts)]
         # Analysis must never use an answer the engine could not steer: raise instead.
         return self.llm.generate(prompts, params, steer=[SteerSpec.parse(s) for s in specs],
                                  use_tqdm=self.progress, raise_on_error=True)
@@ -380,21 +384,28 @@ class VLLMRunner:
             start = end
         return logits, caps
 
-    def next_token_logmass(self, ids, specs, tids: Sequence[int], desc: str = "forward") -> torch.Tensor:
+    def next_token_logmass(self, ids, specs, tids: Sequence[int], desc: str = "forward",
+                           salts: Sequence[str] | None = None) -> torch.Tensor:
         """Per row, ``log Σ_{t∈tids} p(t)`` at the token after the prompt ([len(ids)],
         float32). The engine's sampler returns the log-probabilities of exactly these ids
         (vLLM's ``logprob_token_ids``, from the raw logits), so no residual leaves the
         worker and no LM head runs here; a whole sweep is one ``generate`` call. More ids
         than vLLM returns per request (128), or an engine whose logprobs are not the raw
-        ones, go through ``forward`` and the LM head instead (the same quantity)."""
+        ones, go through ``forward`` and the LM head instead (the same quantity).
+        ``salts``: a ``cache_salt`` per row (rows then share no prefix-cache blocks with
+        rows of another salt; a benchmark's plain condition uses it to reuse exactly
+        what a steered row may); not taken by the LM-head path."""
         from vllm import SamplingParams
         from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
 
         tids = [int(t) for t in tids]
         if not tids or len(set(tids)) > MAX_LOGPROB_TOKEN_IDS or self._logprobs_mode() != "raw_logprobs":
+            if salts is not None:
+                raise ValueError("salts need the engine's log-probabilities (at most "
+                                 f"{MAX_LOGPROB_TOKEN_IDS} distinct ids, raw logprobs)")
             return _logmass_via_forward(self, ids, specs, tids, desc)
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(set(tids)))
-        outs = self._generate(ids, specs, params)
+        outs = self._generate(ids, specs, params, salts)
         rows = []
         for i, o in enumerate(outs):
             lps = o.outputs[0].logprobs
