@@ -41,14 +41,12 @@ STEPS = (8, 16, 32, 64, 128, 192, 256, 320, 384, 512)
 def linear_shapes(model: str) -> list[tuple[int, int]]:
     """(in, out) of the decoder's linear layers: qkv, o, gate_up, down."""
     from emosteer.models import resolve_model
+    from emosteer.request.bank import ModelInfo
 
-    cfg = json.loads((resolve_model(model) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    h, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads", heads))
-    d = int(cfg.get("head_dim") or h // heads)
-    return [(h, (heads + 2 * kv) * d), (heads * d, h), (h, 2 * inter), (inter, h)]
+    m = ModelInfo.from_hf_config(json.loads((resolve_model(model) / "config.json").read_text()))
+    h, d = m.hidden_size, m.head_dim
+    return [(h, (m.num_heads + 2 * m.num_kv_heads) * d), (m.num_heads * d, h),
+            (h, 2 * m.intermediate_size), (m.intermediate_size, h)]
 
 
 def child(model: str, max_m: int) -> list[dict]:
