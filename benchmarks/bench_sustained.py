@@ -63,6 +63,9 @@ from _common import RESULTS_DIR, append_csv, git_commit, machine_info, pyplot, s
 from load_mix import KINDS, LATENCY_KINDS, WEIGHTS, Done, Mix, ms, pct  # noqa: E402
 from soak_server import rss_mib, rss_parts, served, write_memory  # noqa: E402
 
+SAMPLE_S = 20.0                          # the counters are read this often
+MEMORY_EVERY = round(60.0 / SAMPLE_S)    # a memory report every this many samples: one a minute
+
 MINUTE_COLUMNS = (
     "run", "phase", "minute", "requests", "tokens", "tok_per_s", "ttft_p50_ms", "ttft_p99_ms",
     "itl_p50_ms", "itl_p99_ms", "plain_ttft_p50_ms", "distinct_ttft_p50_ms", "capture_ttft_p50_ms",
@@ -137,10 +140,10 @@ def sustained(mix: Mix, seconds: float, clients: int, seed: int, server_pid, pro
     next_sample = t0
     while any(t.is_alive() for t in threads):
         if time.monotonic() >= next_sample:
-            each_minute = memory is not None and len(samples) % 3 == 0
+            each_minute = memory is not None and len(samples) % MEMORY_EVERY == 0
             samples.append((time.monotonic() - t0,
                             counters(mix.client, server_pid, memory if each_minute else None)))
-            next_sample += 20.0
+            next_sample += SAMPLE_S
             if progress:
                 with lock:
                     n, bad = len(done), sum(d.problem is not None for d in done)
