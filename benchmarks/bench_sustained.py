@@ -19,7 +19,7 @@ every other answer must be 200 with tokens; anything else is counted as unexpect
 Each minute: completed requests, generated tokens per second, TTFT and ITL p50 / p99
 (per kind and all), the server's resident memory (all its processes) and the plugin's
 counters (slots, pool rows, capture rows in use, requests known to and results parked
-in the workers). Targets: the last 5 minutes' throughput within 5 % of the first 5
+in the workers), and the CPU seconds the host's hypervisor took (``steal_s``). Targets: the last 5 minutes' throughput within 5 % of the first 5
 minutes', memory flat, counters back at idle at the end.
 
 Phase 2, latency (``--latency-minutes``, open loop): requests arrive at ``--rate`` per
@@ -59,7 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from _common import RESULTS_DIR, append_csv, git_commit, machine_info, pyplot, save_figure  # noqa: E402
+from _common import RESULTS_DIR, append_csv, git_commit, host_counters, machine_info, pyplot, save_figure  # noqa: E402
 from load_mix import KINDS, LATENCY_KINDS, WEIGHTS, Done, Mix, ms, pct  # noqa: E402
 from soak_server import rss_mib, rss_parts, served, write_memory  # noqa: E402
 
@@ -72,7 +72,7 @@ MINUTE_COLUMNS = (
     "rss_mib", "rss_api_mib", "rss_engine_mib", "rss_workers_mib", "kinds", "slots_in_use",
     "pool_rows_in_use", "capture_rows_in_use", "worker_requests",
     "worker_malloc_in_use_mib", "worker_malloc_free_mib", "worker_py_objects", "worker_py_blocks",
-    "worker_tensors",
+    "worker_tensors", "steal_s",
     "parked", "unexpected", "model", "clients", "max_tokens", "max_slots", "machine", "cores",
     "vllm", "git_commit", "timestamp",
 )
@@ -105,6 +105,7 @@ def counters(client, server_pid, memory=None) -> dict:
                  "worker_py_blocks": sum(r["py_blocks"] for r in reps),
                  "worker_tensors": sum(r["tensors"]["count"] for r in reps)}
     return {**extra,
+        "host_steal_s": host_counters().get("steal_s"),  # cumulative; minute_rows takes deltas
         "rss_mib": round(rss_mib(server_pid), 1),
         "rss_api_mib": parts["api"], "rss_engine_mib": parts["engine"], "rss_workers_mib": parts["workers"],
         "slots_in_use": adm["slots_in_use"],
@@ -265,6 +266,13 @@ def minute_rows(done: list[Done], samples, seconds: float, base: dict) -> list[d
         for kind in LATENCY_KINDS:
             row[f"{kind}_ttft_p50_ms"] = ms(pct([d.ttft for d in ok if d.kind == kind and d.ttft], 0.5))
         rows.append(row)
+    # CPU seconds the hypervisor gave other guests, between each minute's last counter
+    # sample and the one before it: a slow minute with steal says more about the host.
+    prev = samples[0][1].get("host_steal_s") if samples else None
+    for row in rows:
+        cum = row.pop("host_steal_s", None)
+        row["steal_s"] = round(cum - prev, 2) if cum is not None and prev is not None else None
+        prev = cum if cum is not None else prev
     return rows
 
 
@@ -323,6 +331,12 @@ def _plot_minutes(ax, x, minutes: list[dict]) -> None:
     ax[0].plot(x, [float(r["tok_per_s"]) for r in minutes], marker="o")
     ax[0].set(xlabel="minute", ylabel="generated tok/s", title="throughput (closed loop)")
     ax[0].set_ylim(bottom=0)
+    if all(r.get("steal_s") not in (None, "") for r in minutes):  # runs since steal was read
+        tw = ax[0].twinx()
+        tw.bar(x, [float(r["steal_s"]) for r in minutes], color="0.75", alpha=0.6)
+        tw.set_ylabel("CPU s stolen by the host (bars)", fontsize=7)
+        ax[0].set_zorder(tw.get_zorder() + 1)
+        ax[0].patch.set_visible(False)
     for key, style in (("ttft_p50_ms", "-o"), ("ttft_p99_ms", "--o"), ("itl_p50_ms", "-s"), ("itl_p99_ms", "--s")):
         ax[1].plot(x, [float(r[key]) if r[key] not in (None, "") else float("nan") for r in minutes],
                    style, label=key.replace("_ms", ""))

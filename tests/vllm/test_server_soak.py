@@ -47,6 +47,7 @@ def test_sustained_benchmark_short_run(servers, tmp_path):
     (row,) = res["minutes"]
     assert row["requests"] >= 5 and row["tok_per_s"] > 0 and row["ttft_p50_ms"] > 0, row
     assert row["rss_mib"] > 0 and row["slots_in_use"] == 0 and row["parked"] == 0, row
+    assert row["steal_s"] is not None and row["steal_s"] >= 0 and "host_steal_s" not in row, row
     # --memory: the workers' allocator and heap, a report at the start and at the end
     assert row["worker_malloc_in_use_mib"] > 0 and row["worker_py_objects"] > 1000, row
     *reports, diff = [json.loads(x) for x in (tmp_path / "memory.jsonl").read_text().splitlines()]
