@@ -47,6 +47,15 @@ of plain vLLM on the same tokens (target >= 0.9) and its speed-up over the hook 
 Rows go to benchmarks/results/sweep.csv (variant "last") and sweep_aligned.csv (variant
 "aligned"), one per condition and round, the plots to sweep.png / sweep_aligned.png;
 ``--table`` prints the README table of the latest run (``--variant`` picks the file).
+
+One run of 5 rounds says little about single rounds on a noisy host; ``--pool`` pools
+the paired per-round ratios of the latest run in each CSV it is given (the variant is
+read from the file's name) into benchmarks/results/sweep_pooled.csv, one row per variant:
+the median with a 95 % bootstrap interval, the spread, the rounds below 0.95 and how
+often 5 rounds drawn from the pooled ones would all reach 0.95:
+
+    python benchmarks/bench_sweep.py --pool benchmarks/results/sweep.csv \
+        benchmarks/results/sweep_rerun/sweep.csv benchmarks/results/sweep_aligned.csv ...
 """
 
 from __future__ import annotations
@@ -153,11 +162,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-reruns", type=int, default=5, help="disturbed rounds run again at most")
     p.add_argument("--table", action="store_true", help="print the README table of the latest run")
     p.add_argument("--out-dir", default=RESULTS_DIR, help="where sweep*.csv / sweep*.png go")
+    p.add_argument("--pool", nargs="+", default=None, metavar="CSV",
+                   help="pool the per-round ratios of these CSVs' latest runs into sweep_pooled.csv")
     p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.hf_child:
         return hf_child(a.hf_child)
     variants = VARIANTS if a.variant == "both" else (a.variant,)
+    if a.pool:
+        rows = pooled(a.pool)
+        append_csv(rows, os.path.join(a.out_dir, "sweep_pooled.csv"), POOLED_COLUMNS)
+        for r in rows:
+            print(pooled_line(r))
+        return 0
     if a.table:
         for v in variants:
             print(table(read_rows(os.path.join(a.out_dir, csv_name(v))), v))
@@ -364,6 +381,47 @@ def _round_ratios(rows) -> list[float]:
         if m == "emosteer_vllm" and pl is not None and not _bad(pl):
             out.append(float(pl["seconds"]) / float(e["seconds"]))
     return out
+
+
+POOLED_COLUMNS = ("variant", "runs", "rounds", "median", "median_lo", "median_hi", "mean", "sd",
+                  "lowest", "highest", "below_095", "p_all5_ge_095", "files", "timestamp")
+
+
+def pooled(paths: list[str], target: float = 0.95, boot: int = 4000, seed: int = 0) -> list[dict]:
+    """Per variant, the paired per-round ratios of the latest run of each CSV in
+    ``paths``, pooled: median with a 95 % bootstrap interval (rounds resampled), mean and
+    standard deviation, rounds below ``target``, and ``p_all5_ge_095``: the share of
+    5-round draws (with replacement) from the pooled rounds whose every round reaches
+    ``target``, what "every round of 5" can expect at this spread."""
+    from emosteer.report.stats import bootstrap
+
+    by: dict[str, list[tuple[str, list[float]]]] = {}
+    for path in paths:
+        variant = "aligned" if os.path.basename(path).startswith("sweep_aligned") else "last"
+        by.setdefault(variant, []).append((path, _round_ratios(read_rows(path))))
+    out = []
+    for variant, runs in by.items():
+        vals = [x for _, rs in runs for x in rs]
+        t = torch.tensor(vals, dtype=torch.float64)
+        _, ci = bootstrap(lambda idx: t[idx].quantile(0.5, dim=-1), len(vals), n_boot=boot, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        draws = t[torch.randint(0, len(vals), (boot, 5), generator=g)]
+        out.append({"variant": variant, "runs": len(runs), "rounds": len(vals),
+                    "median": round(statistics.median(vals), 4), "median_lo": round(float(ci[0]), 4),
+                    "median_hi": round(float(ci[1]), 4), "mean": round(statistics.mean(vals), 4),
+                    "sd": round(statistics.stdev(vals), 4), "lowest": round(min(vals), 4),
+                    "highest": round(max(vals), 4), "below_095": sum(x < target for x in vals),
+                    "p_all5_ge_095": round(float((draws >= target).all(dim=1).double().mean()), 3),
+                    "files": ";".join(os.path.relpath(p_, os.path.dirname(HERE)) for p_, _ in runs),
+                    "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    return out
+
+
+def pooled_line(r: dict) -> str:
+    return (f"{r['variant']}: {r['rounds']} rounds of {r['runs']} runs, per-round ratio median "
+            f"{r['median']:.3f} [{r['median_lo']:.3f}, {r['median_hi']:.3f}], mean {r['mean']:.3f} "
+            f"± {r['sd']:.3f} (sd), {r['lowest']:.3f}–{r['highest']:.3f}; {r['below_095']} rounds "
+            f"below 0.95; 5 rounds drawn from these all reach 0.95 in {r['p_all5_ge_095']:.0%} of draws")
 
 
 def table(rows, variant: str = "last") -> str:

@@ -132,3 +132,31 @@ def test_sweep_medians_leave_disturbed_rounds_out(tmp_path):
     assert bench_sweep._medians(fresh) == med
     bench_sweep.plot(fresh, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_sweep_pooled_rounds(tmp_path):
+    """--pool: the latest run of each CSV, its paired round ratios pooled per variant."""
+    import bench_sweep
+    from _common import append_csv
+
+    cols = ("run", "method", "round", "seconds", "disturbed")
+
+    def write(name, runs):
+        for run, pairs in runs:
+            append_csv([{"run": run, "method": m, "round": i, "seconds": s, "disturbed": 0}
+                        for i, (sw, pl) in enumerate(pairs) for m, s in (("emosteer_vllm", sw), ("plain_vllm", pl))],
+                       str(tmp_path / name), cols)
+        return str(tmp_path / name)
+
+    a = write("sweep.csv", [("old", [(20.0, 10.0)] * 3), ("new", [(10.0, 10.0), (10.0, 9.0), (10.0, 11.0)])])
+    (tmp_path / "b").mkdir()
+    b = write("b/sweep.csv", [("x", [(10.0, 10.5), (10.0, 9.6)])])
+    c = write("sweep_aligned.csv", [("y", [(10.0, 9.0), (10.0, 9.4), (10.0, 10.2)])])
+    rows = {r["variant"]: r for r in bench_sweep.pooled([a, b, c], boot=500)}
+    last, al = rows["last"], rows["aligned"]
+    assert (last["runs"], last["rounds"]) == (2, 5) and last["median"] == 1.0  # the old run left out
+    assert last["lowest"] == 0.9 and last["highest"] == 1.1 and last["below_095"] == 1
+    assert last["median_lo"] <= last["median"] <= last["median_hi"]
+    assert 0.1 < last["p_all5_ge_095"] < 0.6  # 4 of 5 rounds reach 0.95: about 0.8^5
+    assert (al["runs"], al["rounds"], al["below_095"]) == (1, 3, 2) and al["p_all5_ge_095"] < 0.05
+    assert "5 rounds of 2 runs" in bench_sweep.pooled_line(last)
