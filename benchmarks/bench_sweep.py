@@ -34,7 +34,12 @@ its prompt from the block holding that position: in the aligned variant each pla
 request carries its own ``cache_salt`` (the same every round), so after the warm-up it
 finds its own earlier full blocks cached and computes the rest, as the patched requests
 do (the default model's joy pair: 52 prompt tokens, first difference at 32, 32 of them
-cached per request in both conditions). The hook sweep runs afterwards in a child
+cached per request in both conditions). The engine's KV cache is 4 GiB unless
+``VLLM_CPU_KVCACHE_SPACE`` says otherwise, room for both conditions' cached blocks at once;
+each round records ``cached_tokens`` (prompt tokens the prefix cache served) and the
+table says whether both conditions had the same every round (with 1 GiB, two pairs'
+salted plain rows were partly evicted between rounds and plain vLLM computed up to 5.4 %
+more tokens than the sweep). The hook sweep runs afterwards in a child
 process, with the engine shut down: vLLM's CPU worker keeps its threads spinning while it idles, which would slow
 anything timed beside it on a small machine. The emosteer and HF results are checked
 equal (max |ΔM| difference, float32). The headline is the sweep's tokens/s as a fraction
@@ -93,7 +98,7 @@ def csv_name(variant: str) -> str:
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
            "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
            "timestamp", "max_slots", "steal_s", "iowait_s", "major_faults", "disturbed", "max_steal",
-           "score")
+           "score", "cached_tokens")
 METHODS = ("emosteer_vllm", "plain_vllm", "hf_hooks")
 
 
@@ -179,7 +184,10 @@ def main(argv=None) -> int:
         for v in variants:
             print(table(read_rows(os.path.join(a.out_dir, csv_name(v))), v))
         return 0
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Room for every condition's cached prompt blocks at once (with two pairs, plain
+    # vLLM's salted rows alone keep 540 blocks), so no round finds its blocks evicted by
+    # the other condition's: the CSV's cached_tokens shows it, and the table says so.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from emosteer.analysis.attribution import _pair_captures, target_token_ids
     from emosteer.analysis.attribution.heads import _first_difference
@@ -242,7 +250,9 @@ def main(argv=None) -> int:
                                       salts=salts if variant == "aligned" else None)
             res = None
         sec = time.perf_counter() - t0
-        return sec, res, host_delta(host0, host_counters())
+        # prompt tokens the prefix cache served: equal in both conditions when they compute
+        # the same tokens (a condition whose cached blocks were evicted computes more)
+        return sec, res, dict(host_delta(host0, host_counters()), cached_tokens=runner.last_cached_tokens)
 
     got: dict[str, dict[str, torch.Tensor]] = {v: {} for v in variants}
     times: dict[str, dict[str, list[float]]] = {v: {m: [] for m in METHODS} for v in variants}
@@ -424,6 +434,22 @@ def pooled_line(r: dict) -> str:
             f"below 0.95; 5 rounds drawn from these all reach 0.95 in {r['p_all5_ge_095']:.0%} of draws")
 
 
+def _cached_note(rows) -> str:
+    """Whether both vLLM conditions had the same prompt tokens served from the prefix
+    cache in every counted round (then they computed the same tokens), from the CSV's
+    ``cached_tokens``; empty for runs before it was recorded."""
+    got = {m: [int(r["cached_tokens"]) for r in rows if r["method"] == m and not _bad(r)
+               and str(r.get("cached_tokens", "")) not in ("", "None")] for m in METHODS[:2]}
+    if not all(got.values()):
+        return ""
+    if len(set(got["emosteer_vllm"]) | set(got["plain_vllm"])) == 1:
+        return (f"the prefix cache served both conditions the same {got['plain_vllm'][0]} prompt "
+                "tokens every round (they computed the same tokens); ")
+    span = {m: f"{min(v)}–{max(v)}" if min(v) != max(v) else str(v[0]) for m, v in got.items()}
+    return (f"prefix-cache hits differed between rounds or conditions (sweep {span['emosteer_vllm']}, "
+            f"plain {span['plain_vllm']} prompt tokens a round): the one with fewer computed more; ")
+
+
 def table(rows, variant: str = "last") -> str:
     med = _medians(rows)
     r0 = rows[0]
@@ -461,6 +487,7 @@ def table(rows, variant: str = "last") -> str:
                     if r0.get("score") == "logprobs" else
                     "the sweep's requests also return their last-layer residual (the score's logits "
                     "come from it), plain vLLM returns one sampled token; ")
+                 + _cached_note(rows)
                  + f"results equal to the hook sweep within "
                  f"{float(r0['max_abs_diff']):.2g} (max |Δ log-mass|); {r0['machine']}; run {r0['run']}.")
     return "\n".join(lines)

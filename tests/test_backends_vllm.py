@@ -135,3 +135,14 @@ def test_next_token_logmass_from_engine_logprobs(both):
         vl.next_token_logmass(ids, specs, tids, salts=["a", "b"])
     with pytest.raises(ValueError, match="salts need the engine"):
         vl.next_token_logmass(ids[:1], [None], many, salts=["a"])
+    # last_cached_tokens: the prompt tokens the prefix cache served in the last call (the
+    # sweep benchmark checks both conditions equal with it). A prompt of several full
+    # blocks is served from the cache the second time; a new salt shares nothing.
+    long = (prompts[0] * 40)[:300]
+    vl.next_token_logmass([long], [None], tids)
+    vl.next_token_logmass([long], [None], tids)
+    assert vl.last_cached_tokens >= 128, vl.last_cached_tokens
+    vl.next_token_logmass([long], [None], tids, salts=["fresh-salt"])
+    assert vl.last_cached_tokens == 0
+    vl.next_token_logmass([long], [None], tids, salts=["fresh-salt"])
+    assert vl.last_cached_tokens >= 128, vl.last_cached_tokens

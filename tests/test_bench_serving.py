@@ -160,3 +160,23 @@ def test_sweep_pooled_rounds(tmp_path):
     assert 0.1 < last["p_all5_ge_095"] < 0.6  # 4 of 5 rounds reach 0.95: about 0.8^5
     assert (al["runs"], al["rounds"], al["below_095"]) == (1, 3, 2) and al["p_all5_ge_095"] < 0.05
     assert "5 rounds of 2 runs" in bench_sweep.pooled_line(last)
+
+
+def test_sweep_table_says_whether_both_conditions_computed_the_same_tokens():
+    import bench_sweep
+
+    base = {"tokens": "1000", "layers": "2", "heads": "3", "pairs": "1", "requests": "6",
+            "max_abs_diff": "1e-5", "machine": "m", "run": "r", "model": "tiny", "disturbed": "0"}
+
+    def rows(plain_cached):
+        out = [{**base, "method": "hf_hooks", "round": "0", "seconds": "60"}]
+        for rnd, pc in enumerate(plain_cached):
+            out += [{**base, "method": "emosteer_vllm", "round": str(rnd), "seconds": "10", "cached_tokens": "640"},
+                    {**base, "method": "plain_vllm", "round": str(rnd), "seconds": "10", "cached_tokens": str(pc)}]
+        return out
+
+    assert "served both conditions the same 640 prompt tokens every round" in bench_sweep.table(rows([640, 640]))
+    text = bench_sweep.table(rows([640, 576]))
+    assert "prefix-cache hits differed" in text and "plain 576–640" in text and "sweep 640," in text
+    old = [{k: v for k, v in r.items() if k != "cached_tokens"} for r in rows([640])]  # runs before the column
+    assert "prefix cache served" not in bench_sweep.table(old) and "differed" not in bench_sweep.table(old)

@@ -282,6 +282,9 @@ class VLLMRunner:
         self._head: _LMHead | None = None
         self.model = None
         self._processor = None
+        # prompt tokens the prefix cache served in the last engine call (a benchmark
+        # checks with it that two conditions computed the same tokens)
+        self.last_cached_tokens = 0
         import vllm
 
         dtype = str(llm.llm.llm_engine.model_config.dtype).removeprefix("torch.")
@@ -324,8 +327,10 @@ class VLLMRunner:
                 raise ValueError(f"{len(salts)} salts for {len(prompts)} rows")
             prompts = [{**p, "cache_salt": str(s)} for p, s in zip(prompts, salts)]
         # Analysis must never use an answer the engine could not steer: raise instead.
-        return self.llm.generate(prompts, params, steer=[SteerSpec.parse(s) for s in specs],
+        outs = self.llm.generate(prompts, params, steer=[SteerSpec.parse(s) for s in specs],
                                  use_tqdm=self.progress, raise_on_error=True)
+        self.last_cached_tokens = sum(int(getattr(o, "num_cached_tokens", None) or 0) for o in outs)
+        return outs
 
     @staticmethod
     def _with_capture(spec, layer: int, positions: str) -> SteerSpec:
