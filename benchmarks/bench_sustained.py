@@ -19,8 +19,9 @@ every other answer must be 200 with tokens; anything else is counted as unexpect
 Each minute: completed requests, generated tokens per second, TTFT and ITL p50 / p99
 (per kind and all), the server's resident memory (all its processes) and the plugin's
 counters (slots, pool rows, capture rows in use, requests known to and results parked
-in the workers), and the CPU seconds the host's hypervisor took (``steal_s``). Targets: the last 5 minutes' throughput within 5 % of the first 5
-minutes', memory flat, counters back at idle at the end.
+in the workers), and the CPU seconds the host's hypervisor took (``steal_s``). Targets:
+the last 5 minutes' throughput within 5 % of the first 5 minutes', memory flat, counters
+back at idle at the end.
 
 Phase 2, latency (``--latency-minutes``, open loop): requests arrive at ``--rate`` per
 second (Poisson, seeded), kinds plain / distinct / capture drawn at random per request,
@@ -266,8 +267,7 @@ def minute_rows(done: list[Done], samples, seconds: float, base: dict) -> list[d
         for kind in LATENCY_KINDS:
             row[f"{kind}_ttft_p50_ms"] = ms(pct([d.ttft for d in ok if d.kind == kind and d.ttft], 0.5))
         rows.append(row)
-    # CPU seconds the hypervisor gave other guests, between each minute's last counter
-    # sample and the one before it: a slow minute with steal says more about the host.
+    # steal_s: CPU seconds other guests took since the previous minute's last sample
     prev = samples[0][1].get("host_steal_s") if samples else None
     for row in rows:
         cum = row.pop("host_steal_s", None)

@@ -95,6 +95,8 @@ VARIANTS = ("last", "aligned")
 
 def csv_name(variant: str) -> str:
     return "sweep.csv" if variant == "last" else f"sweep_{variant}.csv"
+
+
 COLUMNS = ("run", "method", "round", "seconds", "requests", "tokens", "tok_per_s", "frac_of_plain",
            "max_abs_diff", "model", "layers", "heads", "pairs", "block_size", "machine", "version",
            "timestamp", "max_slots", "steal_s", "iowait_s", "major_faults", "disturbed", "max_steal",
@@ -407,7 +409,10 @@ def pooled(paths: list[str], target: float = 0.95, boot: int = 4000, seed: int =
 
     by: dict[str, list[tuple[str, list[float]]]] = {}
     for path in paths:
-        variant = "aligned" if os.path.basename(path).startswith("sweep_aligned") else "last"
+        variant = {csv_name(v): v for v in VARIANTS}.get(os.path.basename(path))
+        if variant is None:
+            raise SystemExit(f"--pool {path}: not a sweep CSV (its name says the variant: "
+                             f"{', '.join(csv_name(v) for v in VARIANTS)})")
         by.setdefault(variant, []).append((path, _round_ratios(read_rows(path))))
     out = []
     for variant, runs in by.items():

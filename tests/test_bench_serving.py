@@ -160,6 +160,8 @@ def test_sweep_pooled_rounds(tmp_path):
     assert 0.1 < last["p_all5_ge_095"] < 0.6  # 4 of 5 rounds reach 0.95: about 0.8^5
     assert (al["runs"], al["rounds"], al["below_095"]) == (1, 3, 2) and al["p_all5_ge_095"] < 0.05
     assert "5 rounds of 2 runs" in bench_sweep.pooled_line(last)
+    with pytest.raises(SystemExit, match="not a sweep CSV"):  # the name says the variant
+        bench_sweep.pooled([str(tmp_path / "b")])
 
 
 def test_sweep_table_says_whether_both_conditions_computed_the_same_tokens():
